@@ -1,0 +1,31 @@
+# Two commands do all the set-up: `make lab` and `make test` (see README.md).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+KERNEL := dkl-lib
+PYTEST_ARGS ?=
+
+.PHONY: lab test report bench setup clean
+
+setup: $(STAMP)
+
+# (Re)install when requirements or packaging change; the venv is created only when missing.
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps -e .
+	$(PY) -m ipykernel install --user --name $(KERNEL) --display-name "Python (dkl_lib)" >/dev/null
+	@touch $(STAMP)
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_losses.py
+
+clean:
+	rm -rf .pytest_cache .hypothesis reports

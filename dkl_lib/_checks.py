@@ -1,0 +1,122 @@
+"""Argument validation shared by the loss and gradient functions.
+
+Every public function of dkl_lib turns bad input into a ``ValueError`` (wrong value) or a
+``TypeError`` (wrong kind of object) whose message names the argument and the problem, so that a
+mistake never shows up later as a silent NaN.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+__all__ = [
+    "check_logits_pair",
+    "check_positive",
+    "check_nonnegative",
+    "check_targets",
+    "check_class_prior",
+    "compute_dtype",
+]
+
+
+def _check_logits(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D of shape (B, C), got shape {tuple(x.shape)}")
+    if x.shape[0] < 1:
+        raise ValueError(f"{name} is an empty batch (B = 0)")
+    if x.shape[1] < 2:
+        raise ValueError(f"{name} needs at least 2 classes (C >= 2), got C = {x.shape[1]}")
+    # a finite sum implies finite entries (one fast pass); an overflowing sum gets the full check
+    if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains non-finite values (nan or inf)")
+
+
+def check_logits_pair(logits, target_logits) -> None:
+    """Both logit tensors are finite, float, of shape (B, C) with C >= 2, and of the same shape."""
+    _check_logits("logits", logits)
+    _check_logits("target_logits", target_logits)
+    if logits.shape != target_logits.shape:
+        raise ValueError(
+            f"logits and target_logits must have the same shape, got {tuple(logits.shape)} "
+            f"and {tuple(target_logits.shape)}"
+        )
+    if logits.device != target_logits.device:
+        raise ValueError(
+            f"logits and target_logits are on different devices ({logits.device} and "
+            f"{target_logits.device})"
+        )
+
+
+def _check_number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def check_positive(name: str, value) -> float:
+    value = _check_number(name, value)
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+def check_nonnegative(name: str, value) -> float:
+    value = _check_number(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def check_targets(targets, batch_size: int, num_classes: int, device) -> torch.Tensor:
+    """Class indices of shape (B,), integer dtype, each in [0, C)."""
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a torch.Tensor of class indices, got {type(targets).__name__}")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise TypeError(f"targets must hold integer class indices, got dtype {targets.dtype}")
+    if targets.shape != (batch_size,):
+        raise ValueError(f"targets must have shape ({batch_size},), got {tuple(targets.shape)}")
+    if targets.device != device:
+        raise ValueError(f"targets are on {targets.device} but the logits are on {device}")
+    low, high = int(targets.min()), int(targets.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(
+            f"targets out of range: values must lie in [0, {num_classes - 1}], got min {low}, max {high}"
+        )
+    return targets.long()
+
+
+def check_class_prior(class_prior, num_classes: int, device) -> None:
+    """A (C, C) tensor whose rows are non-negative, finite and not all zero."""
+    if not isinstance(class_prior, torch.Tensor):
+        raise TypeError(f"class_prior must be a torch.Tensor, got {type(class_prior).__name__}")
+    if not class_prior.is_floating_point():
+        raise TypeError(f"class_prior must be a floating-point tensor, got dtype {class_prior.dtype}")
+    if class_prior.shape != (num_classes, num_classes):
+        raise ValueError(
+            f"class_prior must have shape (C, C) = ({num_classes}, {num_classes}), "
+            f"got {tuple(class_prior.shape)}"
+        )
+    if class_prior.device != device:
+        raise ValueError(f"class_prior is on {class_prior.device} but the logits are on {device}")
+    if not bool(torch.isfinite(class_prior).all()):
+        raise ValueError("class_prior contains non-finite values (nan or inf)")
+    if bool((class_prior < 0).any()):
+        bad = sorted(set(torch.nonzero(class_prior < 0)[:, 0].tolist()))[:5]
+        raise ValueError(f"class_prior has negative entries in rows {bad}; rows must be probability vectors")
+    if bool((class_prior.sum(dim=1) <= 0).any()):
+        bad = torch.nonzero(class_prior.sum(dim=1) <= 0)[:5, 0].tolist()
+        raise ValueError(f"class_prior rows {bad} sum to zero; rows must be probability vectors")
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (half and bfloat16 inputs are widened)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32

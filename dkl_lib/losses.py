@@ -1,0 +1,493 @@
+r"""KL, DKL, IKL, GKL and DKD losses on pairs of logit tensors.
+
+Notation (see DESIGN.md §2): a batch has B rows and C classes.
+
+* ``logits``        = o_n, shape (B, C): the side pulled toward a target (student in knowledge
+  distillation, adversarial output in adversarial training);
+* ``target_logits`` = o_m, shape (B, C): the target side (teacher, natural output);
+* T = ``temperature``; s_m = softmax(o_m / T), s_n = softmax(o_n / T); Δ(o)_jk = o_j − o_k;
+  S(·) = stop-gradient.
+
+Argument order follows PyTorch's (input, target): ``loss(logits, target_logits, ...)``. Every loss
+returns a scalar batch mean, computes internally in float32 or wider (also for float16/bfloat16
+inputs and under autocast), uses log-softmax (never log of softmax), and raises ``ValueError`` or
+``TypeError`` with a message naming the problem for bad input.
+
+Performance contract: every weighted MSE here uses the closed form for rank-one weights
+w = p pᵀ, d = o_m − o_n (per row)::
+
+    Σ_jk p_j p_k (d_j − d_k)² = 2 (Σ_j p_j) Σ_j p_j (d_j − d̄)²,   d̄ = Σ_j p_j d_j / Σ_j p_j,
+
+so it costs O(B·C) time and memory; no B×C×C tensor is ever built. :func:`wmse_pairwise` keeps the
+literal O(B·C²) sum as a test oracle and benchmark baseline.
+
+Each loss has a ``*_terms`` twin that returns its named terms as a dict (``wmse`` and ``soft_ce``
+for the decoupled losses, ``tckd`` and ``nckd`` for DKD, ``kl`` for KL); the loss is their sum.
+Notebook 01 derives these losses step by step; notebook 02 plots the gradient of each term.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Dict, Optional
+
+import torch
+
+from ._checks import (
+    check_class_prior,
+    check_logits_pair,
+    check_nonnegative,
+    check_positive,
+    check_targets,
+    compute_dtype,
+)
+
+__all__ = [
+    "kl_loss",
+    "dkl_loss",
+    "ikl_loss",
+    "gkl_loss",
+    "dkd_loss",
+    "kl_terms",
+    "dkl_terms",
+    "ikl_terms",
+    "gkl_terms",
+    "dkd_terms",
+    "wmse",
+    "wmse_pairwise",
+    "loss_terms",
+    "LOSS_TERMS",
+]
+
+Terms = Dict[str, torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def _no_autocast(device: torch.device):
+    """Switch autocast off for the loss computation (inputs are cast to float32 or wider)."""
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:  # a device type that has no autocast at all
+        return contextlib.nullcontext()
+
+
+def _prepare(logits, target_logits):
+    """Validate the pair and cast both to the compute dtype (float32, or float64 if given)."""
+    check_logits_pair(logits, target_logits)
+    dtype = compute_dtype(logits, target_logits)
+    return logits.to(dtype), target_logits.to(dtype)
+
+
+def _rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Σ_j x_j y_j per row, shape (B, 1), without a (B, C) temporary."""
+    return torch.linalg.vecdot(x, y).unsqueeze(1)
+
+
+def _centered(p: torch.Tensor, d: torch.Tensor, mass: Optional[torch.Tensor] = None):
+    """The centred differences d − d̄, d̄ = Σ p d / P (P = ``mass``, default Σ p), shape (B, C).
+
+    Corrected two-pass mean: the residual Σ p (d − d̄) / P, zero in exact arithmetic, is subtracted
+    once more. Without it, when p is nearly one-hot, d − d̄ at the heaviest class is a tiny
+    difference of two large numbers and loses most of its digits.
+    """
+    if mass is None:
+        mass = p.sum(dim=1, keepdim=True)
+    dev = d - _rowdot(p, d) / mass
+    return dev - _rowdot(p, dev) / mass
+
+
+def _weights(target_logits, *, weight_temperature, targets, class_prior, gamma=1.0):
+    """The detached weight vectors p (B, C) of w = p pᵀ, or ``None`` for p = softmax(o_m / T).
+
+    Class-wise global information: p = class_prior[targets] when a prior is given; otherwise
+    p = softmax(o_m / T_w).
+    """
+    batch, classes = target_logits.shape
+    if class_prior is not None:
+        if targets is None:
+            raise ValueError("class_prior was given without targets: the prior row of each sample "
+                             "is class_prior[targets]")
+        check_class_prior(class_prior, classes, target_logits.device)
+        targets = check_targets(targets, batch, classes, target_logits.device)
+        p = class_prior.detach().to(target_logits.dtype)[targets]
+    elif weight_temperature is not None:
+        p = torch.softmax(target_logits.detach() / weight_temperature, dim=1)
+    else:
+        p = None
+    if gamma != 1.0:
+        if p is None:
+            raise AssertionError("caller computes p before applying gamma")
+        p = p.pow(gamma)
+    return p
+
+
+class _DecoupledKL(torch.autograd.Function):
+    """wMSE and soft-label CE terms in one pass, with their analytic backward.
+
+    Forward returns the two scalars
+
+        wmse    = (α / 4) (1/N) Σ_b Σ_jk p_j p_k (d_j − d_k)²,  d = o_m − o_n (raw logits)
+                = (α / 2) (1/N) Σ_b P_b Σ_j p_j (d_j − d̄)²
+        soft_ce = −β T² (1/B) Σ_b Σ_j S(s_m)_j log s_n,j
+
+    with N = ``wmse_norm`` (B for DKL and IKL, Σ_b P_b² for GKL) and p detached
+    (``weights``; ``None`` means p = s_m). Backward (w detached):
+
+        ∂wmse/∂o_m = α P p (d − d̄) / N,   ∂wmse/∂o_n = −∂wmse/∂o_m  (0 when ``stop_logits``),
+        ∂soft_ce/∂o_n = β T (s_n − s_m) / B,  ∂soft_ce/∂o_m = 0.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target_logits, weights, temperature, alpha, beta, wmse_norm, stop_logits):
+        batch = logits.shape[0]
+        inv_t = 1.0 / temperature
+        log_s_n = torch.log_softmax(logits * inv_t if temperature != 1.0 else logits, dim=1)
+        s_m = torch.softmax(target_logits * inv_t if temperature != 1.0 else target_logits, dim=1)
+        if weights is None:  # p = s_m, whose rows sum to 1
+            p, mass = s_m, None
+        else:
+            p, mass = weights, weights.sum(dim=1, keepdim=True)
+        dev = _centered(p, target_logits - logits, mass if mass is not None else 1.0)
+        p_dev = p * dev
+        row = torch.linalg.vecdot(p_dev, dev)  # Σ_j p_j (d_j − d̄)², shape (B,)
+        if mass is not None:
+            row = row * mass.squeeze(1)
+        norm = float(batch) if wmse_norm is None else wmse_norm
+        wmse = row.sum() * (0.5 * alpha) / norm
+        soft_ce = torch.dot(s_m.reshape(-1), log_s_n.reshape(-1)) * (-beta * temperature**2 / batch)
+        ctx.save_for_backward(log_s_n, s_m, p_dev, mass)
+        ctx.hparams = (temperature, alpha, beta, batch, stop_logits, norm)
+        return wmse, soft_ce
+
+    @staticmethod
+    def backward(ctx, grad_wmse, grad_soft_ce):
+        log_s_n, s_m, p_dev, mass = ctx.saved_tensors
+        temperature, alpha, beta, batch, stop_logits, norm = ctx.hparams
+        need_logits, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_w = None
+        if need_target or (need_logits and not stop_logits):
+            grad_w = p_dev * (grad_wmse * alpha / norm)
+            if mass is not None:
+                grad_w = grad_w * mass
+        grad_logits = None
+        if need_logits:
+            grad_logits = log_s_n.exp().sub_(s_m).mul_(grad_soft_ce * beta * temperature / batch)
+            if not stop_logits:
+                grad_logits = grad_logits.sub_(grad_w)
+        grad_target = grad_w if need_target else None
+        return grad_logits, grad_target, None, None, None, None, None, None
+
+
+def _decoupled_terms(logits, target_logits, *, temperature, alpha, beta, weight_temperature,
+                     targets, class_prior, gamma, gkl_norm, stop_logits) -> Terms:
+    temperature = check_positive("temperature", temperature)
+    alpha = check_nonnegative("alpha", alpha)
+    beta = check_nonnegative("beta", beta)
+    gamma = check_positive("gamma", gamma)
+    if weight_temperature is not None:
+        weight_temperature = check_positive("weight_temperature", weight_temperature)
+    logits, target_logits = _prepare(logits, target_logits)
+    with _no_autocast(logits.device):
+        if gamma != 1.0 and class_prior is None and weight_temperature is None:
+            weight_temperature = temperature  # p must exist before it is raised to gamma
+        if weight_temperature == temperature and gamma == 1.0 and class_prior is None:
+            weight_temperature = None  # p = s_m, computed once inside the kernel
+        p = _weights(target_logits, weight_temperature=weight_temperature, targets=targets,
+                     class_prior=class_prior, gamma=gamma)
+        norm = None
+        if gkl_norm:  # Σ_b Σ_jk w_jk = Σ_b (Σ_j p_j)², which is B when the rows of p sum to 1
+            norm = float(logits.shape[0]) if p is None else (p.sum(dim=1) ** 2).sum()
+        wmse_term, soft_ce = _DecoupledKL.apply(logits, target_logits, p, temperature, alpha, beta,
+                                                norm, stop_logits)
+    return {"wmse": wmse_term, "soft_ce": soft_ce}
+
+
+def _total(terms: Terms) -> torch.Tensor:
+    return sum(terms.values())
+
+
+# --------------------------------------------------------------------------------------------
+# KL
+# --------------------------------------------------------------------------------------------
+def kl_terms(logits, target_logits, *, temperature: float = 1.0) -> Terms:
+    """``{"kl": kl_loss(...)}``; see :func:`kl_loss`."""
+    temperature = check_positive("temperature", temperature)
+    logits, target_logits = _prepare(logits, target_logits)
+    with _no_autocast(logits.device):
+        log_s_n = torch.log_softmax(logits / temperature, dim=1)
+        log_s_m = torch.log_softmax(target_logits / temperature, dim=1)
+        kl = (log_s_m.exp() * (log_s_m - log_s_n)).sum() * (temperature**2 / logits.shape[0])
+    return {"kl": kl}
+
+
+def kl_loss(logits, target_logits, *, temperature: float = 1.0) -> torch.Tensor:
+    r"""Temperature-scaled KL divergence KL(s_m ‖ s_n), batch mean, Hinton's T² convention.
+
+    .. math:: T^2 \frac{1}{B} \sum_b \sum_j s_m^j (\log s_m^j - \log s_n^j)
+
+    Equal to ``T*T*F.kl_div(log_softmax(logits/T), log_softmax(target_logits/T),
+    log_target=True, reduction="batchmean")``. Gradients reach both inputs when they require
+    grad: ∂/∂o_n = T (s_n − s_m) / B and ∂/∂o_m = s_m ⊙ (d − Σ s_m d) / B with d = o_m − o_n.
+
+    Args:
+        logits: o_n, shape (B, C), the side pulled toward the target (student).
+        target_logits: o_m, shape (B, C), the target side (teacher).
+        temperature: T > 0.
+
+    Returns:
+        A scalar tensor (float32, or float64 for float64 input).
+
+    Paper: Cui et al., "Decoupled Kullback-Leibler Divergence Loss", NeurIPS 2024, Eq. (1).
+    Notebook: 01_kl_to_dkl_derivation.
+    """
+    return kl_terms(logits, target_logits, temperature=temperature)["kl"]
+
+
+# --------------------------------------------------------------------------------------------
+# DKL
+# --------------------------------------------------------------------------------------------
+def dkl_terms(logits, target_logits, *, temperature: float = 1.0, alpha: float = 1.0,
+              beta: float = 1.0) -> Terms:
+    """``{"wmse": ..., "soft_ce": ...}`` of :func:`dkl_loss`; the loss is their sum."""
+    return _decoupled_terms(logits, target_logits, temperature=temperature, alpha=alpha, beta=beta,
+                            weight_temperature=None, targets=None, class_prior=None, gamma=1.0,
+                            gkl_norm=False, stop_logits=True)
+
+
+def dkl_loss(logits, target_logits, *, temperature: float = 1.0, alpha: float = 1.0,
+             beta: float = 1.0) -> torch.Tensor:
+    r"""Decoupled KL: weighted MSE of logit differences plus soft-label cross-entropy.
+
+    .. math::
+        \frac{\alpha}{4}\frac{1}{B}\sum_b\sum_{j,k} S(w)_{jk}\big(\Delta(o_m)_{jk}
+        - S(\Delta(o_n))_{jk}\big)^2 \;-\; \beta T^2 \frac{1}{B}\sum_b S(s_m)^\top \log s_n
+
+    with w = s_m s_mᵀ (at temperature T) and the wMSE on raw logits (DKL paper, Theorem 1, Eq. 3).
+    With α = β = 1 its gradients equal those of :func:`kl_loss` with respect to BOTH inputs; the
+    wMSE term carries all of the gradient to ``target_logits``, the CE term all of it to
+    ``logits``. Hence the asymmetry: when the target side is frozen (a teacher), the wMSE term
+    does nothing. The wMSE is computed in closed form, O(B·C).
+
+    Args:
+        logits: o_n, shape (B, C). target_logits: o_m, shape (B, C).
+        temperature: T > 0 (softmax temperature of the CE term and of the weights).
+        alpha: weight of the wMSE term (>= 0). beta: weight of the soft-label CE term (>= 0).
+
+    Mapping from the official code (github.com/jiequancui/DKL): its ``dkl_loss`` multiplies the
+    CE term by ALPHA and the wMSE term by BETA, without T² on CE. Official (ALPHA=a, BETA=b, T, T2)
+    = ours (alpha=b, beta=a/T², temperature=T, weight_temperature=T2) (the latter in
+    :func:`ikl_loss`).
+
+    Notebooks: 01_kl_to_dkl_derivation (derivation), 02_gradient_anatomy (gradients).
+    """
+    return _total(dkl_terms(logits, target_logits, temperature=temperature, alpha=alpha, beta=beta))
+
+
+# --------------------------------------------------------------------------------------------
+# IKL and GKL
+# --------------------------------------------------------------------------------------------
+def ikl_terms(logits, target_logits, *, temperature: float = 1.0, alpha: float = 1.0,
+              beta: float = 1.0, weight_temperature: Optional[float] = None,
+              targets: Optional[torch.Tensor] = None,
+              class_prior: Optional[torch.Tensor] = None) -> Terms:
+    """``{"wmse": ..., "soft_ce": ...}`` of :func:`ikl_loss`; the loss is their sum."""
+    return _decoupled_terms(logits, target_logits, temperature=temperature, alpha=alpha, beta=beta,
+                            weight_temperature=weight_temperature, targets=targets,
+                            class_prior=class_prior, gamma=1.0, gkl_norm=False, stop_logits=False)
+
+
+def ikl_loss(logits, target_logits, *, temperature: float = 1.0, alpha: float = 1.0,
+             beta: float = 1.0, weight_temperature: Optional[float] = None,
+             targets: Optional[torch.Tensor] = None,
+             class_prior: Optional[torch.Tensor] = None) -> torch.Tensor:
+    r"""Improved KL: DKL with the asymmetry broken and class-wise global information.
+
+    .. math::
+        \frac{\alpha}{4}\frac{1}{B}\sum_b\sum_{j,k} S(w)_{jk}\big(\Delta(o_m)_{jk}
+        - \Delta(o_n)_{jk}\big)^2 \;-\; \beta T^2 \frac{1}{B}\sum_b S(s_m)^\top \log s_n
+
+    1. No stop-gradient on Δ(o_n): the wMSE gradient also reaches ``logits`` (the student).
+    2. w = p pᵀ, always detached, with p = ``class_prior[targets]`` (class-wise global
+       information, GI) when both are given, else p = softmax(o_m / T_w), T_w =
+       ``weight_temperature`` (default: ``temperature``).
+
+    Args:
+        logits: o_n, shape (B, C). target_logits: o_m, shape (B, C).
+        temperature: T > 0. alpha: wMSE weight (>= 0). beta: soft-label CE weight (>= 0).
+        weight_temperature: T_w > 0 for the sample-wise weights, or None for T.
+        targets: (B,) integer class labels, needed with ``class_prior``.
+        class_prior: (C, C) tensor, row y = mean probability vector of class y
+            (see :class:`dkl_lib.prior.ClassPrior`); rows non-negative, not all zero.
+
+    Mapping from the official code: official (ALPHA=a, BETA=b, T, T2) = ours (alpha=b,
+    beta=a/T², temperature=T, weight_temperature=T2); its GI flag = passing ``class_prior`` and
+    ``targets``.
+
+    Paper: Cui et al., NeurIPS 2024, Eq. (5) (IKL). Notebooks: 01, 02, 03, 05.
+    """
+    return _total(ikl_terms(logits, target_logits, temperature=temperature, alpha=alpha, beta=beta,
+                            weight_temperature=weight_temperature, targets=targets,
+                            class_prior=class_prior))
+
+
+def gkl_terms(logits, target_logits, *, temperature: float = 1.0, alpha: float = 1.0,
+              beta: float = 1.0, gamma: float = 1.0, weight_temperature: Optional[float] = None,
+              targets: Optional[torch.Tensor] = None,
+              class_prior: Optional[torch.Tensor] = None) -> Terms:
+    """``{"wmse": ..., "soft_ce": ...}`` of :func:`gkl_loss`; the loss is their sum."""
+    return _decoupled_terms(logits, target_logits, temperature=temperature, alpha=alpha, beta=beta,
+                            weight_temperature=weight_temperature, targets=targets,
+                            class_prior=class_prior, gamma=gamma, gkl_norm=True, stop_logits=False)
+
+
+def gkl_loss(logits, target_logits, *, temperature: float = 1.0, alpha: float = 1.0,
+             beta: float = 1.0, gamma: float = 1.0, weight_temperature: Optional[float] = None,
+             targets: Optional[torch.Tensor] = None,
+             class_prior: Optional[torch.Tensor] = None) -> torch.Tensor:
+    r"""Generalized KL (follow-up paper, arXiv 2503.08038): IKL with p → p**γ, normalised by Σw.
+
+    .. math::
+        \frac{\alpha}{4}\,\frac{\sum_b\sum_{j,k} S(w)_{jk}(\Delta(o_m)_{jk}-\Delta(o_n)_{jk})^2}
+        {\sum_b\sum_{j,k} S(w)_{jk}} \;-\; \beta T^2 \frac{1}{B}\sum_b S(s_m)^\top \log s_n,
+        \qquad w = p^\gamma (p^\gamma)^\top
+
+    with p as in :func:`ikl_loss`. For γ = 1 and rows of p summing to 1, Σw = B and
+    gkl_loss equals ikl_loss. Arguments as :func:`ikl_loss`, plus ``gamma`` > 0.
+    """
+    return _total(gkl_terms(logits, target_logits, temperature=temperature, alpha=alpha, beta=beta,
+                            gamma=gamma, weight_temperature=weight_temperature, targets=targets,
+                            class_prior=class_prior))
+
+
+# --------------------------------------------------------------------------------------------
+# DKD
+# --------------------------------------------------------------------------------------------
+def _binary_and_nontarget(log_probs: torch.Tensor, targets: torch.Tensor):
+    """log b = (log p_t, log(1 − p_t)) and log p̂ (softmax over the non-target classes)."""
+    batch, classes = log_probs.shape
+    idx = torch.arange(classes - 1, device=log_probs.device).expand(batch, classes - 1)
+    idx = idx + (idx >= targets[:, None]).long()  # skip the target column
+    others = log_probs.gather(1, idx)
+    log_rest = torch.logsumexp(others, dim=1, keepdim=True)  # log(1 − p_t), computed stably
+    log_binary = torch.cat([log_probs.gather(1, targets[:, None]), log_rest], dim=1)
+    return log_binary, others - log_rest
+
+
+def dkd_terms(logits, target_logits, targets, *, temperature: float = 1.0, alpha: float = 1.0,
+              beta: float = 8.0) -> Terms:
+    """``{"tckd": ..., "nckd": ...}`` of :func:`dkd_loss`; the loss is their sum."""
+    temperature = check_positive("temperature", temperature)
+    alpha = check_nonnegative("alpha", alpha)
+    beta = check_nonnegative("beta", beta)
+    logits, target_logits = _prepare(logits, target_logits)
+    targets = check_targets(targets, *logits.shape, logits.device)
+    scale = temperature**2 / logits.shape[0]
+    with _no_autocast(logits.device):
+        lb_n, lh_n = _binary_and_nontarget(torch.log_softmax(logits / temperature, dim=1), targets)
+        lb_m, lh_m = _binary_and_nontarget(torch.log_softmax(target_logits / temperature, dim=1), targets)
+        tckd = alpha * scale * (lb_m.exp() * (lb_m - lb_n)).sum()
+        nckd = beta * scale * (lh_m.exp() * (lh_m - lh_n)).sum()
+    return {"tckd": tckd, "nckd": nckd}
+
+
+def dkd_loss(logits, target_logits, targets, *, temperature: float = 1.0, alpha: float = 1.0,
+             beta: float = 8.0) -> torch.Tensor:
+    r"""Decoupled Knowledge Distillation (Zhao et al., CVPR 2022, Eq. 7).
+
+    .. math:: T^2\big(\alpha\,\mathrm{KL}(b_m \| b_n) + \beta\,\mathrm{KL}(\hat p_m \| \hat p_n)\big)
+
+    batch mean, with b = (p_t, 1 − p_t) the target/non-target binary split of softmax(o / T) and
+    p̂ the softmax over the non-target classes; computed in log space (finite for large logits).
+
+    Args:
+        logits: o_n, shape (B, C). target_logits: o_m, shape (B, C).
+        targets: (B,) integer class labels. temperature: T > 0.
+        alpha: TCKD weight (>= 0). beta: NCKD weight (>= 0; mdistiller's CIFAR default is 8).
+    """
+    return _total(dkd_terms(logits, target_logits, targets, temperature=temperature, alpha=alpha,
+                            beta=beta))
+
+
+# --------------------------------------------------------------------------------------------
+# the weighted MSE on its own: closed form and literal oracle
+# --------------------------------------------------------------------------------------------
+def _wmse_weights(target_logits, weights, temperature):
+    if weights is None:
+        return torch.softmax(target_logits.detach() / temperature, dim=1)
+    if not isinstance(weights, torch.Tensor):
+        raise TypeError(f"weights must be a torch.Tensor, got {type(weights).__name__}")
+    if weights.shape != target_logits.shape:
+        raise ValueError(f"weights must have shape {tuple(target_logits.shape)}, got {tuple(weights.shape)}")
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+        raise ValueError("weights must be finite and non-negative")
+    return weights.detach().to(target_logits.dtype)
+
+
+def wmse(logits, target_logits, *, weights: Optional[torch.Tensor] = None,
+         temperature: float = 1.0, detach_logits: bool = False) -> torch.Tensor:
+    r"""Weighted MSE of pairwise logit differences, closed form, O(B·C).
+
+    .. math:: \frac14\frac1B\sum_b\sum_{j,k} p_j p_k (\Delta(o_m)_{jk}-\Delta(o_n)_{jk})^2
+              = \frac12\frac1B\sum_b P\sum_j p_j (d_j-\bar d)^2
+
+    d = o_m − o_n, P = Σ p, d̄ = Σ p d / P; p = ``weights`` (B, C) or softmax(o_m / T), detached.
+    ``detach_logits=True`` puts the stop-gradient on Δ(o_n) as in DKL. Same value and gradient
+    as :func:`wmse_pairwise`, without its B×C×C tensor.
+    """
+    temperature = check_positive("temperature", temperature)
+    logits, target_logits = _prepare(logits, target_logits)
+    with _no_autocast(logits.device):
+        p = _wmse_weights(target_logits, weights, temperature)
+        mass = p.sum(dim=1, keepdim=True)
+        dev = _centered(p, target_logits - (logits.detach() if detach_logits else logits), mass)
+        return 0.5 * (mass.squeeze(1) * (p * dev * dev).sum(dim=1)).mean()
+
+
+def wmse_pairwise(logits, target_logits, *, weights: Optional[torch.Tensor] = None,
+                  temperature: float = 1.0, detach_logits: bool = False) -> torch.Tensor:
+    r"""The literal O(B·C²) weighted MSE (test oracle and benchmark baseline only).
+
+    .. math:: \frac14\frac1B\sum_b\sum_{j,k} S(w)_{jk}(\Delta(o_m)_{jk}-\Delta(o_n)_{jk})^2,
+              \quad w = p p^\top
+
+    Builds the B×C×C tensors Δ(o_m), Δ(o_n) and w explicitly. Arguments as :func:`wmse`.
+    """
+    temperature = check_positive("temperature", temperature)
+    logits, target_logits = _prepare(logits, target_logits)
+    with _no_autocast(logits.device):
+        p = _wmse_weights(target_logits, weights, temperature)
+        student = logits.detach() if detach_logits else logits
+        delta_m = target_logits[:, :, None] - target_logits[:, None, :]
+        delta_n = student[:, :, None] - student[:, None, :]
+        w = p[:, :, None] * p[:, None, :]
+        return (w * (delta_m - delta_n) ** 2).sum() / (4 * logits.shape[0])
+
+
+# --------------------------------------------------------------------------------------------
+# dispatch by name (training code, widgets)
+# --------------------------------------------------------------------------------------------
+LOSS_TERMS: Dict[str, Callable[..., Terms]] = {
+    "kl": kl_terms,
+    "dkl": dkl_terms,
+    "ikl": ikl_terms,
+    "gkl": gkl_terms,
+    "dkd": dkd_terms,
+}
+
+
+def loss_terms(name: str, logits, target_logits, targets=None, **hparams) -> Terms:
+    """Named terms of the loss ``name`` (one of ``LOSS_TERMS``); ``targets`` goes where it is used.
+
+    >>> terms = loss_terms("ikl", student_logits, teacher_logits, targets=y, temperature=4.0)
+    >>> total = sum(terms.values())
+    """
+    if name not in LOSS_TERMS:
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSS_TERMS)}")
+    if name == "dkd":
+        if targets is None:
+            raise ValueError("dkd needs targets (the true class of each sample)")
+        return dkd_terms(logits, target_logits, targets, **hparams)
+    if name in ("ikl", "gkl"):
+        return LOSS_TERMS[name](logits, target_logits, targets=targets, **hparams)
+    return LOSS_TERMS[name](logits, target_logits, **hparams)

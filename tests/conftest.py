@@ -1,0 +1,21 @@
+import os
+
+import pytest
+import torch
+
+# Tests run on the CPU, offline, with few threads (CI has 2 cores).
+os.environ.setdefault("FAST", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def rng():
+    return torch.Generator().manual_seed(1234)
+
+
+def random_pair(batch, classes, *, scale=3.0, dtype=torch.float64, generator=None, grad=True):
+    """Two random logit tensors (student, teacher) of shape (batch, classes)."""
+    g = generator or torch.Generator().manual_seed(0)
+    a = (torch.randn(batch, classes, generator=g, dtype=torch.float64) * scale).to(dtype)
+    b = (torch.randn(batch, classes, generator=g, dtype=torch.float64) * scale).to(dtype)
+    return a.requires_grad_(grad), b.requires_grad_(grad)

@@ -1,0 +1,118 @@
+"""Every bad input raises a clear ValueError / TypeError that names the problem."""
+import pytest
+import torch
+
+import dkl_lib as dkl
+
+B, C = 4, 5
+GOOD = torch.randn(B, C)
+Y = torch.tensor([0, 1, 2, 3])
+PRIOR = torch.full((C, C), 1.0 / C)
+
+
+def call(name, logits=GOOD, target_logits=GOOD, targets=Y, **kw):
+    return dkl.loss_terms(name, logits, target_logits, targets=targets, **kw)
+
+
+DECOUPLED = ["kl", "dkl", "ikl", "gkl", "dkd"]
+
+CASES = [
+    # (description, kwargs for call, exception, message fragment)
+    ("1-D logits", dict(logits=torch.randn(C), target_logits=torch.randn(C)), ValueError, "2-D"),
+    ("3-D logits", dict(logits=torch.randn(2, B, C), target_logits=torch.randn(2, B, C)), ValueError, "2-D"),
+    ("shape mismatch", dict(target_logits=torch.randn(B, C + 1)), ValueError, "same shape"),
+    ("batch mismatch", dict(target_logits=torch.randn(B + 1, C)), ValueError, "same shape"),
+    ("one class", dict(logits=torch.randn(B, 1), target_logits=torch.randn(B, 1)), ValueError, "C >= 2"),
+    ("empty batch", dict(logits=torch.randn(0, C), target_logits=torch.randn(0, C)), ValueError, "empty"),
+    ("nan logits", dict(logits=GOOD.clone().index_fill_(1, torch.tensor([2]), float("nan"))), ValueError,
+     "non-finite"),
+    ("inf target", dict(target_logits=GOOD.clone().index_fill_(0, torch.tensor([1]), float("inf"))),
+     ValueError, "non-finite"),
+    ("integer logits", dict(logits=torch.ones(B, C, dtype=torch.long)), TypeError, "floating-point"),
+    ("numpy logits", dict(logits=GOOD.numpy()), TypeError, "torch.Tensor"),
+    ("zero temperature", dict(temperature=0.0), ValueError, "temperature"),
+    ("negative temperature", dict(temperature=-1.0), ValueError, "temperature"),
+    ("nan temperature", dict(temperature=float("nan")), ValueError, "temperature"),
+    ("string temperature", dict(temperature="4"), TypeError, "temperature"),
+]
+
+
+@pytest.mark.parametrize("name", DECOUPLED)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_raises(name, case):
+    _, kwargs, exc, fragment = case
+    with pytest.raises(exc, match=fragment):
+        call(name, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["dkl", "ikl", "gkl", "dkd"])
+@pytest.mark.parametrize("key", ["alpha", "beta"])
+def test_negative_weights_raise(name, key):
+    with pytest.raises(ValueError, match=key):
+        call(name, **{key: -0.5})
+
+
+TARGET_CASES = [
+    ("target too large", torch.tensor([0, 1, 2, C]), ValueError, "out of range"),
+    ("negative target", torch.tensor([0, -1, 2, 3]), ValueError, "out of range"),
+    ("float targets", torch.tensor([0.0, 1.0, 2.0, 3.0]), TypeError, "integer"),
+    ("wrong length", torch.tensor([0, 1, 2]), ValueError, "shape"),
+    ("list targets", [0, 1, 2, 3], TypeError, "torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("name", ["dkd", "ikl_gi", "gkl_gi"])
+@pytest.mark.parametrize("case", TARGET_CASES, ids=[c[0] for c in TARGET_CASES])
+def test_bad_targets_raise(name, case):
+    _, targets, exc, fragment = case
+    kw = {} if name == "dkd" else dict(class_prior=PRIOR)
+    with pytest.raises(exc, match=fragment):
+        call(name.split("_")[0], targets=targets, **kw)
+
+
+PRIOR_CASES = [
+    ("wrong shape", torch.full((C, C + 1), 0.1), ValueError, "shape"),
+    ("1-D prior", torch.full((C,), 0.2), ValueError, "shape"),
+    ("negative row", PRIOR.clone().index_fill_(0, torch.tensor([3]), -0.2), ValueError, "negative"),
+    ("zero row", PRIOR.clone().index_fill_(0, torch.tensor([1]), 0.0), ValueError, "sum to zero"),
+    ("nan prior", PRIOR.clone().index_fill_(0, torch.tensor([0]), float("nan")), ValueError, "non-finite"),
+    ("integer prior", torch.ones(C, C, dtype=torch.long), TypeError, "floating-point"),
+]
+
+
+@pytest.mark.parametrize("name", ["ikl", "gkl"])
+@pytest.mark.parametrize("case", PRIOR_CASES, ids=[c[0] for c in PRIOR_CASES])
+def test_bad_class_prior_raises(name, case):
+    _, prior, exc, fragment = case
+    with pytest.raises(exc, match=fragment):
+        call(name, class_prior=prior)
+
+
+@pytest.mark.parametrize("name", ["ikl", "gkl"])
+def test_class_prior_without_targets_raises(name):
+    with pytest.raises(ValueError, match="without targets"):
+        call(name, targets=None, class_prior=PRIOR)
+
+
+def test_other_hyper_parameters():
+    with pytest.raises(ValueError, match="gamma"):
+        dkl.gkl_loss(GOOD, GOOD, gamma=0.0)
+    with pytest.raises(ValueError, match="weight_temperature"):
+        dkl.ikl_loss(GOOD, GOOD, weight_temperature=-2.0)
+    with pytest.raises(ValueError, match="dkd needs targets"):
+        dkl.loss_terms("dkd", GOOD, GOOD)
+    with pytest.raises(ValueError, match="unknown loss"):
+        dkl.loss_terms("kld", GOOD, GOOD)
+    with pytest.raises(ValueError, match="weights must have shape"):
+        dkl.wmse(GOOD, GOOD, weights=torch.ones(B, C + 1))
+    with pytest.raises(ValueError, match="non-negative"):
+        dkl.wmse_pairwise(GOOD, GOOD, weights=-torch.ones(B, C))
+
+
+def test_hyper_parameters_are_keyword_only():
+    with pytest.raises(TypeError):
+        dkl.kl_loss(GOOD, GOOD, 4.0)
+    with pytest.raises(TypeError):
+        dkl.dkl_loss(GOOD, GOOD, 4.0, 1.0, 1.0)
+    with pytest.raises(TypeError):
+        dkl.dkd_loss(GOOD, GOOD, Y, 4.0)

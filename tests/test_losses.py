@@ -1,0 +1,383 @@
+"""Values and gradients of the losses against torch oracles and literal float64 formulas."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dkl_lib as dkl
+from conftest import random_pair
+from dkl_lib.grads import relative_error, term_grads
+
+
+def kl_oracle(logits, target_logits, temperature):
+    t = temperature
+    return t * t * F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(target_logits / t, dim=1),
+                            log_target=True, reduction="batchmean")
+
+
+def grads_of(value, *inputs):
+    return torch.autograd.grad(value, inputs, allow_unused=True, retain_graph=True)
+
+
+# ------------------------------------------------------------------------------------------ KL
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0, 10.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kl_matches_torch_kl_div_value_and_gradient(temperature, dtype):
+    a, b = random_pair(6, 13, dtype=dtype)
+    ours = dkl.kl_loss(a, b, temperature=temperature)
+    ref = kl_oracle(a, b, temperature)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert ours.dim() == 0
+    assert torch.allclose(ours, ref.to(ours.dtype), rtol=tol, atol=tol)
+    for g, r in zip(grads_of(ours, a, b), grads_of(ref, a, b)):
+        assert torch.allclose(g, r, rtol=tol, atol=tol)
+
+
+# ----------------------------------------------------------------------------- KL ≡ DKL theorem
+@settings(max_examples=60, deadline=None)
+@given(batch=st.integers(1, 6), classes=st.integers(2, 1000), temperature=st.floats(0.25, 20.0),
+       scale=st.floats(0.1, 20.0), seed=st.integers(0, 2**31 - 1))
+def test_theorem_dkl_gradients_equal_kl_gradients_on_both_inputs(batch, classes, temperature, scale, seed):
+    """Relative error of each side against the largest KL gradient entry over both inputs.
+
+    (Per side, KL's own float64 autograd is off by up to ~5e-10 of a tiny target-side gradient
+    when s_m is saturated; test_dkl_gradients_match_exact_arithmetic shows DKL's is not.)
+    """
+    a, b = random_pair(batch, classes, scale=scale, generator=torch.Generator().manual_seed(seed))
+    kl = grads_of(dkl.kl_loss(a, b, temperature=temperature), a, b)
+    ours = grads_of(dkl.dkl_loss(a, b, temperature=temperature, alpha=1.0, beta=1.0), a, b)
+    joint = max(kl[0].abs().max().item(), kl[1].abs().max().item())
+    assert relative_error(ours[0], kl[0], joint) < 1e-10
+    assert relative_error(ours[1], kl[1], joint) < 1e-10
+    errors = dkl.grads.check_kl_dkl_equivalence(a, b, temperature=temperature)
+    assert max(errors.values()) < 1e-10
+
+
+@pytest.mark.parametrize("seed,scale,temperature", [(0, 3.0, 0.5), (2, 8.0, 0.5), (5, 2.0, 4.0), (9, 30.0, 1.0)])
+def test_dkl_gradients_match_exact_arithmetic(seed, scale, temperature):
+    """Per side, against the analytic KL gradient evaluated with 50 digits (mpmath).
+
+    KL's own float64 autograd does not meet this bound when s_m is saturated (seen: 5e-10 of the
+    target-side gradient at C = 2, T = 0.5).
+    """
+    mp = pytest.importorskip("mpmath")
+    mp.mp.dps = 50
+    classes = 4
+    a, b = random_pair(1, classes, scale=scale, generator=torch.Generator().manual_seed(seed))
+    g_n, g_m = grads_of(dkl.dkl_loss(a, b, temperature=temperature), a, b)
+    t = mp.mpf(temperature)
+    o_n = [mp.mpf(float(v)) for v in a[0].detach()]
+    o_m = [mp.mpf(float(v)) for v in b[0].detach()]
+    z_m, z_n = sum(mp.exp(v / t) for v in o_m), sum(mp.exp(v / t) for v in o_n)
+    s_m = [mp.exp(v / t) / z_m for v in o_m]
+    s_n = [mp.exp(v / t) / z_n for v in o_n]
+    d = [m - n for m, n in zip(o_m, o_n)]
+    d_bar = sum(s * x for s, x in zip(s_m, d))
+    exact_n = [t * (s_n[k] - s_m[k]) for k in range(classes)]
+    exact_m = [s_m[k] * (d[k] - d_bar) for k in range(classes)]
+    # logits side: T (s_n − s_m) is a difference of terms of size <= T, so it is exact to ~1e-16 T;
+    # target side: exact to 1e-13 of its own (possibly tiny) largest entry
+    for got, exact, scale in ((g_n, exact_n, t), (g_m, exact_m, max(abs(e) for e in exact_m))):
+        assert max(abs(float(got[0, k]) - exact[k]) for k in range(classes)) <= 1e-13 * scale
+
+
+def test_theorem_fails_when_weights_differ_from_one():
+    """The property test above can fail: with alpha != 1 the target-side gradients differ."""
+    a, b = random_pair(4, 10)
+    kl = grads_of(dkl.kl_loss(a, b, temperature=2.0), a, b)
+    off = grads_of(dkl.dkl_loss(a, b, temperature=2.0, alpha=0.5), a, b)
+    assert relative_error(off[1], kl[1]) > 0.1
+
+
+@pytest.mark.parametrize("temperature", [0.5, 4.0])
+def test_each_term_carries_one_side_of_the_kl_gradient(temperature):
+    a, b = random_pair(5, 9)
+    kl_n, kl_m = grads_of(dkl.kl_loss(a, b, temperature=temperature), a, b)
+    terms = term_grads("dkl", a, b, temperature=temperature)
+    wmse_n, wmse_m = terms["wmse"]
+    ce_n, ce_m = terms["soft_ce"]
+    assert torch.count_nonzero(wmse_n) == 0  # stop-gradient on Δ(o_n)
+    assert torch.count_nonzero(ce_m) == 0  # stop-gradient on s_m
+    assert relative_error(wmse_m, kl_m) < 1e-12
+    assert relative_error(ce_n, kl_n) < 1e-12
+
+
+def test_ikl_breaks_the_asymmetry():
+    a, b = random_pair(5, 9)
+    wmse_n, wmse_m = term_grads("ikl", a, b, temperature=4.0)["wmse"]
+    assert wmse_n.abs().max() > 1e-3
+    assert torch.allclose(wmse_n, -wmse_m, rtol=0, atol=1e-14)
+    # ... and the soft-label CE term is the same as DKL's
+    assert torch.allclose(term_grads("ikl", a, b, temperature=4.0)["soft_ce"][0],
+                          term_grads("dkl", a, b, temperature=4.0)["soft_ce"][0], atol=1e-15)
+
+
+def test_frozen_teacher_makes_dkl_wmse_useless():
+    a, _ = random_pair(3, 6)
+    teacher = torch.randn(3, 6, dtype=torch.float64)  # no grad: a frozen teacher
+    wmse_term = dkl.dkl_terms(a, teacher, temperature=4.0)["wmse"]
+    assert not wmse_term.requires_grad or torch.count_nonzero(grads_of(wmse_term, a)[0]) == 0
+    assert dkl.ikl_terms(a, teacher, temperature=4.0)["wmse"].requires_grad
+
+
+# --------------------------------------------------------------------- closed form vs pairwise
+def pairwise_case(kind, a, b, targets, prior):
+    """(library wMSE value, literal pairwise wMSE value) for one weighting scheme."""
+    if kind == "sample":
+        return dkl.wmse(a, b, temperature=2.0), dkl.wmse_pairwise(a, b, temperature=2.0)
+    if kind == "prior":
+        w = prior[targets]
+        return dkl.wmse(a, b, weights=w), dkl.wmse_pairwise(a, b, weights=w)
+    if kind == "dkl_term":
+        return (dkl.dkl_terms(a, b, temperature=2.0, beta=0.0)["wmse"],
+                dkl.wmse_pairwise(a, b, temperature=2.0, detach_logits=True))
+    if kind == "ikl_term":
+        return (dkl.ikl_terms(a, b, temperature=2.0, alpha=1.0)["wmse"],
+                dkl.wmse_pairwise(a, b, temperature=2.0))
+    if kind == "ikl_weight_temperature":
+        return (dkl.ikl_terms(a, b, temperature=2.0, weight_temperature=5.0)["wmse"],
+                dkl.wmse_pairwise(a, b, temperature=5.0))
+    if kind == "ikl_prior":
+        return (dkl.ikl_terms(a, b, temperature=2.0, targets=targets, class_prior=prior)["wmse"],
+                dkl.wmse_pairwise(a, b, weights=prior[targets]))
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["sample", "prior", "dkl_term", "ikl_term", "ikl_weight_temperature",
+                                  "ikl_prior"])
+def test_closed_form_wmse_equals_pairwise_value_and_gradient(kind):
+    g = torch.Generator().manual_seed(7)
+    a, b = random_pair(6, 11, scale=4.0, generator=g)
+    targets = torch.randint(0, 11, (6,), generator=g)
+    prior = torch.softmax(torch.randn(11, 11, generator=g, dtype=torch.float64), dim=1)
+    ours, ref = pairwise_case(kind, a, b, targets, prior)
+    assert torch.allclose(ours, ref, rtol=1e-12, atol=1e-12)
+    assert ours.item() > 0.1  # a non-trivial value
+    for go, gr in zip(grads_of(ours, a, b), grads_of(ref, a, b)):
+        go = torch.zeros_like(a) if go is None else go
+        gr = torch.zeros_like(a) if gr is None else gr
+        assert torch.allclose(go, gr, rtol=1e-10, atol=1e-12)
+
+
+def test_wmse_closed_form_identity_per_row():
+    """Σ_jk p_j p_k (d_j − d_k)² = 2 (Σp) Σ p (d − d̄)² for unnormalised p, in float64."""
+    g = torch.Generator().manual_seed(3)
+    p = torch.rand(7, generator=g, dtype=torch.float64) * 3
+    d = torch.randn(7, generator=g, dtype=torch.float64)
+    literal = sum(p[j] * p[k] * (d[j] - d[k]) ** 2 for j in range(7) for k in range(7))
+    dbar = (p * d).sum() / p.sum()
+    assert math.isclose(float(literal), float(2 * p.sum() * (p * (d - dbar) ** 2).sum()), rel_tol=1e-12)
+
+
+# ---------------------------------------------------------------- the decoupled losses' backward
+def literal_decoupled(a, b, *, temperature, alpha, beta, p, stop_logits, norm=None):
+    """Plain autograd, pairwise form, with explicit detach: the oracle of the analytic backward."""
+    t = temperature
+    student = a.detach() if stop_logits else a
+    w = (p[:, :, None] * p[:, None, :]).detach()
+    dm = b[:, :, None] - b[:, None, :]
+    dn = student[:, :, None] - student[:, None, :]
+    wmse_sum = (w * (dm - dn) ** 2).sum() / 4
+    wmse_value = alpha * wmse_sum / (a.shape[0] if norm is None else norm)
+    soft_ce = -beta * t * t * (torch.softmax(b / t, 1).detach() * torch.log_softmax(a / t, 1)).sum() / a.shape[0]
+    return wmse_value + soft_ce
+
+
+@pytest.mark.parametrize("loss", ["dkl", "ikl", "ikl_gi", "ikl_tw", "gkl", "gkl_gi"])
+def test_analytic_backward_matches_literal_autograd(loss):
+    g = torch.Generator().manual_seed(11)
+    a, b = random_pair(5, 8, scale=2.5, generator=g)
+    y = torch.randint(0, 8, (5,), generator=g)
+    prior = torch.softmax(torch.randn(8, 8, generator=g, dtype=torch.float64), dim=1)
+    t, alpha, beta, gamma = 3.0, 0.7, 1.3, 1.8
+    s_m = torch.softmax(b.detach() / t, 1)
+    if loss == "dkl":
+        ours = dkl.dkl_loss(a, b, temperature=t, alpha=alpha, beta=beta)
+        ref = literal_decoupled(a, b, temperature=t, alpha=alpha, beta=beta, p=s_m, stop_logits=True)
+    elif loss == "ikl":
+        ours = dkl.ikl_loss(a, b, temperature=t, alpha=alpha, beta=beta)
+        ref = literal_decoupled(a, b, temperature=t, alpha=alpha, beta=beta, p=s_m, stop_logits=False)
+    elif loss == "ikl_gi":
+        ours = dkl.ikl_loss(a, b, temperature=t, alpha=alpha, beta=beta, targets=y, class_prior=prior)
+        ref = literal_decoupled(a, b, temperature=t, alpha=alpha, beta=beta, p=prior[y], stop_logits=False)
+    elif loss == "ikl_tw":
+        ours = dkl.ikl_loss(a, b, temperature=t, alpha=alpha, beta=beta, weight_temperature=1.5)
+        ref = literal_decoupled(a, b, temperature=t, alpha=alpha, beta=beta,
+                                p=torch.softmax(b.detach() / 1.5, 1), stop_logits=False)
+    elif loss == "gkl":
+        ours = dkl.gkl_loss(a, b, temperature=t, alpha=alpha, beta=beta, gamma=gamma)
+        p = s_m**gamma
+        ref = literal_decoupled(a, b, temperature=t, alpha=alpha, beta=beta, p=p, stop_logits=False,
+                                norm=(p.sum(1) ** 2).sum())
+    else:
+        ours = dkl.gkl_loss(a, b, temperature=t, alpha=alpha, beta=beta, gamma=gamma, targets=y,
+                            class_prior=prior)
+        p = prior[y] ** gamma
+        ref = literal_decoupled(a, b, temperature=t, alpha=alpha, beta=beta, p=p, stop_logits=False,
+                                norm=(p.sum(1) ** 2).sum())
+    assert torch.allclose(ours, ref, rtol=1e-12, atol=1e-12)
+    for go, gr in zip(grads_of(ours, a, b), grads_of(ref, a, b)):
+        assert torch.allclose(go, gr, rtol=1e-10, atol=1e-13)
+
+
+# ------------------------------------------------------------------------------ gradcheck
+def _gradcheck(fn, *inputs):
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_gradcheck_kl_both_inputs():
+    a, b = random_pair(3, 5)
+    _gradcheck(lambda x, y: dkl.kl_loss(x, y, temperature=2.0), a, b)
+
+
+def test_gradcheck_dkd_both_inputs():
+    a, b = random_pair(3, 5)
+    y = torch.tensor([0, 4, 2])
+    _gradcheck(lambda u, v: dkl.dkd_loss(u, v, y, temperature=2.0, alpha=1.0, beta=2.0), a, b)
+
+
+@pytest.mark.parametrize("name", ["ikl", "gkl"])
+@pytest.mark.parametrize("with_prior", [False, True])
+def test_gradcheck_ikl_gkl_on_logits(name, with_prior):
+    # On `logits` these losses have no stop-gradient, so autograd must match finite differences.
+    # (On `target_logits` the detached weights make the gradient differ from the derivative of the
+    # value on purpose; test_analytic_backward_matches_literal_autograd covers that side.)
+    a, b = random_pair(3, 5)
+    b = b.detach()
+    kwargs = {}
+    if with_prior:
+        kwargs = dict(targets=torch.tensor([1, 0, 3]),
+                      class_prior=torch.softmax(torch.randn(5, 5, dtype=torch.float64), 1))
+    fn = dkl.losses.LOSS_TERMS[name]
+    _gradcheck(lambda x: sum(fn(x, b, temperature=2.0, alpha=0.8, beta=1.2, **kwargs).values()), a)
+
+
+def test_gradcheck_dkl_with_frozen_student_side_detached():
+    # DKL's value depends on o_n through both terms, but only the CE term's dependence is a
+    # gradient: gradcheck of the CE term alone on logits, and of the wMSE term on target_logits
+    # with its weights supplied from a frozen copy.
+    a, b = random_pair(3, 5)
+    b0 = b.detach()
+    _gradcheck(lambda x: dkl.dkl_terms(x, b0, temperature=2.0)["soft_ce"], a)
+    w = torch.softmax(b0 / 2.0, 1)
+    a0 = a.detach()
+    _gradcheck(lambda y: dkl.wmse(a0, y, weights=w), b)
+
+
+# ------------------------------------------------------------------------- GKL and DKD by hand
+def test_gkl_hand_computed_small_case():
+    o_n = [[1.0, -0.5, 0.25], [0.0, 2.0, -1.0]]
+    o_m = [[0.5, 0.0, 1.5], [-1.0, 1.0, 0.5]]
+    t, gamma, alpha, beta = 2.0, 0.5, 1.5, 0.75
+    num = den = ce = 0.0
+    for row_n, row_m in zip(o_n, o_m):
+        z_m = sum(math.exp(v / t) for v in row_m)
+        s_m = [math.exp(v / t) / z_m for v in row_m]
+        z_n = sum(math.exp(v / t) for v in row_n)
+        log_s_n = [v / t - math.log(z_n) for v in row_n]
+        p = [s**gamma for s in s_m]
+        for j in range(3):
+            for k in range(3):
+                w = p[j] * p[k]
+                num += w * ((row_m[j] - row_m[k]) - (row_n[j] - row_n[k])) ** 2
+                den += w
+        ce -= sum(s * ls for s, ls in zip(s_m, log_s_n))
+    expected = alpha / 4 * num / den + beta * t * t * ce / 2
+    got = dkl.gkl_loss(torch.tensor(o_n, dtype=torch.float64), torch.tensor(o_m, dtype=torch.float64),
+                       temperature=t, gamma=gamma, alpha=alpha, beta=beta)
+    assert math.isclose(got.item(), expected, rel_tol=1e-12)
+
+
+def test_gkl_with_gamma_one_equals_ikl():
+    a, b = random_pair(4, 6)
+    assert torch.allclose(dkl.gkl_loss(a, b, temperature=3.0, gamma=1.0), dkl.ikl_loss(a, b, temperature=3.0),
+                          rtol=1e-12)
+
+
+def test_dkd_hand_computed_small_case():
+    o_n = [[1.0, -0.5, 0.25, 0.3], [0.0, 2.0, -1.0, 0.7]]
+    o_m = [[0.5, 0.0, 1.5, -0.2], [-1.0, 1.0, 0.5, 2.0]]
+    targets = [2, 1]
+    t, alpha, beta = 2.0, 1.0, 8.0
+    total = 0.0
+    for row_n, row_m, y in zip(o_n, o_m, targets):
+        probs = []
+        for row in (row_n, row_m):
+            e = [math.exp(v / t) for v in row]
+            probs.append([v / sum(e) for v in e])
+        p_n, p_m = probs
+        b_n, b_m = [p_n[y], 1 - p_n[y]], [p_m[y], 1 - p_m[y]]
+        tckd = sum(m * math.log(m / n) for m, n in zip(b_m, b_n))
+        hat_n = [p_n[j] / (1 - p_n[y]) for j in range(4) if j != y]
+        hat_m = [p_m[j] / (1 - p_m[y]) for j in range(4) if j != y]
+        nckd = sum(m * math.log(m / n) for m, n in zip(hat_m, hat_n))
+        total += t * t * (alpha * tckd + beta * nckd)
+    got = dkl.dkd_loss(torch.tensor(o_n, dtype=torch.float64), torch.tensor(o_m, dtype=torch.float64),
+                       torch.tensor(targets), temperature=t, alpha=alpha, beta=beta)
+    assert math.isclose(got.item(), total / 2, rel_tol=1e-12)
+
+
+def test_dkd_terms_are_named():
+    a, b = random_pair(3, 5)
+    terms = dkl.dkd_terms(a, b, torch.tensor([0, 1, 2]), temperature=4.0)
+    assert set(terms) == {"tckd", "nckd"} and all(v.item() > 0 for v in terms.values())
+
+
+# ----------------------------------------------------------------- precision, range, autocast
+ALL = ["kl", "dkl", "ikl", "gkl", "dkd"]
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("scale", [1.0, 1e4])
+def test_low_precision_and_huge_logits_give_finite_values_and_gradients(name, dtype, scale):
+    g = torch.Generator().manual_seed(5)
+    a = (torch.randn(8, 10, generator=g) * scale).to(dtype).requires_grad_()
+    b = (torch.randn(8, 10, generator=g) * scale).to(dtype).requires_grad_()
+    y = torch.randint(0, 10, (8,), generator=g)
+    value = sum(dkl.loss_terms(name, a, b, targets=y, temperature=4.0).values())
+    assert value.dtype == torch.float32
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
+    assert a.grad.dtype == dtype
+    if scale == 1.0:  # the half-precision result is the float32 result up to input rounding
+        ref = sum(dkl.loss_terms(name, a.detach().float(), b.detach().float(), targets=y,
+                                 temperature=4.0).values())
+        assert torch.allclose(value, ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_autocast_computes_in_float32(name):
+    g = torch.Generator().manual_seed(6)
+    a, b = torch.randn(8, 10, generator=g), torch.randn(8, 10, generator=g)
+    y = torch.randint(0, 10, (8,), generator=g)
+    ref = sum(dkl.loss_terms(name, a, b, targets=y, temperature=2.0).values())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = sum(dkl.loss_terms(name, a, b, targets=y, temperature=2.0).values())
+    assert value.dtype == torch.float32
+    assert torch.allclose(value, ref, rtol=1e-6)
+
+
+def test_loss_terms_sum_to_the_loss():
+    a, b = random_pair(4, 6)
+    y = torch.tensor([0, 1, 2, 3])
+    pairs = [
+        (dkl.kl_loss(a, b, temperature=2.0), dkl.kl_terms(a, b, temperature=2.0)),
+        (dkl.dkl_loss(a, b, temperature=2.0, alpha=2.0), dkl.dkl_terms(a, b, temperature=2.0, alpha=2.0)),
+        (dkl.ikl_loss(a, b, temperature=2.0, beta=0.5), dkl.ikl_terms(a, b, temperature=2.0, beta=0.5)),
+        (dkl.gkl_loss(a, b, gamma=2.0), dkl.gkl_terms(a, b, gamma=2.0)),
+        (dkl.dkd_loss(a, b, y), dkl.dkd_terms(a, b, y)),
+    ]
+    for loss, terms in pairs:
+        assert torch.allclose(loss, sum(terms.values()), rtol=1e-14)
+
+
+def test_alpha_and_beta_scale_their_terms():
+    a, b = random_pair(4, 6)
+    base = dkl.ikl_terms(a, b, temperature=2.0)
+    scaled = dkl.ikl_terms(a, b, temperature=2.0, alpha=3.0, beta=0.25)
+    assert torch.allclose(scaled["wmse"], 3.0 * base["wmse"], rtol=1e-13)
+    assert torch.allclose(scaled["soft_ce"], 0.25 * base["soft_ce"], rtol=1e-13)
