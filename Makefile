@@ -24,6 +24,13 @@ lab: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Execute every notebook in full (no FAST) and write HTML copies to reports/ (git-ignored).
+# PLOTLY_RENDERER embeds plotly.js in the outputs, so the figures show in the offline HTML.
+report: $(STAMP)
+	@mkdir -p reports
+	PLOTLY_RENDERER=plotly_mimetype+notebook $(VENV)/bin/jupyter nbconvert --to html --execute \
+		--ExecutePreprocessor.timeout=3600 --output-dir reports notebooks/[0-9][0-9]_*.ipynb
+
 bench: $(STAMP)
 	$(PY) benchmarks/bench_losses.py
 

@@ -1,9 +1,12 @@
 """dkl_lib: the helper library of the Decoupled KL (DKL) divergence notebook suite.
 
 Use it as ``import dkl_lib as dkl``. The losses live in :mod:`dkl_lib.losses` and are re-exported
-here; :mod:`dkl_lib.grads` holds the gradient analysis. Importing the package has no side effects
-(no seeding, no downloads).
+here; :mod:`dkl_lib.grads` holds the gradient analysis. The other modules (``dkl.plots``,
+``dkl.widgets``, ...) are imported on first use, so ``import dkl_lib`` stays light. Importing the
+package has no side effects (no seeding, no downloads).
 """
+import importlib
+
 from . import grads, losses
 from .losses import (
     LOSS_TERMS,
@@ -23,3 +26,17 @@ from .losses import (
 )
 
 __version__ = "0.1.0"
+
+_LAZY = ("plots", "widgets", "profiling", "data", "models", "prior", "train", "experiments")
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        module = importlib.import_module(f".{name}", __name__)
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'dkl_lib' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))

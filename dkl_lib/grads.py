@@ -105,3 +105,288 @@ def check_kl_dkl_equivalence(logits, target_logits, *, temperature: float = 1.0)
     scale = max(kl[0].abs().max().item(), kl[1].abs().max().item())
     return {"logits": relative_error(dkl[0], kl[0], scale),
             "target_logits": relative_error(dkl[1], kl[1], scale)}
+
+
+# --------------------------------------------------------------------------------------------
+# Notebook 01: the derivation, numerically and symbolically
+# --------------------------------------------------------------------------------------------
+def _random_pair(batch, classes, *, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, classes, generator=g, dtype=torch.float64) * scale,
+            torch.randn(batch, classes, generator=g, dtype=torch.float64) * scale)
+
+
+def equivalence_table(classes=(2, 10, 100, 1000), temperatures=(0.5, 1.0, 4.0, 10.0), *, batch: int = 4,
+                      scale: float = 3.0, seed: int = 0):
+    """Largest error between DKL's and KL's gradients (float64) for each C × T, as a DataFrame.
+
+    Columns: classes, temperature, logits, target_logits (errors as in
+    :func:`check_kl_dkl_equivalence`) and max_error.
+    """
+    import pandas as pd
+
+    rows = []
+    for c in classes:
+        for t in temperatures:
+            o_n, o_m = _random_pair(batch, c, scale=scale, seed=seed + c)
+            err = check_kl_dkl_equivalence(o_n, o_m, temperature=t)
+            rows.append(dict(classes=c, temperature=t, **err, max_error=max(err.values())))
+    return pd.DataFrame(rows)
+
+
+def decoupled_by_autograd(logits, target_logits, *, temperature: float = 1.0, stop_weights: bool = True,
+                          stop_logits_delta: bool = True, stop_soft_labels: bool = True) -> torch.Tensor:
+    """DKL (α = β = 1) written with plain autograd, each stop-gradient switchable (O(B·C)).
+
+    With all three stop-gradients this is :func:`dkl_lib.losses.dkl_loss`; dropping
+    ``stop_logits_delta`` gives IKL without global information. Used to show which stop-gradient
+    the KL ≡ DKL equivalence needs.
+    """
+    temperature = check_positive("temperature", temperature)
+    check_logits_pair(logits, target_logits)
+    s_m = torch.softmax(target_logits / temperature, dim=1)
+    p = s_m.detach() if stop_weights else s_m
+    d = target_logits - (logits.detach() if stop_logits_delta else logits)
+    dev = d - (p * d).sum(dim=1, keepdim=True)  # rows of p sum to 1
+    wmse_term = 0.5 * (p * dev * dev).sum(dim=1).mean()
+    labels = s_m.detach() if stop_soft_labels else s_m
+    soft_ce = -temperature**2 * (labels * torch.log_softmax(logits / temperature, dim=1)).sum(dim=1).mean()
+    return wmse_term + soft_ce
+
+
+STOP_GRADIENT_VARIANTS = {
+    "DKL (all stop-gradients)": {},
+    "no S on Δ(o_n)  (= IKL)": {"stop_logits_delta": False},
+    "no S on the soft labels s_m": {"stop_soft_labels": False},
+    "no S on the weights w": {"stop_weights": False},
+}
+
+
+def stop_gradient_ablation(logits, target_logits, *, temperature: float = 1.0):
+    """For each variant of :data:`STOP_GRADIENT_VARIANTS`, the gradient error against KL.
+
+    Returns a DataFrame with columns variant, logits, target_logits (errors relative to the
+    largest entry of KL's gradient over both inputs, float64).
+    """
+    import pandas as pd
+
+    o_n = logits.detach().double().requires_grad_(True)
+    o_m = target_logits.detach().double().requires_grad_(True)
+    kl = torch.autograd.grad(losses.kl_loss(o_n, o_m, temperature=temperature), (o_n, o_m))
+    scale = max(kl[0].abs().max().item(), kl[1].abs().max().item())
+    rows = []
+    for name, switches in STOP_GRADIENT_VARIANTS.items():
+        value = decoupled_by_autograd(o_n, o_m, temperature=temperature, **switches)
+        g = torch.autograd.grad(value, (o_n, o_m))
+        rows.append(dict(variant=name, logits=relative_error(g[0], kl[0], scale),
+                         target_logits=relative_error(g[1], kl[1], scale)))
+    return pd.DataFrame(rows)
+
+
+def symbolic_check(num_classes: int = 3):
+    """Symbolic proof of the theorem for small C with sympy.
+
+    Builds KL(s_m ‖ s_n)·T² and DKL (α = β = 1) in the symbols m_j (target logits), n_j (logits)
+    and T, differentiates both w.r.t. every m_j and n_j (DKL's stop-gradients: the weights, the
+    soft labels and Δ(o_n) are held constant while differentiating, then substituted back) and
+    simplifies the differences. Returns ``{"difference": [...], "grad_logits": [...],
+    "grad_target_logits": [...]}``; every difference is 0 when the theorem holds. The returned
+    gradients are KL's, simplified.
+    """
+    import sympy as sp
+
+    if not isinstance(num_classes, int) or num_classes < 2 or num_classes > 4:
+        raise ValueError(f"num_classes must be an int in [2, 4] (symbolic cost grows fast), got {num_classes}")
+    c = num_classes
+    t = sp.Symbol("T", positive=True)
+    m = sp.symbols(f"m1:{c + 1}", real=True)
+    n = sp.symbols(f"n1:{c + 1}", real=True)
+    q = sp.symbols(f"q1:{c + 1}", positive=True)  # stand-ins for the detached s_m
+    k = sp.symbols(f"k1:{c + 1}", real=True)  # stand-ins for the detached o_n
+
+    def log_softmax(o):
+        lse = sp.log(sum(sp.exp(v / t) for v in o))
+        return [v / t - lse for v in o]
+
+    log_s_m, log_s_n = log_softmax(m), log_softmax(n)
+    s_m = [sp.exp(v) for v in log_s_m]
+    kl = t**2 * sum(s_m[j] * (log_s_m[j] - log_s_n[j]) for j in range(c))
+    wmse_term = sp.Rational(1, 4) * sum(q[i] * q[j] * ((m[i] - m[j]) - (k[i] - k[j])) ** 2
+                                        for i in range(c) for j in range(c))
+    soft_ce = -t**2 * sum(q[j] * log_s_n[j] for j in range(c))
+    detached = {**{q[j]: s_m[j] for j in range(c)}, **{k[j]: n[j] for j in range(c)}}
+    dkl = wmse_term + soft_ce
+    diffs, grad_n, grad_m = [], [], []
+    for var_list, out in ((n, grad_n), (m, grad_m)):
+        for v in var_list:
+            g_kl = sp.diff(kl, v)
+            g_dkl = sp.diff(dkl, v).subs(detached)
+            diffs.append(sp.simplify(sp.expand(g_kl - g_dkl)))
+            out.append(sp.simplify(g_kl))
+    return {"difference": diffs, "grad_logits": grad_n, "grad_target_logits": grad_m}
+
+
+def wmse_cost(classes=(10, 100, 300, 1000), *, batch: int = 64, repeats: int = 3, seed: int = 0):
+    """Forward+backward time and largest tensor of the closed-form and the pairwise wMSE.
+
+    A small in-notebook measurement (notebook 01); ``benchmarks/bench_losses.py`` is the real
+    benchmark. Returns a DataFrame: classes, method, seconds, largest_tensor_bytes.
+    """
+    import pandas as pd
+
+    from .profiling import largest_tensor, median_seconds
+
+    rows = []
+    for c in classes:
+        o_n, o_m = _random_pair(batch, c, scale=3.0, seed=seed)
+        o_n, o_m = o_n.float().requires_grad_(True), o_m.float()
+        for method, fn in (("closed form", losses.wmse), ("pairwise", losses.wmse_pairwise)):
+            def run(fn=fn):
+                o_n.grad = None
+                fn(o_n, o_m).backward()
+
+            seconds = median_seconds(run, repeats=repeats)
+            biggest = largest_tensor(lambda fn=fn: fn(o_n, o_m)).largest_bytes
+            rows.append(dict(classes=c, method=method, seconds=seconds, largest_tensor_bytes=biggest))
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Notebook 02: the anatomy of the gradients on the student's logits
+# --------------------------------------------------------------------------------------------
+def _row(x, name):
+    x = torch.as_tensor(x, dtype=torch.float64)
+    if x.dim() != 1:
+        raise ValueError(f"{name} must be a 1-D vector of C logits, got shape {tuple(x.shape)}")
+    return x[None, :]
+
+
+def _hparams_for(loss, *, temperature, alpha, beta, weight_temperature, gamma):
+    if loss == "kl":
+        return dict(temperature=temperature)
+    kw = dict(temperature=temperature, alpha=alpha, beta=beta)
+    if loss in ("ikl", "gkl"):
+        kw["weight_temperature"] = weight_temperature
+    if loss == "gkl":
+        kw["gamma"] = gamma
+    return kw
+
+
+def student_gradients(teacher_logits, student_logits, *, loss_names=("dkl", "ikl", "gkl"),
+                      temperature: float = 1.0, alpha: float = 1.0, beta: float = 1.0,
+                      weight_temperature=None, gamma: float = 1.0):
+    """Gradient of each named term on the student's logits, teacher frozen, for one sample.
+
+    ``teacher_logits`` and ``student_logits`` are length-C vectors. Returns a tidy DataFrame with
+    columns loss, term, cls, grad (one row per loss × term × class). The DKL wMSE rows are exactly
+    zero: that is the asymmetry.
+    """
+    import pandas as pd
+
+    o_m = _row(teacher_logits, "teacher_logits")
+    o_n = _row(student_logits, "student_logits")
+    rows = []
+    for loss in loss_names:
+        kw = _hparams_for(loss, temperature=temperature, alpha=alpha, beta=beta,
+                          weight_temperature=weight_temperature, gamma=gamma)
+        for term, (g_n, _) in term_grads(loss, o_n, o_m, **kw).items():
+            rows.extend(dict(loss=loss, term=term, cls=j, grad=float(v)) for j, v in enumerate(g_n[0]))
+    return pd.DataFrame(rows)
+
+
+SIMPLEX_CORNERS = ((0.0, 0.0), (1.0, 0.0), (0.5, 3**0.5 / 2))
+
+
+def simplex_xy(probs: torch.Tensor) -> torch.Tensor:
+    """2-D coordinates of points of the 3-class probability simplex (shape (N, 3) -> (N, 2))."""
+    corners = torch.tensor(SIMPLEX_CORNERS, dtype=probs.dtype)
+    return probs @ corners
+
+
+def simplex_field(teacher_probs, *, loss: str = "ikl", temperature: float = 1.0, alpha: float = 1.0,
+                  beta: float = 1.0, resolution: int = 10):
+    """Where one gradient-descent step moves the student's distribution, per term (C = 3).
+
+    For student distributions s_n on a grid inside the simplex (logits o_n = T log s_n) and a frozen
+    teacher with probabilities ``teacher_probs`` (o_m = T log p), the negative gradient -g of each
+    term on o_n moves s_n by J(-g), J = (diag(s_n) − s_n s_nᵀ)/T (the softmax Jacobian). Returns a
+    DataFrame with columns term, p1, p2, p3, x, y, dx, dy (2-D simplex coordinates and the
+    direction of motion; dx, dy are per unit step size, not normalised).
+    """
+    import pandas as pd
+
+    teacher = torch.as_tensor(teacher_probs, dtype=torch.float64)
+    if teacher.shape != (3,) or bool((teacher <= 0).any()):
+        raise ValueError("teacher_probs must be 3 positive probabilities")
+    teacher = teacher / teacher.sum()
+    if not isinstance(resolution, int) or resolution < 3:
+        raise ValueError(f"resolution must be an int >= 3, got {resolution}")
+    pts = [(i, j, resolution - i - j) for i in range(1, resolution) for j in range(1, resolution - i)]
+    s_n = torch.tensor(pts, dtype=torch.float64) / resolution
+    o_n = temperature * s_n.log()
+    o_m = (temperature * teacher.log()).expand_as(o_n)
+    kw = _hparams_for(loss, temperature=temperature, alpha=alpha, beta=beta, weight_temperature=None, gamma=1.0)
+    per_term = {k: v[0] * len(pts) for k, v in term_grads(loss, o_n, o_m, **kw).items()}  # per-sample
+    if len(per_term) > 1:
+        per_term["total"] = sum(per_term.values())
+    xy = simplex_xy(s_n)
+    frames = []
+    for term, g in per_term.items():
+        ds = -(s_n * g - s_n * (s_n * g).sum(dim=1, keepdim=True)) / temperature
+        dxy = simplex_xy(ds)
+        frames.append(pd.DataFrame(dict(term=term, p1=s_n[:, 0], p2=s_n[:, 1], p3=s_n[:, 2], x=xy[:, 0],
+                                        y=xy[:, 1], dx=dxy[:, 0], dy=dxy[:, 1])))
+    return pd.concat(frames, ignore_index=True)
+
+
+def confidence_sweep(confidences, *, num_classes: int = 10, loss_names=("kl", "ikl", "gkl"),
+                     temperature: float = 4.0, alpha: float = 1.0, beta: float = 1.0, gamma: float = 1.0,
+                     student_logits=None):
+    """Gradient magnitude on the student's logits of each term against the teacher's confidence.
+
+    The teacher puts probability c on class 0 and (1 − c)/(C − 1) on each other class (at
+    temperature T); the student's logits are ``student_logits`` (length C), by default all zero
+    (a student that knows nothing yet). Returns a DataFrame with columns confidence, loss, term,
+    grad_norm (L2 norm over classes).
+    """
+    import pandas as pd
+
+    conf = torch.as_tensor(confidences, dtype=torch.float64).reshape(-1)
+    if bool(((conf <= 0) | (conf >= 1)).any()):
+        raise ValueError("confidences must lie strictly between 0 and 1")
+    c = num_classes
+    probs = ((1 - conf) / (c - 1))[:, None].repeat(1, c)
+    probs[:, 0] = conf
+    o_m = temperature * probs.log()
+    student = torch.zeros(c, dtype=torch.float64) if student_logits is None else _row(student_logits, "student_logits")[0]
+    if student.shape != (c,):
+        raise ValueError(f"student_logits must have {c} entries, got {tuple(student.shape)}")
+    o_n = student.expand_as(o_m).clone()
+    rows = []
+    for loss in loss_names:
+        kw = _hparams_for(loss, temperature=temperature, alpha=alpha, beta=beta, weight_temperature=None,
+                          gamma=gamma)
+        for term, (g_n, _) in term_grads(loss, o_n, o_m, **kw).items():
+            norms = (g_n * len(conf)).norm(dim=1)  # undo the batch mean: one sample per row
+            rows.extend(dict(confidence=float(a), loss=loss, term=term, grad_norm=float(b))
+                        for a, b in zip(conf, norms))
+    return pd.DataFrame(rows)
+
+
+def weight_matrices(target_logits, targets, *, weight_temperature: float = 1.0, sample: int = 0):
+    """The wMSE weights w = p pᵀ of one sample: sample-wise vs class-wise (GI), for display.
+
+    p_sample = softmax(o_m / T_w) of row ``sample``; p_class = the mean of softmax(o_m / T_w) over
+    the rows of the batch with the same target (the batch version of :class:`ClassPrior`).
+    Returns ``{"sample": (C, C), "classwise": (C, C), "p_sample": (C,), "p_class": (C,), "target": y}``.
+    """
+    check_logits_pair(target_logits, target_logits)
+    t = check_positive("weight_temperature", weight_temperature)
+    batch, classes = target_logits.shape
+    if not 0 <= sample < batch:
+        raise ValueError(f"sample must be in [0, {batch - 1}], got {sample}")
+    p = torch.softmax(target_logits.detach().double() / t, dim=1)
+    y = int(targets[sample])
+    p_class = p[targets == y].mean(dim=0)
+    return {"sample": torch.outer(p[sample], p[sample]), "classwise": torch.outer(p_class, p_class),
+            "p_sample": p[sample], "p_class": p_class, "target": y}

@@ -156,6 +156,7 @@ class _DecoupledKL(torch.autograd.Function):
         norm = float(batch) if wmse_norm is None else wmse_norm
         wmse = row.sum() * (0.5 * alpha) / norm
         soft_ce = torch.dot(s_m.reshape(-1), log_s_n.reshape(-1)) * (-beta * temperature**2 / batch)
+        ctx.set_materialize_grads(False)  # an unused term's gradient arrives as None, not zeros
         ctx.save_for_backward(log_s_n, s_m, p_dev, mass)
         ctx.hparams = (temperature, alpha, beta, batch, stop_logits, norm)
         return wmse, soft_ce
@@ -166,15 +167,16 @@ class _DecoupledKL(torch.autograd.Function):
         temperature, alpha, beta, batch, stop_logits, norm = ctx.hparams
         need_logits, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_w = None
-        if need_target or (need_logits and not stop_logits):
+        if grad_wmse is not None and (need_target or (need_logits and not stop_logits)):
             grad_w = p_dev * (grad_wmse * alpha / norm)
             if mass is not None:
                 grad_w = grad_w * mass
         grad_logits = None
         if need_logits:
-            grad_logits = log_s_n.exp().sub_(s_m).mul_(grad_soft_ce * beta * temperature / batch)
-            if not stop_logits:
-                grad_logits = grad_logits.sub_(grad_w)
+            if grad_soft_ce is not None:
+                grad_logits = log_s_n.exp().sub_(s_m).mul_(grad_soft_ce * beta * temperature / batch)
+            if grad_w is not None and not stop_logits:
+                grad_logits = -grad_w if grad_logits is None else grad_logits.sub_(grad_w)
         grad_target = grad_w if need_target else None
         return grad_logits, grad_target, None, None, None, None, None, None
 

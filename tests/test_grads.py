@@ -1,11 +1,11 @@
 """dkl_lib.grads against autograd, and the memory contract (no B×C×C tensor) of the losses."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import dkl_lib as dkl
 from conftest import random_pair
 from dkl_lib import grads
+from dkl_lib.profiling import largest_tensor
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0, 12.0])
@@ -48,31 +48,14 @@ def test_relative_error_detects_a_difference():
 
 
 # ------------------------------------------------------------------- no B×C×C tensor, ever
-class LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an aten op produces (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def _largest(fn, batch=8, classes=256):
     g = torch.Generator().manual_seed(0)
     a = torch.randn(batch, classes, generator=g).requires_grad_()
     b = torch.randn(batch, classes, generator=g).requires_grad_()
     y = torch.randint(0, classes, (batch,), generator=g)
     prior = torch.softmax(torch.randn(classes, classes, generator=g), 1)
-    with LargestTensor() as mode:
-        value = fn(a, b, y, prior)
-        value.backward()
-    return mode.largest, batch, classes
+    rec = largest_tensor(lambda: fn(a, b, y, prior))
+    return rec.largest_numel, batch, classes
 
 
 CALLS = {

@@ -41,19 +41,20 @@ def test_kl_matches_torch_kl_div_value_and_gradient(temperature, dtype):
 @given(batch=st.integers(1, 6), classes=st.integers(2, 1000), temperature=st.floats(0.25, 20.0),
        scale=st.floats(0.1, 20.0), seed=st.integers(0, 2**31 - 1))
 def test_theorem_dkl_gradients_equal_kl_gradients_on_both_inputs(batch, classes, temperature, scale, seed):
-    """Relative error of each side against the largest KL gradient entry over both inputs.
+    """|∇DKL − ∇KL| <= 1e-10 · max|∇KL| + the float64 rounding floor, on each input.
 
-    (Per side, KL's own float64 autograd is off by up to ~5e-10 of a tiny target-side gradient
-    when s_m is saturated; test_dkl_gradients_match_exact_arithmetic shows DKL's is not.)
+    The floor, 64 eps (T + max|o_m − o_n|) / B, is what any float64 computation of these gradients
+    from probabilities carries: when s_m and s_n both saturate, the true gradients shrink to ~1e-9
+    while probabilities near 1 keep an absolute error of ~1e-16, and KL's own autograd then misses
+    the exact gradient by up to 1e-7 relative (test_dkl_gradients_match_exact_arithmetic compares
+    with 50-digit arithmetic instead).
     """
     a, b = random_pair(batch, classes, scale=scale, generator=torch.Generator().manual_seed(seed))
     kl = grads_of(dkl.kl_loss(a, b, temperature=temperature), a, b)
     ours = grads_of(dkl.dkl_loss(a, b, temperature=temperature, alpha=1.0, beta=1.0), a, b)
-    joint = max(kl[0].abs().max().item(), kl[1].abs().max().item())
-    assert relative_error(ours[0], kl[0], joint) < 1e-10
-    assert relative_error(ours[1], kl[1], joint) < 1e-10
-    errors = dkl.grads.check_kl_dkl_equivalence(a, b, temperature=temperature)
-    assert max(errors.values()) < 1e-10
+    floor = 64 * torch.finfo(torch.float64).eps * (temperature + (b - a).abs().max().item()) / batch
+    for mine, ref in zip(ours, kl):
+        assert (mine - ref).abs().max().item() <= 1e-10 * ref.abs().max().item() + floor
 
 
 @pytest.mark.parametrize("seed,scale,temperature", [(0, 3.0, 0.5), (2, 8.0, 0.5), (5, 2.0, 4.0), (9, 30.0, 1.0)])
@@ -119,7 +120,8 @@ def test_frozen_teacher_makes_dkl_wmse_useless():
     a, _ = random_pair(3, 6)
     teacher = torch.randn(3, 6, dtype=torch.float64)  # no grad: a frozen teacher
     wmse_term = dkl.dkl_terms(a, teacher, temperature=4.0)["wmse"]
-    assert not wmse_term.requires_grad or torch.count_nonzero(grads_of(wmse_term, a)[0]) == 0
+    g = grads_of(wmse_term, a)[0] if wmse_term.requires_grad else None
+    assert g is None or torch.count_nonzero(g) == 0
     assert dkl.ikl_terms(a, teacher, temperature=4.0)["wmse"].requires_grad
 
 

@@ -1,0 +1,201 @@
+"""Notebook-facing analysis (grads), figures (plots) and dashboards (widgets), without a browser."""
+import inspect
+
+import pytest
+import torch
+
+import dkl_lib as dkl
+from dkl_lib import grads, plots, widgets
+
+TEACHER = [3.0, 1.0, 0.0, -1.0]
+STUDENT = [0.0, 1.5, 0.5, 0.0]
+
+
+# ------------------------------------------------------------------------------ grads helpers
+def test_student_gradients_match_autograd_and_show_the_asymmetry():
+    df = grads.student_gradients(TEACHER, STUDENT, temperature=2.0, alpha=0.7)
+    assert set(df["loss"]) == {"dkl", "ikl", "gkl"} and len(df) == 3 * 2 * 4
+    o_n = torch.tensor([STUDENT], dtype=torch.float64, requires_grad=True)
+    o_m = torch.tensor([TEACHER], dtype=torch.float64)
+    ref = torch.autograd.grad(dkl.ikl_terms(o_n, o_m, temperature=2.0, alpha=0.7)["wmse"], o_n)[0][0]
+    got = df.query("loss == 'ikl' and term == 'wmse'").sort_values("cls")["grad"].to_numpy()
+    assert torch.allclose(torch.tensor(got), ref, atol=1e-14)
+    assert (df.query("loss == 'dkl' and term == 'wmse'")["grad"] == 0).all()
+
+
+def test_student_gradients_rejects_matrices():
+    with pytest.raises(ValueError, match="1-D"):
+        grads.student_gradients([[1.0, 2.0]], [[0.0, 1.0]])
+
+
+def test_equivalence_table_and_ablation():
+    table = grads.equivalence_table(classes=(2, 50), temperatures=(0.5, 4.0))
+    assert len(table) == 4 and table["max_error"].max() < 1e-12
+    a, b = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    ablation = grads.stop_gradient_ablation(a, b, temperature=2.0).set_index("variant")
+    assert ablation.iloc[0].max() < 1e-12
+    assert (ablation.iloc[1:].max(axis=1) > 1e-2).all()
+
+
+def test_decoupled_by_autograd_is_dkl_loss():
+    a = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    mine = grads.decoupled_by_autograd(a, b, temperature=3.0)
+    ref = dkl.dkl_loss(a, b, temperature=3.0)
+    assert torch.allclose(mine, ref, rtol=1e-12)
+    for x, y in zip(torch.autograd.grad(mine, (a, b)), torch.autograd.grad(ref, (a, b))):
+        assert torch.allclose(x, y, rtol=1e-10, atol=1e-14)
+    no_stop = grads.decoupled_by_autograd(a, b, temperature=3.0, stop_logits_delta=False)
+    assert torch.allclose(no_stop, dkl.ikl_loss(a, b, temperature=3.0), rtol=1e-12)
+
+
+def test_symbolic_check_two_classes():
+    out = grads.symbolic_check(num_classes=2)
+    assert out["difference"] == [0, 0, 0, 0]
+    # the returned KL gradient is a real expression: evaluate it at a point against the analytic one
+    import sympy as sp
+
+    expr = out["grad_logits"][0]
+    point = {sp.Symbol("T", positive=True): 2.0, sp.Symbol("m1", real=True): 1.0,
+             sp.Symbol("m2", real=True): -0.5, sp.Symbol("n1", real=True): 0.3, sp.Symbol("n2", real=True): 0.1}
+    value = float(expr.subs(point))
+    ref = grads.kl_grad_logits(torch.tensor([[0.3, 0.1]], dtype=torch.float64),
+                               torch.tensor([[1.0, -0.5]], dtype=torch.float64), temperature=2.0)[0, 0]
+    assert value == pytest.approx(float(ref), rel=1e-12)
+    with pytest.raises(ValueError, match="num_classes"):
+        grads.symbolic_check(num_classes=7)
+
+
+def test_simplex_field_moves_toward_the_teacher_and_validates():
+    teacher = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    df = grads.simplex_field(teacher, loss="ikl", resolution=8)
+    assert set(df["term"]) == {"wmse", "soft_ce", "total"}
+    txy = grads.simplex_xy(teacher[None])[0]
+    total = df[df["term"] == "total"]
+    dots = (txy[0].item() - total["x"]) * total["dx"] + (txy[1].item() - total["y"]) * total["dy"]
+    assert (dots > 0).mean() > 0.95
+    probs = torch.tensor(total[["p1", "p2", "p3"]].to_numpy())
+    assert torch.allclose(probs.sum(1), torch.ones(len(total), dtype=torch.float64))
+    with pytest.raises(ValueError, match="teacher_probs"):
+        grads.simplex_field([0.5, 0.5])
+    with pytest.raises(ValueError, match="resolution"):
+        grads.simplex_field(teacher, resolution=2)
+
+
+def test_confidence_sweep_kl_equals_soft_ce_and_validates():
+    df = grads.confidence_sweep([0.3, 0.6, 0.95], num_classes=5)
+    kl = df.query("loss == 'kl'")["grad_norm"].to_numpy()
+    ce = df.query("loss == 'ikl' and term == 'soft_ce'")["grad_norm"].to_numpy()
+    assert torch.allclose(torch.tensor(kl), torch.tensor(ce), atol=1e-12)
+    assert (df.query("term == 'wmse'")["grad_norm"] > 0).all()
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        grads.confidence_sweep([0.0, 0.5])
+    with pytest.raises(ValueError, match="5 entries"):
+        grads.confidence_sweep([0.5], num_classes=5, student_logits=[0.0, 1.0])
+
+
+def test_weight_matrices_classwise_is_shared_within_a_class():
+    g = torch.Generator().manual_seed(1)
+    logits, y = torch.randn(12, 4, generator=g), torch.tensor([0, 1, 2] * 4)
+    a = grads.weight_matrices(logits, y, weight_temperature=2.0, sample=0)
+    b = grads.weight_matrices(logits, y, weight_temperature=2.0, sample=3)  # same class 0
+    p = torch.softmax(logits[0].double() / 2.0, 0)
+    assert torch.allclose(a["sample"], torch.outer(p, p))
+    assert torch.allclose(a["classwise"], b["classwise"]) and not torch.allclose(a["sample"], b["sample"])
+    assert torch.allclose(a["p_class"], torch.softmax(logits[y == 0].double() / 2.0, 1).mean(0))
+    with pytest.raises(ValueError, match="sample"):
+        grads.weight_matrices(logits, y, sample=12)
+
+
+def test_wmse_cost_measures_both_methods():
+    df = grads.wmse_cost((8, 32), batch=4, repeats=1)
+    big = df.set_index(["classes", "method"])["largest_tensor_bytes"]
+    assert big[(32, "pairwise")] >= 4 * 32 * 32 * 4 > big[(32, "closed form")]
+    assert (df["seconds"] > 0).all()
+
+
+# ------------------------------------------------------------------------------ plots
+def test_plots_never_call_show():
+    import ast
+
+    calls = [n for n in ast.walk(ast.parse(inspect.getsource(plots)))
+             if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "show"]
+    assert not calls
+
+
+def test_gradient_bars_and_update():
+    df = grads.student_gradients(TEACHER, STUDENT, temperature=2.0)
+    fig = plots.gradient_bars(df)
+    assert [t.name for t in fig.data] == ["DKL · wMSE", "DKL · soft-label CE", "IKL · wMSE",
+                                          "IKL · soft-label CE", "GKL · wMSE", "GKL · soft-label CE"]
+    assert list(fig.data[3].y) == df.query("loss == 'ikl' and term == 'soft_ce'")["grad"].tolist()
+    assert fig.data[2].marker.color == plots.color("ikl")
+    df2 = grads.student_gradients(TEACHER, STUDENT, temperature=5.0)
+    plots.update_gradient_bars(fig, df2)
+    assert list(fig.data[3].y) == df2.query("loss == 'ikl' and term == 'soft_ce'")["grad"].tolist()
+    assert isinstance(plots.gradient_bars(df, widget=True), __import__("plotly").graph_objects.FigureWidget)
+
+
+def test_simplex_quiver_layout_and_update():
+    df = grads.simplex_field([0.2, 0.5, 0.3], loss="ikl", resolution=6)
+    fig = plots.simplex_quiver(df, teacher_xy=(0.5, 0.3))
+    points = (df["term"] == "wmse").sum()
+    assert len(fig.data) == 9 and len(fig.data[1].x) == 3 * points
+    assert fig.data[2].x == (0.5,)
+    df2 = grads.simplex_field([0.7, 0.2, 0.1], loss="ikl", resolution=6)
+    old = list(fig.data[1].x)
+    plots.update_simplex_quiver(fig, df2, teacher_xy=(0.2, 0.1))
+    assert list(fig.data[1].x) != old and fig.data[2].x == (0.2,)
+
+
+def test_other_figures_carry_their_data():
+    mats = grads.weight_matrices(torch.randn(8, 3), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), weight_temperature=1.0)
+    heat = plots.weight_heatmaps(mats)
+    assert torch.allclose(torch.tensor(heat.data[0].z, dtype=torch.float64), mats["sample"])
+    sweep = grads.confidence_sweep([0.3, 0.6], num_classes=4)
+    assert len(plots.confidence_lines(sweep).data) == 5  # kl + (wmse, soft_ce) × (ikl, gkl)
+    table = grads.equivalence_table(classes=(2, 5), temperatures=(1.0,))
+    assert len(plots.equivalence_heatmap(table).data[0].z) == 2
+    cost = grads.wmse_cost((4, 8), batch=2, repeats=1)
+    assert len(plots.cost_lines(cost).data) == 4
+
+
+# ------------------------------------------------------------------------------ widgets
+def test_gradient_dashboard_sliders_drive_the_figure():
+    dash = widgets.gradient_bars_dashboard(TEACHER, STUDENT)
+    ikl_wmse = dash.figure.data[2]
+    assert max(abs(v) for v in ikl_wmse.y) > 1e-2
+    dash.controls["alpha"].value = 0.0  # the observer recomputes the figure
+    assert all(v == 0 for v in dash.figure.data[2].y)
+    dash.controls["teacher_1"].value = 4.0
+    ref = grads.student_gradients([3.0, 4.0, 0.0, -1.0], STUDENT, **{k: dash.values()[k] for k in (
+        "temperature", "alpha", "beta", "weight_temperature", "gamma")})
+    assert list(dash.figure.data[1].y) == ref.query("loss == 'dkl' and term == 'soft_ce'")["grad"].tolist()
+
+
+def test_gradient_dashboard_callback_is_a_plain_function():
+    dash = widgets.gradient_bars_dashboard()
+    values = dict(dash.values(), beta=0.0)
+    widgets.gradient_bars_update(dash.figure, values)
+    assert all(v == 0 for v in dash.figure.data[1].y)  # DKL CE bars vanish with beta = 0
+    with pytest.raises(ValueError, match="same length"):
+        widgets.gradient_bars_dashboard([1.0, 2.0], [0.0])
+
+
+def test_simplex_dashboard_moves_the_teacher():
+    dash = widgets.simplex_dashboard(loss="ikl", resolution=6)
+    dash.controls["teacher_2"].value = 3.0
+    probs = torch.softmax(torch.tensor([1.5, 0.5, 3.0], dtype=torch.float64), 0)
+    xy = grads.simplex_xy(probs[None])[0]
+    assert dash.figure.data[2].x[0] == pytest.approx(xy[0].item())
+    with pytest.raises(ValueError, match="loss"):
+        widgets.simplex_dashboard(loss="dkd")
+
+
+def test_weights_dashboard_temperature_flattens_the_weights():
+    dash = widgets.weights_dashboard()
+    dash.controls["weight_temperature"].value = 10.0
+    z = torch.tensor(dash.figure.data[0].z)
+    assert z.max() - z.min() < 0.6 * (1 / 36)
+    dash.controls["sample"].value = 1
+    assert dash.figure.layout.title.text.endswith("class 1")
