@@ -1,13 +1,18 @@
 """dkl_lib: the helper library of the Decoupled KL (DKL) divergence notebook suite.
 
 Use it as ``import dkl_lib as dkl``. The losses live in :mod:`dkl_lib.losses` and are re-exported
-here; :mod:`dkl_lib.grads` holds the gradient analysis. The other modules (``dkl.plots``,
-``dkl.widgets``, ...) are imported on first use, so ``import dkl_lib`` stays light. Importing the
-package has no side effects (no seeding, no downloads).
+here; :mod:`dkl_lib.grads` holds the gradient analysis; :mod:`dkl_lib.data`, :mod:`dkl_lib.models`,
+:mod:`dkl_lib.prior`, :mod:`dkl_lib.train` and :mod:`dkl_lib.experiments` the training engine. The
+figure and widget modules (``dkl.plots``, ``dkl.widgets``, ``dkl.profiling``) are imported on first
+use, so ``import dkl_lib`` loads neither plotly nor ipywidgets. Importing the package has no side
+effects (no seeding, no downloads).
 """
 import importlib
 
-from . import grads, losses
+from . import data, experiments, grads, losses, models, prior, train
+from .experiments import paper_results, run_grid
+from .prior import ClassPrior
+from .train import StopTraining, distill, select_device, train_teacher
 from .losses import (
     LOSS_TERMS,
     dkd_loss,
@@ -27,7 +32,7 @@ from .losses import (
 
 __version__ = "0.1.0"
 
-_LAZY = ("plots", "widgets", "profiling", "data", "models", "prior", "train", "experiments")
+_LAZY = ("plots", "widgets", "profiling")
 
 
 def __getattr__(name):

@@ -377,7 +377,8 @@ def weight_matrices(target_logits, targets, *, weight_temperature: float = 1.0, 
     """The wMSE weights w = p pᵀ of one sample: sample-wise vs class-wise (GI), for display.
 
     p_sample = softmax(o_m / T_w) of row ``sample``; p_class = the mean of softmax(o_m / T_w) over
-    the rows of the batch with the same target (the batch version of :class:`ClassPrior`).
+    the rows of the batch with the same target: the prior a :class:`~dkl_lib.prior.ClassPrior`
+    holds after one epoch made of this batch.
     Returns ``{"sample": (C, C), "classwise": (C, C), "p_sample": (C,), "p_class": (C,), "target": y}``.
     """
     check_logits_pair(target_logits, target_logits)
@@ -385,8 +386,13 @@ def weight_matrices(target_logits, targets, *, weight_temperature: float = 1.0, 
     batch, classes = target_logits.shape
     if not 0 <= sample < batch:
         raise ValueError(f"sample must be in [0, {batch - 1}], got {sample}")
+    from .prior import ClassPrior
+
     p = torch.softmax(target_logits.detach().double() / t, dim=1)
+    gi = ClassPrior(classes, dtype=torch.float64, keep_history=False)
+    gi.update(target_logits.detach().double(), targets, weight_temperature=t)
+    gi.end_epoch()
     y = int(targets[sample])
-    p_class = p[targets == y].mean(dim=0)
+    p_class = gi.prior[y]
     return {"sample": torch.outer(p[sample], p[sample]), "classwise": torch.outer(p_class, p_class),
             "p_sample": p[sample], "p_class": p_class, "target": y}

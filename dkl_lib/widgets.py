@@ -51,8 +51,13 @@ class Dashboard:
 
 def _slider(description, value, low, high, step=0.1, **kw):
     return W.FloatSlider(value=value, min=low, max=high, step=step, description=description,
-                         continuous_update=False, readout_format=".2f",
-                         style={"description_width": "initial"}, **kw)
+                         continuous_update=False, readout_format=".2f", layout=W.Layout(width="290px"),
+                         style={"description_width": "105px"}, **kw)
+
+
+def _columns(*columns) -> W.HBox:
+    """Columns of controls side by side, wrapping onto the next line when the notebook is narrow."""
+    return W.HBox([W.VBox(list(c)) for c in columns], layout=W.Layout(flex_flow="row wrap"))
 
 
 def _wire(dash: Dashboard) -> Dashboard:
@@ -103,11 +108,9 @@ def gradient_bars_dashboard(teacher_logits: Sequence[float] = (3.0, 1.0, 0.0, -1
     figure = plots.gradient_bars(gradient_bars_data(values), widget=True)
     n = len(teacher_logits)
     names = list(controls)
-    panel = W.HBox([
-        W.VBox([W.HTML("<b>teacher logits</b>")] + [controls[k] for k in names[:n]]),
-        W.VBox([W.HTML("<b>student logits</b>")] + [controls[k] for k in names[n:2 * n]]),
-        W.VBox([W.HTML("<b>hyper-parameters</b>")] + [controls[k] for k in names[2 * n:]]),
-    ])
+    panel = _columns([W.HTML("<b>teacher logits</b>")] + [controls[k] for k in names[:n]],
+                     [W.HTML("<b>student logits</b>")] + [controls[k] for k in names[n:2 * n]],
+                     [W.HTML("<b>hyper-parameters</b>")] + [controls[k] for k in names[2 * n:]])
     return _wire(Dashboard(W.VBox([panel, figure]), figure, controls, gradient_bars_update))
 
 
@@ -149,7 +152,7 @@ def simplex_dashboard(loss: str = "ikl", resolution: int = 10) -> Dashboard:
     def update(fig, vals, loss=loss, resolution=resolution):
         simplex_update(fig, {**vals, "loss": loss, "resolution": resolution})
 
-    panel = W.HBox([W.VBox(list(controls.values())[:3]), W.VBox(list(controls.values())[3:])])
+    panel = _columns(list(controls.values())[:3], list(controls.values())[3:])
     return _wire(Dashboard(W.VBox([panel, figure]), figure, controls, update))
 
 
@@ -177,7 +180,8 @@ def weights_dashboard(target_logits: Optional[torch.Tensor] = None, targets: Opt
         raise ValueError("targets are needed with target_logits (the class of each row)")
     controls = {"weight_temperature": _slider("T_w", 2.0, 0.25, 10, 0.25),
                 "sample": W.IntSlider(value=0, min=0, max=target_logits.shape[0] - 1, description="sample",
-                                      continuous_update=False)}
+                                      continuous_update=False, layout=W.Layout(width="290px"),
+                                      style={"description_width": "105px"})}
     mats = grads.weight_matrices(target_logits, targets, weight_temperature=2.0, sample=0)
     figure = plots.weight_heatmaps(mats, widget=True)
     state = {"target_logits": target_logits, "targets": targets}

@@ -1,0 +1,138 @@
+"""Samples/s of one knowledge-distillation training step per loss (not a test; prints a table).
+
+    python benchmarks/bench_train.py                          # CPU (batch 64) and CUDA when present
+    python benchmarks/bench_train.py --devices cpu --batch 16 --reps 3 --threads 2
+    python benchmarks/bench_train.py --json out.json
+
+CIFAR shapes: a resnet32x4 teacher and a resnet8x4 student (100 classes), random 3x32x32 inputs.
+One step = what dkl_lib.train.distill does per batch: the frozen teacher's forward (no gradient),
+the student's forward, CE + the KD terms of dkl_lib.losses.loss_terms, backward, an SGD step; for
+ikl and gkl also the class-prior update (GI). "ce" is the CE-only step (no teacher at all). On
+CUDA the step runs under bf16 autocast with channels_last, as in training. All losses are timed
+round-robin in one process (one step of each in turn, repeated), so the ratios to the KL step are
+measured side by side; the table reports medians. Target (issue 4): every KD loss within 1.10x of
+the KL step.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from dkl_lib import models  # noqa: E402
+from dkl_lib.losses import loss_terms  # noqa: E402
+from dkl_lib.prior import ClassPrior  # noqa: E402
+
+LOSSES = ("ce", "kl", "dkl", "ikl", "gkl", "dkd")
+HPARAMS = {
+    "kl": {"temperature": 4.0},
+    "dkl": {"temperature": 4.0, "alpha": 1.0, "beta": 1.0},
+    "ikl": {"temperature": 4.0, "alpha": 1.0, "beta": 1.0, "weight_temperature": 4.0},
+    "gkl": {"temperature": 4.0, "alpha": 1.0, "beta": 1.0, "gamma": 0.05, "weight_temperature": 4.0},
+    "dkd": {"temperature": 4.0, "alpha": 1.0, "beta": 8.0},
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Bench:
+    def __init__(self, device, batch, classes=100, seed=0):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        fmt = torch.channels_last if self.cuda else torch.contiguous_format
+        self.teacher = models.build_model("resnet32x4", classes, seed=seed).to(device, memory_format=fmt).eval()
+        self.teacher.requires_grad_(False)
+        self.student = models.build_model("resnet8x4", classes, seed=seed + 1).to(device, memory_format=fmt)
+        self.optimizer = torch.optim.SGD(self.student.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(batch, 3, 32, 32, generator=g).to(device).contiguous(memory_format=fmt)
+        self.y = torch.randint(0, classes, (batch,), generator=g).to(device)
+        self.prior = ClassPrior(classes, device=device)
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
+
+    def step(self, loss):
+        with self.autocast():
+            logits = self.student(self.x)
+            if loss != "ce":
+                with torch.no_grad():
+                    t_logits = self.teacher(self.x)
+        total = F.cross_entropy(logits.float(), self.y)
+        if loss != "ce":
+            extra = {}
+            if loss in ("ikl", "gkl"):
+                extra = {"class_prior": self.prior.prior}
+            terms = loss_terms(loss, logits, t_logits, targets=self.y, **HPARAMS[loss], **extra)
+            total = total + sum(terms.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        if loss in ("ikl", "gkl"):
+            self.prior.update(t_logits, self.y, weight_temperature=4.0)
+
+    def time(self, reps):
+        for loss in LOSSES:  # warm-up (cuDNN autotuning, allocator)
+            self.step(loss)
+        sync(self.device)
+        samples = {loss: [] for loss in LOSSES}
+        for _ in range(reps):
+            for loss in LOSSES:
+                sync(self.device)
+                t0 = time.perf_counter()
+                self.step(loss)
+                sync(self.device)
+                samples[loss].append(time.perf_counter() - t0)
+        return {loss: statistics.median(v) for loss, v in samples.items()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--devices", default=None, help="comma-separated (default: cpu, and cuda when present)")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--reps", type=int, default=None,
+                        help="round-robin repetitions (default 5 CPU, 30 CUDA)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--json", default=None, help="also write the medians to this file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if args.devices:
+        devices = args.devices.split(",")
+    results = {}
+    lines = ["| device | batch | loss | ms / step | samples / s | time / KL step |", "|---|---|---|---|---|---|"]
+    for name in devices:
+        device = torch.device(name)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        reps = args.reps or (30 if device.type == "cuda" else 5)
+        medians = Bench(device, args.batch).time(reps)
+        results[name] = medians
+        label = name if device.type == "cpu" else torch.cuda.get_device_name(device)
+        if device.type == "cpu":
+            label += f" ({torch.get_num_threads()} threads)"
+        for loss in LOSSES:
+            t = medians[loss]
+            lines.append(f"| {label} | {args.batch} | {loss} | {t * 1e3:.1f} | {args.batch / t:.0f} | "
+                         f"{t / medians['kl']:.2f}x |")
+    print(f"torch {torch.__version__}; resnet32x4 -> resnet8x4, CIFAR-100 shapes, medians of round-robin steps")
+    print("\n".join(lines))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"batch": args.batch, "seconds_per_step": results}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,407 @@
+"""Data sets as tensors: the embedded digits default, CIFAR-10/100, and tiny synthetic tensors.
+
+Every data set is a :class:`TensorData`: images as float tensors in [0, 1] of shape (N, C, H, W),
+labels as int64 of shape (N,), plus the per-channel ``mean`` and ``std`` that the training code
+uses to normalise a batch (``data.normalize(x)``) right before the model. The whole data set sits
+in memory on one device; on CUDA that is the GPU, and :func:`augment_crop_flip` runs there too, so
+no DataLoader worker is ever the bottleneck.
+
+* :func:`digits`: scikit-learn's 8x8 digits, shipped inside scikit-learn (no network). The default
+  of the ``cpu-quick`` preset and of notebook 03 on a laptop.
+* :func:`cifar`: CIFAR-10/100 through torchvision, read from ``data/downloads`` (git-ignored);
+  downloaded only when you pass ``download=True``. Used by the ``gpu-short`` and ``paper`` presets.
+* :func:`synthetic`: a few random, learnable tensors for tests.
+
+Batching: :func:`batch_indices` / :func:`batches` shuffle with an explicit ``torch.Generator`` so a
+seed fixes the order; :func:`augment_crop_flip` is the CIFAR augmentation (random crop with zero
+padding, horizontal flip) done with tensor ops on the batch's own device.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "TensorData",
+    "DatasetNotFoundError",
+    "default_data_root",
+    "digits",
+    "cifar",
+    "synthetic",
+    "batch_indices",
+    "batches",
+    "augment_crop_flip",
+    "CIFAR_STATS",
+]
+
+# Per-channel statistics used by the CIFAR teachers released with RepDistiller/mdistiller (their
+# checkpoints expect inputs normalised with exactly these numbers).
+CIFAR_STATS = {
+    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+
+_CIFAR_FOLDERS = {
+    "cifar100": ("cifar-100-python", ("train", "test", "meta"), "CIFAR-100",
+                 "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "161 MB"),
+    "cifar10": ("cifar-10-batches-py", ("data_batch_1", "data_batch_5", "test_batch", "batches.meta"),
+                "CIFAR-10", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "163 MB"),
+}
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A data set is not on disk and downloading was not requested; the message says what to do."""
+
+
+@dataclass
+class TensorData:
+    """A whole classification data set held as tensors on one device.
+
+    Attributes:
+        x_train, x_test: float images in [0, 1], shape (N, C, H, W).
+        y_train, y_test: int64 class labels, shape (N,).
+        num_classes: C_classes (the width of the logits).
+        name: a short name ("digits", "cifar100", "synthetic").
+        mean, std: per-channel statistics; ``normalize`` maps x to (x - mean) / std.
+        augment: ``None`` or a dict of :func:`augment_crop_flip` arguments
+            (``{"padding": 4, "flip": True}`` for CIFAR) that training applies to each batch.
+        info: JSON-able facts that identify the split (seed, sizes, source); part of the config
+            hash of cached runs.
+    """
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    name: str
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+    augment: Optional[dict] = None
+    info: dict = field(default_factory=dict)
+    _stats: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        for split in ("train", "test"):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+                raise TypeError(f"x_{split} and y_{split} must be torch.Tensors")
+            if x.dim() != 4 or not x.is_floating_point():
+                raise ValueError(f"x_{split} must be a float tensor of shape (N, C, H, W), got "
+                                 f"{x.dtype} of shape {tuple(x.shape)}")
+            if y.dtype != torch.int64 or y.shape != (x.shape[0],):
+                raise ValueError(f"y_{split} must be int64 of shape ({x.shape[0]},), got {y.dtype} "
+                                 f"of shape {tuple(y.shape)}")
+        if self.x_train.shape[1:] != self.x_test.shape[1:]:
+            raise ValueError(f"train and test images differ in shape: {tuple(self.x_train.shape[1:])} "
+                             f"and {tuple(self.x_test.shape[1:])}")
+        if int(self.num_classes) < 2:
+            raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
+        channels = self.x_train.shape[1]
+        self.mean, self.std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
+        if len(self.mean) != channels or len(self.std) != channels:
+            raise ValueError(f"mean and std need one value per channel ({channels}), got "
+                             f"{len(self.mean)} and {len(self.std)}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std must be positive, got {self.std}")
+
+    @property
+    def device(self) -> torch.device:
+        return self.x_train.device
+
+    @property
+    def image_shape(self) -> Tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def n_train(self) -> int:
+        return self.x_train.shape[0]
+
+    @property
+    def n_test(self) -> int:
+        return self.x_test.shape[0]
+
+    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "TensorData":
+        """A copy on ``device`` with images of ``dtype`` (labels stay int64); self if unchanged."""
+        device = torch.device(device) if device is not None else self.device
+        dtype = dtype or self.x_train.dtype
+        if device == self.device and dtype == self.x_train.dtype:
+            return self
+        return dataclasses.replace(
+            self,
+            x_train=self.x_train.to(device, dtype), y_train=self.y_train.to(device),
+            x_test=self.x_test.to(device, dtype), y_test=self.y_test.to(device),
+        )
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """(x - mean) / std per channel, for a batch x of shape (B, C, H, W) on any device."""
+        key = (x.device, x.dtype)
+        if key not in self._stats:  # built once per device and dtype (no host copy per batch)
+            self._stats[key] = (torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1),
+                                torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1))
+        mean, std = self._stats[key]
+        return (x - mean) / std
+
+    def describe(self) -> dict:
+        """A JSON-able description (name, sizes, shapes, augmentation, info) for configs and hashes."""
+        return {
+            "name": self.name,
+            "n_train": self.n_train,
+            "n_test": self.n_test,
+            "num_classes": int(self.num_classes),
+            "image_shape": list(self.image_shape),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "augment": self.augment,
+            **{k: v for k, v in self.info.items() if k not in ("name",)},
+        }
+
+
+def _resolve_device(device) -> torch.device:
+    return torch.device(device) if device is not None else torch.device("cpu")
+
+
+def default_data_root() -> Path:
+    """Where downloaded data sets live: ``$DKL_DATA_DIR`` if set, else ``<repository>/data/downloads``.
+
+    The repository path is found from this file, so notebooks (whose working directory is
+    ``notebooks/``) and the command line agree on one folder. ``data/downloads/`` is git-ignored.
+    """
+    env = os.environ.get("DKL_DATA_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path(__file__).resolve().parent.parent / "data" / "downloads"
+
+
+# ------------------------------------------------------------------------------------------ digits
+def digits(*, seed: int = 0, n_train: int = 500, n_test: Optional[int] = None, device=None,
+           dtype: torch.dtype = torch.float32) -> TensorData:
+    """scikit-learn's handwritten digits (1797 images, 1x8x8, 10 classes), scaled to [0, 1].
+
+    The data ships inside scikit-learn, so this works offline. The split is stratified and fixed
+    by ``seed``; the test set is the remaining images (or ``n_test`` of them). The default of 500
+    training images is the regime in which a small CE-only student sits several points below a
+    small CNN teacher (measured for the ``cpu-quick`` preset), so distillation has room to act.
+
+    Args:
+        seed: split seed (the same seed always gives the same split).
+        n_train: training images, 20 <= n_train <= 1797 - 10.
+        n_test: test images (default: all the others).
+        device, dtype: where and in which float type to hold the images.
+
+    Returns:
+        :class:`TensorData` with name "digits", mean/std of the training images.
+
+    Notebook: 03_knowledge_distillation (``cpu-quick`` preset).
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import StratifiedShuffleSplit
+
+    bunch = load_digits()
+    images = torch.as_tensor(bunch.images, dtype=torch.float64) / 16.0  # pixel values 0..16
+    labels = torch.as_tensor(bunch.target, dtype=torch.int64)
+    total = labels.shape[0]
+    n_train = int(n_train)
+    if not 20 <= n_train <= total - 10:
+        raise ValueError(f"n_train must lie in [20, {total - 10}], got {n_train}")
+    rest = total - n_train
+    n_test = rest if n_test is None else int(n_test)
+    if not 10 <= n_test <= rest:
+        raise ValueError(f"n_test must lie in [10, {rest}] for n_train={n_train}, got {n_test}")
+    split = StratifiedShuffleSplit(n_splits=1, train_size=n_train, test_size=n_test,
+                                   random_state=int(seed))
+    train_idx, test_idx = next(split.split(bunch.data, bunch.target))
+    train_idx, test_idx = torch.as_tensor(train_idx), torch.as_tensor(test_idx)
+    x = images.unsqueeze(1)
+    x_train = x[train_idx]
+    mean, std = round(float(x_train.mean()), 4), round(float(x_train.std()), 4)
+    device = _resolve_device(device)
+    return TensorData(
+        x_train=x_train.to(device, dtype), y_train=labels[train_idx].to(device),
+        x_test=x[test_idx].to(device, dtype), y_test=labels[test_idx].to(device),
+        num_classes=10, name="digits", mean=(mean,), std=(std,), augment=None,
+        info={"source": "sklearn.datasets.load_digits", "seed": int(seed)},
+    )
+
+
+# ------------------------------------------------------------------------------------------- CIFAR
+def _cifar_missing_message(name: str, root: Path) -> str:
+    folder, files, pretty, url, size = _CIFAR_FOLDERS[name]
+    return (
+        f"{pretty} was not found under {root}: expected the folder {root / folder} with the files "
+        f"{', '.join(files)} (the extracted archive {url}, {size}). Either download it once with "
+        f"dkl.data.cifar({name!r}, download=True) (command line: python -m dkl_lib.experiments kd "
+        f"--preset gpu-short --download), or extract that archive so that {root / folder} exists "
+        f"(another folder: pass root=... or set DKL_DATA_DIR). Nothing is downloaded unless you "
+        f"ask with download=True."
+    )
+
+
+def cifar(name: str = "cifar100", *, root=None, download: bool = False, device=None) -> TensorData:
+    """CIFAR-100 or CIFAR-10 as tensors (float32 in [0, 1], (N, 3, 32, 32)), via torchvision.
+
+    Reads ``root`` (default :func:`default_data_root`, i.e. ``data/downloads``). Downloads only
+    when ``download=True``; otherwise missing files raise :class:`DatasetNotFoundError` (a
+    ``FileNotFoundError``) whose message gives the exact folder to fill and the flag to pass. On
+    CUDA the tensors are moved to the GPU (about 0.7 GB for the whole set) and training augments
+    them there with :func:`augment_crop_flip` (padding 4, horizontal flip).
+
+    Args:
+        name: "cifar100" or "cifar10".
+        root: folder that holds (or will hold) ``cifar-100-python`` / ``cifar-10-batches-py``.
+        download: fetch the archive from the official site when it is missing.
+        device: where to hold the tensors (default CPU).
+
+    Notebook: 03_knowledge_distillation (``gpu-short`` and ``paper`` presets).
+    """
+    if name not in _CIFAR_FOLDERS:
+        raise ValueError(f"unknown CIFAR data set {name!r}; choose 'cifar100' or 'cifar10'")
+    if not isinstance(download, bool):
+        raise TypeError(f"download must be True or False, got {download!r}")
+    root = Path(root).expanduser() if root is not None else default_data_root()
+    folder, files, *_ = _CIFAR_FOLDERS[name]
+    present = all((root / folder / f).is_file() for f in files)
+    if not present and not download:
+        raise DatasetNotFoundError(_cifar_missing_message(name, root))
+    import torchvision  # lazy: only the CIFAR path needs it
+
+    cls = torchvision.datasets.CIFAR100 if name == "cifar100" else torchvision.datasets.CIFAR10
+    if download:
+        root.mkdir(parents=True, exist_ok=True)
+    try:
+        train = cls(str(root), train=True, download=download)
+        test = cls(str(root), train=False, download=download)
+    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
+        raise DatasetNotFoundError(_cifar_missing_message(name, root) + f" (torchvision: {err})") from err
+
+    def as_tensors(ds):
+        x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # uint8 (N, 3, 32, 32)
+        return x.to(torch.float32).div_(255.0), torch.as_tensor(ds.targets, dtype=torch.int64)
+
+    x_train, y_train = as_tensors(train)
+    x_test, y_test = as_tensors(test)
+    mean, std = CIFAR_STATS[name]
+    device = _resolve_device(device)
+    return TensorData(
+        x_train=x_train.to(device), y_train=y_train.to(device), x_test=x_test.to(device),
+        y_test=y_test.to(device), num_classes=100 if name == "cifar100" else 10, name=name,
+        mean=mean, std=std, augment={"padding": 4, "flip": True},
+        info={"source": f"torchvision.datasets.{cls.__name__}"},
+    )
+
+
+# --------------------------------------------------------------------------------------- synthetic
+def synthetic(*, n_train: int = 64, n_test: int = 32, num_classes: int = 4,
+              image_shape: Sequence[int] = (1, 8, 8), noise: float = 0.3, seed: int = 0,
+              augment: Optional[dict] = None, device=None,
+              dtype: torch.dtype = torch.float32) -> TensorData:
+    """Tiny random but learnable images for tests: one random prototype per class plus noise.
+
+    x = clamp(prototype[y] + noise * N(0, 1), 0, 1), labels cycling through the classes (so every
+    class is present), then shuffled; everything fixed by ``seed``.
+
+    Returns:
+        :class:`TensorData` named "synthetic", mean 0.5 and std 0.25 per channel.
+    """
+    if n_train < 1 or n_test < 1:
+        raise ValueError(f"n_train and n_test must be >= 1, got {n_train} and {n_test}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    shape = tuple(int(s) for s in image_shape)
+    if len(shape) != 3:
+        raise ValueError(f"image_shape must be (C, H, W), got {image_shape}")
+    g = torch.Generator().manual_seed(int(seed))
+    prototypes = torch.rand((num_classes, *shape), generator=g)
+
+    def make(n):
+        y = torch.arange(n) % num_classes
+        y = y[torch.randperm(n, generator=g)]
+        x = (prototypes[y] + noise * torch.randn((n, *shape), generator=g)).clamp_(0.0, 1.0)
+        return x, y
+
+    x_train, y_train = make(n_train)
+    x_test, y_test = make(n_test)
+    device = _resolve_device(device)
+    channels = shape[0]
+    return TensorData(
+        x_train=x_train.to(device, dtype), y_train=y_train.to(device),
+        x_test=x_test.to(device, dtype), y_test=y_test.to(device), num_classes=num_classes,
+        name="synthetic", mean=(0.5,) * channels, std=(0.25,) * channels, augment=augment,
+        info={"seed": int(seed), "noise": float(noise)},
+    )
+
+
+# ---------------------------------------------------------------------------------------- batching
+def batch_indices(n: int, *, batch_size: int, shuffle: bool = False,
+                  generator: Optional[torch.Generator] = None, drop_last: bool = False,
+                  device=None) -> Iterator[torch.Tensor]:
+    """Index tensors (int64, on ``device``) that cover range(n) in batches of ``batch_size``.
+
+    With ``shuffle`` the order is a permutation drawn from ``generator`` (a CPU generator, so the
+    same seed gives the same order on every device). ``drop_last`` drops a final short batch.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    if device is not None:
+        order = order.to(device)
+    stop = (n // batch_size) * batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        yield order[start:start + batch_size]
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, *, batch_size: int, shuffle: bool = False,
+            generator: Optional[torch.Generator] = None,
+            drop_last: bool = False) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """(x_batch, y_batch) pairs over two tensors with the same first dimension (see
+    :func:`batch_indices`); batches stay on the tensors' device."""
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y differ in length: {x.shape[0]} and {y.shape[0]}")
+    for idx in batch_indices(x.shape[0], batch_size=batch_size, shuffle=shuffle,
+                             generator=generator, drop_last=drop_last, device=x.device):
+        yield x[idx], y[idx]
+
+
+def augment_crop_flip(x: torch.Tensor, *, padding: int = 4, flip: bool = True,
+                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Random crop after zero padding plus random horizontal flip, on x's device, batched.
+
+    Each image of the batch x (B, C, H, W) is padded with ``padding`` zeros on every side, cut
+    back to H x W at a random offset in [0, 2 * padding]², and mirrored left-right with
+    probability 1/2 when ``flip``. The random draws come from ``generator`` (CPU) and are moved to
+    x's device, so a seed gives the same augmentation on CPU and GPU. The output has x's shape,
+    dtype and device, and its values are pixels of x or 0 (so [0, 1] stays [0, 1]).
+    """
+    if x.dim() != 4:
+        raise ValueError(f"x must have shape (B, C, H, W), got {tuple(x.shape)}")
+    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+        raise ValueError(f"padding must be a non-negative integer, got {padding!r}")
+    batch, _, height, width = x.shape
+    if batch == 0 or (padding == 0 and not flip):
+        return x
+    offsets = torch.randint(0, 2 * padding + 1, (2, batch), generator=generator)
+    mirror = (torch.rand(batch, generator=generator) < 0.5) if flip else torch.zeros(batch, dtype=torch.bool)
+    offsets, mirror = offsets.to(x.device), mirror.to(x.device)
+    padded = F.pad(x, (padding, padding, padding, padding)) if padding else x
+    rows = offsets[0, :, None] + torch.arange(height, device=x.device)  # (B, H)
+    cols = torch.arange(width, device=x.device).expand(batch, width)
+    cols = torch.where(mirror[:, None], cols.flip(1), cols) + offsets[1, :, None]  # (B, W)
+    b = torch.arange(batch, device=x.device)[:, None, None]
+    # advanced indexing on dims 0, 2, 3 puts the broadcast (B, H, W) first: result (B, H, W, C)
+    out = padded.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2).contiguous(memory_format=_memory_format(x))
+
+
+def _memory_format(x: torch.Tensor):
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format

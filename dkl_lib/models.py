@@ -1,0 +1,451 @@
+"""Models: small nets for the embedded digits data and the CIFAR ResNet family of KD papers.
+
+* :class:`MLP` and :class:`SmallCNN`: sizes are parameters, so a teacher and a student of the same
+  family differ only in width (the ``cpu-quick`` preset of notebook 03).
+* :class:`CifarResNet` (``resnet8`` … ``resnet110``, ``resnet8x4``, ``resnet32x4``) and
+  :class:`WideResNet` (``wrn_16_1``, ``wrn_16_2``, ``wrn_40_1``, ``wrn_40_2``): the CIFAR models of
+  the CRD benchmark (RepDistiller) and of mdistiller, written here from their published
+  architecture. Parameter and buffer names and shapes are those of those repositories
+  (``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer2.0.downsample.0``/``.1``, ``fc``;
+  ``block1.layer.0.bn1``, ``block1.layer.0.convShortcut``, ``bn1``, ``fc``), so their released
+  CIFAR-100 teacher checkpoints load with ``load_state_dict(strict=True)``; see
+  :func:`load_teacher_checkpoint`. Every model returns logits of shape (B, num_classes) only.
+
+:func:`build_model` builds any of them by name, optionally with a fixed initialisation seed that
+does not touch the global random state.
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Callable, Dict, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+__all__ = [
+    "MLP",
+    "SmallCNN",
+    "CifarResNet",
+    "WideResNet",
+    "resnet8",
+    "resnet14",
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+    "resnet110",
+    "resnet8x4",
+    "resnet32x4",
+    "wrn_16_1",
+    "wrn_16_2",
+    "wrn_40_1",
+    "wrn_40_2",
+    "MODELS",
+    "build_model",
+    "count_parameters",
+    "load_teacher_checkpoint",
+    "CheckpointMismatchError",
+]
+
+
+def _check_int(name: str, value, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+# ------------------------------------------------------------------------------ small digits models
+class MLP(nn.Module):
+    """Flatten, then Linear-ReLU layers of the given ``hidden`` widths, then a Linear classifier.
+
+    Args:
+        in_shape: (C, H, W) of one input image (digits: (1, 8, 8)).
+        hidden: widths of the hidden layers, e.g. (32,) or (256, 256); () for a linear model.
+        num_classes: width of the logits.
+    """
+
+    def __init__(self, *, in_shape: Sequence[int] = (1, 8, 8), hidden: Sequence[int] = (32,),
+                 num_classes: int = 10):
+        super().__init__()
+        _check_int("num_classes", num_classes, 2)
+        features = 1
+        for s in in_shape:
+            features *= _check_int("in_shape entries", int(s))
+        layers = []
+        for width in hidden:
+            layers += [nn.Linear(features, _check_int("hidden width", int(width))), nn.ReLU(inplace=True)]
+            features = int(width)
+        self.body = nn.Sequential(nn.Flatten(), *layers)
+        self.fc = nn.Linear(features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x))
+
+
+class SmallCNN(nn.Module):
+    """conv(w)-BN-ReLU, conv(2w)-BN-ReLU, max-pool 2, conv(2w)-BN-ReLU, global average pool, Linear.
+
+    For 8x8 digits (``in_channels=1``); works on any image size >= 2. ``width`` = w sets the size:
+    the ``cpu-quick`` teacher uses a wide one, and a narrow one is a student.
+    """
+
+    def __init__(self, *, in_channels: int = 1, width: int = 16, num_classes: int = 10):
+        super().__init__()
+        _check_int("in_channels", in_channels)
+        _check_int("width", width)
+        _check_int("num_classes", num_classes, 2)
+
+        def unit(cin, cout):
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+        self.features = nn.Sequential(
+            *unit(in_channels, width), *unit(width, 2 * width), nn.MaxPool2d(2),
+            *unit(2 * width, 2 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+# ---------------------------------------------------------------------------- CIFAR ResNet (CRD)
+def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+class _ResNetBlock(nn.Module):
+    """Post-activation basic block: relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)).
+
+    The shortcut is the identity, or ``downsample`` = Sequential(1x1 conv with stride, BN) when the
+    stride or the width changes (names ``downsample.0`` and ``downsample.1`` as in the reference).
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = _conv3x3(cin, cout, stride)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = _conv3x3(cout, cout)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.bn2(self.conv2(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + shortcut, inplace=True)
+
+
+class CifarResNet(nn.Module):
+    """The CIFAR ResNet of the CRD benchmark: depth = 6n + 2, three stages of n basic blocks.
+
+    conv1 (3x3, widths[0]) - bn1 - relu - layer1 (widths[1], stride 1) - layer2 (widths[2],
+    stride 2) - layer3 (widths[3], stride 2) - global average pool - fc. ``widths`` =
+    (16, 16, 32, 64) for resnet20/56/110, (32, 64, 128, 256) for the "x4" models.
+
+    Input (B, 3, H, W) normalised images (32x32 for CIFAR); output logits (B, num_classes).
+    """
+
+    def __init__(self, *, depth: int, widths: Sequence[int] = (16, 16, 32, 64), num_classes: int = 100,
+                 in_channels: int = 3):
+        super().__init__()
+        _check_int("depth", depth, 8)
+        if (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n + 2 (8, 14, 20, 32, 44, 56, 110), got {depth}")
+        if len(widths) != 4:
+            raise ValueError(f"widths must hold 4 numbers (stem and three stages), got {widths}")
+        _check_int("num_classes", num_classes, 2)
+        blocks = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, widths[0], kernel_size=3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        cin = widths[0]
+        for stage, (cout, stride) in enumerate(zip(widths[1:], (1, 2, 2)), start=1):
+            layers = []
+            for i in range(blocks):
+                layers.append(_ResNetBlock(cin, cout, stride if i == 0 else 1))
+                cin = cout
+            setattr(self, f"layer{stage}", nn.Sequential(*layers))
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+# ---------------------------------------------------------------------------- Wide ResNet (CRD)
+class _WideBlock(nn.Module):
+    """Pre-activation block: o = relu(bn1(x)); out = conv2(relu(bn2(conv1(o)))) + shortcut.
+
+    The shortcut is x when the width is unchanged, else ``convShortcut`` (1x1 conv with stride)
+    applied to o; the attribute keeps the reference's camel-case name so checkpoints load.
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = _conv3x3(cin, cout, stride)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = _conv3x3(cout, cout)
+        self.convShortcut = None  # noqa: N815 (name fixed by the released checkpoints)
+        if cin != cout:
+            self.convShortcut = nn.Conv2d(cin, cout, kernel_size=1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = F.relu(self.bn1(x))
+        out = self.conv2(F.relu(self.bn2(self.conv1(o)), inplace=True))
+        return out + (x if self.convShortcut is None else self.convShortcut(o))
+
+
+class _WideStage(nn.Module):
+    """One stage of n blocks, held as ``self.layer`` (so keys read ``block1.layer.0...``)."""
+
+    def __init__(self, blocks: int, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.layer = nn.Sequential(*[_WideBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1)
+                                     for i in range(blocks)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+class WideResNet(nn.Module):
+    """The CIFAR Wide ResNet WRN-depth-k of the CRD benchmark: depth = 6n + 4.
+
+    conv1 (3x3, 16) - block1 (16k, stride 1) - block2 (32k, stride 2) - block3 (64k, stride 2)
+    - bn1 - relu - global average pool - fc. Input (B, 3, H, W); output logits (B, num_classes).
+    """
+
+    def __init__(self, *, depth: int, widen_factor: int = 1, num_classes: int = 100, in_channels: int = 3):
+        super().__init__()
+        _check_int("depth", depth, 10)
+        if (depth - 4) % 6:
+            raise ValueError(f"Wide ResNet depth must be 6n + 4 (10, 16, 22, 28, 40), got {depth}")
+        _check_int("widen_factor", widen_factor)
+        _check_int("num_classes", num_classes, 2)
+        blocks = (depth - 4) // 6
+        widths = (16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
+        self.conv1 = nn.Conv2d(in_channels, widths[0], kernel_size=3, padding=1, bias=False)
+        self.block1 = _WideStage(blocks, widths[0], widths[1], 1)
+        self.block2 = _WideStage(blocks, widths[1], widths[2], 2)
+        self.block3 = _WideStage(blocks, widths[2], widths[3], 2)
+        self.bn1 = nn.BatchNorm2d(widths[3])
+        self.fc = nn.Linear(widths[3], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block3(self.block2(self.block1(self.conv1(x))))
+        x = F.relu(self.bn1(x), inplace=True)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+# ------------------------------------------------------------------------------------ constructors
+_THIN = (16, 16, 32, 64)
+_WIDE4 = (32, 64, 128, 256)
+
+
+def resnet8(num_classes: int = 100) -> CifarResNet:
+    return CifarResNet(depth=8, widths=_THIN, num_classes=num_classes)
+
+
+def resnet14(num_classes: int = 100) -> CifarResNet:
+    return CifarResNet(depth=14, widths=_THIN, num_classes=num_classes)
+
+
+def resnet20(num_classes: int = 100) -> CifarResNet:
+    """ResNet-20 for CIFAR (0.28 M parameters at 100 classes)."""
+    return CifarResNet(depth=20, widths=_THIN, num_classes=num_classes)
+
+
+def resnet32(num_classes: int = 100) -> CifarResNet:
+    return CifarResNet(depth=32, widths=_THIN, num_classes=num_classes)
+
+
+def resnet44(num_classes: int = 100) -> CifarResNet:
+    return CifarResNet(depth=44, widths=_THIN, num_classes=num_classes)
+
+
+def resnet56(num_classes: int = 100) -> CifarResNet:
+    """ResNet-56 for CIFAR (0.86 M parameters at 100 classes); a CRD teacher."""
+    return CifarResNet(depth=56, widths=_THIN, num_classes=num_classes)
+
+
+def resnet110(num_classes: int = 100) -> CifarResNet:
+    """ResNet-110 for CIFAR (1.73 M parameters at 100 classes); a CRD teacher."""
+    return CifarResNet(depth=110, widths=_THIN, num_classes=num_classes)
+
+
+def resnet8x4(num_classes: int = 100) -> CifarResNet:
+    """ResNet-8x4 (4x wider ResNet-8, 1.23 M parameters at 100 classes); the CRD student."""
+    return CifarResNet(depth=8, widths=_WIDE4, num_classes=num_classes)
+
+
+def resnet32x4(num_classes: int = 100) -> CifarResNet:
+    """ResNet-32x4 (7.43 M parameters at 100 classes); the CRD teacher of resnet8x4."""
+    return CifarResNet(depth=32, widths=_WIDE4, num_classes=num_classes)
+
+
+def wrn_16_1(num_classes: int = 100) -> WideResNet:
+    return WideResNet(depth=16, widen_factor=1, num_classes=num_classes)
+
+
+def wrn_16_2(num_classes: int = 100) -> WideResNet:
+    """WRN-16-2 (0.70 M parameters at 100 classes); a CRD student."""
+    return WideResNet(depth=16, widen_factor=2, num_classes=num_classes)
+
+
+def wrn_40_1(num_classes: int = 100) -> WideResNet:
+    return WideResNet(depth=40, widen_factor=1, num_classes=num_classes)
+
+
+def wrn_40_2(num_classes: int = 100) -> WideResNet:
+    """WRN-40-2 (2.26 M parameters at 100 classes); a CRD teacher."""
+    return WideResNet(depth=40, widen_factor=2, num_classes=num_classes)
+
+
+def _mlp(num_classes: int = 10, **kw) -> MLP:
+    return MLP(num_classes=num_classes, **kw)
+
+
+def _small_cnn(num_classes: int = 10, **kw) -> SmallCNN:
+    return SmallCNN(num_classes=num_classes, **kw)
+
+
+MODELS: Dict[str, Callable[..., nn.Module]] = {
+    "mlp": _mlp,
+    "small_cnn": _small_cnn,
+    "resnet8": resnet8,
+    "resnet14": resnet14,
+    "resnet20": resnet20,
+    "resnet32": resnet32,
+    "resnet44": resnet44,
+    "resnet56": resnet56,
+    "resnet110": resnet110,
+    "resnet8x4": resnet8x4,
+    "resnet32x4": resnet32x4,
+    "wrn_16_1": wrn_16_1,
+    "wrn_16_2": wrn_16_2,
+    "wrn_40_1": wrn_40_1,
+    "wrn_40_2": wrn_40_2,
+}
+
+
+def build_model(name: str, num_classes: int, *, seed: Optional[int] = None, **kw) -> nn.Module:
+    """Build the model ``name`` (a key of :data:`MODELS`) with ``num_classes`` outputs.
+
+    ``kw`` goes to the constructor (``hidden=(64,)`` for "mlp", ``width=8`` for "small_cnn"; the
+    CIFAR models take none). With ``seed`` the initial weights are drawn under that seed inside
+    ``torch.random.fork_rng``, so the same seed gives the same model and the global random state is
+    left untouched.
+    """
+    if not isinstance(name, str) or name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    _check_int("num_classes", num_classes, 2)
+    if name not in ("mlp", "small_cnn") and kw:
+        raise TypeError(f"model {name!r} takes no extra arguments, got {sorted(kw)}")
+    if seed is None:
+        return MODELS[name](num_classes=num_classes, **kw)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return MODELS[name](num_classes=num_classes, **kw)
+
+
+def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
+    """Number of parameter entries (buffers such as BN running statistics not counted)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's keys or shapes do not match the model; the message lists the differences."""
+
+
+_STATE_KEYS = ("model", "state_dict", "model_state_dict", "net")
+
+
+def _extract_state_dict(obj) -> Mapping[str, torch.Tensor]:
+    if isinstance(obj, Mapping):
+        for key in _STATE_KEYS:
+            if key in obj and isinstance(obj[key], Mapping):
+                return _extract_state_dict(obj[key])
+        if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+            return obj
+    raise CheckpointMismatchError(
+        "checkpoint holds neither a state_dict nor a dict with one under 'model' (RepDistiller / "
+        f"mdistiller layout) or {list(_STATE_KEYS[1:])}; top-level keys: "
+        f"{sorted(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__}")
+
+
+def _strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> Mapping[str, torch.Tensor]:
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def load_teacher_checkpoint(checkpoint, model: nn.Module, *, map_location="cpu",
+                            trusted: bool = False) -> nn.Module:
+    """Load a teacher's weights into ``model`` with strict key and shape checking; returns ``model``.
+
+    ``checkpoint`` is a path, or an already loaded object. Accepted layouts: a dict with the
+    state_dict under "model" (how RepDistiller and mdistiller release their CIFAR-100 teachers,
+    e.g. ``resnet32x4_vanilla/ckpt_epoch_240.pth``), under "state_dict", "model_state_dict" or
+    "net", or a bare state_dict; a "module." prefix (DataParallel) is removed.
+
+    Files are read with ``torch.load(weights_only=True)``; a checkpoint that pickles other objects
+    is refused unless ``trusted=True`` (only for files whose origin you trust).
+
+    Raises:
+        CheckpointMismatchError: missing or unexpected keys, or shapes that differ; the message
+            lists them (first few of each).
+        FileNotFoundError: no file at the path.
+    """
+    if isinstance(checkpoint, (str, Path)):
+        path = Path(checkpoint).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint file at {path}")
+        try:
+            obj = torch.load(path, map_location=map_location, weights_only=not trusted)
+        except pickle.UnpicklingError as err:
+            raise CheckpointMismatchError(
+                f"{path} holds objects that weights_only loading refuses ({err}); if you trust "
+                "the file, pass trusted=True") from err
+    else:
+        obj = checkpoint
+    state = _strip_prefix(dict(_extract_state_dict(obj)), "module.")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]  # in the model's order: the first layer first
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    # BatchNorm checkpoints from before PyTorch 0.4.1 have no num_batches_tracked; that is harmless
+    missing_real = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing_real or unexpected or shapes:
+        parts = []
+        for label, items in (("missing in checkpoint", missing_real), ("unexpected in checkpoint", unexpected),
+                             ("shape mismatch", shapes)):
+            if items:
+                more = f" (+{len(items) - 8} more)" if len(items) > 8 else ""
+                parts.append(f"{label} ({len(items)}): {', '.join(items[:8])}{more}")
+        raise CheckpointMismatchError(
+            f"checkpoint does not match {type(model).__name__}: " + "; ".join(parts))
+    for k in missing:  # only num_batches_tracked here
+        state[k] = own[k]
+    model.load_state_dict(state, strict=True)
+    return model

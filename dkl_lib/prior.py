@@ -1,0 +1,168 @@
+"""Class-wise global information (GI) for IKL and GKL: the per-class mean target distribution.
+
+IKL's second change (DKL paper, Sec. 3.2, "class-wise global information") replaces the sample-wise
+weights w = s_m s_mᵀ of the wMSE term with class-wise ones: w = p pᵀ, p = ``class_prior[y]``, where
+row y of the (C, C) prior is the mean of softmax(o_m / T_w) over the training samples of class y.
+:class:`ClassPrior` keeps that prior the way DESIGN §4 specifies:
+
+* during an epoch, :meth:`ClassPrior.update` adds softmax(o_m / T_w) of every sample to the row of
+  its true class (no gradient);
+* :meth:`ClassPrior.end_epoch` normalises each row that received samples to sum 1 and makes it the
+  prior of the NEXT epoch; a class that received none keeps its previous row;
+* before the first epoch every row is uniform (1/C);
+* under ``torch.distributed`` (when initialised) the sums and counts are all-reduced before the
+  normalisation, so every rank holds the same prior.
+
+``prior.prior`` is the (C, C) tensor to pass as ``class_prior`` to
+:func:`dkl_lib.losses.ikl_loss` / :func:`~dkl_lib.losses.gkl_loss` together with ``targets=y``;
+``prior.history`` keeps one snapshot per epoch for the heatmap of notebook 03.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from ._checks import check_positive, check_targets
+
+__all__ = ["ClassPrior"]
+
+
+class ClassPrior:
+    """Running class-wise mean of the target distribution, switched once per epoch.
+
+    Args:
+        num_classes: C >= 2.
+        device: where the prior and the accumulators live (default CPU). :meth:`update` moves them
+            to the device of its inputs when they differ, so this rarely needs setting.
+        dtype: dtype of :attr:`prior` (float32 by default); sums are accumulated in float64.
+        keep_history: keep a CPU snapshot of the prior of every epoch in :attr:`history`.
+
+    Attributes:
+        prior: (C, C) tensor in use this epoch; row y sums to 1.
+        history: list of (C, C) CPU tensors; ``history[e]`` is the prior used during epoch e
+            (0-based), ``history[0]`` the uniform start, the last entry the prior of the next epoch.
+        epochs: number of completed :meth:`end_epoch` calls.
+
+    Example::
+
+        gi = ClassPrior(100, device=device)
+        for epoch in range(epochs):
+            for x, y in loader:
+                t = teacher(x)
+                gi.update(t, y, weight_temperature=4.0)
+                loss = dkl.ikl_loss(student(x), t, targets=y, class_prior=gi.prior, temperature=4.0)
+                ...
+            gi.end_epoch()
+    """
+
+    def __init__(self, num_classes: int, *, device=None, dtype: torch.dtype = torch.float32,
+                 keep_history: bool = True):
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        if not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+        self.num_classes = num_classes
+        self.dtype = dtype
+        self.keep_history = keep_history
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        self.prior = torch.full((num_classes, num_classes), 1.0 / num_classes, dtype=dtype, device=device)
+        self._sums = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
+        self._counts = torch.zeros(num_classes, dtype=torch.float64, device=device)
+        self.epochs = 0
+        self.history: List[torch.Tensor] = [self.prior.detach().cpu().clone()] if keep_history else []
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.prior.device
+
+    def to(self, device) -> "ClassPrior":
+        """Move the prior and the accumulators to ``device`` (in place); returns self."""
+        device = torch.device(device)
+        self.prior = self.prior.to(device)
+        self._sums = self._sums.to(device)
+        self._counts = self._counts.to(device)
+        return self
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """Samples accumulated per class in the current epoch (float64, shape (C,))."""
+        return self._counts
+
+    @torch.no_grad()
+    def update(self, target_logits: torch.Tensor, targets: torch.Tensor, *,
+               weight_temperature: float = 1.0) -> None:
+        """Add softmax(target_logits / T_w) of each sample to the row of its true class.
+
+        Args:
+            target_logits: o_m, shape (B, C) (the teacher's logits in KD); never differentiated.
+            targets: (B,) integer true classes.
+            weight_temperature: T_w > 0.
+        """
+        if not isinstance(target_logits, torch.Tensor) or target_logits.dim() != 2:
+            raise ValueError("target_logits must be a tensor of shape (B, C)")
+        if target_logits.shape[1] != self.num_classes:
+            raise ValueError(f"target_logits has {target_logits.shape[1]} classes, the prior "
+                             f"{self.num_classes}")
+        if not target_logits.is_floating_point():
+            raise TypeError(f"target_logits must be a float tensor, got {target_logits.dtype}")
+        t_w = check_positive("weight_temperature", weight_temperature)
+        if target_logits.device != self.device:
+            self.to(target_logits.device)
+        targets = check_targets(targets, target_logits.shape[0], self.num_classes, target_logits.device)
+        probs = torch.softmax(target_logits.detach().to(torch.float64) / t_w, dim=1)
+        if not bool(torch.isfinite(probs).all()):
+            raise ValueError("target_logits contain non-finite values (nan or inf)")
+        self._sums.index_add_(0, targets, probs)
+        self._counts += torch.bincount(targets, minlength=self.num_classes).to(torch.float64)
+
+    @torch.no_grad()
+    def end_epoch(self) -> torch.Tensor:
+        """Close the epoch: the normalised sums become the prior of the next epoch; returns it.
+
+        Rows of classes that received samples are normalised to sum 1; the other rows keep their
+        previous values. Under an initialised ``torch.distributed`` process group the sums and
+        counts of all ranks are added first (one all-reduce), so every rank gets the same prior.
+        The accumulators are then cleared.
+        """
+        sums, counts = self._sums, self._counts
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            packed = torch.cat([sums, counts[:, None]], dim=1)
+            torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.SUM)
+            sums, counts = packed[:, :-1], packed[:, -1]
+        seen = counts > 0
+        totals = sums.sum(dim=1, keepdim=True)
+        new = torch.where(seen[:, None], sums / totals.clamp_min(torch.finfo(torch.float64).tiny),
+                          self.prior.to(torch.float64))
+        self.prior = new.to(self.dtype)
+        self._sums.zero_()
+        self._counts.zero_()
+        self.epochs += 1
+        if self.keep_history:
+            self.history.append(self.prior.detach().cpu().clone())
+        return self.prior
+
+    def history_tensor(self) -> torch.Tensor:
+        """The snapshots stacked as (E + 1, C, C): the prior used in each epoch, then the next one."""
+        if not self.history:
+            raise ValueError("this ClassPrior keeps no history (keep_history=False)")
+        return torch.stack(self.history)
+
+    def state_dict(self) -> dict:
+        """The prior, the open epoch's accumulators and the epoch count (for checkpoints)."""
+        return {"prior": self.prior.detach().cpu().clone(), "sums": self._sums.cpu().clone(),
+                "counts": self._counts.cpu().clone(), "epochs": self.epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        shape = (self.num_classes, self.num_classes)
+        if tuple(state["prior"].shape) != shape:
+            raise ValueError(f"state holds a prior of shape {tuple(state['prior'].shape)}, expected {shape}")
+        self.prior = state["prior"].to(self.device, self.dtype).clone()
+        self._sums = state["sums"].to(self.device, torch.float64).clone()
+        self._counts = state["counts"].to(self.device, torch.float64).clone()
+        self.epochs = int(state["epochs"])
+
+    def __repr__(self) -> str:
+        return (f"ClassPrior(num_classes={self.num_classes}, epochs={self.epochs}, "
+                f"device={self.device}, accumulated={int(self._counts.sum())})")

@@ -1,0 +1,531 @@
+"""Training: a CE teacher, and knowledge distillation with any loss of :mod:`dkl_lib.losses`.
+
+:func:`distill` trains a student with
+
+    loss = ce_weight · CE(student(x), y) + factor(epoch) · kd_weight · Σ terms
+
+where ``terms = dkl_lib.losses.loss_terms(loss, student_logits, teacher_logits, ...)`` (``kl``;
+``wmse`` + ``soft_ce`` for dkl/ikl/gkl; ``tckd`` + ``nckd`` for dkd; nothing for ``ce``) and
+factor rises linearly from 1/warmup_epochs to 1 over the first ``warmup_epochs`` epochs (the DKD /
+mdistiller warm-up). The teacher is frozen: eval mode, no gradient (its mode and
+``requires_grad`` flags are restored afterwards). For ikl/gkl with ``gi=True`` a
+:class:`~dkl_lib.prior.ClassPrior` collects softmax(teacher / T_w) per class during each epoch and
+is used from the next one (DESIGN §4).
+
+Both :func:`train_teacher` and :func:`distill` use SGD with momentum and a multi-step learning-rate
+decay, shuffle with a ``torch.Generator`` fixed by ``seed`` (same seed, same result on the CPU),
+run bf16 autocast and channels_last on CUDA, show ``tqdm.auto`` progress bars (``progress=False``
+hides them), and return a :class:`TrainResult`: a per-epoch history of every named loss term
+(averaged over the epoch), train and test accuracy (percent), learning rate and seconds, with the
+best and last epoch. A ``callback(history)`` runs after every epoch (live plots in notebook 03); it
+stops training by returning ``False`` or raising :class:`StopTraining`. Ctrl-C (KeyboardInterrupt)
+stops too, and the finished epochs are returned instead of lost.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import TensorData, augment_crop_flip, batch_indices
+from .losses import loss_terms
+from .prior import ClassPrior
+
+__all__ = [
+    "LOSSES",
+    "select_device",
+    "StopTraining",
+    "TrainResult",
+    "evaluate",
+    "predict_logits",
+    "train_teacher",
+    "distill",
+]
+
+#: Loss names accepted by :func:`distill`; "ce" means no KD term (the CE-only baseline).
+LOSSES = ("ce", "kl", "dkl", "ikl", "gkl", "dkd")
+_DEFAULT_ALPHA_BETA = {"dkl": (1.0, 1.0), "ikl": (1.0, 1.0), "gkl": (1.0, 1.0), "dkd": (1.0, 8.0)}
+
+Callback = Callable[[List[dict]], Optional[bool]]
+
+
+class StopTraining(Exception):
+    """Raise this from a training callback to stop after the epoch that just finished."""
+
+
+def select_device(device=None) -> torch.device:
+    """The device to train on: ``device`` if given (a name or torch.device, "auto" = None), else
+    CUDA when available, then Apple MPS, then the CPU. Asking for an unavailable CUDA/MPS device
+    raises ``ValueError``."""
+    if device is not None and not (isinstance(device, str) and device == "auto"):
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"unknown device {device!r}: {err}") from err
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was requested but CUDA is not available")
+        if device.type == "mps" and not (torch.backends.mps.is_available()):
+            raise ValueError("device 'mps' was requested but MPS is not available")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+@dataclass
+class TrainResult:
+    """What a training run returns.
+
+    Attributes:
+        model: the trained model (trained in place; its last-epoch weights).
+        history: one dict per finished epoch with keys ``epoch`` (1-based), ``lr``, ``kd_factor``,
+            ``loss`` (the total optimised), ``ce`` and every KD term (``kl``; ``wmse``,
+            ``soft_ce``; ``tckd``, ``nckd``) averaged over the epoch's samples, ``train_acc`` and
+            ``test_acc`` in percent, and ``seconds``.
+        config: the resolved hyper-parameters (JSON-able).
+        priors: for GI runs, the class prior used in each epoch (list of (C, C) CPU tensors, one
+            more than epochs: the last is the prior for the next epoch); else None.
+        teacher_acc: the teacher's test accuracy (percent) for :func:`distill`, else None.
+        stopped: None (all epochs ran), "callback" or "interrupted".
+        seconds: wall time of the whole run.
+    """
+
+    model: nn.Module
+    history: List[dict]
+    config: dict
+    priors: Optional[List[torch.Tensor]] = None
+    teacher_acc: Optional[float] = None
+    stopped: Optional[str] = None
+    seconds: float = 0.0
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.history)
+
+    @property
+    def best_epoch(self) -> Optional[int]:
+        """The 1-based epoch of the highest test accuracy (the first one on ties)."""
+        if not self.history:
+            return None
+        best = max(range(len(self.history)), key=lambda i: (self.history[i]["test_acc"], -i))
+        return self.history[best]["epoch"]
+
+    @property
+    def best_acc(self) -> float:
+        return max((h["test_acc"] for h in self.history), default=math.nan)
+
+    @property
+    def last_acc(self) -> float:
+        return self.history[-1]["test_acc"] if self.history else math.nan
+
+    def summary(self) -> dict:
+        """best_acc, best_epoch, last_acc, epochs, seconds, stopped, teacher_acc as a dict."""
+        return {"best_acc": self.best_acc, "best_epoch": self.best_epoch, "last_acc": self.last_acc,
+                "epochs": self.epochs_run, "seconds": self.seconds, "stopped": self.stopped,
+                "teacher_acc": self.teacher_acc}
+
+    def frame(self):
+        """The history as a pandas DataFrame, one row per epoch."""
+        import pandas as pd
+
+        return pd.DataFrame(self.history)
+
+
+# ------------------------------------------------------------------------------------- evaluation
+def _autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, data: TensorData, *, batch_size: int = 1000,
+                   amp: bool = False, channels_last: bool = False) -> torch.Tensor:
+    """Logits (N, classes) of ``model`` in eval mode for raw images x (normalised here with
+    ``data``'s mean/std), in batches, on x's device; returned as float32 (float64 models: float64)."""
+    was_training = model.training
+    model.eval()
+    dtype = _model_dtype(model)
+    out = []
+    try:
+        for idx in batch_indices(x.shape[0], batch_size=batch_size, device=x.device):
+            xb = data.normalize(x[idx].to(dtype))
+            if channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with _autocast(x.device, amp):
+                logits = model(xb)
+            out.append(logits.to(torch.float64 if dtype == torch.float64 else torch.float32))
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TensorData, *, split: str = "test", batch_size: int = 1000,
+             amp: Optional[bool] = None, channels_last: bool = False) -> float:
+    """Top-1 accuracy in percent of ``model`` (eval mode) on ``data``'s "test" or "train" split.
+
+    The model must already be on the data's device. ``amp`` (default: on for CUDA) evaluates under
+    bf16 autocast.
+    """
+    if split not in ("test", "train"):
+        raise ValueError(f"split must be 'test' or 'train', got {split!r}")
+    x, y = (data.x_test, data.y_test) if split == "test" else (data.x_train, data.y_train)
+    amp = (data.device.type == "cuda") if amp is None else amp
+    logits = predict_logits(model, x, data, batch_size=batch_size, amp=amp, channels_last=channels_last)
+    return 100.0 * (logits.argmax(dim=1) == y).double().mean().item()
+
+
+# ----------------------------------------------------------------------------------- validation
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _nonneg_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def _number(name: str, value, *, low=None, low_open=False, high=None, high_open=False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
+    return value
+
+
+def _check_milestones(milestones, epochs: int) -> List[int]:
+    if milestones is None:
+        return []
+    if isinstance(milestones, (str, bytes)) or not isinstance(milestones, Sequence):
+        raise TypeError(f"milestones must be a sequence of epochs, got {milestones!r}")
+    out = [_positive_int("milestones entries", m) for m in milestones]
+    if out != sorted(set(out)):
+        raise ValueError(f"milestones must be strictly increasing, got {list(milestones)}")
+    return out
+
+
+def _loss_hparams(loss: str, *, temperature, alpha, beta, gamma, weight_temperature) -> Dict[str, float]:
+    """The keyword arguments of loss_terms(loss, ...) (only those the loss takes)."""
+    if loss == "ce":
+        return {}
+    hp = {"temperature": _number("temperature", temperature, low=0.0, low_open=True)}
+    if loss == "kl":
+        return hp
+    default_alpha, default_beta = _DEFAULT_ALPHA_BETA[loss]
+    hp["alpha"] = _number("alpha", default_alpha if alpha is None else alpha, low=0.0)
+    hp["beta"] = _number("beta", default_beta if beta is None else beta, low=0.0)
+    if loss in ("ikl", "gkl"):
+        hp["weight_temperature"] = (hp["temperature"] if weight_temperature is None else
+                                    _number("weight_temperature", weight_temperature, low=0.0, low_open=True))
+    if loss == "gkl":
+        hp["gamma"] = _number("gamma", gamma, low=0.0, low_open=True)
+    return hp
+
+
+# ----------------------------------------------------------------------------------- main loop
+def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], loss: str, gi: bool,
+         hparams: Dict[str, float], ce_weight: float, kd_weight: float, warmup_epochs: int,
+         epochs: int, lr: float, momentum: float, weight_decay: float, milestones: List[int],
+         lr_decay: float, nesterov: bool, batch_size: int, drop_last: bool, seed: int, device,
+         amp: Optional[bool], channels_last: Optional[bool], progress: bool,
+         callback: Optional[Callback], class_prior: Optional[ClassPrior], desc: str,
+         config: dict) -> TrainResult:
+    start = time.perf_counter()
+    device = select_device(device)
+    amp = (device.type == "cuda") if amp is None else bool(amp)
+    channels_last = (device.type == "cuda") if channels_last is None else bool(channels_last)
+    memory_format = torch.channels_last if channels_last else torch.preserve_format
+    model.to(device=device, memory_format=memory_format)
+    dtype = _model_dtype(model)
+    data = data.to(device, dtype)
+    augment = data.augment
+    config = {**config, "device": str(device), "amp": amp, "channels_last": channels_last,
+              "dtype": str(dtype).replace("torch.", "")}
+
+    teacher_flags = None
+    teacher_acc = None
+    cached_teacher_logits = None
+    if teacher is not None:
+        teacher.to(device=device, memory_format=memory_format)
+        teacher_was_training = teacher.training
+        teacher.eval()
+        teacher_flags = [p.requires_grad for p in teacher.parameters()]
+        teacher.requires_grad_(False)
+        teacher_acc = evaluate(teacher, data.to(dtype=_model_dtype(teacher)), amp=amp,
+                               channels_last=channels_last)
+        if not augment:  # fixed inputs: the frozen teacher's logits are computed once
+            t_data = data.to(dtype=_model_dtype(teacher))
+            cached_teacher_logits = predict_logits(teacher, t_data.x_train, t_data, amp=amp,
+                                                   channels_last=channels_last).to(dtype)
+
+    prior = None
+    if gi:
+        prior = class_prior if class_prior is not None else ClassPrior(data.num_classes, device=device)
+        if prior.num_classes != data.num_classes:
+            raise ValueError(f"class_prior has {prior.num_classes} classes, the data {data.num_classes}")
+        prior.to(device)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
+                                weight_decay=weight_decay, nesterov=nesterov)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=lr_decay)
+    shuffle_gen = torch.Generator().manual_seed(int(seed))
+    augment_gen = torch.Generator().manual_seed(int(seed) + 1_000_003)
+    steps_per_epoch = max(1, (data.n_train // batch_size) if drop_last else math.ceil(data.n_train / batch_size))
+
+    from tqdm.auto import tqdm
+
+    cudnn_benchmark = torch.backends.cudnn.benchmark
+    if device.type == "cuda":  # fixed input shapes: let cuDNN pick the fastest kernels
+        torch.backends.cudnn.benchmark = True
+    history: List[dict] = []
+    stopped = None
+    epoch_bar = tqdm(total=epochs, desc=desc, disable=not progress, leave=True, unit="epoch")
+    batch_bar = None
+    if progress and steps_per_epoch >= 100:
+        batch_bar = tqdm(total=steps_per_epoch, desc="  batches", leave=False, unit="batch")
+    try:
+        for epoch in range(epochs):
+            t0 = time.perf_counter()
+            model.train()
+            factor = min(1.0, (epoch + 1) / warmup_epochs) if warmup_epochs > 0 else 1.0
+            lr_now = optimizer.param_groups[0]["lr"]
+            sums: Dict[str, torch.Tensor] = {}
+            correct = torch.zeros((), device=device, dtype=torch.float64)
+            seen = 0
+            if batch_bar is not None:
+                batch_bar.reset(total=steps_per_epoch)
+            for idx in batch_indices(data.n_train, batch_size=batch_size, shuffle=True,
+                                     generator=shuffle_gen, drop_last=drop_last, device=device):
+                if idx.numel() < 2 and seen > 0:  # a trailing batch of one breaks BatchNorm
+                    continue
+                x, y = data.x_train[idx], data.y_train[idx]
+                if augment:
+                    x = augment_crop_flip(x, generator=augment_gen, **augment)
+                x = data.normalize(x)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with _autocast(device, amp):
+                    logits = model(x)
+                    if teacher is not None and cached_teacher_logits is None:
+                        with torch.no_grad():
+                            t_logits = teacher(x.to(_model_dtype(teacher)))
+                if teacher is not None and cached_teacher_logits is not None:
+                    t_logits = cached_teacher_logits[idx]
+                ce = F.cross_entropy(logits.float() if logits.dtype in (torch.float16, torch.bfloat16)
+                                     else logits, y)
+                terms: Dict[str, torch.Tensor] = {}
+                if loss != "ce":
+                    t_logits = t_logits.detach()
+                    extra = {}
+                    if prior is not None:
+                        extra = {"class_prior": prior.prior}
+                    terms = loss_terms(loss, logits, t_logits, targets=y, **hparams, **extra)
+                total = ce_weight * ce
+                if terms:
+                    total = total + (factor * kd_weight) * sum(terms.values())
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                optimizer.step()
+                if prior is not None:
+                    prior.update(t_logits, y, weight_temperature=hparams["weight_temperature"])
+                n = y.shape[0]
+                seen += n
+                for name, value in (("loss", total), ("ce", ce), *terms.items()):
+                    v = value.detach().to(torch.float64) * n
+                    sums[name] = sums[name] + v if name in sums else v
+                correct += (logits.detach().argmax(dim=1) == y).sum()
+                if batch_bar is not None:
+                    batch_bar.update()
+            if not math.isfinite(sums["loss"].item()):
+                raise FloatingPointError(f"the training loss became non-finite in epoch {epoch + 1}; "
+                                         "lower the learning rate or check the data")
+            scheduler.step()
+            if prior is not None:
+                prior.end_epoch()
+            test_acc = evaluate(model, data, amp=amp, channels_last=channels_last)
+            row = {"epoch": epoch + 1, "lr": lr_now, "kd_factor": factor if loss != "ce" else 0.0}
+            row.update({k: v.item() / seen for k, v in sums.items()})
+            row.update({"train_acc": 100.0 * correct.item() / seen, "test_acc": test_acc,
+                        "seconds": time.perf_counter() - t0})
+            history.append(row)
+            epoch_bar.update()
+            epoch_bar.set_postfix(loss=f"{row['loss']:.3f}", test_acc=f"{test_acc:.2f}")
+            if callback is not None:
+                try:
+                    if callback(history) is False:
+                        stopped = "callback"
+                except StopTraining:
+                    stopped = "callback"
+                if stopped:
+                    break
+    except KeyboardInterrupt:
+        stopped = "interrupted"
+    finally:
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+        if batch_bar is not None:
+            batch_bar.close()
+        epoch_bar.close()
+        if teacher is not None and teacher_flags is not None:
+            for p, flag in zip(teacher.parameters(), teacher_flags):
+                p.requires_grad_(flag)
+            teacher.train(teacher_was_training)
+    return TrainResult(
+        model=model, history=history, config=config,
+        priors=list(prior.history) if prior is not None and prior.keep_history else None,
+        teacher_acc=teacher_acc, stopped=stopped, seconds=time.perf_counter() - start)
+
+
+def _common_config(*, epochs, lr, momentum, weight_decay, milestones, lr_decay, nesterov, batch_size,
+                   drop_last, seed):
+    epochs = _positive_int("epochs", epochs)
+    return dict(
+        epochs=epochs,
+        lr=_number("lr", lr, low=0.0, low_open=True),
+        momentum=_number("momentum", momentum, low=0.0, high=1.0, high_open=True),
+        weight_decay=_number("weight_decay", weight_decay, low=0.0),
+        milestones=_check_milestones(milestones, epochs),
+        lr_decay=_number("lr_decay", lr_decay, low=0.0, low_open=True),
+        nesterov=bool(nesterov),
+        batch_size=_positive_int("batch_size", batch_size),
+        drop_last=bool(drop_last),
+        seed=_nonneg_int("seed", seed),
+    )
+
+
+def _check_model(name: str, model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _check_data(data) -> None:
+    if not isinstance(data, TensorData):
+        raise TypeError(f"data must be a dkl_lib.data.TensorData, got {type(data).__name__}")
+
+
+def train_teacher(model: nn.Module, data: TensorData, *, epochs: int, lr: float = 0.05,
+                  momentum: float = 0.9, weight_decay: float = 5e-4,
+                  milestones: Optional[Sequence[int]] = None, lr_decay: float = 0.1,
+                  nesterov: bool = False, batch_size: int = 64, drop_last: bool = False,
+                  seed: int = 0, device=None, amp: Optional[bool] = None,
+                  channels_last: Optional[bool] = None, progress: bool = True,
+                  callback: Optional[Callback] = None, desc: str = "teacher") -> TrainResult:
+    """Train ``model`` on ``data`` with cross-entropy only (a teacher, or the CE baseline).
+
+    Same schedule, history and stop/interrupt behaviour as :func:`distill` with ``loss="ce"``.
+    The model is trained in place on the selected device (:func:`select_device`) in its own
+    dtype (a float64 model trains in float64). Notebook 03 trains (or loads from cache) its
+    teacher with this.
+    """
+    _check_model("model", model)
+    _check_data(data)
+    cfg = _common_config(epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                         milestones=milestones, lr_decay=lr_decay, nesterov=nesterov,
+                         batch_size=batch_size, drop_last=drop_last, seed=seed)
+    config = {"task": "teacher", "loss": "ce", **cfg}
+    return _fit(model, data, teacher=None, loss="ce", gi=False, hparams={}, ce_weight=1.0,
+                kd_weight=0.0, warmup_epochs=0, device=device, amp=amp, channels_last=channels_last,
+                progress=progress, callback=callback, class_prior=None, desc=desc, config=config, **cfg)
+
+
+def distill(student: nn.Module, teacher: Optional[nn.Module], data: TensorData, *, loss: str = "kl",
+            gi: bool = False, temperature: float = 4.0, alpha: Optional[float] = None,
+            beta: Optional[float] = None, gamma: float = 1.0,
+            weight_temperature: Optional[float] = None, ce_weight: float = 1.0,
+            kd_weight: float = 1.0, warmup_epochs: int = 0, epochs: int, lr: float = 0.05,
+            momentum: float = 0.9, weight_decay: float = 5e-4,
+            milestones: Optional[Sequence[int]] = None, lr_decay: float = 0.1,
+            nesterov: bool = False, batch_size: int = 64, drop_last: bool = False, seed: int = 0,
+            device=None, amp: Optional[bool] = None, channels_last: Optional[bool] = None,
+            class_prior: Optional[ClassPrior] = None, progress: bool = True,
+            callback: Optional[Callback] = None, desc: Optional[str] = None) -> TrainResult:
+    """Knowledge distillation: train ``student`` from a frozen ``teacher`` with the KD loss ``loss``.
+
+    Student loss per batch = ce_weight · CE(student, y) + factor · kd_weight · Σ
+    ``loss_terms(loss, student_logits, teacher_logits, targets=y, ...)``, factor =
+    min(1, epoch / warmup_epochs) (1-based epoch; 1 when warmup_epochs = 0).
+
+    Args:
+        student, teacher: models with the same number of outputs; the teacher may be None only for
+            ``loss="ce"``. Both are moved to the device; the student trains in place in its own
+            dtype. The teacher runs in eval mode without gradient (flags restored at the end); when
+            the data has no augmentation its logits are computed once per run.
+        data: a :class:`~dkl_lib.data.TensorData`; batches are normalised with its mean/std and,
+            when ``data.augment`` is set, augmented on the device (:func:`augment_crop_flip`).
+        loss: one of :data:`LOSSES`: "ce", "kl", "dkl", "ikl", "gkl", "dkd".
+        gi: ikl/gkl only: class-wise global information from a :class:`ClassPrior` fed with the
+            teacher logits (``class_prior`` lets you pass your own, e.g. to watch it live).
+        temperature, alpha, beta, gamma, weight_temperature: the loss's hyper-parameters, passed
+            only where the loss takes them (alpha/beta default: 1/1, dkd 1/8).
+        ce_weight, kd_weight, warmup_epochs: the weights of the two parts and the KD warm-up.
+        epochs, lr, momentum, weight_decay, milestones, lr_decay, nesterov, batch_size, drop_last:
+            SGD with momentum, learning rate × ``lr_decay`` at each milestone epoch.
+        seed: fixes the batch order and the augmentation (build models with
+            ``models.build_model(..., seed=...)`` to fix their initialisation too).
+        device: None = :func:`select_device`. amp, channels_last: default on for CUDA only.
+        progress: tqdm bars. callback: ``callback(history)`` after each epoch; return False or
+            raise :class:`StopTraining` to stop.
+
+    Returns:
+        :class:`TrainResult` (history, best/last accuracy, teacher accuracy, GI prior snapshots).
+
+    Notebook: 03_knowledge_distillation (through :func:`dkl_lib.experiments.run_grid`).
+    """
+    if not isinstance(loss, str) or loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {list(LOSSES)}")
+    if not isinstance(gi, bool):
+        raise TypeError(f"gi must be True or False, got {gi!r}")
+    if gi and loss not in ("ikl", "gkl"):
+        raise ValueError(f"gi=True (class-wise global information) applies to ikl and gkl only, not {loss!r}")
+    _check_model("student", student)
+    _check_data(data)
+    if teacher is None:
+        if loss != "ce":
+            raise ValueError(f"loss {loss!r} needs a teacher (only 'ce' trains without one)")
+    else:
+        _check_model("teacher", teacher)
+    if class_prior is not None and not isinstance(class_prior, ClassPrior):
+        raise TypeError(f"class_prior must be a dkl_lib.prior.ClassPrior, got {type(class_prior).__name__}")
+    hparams = _loss_hparams(loss, temperature=temperature, alpha=alpha, beta=beta, gamma=gamma,
+                            weight_temperature=weight_temperature)
+    cfg = _common_config(epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                         milestones=milestones, lr_decay=lr_decay, nesterov=nesterov,
+                         batch_size=batch_size, drop_last=drop_last, seed=seed)
+    ce_weight = _number("ce_weight", ce_weight, low=0.0)
+    kd_weight = _number("kd_weight", kd_weight, low=0.0)
+    warmup_epochs = _nonneg_int("warmup_epochs", warmup_epochs)
+    config = {"task": "distill", "loss": loss, "gi": gi, **hparams, "ce_weight": ce_weight,
+              "kd_weight": kd_weight, "warmup_epochs": warmup_epochs, **cfg}
+    result = _fit(student, data, teacher=None if loss == "ce" else teacher, loss=loss, gi=gi,
+                  hparams=hparams, ce_weight=ce_weight, kd_weight=kd_weight, warmup_epochs=warmup_epochs,
+                  device=device, amp=amp, channels_last=channels_last, progress=progress,
+                  callback=callback, class_prior=class_prior, desc=desc or loss + (" (GI)" if gi else ""),
+                  config=config, **cfg)
+    if loss == "ce" and teacher is not None:  # report the teacher's accuracy beside the baseline
+        result.teacher_acc = evaluate(teacher.to(select_device(device)),
+                                      data.to(select_device(device), _model_dtype(teacher)))
+    return result

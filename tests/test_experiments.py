@@ -1,0 +1,275 @@
+"""dkl_lib.experiments: presets, the cache (hit, miss, corruption), run_grid, the CLI, paper numbers."""
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from dkl_lib import data as D
+from dkl_lib import experiments as E
+
+# digits with 100 training images, a narrow teacher, one epoch each: a grid takes about a second
+TINY = {"data.n_train": 100, "teacher.model_kw.width": 4, "teacher.train.epochs": 1, "distill.epochs": 1,
+        "distill.batch_size": 50}
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a test tried to use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+# ----------------------------------------------------------------------------------------- presets
+def test_paper_preset_is_the_official_schedule():
+    p = E.preset("paper")
+    d = p["distill"]
+    assert (d["lr"], d["momentum"], d["weight_decay"]) == (0.05, 0.9, 5e-4)
+    assert (d["batch_size"], d["epochs"]) == (64, 240)
+    assert d["milestones"] == [150, 180, 210] and d["lr_decay"] == 0.1
+    assert d["temperature"] == 4.0 and d["warmup_epochs"] == 20
+    pair = (p["teacher"]["model"], p["student"]["model"], p["data"]["name"])
+    assert pair == ("resnet32x4", "resnet8x4", "cifar100")
+    assert E.preset("gpu-short")["distill"]["epochs"] < 240
+    assert E.preset("cpu-quick")["data"]["name"] == "digits"
+    E.preset("paper")["distill"]["epochs"] = 1
+    assert E.PRESETS["paper"]["distill"]["epochs"] == 240  # preset() hands out copies
+
+
+def test_resolve_config_overrides_and_errors():
+    cfg = E.resolve_config("cpu-quick", {"distill.epochs": 2, "losses.ikl.alpha": 3.0,
+                                         "losses.kl.temperature": 2.0, "data": {"name": "synthetic"}})
+    assert cfg["distill"]["epochs"] == 2 and cfg["losses"]["ikl"]["alpha"] == 3.0
+    assert cfg["losses"]["kl"]["temperature"] == 2.0 and cfg["data"] == {"name": "synthetic"}
+    with pytest.raises(ValueError, match="unknown preset"):
+        E.resolve_config("cpu-slow")
+    with pytest.raises(ValueError, match="unknown config key"):
+        E.resolve_config("cpu-quick", {"distill.epoch": 2})
+    with pytest.raises(ValueError, match="unknown config key"):
+        E.resolve_config("cpu-quick", {"trainer.epochs": 2})
+    with pytest.raises(ValueError, match="per-loss setting"):
+        E.resolve_config("cpu-quick", {"losses.ikl.alfa": 2})
+    with pytest.raises(ValueError, match="unknown loss 'ikll'"):
+        E.resolve_config("cpu-quick", {"losses.ikll.alpha": 2})
+    cfg = E.resolve_config("cpu-quick", {"distill.nesterov": True, "teacher.train.drop_last": True})
+    assert cfg["distill"]["nesterov"] is True and cfg["teacher"]["train"]["drop_last"] is True
+
+
+def test_config_hash_is_canonical():
+    assert E.config_hash({"a": 1, "b": [1, 2]}) == E.config_hash({"b": [1, 2], "a": 1})
+    assert E.config_hash({"a": 1}) != E.config_hash({"a": 1.5})
+    assert len(E.config_hash({})) == 64
+
+
+def test_run_config_hash_covers_only_what_the_loss_uses():
+    cfg = E.resolve_config("cpu-quick")
+    kl = E._run_config(cfg, "kl", 0, "t")
+    cfg2 = E.resolve_config("cpu-quick", {"losses.dkd.beta": 5.0})
+    assert E.config_hash(E._run_config(cfg2, "kl", 0, "t")) == E.config_hash(kl)
+    assert E.config_hash(E._run_config(cfg2, "dkd", 0, "t")) != E.config_hash(E._run_config(cfg, "dkd", 0, "t"))
+    assert E.config_hash(E._run_config(cfg, "kl", 1, "t")) != E.config_hash(kl)
+    assert E._run_config(cfg, "ikl", 0, "t")["distill"]["gi"] is True
+    assert E._run_config(cfg, "ikl-nogi", 0, "t")["distill"]["gi"] is False
+    assert "gi" not in E._run_config(cfg, "dkl", 0, "t")["distill"]
+    with pytest.raises(ValueError, match="unknown loss"):
+        E._run_config(cfg, "kl-nogi", 0, "t")
+
+
+# -------------------------------------------------------------------------------------------- cache
+def test_cache_round_trip_and_corruption(tmp_path):
+    cache = E.RunCache(tmp_path)
+    cfg = {"kind": "x", "n": 1}
+    assert cache.load("student", cfg) is None  # miss
+    folder = cache.save("student", cfg, {"acc": 1.5}, {"model.pt": {"w": torch.arange(3.0)}})
+    result, files = cache.load("student", cfg)
+    assert result == {"acc": 1.5} and torch.equal(files["model.pt"]["w"], torch.arange(3.0))
+    assert not list(tmp_path.rglob("*.tmp"))  # atomic writes leave no temporaries
+    assert cache.load("student", {"kind": "x", "n": 2}) is None
+
+    blob = (folder / "model.pt").read_bytes()
+    (folder / "model.pt").write_bytes(blob[: len(blob) // 2])  # truncated
+    with pytest.warns(E.CacheWarning, match="model.pt checksum"):
+        assert cache.load("student", cfg) is None
+    cache.save("student", cfg, {"acc": 1.5}, {"model.pt": {"w": torch.arange(3.0)}})
+    entry = folder / "entry.json"
+    entry.write_text(entry.read_text().replace("1.5", "9.5"))  # edited result
+    with pytest.warns(E.CacheWarning, match="entry.json checksum"):
+        assert cache.load("student", cfg) is None
+    entry.write_text(entry.read_text()[:40])  # truncated JSON
+    with pytest.warns(E.CacheWarning, match="corrupt"):
+        assert cache.load("student", cfg) is None
+    assert E.RunCache(tmp_path, enabled=False).load("student", cfg) is None
+
+
+def _run(tmp_path, losses=("ce", "kl", "ikl"), seeds=(0, 1), **kw):
+    return E.run_grid(losses, seeds, preset="cpu-quick", overrides=dict(TINY), cache_dir=tmp_path,
+                      device="cpu", progress=False, **kw)
+
+
+def test_run_grid_rows_summary_and_cache_hits(tmp_path):
+    first = _run(tmp_path)
+    runs = first.runs
+    assert list(runs["loss"]) == ["ce", "ce", "kl", "kl", "ikl", "ikl"] and list(runs["seed"]) == [0, 1] * 3
+    assert {"loss", "seed", "best_acc", "last_acc", "config_hash", "seconds", "cached"} <= set(runs.columns)
+    assert not runs["cached"].any() and first.teacher["source"] == "trained"
+    assert runs["config_hash"].nunique() == 6
+    assert set(first.summary["loss"]) == {"ce", "kl", "ikl"}
+    row = first.summary.set_index("loss").loc["kl"]
+    kl = runs[runs["loss"] == "kl"]["best_acc"]
+    assert row["best_acc_mean"] == pytest.approx(kl.mean())
+    assert row["best_acc_std"] == pytest.approx(kl.std(ddof=1))
+    assert "±" in row["best"]
+    assert first.priors[("ikl", 0)].shape == (2, 10, 10) and ("kl", 0) not in first.priors
+    assert list(first.histories[("kl", 1)]["epoch"]) == [1]
+    assert len(list(tmp_path.glob("student-*"))) == 6 and len(list(tmp_path.glob("teacher-*"))) == 1
+
+    second = _run(tmp_path)
+    assert second.runs["cached"].all() and second.teacher["source"] == "cache"
+    cols = ["loss", "seed", "best_acc", "last_acc", "config_hash"]
+    assert second.runs[cols].equals(first.runs[cols])
+    assert torch.equal(second.priors[("ikl", 1)], first.priors[("ikl", 1)])
+
+    changed = E.run_grid(["kl"], [0], preset="cpu-quick", overrides={**TINY, "distill.lr": 0.02},
+                         cache_dir=tmp_path, device="cpu", progress=False)
+    assert not changed.runs["cached"].any()  # a different config is a miss
+
+
+def test_corrupt_entry_is_warned_about_and_recomputed(tmp_path):
+    first = _run(tmp_path, losses=("kl",), seeds=(0,))
+    (entry,) = tmp_path.glob("student-*")
+    model = entry / "model.pt"
+    blob = bytearray(model.read_bytes())
+    blob[-20] ^= 0xFF  # flip bits inside the tensor data
+    model.write_bytes(bytes(blob))
+    with pytest.warns(E.CacheWarning, match="recomputing"):
+        again = _run(tmp_path, losses=("kl",), seeds=(0,))
+    assert not again.runs["cached"].any()
+    assert again.runs["best_acc"].tolist() == first.runs["best_acc"].tolist()  # same seed, same run
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", E.CacheWarning)
+        third = _run(tmp_path, losses=("kl",), seeds=(0,))  # the rewritten entry is valid again
+    assert third.runs["cached"].all()
+
+
+def test_interrupted_grid_keeps_finished_runs_and_caches_only_them(tmp_path):
+    def cb(loss, seed, history):
+        if loss == "kl" and seed == 1:
+            raise KeyboardInterrupt
+
+    with pytest.warns(UserWarning, match="interrupted"):
+        grid = _run(tmp_path, losses=("kl",), seeds=(0, 1, 2), callback=cb)
+    assert grid.interrupted and grid.runs["seed"].tolist() == [0]
+    assert len(list(tmp_path.glob("student-*"))) == 1
+
+
+def test_run_grid_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="unknown loss"):
+        _run(tmp_path, losses=("kl", "mse"))
+    with pytest.raises(ValueError, match="seeds"):
+        _run(tmp_path, seeds=())
+    with pytest.raises(ValueError, match="unknown preset"):
+        E.run_grid(["kl"], [0], preset="fast", cache_dir=tmp_path)
+
+
+def test_cifar_preset_offline_error(tmp_path, monkeypatch, no_network):
+    monkeypatch.setenv("DKL_DATA_DIR", str(tmp_path / "data"))
+    with pytest.raises(D.DatasetNotFoundError, match="download=True"):
+        E.run_grid(["kl"], [0], preset="gpu-short", cache_dir=tmp_path / "runs", device="cpu", progress=False)
+    code = E.main(["kd", "--preset", "gpu-short", "--losses", "kl", "--seeds", "0", "--out",
+                   str(tmp_path / "out"), "--cache-dir", str(tmp_path / "runs"), "--device", "cpu", "--quiet"])
+    assert code == 2 and not (tmp_path / "out" / "results.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_cli_writes_results_json_and_csv(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["kd", "--preset", "cpu-quick", "--losses", "kl,dkl", "--seeds", "0,1", "--out", str(out),
+            "--cache-dir", str(tmp_path / "runs"), "--device", "cpu", "--epochs", "1"]
+    for key, value in TINY.items():
+        if "epochs" not in key:
+            argv += ["--override", f"{key}={value}"]
+    assert E.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "teacher accuracy" in printed and "results.csv" in printed
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["preset"] == "cpu-quick" and payload["config"]["distill"]["epochs"] == 1
+    assert [(r["loss"], r["seed"]) for r in payload["runs"]] == [("kl", 0), ("kl", 1), ("dkl", 0), ("dkl", 1)]
+    assert {s["loss"] for s in payload["summary"]} == {"kl", "dkl"}
+    # the theorem again: DKL (alpha = beta = 1) reproduces KL run for run
+    best = [r["best_acc"] for r in payload["runs"]]
+    assert best[:2] == pytest.approx(best[2:])
+    with open(out / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {"loss", "seed", "best_acc", "last_acc", "row_type"} <= set(rows[0])
+    assert [r["row_type"] for r in rows] == ["run"] * 4 + ["mean", "std"] * 2
+    assert rows[4]["loss"] == "kl" and float(rows[4]["best_acc"]) == pytest.approx(
+        (float(rows[0]["best_acc"]) + float(rows[1]["best_acc"])) / 2, abs=1e-3)
+
+
+def test_cli_as_a_module(tmp_path):
+    """`python -m dkl_lib.experiments kd ...` in a fresh process (what the README shows)."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "dkl_lib.experiments", "kd", "--preset", "cpu-quick", "--losses", "ce",
+           "--seeds", "0", "--out", str(out), "--cache-dir", str(tmp_path / "runs"), "--device", "cpu",
+           "--epochs", "1", "--quiet", "--override", "data.n_train=100",
+           "--override", "teacher.model_kw.width=4"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "results.json").exists() and (out / "results.csv").exists()
+    assert json.loads((out / "results.json").read_text())["runs"][0]["loss"] == "ce"
+
+
+def test_cli_errors(tmp_path, capsys):
+    base = ["kd", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "runs"), "--quiet"]
+    assert E.main(base + ["--losses", "kl,nope"]) == 2
+    assert "unknown loss 'nope'" in capsys.readouterr().err
+    assert E.main(base + ["--override", "distill.epoch=3"]) == 2
+    assert "unknown config key 'distill.epoch'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        E.main(base + ["--seeds", "a,b"])
+    with pytest.raises(SystemExit):
+        E.main(["kd", "--preset", "paper-long", "--out", "x"])
+    with pytest.raises(SystemExit):
+        E.main(["adv", "--out", "x"])  # not implemented yet
+
+
+# ------------------------------------------------------------------------------------ paper numbers
+def test_paper_results_file():
+    table = E.paper_results()
+    assert {"dataset", "teacher", "student", "method", "top1", "source"} <= set(table.columns)
+    assert table["source"].str.len().min() > 10  # every entry names its source table
+    cifar = table[table["dataset"] == "CIFAR-100"].set_index("method")["top1"].to_dict()
+    assert cifar == {"teacher": 79.42, "student (CE)": 72.50, "KD": 73.33, "DKD": 76.32, "IKL-KD": 76.59}
+    r34 = table[(table["dataset"] == "ImageNet") & (table["teacher"] == "ResNet34")].set_index("method")["top1"]
+    assert r34.to_dict() == {"KD": 71.03, "DKD": 71.70, "IKL-KD": 71.91}
+    r50 = table[(table["dataset"] == "ImageNet") & (table["teacher"] == "ResNet50")].set_index("method")["top1"]
+    assert r50.to_dict() == {"KD": 70.50, "DKD": 72.05, "IKL-KD": 72.84}
+    assert "Table" in table.loc[table["method"] == "IKL-KD", "source"].iloc[0]
+    assert E.paper_reference(E.resolve_config("gpu-short")) == {
+        "teacher": 79.42, "ce": 72.50, "kl": 73.33, "dkd": 76.32, "ikl": 76.59}
+    assert E.paper_reference(E.resolve_config("cpu-quick")) is None
+    raw = E.paper_results(as_frame=False)
+    assert "DKL" in raw["papers"] and "CRD" in raw["papers"]
+
+
+def test_lazy_imports():
+    """Importing the modules loads neither torchvision, scikit-learn nor pandas (the functions that
+    need them import them) and seeds nothing."""
+    code = ("import sys, torch; s = torch.random.get_rng_state();"
+            "from dkl_lib import data, models, prior, train, experiments;"
+            "heavy = [m for m in ('torchvision', 'sklearn', 'pandas') if m in sys.modules];"
+            "assert not heavy, heavy;"
+            "assert torch.equal(s, torch.random.get_rng_state())")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

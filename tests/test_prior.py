@@ -1,0 +1,142 @@
+"""dkl_lib.prior.ClassPrior: exactly the semantics of DESIGN §4, also under torch.distributed."""
+import datetime
+import os
+
+import pytest
+import torch
+
+import dkl_lib as dkl
+from dkl_lib.prior import ClassPrior
+
+
+def class_means(logits, targets, classes, temperature):
+    """Row y = mean of softmax(logits / T) over the samples of class y (float64), NaN if none."""
+    probs = torch.softmax(logits.double() / temperature, dim=1)
+    out = torch.full((classes, classes), float("nan"), dtype=torch.float64)
+    for y in range(classes):
+        rows = probs[targets == y]
+        if len(rows):
+            out[y] = rows.mean(dim=0)
+    return out
+
+
+def test_starts_uniform_with_a_snapshot():
+    gi = ClassPrior(4)
+    assert gi.prior.shape == (4, 4) and gi.prior.dtype == torch.float32
+    assert torch.equal(gi.prior, torch.full((4, 4), 0.25))
+    assert len(gi.history) == 1 and torch.equal(gi.history[0], gi.prior)
+    assert gi.epochs == 0
+
+
+def test_update_accumulates_and_end_epoch_switches_to_the_class_means():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(12, 4, generator=g, dtype=torch.float64) * 3
+    targets = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2])  # class 3 never seen
+    gi = ClassPrior(4, dtype=torch.float64)
+    gi.update(logits[:5], targets[:5], weight_temperature=2.0)
+    gi.update(logits[5:], targets[5:], weight_temperature=2.0)
+    assert torch.equal(gi.prior, torch.full((4, 4), 0.25, dtype=torch.float64))  # not before end_epoch
+    assert gi.counts.tolist() == [4.0, 4.0, 4.0, 0.0]
+    new = gi.end_epoch()
+    want = class_means(logits, targets, 4, 2.0)
+    assert torch.allclose(new[:3], want[:3], atol=1e-15)
+    assert torch.equal(new[3], torch.full((4,), 0.25, dtype=torch.float64))  # unseen: previous row
+    assert torch.allclose(new.sum(dim=1), torch.ones(4, dtype=torch.float64), atol=1e-15)
+    assert gi.counts.sum() == 0 and gi.epochs == 1 and len(gi.history) == 2
+
+    # epoch 2: only class 3 and class 0 seen; classes 1 and 2 keep their epoch-1 rows
+    logits2 = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    targets2 = torch.tensor([3, 3, 0])
+    gi.update(logits2, targets2, weight_temperature=2.0)
+    second = gi.end_epoch()
+    want2 = class_means(logits2, targets2, 4, 2.0)
+    assert torch.allclose(second[3], want2[3], atol=1e-15) and torch.allclose(second[0], want2[0], atol=1e-15)
+    assert torch.equal(second[1:3], new[1:3])
+    hist = gi.history_tensor()
+    assert hist.shape == (3, 4, 4) and torch.equal(hist[1], new) and torch.equal(hist[2], second)
+
+
+def test_weight_temperature_changes_the_rows():
+    logits = torch.tensor([[4.0, 0.0, 0.0], [0.0, 4.0, 0.0]])
+    targets = torch.tensor([0, 1])
+    sharp, soft = ClassPrior(3), ClassPrior(3)
+    sharp.update(logits, targets, weight_temperature=1.0)
+    soft.update(logits, targets, weight_temperature=8.0)
+    assert sharp.end_epoch()[0, 0] > soft.end_epoch()[0, 0] > 1 / 3
+
+
+def test_update_takes_no_gradient_and_feeds_ikl():
+    logits = torch.randn(6, 5, requires_grad=True)
+    targets = torch.tensor([0, 1, 2, 3, 4, 0])
+    gi = ClassPrior(5)
+    gi.update(logits, targets, weight_temperature=4.0)
+    prior = gi.end_epoch()
+    assert prior.grad_fn is None and not prior.requires_grad and logits.grad is None
+    student = torch.randn(6, 5, requires_grad=True)
+    loss = dkl.ikl_loss(student, logits.detach(), temperature=4.0, targets=targets, class_prior=gi.prior)
+    loss.backward()
+    assert torch.isfinite(loss) and student.grad is not None
+    # with GI the weights come from the prior, so they differ from the sample-wise ones
+    sample_wise = dkl.ikl_terms(student, logits.detach(), temperature=4.0)["wmse"]
+    with_gi = dkl.ikl_terms(student, logits.detach(), temperature=4.0, targets=targets,
+                            class_prior=gi.prior)["wmse"]
+    assert not torch.allclose(sample_wise, with_gi)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="num_classes"):
+        ClassPrior(1)
+    gi = ClassPrior(3)
+    with pytest.raises(ValueError, match="3"):
+        gi.update(torch.zeros(2, 4), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="out of range"):
+        gi.update(torch.zeros(2, 3), torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="weight_temperature"):
+        gi.update(torch.zeros(2, 3), torch.tensor([0, 1]), weight_temperature=0.0)
+    with pytest.raises(ValueError, match="non-finite"):
+        gi.update(torch.tensor([[float("nan"), 0.0, 0.0]]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="keeps no history"):
+        ClassPrior(3, keep_history=False).history_tensor()
+
+
+def test_state_dict_round_trip():
+    gi = ClassPrior(3)
+    gi.update(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))
+    gi.end_epoch()
+    gi.update(torch.randn(2, 3), torch.tensor([1, 1]))
+    other = ClassPrior(3)
+    other.load_state_dict(gi.state_dict())
+    assert torch.equal(other.prior, gi.prior) and torch.equal(other.counts, gi.counts)
+    assert torch.equal(other.end_epoch(), gi.end_epoch())
+
+
+# ------------------------------------------------------------------------------ torch.distributed
+def _worker(rank, world, init_file, logits, targets, out_dir):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        gi = ClassPrior(logits.shape[1], dtype=torch.float64)
+        # interleaved shards of unequal size; class 4 lives on rank 1 only
+        mine = torch.arange(rank, logits.shape[0], world)
+        gi.update(logits[mine], targets[mine], weight_temperature=3.0)
+        gi.end_epoch()
+        torch.save(gi.prior, os.path.join(out_dir, f"prior{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_all_reduced_prior_equals_the_single_process_prior(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(9, 6, generator=g, dtype=torch.float64) * 2
+    targets = torch.tensor([0, 4, 1, 0, 2, 4, 3, 1, 2])  # the 4s sit at odd positions: rank 1
+    torch.multiprocessing.spawn(_worker, args=(2, str(tmp_path / "init"), logits, targets, str(tmp_path)),
+                                nprocs=2, join=True)
+    single = ClassPrior(6, dtype=torch.float64)
+    single.update(logits, targets, weight_temperature=3.0)
+    single.end_epoch()
+    p0, p1 = (torch.load(tmp_path / f"prior{r}.pt") for r in (0, 1))
+    assert torch.equal(p0, p1)
+    assert torch.allclose(p0, single.prior, atol=1e-15)
+    assert torch.equal(p0[5], torch.full((6,), 1 / 6, dtype=torch.float64))  # class 5: nobody saw it

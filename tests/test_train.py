@@ -1,0 +1,249 @@
+"""dkl_lib.train: distillation loop, the KL ≡ DKL theorem in training, determinism, stop/interrupt."""
+import math
+
+import pytest
+import torch
+
+from dkl_lib import data as D
+from dkl_lib import models as M
+from dkl_lib import train as T
+from dkl_lib.prior import ClassPrior
+
+FAST = dict(lr=0.05, momentum=0.9, weight_decay=5e-4, batch_size=16, progress=False, device="cpu")
+
+
+def tiny_data(dtype=torch.float32, **kw):
+    args = dict(n_train=62, n_test=40, num_classes=4, image_shape=(1, 6, 6), noise=0.35, seed=0, dtype=dtype)
+    args.update(kw)
+    return D.synthetic(**args)
+
+
+@pytest.fixture(scope="module")
+def teacher64():
+    """A small float64 CNN teacher trained for a few epochs on the tiny data."""
+    d = tiny_data(torch.float64)
+    t = M.build_model("small_cnn", 4, seed=0, width=4).double()
+    res = T.train_teacher(t, d, epochs=3, seed=0, **FAST)
+    assert res.best_acc > 50.0  # it learned something (4 classes: chance is 25 %)
+    return t
+
+
+def student64(seed=1):
+    return M.build_model("mlp", 4, seed=seed, in_shape=(1, 6, 6), hidden=(8,)).double()
+
+
+def params(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+# ------------------------------------------------------------------------------------------ device
+def test_select_device():
+    assert T.select_device("cpu") == torch.device("cpu")
+    assert T.select_device(torch.device("cpu")).type == "cpu"
+    assert T.select_device().type in ("cuda", "mps", "cpu")
+    assert T.select_device("auto") == T.select_device()
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            T.select_device("cuda")
+        assert T.select_device().type in ("mps", "cpu")
+    with pytest.raises(ValueError, match="unknown device"):
+        T.select_device("tpu9")
+
+
+# ------------------------------------------------------------------------------- the theorem, live
+def test_kl_and_dkl_give_the_same_trajectory_and_ikl_does_not(teacher64):
+    """α = β = 1: DKL's student gradient equals KL's, so float64 training follows one trajectory."""
+    d = tiny_data(torch.float64)
+    common = dict(epochs=4, temperature=4.0, warmup_epochs=2, seed=3, **FAST)
+    runs = {}
+    for loss in ("kl", "dkl", "ikl"):
+        s = student64()
+        runs[loss] = (T.distill(s, teacher64, d, loss=loss, alpha=None if loss == "kl" else 1.0,
+                                beta=None if loss == "kl" else 1.0, **common), s)
+    kl, dkl_ = runs["kl"][0].history, runs["dkl"][0].history
+    assert [h["test_acc"] for h in kl] == [h["test_acc"] for h in dkl_]
+    assert [h["train_acc"] for h in kl] == [h["train_acc"] for h in dkl_]
+    for a, b in zip(kl, dkl_):
+        assert abs(a["ce"] - b["ce"]) < 1e-6
+    assert (params(runs["kl"][1]) - params(runs["dkl"][1])).abs().max() < 1e-6
+    # the KD terms differ in value (DKL's wMSE carries no student gradient), not in effect
+    assert set(kl[0]) >= {"kl"} and set(dkl_[0]) >= {"wmse", "soft_ce"}
+    ikl_params = params(runs["ikl"][1])
+    assert (ikl_params - params(runs["kl"][1])).abs().max() > 1e-4
+    assert any(abs(a["ce"] - b["ce"]) > 1e-6 for a, b in zip(kl, runs["ikl"][0].history))
+
+
+def test_same_seed_same_run_other_seed_other_run():
+    d = tiny_data()
+    teacher = M.build_model("small_cnn", 4, seed=0, width=4)
+
+    def run(seed):
+        s = M.build_model("mlp", 4, seed=seed, in_shape=(1, 6, 6), hidden=(8,))
+        r = T.distill(s, teacher, d, loss="ikl", gi=True, epochs=2, seed=seed, **FAST)
+        return [{k: v for k, v in h.items() if k != "seconds"} for h in r.history], params(s)
+
+    h1, p1 = run(0)
+    h2, p2 = run(0)
+    h3, p3 = run(1)
+    assert h1 == h2 and torch.equal(p1, p2)
+    assert not torch.equal(p1, p3)
+
+
+# ----------------------------------------------------------------------------------------- history
+@pytest.mark.parametrize("loss,terms", [("ce", set()), ("kl", {"kl"}), ("dkl", {"wmse", "soft_ce"}),
+                                        ("gkl", {"wmse", "soft_ce"}), ("dkd", {"tckd", "nckd"})])
+def test_history_has_every_named_term(loss, terms):
+    d = tiny_data()
+    teacher = M.build_model("small_cnn", 4, seed=0, width=4)
+    s = M.build_model("mlp", 4, seed=0, in_shape=(1, 6, 6), hidden=(8,))
+    r = T.distill(s, teacher, d, loss=loss, epochs=2, seed=0, **FAST)
+    base = {"epoch", "lr", "kd_factor", "loss", "ce", "train_acc", "test_acc", "seconds"}
+    assert set(r.history[0]) == base | terms
+    assert [h["epoch"] for h in r.history] == [1, 2]
+    assert all(0.0 <= h["test_acc"] <= 100.0 and h["seconds"] > 0 for h in r.history)
+    assert r.best_acc == max(h["test_acc"] for h in r.history) and r.last_acc == r.history[-1]["test_acc"]
+    assert r.best_epoch in (1, 2) and r.stopped is None
+    if loss != "ce":  # the total is CE + KD (no warm-up here)
+        h = r.history[0]
+        assert math.isclose(h["loss"], h["ce"] + sum(h[t] for t in terms), rel_tol=1e-5)
+    assert r.teacher_acc is not None and 0.0 <= r.teacher_acc <= 100.0
+    assert list(r.frame().columns) == list(r.history[0])
+
+
+def test_warmup_and_learning_rate_schedule():
+    d = tiny_data()
+    teacher = M.build_model("small_cnn", 4, seed=0, width=4)
+    s = M.build_model("mlp", 4, seed=0, in_shape=(1, 6, 6), hidden=(8,))
+    r = T.distill(s, teacher, d, loss="kl", epochs=4, warmup_epochs=3, milestones=[2, 3], lr_decay=0.1,
+                  kd_weight=2.0, seed=0, **{k: v for k, v in FAST.items() if k != "lr"}, lr=0.1)
+    assert [round(h["kd_factor"], 6) for h in r.history] == [round(1 / 3, 6), round(2 / 3, 6), 1.0, 1.0]
+    assert [round(h["lr"], 8) for h in r.history] == [0.1, 0.1, 0.01, 0.001]
+    h = r.history[0]
+    assert math.isclose(h["loss"], h["ce"] + 2.0 * h["kd_factor"] * h["kl"], rel_tol=1e-5)
+
+
+def test_teacher_is_frozen_and_restored():
+    d = tiny_data()
+    teacher = M.build_model("small_cnn", 4, seed=0, width=4)
+    teacher.train()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    s = M.build_model("mlp", 4, seed=0, in_shape=(1, 6, 6), hidden=(8,))
+    T.distill(s, teacher, d, loss="ikl", epochs=1, seed=0, **FAST)
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k  # no step, and BN running stats untouched (eval mode)
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_augmented_data_runs_the_teacher_per_batch():
+    d = tiny_data(augment={"padding": 1, "flip": True})
+    teacher = M.build_model("small_cnn", 4, seed=0, width=4)
+    s1 = M.build_model("small_cnn", 4, seed=1, width=2)
+    s2 = M.build_model("small_cnn", 4, seed=1, width=2)
+    r1 = T.distill(s1, teacher, d, loss="dkd", epochs=1, seed=0, **FAST)
+    r2 = T.distill(s2, teacher, d, loss="dkd", epochs=1, seed=0, **FAST)
+    assert r1.history[0]["loss"] == r2.history[0]["loss"]  # the augmentation follows the seed
+    plain = M.build_model("small_cnn", 4, seed=1, width=2)
+    r3 = T.distill(plain, teacher, tiny_data(), loss="dkd", epochs=1, seed=0, **FAST)
+    assert r3.history[0]["loss"] != r1.history[0]["loss"]
+
+
+# ----------------------------------------------------------------------------------------------- GI
+def test_gi_prior_is_the_teacher_class_mean_from_the_next_epoch():
+    d = tiny_data()
+    teacher = M.build_model("small_cnn", 4, seed=0, width=4)
+    gi = ClassPrior(4)
+    seen = []
+    s = M.build_model("mlp", 4, seed=0, in_shape=(1, 6, 6), hidden=(8,))
+    r = T.distill(s, teacher, d, loss="ikl", gi=True, weight_temperature=2.0, epochs=2, seed=0,
+                  class_prior=gi, callback=lambda h: seen.append(gi.prior.clone()), **FAST)
+    assert len(r.priors) == 3 and torch.equal(r.priors[0], torch.full((4, 4), 0.25))
+    with torch.no_grad():
+        teacher.eval()
+        logits = teacher(d.normalize(d.x_train)).double()
+    probs = torch.softmax(logits / 2.0, dim=1)
+    want = torch.stack([probs[d.y_train == y].mean(0) for y in range(4)]).float()
+    assert torch.allclose(r.priors[1], want, atol=1e-5)  # every training sample, once
+    assert torch.allclose(r.priors[2], want, atol=1e-5)  # frozen teacher, no augmentation
+    assert torch.equal(seen[0], r.priors[1])
+    with pytest.raises(ValueError, match="ikl and gkl only"):
+        T.distill(s, teacher, d, loss="kl", gi=True, epochs=1, **FAST)
+
+
+# ------------------------------------------------------------------------------- stop and interrupt
+@pytest.mark.parametrize("how", ["return_false", "raise_stop", "interrupt"])
+def test_stop_keeps_the_finished_epochs(how):
+    d = tiny_data()
+    teacher = M.build_model("small_cnn", 4, seed=0, width=4)
+    s = M.build_model("mlp", 4, seed=0, in_shape=(1, 6, 6), hidden=(8,))
+    calls = []
+
+    def callback(history):
+        calls.append(len(history))
+        if len(history) == 2:
+            if how == "return_false":
+                return False
+            if how == "raise_stop":
+                raise T.StopTraining
+            raise KeyboardInterrupt
+
+    r = T.distill(s, teacher, d, loss="kl", epochs=5, seed=0, callback=callback, **FAST)
+    assert calls == [1, 2] and len(r.history) == 2
+    assert r.stopped == ("interrupted" if how == "interrupt" else "callback")
+    assert all(p.requires_grad for p in teacher.parameters())
+
+
+# ------------------------------------------------------------------------------------- bad input
+def test_bad_arguments_are_named():
+    d = tiny_data()
+    teacher = M.build_model("small_cnn", 4, seed=0, width=4)
+    s = M.build_model("mlp", 4, seed=0, in_shape=(1, 6, 6), hidden=(8,))
+    cases = [
+        (dict(loss="mse"), ValueError, "unknown loss"),
+        (dict(loss="kl", epochs=0), ValueError, "epochs"),
+        (dict(loss="kl", epochs=1.5), ValueError, "epochs"),
+        (dict(loss="kl", lr=-1.0), ValueError, "lr"),
+        (dict(loss="kl", momentum=1.0), ValueError, "momentum"),
+        (dict(loss="kl", milestones=[3, 2]), ValueError, "milestones"),
+        (dict(loss="kl", temperature=0.0), ValueError, "temperature"),
+        (dict(loss="gkl", gamma=0.0), ValueError, "gamma"),
+        (dict(loss="dkd", beta=-1.0), ValueError, "beta"),
+        (dict(loss="kl", batch_size=0), ValueError, "batch_size"),
+        (dict(loss="kl", warmup_epochs=-1), ValueError, "warmup_epochs"),
+        (dict(loss="ikl", gi="yes"), TypeError, "gi"),
+    ]
+    for kw, err, word in cases:
+        kw.setdefault("epochs", 1)
+        with pytest.raises(err, match=word):
+            T.distill(s, teacher, d, progress=False, device="cpu", **kw)
+    with pytest.raises(ValueError, match="needs a teacher"):
+        T.distill(s, None, d, loss="kl", epochs=1)
+    with pytest.raises(TypeError, match="TensorData"):
+        T.distill(s, teacher, (d.x_train, d.y_train), loss="kl", epochs=1)
+    with pytest.raises(TypeError, match="nn.Module"):
+        T.train_teacher("resnet", d, epochs=1)
+    r = T.distill(s, None, d, loss="ce", epochs=1, **FAST)  # CE needs no teacher
+    assert r.teacher_acc is None and len(r.history) == 1
+
+
+def test_evaluate_and_train_teacher_learns():
+    d = tiny_data()
+    t = M.build_model("small_cnn", 4, seed=0, width=8)
+    r = T.train_teacher(t, d, epochs=4, seed=0, **FAST)
+    assert r.history[-1]["test_acc"] == pytest.approx(T.evaluate(t, d))
+    assert r.best_acc >= 60.0 and r.config["task"] == "teacher"
+    with pytest.raises(ValueError, match="split"):
+        T.evaluate(t, d, split="val")
+
+
+def test_cifar_shaped_pipeline_with_channels_last():
+    """The gpu-short path on the CPU: 3x32x32 images, crop+flip, CIFAR ResNets, channels_last."""
+    d = D.synthetic(n_train=24, n_test=8, num_classes=10, image_shape=(3, 32, 32), seed=0,
+                    augment={"padding": 4, "flip": True})
+    teacher = M.build_model("resnet8", 10, seed=0)
+    student = M.build_model("wrn_16_1", 10, seed=0)
+    r = T.distill(student, teacher, d, loss="ikl", gi=True, epochs=1, seed=0, channels_last=True,
+                  **{**FAST, "batch_size": 12})
+    assert r.config["channels_last"] is True and len(r.history) == 1
+    assert math.isfinite(r.history[0]["loss"]) and r.priors[1].shape == (10, 10)
+    assert student.conv1.weight.is_contiguous(memory_format=torch.channels_last)
