@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 KERNEL := dkl-lib
 PYTEST_ARGS ?=
 
-.PHONY: lab test report bench setup clean
+.PHONY: lab test test-browser report bench setup clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,10 @@ lab: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Only the real-browser tests (JupyterLab + headless Chromium; installs Chromium with apt-get if missing).
+test-browser: $(STAMP)
+	$(PY) -m pytest -m browser $(PYTEST_ARGS)
 
 # Execute every notebook in full (no FAST) and write HTML copies to reports/ (git-ignored).
 # PLOTLY_RENDERER embeds plotly.js in the outputs, so the figures show in the offline HTML.
