@@ -37,6 +37,7 @@ report: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_losses.py
+	$(PY) benchmarks/bench_train.py
 
 clean:
 	rm -rf .pytest_cache .hypothesis reports

@@ -27,12 +27,18 @@ __all__ = [
     "confidence_lines",
     "equivalence_heatmap",
     "cost_lines",
+    "TRAINING_TERMS",
+    "histories_frame",
+    "learning_curves",
+    "final_accuracy_chart",
+    "prior_heatmap",
+    "paper_comparison",
 ]
 
 LOSS_LABELS = {"ce": "CE only", "kl": "KL", "dkl": "DKL", "ikl": "IKL", "gkl": "GKL", "dkd": "DKD",
-               "trades": "TRADES (KL)"}
+               "trades": "TRADES (KL)", "ikl-nogi": "IKL (no GI)", "gkl-nogi": "GKL (no GI)"}
 LOSS_COLORS = {"ce": "#7f7f7f", "kl": "#1f77b4", "dkl": "#17becf", "ikl": "#d62728", "gkl": "#9467bd",
-               "dkd": "#2ca02c", "trades": "#1f77b4"}
+               "dkd": "#2ca02c", "trades": "#1f77b4", "ikl-nogi": "#f4a582", "gkl-nogi": "#c5b0d5"}
 TERM_LABELS = {"wmse": "wMSE", "soft_ce": "soft-label CE", "kl": "KL", "tckd": "TCKD", "nckd": "NCKD",
                "ce": "CE", "total": "total"}
 # terms of one loss share its colour; the pattern tells them apart
@@ -199,4 +205,595 @@ def cost_lines(df, *, title: str = "wMSE cost: closed form vs literal pairwise s
     fig.update_xaxes(type="log", title_text="classes C")
     fig.update_yaxes(type="log")
     fig.update_layout(title=title, template="plotly_white", height=380)
+    return fig
+
+
+# ------------------------------------------------------------------------------ notebook 05
+def drift_lines(drifts: dict, *, title: str = "KL vs DKL, same seed: how far the two students drift apart"):
+    """Largest parameter difference per epoch (log scale), one line per precision.
+
+    ``drifts`` maps a label (e.g. "float64") to a DataFrame of :func:`dkl_lib.analysis.parameter_drift`.
+    """
+    fig = go.Figure()
+    for name, df in drifts.items():
+        fig.add_scatter(x=df["epoch"], y=df["max_param_diff"].clip(lower=1e-18), mode="lines+markers", name=name)
+    fig.update_layout(title=title, xaxis_title="epoch", yaxis_title="max |θ_KL − θ_DKL|", yaxis_type="log",
+                      template="plotly_white", height=380)
+    return fig
+
+
+def metric_bars(df, metrics: dict, *, title: str = "IKL with and without class-wise global information"):
+    """One panel per metric: mean over seeds per loss, error bar = std (from ``prediction_metrics``).
+
+    ``metrics`` maps a column of ``df`` to its axis title.
+    """
+    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=list(metrics.values()))
+    stats = df.groupby("loss", sort=False)[list(metrics)].agg(["mean", "std", "count"])
+    for col, metric in enumerate(metrics, start=1):
+        names = list(stats.index)
+        fig.add_bar(x=names, y=stats[(metric, "mean")], showlegend=False,
+                    error_y=dict(type="data", array=stats[(metric, "std")].fillna(0).tolist()),
+                    marker_color=[color(n) for n in names],
+                    text=[f"n={int(c)}" for c in stats[(metric, "count")]], textposition="inside",
+                    row=1, col=col)
+    fig.update_layout(title=title, template="plotly_white", height=380)
+    return fig
+
+
+def reliability_diagram(tables: dict, *, title: str = "Reliability diagram (test set, all seeds pooled)"):
+    """Accuracy against confidence per bin, one line per model, with the diagonal of perfect calibration.
+
+    ``tables`` maps a label to a :func:`dkl_lib.analysis.reliability_table` DataFrame.
+    """
+    fig = go.Figure()
+    fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(color="#999", dash="dot"), name="perfect")
+    for name, table in tables.items():
+        used = table[table["count"] > 0]
+        fig.add_scatter(x=used["confidence"], y=used["accuracy"], mode="lines+markers", name=name,
+                        text=[f"n={c}" for c in used["count"]],
+                        line=dict(color=color(name)))
+    fig.update_layout(title=title, xaxis_title="confidence", yaxis_title="accuracy", template="plotly_white",
+                      height=400, xaxis_range=[0, 1.02], yaxis_range=[0, 1.02])
+    return fig
+
+
+def sensitivity_heatmap(summary, x: str, y: str, *, value: str = "best",
+                        title: str = "Sensitivity: best test accuracy (mean ± std, n runs)"):
+    """Heatmap of mean accuracy over two hyper-parameters, each cell labelled mean ± std (n)."""
+    import numpy as np
+
+    mean = summary.pivot(index=y, columns=x, values=f"{value}_mean")
+    std = summary.pivot(index=y, columns=x, values=f"{value}_std")
+    count = summary.pivot(index=y, columns=x, values="n")
+    text = [[f"{m:.2f} ± {0.0 if np.isnan(s) else s:.2f} (n={int(n)})" for m, s, n in zip(mr, sr, nr)]
+            for mr, sr, nr in zip(mean.to_numpy(), std.to_numpy(), count.to_numpy())]
+    fig = go.Figure(go.Heatmap(z=mean.to_numpy(), x=[str(v) for v in mean.columns], y=[str(v) for v in mean.index],
+                               text=text, texttemplate="%{text}", colorscale="Viridis",
+                               colorbar=dict(title="accuracy (%)")))
+    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, template="plotly_white", height=380)
+    return fig
+
+
+def sensitivity_lines(summary, x: str, *, value: str = "best",
+                      title: str = "Sensitivity: best test accuracy (mean ± std over seeds)"):
+    """Mean accuracy against one hyper-parameter with std error bars (e.g. γ for GKL)."""
+    fig = go.Figure(go.Scatter(x=summary[x], y=summary[f"{value}_mean"], mode="lines+markers",
+                               error_y=dict(type="data", array=summary[f"{value}_std"].fillna(0).tolist()),
+                               text=[f"n={int(n)}" for n in summary["n"]], line=dict(color=color("gkl"))))
+    fig.update_layout(title=title, xaxis_title=x, yaxis_title="test accuracy (%)", template="plotly_white",
+                      height=360)
+    return fig
+
+
+# ------------------------------------------------------------------------------ notebook 03: training
+#: History columns that hold named loss terms (per-epoch means), in display order.
+TRAINING_TERMS = ("ce", "kl", "soft_ce", "wmse", "tckd", "nckd")
+_METRIC_LABELS = {"test_acc": "test accuracy (%)", "train_acc": "train accuracy (%)", "loss": "total loss",
+                  "logit_gap": "logit-difference gap to the teacher (test set)"}
+
+
+def histories_frame(histories):
+    """One long DataFrame (loss, seed, epoch, ...) from training histories.
+
+    ``histories`` is ``GridResult.histories`` ({(loss, seed): per-epoch DataFrame or list of
+    dicts}) or already a long DataFrame with ``loss`` and ``seed`` columns (returned as a copy).
+    """
+    import pandas as pd
+
+    if isinstance(histories, pd.DataFrame):
+        missing = {"loss", "seed", "epoch"} - set(histories.columns)
+        if missing:
+            raise ValueError(f"a history DataFrame needs the columns loss, seed, epoch; missing {sorted(missing)}")
+        return histories.copy()
+    if not isinstance(histories, dict) or not histories:
+        raise ValueError("histories must be a non-empty dict {(loss, seed): history} or a long DataFrame")
+    parts = []
+    for key, hist in histories.items():
+        if not (isinstance(key, tuple) and len(key) == 2):
+            raise ValueError(f"history keys must be (loss, seed) pairs, got {key!r}")
+        frame = hist if isinstance(hist, pd.DataFrame) else pd.DataFrame(list(hist))
+        parts.append(frame.assign(loss=key[0], seed=key[1]))
+    long = pd.concat(parts, ignore_index=True)
+    front = ["loss", "seed", "epoch"]
+    return long[front + [c for c in long.columns if c not in front]]
+
+
+def _mean_std(part, column):
+    """Per-epoch mean and sample std (ddof = 1; 0 for a single seed) of ``column``, and n."""
+    stats = part.groupby("epoch")[column].agg(["mean", "std", "count"]).reset_index()
+    stats["std"] = stats["std"].fillna(0.0)
+    return stats
+
+
+def _band(fig, stats, *, loss, row, col):
+    """A filled mean ± std band (one closed polygon) in the loss's colour; hover off."""
+    x = stats["epoch"].tolist()
+    upper = (stats["mean"] + stats["std"]).tolist()
+    lower = (stats["mean"] - stats["std"]).tolist()
+    fig.add_scatter(x=x + x[::-1], y=upper + lower[::-1], fill="toself", fillcolor=color(loss),
+                    opacity=0.18, line=dict(width=0), hoverinfo="skip", showlegend=False,
+                    legendgroup=loss, name=f"{label(loss)} ± std", meta={"loss": loss, "kind": "band"},
+                    row=row, col=col)
+
+
+def learning_curves(histories, *, terms=None, metric: str = "test_acc", band: bool = True, cols: int = 3,
+                    title: str = "Learning curves: mean ± std over seeds, per loss"):
+    """Learning curves per loss: ``metric`` per epoch, then each named loss term per epoch.
+
+    One panel for ``metric`` (default: test accuracy) and one per term (``ce``, ``kl``,
+    ``soft_ce``, ``wmse``, ``tckd``, ``nckd``: :data:`TRAINING_TERMS`, or ``terms``) that at least
+    one loss logged. Each loss draws its per-epoch mean over seeds as a line (hover: mean ± std, n)
+    and, with ``band``, a mean ± std band (sample std, ddof = 1). The term values are the epoch
+    means the trainer logged, before the KD warm-up factor. One legend entry per loss toggles it in
+    every panel.
+
+    Args:
+        histories: ``GridResult.histories`` or a long DataFrame (see :func:`histories_frame`).
+        terms: term columns to draw (default: those of :data:`TRAINING_TERMS` present).
+        metric: a history column for the first panel ("test_acc", "train_acc", "loss").
+
+    Trace ``meta`` holds {"loss", "panel", "kind": "mean" | "band"} so tests and callers can find
+    a curve. Notebook: 03_knowledge_distillation.
+    """
+    import math
+
+    long = histories_frame(histories)
+    if metric not in long.columns:
+        raise ValueError(f"metric {metric!r} is not a history column; have {sorted(long.columns)}")
+    if terms is None:
+        terms = [t for t in TRAINING_TERMS if t in long.columns and long[t].notna().any()]
+    else:
+        terms = list(terms)
+        unknown = [t for t in terms if t not in long.columns]
+        if unknown:
+            raise ValueError(f"terms {unknown} are not history columns; have {sorted(long.columns)}")
+    panels = [metric] + terms
+    rows = math.ceil(len(panels) / cols)
+    names = [_METRIC_LABELS.get(metric, metric)] + [f"{TERM_LABELS.get(t, t)} term" for t in terms]
+    fig = make_subplots(rows=rows, cols=min(cols, len(panels)), subplot_titles=names,
+                        horizontal_spacing=0.07, vertical_spacing=0.14 if rows > 1 else 0.1)
+    losses = list(dict.fromkeys(long["loss"]))
+    for i, panel in enumerate(panels):
+        row, col = i // cols + 1, i % cols + 1
+        for loss in losses:
+            part = long[(long["loss"] == loss) & long[panel].notna()]
+            if part.empty:
+                continue
+            stats = _mean_std(part, panel)
+            if band:
+                _band(fig, stats, loss=loss, row=row, col=col)
+            fig.add_scatter(x=stats["epoch"].tolist(), y=stats["mean"].tolist(), mode="lines",
+                            name=label(loss), legendgroup=loss, showlegend=(i == 0),
+                            line=dict(color=color(loss), width=2,
+                                      dash="dash" if loss in ("dkl", "ikl-nogi", "gkl-nogi") else "solid"),
+                            customdata=list(zip(stats["std"].tolist(), stats["count"].tolist())),
+                            hovertemplate=(f"{label(loss)} · epoch %{{x}}: %{{y:.4g}} ± %{{customdata[0]:.2g}}"
+                                           " (n=%{customdata[1]})<extra></extra>"),
+                            meta={"loss": loss, "panel": panel, "kind": "mean"}, row=row, col=col)
+        fig.update_xaxes(title_text="epoch", row=row, col=col)
+    fig.update_layout(title=title, template="plotly_white", height=300 * rows + 80, legend_title="loss")
+    return fig
+
+
+def final_accuracy_chart(runs, *, teacher_acc: Optional[float] = None, order=None,
+                         title: Optional[str] = None, figsize=(11, 4.2)):
+    """Final test accuracy per loss, best epoch and last epoch side by side (seaborn).
+
+    Two panels sharing the y axis; in each, one point per loss at the mean over seeds with an
+    error bar of ± one sample std (ddof = 1, the std of :func:`dkl_lib.experiments.summarize`),
+    and every seed's own value as a small dot, so nothing hides behind the error bar. A dashed
+    line marks ``teacher_acc``.
+
+    Args:
+        runs: ``GridResult.runs`` (columns loss, seed, best_acc, last_acc).
+        teacher_acc: the teacher's test accuracy (percent), or None.
+        order: losses in display order (default: as they appear in ``runs``).
+
+    Returns:
+        a ``matplotlib.figure.Figure``. It is closed in pyplot before it is returned, so a notebook
+        shows it exactly once, when the cell's value is the figure (or with ``display(fig)``);
+        ``fig.savefig(...)`` works as usual. Notebook: 03_knowledge_distillation.
+    """
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import seaborn as sns
+
+    missing = {"loss", "seed", "best_acc", "last_acc"} - set(runs.columns)
+    if missing:
+        raise ValueError(f"runs needs the columns loss, seed, best_acc, last_acc; missing {sorted(missing)}")
+    order = list(order) if order is not None else list(dict.fromkeys(runs["loss"]))
+    long = runs.melt(id_vars=["loss", "seed"], value_vars=["best_acc", "last_acc"], var_name="epoch",
+                     value_name="accuracy")
+    long["name"] = long["loss"].map(label)
+    names = [label(loss) for loss in order]
+    palette = {label(loss): color(loss) for loss in order}
+    fig, axes = plt.subplots(1, 2, figsize=figsize, sharey=True)
+    for ax, (column, heading) in zip(axes, (("best_acc", "best epoch"), ("last_acc", "last epoch"))):
+        part = long[long["epoch"] == column]
+        sns.stripplot(data=part, x="name", y="accuracy", hue="name", order=names, hue_order=names,
+                      palette=palette, size=4, alpha=0.45, jitter=0.12, legend=False, ax=ax, zorder=1)
+        sns.pointplot(data=part, x="name", y="accuracy", hue="name", order=names, hue_order=names,
+                      palette=palette, errorbar="sd", capsize=0.25, linestyle="none", markers="D",
+                      legend=False, ax=ax)
+        if teacher_acc is not None:
+            ax.axhline(teacher_acc, color="black", linestyle="--", linewidth=1)
+            ax.annotate(f"teacher {teacher_acc:.2f}", (1.0, teacher_acc), xycoords=("axes fraction", "data"),
+                        ha="right", va="bottom", fontsize=9)
+        n = part.groupby("loss")["seed"].nunique()
+        seeds = str(int(n.min())) if n.min() == n.max() else f"{int(n.min())}–{int(n.max())}"
+        ax.set_title(f"{heading} (mean ± std, n = {seeds} seeds)")
+        ax.set_xlabel("")
+        ax.set_ylabel("test accuracy (%)")
+        ax.tick_params(axis="x", labelrotation=30)
+        ax.grid(axis="y", alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    plt.close(fig)  # not left open in pyplot: shown once, as the returned value
+    return fig
+
+
+def _prior_array(priors):
+    import numpy as np
+
+    if isinstance(priors, (list, tuple)):
+        priors = [p.detach().cpu().numpy() if hasattr(p, "detach") else np.asarray(p) for p in priors]
+        arr = np.stack(priors) if priors else np.zeros((0,))
+    elif hasattr(priors, "detach"):
+        arr = priors.detach().cpu().numpy()
+    else:
+        arr = np.asarray(priors)
+    if arr.ndim != 3 or arr.shape[1] != arr.shape[2] or arr.shape[0] < 1:
+        raise ValueError(f"priors must have shape (snapshots, C, C), got {tuple(arr.shape)}")
+    return arr.astype(float)
+
+
+def prior_heatmap(priors, *, epochs=None, layout: str = "slider", diagonal: bool = True, class_names=None,
+                  cols: int = 4, title: str = "Class prior (GI): row y = mean teacher distribution over class y"):
+    """The class prior of :class:`dkl_lib.prior.ClassPrior` over epochs, as a heatmap.
+
+    ``priors`` is ``ClassPrior.history`` / ``history_tensor()`` or ``GridResult.priors[key]``:
+    snapshot e (0-based) is the prior after e epochs, i.e. the one used during epoch e + 1
+    (snapshot 0 is the uniform start).
+
+    Args:
+        epochs: the snapshots to show (default: all for the slider, about six for the grid).
+        layout: "slider" (one heatmap, a slider / play button over the snapshots, plotly frames;
+            the figure opens on the last snapshot) or "grid" (small multiples, one per snapshot).
+        diagonal: False blanks the diagonal (each class's own probability) so the colour scale
+            spreads over the off-diagonal entries: which classes the teacher confuses.
+        class_names: tick labels (default 0..C-1).
+
+    One colour scale for every snapshot (0 to the largest value shown), so colours compare across
+    epochs. Notebook: 03_knowledge_distillation.
+    """
+    import numpy as np
+
+    arr = _prior_array(priors)
+    count, classes = arr.shape[0], arr.shape[1]
+    if layout not in ("slider", "grid"):
+        raise ValueError(f"layout must be 'slider' or 'grid', got {layout!r}")
+    if epochs is None:
+        epochs = list(range(count)) if layout == "slider" else \
+            sorted(set(np.linspace(0, count - 1, min(count, 6)).round().astype(int).tolist()))
+    epochs = [int(e) for e in epochs]
+    if not epochs or any(e < 0 or e >= count for e in epochs):
+        raise ValueError(f"epochs must lie in [0, {count - 1}], got {epochs}")
+    if not diagonal:
+        arr = arr.copy()
+        arr[:, np.arange(classes), np.arange(classes)] = np.nan
+    names = [str(c) for c in (class_names if class_names is not None else range(classes))]
+    zmax = float(np.nanmax(arr[epochs])) if np.isfinite(arr[epochs]).any() else 1.0
+    scale = dict(colorscale="Viridis", zmin=0.0, zmax=zmax)
+
+    def heat(e, **kw):
+        z = [[None if np.isnan(v) else float(v) for v in row] for row in arr[e]]
+        return go.Heatmap(z=z, x=names, y=names, hovertemplate="true class %{y} → class %{x}: %{z:.3f}"
+                          "<extra>after " + str(e) + " epochs</extra>", **kw)
+
+    def caption(e):
+        return f"after {e} epoch{'s' if e != 1 else ''}" + (" (uniform start)" if e == 0 else "")
+
+    if layout == "grid":
+        rows = -(-len(epochs) // cols)
+        fig = make_subplots(rows=rows, cols=min(cols, len(epochs)), subplot_titles=[caption(e) for e in epochs],
+                            horizontal_spacing=0.04, vertical_spacing=0.12)
+        for i, e in enumerate(epochs):
+            fig.add_trace(heat(e, coloraxis="coloraxis"), row=i // cols + 1, col=i % cols + 1)
+        fig.update_layout(coloraxis=dict(colorscale="Viridis", cmin=0.0, cmax=zmax, colorbar=dict(title="p")))
+        fig.update_yaxes(autorange="reversed", dtick=1)
+        fig.update_xaxes(dtick=1)
+        fig.update_layout(title=title, template="plotly_white", height=300 * rows + 60)
+        return fig
+
+    last = epochs[-1]
+    fig = go.Figure(heat(last, colorbar=dict(title="p"), **scale))
+    fig.frames = [go.Frame(data=[heat(e, **scale)], name=str(e)) for e in epochs]
+    steps = [dict(method="animate", label=str(e),
+                  args=[[str(e)], dict(mode="immediate", frame=dict(duration=0, redraw=True),
+                                       transition=dict(duration=0))]) for e in epochs]
+    fig.update_layout(
+        title=title, template="plotly_white", height=520, width=620,
+        xaxis=dict(title="class k", dtick=1), yaxis=dict(title="true class y", autorange="reversed", dtick=1),
+        sliders=[dict(active=len(epochs) - 1, steps=steps, currentvalue=dict(prefix="epochs finished: "),
+                      x=0.1, len=0.9, pad=dict(t=50))],
+        updatemenus=[dict(type="buttons", showactive=False, x=0.0, y=0.0, xanchor="left", yanchor="top",
+                          pad=dict(t=75),
+                          buttons=[dict(label="▶", method="animate",
+                                        args=[None, dict(frame=dict(duration=400, redraw=True),
+                                                         fromcurrent=False, transition=dict(duration=0))])])],
+    )
+    return fig
+
+
+def paper_comparison(summary, *, config: Optional[dict] = None, teacher_acc: Optional[float] = None,
+                     paper=None, dataset: str = "CIFAR-100", teacher: str = "resnet32x4",
+                     student: str = "resnet8x4"):
+    """Our mean ± std beside the paper's number, one row each, with a ``who`` column.
+
+    For every method (teacher, each loss of ``summary``), the row ``who = "ours (measured here)"``
+    holds our best-epoch and last-epoch mean ± std over seeds on OUR data and models (named in
+    the ``data`` and ``teacher → student`` columns), and the row ``who = "paper (published)"``
+    the published top-1 for ``dataset`` / ``teacher`` → ``student`` with its source. Methods the
+    paper does not report (DKL, GKL, IKL without GI) have no paper row. The two rows of a method
+    are adjacent; their numbers are NOT comparable when the data differ (digits vs CIFAR-100).
+
+    Args:
+        summary: ``GridResult.summary`` (loss, n, best_acc_mean/std, last_acc_mean/std).
+        config: ``GridResult.config`` (names our data, models and preset).
+        teacher_acc: our teacher's test accuracy (``GridResult.teacher["acc"]``, its final weights).
+        paper: :func:`dkl_lib.experiments.paper_results` (default: loaded from data/).
+
+    Returns:
+        a DataFrame with columns method, who, data, teacher → student, "top-1 (%)" (ours: the
+        best-epoch test accuracy, mean ± std over seeds; the paper's: the published figure),
+        "last epoch (%)" (ours only), seeds, source. Notebook: 03_knowledge_distillation.
+    """
+    import math
+
+    import pandas as pd
+
+    if paper is None:
+        from .experiments import paper_results
+
+        paper = paper_results()
+    sel = paper[(paper["dataset"] == dataset) & (paper["teacher"] == teacher) & (paper["student"] == student)]
+    config = config or {}
+    data_name = (config.get("data") or {}).get("name", "?")
+    n_train = (config.get("data") or {}).get("n_train")
+    ours_data = data_name + (f" ({n_train} train images)" if n_train else "")
+    ours_pair = f"{(config.get('teacher') or {}).get('model', '?')} → {(config.get('student') or {}).get('model', '?')}"
+    ours_source = f"measured with dkl_lib, preset {config.get('preset', '?')!r}"
+    paper_pair = f"{teacher} → {student}"
+
+    def fmt(mean, std, n):
+        if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+            return "—"
+        return f"{mean:.2f}" if n < 2 or std is None or math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+
+    def paper_row(method, key):
+        hit = sel[sel["method"] == "teacher"] if key == "teacher" else sel[sel["loss"] == key]
+        if hit.empty:
+            return None
+        r = hit.iloc[0]
+        return {"method": method, "who": "paper (published)", "data": dataset, "teacher → student": paper_pair,
+                "top-1 (%)": f"{float(r['top1']):.2f}", "last epoch (%)": "—", "seeds": "—",
+                "source": f"{r['source']} (paper's name: {r['method']})"}
+
+    rows = []
+    if teacher_acc is not None:
+        rows.append({"method": "teacher", "who": "ours (measured here)", "data": ours_data,
+                     "teacher → student": ours_pair, "top-1 (%)": f"{teacher_acc:.2f}",
+                     "last epoch (%)": f"{teacher_acc:.2f}", "seeds": 1,
+                     "source": ours_source + " (the teacher's final weights, which the students learn from)"})
+    row = paper_row("teacher", "teacher")
+    if row:
+        rows.append(row)
+    for _, s in summary.iterrows():
+        loss = s["loss"]
+        n = int(s["n"])
+        rows.append({"method": label(loss), "who": "ours (measured here)", "data": ours_data,
+                     "teacher → student": ours_pair,
+                     "top-1 (%)": fmt(s["best_acc_mean"], s["best_acc_std"], n),
+                     "last epoch (%)": fmt(s["last_acc_mean"], s["last_acc_std"], n),
+                     "seeds": n, "source": ours_source})
+        row = paper_row(label(loss), loss) if "-" not in loss else None
+        if row:
+            rows.append(row)
+    return pd.DataFrame(rows, columns=["method", "who", "data", "teacher → student", "top-1 (%)",
+                                       "last epoch (%)", "seeds", "source"])
+
+
+# ============================================================== notebook 04: adversarial training
+#: Legend names of the adversarial-training runs (the loss keys of dkl_lib.train.ADV_LOSSES).
+ADV_LOSS_LABELS = {"ce": "natural training (CE)", "trades": "TRADES (KL)", "ikl": "IKL-AT"}
+#: Colours of the sanity-check outcomes.
+CHECK_STATUS_COLORS = {"pass": "#2ca02c", "warn": "#ff7f0e", "fail": "#d62728"}
+_ADV_METRICS = {"test_acc": "clean accuracy (%)", "test_robust_acc": "robust accuracy, PGD (%)",
+                "train_acc": "train accuracy, clean (%)", "train_adv_acc": "train accuracy, adversarial (%)"}
+__all__ += ["ADV_LOSS_LABELS", "CHECK_STATUS_COLORS", "adv_label", "adversarial_examples", "adversarial_curves",
+            "robustness_vs_epsilon", "sanity_check_table", "adversarial_comparison_bars"]
+
+
+def adv_label(loss: str) -> str:
+    """Legend name of an adversarial-training loss ("IKL-AT", "TRADES (KL)", ...)."""
+    return ADV_LOSS_LABELS.get(loss, label(loss))
+
+
+def _adv_band(fig, x, mean, std, *, loss, row=None, col=None):
+    upper = [m + s for m, s in zip(mean, std)]
+    lower = [m - s for m, s in zip(mean, std)]
+    kw = {} if row is None else {"row": row, "col": col}
+    fig.add_scatter(x=list(x) + list(x)[::-1], y=upper + lower[::-1], fill="toself", fillcolor=color(loss),
+                    opacity=0.18, line=dict(width=0), hoverinfo="skip", showlegend=False, legendgroup=loss,
+                    name=f"{adv_label(loss)} ± std", meta={"loss": loss, "kind": "band"}, **kw)
+
+
+def adversarial_examples(x, x_adv, y, pred_clean, pred_adv, *, n: int = 8, epsilon: Optional[float] = None,
+                         title: str = "Adversarial examples: clean image, perturbation, adversarial image"):
+    """A 3 × n grid of grey images: clean inputs (top), the perturbation x′ − x (middle, on a
+    diverging scale of ±ε) and the adversarial inputs (bottom); column titles give the label and
+    the predictions, e.g. "y=3: 3 → 8".
+
+    Args:
+        x, x_adv: (N, 1, H, W) or (N, H, W) tensors / arrays in [0, 1]; y, pred_clean, pred_adv:
+            (N,) class indices. The first ``n`` samples are drawn.
+        epsilon: the colour range of the perturbation row (default: its largest magnitude).
+    """
+    import numpy as np
+
+    def arr(a):
+        a = a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
+        return a.reshape(a.shape[0], a.shape[-2], a.shape[-1]) if a.ndim == 4 else a
+
+    x, x_adv = arr(x)[:n], arr(x_adv)[:n]
+    y, pc, pa = (np.asarray(arr(v)).reshape(-1)[:n] for v in (y, pred_clean, pred_adv))
+    n = x.shape[0]
+    delta = x_adv - x
+    scale = float(epsilon) if epsilon else float(np.abs(delta).max() or 1.0)
+    titles = [f"y={int(t)}: {int(a)} → {int(b)}" for t, a, b in zip(y, pc, pa)]
+    fig = make_subplots(rows=3, cols=n, subplot_titles=titles + [""] * (2 * n),
+                        horizontal_spacing=0.01, vertical_spacing=0.04)
+    for j in range(n):
+        for row, img, kw in ((1, x[j], dict(zmin=0, zmax=1, colorscale="gray_r")),
+                             (2, delta[j], dict(zmin=-scale, zmax=scale, colorscale="RdBu")),
+                             (3, x_adv[j], dict(zmin=0, zmax=1, colorscale="gray_r"))):
+            fig.add_heatmap(z=img[::-1], showscale=(j == n - 1 and row == 2), row=row, col=j + 1,
+                            colorbar=dict(title="x′ − x", len=0.3, y=0.5), hovertemplate="%{z:.3f}<extra></extra>",
+                            **kw)
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False, scaleanchor="x")
+    for row, name in ((1, "clean"), (2, "perturbation"), (3, "adversarial")):
+        fig.update_yaxes(visible=True, showticklabels=False, title_text=name, row=row, col=1)
+    fig.update_layout(title=title, height=380, margin=dict(t=80, l=60, r=20, b=10))
+    fig.update_annotations(font_size=11)
+    return fig
+
+
+def adversarial_curves(histories, *, metrics=("test_acc", "test_robust_acc"), band: bool = True,
+                       title: str = "Clean and robust accuracy per epoch: mean ± std over seeds"):
+    """One panel per metric (default: clean test accuracy and the per-epoch PGD robust accuracy),
+    one line per loss (mean over seeds) with a ± std band.
+
+    ``histories``: ``AdvGridResult.histories`` ({(loss, seed): per-epoch DataFrame}) or a long
+    DataFrame with loss, seed, epoch and the metric columns.
+    """
+    long = histories_frame(histories)
+    metrics = [m for m in metrics if m in long.columns]
+    if not metrics:
+        raise ValueError(f"none of the metrics is in the histories; columns: {sorted(long.columns)}")
+    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[_ADV_METRICS.get(m, m) for m in metrics])
+    for col, metric in enumerate(metrics, start=1):
+        for loss in dict.fromkeys(long["loss"]):
+            part = long[long["loss"] == loss]
+            stats = part.groupby("epoch")[metric].agg(["mean", "std"]).reset_index()
+            stats["std"] = stats["std"].fillna(0.0)
+            if band and part["seed"].nunique() > 1:
+                _adv_band(fig, stats["epoch"], stats["mean"].tolist(), stats["std"].tolist(), loss=loss,
+                          row=1, col=col)
+            fig.add_scatter(x=stats["epoch"], y=stats["mean"], mode="lines+markers", name=adv_label(loss),
+                            line=dict(color=color(loss)), legendgroup=loss, showlegend=(col == 1),
+                            meta={"loss": loss, "metric": metric, "kind": "mean"}, row=1, col=col)
+        fig.update_xaxes(title_text="epoch", row=1, col=col)
+        fig.update_yaxes(title_text="%", row=1, col=col)
+    fig.update_layout(title=title, height=380, hovermode="x unified")
+    return fig
+
+
+def robustness_vs_epsilon(frame, *, train_epsilon: Optional[float] = None,
+                          title: str = "Robust accuracy (PGD) against the attack radius ε"):
+    """Accuracy against ε, one line per loss: mean over seeds with ± std error bars.
+
+    ``frame``: a DataFrame with columns loss, seed, epsilon, accuracy (e.g. the rows of
+    :func:`dkl_lib.attacks.accuracy_vs_epsilon` for each model, tagged with loss and seed); a
+    dashed line marks the training ε.
+    """
+    missing = {"loss", "epsilon", "accuracy"} - set(frame.columns)
+    if missing:
+        raise ValueError(f"frame needs the columns loss, epsilon, accuracy; missing {sorted(missing)}")
+    fig = go.Figure()
+    for loss in dict.fromkeys(frame["loss"]):
+        stats = frame[frame["loss"] == loss].groupby("epsilon")["accuracy"].agg(["mean", "std"]).reset_index()
+        fig.add_scatter(x=stats["epsilon"], y=stats["mean"], mode="lines+markers", name=adv_label(loss),
+                        line=dict(color=color(loss)), meta={"loss": loss},
+                        error_y=dict(type="data", array=stats["std"].fillna(0.0), visible=True))
+    if train_epsilon is not None:
+        fig.add_vline(x=train_epsilon, line_dash="dash", line_color="#555555",
+                      annotation_text=f"training ε = {train_epsilon:g}", annotation_position="top right")
+    fig.update_layout(title=title, xaxis_title="ε (L∞, images in [0, 1])", yaxis_title="accuracy (%)",
+                      yaxis_range=[0, 101], height=380)
+    return fig
+
+
+def sanity_check_table(checks, *, title: str = "Sanity checks of every evaluation (green pass, orange flag, red FAIL)"):
+    """A coloured grid: one row per run (loss, seed), one column per check, cell = its status;
+    hovering shows the check's detail.
+
+    ``checks``: ``AdvGridResult.checks`` (loss, seed, check, status, detail) or the rows of one
+    ``RobustnessReport.checks_frame()`` (then one row, named "model").
+    """
+    import pandas as pd
+
+    checks = pd.DataFrame(checks).copy()
+    if "loss" not in checks:
+        checks["loss"], checks["seed"] = "model", ""
+    checks["run"] = [f"{adv_label(l)} · seed {s}" if s != "" else str(l) for l, s in zip(checks["loss"], checks["seed"])]
+    runs = list(dict.fromkeys(checks["run"]))
+    names = list(dict.fromkeys(checks["check"]))
+    code = {"pass": 0, "warn": 1, "fail": 2}
+    z, text, hover = [], [], []
+    for run in runs:
+        part = checks[checks["run"] == run].set_index("check")
+        z.append([code.get(part.loc[c, "status"], 2) if c in part.index else None for c in names])
+        text.append([part.loc[c, "status"].upper() if c in part.index else "" for c in names])
+        hover.append([str(part.loc[c, "detail"]) if c in part.index else "" for c in names])
+    scale = [[0.0, CHECK_STATUS_COLORS["pass"]], [0.33, CHECK_STATUS_COLORS["pass"]],
+             [0.34, CHECK_STATUS_COLORS["warn"]], [0.66, CHECK_STATUS_COLORS["warn"]],
+             [0.67, CHECK_STATUS_COLORS["fail"]], [1.0, CHECK_STATUS_COLORS["fail"]]]
+    fig = go.Figure(go.Heatmap(z=z, x=names, y=runs, text=text, texttemplate="%{text}", customdata=hover,
+                               hovertemplate="%{y}<br>%{x}: %{text}<br>%{customdata}<extra></extra>",
+                               colorscale=scale, zmin=0, zmax=2, showscale=False, xgap=2, ygap=2))
+    fig.update_layout(title=title, height=max(220, 60 + 34 * len(runs)), yaxis_autorange="reversed",
+                      xaxis_tickangle=-30, margin=dict(l=160))
+    return fig
+
+
+def adversarial_comparison_bars(table, *, title: str = "Ours (measured here) beside the paper's published numbers"):
+    """Grouped bars of clean and robust accuracy, one bar group per row of ``table``
+    (:meth:`dkl_lib.experiments.AdvGridResult.comparison`): our runs solid, the paper's hatched,
+    each labelled with its data, model and attack, so that they are never mistaken for each other."""
+    fig = go.Figure()
+    for metric, name in (("clean", "clean"), ("robust", "robust")):
+        x = [f"{r['method']}<br>{r['who']}<br>{r['data']}" for _, r in table.iterrows()]
+        y = [r[f"{metric} (%)"] for _, r in table.iterrows()]
+        err = [r.get(f"{metric} std", 0.0) or 0.0 for _, r in table.iterrows()]
+        colors = [color(r["loss"]) for _, r in table.iterrows()]
+        pattern = ["/" if r["who"].startswith("paper") else "" for _, r in table.iterrows()]
+        fig.add_bar(x=x, y=y, name=name, marker=dict(color=colors, pattern_shape=pattern,
+                    opacity=1.0 if metric == "clean" else 0.6),
+                    error_y=dict(type="data", array=err, visible=True), offsetgroup=metric,
+                    text=[f"{v:.1f}" for v in y], textposition="outside",
+                    hovertext=[r["attack"] for _, r in table.iterrows()], meta={"metric": metric})
+    fig.update_layout(title=title, barmode="group", yaxis_title="accuracy (%)", yaxis_range=[0, 105], height=440,
+                      legend_title_text="accuracy (robust: the attack in the hover text)")
     return fig

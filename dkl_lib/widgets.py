@@ -187,3 +187,246 @@ def weights_dashboard(target_logits: Optional[torch.Tensor] = None, targets: Opt
     state = {"target_logits": target_logits, "targets": targets}
     return _wire(Dashboard(W.VBox([W.HBox(list(controls.values())), figure]), figure, controls, weights_update,
                            state))
+
+
+# ------------------------------------------------------------------------- training dashboard
+#: which controls mean something for which loss (the others are disabled in the UI)
+LOSS_CONTROLS = {
+    "ce": set(),
+    "kl": {"temperature"},
+    "dkl": {"temperature", "alpha", "beta"},
+    "dkd": {"temperature", "alpha", "beta"},
+    "ikl": {"temperature", "alpha", "beta", "weight_temperature", "gi"},
+    "gkl": {"temperature", "alpha", "beta", "weight_temperature", "gi", "gamma"},
+}
+LOSS_HPARAMS = ("temperature", "alpha", "beta", "weight_temperature", "gi", "gamma")
+
+
+def enabled_controls(loss: str) -> set:
+    """The loss hyper-parameter controls that apply to ``loss`` (γ only for GKL, and so on)."""
+    if loss not in LOSS_CONTROLS:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(LOSS_CONTROLS)}")
+    return set(LOSS_CONTROLS[loss])
+
+
+def run_request(values: dict):
+    """(loss spec, seed, preset, overrides) for :func:`dkl_lib.experiments.run_grid` from control values.
+
+    Only the hyper-parameters the loss uses become overrides, so the cache key of a run does not
+    depend on controls that were disabled.
+    """
+    loss = values["loss"]
+    used = enabled_controls(loss)
+    overrides = {"distill.epochs": int(values["epochs"])}
+    if "temperature" in used:
+        overrides["distill.temperature"] = float(values["temperature"])
+    for key in ("alpha", "beta", "weight_temperature", "gamma"):
+        if key in used:
+            overrides[f"losses.{loss}.{key}"] = float(values[key])
+    spec = loss
+    if "gi" in used:
+        spec = loss if values["gi"] else f"{loss}-nogi"
+    return spec, int(values["seed"]), values["preset"], overrides
+
+
+class TrainingSession:
+    """Short trainings in a background thread, one at a time; the logic behind the dashboard.
+
+    ``start(values)`` launches :func:`dkl_lib.experiments.run_grid` for one (loss, seed) in a
+    daemon thread and returns at once; ``on_epoch(history)`` is called after every computed epoch,
+    ``on_finish(row)`` after the run (cached runs finish at once), ``on_error(exc)`` on failure.
+    ``stop()`` ends the run after the current epoch (the partial run is reported, not cached).
+    ``base_overrides`` (dotted preset keys, e.g. ``{"data.n_train": 300}``) apply to every run.
+    Finished runs accumulate in :meth:`results` (one row per run, with its configuration), which
+    :meth:`export_csv` writes out.
+    """
+
+    def __init__(self, *, cache_dir=None, device=None, base_overrides=None, on_epoch=None, on_finish=None,
+                 on_error=None):
+        import threading
+
+        self.cache_dir, self.device = cache_dir, device
+        self.base_overrides = dict(base_overrides or {})
+        self.on_epoch, self.on_finish, self.on_error = on_epoch, on_finish, on_error
+        self._stop = threading.Event()
+        self._thread = None
+        self._rows = []
+        self.history = []
+        self.error = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, values: dict) -> bool:
+        """Start a run for the control ``values``; False (and nothing started) if one is running."""
+        import threading
+
+        if self.running:
+            return False
+        request = run_request(values)  # bad values raise here, in the caller's thread
+        self._stop.clear()
+        self.history, self.error = [], None
+        self._thread = threading.Thread(target=self._run, args=(dict(values), request), daemon=True,
+                                        name="dkl-training")
+        self._thread.start()
+        return True
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Join the running thread; True when no run is left running."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return not self.running
+
+    def _epoch(self, loss, seed, history):
+        self.history = list(history)
+        if self.on_epoch is not None:
+            self.on_epoch(self.history)
+        return not self._stop.is_set()
+
+    def _run(self, values, request):
+        from . import experiments
+
+        spec, seed, preset, overrides = request
+        try:
+            grid = experiments.run_grid([spec], [seed], preset=preset, overrides={**self.base_overrides, **overrides},
+                                        cache_dir=self.cache_dir, device=self.device, progress=False,
+                                        callback=self._epoch)
+            run = grid.runs.iloc[0].to_dict()
+            history = grid.histories.get((run["loss"], seed))
+            if history is not None and not self.history:  # a cached run: show its curve too
+                self.history = history.to_dict(orient="records")
+                if self.on_epoch is not None:
+                    self.on_epoch(self.history)
+            row = {"loss": spec, **{k: values[k] for k in LOSS_HPARAMS if k in enabled_controls(values["loss"])},
+                   "epochs": int(values["epochs"]), "seed": seed, "preset": preset,
+                   "best_acc": run["best_acc"], "best_epoch": run["best_epoch"], "last_acc": run["last_acc"],
+                   "epochs_run": run["epochs"], "cached": bool(run["cached"]), "stopped": run["stopped"],
+                   "seconds": run["seconds"]}
+            self._rows.append(row)
+            if self.on_finish is not None:
+                self.on_finish(row)
+        except Exception as exc:  # shown in the dashboard; the kernel stays alive
+            self.error = exc
+            if self.on_error is not None:
+                self.on_error(exc)
+
+    def results(self):
+        import pandas as pd
+
+        return pd.DataFrame(self._rows)
+
+    def export_csv(self, path) -> str:
+        """Write the results table to ``path`` (CSV); returns the path."""
+        if not self._rows:
+            raise ValueError("no finished runs to export yet")
+        self.results().to_csv(path, index=False)
+        return str(path)
+
+
+def _curve_figure():
+    import plotly.graph_objects as go
+
+    fig = go.FigureWidget()
+    fig.update_layout(title="test accuracy per epoch (this run in colour, earlier runs in grey)",
+                      xaxis_title="epoch", yaxis_title="test accuracy (%)", template="plotly_white",
+                      height=360, showlegend=True)
+    return fig
+
+
+def training_dashboard(*, preset: str = "cpu-quick", cache_dir=None, device=None, base_overrides=None) -> Dashboard:
+    """Control panel for short trainings: loss, α, β, T, T_w, GI, γ, epochs, seed, preset.
+
+    **Run** starts a training in the background (the notebook stays responsive); the plot grows as
+    epochs finish and a progress bar follows; **Stop** ends the run cleanly; each finished run is
+    appended to the results table with its configuration; **Export CSV** writes that table to
+    ``dkl_dashboard_results.csv`` in the working directory. Runs already in the cache return at
+    once. Controls a loss does not use are disabled. The logic is :class:`TrainingSession`,
+    reachable as ``dashboard.state["session"]``.
+    """
+    from . import experiments
+
+    controls = {
+        "loss": W.Dropdown(options=["kl", "dkl", "ikl", "gkl", "dkd", "ce"], value="ikl", description="loss"),
+        "alpha": _slider("α (wMSE)", 1.0, 0.0, 8.0, 0.25),
+        "beta": _slider("β (soft CE)", 1.0, 0.0, 8.0, 0.25),
+        "temperature": _slider("T", 4.0, 0.5, 10.0, 0.5),
+        "weight_temperature": _slider("T_w", 4.0, 0.5, 10.0, 0.5),
+        "gi": W.Checkbox(value=True, description="class-wise GI"),
+        "gamma": _slider("γ (GKL)", 1.0, 0.05, 3.0, 0.05),
+        "epochs": W.IntSlider(value=10, min=1, max=60, description="epochs", continuous_update=False,
+                              layout=W.Layout(width="290px"), style={"description_width": "105px"}),
+        "seed": W.BoundedIntText(value=0, min=0, max=10_000, description="seed", layout=W.Layout(width="200px")),
+        "preset": W.Dropdown(options=sorted(experiments.PRESETS), value=preset, description="preset"),
+    }
+    run_button = W.Button(description="Run", button_style="success", icon="play")
+    stop_button = W.Button(description="Stop", button_style="danger", icon="stop", disabled=True)
+    export_button = W.Button(description="Export CSV", icon="download", disabled=True)
+    progress = W.IntProgress(value=0, min=0, max=controls["epochs"].value, description="epochs")
+    status = W.HTML("ready")
+    table = W.HTML()
+    figure = _curve_figure()
+
+    def set_enabled(_change=None):
+        allowed = enabled_controls(controls["loss"].value)
+        for key in LOSS_HPARAMS:
+            controls[key].disabled = key not in allowed
+
+    def on_epoch(history):
+        xs = [r["epoch"] for r in history]
+        ys = [r["test_acc"] for r in history]
+        with figure.batch_update():
+            figure.data[-1].x, figure.data[-1].y = xs, ys
+        progress.value = min(len(history), progress.max)
+
+    def on_finish(row):
+        status.value = (f"finished {row['loss']} seed {row['seed']}: best {row['best_acc']:.2f}%, "
+                        f"last {row['last_acc']:.2f}%" + (" (from the cache)" if row["cached"] else "")
+                        + (" (stopped early, not cached)" if row["stopped"] else ""))
+        table.value = session.results().to_html(index=False, float_format=lambda v: f"{v:.3g}")
+        run_button.disabled, stop_button.disabled, export_button.disabled = False, True, False
+
+    def on_error(exc):
+        status.value = f"<span style='color:#b00'>failed: {type(exc).__name__}: {exc}</span>"
+        run_button.disabled, stop_button.disabled = False, True
+
+    session = TrainingSession(cache_dir=cache_dir, device=device, base_overrides=base_overrides,
+                              on_epoch=on_epoch, on_finish=on_finish, on_error=on_error)
+
+    def run(_button=None):
+        values = {k: c.value for k, c in controls.items()}
+        for trace in figure.data:  # earlier runs stay, in grey
+            trace.line.color, trace.line.width = "#bbbbbb", 1
+        spec, seed, _, _ = run_request(values)
+        loss = values["loss"]
+        no_gi = " (no GI)" if spec.endswith("-nogi") else ""
+        figure.add_scatter(x=[], y=[], mode="lines+markers", name=f"{plots.label(loss)}{no_gi} seed {seed}",
+                           line=dict(color=plots.color(loss), width=2.5))
+        progress.max, progress.value = values["epochs"], 0
+        status.value = f"running {spec} seed {seed} ({values['preset']}) ..."
+        run_button.disabled, stop_button.disabled = True, False
+        if not session.start(values):
+            status.value = "a run is already in progress"
+
+    def stop(_button=None):
+        session.stop()
+        status.value = "stopping after this epoch ..."
+
+    def export(_button=None):
+        status.value = f"wrote {session.export_csv('dkl_dashboard_results.csv')}"
+
+    run_button.on_click(run)
+    stop_button.on_click(stop)
+    export_button.on_click(export)
+    controls["loss"].observe(set_enabled, names="value")
+    set_enabled()
+    panel = _columns([controls[k] for k in ("loss", "preset", "epochs", "seed")],
+                     [controls[k] for k in ("temperature", "alpha", "beta")],
+                     [controls[k] for k in ("weight_temperature", "gi", "gamma")])
+    widget = W.VBox([panel, W.HBox([run_button, stop_button, export_button, progress]), status, figure, table])
+    state = {"session": session, "buttons": {"run": run_button, "stop": stop_button, "export": export_button},
+             "progress": progress, "status": status, "table": table}
+    return Dashboard(widget, figure, controls, lambda fig, values, **_: None, state)

@@ -1,4 +1,5 @@
 import os
+import socket
 
 import pytest
 import torch
@@ -19,3 +20,13 @@ def random_pair(batch, classes, *, scale=3.0, dtype=torch.float64, generator=Non
     a = (torch.randn(batch, classes, generator=g, dtype=torch.float64) * scale).to(dtype)
     b = (torch.randn(batch, classes, generator=g, dtype=torch.float64) * scale).to(dtype)
     return a.requires_grad_(grad), b.requires_grad_(grad)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a network connection fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a test tried to use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)

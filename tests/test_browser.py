@@ -24,7 +24,9 @@ def lab(tmp_path_factory):
     work = tmp_path_factory.mktemp("lab")
     notebooks = work / "notebooks"
     shutil.copytree(REPO / "notebooks", notebooks)  # the browser run must not write into the repo
-    with browser.jupyter_lab(notebooks, work) as url:
+    # FAST keeps the notebooks' computations short; DKL_WIDGETS=1 still shows their dashboards
+    env = {"FAST": "1", "DKL_WIDGETS": "1", "DKL_RUNS_DIR": str(work / "runs")}
+    with browser.jupyter_lab(notebooks, work, env_overrides=env) as url:
         yield url, chromium, notebooks
 
 
@@ -63,4 +65,37 @@ def test_notebook_02_widgets_update_the_plot_in_the_browser(lab):
         assert after[0] == before[0]  # ... and the static figure above it did not change
         assert float(readout.inner_text()) == pytest.approx(float(old_value) + 0.5)
         page.screenshot(path=str(SCREENSHOTS / "02_gradient_anatomy_slider.png"))
+        assert browser.error_outputs(page) == []
+
+
+def test_notebook_05_dashboard_trains_in_the_background(lab, tmp_path):
+    """Run notebook 05, press the dashboard's Run, watch the curve grow and the results table gain a row."""
+    url, chromium, _ = lab
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    with browser.chromium_page(chromium) as page:
+        browser.open_notebook(page, url, "05_compare_kl_dkl_ikl.ipynb")
+        browser.run_all(page, timeout_s=600)
+        assert browser.error_outputs(page) == []
+        run_button = page.locator(".widget-button", has_text="Run").last
+        run_button.scroll_into_view_if_needed()
+        rows_before = page.locator(".widget-html table.dataframe tbody tr").count()
+        plot = page.locator(".js-plotly-plot").last
+        points_before = plot.locator("g.trace.scatter path.js-line").count()
+        # a run that is not in the cache yet, so that its curve grows epoch by epoch
+        seed_box = page.locator(".widget-text input").last
+        seed_box.fill("4242")
+        seed_box.press("Enter")
+        run_button.click()
+        page.wait_for_function(
+            """() => { const p = [...document.querySelectorAll('.js-plotly-plot')].pop();
+                       const l = p.querySelector('g.trace.scatter path.js-line');
+                       return l && (l.getAttribute('d') || '').split('L').length >= 3; }""",
+            timeout=120_000)
+        page.screenshot(path=str(SCREENSHOTS / "05_dashboard_running.png"))
+        page.wait_for_function(
+            "(n) => document.querySelectorAll('.widget-html table.dataframe tbody tr').length > n",
+            arg=rows_before, timeout=300_000)
+        assert plot.locator("g.trace.scatter path.js-line").count() >= max(points_before, 1)
+        assert "finished" in page.locator(".widget-html", has_text="finished").first.inner_text()
+        page.screenshot(path=str(SCREENSHOTS / "05_dashboard_finished.png"))
         assert browser.error_outputs(page) == []

@@ -1,6 +1,5 @@
 """dkl_lib.data: digits, CIFAR (offline only), synthetic tensors, batching and augmentation."""
 import pickle
-import socket
 
 import numpy as np
 import pytest
@@ -8,15 +7,6 @@ import torch
 
 from dkl_lib import data as D
 
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any attempt to open a network connection fails the test."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a test tried to use the network")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 # ------------------------------------------------------------------------------------------ digits

@@ -2,7 +2,6 @@
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 import warnings
@@ -19,14 +18,6 @@ TINY = {"data.n_train": 100, "teacher.model_kw.width": 4, "teacher.train.epochs"
         "distill.batch_size": 50}
 REPO = Path(__file__).resolve().parent.parent
 
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a test tried to use the network")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 # ----------------------------------------------------------------------------------------- presets

@@ -14,8 +14,16 @@ CELL_TIMEOUT_S = 600
 
 
 def test_the_notebooks_exist():
-    names = [p.name for p in NOTEBOOKS]
-    assert "01_kl_to_dkl_derivation.ipynb" in names and "02_gradient_anatomy.ipynb" in names
+    names = {p.name for p in NOTEBOOKS}
+    assert {"01_kl_to_dkl_derivation.ipynb", "02_gradient_anatomy.ipynb", "03_knowledge_distillation.ipynb",
+            "05_compare_kl_dkl_ikl.ipynb"} <= names
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory):
+    """One empty run cache for the notebooks of this test session: CI exercises the cold path, and
+    nothing is written to (or reused from) the repository's runs/."""
+    return tmp_path_factory.mktemp("runs")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -38,8 +46,9 @@ def test_notebook_structure(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_executes_with_fast(path, monkeypatch, tmp_path):
+def test_notebook_executes_with_fast(path, monkeypatch, tmp_path, runs_dir):
     monkeypatch.setenv("FAST", "1")
+    monkeypatch.setenv("DKL_RUNS_DIR", str(runs_dir))
     monkeypatch.setenv("PYTHONWARNINGS", "ignore")
     monkeypatch.chdir(tmp_path)  # anything a notebook writes by mistake lands in a temp folder
     nb = nbformat.read(path, as_version=4)

@@ -1,0 +1,86 @@
+"""dkl_lib.analysis (notebook 05): probes during training, calibration and consistency metrics, grids."""
+import math
+
+import pytest
+import torch
+
+from dkl_lib import analysis, plots
+
+TINY = {"teacher.train.epochs": 3, "data.n_train": 200, "distill.epochs": 3}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+def test_reliability_table_and_ece_by_hand():
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.45, 0.55]], dtype=torch.float64)
+    labels = torch.tensor([0, 1, 1, 1])
+    table = analysis.reliability_table(probs, labels, n_bins=2)
+    assert table["count"].tolist() == [0, 4]
+    # one bin: mean confidence (0.9 + 0.8 + 0.7 + 0.55) / 4, accuracy 3/4
+    assert table.loc[1, "confidence"] == pytest.approx(0.7375) and table.loc[1, "accuracy"] == pytest.approx(0.75)
+    assert analysis.expected_calibration_error(probs, labels, n_bins=2) == pytest.approx(abs(0.75 - 0.7375))
+    fine = analysis.expected_calibration_error(probs, labels, n_bins=10)
+    # bins 0.9 (wrong? no: pred 0 = label 0), 0.8 (pred 0, label 1: wrong), 0.7 (right), 0.55 (right)
+    assert fine == pytest.approx((abs(1 - 0.9) + abs(0 - 0.8) + abs(1 - 0.7) + abs(1 - 0.55)) / 4)
+    with pytest.raises(ValueError, match="n_bins"):
+        analysis.reliability_table(probs, labels, n_bins=0)
+    with pytest.raises(ValueError, match="labels"):
+        analysis.reliability_table(probs, labels[:2])
+
+
+def test_intra_class_spread_by_hand():
+    same = torch.tensor([[0.7, 0.3], [0.7, 0.3], [0.2, 0.8]], dtype=torch.float64)
+    assert analysis.intra_class_spread(same, torch.tensor([0, 0, 1])) == 0.0
+    probs = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    # one class, mean (0.5, 0.5): each vector is at squared distance 0.5
+    assert analysis.intra_class_spread(probs, torch.tensor([0, 0])) == pytest.approx(0.5)
+
+
+def test_probe_runs_kl_equals_dkl_in_float64_and_probes_every_epoch(cache):
+    res = analysis.probe_runs(["kl", "dkl"], [0], dtype=torch.float64, probe=analysis.parameter_probe,
+                              overrides=TINY, cache_dir=cache, progress=False)
+    drift = analysis.parameter_drift(res, "kl", "dkl", 0)
+    assert len(drift) == 3 and drift["max_param_diff"].max() < 1e-12
+    assert (drift["test_acc_kl"] == drift["test_acc_dkl"]).all()
+    assert next(res.models[("kl", 0)].parameters()).dtype == torch.float64
+    gap = analysis.probe_runs(["kl", "ikl-nogi"], [0], probe=analysis.logit_difference_probe, overrides=TINY,
+                              cache_dir=cache, progress=False)
+    for history in gap.histories.values():
+        assert len(history) == 3 and (history["logit_gap"] > 0).all()
+    assert not math.isclose(gap.histories[("kl", 0)]["logit_gap"].iloc[-1],
+                            gap.histories[("ikl-nogi", 0)]["logit_gap"].iloc[-1])
+    metrics = analysis.prediction_metrics(gap)
+    assert set(metrics["loss"]) == {"kl", "ikl-nogi"} and metrics["accuracy"].between(0, 100).all()
+
+
+def test_sensitivity_grid_counts_runs(cache):
+    runs, summary = analysis.sensitivity("ikl", {"alpha": [0.5, 1.0], "temperature": [4.0]}, [0, 1],
+                                         overrides=TINY, cache_dir=cache, progress=False)
+    assert len(runs) == 4 and summary["n"].tolist() == [2, 2]
+    assert set(summary.columns) >= {"alpha", "temperature", "best_mean", "best_std", "last_mean"}
+    with pytest.raises(ValueError, match="empty"):
+        analysis.sensitivity("ikl", {}, [0], overrides=TINY, cache_dir=cache, progress=False)
+    heat = plots.sensitivity_heatmap(summary, "alpha", "temperature")
+    assert heat.data[0].z.shape == (1, 2) and "(n=2)" in heat.data[0].text[0][0]
+    g = summary.assign(gamma=summary["alpha"])
+    line = plots.sensitivity_lines(g, "gamma")
+    assert list(line.data[0].error_y.array) == pytest.approx(g["best_std"].tolist())
+
+
+def test_notebook_05_figures_carry_their_data():
+    import pandas as pd
+
+    d = pd.DataFrame({"epoch": [1, 2], "max_param_diff": [1e-16, 2e-16]})
+    assert list(plots.drift_lines({"float64": d}).data[0].y) == pytest.approx([1e-16, 2e-16])
+    m = pd.DataFrame({"loss": ["ikl", "ikl", "ikl-nogi", "ikl-nogi"], "seed": [0, 1, 0, 1],
+                      "ece": [0.1, 0.3, 0.2, 0.2]})
+    bars = plots.metric_bars(m, {"ece": "ECE"})
+    assert list(bars.data[0].y) == pytest.approx([0.2, 0.2])
+    assert list(bars.data[0].error_y.array) == pytest.approx([m["ece"][:2].std(), 0.0])
+    table = pd.DataFrame({"count": [0, 3], "confidence": [float("nan"), 0.8], "accuracy": [float("nan"), 0.6]})
+    rel = plots.reliability_diagram({"ikl": table})
+    assert list(rel.data[1].x) == [0.8] and list(rel.data[1].y) == [0.6]
+    assert rel.data[1].line.color == plots.color("ikl")

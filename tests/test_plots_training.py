@@ -1,0 +1,241 @@
+"""The training figures and tables of dkl_lib.plots (notebook 03): they carry the data they were given."""
+import inspect
+import math
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+import torch
+
+from dkl_lib import experiments, plots
+from dkl_lib.prior import ClassPrior
+
+NEW_FUNCTIONS = (plots.histories_frame, plots.learning_curves, plots.final_accuracy_chart,
+                 plots.prior_heatmap, plots.paper_comparison)
+
+
+def fake_histories(losses=("ce", "kl", "dkl", "ikl", "dkd"), seeds=(0, 1, 2), epochs=4):
+    """{(loss, seed): per-epoch DataFrame} shaped like GridResult.histories, with distinct values."""
+    terms = {"ce": [], "kl": ["kl"], "dkl": ["wmse", "soft_ce"], "ikl": ["wmse", "soft_ce"], "dkd": ["tckd", "nckd"]}
+    out = {}
+    for i, loss in enumerate(losses):
+        for seed in seeds:
+            rows = []
+            for e in range(1, epochs + 1):
+                row = {"epoch": e, "lr": 0.05, "loss": 3.0 / e + seed, "ce": 2.0 / e + 0.1 * seed + 0.01 * i,
+                       "train_acc": 50 + 10 * e, "test_acc": 60.0 + 5 * e + seed + i}
+                for j, term in enumerate(terms[loss]):
+                    row[term] = (j + 1) / e + 0.2 * seed
+                rows.append(row)
+            out[(loss, seed)] = pd.DataFrame(rows)
+    return out
+
+
+def fake_runs():
+    return pd.DataFrame({
+        "loss": ["ce"] * 3 + ["kl"] * 3 + ["ikl"] * 3,
+        "seed": [0, 1, 2] * 3,
+        "best_acc": [90.0, 91.0, 93.0, 95.0, 95.5, 96.5, 94.0, 94.0, 97.0],
+        "last_acc": [89.0, 90.0, 92.5, 94.0, 95.5, 96.0, 93.0, 94.5, 96.0],
+    })
+
+
+def traces(fig, **meta):
+    return [t for t in fig.data if t.meta and all(t.meta.get(k) == v for k, v in meta.items())]
+
+
+# ------------------------------------------------------------------------------ no .show()
+def test_no_function_calls_show(monkeypatch):
+    for fn in NEW_FUNCTIONS:
+        assert ".show(" not in inspect.getsource(fn), fn.__name__
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError(".show() was called")
+
+    monkeypatch.setattr(go.Figure, "show", forbidden)
+    monkeypatch.setattr(plt, "show", forbidden)
+    monkeypatch.setattr(matplotlib.figure.Figure, "show", forbidden)
+    hist = fake_histories()
+    plots.learning_curves(hist)
+    plots.final_accuracy_chart(fake_runs(), teacher_acc=98.0)
+    plots.prior_heatmap(torch.rand(3, 4, 4))
+    plots.prior_heatmap(torch.rand(3, 4, 4), layout="grid")
+
+
+# ------------------------------------------------------------------------------ learning curves
+def test_histories_frame_is_long_and_checks_its_input():
+    hist = fake_histories(losses=("kl",), seeds=(0, 1), epochs=3)
+    long = plots.histories_frame(hist)
+    assert list(long.columns[:3]) == ["loss", "seed", "epoch"] and len(long) == 6
+    assert plots.histories_frame(long).equals(long)
+    listed = {("kl", 0): hist[("kl", 0)].to_dict(orient="records")}
+    assert len(plots.histories_frame(listed)) == 3
+    with pytest.raises(ValueError, match="non-empty"):
+        plots.histories_frame({})
+    with pytest.raises(ValueError, match="pairs"):
+        plots.histories_frame({"kl": hist[("kl", 0)]})
+    with pytest.raises(ValueError, match="missing"):
+        plots.histories_frame(pd.DataFrame({"loss": ["kl"], "epoch": [1]}))
+
+
+def test_learning_curves_carry_mean_and_std_per_loss_and_term():
+    hist = fake_histories()
+    long = plots.histories_frame(hist)
+    fig = plots.learning_curves(hist)
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles[0] == "test accuracy (%)"
+    assert titles[1:] == [f"{plots.TERM_LABELS[t]} term" for t in ("ce", "kl", "soft_ce", "wmse", "tckd", "nckd")]
+    for loss in ("ce", "kl", "dkl", "ikl", "dkd"):
+        for panel in ("test_acc", "ce"):
+            (mean,) = traces(fig, loss=loss, panel=panel, kind="mean")
+            part = long[long["loss"] == loss].groupby("epoch")[panel]
+            np.testing.assert_allclose(mean.y, part.mean().to_numpy())
+            np.testing.assert_allclose([s for s, _ in mean.customdata], part.std(ddof=1).to_numpy())
+            assert mean.name == plots.label(loss) and mean.line.color == plots.color(loss)
+    # a term appears only for the losses that logged it
+    assert {t.meta["loss"] for t in traces(fig, panel="wmse", kind="mean")} == {"dkl", "ikl"}
+    assert {t.meta["loss"] for t in traces(fig, panel="kl", kind="mean")} == {"kl"}
+    assert {t.meta["loss"] for t in traces(fig, panel="tckd", kind="mean")} == {"dkd"}
+    # the band is mean + std on the way out and mean - std on the way back
+    band = [t for t in fig.data if t.meta and t.meta.get("kind") == "band" and t.name.startswith("DKD")][0]
+    stats = long[long["loss"] == "dkd"].groupby("epoch")["test_acc"].agg(["mean", "std"])
+    n = len(stats)
+    np.testing.assert_allclose(band.y[:n], (stats["mean"] + stats["std"]).to_numpy())
+    np.testing.assert_allclose(band.y[n:], (stats["mean"] - stats["std"]).to_numpy()[::-1])
+    # one legend entry per loss, toggling every panel of that loss
+    assert sorted(t.name for t in fig.data if t.showlegend) == sorted(plots.label(x) for x in ("ce", "kl", "dkl", "ikl", "dkd"))
+
+
+def test_learning_curves_options():
+    hist = fake_histories(losses=("kl", "ikl"), seeds=(0,))
+    fig = plots.learning_curves(hist, terms=["ce"], metric="train_acc", band=False)
+    assert [a.text for a in fig.layout.annotations] == ["train accuracy (%)", "CE term"]
+    assert not traces(fig, kind="band")
+    (mean,) = traces(fig, loss="kl", panel="ce", kind="mean")
+    assert [s for s, _ in mean.customdata] == [0.0] * 4  # one seed: no spread
+    with pytest.raises(ValueError, match="metric"):
+        plots.learning_curves(hist, metric="nope")
+    with pytest.raises(ValueError, match="terms"):
+        plots.learning_curves(hist, terms=["nope"])
+
+
+# ------------------------------------------------------------------------------ final accuracy (seaborn)
+def _errorbar_span(ax, x):
+    """(low, high) of the vertical error bar drawn at category position x."""
+    for line in ax.lines:
+        xs, ys = np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float)
+        at = np.isclose(xs, x) & np.isfinite(ys)
+        if at.sum() == 2:
+            return tuple(sorted(ys[at]))
+    raise AssertionError(f"no error bar at x={x}")
+
+
+def test_final_accuracy_chart_error_bars_are_the_std():
+    runs = fake_runs()
+    before = set(plt.get_fignums())
+    fig = plots.final_accuracy_chart(runs, teacher_acc=98.0, title="t")
+    assert isinstance(fig, matplotlib.figure.Figure)
+    assert set(plt.get_fignums()) == before  # closed in pyplot: displayed once, as the returned value
+    summary = experiments.summarize(runs)
+    best_ax, last_ax = fig.axes[:2]
+    assert "best" in best_ax.get_title() and "last" in last_ax.get_title() and "n = 3" in best_ax.get_title()
+    assert [t.get_text() for t in best_ax.get_xticklabels()] == ["CE only", "KL", "IKL"]
+    for ax, col in ((best_ax, "best_acc"), (last_ax, "last_acc")):
+        for x, (_, s) in enumerate(summary.iterrows()):
+            low, high = _errorbar_span(ax, x)
+            assert math.isclose((high - low) / 2, s[f"{col}_std"], rel_tol=1e-9)
+            assert math.isclose((high + low) / 2, s[f"{col}_mean"], rel_tol=1e-9)
+        # the teacher line
+        assert any(np.allclose(line.get_ydata(), 98.0) for line in ax.lines)
+    fig.savefig(__import__("io").BytesIO(), format="png")  # renders without pyplot
+
+
+def test_final_accuracy_chart_order_and_bad_input():
+    fig = plots.final_accuracy_chart(fake_runs(), order=["ikl", "kl", "ce"])
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["IKL", "KL", "CE only"]
+    with pytest.raises(ValueError, match="last_acc"):
+        plots.final_accuracy_chart(fake_runs().drop(columns="last_acc"))
+
+
+# ------------------------------------------------------------------------------ class-prior heatmap
+def _prior_history():
+    prior = ClassPrior(4)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        prior.update(torch.randn(40, 4, generator=g) * 2, torch.arange(40) % 4, weight_temperature=2.0)
+        prior.end_epoch()
+    return prior
+
+
+def test_prior_heatmap_slider_has_one_frame_per_snapshot():
+    prior = _prior_history()
+    snaps = prior.history_tensor().numpy()
+    fig = plots.prior_heatmap(prior.history)
+    assert len(fig.frames) == 4 and [f.name for f in fig.frames] == ["0", "1", "2", "3"]
+    for e, frame in enumerate(fig.frames):
+        np.testing.assert_allclose(np.array(frame.data[0].z, float), snaps[e], rtol=1e-6)
+    np.testing.assert_allclose(np.array(fig.data[0].z, float), snaps[-1], rtol=1e-6)  # opens on the last
+    np.testing.assert_allclose(fig.frames[0].data[0].z, 0.25)  # the uniform start
+    assert fig.layout.sliders[0].active == 3 and len(fig.layout.sliders[0].steps) == 4
+    assert fig.data[0].zmax == pytest.approx(snaps.max())  # one colour scale for every epoch
+    # a tensor of snapshots (GridResult.priors) gives the same figure data
+    same = plots.prior_heatmap(prior.history_tensor(), epochs=[0, 3])
+    assert [f.name for f in same.frames] == ["0", "3"]
+
+
+def test_prior_heatmap_grid_and_diagonal():
+    prior = _prior_history()
+    fig = plots.prior_heatmap(prior.history_tensor(), layout="grid", epochs=[1, 3], diagonal=False)
+    assert len(fig.data) == 2 and not fig.frames
+    z = fig.data[1].z
+    assert all(z[i][i] is None for i in range(4))
+    off = prior.history_tensor()[3].numpy().copy()
+    np.fill_diagonal(off, np.nan)
+    np.testing.assert_allclose(np.array(z, float), off, rtol=1e-6)
+    assert [a.text for a in fig.layout.annotations] == ["after 1 epoch", "after 3 epochs"]
+    with pytest.raises(ValueError, match="shape"):
+        plots.prior_heatmap(torch.rand(4, 4))
+    with pytest.raises(ValueError, match="epochs"):
+        plots.prior_heatmap(torch.rand(2, 3, 3), epochs=[5])
+    with pytest.raises(ValueError, match="layout"):
+        plots.prior_heatmap(torch.rand(2, 3, 3), layout="movie")
+
+
+# ------------------------------------------------------------------------------ ours beside the paper
+def test_paper_comparison_labels_ours_and_the_papers():
+    runs = pd.DataFrame({"loss": ["ce", "ce", "kl", "kl", "dkl", "dkl", "ikl-nogi", "ikl-nogi"],
+                         "seed": [0, 1] * 4, "best_acc": [90.0, 92.0, 95.0, 96.0, 95.0, 96.0, 93.0, 94.0],
+                         "last_acc": [89.0, 91.0, 94.0, 95.0, 94.0, 95.0, 92.0, 94.0]})
+    summary = experiments.summarize(runs)
+    config = experiments.resolve_config("cpu-quick")
+    table = plots.paper_comparison(summary, config=config, teacher_acc=98.5)
+    assert set(table["who"]) == {"ours (measured here)", "paper (published)"}
+    ours, paper = table[table["who"].str.startswith("ours")], table[table["who"].str.startswith("paper")]
+    # no row of ours claims CIFAR-100, every paper row does
+    assert not ours["data"].str.contains("CIFAR").any() and ours["data"].str.startswith("digits").all()
+    assert (paper["data"] == "CIFAR-100").all() and (paper["teacher → student"] == "resnet32x4 → resnet8x4").all()
+    kl_ours = ours.set_index("method").loc["KL"]
+    assert kl_ours["top-1 (%)"] == f"{95.5:.2f} ± {np.std([95.0, 96.0], ddof=1):.2f}"
+    assert kl_ours["seeds"] == 2
+    published = experiments.paper_results()
+    cifar = published[(published["dataset"] == "CIFAR-100") & (published["student"] == "resnet8x4")]
+    by_loss = dict(zip(cifar["loss"], cifar["top1"]))
+    assert paper.set_index("method").loc["KL", "top-1 (%)"] == f"{by_loss['kl']:.2f}"
+    assert paper.set_index("method").loc["CE only", "top-1 (%)"] == f"{by_loss['ce']:.2f}"
+    assert "KD" in paper.set_index("method").loc["KL", "source"]
+    # the paper has no DKL or no-GI row; ours and the paper's row of a method are adjacent
+    assert "DKL" not in set(paper["method"]) and "IKL (no GI)" not in set(paper["method"])
+    methods = table["method"].tolist()
+    assert methods[:4] == ["teacher", "teacher", "CE only", "CE only"] and methods[4:6] == ["KL", "KL"]
+    assert table.iloc[0]["top-1 (%)"] == "98.50" and table.iloc[1]["top-1 (%)"] == "79.42"
+
+
+def test_paper_comparison_single_seed_and_other_setting():
+    runs = pd.DataFrame({"loss": ["kl"], "seed": [0], "best_acc": [95.0], "last_acc": [94.0]})
+    table = plots.paper_comparison(experiments.summarize(runs), dataset="ImageNet", teacher="ResNet34",
+                                   student="ResNet18")
+    assert table.iloc[0]["top-1 (%)"] == "95.00"  # one seed: no ± std
+    assert table[table["who"].str.startswith("paper")]["top-1 (%)"].tolist() == ["71.03"]
