@@ -9,8 +9,7 @@ effects (no seeding, no downloads).
 """
 import importlib
 
-from . import data, experiments, grads, losses, models, prior, train
-from .experiments import paper_results, run_grid
+from . import data, grads, losses, models, prior, train
 from .prior import ClassPrior
 from .train import StopTraining, distill, select_device, train_teacher
 from .losses import (
@@ -32,7 +31,10 @@ from .losses import (
 
 __version__ = "0.1.0"
 
-_LAZY = ("plots", "widgets", "profiling")
+# imported on first use: plotting and widget stacks stay unloaded for training code, and
+# `python -m dkl_lib.experiments` does not find its own module already imported by the package
+_LAZY = ("plots", "widgets", "profiling", "analysis", "experiments")
+_LAZY_NAMES = {"run_grid": "experiments", "paper_results": "experiments"}
 
 
 def __getattr__(name):
@@ -40,8 +42,10 @@ def __getattr__(name):
         module = importlib.import_module(f".{name}", __name__)
         globals()[name] = module
         return module
+    if name in _LAZY_NAMES:
+        return getattr(__getattr__(_LAZY_NAMES[name]), name)
     raise AttributeError(f"module 'dkl_lib' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_LAZY))
+    return sorted(list(globals()) + list(_LAZY) + list(_LAZY_NAMES))
