@@ -2,6 +2,7 @@
 
     python benchmarks/bench_losses.py                  # CPU (1 thread) and CUDA when present
     python benchmarks/bench_losses.py --threads 2 --json out.json
+    python benchmarks/bench_losses.py --device cuda --batches 256 --classes 100,1000   # benchmarks/gpu_check.sh
 
 Every configuration times kl, dkl, ikl (closed form) and the literal pairwise wMSE oracle
 round-robin in the same process, so the ratios to kl_loss are measured side by side. Peak memory:
@@ -136,12 +137,26 @@ def fmt_bytes(n):
         n /= 1024
 
 
+def _int_list(text, option):
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"{option} takes comma-separated integers, got {text!r}")
+    if not values or min(values) < 1 or (option == "--classes" and min(values) < 2):
+        raise SystemExit(f"{option} needs positive values{' >= 2' if option == '--classes' else ''}, got {text!r}")
+    return values
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     parser.add_argument("--reps", type=int, default=200, help="most repetitions per method")
     parser.add_argument("--budget", type=float, default=2.0, help="seconds per method and config")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)),
+                        help="comma-separated batch sizes B (default %(default)s)")
+    parser.add_argument("--classes", default=",".join(map(str, CLASSES)),
+                        help="comma-separated class counts C (default %(default)s)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -158,7 +173,7 @@ def main(argv=None):
     if args.device == "cuda" and not devices:
         raise SystemExit("no CUDA device available")
 
-    configs = [(b, c) for b in BATCHES for c in CLASSES]
+    configs = [(b, c) for b in _int_list(args.batches, "--batches") for c in _int_list(args.classes, "--classes")]
     results = []
     for device in devices:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {args.threads} thread(s)"

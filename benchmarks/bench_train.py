@@ -3,12 +3,14 @@
     python benchmarks/bench_train.py                          # CPU (batch 64) and CUDA when present
     python benchmarks/bench_train.py --devices cpu --batch 16 --reps 3 --threads 2
     python benchmarks/bench_train.py --json out.json
+    python benchmarks/bench_train.py --devices cuda --losses ce,kl,ikl --batch 256   # benchmarks/gpu_check.sh
 
 CIFAR shapes: a resnet32x4 teacher and a resnet8x4 student (100 classes), random 3x32x32 inputs.
 One step = what dkl_lib.train.distill does per batch: the frozen teacher's forward (no gradient),
 the student's forward, CE + the KD terms of dkl_lib.losses.loss_terms, backward, an SGD step; for
 ikl and gkl also the class-prior update (GI). "ce" is the CE-only step (no teacher at all). On
-CUDA the step runs under bf16 autocast with channels_last, as in training. All losses are timed
+CUDA the step runs under bf16 autocast with channels_last, as in training (``--amp`` and
+``--channels-last`` change that; the settings used are printed). All losses are timed
 round-robin in one process (one step of each in turn, repeated), so the ratios to the KL step are
 measured side by side; the table reports medians. Target (issue 4): every KD loss within 1.10x of
 the KL step.
@@ -46,11 +48,21 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def resolve_settings(device, amp="auto", channels_last="auto"):
+    """{"amp": "bf16" or "off", "channels_last": bool}: "auto" means bf16 + channels_last on CUDA
+    (as dkl_lib.train does), neither on the CPU."""
+    cuda = device.type == "cuda"
+    return {"amp": ("bf16" if cuda else "off") if amp == "auto" else amp,
+            "channels_last": cuda if channels_last == "auto" else channels_last == "on"}
+
+
 class Bench:
-    def __init__(self, device, batch, classes=100, seed=0):
+    def __init__(self, device, batch, classes=100, seed=0, losses=LOSSES, amp="auto", channels_last="auto"):
         self.device = device
         self.cuda = device.type == "cuda"
-        fmt = torch.channels_last if self.cuda else torch.contiguous_format
+        self.losses = tuple(losses)
+        self.settings = resolve_settings(device, amp, channels_last)
+        fmt = torch.channels_last if self.settings["channels_last"] else torch.contiguous_format
         self.teacher = models.build_model("resnet32x4", classes, seed=seed).to(device, memory_format=fmt).eval()
         self.teacher.requires_grad_(False)
         self.student = models.build_model("resnet8x4", classes, seed=seed + 1).to(device, memory_format=fmt)
@@ -61,7 +73,9 @@ class Bench:
         self.prior = ClassPrior(classes, device=device)
 
     def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
+        if self.settings["amp"] == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def step(self, loss):
         with self.autocast():
@@ -82,13 +96,14 @@ class Bench:
         if loss in ("ikl", "gkl"):
             self.prior.update(t_logits, self.y, weight_temperature=4.0)
 
-    def time(self, reps):
-        for loss in LOSSES:  # warm-up (cuDNN autotuning, allocator)
-            self.step(loss)
+    def time(self, reps, warmup=1):
+        for _ in range(warmup):  # warm-up (cuDNN autotuning, allocator)
+            for loss in self.losses:
+                self.step(loss)
         sync(self.device)
-        samples = {loss: [] for loss in LOSSES}
+        samples = {loss: [] for loss in self.losses}
         for _ in range(reps):
-            for loss in LOSSES:
+            for loss in self.losses:
                 sync(self.device)
                 t0 = time.perf_counter()
                 self.step(loss)
@@ -104,34 +119,49 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=None,
                         help="round-robin repetitions (default 5 CPU, 30 CUDA)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--losses", default=",".join(LOSSES), help="comma-separated, from %(default)s")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed round-robin rounds first (default 1)")
+    parser.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto",
+                        help="bf16 autocast (auto: on CUDA only, as in training)")
+    parser.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
+                        help="channels_last memory format (auto: on CUDA only, as in training)")
     parser.add_argument("--json", default=None, help="also write the medians to this file")
     args = parser.parse_args(argv)
+    losses = [s.strip() for s in args.losses.split(",") if s.strip()]
+    unknown = sorted(set(losses) - set(LOSSES))
+    if unknown or not losses:
+        raise SystemExit(f"--losses: unknown {unknown}; choose from {','.join(LOSSES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if args.devices:
         devices = args.devices.split(",")
-    results = {}
+    results, settings = {}, {}
     lines = ["| device | batch | loss | ms / step | samples / s | time / KL step |", "|---|---|---|---|---|---|"]
     for name in devices:
         device = torch.device(name)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         reps = args.reps or (30 if device.type == "cuda" else 5)
-        medians = Bench(device, args.batch).time(reps)
+        bench = Bench(device, args.batch, losses=losses, amp=args.amp, channels_last=args.channels_last)
+        medians = bench.time(reps, warmup=args.warmup)
         results[name] = medians
+        settings[name] = {**bench.settings, "cudnn_benchmark": device.type == "cuda", "reps": reps}
         label = name if device.type == "cpu" else torch.cuda.get_device_name(device)
         if device.type == "cpu":
             label += f" ({torch.get_num_threads()} threads)"
-        for loss in LOSSES:
+        for loss in losses:
             t = medians[loss]
-            lines.append(f"| {label} | {args.batch} | {loss} | {t * 1e3:.1f} | {args.batch / t:.0f} | "
-                         f"{t / medians['kl']:.2f}x |")
+            ratio = f"{t / medians['kl']:.2f}x" if "kl" in medians else "n/a"
+            lines.append(f"| {label} | {args.batch} | {loss} | {t * 1e3:.1f} | {args.batch / t:.0f} | {ratio} |")
     print(f"torch {torch.__version__}; resnet32x4 -> resnet8x4, CIFAR-100 shapes, medians of round-robin steps")
+    for name, s in settings.items():
+        print(f"settings on {name}: autocast {s['amp']}, channels_last {'on' if s['channels_last'] else 'off'}, "
+              f"cudnn.benchmark {'on' if s['cudnn_benchmark'] else 'off'}, {s['reps']} timed rounds")
     print("\n".join(lines))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"batch": args.batch, "seconds_per_step": results}, fh, indent=2)
+            json.dump({"batch": args.batch, "seconds_per_step": results, "settings": settings}, fh, indent=2)
 
 
 if __name__ == "__main__":

@@ -2,16 +2,18 @@
 
 Use it as ``import dkl_lib as dkl``. The losses live in :mod:`dkl_lib.losses` and are re-exported
 here; :mod:`dkl_lib.grads` holds the gradient analysis; :mod:`dkl_lib.data`, :mod:`dkl_lib.models`,
-:mod:`dkl_lib.prior`, :mod:`dkl_lib.train` and :mod:`dkl_lib.experiments` the training engine. The
+:mod:`dkl_lib.prior`, :mod:`dkl_lib.train` and :mod:`dkl_lib.experiments` the training engine;
+:mod:`dkl_lib.attacks` the adversarial attacks and robustness evaluation. The
 figure and widget modules (``dkl.plots``, ``dkl.widgets``, ``dkl.profiling``) are imported on first
 use, so ``import dkl_lib`` loads neither plotly nor ipywidgets. Importing the package has no side
 effects (no seeding, no downloads).
 """
 import importlib
 
-from . import data, grads, losses, models, prior, train
+from . import attacks, data, grads, losses, models, prior, train
+from .attacks import Normalized, evaluate_robustness, pgd
 from .prior import ClassPrior
-from .train import StopTraining, distill, select_device, train_teacher
+from .train import StopTraining, adversarial_train, distill, select_device, train_teacher
 from .losses import (
     LOSS_TERMS,
     dkd_loss,
@@ -33,8 +35,8 @@ __version__ = "0.1.0"
 
 # imported on first use: plotting and widget stacks stay unloaded for training code, and
 # `python -m dkl_lib.experiments` does not find its own module already imported by the package
-_LAZY = ("plots", "widgets", "profiling", "analysis", "experiments")
-_LAZY_NAMES = {"run_grid": "experiments", "paper_results": "experiments"}
+_LAZY = ("plots", "widgets", "profiling", "analysis", "experiments", "configs", "distributed")
+_LAZY_NAMES = {"run_grid": "experiments", "run_adv_grid": "experiments", "paper_results": "experiments"}
 
 
 def __getattr__(name):

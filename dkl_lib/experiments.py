@@ -24,6 +24,19 @@ Command line (writes ``DIR/results.json`` and ``DIR/results.csv``)::
 
 Loss names in a grid: ``ce``, ``kl``, ``dkl``, ``ikl``, ``gkl``, ``dkd``; ``ikl`` and ``gkl`` use
 class-wise global information (GI) as in the papers, and ``ikl-nogi`` / ``gkl-nogi`` turn it off.
+
+Adversarial training (notebook 04) has its own presets (:data:`ADV_PRESETS`, :func:`resolve_adv_config`):
+``cpu-quick`` (digits, SmallCNN-16, ε = 0.1), ``gpu-short`` (CIFAR-10, PreActResNet-18, ε = 8/255, 10
+epochs) and ``paper`` (CIFAR-10, WRN-34-10, the official IKL-AT recipe without AWP and weight
+averaging). :func:`run_adv_grid` trains one model per (loss, seed) with TRADES (``trades``), IKL-AT
+(``ikl``) or natural training (``ce``), evaluates the last epoch with
+:func:`dkl_lib.attacks.evaluate_robustness` (clean, PGD-20/50, the AutoAttack-style ART ensemble,
+sanity checks) and caches both; the command line is the same::
+
+    python -m dkl_lib.experiments adv --preset cpu-quick --losses trades,ikl --seeds 0,1 --out DIR
+
+``DIR/results.json`` holds, per loss and seed, the clean, PGD and ensemble accuracy and the outcome
+of every sanity check; the exit status is 3 when a check failed.
 """
 from __future__ import annotations
 
@@ -45,6 +58,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import attacks as attacks_mod  # noqa: F401  (also makes dkl.attacks available)
 from . import data as data_mod
 from . import models as models_mod
 from . import train as train_mod
@@ -66,6 +80,14 @@ __all__ = [
     "paper_results",
     "paper_reference",
     "main",
+    "ADV_PRESETS",
+    "ADV_LOSSES",
+    "AdvGridResult",
+    "adv_preset",
+    "resolve_adv_config",
+    "run_adv_grid",
+    "summarize_adv",
+    "adv_paper_reference",
 ]
 
 CACHE_FORMAT = 1
@@ -656,10 +678,16 @@ def _paper_file() -> Path:
     return Path(__file__).resolve().parent.parent / "data" / "paper_results.json"
 
 
-def paper_results(*, as_frame: bool = True):
-    """The published numbers of ``data/paper_results.json`` (dataset, teacher, student, method,
-    loss, top1, source): a DataFrame, or the raw dict with ``as_frame=False``. Notebook 03 shows
-    them beside our runs, labelled as the paper's."""
+def paper_results(*, as_frame: bool = True, task: str = "kd"):
+    """The published numbers of ``data/paper_results.json``, a DataFrame (or the raw dict of the
+    whole file with ``as_frame=False``), shown beside our runs and labelled as the paper's.
+
+    ``task="kd"`` (default): knowledge distillation top-1 (dataset, teacher, student, method,
+    loss, top1, source; notebook 03). ``task="adversarial"``: adversarial robustness under
+    AutoAttack at ε = 8/255 (dataset, model, method, loss, clean, robust, attack, epsilon,
+    source, note; notebook 04)."""
+    if task not in ("kd", "adversarial"):
+        raise ValueError(f"task must be 'kd' or 'adversarial', got {task!r}")
     path = _paper_file()
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; it ships with the repository (data/paper_results.json)")
@@ -668,7 +696,7 @@ def paper_results(*, as_frame: bool = True):
         return raw
     import pandas as pd
 
-    return pd.DataFrame(raw["results"])
+    return pd.DataFrame(raw["results"] if task == "kd" else raw["adversarial"])
 
 
 def paper_reference(cfg: dict) -> Optional[Dict[str, float]]:
@@ -687,6 +715,470 @@ def paper_reference(cfg: dict) -> Optional[Dict[str, float]]:
     return out
 
 
+# ===================================================================== adversarial training (notebook 04)
+ADV_LOSSES = ("ce", "trades", "ikl")
+_ADV_TRAIN_KEYS = {"epochs", "lr", "momentum", "weight_decay", "milestones", "lr_decay", "lr_schedule", "nesterov",
+                   "batch_size", "drop_last", "epsilon", "epsilon_schedule", "attack_steps",
+                   "attack_step_fraction", "eval_steps", "eval_samples"}
+_ADV_LOSS_KEYS = {"trades": {"beta"}, "ikl": {"alpha", "beta", "temperature", "weight_temperature", "gi"}, "ce": set()}
+_ADV_EVAL_KEYS = {"epsilon", "samples", "pgd_steps", "pgd_restarts", "ensemble", "ensemble_attacks", "apgd_iters",
+                  "square_queries", "masking_gap", "blackbox_gap", "batch_size"}
+
+ADV_PRESETS: Dict[str, dict] = {
+    "cpu-quick": {
+        "description": "digits (1200 train images), SmallCNN-16, eps = 0.1: about 30 s per run on one CPU thread",
+        "data": {"name": "digits", "seed": 0, "n_train": 1200},
+        "model": {"name": "small_cnn", "model_kw": {"width": 16}},
+        # eps = 0.1 on 8x8 digits with 17 grey levels (0..16)/16: 1.6 grey levels, under half the
+        # smallest L-inf distance between two training digits of different classes (0.4375), and
+        # enough to push a naturally trained CNN to about 25-35 % robust accuracy (notebook 04).
+        "train": {"epochs": 12, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "milestones": [8, 11],
+                  "lr_decay": 0.1, "lr_schedule": "multistep", "batch_size": 64, "epsilon": 0.1,
+                  "epsilon_schedule": "constant", "attack_steps": 10, "attack_step_fraction": 0.25,
+                  "eval_steps": 10, "eval_samples": 300},
+        "losses": copy.deepcopy(train_mod.ADV_DEFAULTS),
+        # Square gets 300 queries here (the official AutoAttack: 5000, as in the paper preset): on these
+        # models it is the gradient-masking probe, and it costs most of the evaluation's time on a CPU.
+        "eval": {"epsilon": 0.1, "samples": 300, "pgd_steps": [20, 50], "pgd_restarts": 1, "ensemble": True,
+                 "ensemble_attacks": ["apgd-ce", "apgd-dlr", "square"], "apgd_iters": 100,
+                 "square_queries": 300, "masking_gap": 10.0, "blackbox_gap": 1.0, "batch_size": 500},
+    },
+    "gpu-short": {
+        "description": ("CIFAR-10 PreActResNet-18, eps = 8/255, 10 epochs with a 10-step attack (12 forward/backward "
+                        "passes per batch); meant for one GPU, not timed yet"),
+        "data": {"name": "cifar10"},
+        "model": {"name": "preact_resnet18", "model_kw": {}},
+        "train": {"epochs": 10, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "milestones": [7, 9],
+                  "lr_decay": 0.1, "lr_schedule": "multistep", "batch_size": 128, "epsilon": 8 / 255,
+                  "epsilon_schedule": "constant", "attack_steps": 10, "attack_step_fraction": 0.25,
+                  "eval_steps": 10, "eval_samples": 1000},
+        "losses": copy.deepcopy(train_mod.ADV_DEFAULTS),
+        "eval": {"epsilon": 8 / 255, "samples": 1000, "pgd_steps": [20, 50], "pgd_restarts": 1, "ensemble": True,
+                 "ensemble_attacks": ["apgd-ce", "apgd-dlr", "square"], "apgd_iters": 100,
+                 "square_queries": 1000, "masking_gap": 10.0, "blackbox_gap": 1.0, "batch_size": 500},
+    },
+    "paper": {
+        "description": ("CIFAR-10 WRN-34-10, eps = 8/255: the official IKL-AT recipe (200 epochs, cosine lr 0.2, "
+                        "increasing eps, 5 steps of eps/2) for both losses, WITHOUT AWP and weight averaging"),
+        "data": {"name": "cifar10"},
+        "model": {"name": "wrn_34_10", "model_kw": {}},
+        "train": {"epochs": 200, "lr": 0.2, "momentum": 0.9, "weight_decay": 5e-4, "milestones": [],
+                  "lr_decay": 0.1, "lr_schedule": "cosine", "batch_size": 128, "epsilon": 8 / 255,
+                  "epsilon_schedule": "increasing", "attack_steps": 5, "attack_step_fraction": 0.5,
+                  "eval_steps": 10, "eval_samples": 1000},
+        "losses": copy.deepcopy(train_mod.ADV_DEFAULTS),
+        "eval": {"epsilon": 8 / 255, "samples": None, "pgd_steps": [20, 50], "pgd_restarts": 1, "ensemble": True,
+                 "ensemble_attacks": ["apgd-ce", "apgd-dlr", "square"], "apgd_iters": 100,
+                 "square_queries": 5000, "masking_gap": 10.0, "blackbox_gap": 1.0, "batch_size": 500},
+    },
+}
+
+
+def adv_preset(name: str) -> dict:
+    """A deep copy of the adversarial-training preset ``name`` (one of :data:`ADV_PRESETS`)."""
+    if not isinstance(name, str) or name not in ADV_PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(ADV_PRESETS)}")
+    return copy.deepcopy(ADV_PRESETS[name])
+
+
+def resolve_adv_config(preset_name: str, overrides: Optional[dict] = None) -> dict:
+    """The adversarial preset with ``overrides`` (dotted paths → values) applied, e.g.
+    ``{"train.epochs": 2, "eval.samples": 100, "losses.ikl.alpha": 5.0, "data.n_train": 300,
+    "model.model_kw.width": 8}``; a dict value replaces that whole section. Unknown paths raise
+    ``ValueError``."""
+    cfg = adv_preset(preset_name)
+    cfg["preset"] = preset_name
+    if overrides:
+        if not isinstance(overrides, dict):
+            raise TypeError(f"overrides must be a dict of dotted keys to values, got {type(overrides).__name__}")
+        for key, value in overrides.items():
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"override keys must be non-empty strings, got {key!r}")
+            keys = key.split(".")
+            if keys[0] not in ("data", "model", "train", "losses", "eval"):
+                raise ValueError(f"unknown config key {key!r}; sections: data, model, train, losses, eval")
+            if len(keys) == 1:
+                if not isinstance(value, dict):
+                    raise ValueError(f"{key!r} replaces a whole section and needs a dict")
+                cfg[key] = copy.deepcopy(value)
+                continue
+            allowed = None
+            if keys[0] == "train" and len(keys) == 2:
+                allowed = _ADV_TRAIN_KEYS
+            elif keys[0] == "eval" and len(keys) == 2:
+                allowed = _ADV_EVAL_KEYS
+            elif keys[0] == "losses":
+                if keys[1] not in _ADV_LOSS_KEYS:
+                    raise ValueError(f"unknown loss {keys[1]!r} in {key!r}; choose one of {list(ADV_LOSSES)}")
+                if len(keys) != 3 or keys[2] not in _ADV_LOSS_KEYS[keys[1]]:
+                    raise ValueError(f"unknown setting {key!r}; {keys[1]} takes {sorted(_ADV_LOSS_KEYS[keys[1]])}")
+                cfg["losses"].setdefault(keys[1], {})[keys[2]] = copy.deepcopy(value)
+                continue
+            elif keys[0] == "model" and not (len(keys) == 2 and keys[1] in ("name", "model_kw")) and \
+                    not (len(keys) == 3 and keys[1] == "model_kw"):
+                raise ValueError(f"unknown config key {key!r}; model takes name and model_kw.*")
+            elif keys[0] in ("train", "eval"):
+                raise ValueError(f"unknown config key {key!r}")
+            if allowed is not None and keys[1] not in allowed:
+                raise ValueError(f"unknown config key {key!r}; known: {sorted(allowed)}")
+            node = cfg
+            for k in keys[:-1]:
+                node = node.setdefault(k, {})
+            node[keys[-1]] = copy.deepcopy(value)
+    return cfg
+
+
+def _adv_run_config(cfg: dict, loss: str, seed: int) -> dict:
+    if loss not in ADV_LOSSES:
+        raise ValueError(f"unknown adversarial loss {loss!r}; choose from {list(ADV_LOSSES)}")
+    train = dict(cfg["train"])
+    if loss == "ce":  # natural training: the attack settings do not apply
+        for k in ("epsilon_schedule", "attack_steps", "attack_step_fraction"):
+            train.pop(k, None)
+    hp = {k: v for k, v in (cfg.get("losses", {}).get(loss) or {}).items() if k in _ADV_LOSS_KEYS[loss]}
+    return {"kind": "adv", "data": cfg["data"], "model": {"name": cfg["model"]["name"],
+            "model_kw": cfg["model"].get("model_kw") or {}}, "loss": loss, "seed": int(seed), "train": train,
+            "loss_settings": hp, "version": CACHE_FORMAT, "library": _library_version()}
+
+
+def _build_adv_model(rcfg: dict, data: data_mod.TensorData, seed: int):
+    from .attacks import normalized
+
+    spec = {"model": rcfg["model"]["name"], "model_kw": rcfg["model"]["model_kw"]}
+    return normalized(_build(spec, data, seed=seed), data)
+
+
+@dataclass
+class AdvGridResult:
+    """What :func:`run_adv_grid` returns (accuracies in percent).
+
+    Attributes:
+        runs: DataFrame, one row per (loss, seed): clean_acc, pgd<k>_acc, ensemble_acc,
+            robust_acc (worst case over all attacks), checks_passed, flags, failed, the per-epoch
+            curve's best/last clean and robust accuracy (PGD-``eval_steps`` on a test subset) with
+            the best epoch, seconds, cached, config_hash.
+        summary: DataFrame, one row per loss: mean ± std over seeds of every accuracy (``*_mean``,
+            ``*_std`` and a "mean ± std" text column) and the paper's numbers where it has the
+            setting (``paper_clean``, ``paper_robust``, ``paper_source``; WRN-34-10, AutoAttack).
+        checks: DataFrame, one row per (loss, seed, check): status, value, detail.
+        histories: {(loss, seed): per-epoch DataFrame}; reports: {(loss, seed): RobustnessReport};
+        models: {(loss, seed): trained model on the CPU ([0, 1] inputs)}; priors: {(loss, seed):
+            (epochs + 1, C, C) tensor} for IKL-AT with GI.
+        config: the resolved preset; interrupted: True when Ctrl-C stopped the grid early.
+    """
+
+    runs: "object"
+    summary: "object"
+    checks: "object"
+    histories: Dict[Tuple[str, int], "object"] = field(default_factory=dict)
+    reports: Dict[Tuple[str, int], "object"] = field(default_factory=dict)
+    models: Dict[Tuple[str, int], torch.nn.Module] = field(default_factory=dict)
+    priors: Dict[Tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    interrupted: bool = False
+
+    @property
+    def passed(self) -> bool:
+        """True when no sanity check of any run failed."""
+        return bool(len(self.checks) == 0 or not (self.checks["status"] == "fail").any())
+
+    def comparison(self, paper=None):
+        """Our runs (mean ± std over seeds) and the paper's published numbers in one DataFrame,
+        every row labelled with who measured it, on which data and model, and under which attack.
+
+        Columns: method, loss, who ("ours (measured here)" / "paper (published)"), data, model,
+        clean (%), clean std, robust (%), robust std, attack, seeds, source. Our robust figure is
+        the per-sample worst case over PGD-k and the AutoAttack-style (ART) ensemble; the paper's
+        is the official AutoAttack. ``paper``: rows to show (default: all of
+        ``paper_results(task="adversarial")``).
+        """
+        import pandas as pd
+
+        from .plots import ADV_LOSS_LABELS
+
+        paper = paper_results(task="adversarial") if paper is None else paper
+        ev = self.config.get("eval", {})
+        data_name = (self.config.get("data") or {}).get("name", "?")
+        eps = ev.get("epsilon")
+        eps_text = "8/255" if eps is not None and abs(eps - 8 / 255) < 1e-12 else f"{eps:g}"
+        steps = "/".join(str(k) for k in ev.get("pgd_steps", []))
+        attack = (f"worst case of PGD-{steps} and the AutoAttack-style ensemble (ART: "
+                  f"{', '.join(ev.get('ensemble_attacks', []))})")
+        rows = []
+        for _, s in self.summary.iterrows():
+            n = int(s["n"])
+            rows.append({"method": ADV_LOSS_LABELS.get(s["loss"], s["loss"]), "loss": s["loss"],
+                         "who": "ours (measured here)", "data": f"{data_name} (ε = {eps_text})",
+                         "model": self.config.get("model", {}).get("name", "?"),
+                         "clean (%)": s["clean_acc_mean"], "clean std": s["clean_acc_std"],
+                         "robust (%)": s["robust_acc_mean"], "robust std": s["robust_acc_std"],
+                         "attack": attack, "seeds": n,
+                         "source": f"dkl_lib, preset {self.config.get('preset')!r}, last epoch, "
+                                   f"{ev.get('samples') or 'all'} test images"})
+        for _, r in paper.iterrows():
+            rows.append({"method": r["method"], "loss": r["loss"], "who": "paper (published)",
+                         "data": f"{r['dataset']} (ε = {r['epsilon']})", "model": r["model"],
+                         "clean (%)": float(r["clean"]), "clean std": math.nan,
+                         "robust (%)": float(r["robust"]), "robust std": math.nan,
+                         "attack": r["attack"], "seeds": "—",
+                         "source": r["source"] + (f" ({r['note']})" if r.get("note") else "")})
+        return pd.DataFrame(rows, columns=["method", "loss", "who", "data", "model", "clean (%)", "clean std",
+                                           "robust (%)", "robust std", "attack", "seeds", "source"])
+
+    def epsilon_curves(self, epsilons: Sequence[float], *, steps: int = 20, samples: Optional[int] = None,
+                       device=None, download: bool = False):
+        """PGD-``steps`` robust accuracy of every trained model at each ε (one random start), as a
+        long DataFrame (loss, seed, epsilon, accuracy, steps), on the first ``samples`` test images
+        (default: the evaluation's). Plot it with :func:`dkl_lib.plots.robustness_vs_epsilon`."""
+        import pandas as pd
+
+        from .attacks import accuracy_vs_epsilon
+
+        dev = train_mod.select_device(device)
+        d = load_data(self.config["data"], device=dev, download=download)
+        n = samples if samples is not None else self.config.get("eval", {}).get("samples")
+        n = d.n_test if n is None else min(int(n), d.n_test)
+        parts = []
+        for (loss, seed), model in self.models.items():
+            model.to(dev)
+            frame = accuracy_vs_epsilon(model, d.x_test[:n].float(), d.y_test[:n], epsilons, steps=steps, seed=seed)
+            model.cpu()
+            parts.append(frame.assign(loss=loss, seed=seed))
+        long = pd.concat(parts, ignore_index=True)
+        return long[["loss", "seed", "epsilon", "accuracy", "steps"]]
+
+    def to_json(self) -> dict:
+        """JSON-able: preset, config, runs (each with its full robustness report: clean, PGD and
+        ensemble accuracy and every sanity check's outcome), summary, paper reference."""
+        runs = []
+        for row in self.runs.to_dict(orient="records"):
+            report = self.reports.get((row["loss"], row["seed"]))
+            runs.append({**row, "report": report.to_dict() if report is not None else None})
+        return _nan_to_none({
+            "preset": self.config.get("preset"), "config": self.config, "runs": runs,
+            "summary": self.summary.to_dict(orient="records"), "passed": self.passed,
+            "ensemble_note": ("ensemble = AutoAttack-style ensemble run by the Adversarial Robustness "
+                              "Toolbox (APGD-CE, APGD-DLR, Square); not the official AutoAttack"),
+            "interrupted": self.interrupted,
+        })
+
+
+def adv_paper_reference(cfg: dict):
+    """The paper's adversarial-training rows for the config's data set (a DataFrame with dataset,
+    model, method, loss, clean, robust, attack, epsilon, source), or None."""
+    name = (cfg.get("data") or {}).get("name")
+    dataset = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}.get(name)
+    if dataset is None:
+        return None
+    table = paper_results(task="adversarial")
+    sel = table[table["dataset"] == dataset]
+    return None if sel.empty else sel.reset_index(drop=True)
+
+
+def _mean_std(values) -> Tuple[float, float]:
+    values = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return math.nan, math.nan
+    mean = sum(values) / len(values)
+    std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else math.nan)
+    return mean, std
+
+
+def summarize_adv(runs, *, paper=None):
+    """Mean ± sample std (ddof = 1) over seeds per loss of every accuracy column of ``runs``,
+    in the order the losses first appear, with the paper's numbers beside (``paper``: the frame
+    of :func:`adv_paper_reference`)."""
+    import pandas as pd
+
+    cols = [c for c in runs.columns if c.endswith("_acc")]
+    rows = []
+    for loss in dict.fromkeys(runs["loss"]):
+        sub = runs[runs["loss"] == loss]
+        row = {"loss": loss, "n": int(len(sub))}
+        for col in cols:
+            mean, std = _mean_std(sub[col].tolist())
+            row[f"{col}_mean"], row[f"{col}_std"] = mean, std
+            row[col.replace("_acc", "")] = ("n/a" if math.isnan(mean) else
+                                            f"{mean:.2f} ± {std:.2f}" if len(sub) > 1 else f"{mean:.2f}")
+        if paper is not None:
+            hit = paper[paper["loss"] == loss]
+            row["paper_clean"] = float(hit["clean"].iloc[0]) if len(hit) else math.nan
+            row["paper_robust"] = float(hit["robust"].iloc[0]) if len(hit) else math.nan
+            row["paper_source"] = (f"{hit['method'].iloc[0]}, {hit['model'].iloc[0]}, {hit['attack'].iloc[0]}: "
+                                   f"{hit['source'].iloc[0]}") if len(hit) else ""
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _curve_stats(history: List[dict]) -> dict:
+    rob = [h.get("test_robust_acc", math.nan) for h in history]
+    clean = [h["test_acc"] for h in history]
+    finite = [(r, i) for i, r in enumerate(rob) if r is not None and not math.isnan(r)]
+    best_i = max(finite, key=lambda t: (t[0], -t[1]))[1] if finite else None
+    return {"curve_clean_best_acc": max(clean) if clean else math.nan,
+            "curve_clean_last_acc": clean[-1] if clean else math.nan,
+            "curve_robust_best_acc": rob[best_i] if best_i is not None else math.nan,
+            "curve_robust_best_epoch": history[best_i]["epoch"] if best_i is not None else None,
+            "curve_robust_last_acc": rob[-1] if rob else math.nan}
+
+
+def run_adv_grid(losses: Sequence[str] = ("trades", "ikl"), seeds: Sequence[int] = (0, 1, 2), *,
+                 preset: str = "cpu-quick", overrides: Optional[dict] = None, cache_dir=None,
+                 use_cache: bool = True, device=None, download: bool = False, progress: bool = True,
+                 strict: bool = True,
+                 callback: Optional[Callable[[str, int, List[dict]], Optional[bool]]] = None) -> AdvGridResult:
+    """Adversarially train one model per (loss, seed) and evaluate it; cached, interruptible.
+
+    Each run: :func:`dkl_lib.train.adversarial_train` with the preset's ``train`` settings and the
+    loss's settings (``losses.<loss>``), then :func:`dkl_lib.attacks.evaluate_robustness` on the
+    first ``eval.samples`` test images (clean, PGD-k with restarts, the AutoAttack-style ART
+    ensemble, the sanity checks) of the LAST-epoch model (no selection on the test set). Trained
+    models and evaluations are cached separately (kinds "adv" and "adveval"), so changing only
+    the evaluation settings re-evaluates without retraining.
+
+    Args:
+        losses: from :data:`ADV_LOSSES`: "trades", "ikl" (IKL-AT), "ce" (natural training).
+        seeds: model seeds (initialisation, batch order, attack starts, evaluation starts).
+        preset: "cpu-quick", "gpu-short" or "paper"; overrides: see :func:`resolve_adv_config`.
+        cache_dir, use_cache, device, download, progress, callback: as in :func:`run_grid`.
+        strict: after the grid, raise :class:`dkl_lib.attacks.SanityCheckError` (with ``.grid``)
+            when any run failed a sanity check; the runs are cached and returned in ``.grid``.
+
+    Notebook: 04_adversarial_training.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    if isinstance(losses, str):
+        losses = [s for s in losses.split(",") if s.strip()]
+    losses = [s.strip().lower() for s in losses]
+    if not losses:
+        raise ValueError("losses is empty; pass at least one of " + ", ".join(ADV_LOSSES))
+    for loss in losses:
+        if loss not in ADV_LOSSES:
+            raise ValueError(f"unknown adversarial loss {loss!r}; choose from {list(ADV_LOSSES)}")
+    seeds = list(seeds)
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+        raise ValueError(f"seeds must be a non-empty list of non-negative integers, got {seeds!r}")
+    cfg = resolve_adv_config(preset, overrides)
+    cache = RunCache(cache_dir, enabled=use_cache)
+    dev = train_mod.select_device(device)
+    ev = cfg["eval"]
+    loaded: Dict[str, data_mod.TensorData] = {}
+
+    def get_data():
+        if "d" not in loaded:
+            loaded["d"] = load_data(cfg["data"], device=dev, download=download)
+        return loaded["d"]
+
+    paper = adv_paper_reference(cfg)
+    rows, check_rows, histories, reports, models, priors = [], [], {}, {}, {}, {}
+    interrupted = False
+    jobs = [(loss, seed) for loss in losses for seed in seeds]
+    bar = tqdm(jobs, desc=f"{preset}: adversarial runs", disable=not progress, unit="run")
+    try:
+        for loss, seed in bar:
+            bar.set_postfix(loss=loss, seed=seed)
+            rcfg = _adv_run_config(cfg, loss, seed)
+            key = config_hash(rcfg)
+            d = get_data()
+            model = _build_adv_model(rcfg, d, seed)
+            hit = cache.load("adv", rcfg)
+            cached = hit is not None
+            if cached:
+                result, files = hit
+                model.load_state_dict(files["model.pt"])
+                prior_tensor = files.get("priors.pt")
+            else:
+                epoch_cb = None
+                if callback is not None:
+                    def epoch_cb(history, _l=loss, _s=seed):
+                        return callback(_l, _s, history)
+                train = dict(rcfg["train"])
+                res = train_mod.adversarial_train(model, d, loss=loss, seed=seed, device=dev, progress=False,
+                                                  callback=epoch_cb, **train, **rcfg["loss_settings"])
+                if res.stopped == "interrupted":
+                    raise KeyboardInterrupt
+                result = {"history": res.history, "seconds": res.seconds, "stopped": res.stopped,
+                          "epochs": res.epochs_run}
+                prior_tensor = torch.stack(res.priors) if res.priors else None
+                if res.stopped is None:
+                    model.cpu()
+                    files = {"model.pt": {k: v.cpu() for k, v in model.state_dict().items()}}
+                    if prior_tensor is not None:
+                        files["priors.pt"] = prior_tensor
+                    cache.save("adv", rcfg, result, files)
+            # ---- evaluation (cached separately)
+            ecfg = {"kind": "adveval", "run_key": key, "eval": ev, "version": CACHE_FORMAT,
+                    "library": _library_version()}
+            ehit = cache.load("adveval", ecfg)
+            if ehit is not None:
+                report = _report_from_dict(ehit[0]["report"])
+            else:
+                model.to(dev)
+                n_eval = d.n_test if ev.get("samples") is None else min(int(ev["samples"]), d.n_test)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", attacks_mod.GradientMaskingWarning)
+                    report = attacks_mod.evaluate_robustness(
+                        model, d.x_test[:n_eval].float(), d.y_test[:n_eval], epsilon=float(ev["epsilon"]),
+                        pgd_steps=ev["pgd_steps"], pgd_restarts=int(ev["pgd_restarts"]),
+                        ensemble=bool(ev.get("ensemble", True)), ensemble_attacks=ev["ensemble_attacks"],
+                        apgd_iters=int(ev["apgd_iters"]), square_queries=int(ev["square_queries"]),
+                        masking_gap=float(ev["masking_gap"]), blackbox_gap=float(ev.get("blackbox_gap", 1.0)),
+                        batch_size=int(ev.get("batch_size", 500)), seed=seed, strict=False)
+                if result.get("stopped") is None:
+                    cache.save("adveval", ecfg, {"report": report.to_dict()})
+            model.cpu()
+            for c in report.checks:
+                if c["status"] == "fail":
+                    warnings.warn(f"{loss} seed {seed}: sanity check {c['check']} FAILED: {c['detail']}",
+                                  UserWarning, stacklevel=2)
+                check_rows.append({"loss": loss, "seed": seed, "check": c["check"], "status": c["status"],
+                                   "value": c["value"], "detail": c["detail"]})
+            row = {"loss": loss, "seed": seed, "clean_acc": report.clean_acc}
+            row.update({f"pgd{k}_acc": v for k, v in report.pgd_acc.items()})
+            row.update({"ensemble_acc": report.ensemble_acc if report.ensemble_acc is not None else math.nan,
+                        "robust_acc": report.robust_acc})
+            row.update(_curve_stats(result["history"]))
+            row.update({"epochs": result["epochs"], "checks_passed": report.passed,
+                        "failed": ", ".join(report.failed), "flags": ", ".join(report.warnings),
+                        "seconds": result["seconds"], "eval_seconds": float(sum(report.seconds.values())),
+                        "cached": cached, "stopped": result.get("stopped"), "config_hash": key[:16]})
+            rows.append(row)
+            histories[(loss, seed)] = pd.DataFrame(result["history"])
+            reports[(loss, seed)] = report
+            models[(loss, seed)] = model
+            if prior_tensor is not None:
+                priors[(loss, seed)] = prior_tensor
+    except KeyboardInterrupt:
+        interrupted = True
+        warnings.warn(f"interrupted: returning the {len(rows)} finished runs", stacklevel=2)
+    finally:
+        bar.close()
+    runs = pd.DataFrame(rows)
+    summary = summarize_adv(runs, paper=paper) if len(runs) else pd.DataFrame()
+    checks = pd.DataFrame(check_rows, columns=["loss", "seed", "check", "status", "value", "detail"])
+    grid = AdvGridResult(runs=runs, summary=summary, checks=checks, histories=histories, reports=reports,
+                         models=models, priors=priors, config=cfg, interrupted=interrupted)
+    if strict and not grid.passed:
+        bad = checks[checks["status"] == "fail"]
+        lines = [f"  {r.loss} seed {r.seed}: {r.check}: {r.detail}" for r in bad.itertuples()]
+        first = reports[(bad.iloc[0]["loss"], int(bad.iloc[0]["seed"]))]
+        err = attacks_mod.SanityCheckError("adversarial grid: sanity checks failed:\n" + "\n".join(lines), first)
+        err.grid = grid
+        raise err
+    return grid
+
+
+def _report_from_dict(d: dict):
+    from .attacks import RobustnessReport
+
+    return RobustnessReport(epsilon=d["epsilon"], n=d["n"], clean_acc=d["clean_acc"],
+                            pgd_acc={int(k): v for k, v in d["pgd_acc"].items()}, ensemble_acc=d["ensemble_acc"],
+                            robust_acc=d["robust_acc"], ensemble_counts=d.get("ensemble_counts", {}),
+                            checks=d.get("checks", []), config=d.get("config", {}), seconds=d.get("seconds", {}))
+
+
 # -------------------------------------------------------------------------------------- command line
 def _parse_value(text: str):
     try:
@@ -695,7 +1187,9 @@ def _parse_value(text: str):
         return text
 
 
-def _cmd_kd(args) -> int:
+def _grid_args(args, epoch_keys):
+    """(overrides, seeds, losses) from the CLI arguments shared by ``kd`` and ``adv``;
+    ``--epochs`` fills the dotted keys ``epoch_keys`` unless an ``--override`` set them."""
     overrides = {}
     for item in args.override or []:
         if "=" not in item:
@@ -703,13 +1197,18 @@ def _cmd_kd(args) -> int:
         key, value = item.split("=", 1)
         overrides[key.strip()] = _parse_value(value)
     if args.epochs is not None:
-        overrides.setdefault("distill.epochs", args.epochs)
-        overrides.setdefault("teacher.train.epochs", args.epochs)
+        for key in epoch_keys:
+            overrides.setdefault(key, args.epochs)
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         raise SystemExit(f"--seeds must be comma-separated integers, got {args.seeds!r}")
     losses = [s.strip() for s in args.losses.split(",") if s.strip()]
+    return overrides, seeds, losses
+
+
+def _cmd_kd(args) -> int:
+    overrides, seeds, losses = _grid_args(args, ("distill.epochs", "teacher.train.epochs"))
     try:
         grid = run_grid(losses, seeds, preset=args.preset, overrides=overrides, cache_dir=args.cache_dir,
                         use_cache=not args.no_cache, device=args.device, download=args.download,
@@ -727,6 +1226,36 @@ def _cmd_kd(args) -> int:
         print(f"teacher accuracy: {grid.teacher['acc']:.2f} ({grid.teacher['source']})")
         print(grid.summary[cols].to_string(index=False))
         print(f"wrote {out / 'results.json'} and {out / 'results.csv'}")
+    return 130 if grid.interrupted else 0
+
+
+def _cmd_adv(args) -> int:
+    from .attacks import SanityCheckError
+
+    overrides, seeds, losses = _grid_args(args, ("train.epochs",))
+    failed = None
+    try:
+        grid = run_adv_grid(losses, seeds, preset=args.preset, overrides=overrides, cache_dir=args.cache_dir,
+                            use_cache=not args.no_cache, device=args.device, download=args.download,
+                            progress=not args.quiet, strict=True)
+    except SanityCheckError as err:
+        grid, failed = err.grid, err
+    except (ValueError, TypeError, data_mod.DatasetNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "results.json", json.dumps(grid.to_json(), indent=2, allow_nan=False).encode())
+    _atomic_write(out / "results.csv", grid.runs.to_csv(index=False, float_format="%.4f").encode())
+    if not args.quiet and len(grid.summary):
+        cols = [c for c in ("loss", "n", "clean", "pgd20", "pgd50", "ensemble", "robust", "paper_clean",
+                            "paper_robust") if c in grid.summary]
+        print(grid.summary[cols].to_string(index=False))
+        print("ensemble = AutoAttack-style ensemble run by ART (APGD-CE, APGD-DLR, Square), not the official AutoAttack")
+        print(f"wrote {out / 'results.json'} and {out / 'results.csv'}")
+    if failed is not None:
+        print(f"SANITY CHECKS FAILED (the numbers above are not trustworthy):\n{failed}", file=sys.stderr)
+        return 3
     return 130 if grid.interrupted else 0
 
 
@@ -766,7 +1295,21 @@ def _parser() -> argparse.ArgumentParser:
                     help="change a preset setting, e.g. distill.lr=0.1 or losses.ikl.alpha=2 (repeatable)")
     kd.add_argument("--quiet", action="store_true", help="no progress bars or summary")
     kd.set_defaults(handler=_cmd_kd)
-    # a future "adv" sub-command (adversarial training, notebook 05) is added here the same way
+    adv = sub.add_parser("adv", help="adversarial training: losses x seeds for a preset, with evaluation")
+    adv.add_argument("--preset", default="cpu-quick", choices=sorted(ADV_PRESETS))
+    adv.add_argument("--losses", default="trades,ikl", help=f"comma-separated, from {','.join(ADV_LOSSES)}")
+    adv.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    adv.add_argument("--out", required=True, help="folder for results.json and results.csv")
+    adv.add_argument("--cache-dir", default=None, help="cache folder (default: <repository>/runs)")
+    adv.add_argument("--no-cache", action="store_true", help="recompute everything, write no cache")
+    adv.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    adv.add_argument("--download", action="store_true", help="download CIFAR when it is missing")
+    adv.add_argument("--epochs", type=int, default=None, help="shortcut for --override train.epochs=N")
+    adv.add_argument("--override", action="append", metavar="KEY=VALUE",
+                     help="change a preset setting, e.g. train.epsilon=0.05, eval.samples=100 or "
+                          "losses.ikl.alpha=5 (repeatable)")
+    adv.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    adv.set_defaults(handler=_cmd_adv)
     return parser
 
 

@@ -42,6 +42,10 @@ __all__ = [
     "wrn_16_2",
     "wrn_40_1",
     "wrn_40_2",
+    "wrn_28_10",
+    "wrn_34_10",
+    "PreActResNet",
+    "preact_resnet18",
     "MODELS",
     "build_model",
     "count_parameters",
@@ -256,6 +260,59 @@ class WideResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+# ------------------------------------------------------------- PreAct ResNet (adversarial training)
+class _PreActBlock(nn.Module):
+    """Pre-activation basic block (He et al., 2016): o = relu(bn1(x));
+    out = conv2(relu(bn2(conv1(o)))) + shortcut, the shortcut being x or a 1x1 conv of o."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = _conv3x3(cin, cout, stride)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = _conv3x3(cout, cout)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, kernel_size=1, stride=stride, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = F.relu(self.bn1(x))
+        shortcut = x if self.shortcut is None else self.shortcut(o)
+        out = self.conv2(F.relu(self.bn2(self.conv1(o)), inplace=True))
+        return out + shortcut
+
+
+class PreActResNet(nn.Module):
+    """Pre-activation ResNet for 32x32 images (the PreActResNet-18 of the adversarial-training
+    literature, e.g. Rice et al., 2020): conv3x3(64) - four stages of pre-activation blocks
+    (64, 128, 256, 512; strides 1, 2, 2, 2) - bn - relu - global average pool - linear.
+
+    Input (B, 3, H, W); output logits (B, num_classes). Used by the ``gpu-short`` adversarial
+    preset (notebook 04), where the normalisation sits in front of it (``dkl_lib.attacks.Normalized``).
+    """
+
+    def __init__(self, *, blocks: Sequence[int] = (2, 2, 2, 2), num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        if len(blocks) != 4:
+            raise ValueError(f"blocks must hold 4 numbers (one per stage), got {blocks}")
+        _check_int("num_classes", num_classes, 2)
+        self.conv1 = _conv3x3(in_channels, 64)
+        cin = 64
+        for stage, (cout, stride, n) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2), blocks), start=1):
+            layers = []
+            for i in range(_check_int("blocks entries", int(n))):
+                layers.append(_PreActBlock(cin, cout, stride if i == 0 else 1))
+                cin = cout
+            setattr(self, f"layer{stage}", nn.Sequential(*layers))
+        self.bn = nn.BatchNorm2d(cin)
+        self.linear = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
+        x = F.relu(self.bn(x), inplace=True)
+        return self.linear(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
 # ------------------------------------------------------------------------------------ constructors
 _THIN = (16, 16, 32, 64)
 _WIDE4 = (32, 64, 128, 256)
@@ -320,6 +377,22 @@ def wrn_40_2(num_classes: int = 100) -> WideResNet:
     return WideResNet(depth=40, widen_factor=2, num_classes=num_classes)
 
 
+def wrn_28_10(num_classes: int = 10) -> WideResNet:
+    """WRN-28-10 (36.5 M parameters at 10 classes); adversarial training on CIFAR."""
+    return WideResNet(depth=28, widen_factor=10, num_classes=num_classes)
+
+
+def wrn_34_10(num_classes: int = 10) -> WideResNet:
+    """WRN-34-10 (46.2 M parameters at 10 classes): the model of TRADES and of the DKL paper's
+    adversarial-training tables (the ``paper`` adversarial preset)."""
+    return WideResNet(depth=34, widen_factor=10, num_classes=num_classes)
+
+
+def preact_resnet18(num_classes: int = 10) -> PreActResNet:
+    """PreActResNet-18 (11.2 M parameters at 10 classes); the ``gpu-short`` adversarial preset."""
+    return PreActResNet(blocks=(2, 2, 2, 2), num_classes=num_classes)
+
+
 def _mlp(num_classes: int = 10, **kw) -> MLP:
     return MLP(num_classes=num_classes, **kw)
 
@@ -344,6 +417,9 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
     "wrn_16_2": wrn_16_2,
     "wrn_40_1": wrn_40_1,
     "wrn_40_2": wrn_40_2,
+    "wrn_28_10": wrn_28_10,
+    "wrn_34_10": wrn_34_10,
+    "preact_resnet18": preact_resnet18,
 }
 
 

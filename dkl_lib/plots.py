@@ -415,7 +415,6 @@ def final_accuracy_chart(runs, *, teacher_acc: Optional[float] = None, order=Non
         ``fig.savefig(...)`` works as usual. Notebook: 03_knowledge_distillation.
     """
     import matplotlib.pyplot as plt
-    import pandas as pd
     import seaborn as sns
 
     missing = {"loss", "seed", "best_acc", "last_acc"} - set(runs.columns)

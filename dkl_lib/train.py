@@ -20,6 +20,13 @@ hides them), and return a :class:`TrainResult`: a per-epoch history of every nam
 best and last epoch. A ``callback(history)`` runs after every epoch (live plots in notebook 03); it
 stops training by returning ``False`` or raising :class:`StopTraining`. Ctrl-C (KeyboardInterrupt)
 stops too, and the finished epochs are returned instead of lost.
+
+:func:`adversarial_train` (notebook 04) trains a model whose normalisation sits inside it
+(:class:`dkl_lib.attacks.Normalized`) on [0, 1] images with the TRADES or IKL-AT outer loss
+(:func:`adversarial_loss_terms`) and the TRADES inner maximisation
+(:func:`dkl_lib.attacks.trades_perturb`), optionally with the increasing-ε schedule
+(:func:`epsilon_at`) and the cosine learning rate of the official IKL-AT code; it returns the same
+:class:`TrainResult`, whose history adds the training ε and a per-epoch PGD robust accuracy.
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attacks import clean_correct, pgd, trades_perturb
 from .data import TensorData, augment_crop_flip, batch_indices
 from .losses import loss_terms
 from .prior import ClassPrior
@@ -58,6 +66,16 @@ Callback = Callable[[List[dict]], Optional[bool]]
 
 class StopTraining(Exception):
     """Raise this from a training callback to stop after the epoch that just finished."""
+
+
+def _callback_stops(callback: Optional[Callback], history: List[dict]) -> bool:
+    """Run the per-epoch callback; True when it asks to stop (returns False or raises StopTraining)."""
+    if callback is None:
+        return False
+    try:
+        return callback(history) is False
+    except StopTraining:
+        return True
 
 
 def select_device(device=None) -> torch.device:
@@ -375,14 +393,9 @@ def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], lo
             history.append(row)
             epoch_bar.update()
             epoch_bar.set_postfix(loss=f"{row['loss']:.3f}", test_acc=f"{test_acc:.2f}")
-            if callback is not None:
-                try:
-                    if callback(history) is False:
-                        stopped = "callback"
-                except StopTraining:
-                    stopped = "callback"
-                if stopped:
-                    break
+            if _callback_stops(callback, history):
+                stopped = "callback"
+                break
     except KeyboardInterrupt:
         stopped = "interrupted"
     finally:
@@ -529,3 +542,312 @@ def distill(student: nn.Module, teacher: Optional[nn.Module], data: TensorData, 
         result.teacher_acc = evaluate(teacher.to(select_device(device)),
                                       data.to(select_device(device), _model_dtype(teacher)))
     return result
+
+
+# =========================================================================== adversarial training
+#: Outer losses accepted by :func:`adversarial_train`: "ce" = natural training (no attack, the
+#: non-robust baseline), "trades" = CE + β·KL(f(x) ‖ f(x′)), "ikl" = IKL-AT.
+ADV_LOSSES = ("ce", "trades", "ikl")
+#: Defaults of the outer losses. TRADES: β = 6 (Zhang et al., 2019). IKL-AT: the official CIFAR
+#: script (jiequancui/DKL, Adv-training-dkl, ``--alpha 4 --beta 20 --T 4``: soft-CE weight 4, wMSE
+#: weight 20, soft-CE at temperature 1, class prior from softmax(natural / 4)) in our convention
+#: (DESIGN §3): alpha = 20 (wMSE), beta = 4 (soft-CE), temperature = 1, weight_temperature = 4.
+ADV_DEFAULTS = {"trades": {"beta": 6.0},
+                "ikl": {"alpha": 20.0, "beta": 4.0, "temperature": 1.0, "weight_temperature": 4.0, "gi": True}}
+__all__ += ["ADV_LOSSES", "ADV_DEFAULTS", "adversarial_loss_terms", "epsilon_at", "adversarial_train"]
+
+
+def adversarial_loss_terms(loss: str, logits: Optional[torch.Tensor], target_logits: torch.Tensor,
+                           targets: torch.Tensor, *, beta: Optional[float] = None, alpha: Optional[float] = None,
+                           temperature: float = 1.0, weight_temperature: Optional[float] = None,
+                           class_prior: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    """The named terms of an adversarial-training outer loss; the loss is their sum.
+
+    Args:
+        loss: "ce", "trades" or "ikl" (:data:`ADV_LOSSES`).
+        logits: f(x′), the adversarial logits (B, C) (unused for "ce", may be None).
+        target_logits: f(x), the natural logits (B, C). They keep their gradient: in adversarial
+            training both sides belong to the model being trained.
+        targets: (B,) int64 labels.
+        beta: TRADES: the weight of KL (default 6). IKL: the soft-CE weight (default 4).
+        alpha: IKL: the wMSE weight (default 20). temperature: IKL's T (default 1).
+        weight_temperature: IKL's T_w for sample-wise weights when no ``class_prior`` is given.
+        class_prior: IKL's (C, C) class-wise prior (GI; :class:`~dkl_lib.prior.ClassPrior`).
+
+    Returns:
+        {"ce": CE(f(x), y)} plus, for "trades", {"kl": β · KL(f(x) ‖ f(x′))} (``kl_loss(f(x′), f(x))``,
+        T = 1), and for "ikl", the ``wmse`` and ``soft_ce`` terms of
+        ``ikl_loss(f(x′), f(x), targets=y, class_prior=...)`` (α and β inside them).
+
+    Notebook: 04_adversarial_training.
+    """
+    if not isinstance(loss, str) or loss not in ADV_LOSSES:
+        raise ValueError(f"unknown adversarial loss {loss!r}; choose one of {list(ADV_LOSSES)}")
+    natural = target_logits.float() if target_logits.dtype in (torch.float16, torch.bfloat16) else target_logits
+    terms = {"ce": F.cross_entropy(natural, targets)}
+    if loss == "ce":
+        return terms
+    if logits is None:
+        raise ValueError(f"loss {loss!r} needs the adversarial logits")
+    if loss == "trades":
+        b = ADV_DEFAULTS["trades"]["beta"] if beta is None else _number("beta", beta, low=0.0)
+        terms["kl"] = b * loss_terms("kl", logits, target_logits, temperature=1.0)["kl"]
+        return terms
+    d = ADV_DEFAULTS["ikl"]
+    hp = {"temperature": _number("temperature", temperature, low=0.0, low_open=True),
+          "alpha": d["alpha"] if alpha is None else _number("alpha", alpha, low=0.0),
+          "beta": d["beta"] if beta is None else _number("beta", beta, low=0.0)}
+    hp["weight_temperature"] = (hp["temperature"] if weight_temperature is None else
+                                _number("weight_temperature", weight_temperature, low=0.0, low_open=True))
+    extra = {"class_prior": class_prior} if class_prior is not None else {}
+    terms.update(loss_terms("ikl", logits, target_logits, targets=targets, **hp, **extra))
+    return terms
+
+
+def epsilon_at(epoch: int, *, epsilon: float, epochs: int, schedule: str = "constant") -> float:
+    """The training ε of a 1-based ``epoch``: ε ("constant"), or ε · epoch / epochs ("increasing",
+    the schedule of the official IKL-AT code, which follows LBGAT / improved TRADES)."""
+    if schedule == "constant":
+        return float(epsilon)
+    if schedule == "increasing":
+        return float(epsilon) * epoch / epochs
+    raise ValueError(f"unknown epsilon schedule {schedule!r}; choose 'constant' or 'increasing'")
+
+
+def _lr_scheduler(optimizer, *, schedule: str, epochs: int, milestones: List[int], lr_decay: float):
+    if schedule == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=lr_decay)
+    if schedule == "cosine":  # the official IKL-AT code: lr · ½(1 + cos(π e / (E + 1))), e = 1..E
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda e0: 0.5 * (1.0 + math.cos(math.pi * (e0 + 1) / (epochs + 1))))
+    raise ValueError(f"unknown lr_schedule {schedule!r}; choose 'multistep' or 'cosine'")
+
+
+def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades", epsilon: float,
+                      epsilon_schedule: str = "constant", attack_steps: int = 10,
+                      attack_step_fraction: float = 0.25, beta: Optional[float] = None,
+                      alpha: Optional[float] = None, temperature: Optional[float] = None,
+                      weight_temperature: Optional[float] = None, gi: Optional[bool] = None,
+                      epochs: int, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4,
+                      milestones: Optional[Sequence[int]] = None, lr_decay: float = 0.1,
+                      lr_schedule: str = "multistep", nesterov: bool = False, batch_size: int = 128,
+                      drop_last: bool = False, seed: int = 0, eval_epsilon: Optional[float] = None,
+                      eval_steps: int = 10, eval_samples: Optional[int] = 500, device=None,
+                      amp: Optional[bool] = None, channels_last: Optional[bool] = None,
+                      class_prior: Optional[ClassPrior] = None, progress: bool = True,
+                      callback: Optional[Callback] = None, desc: Optional[str] = None) -> TrainResult:
+    """Adversarial training (L∞) with the TRADES or IKL-AT outer loss (DESIGN §5).
+
+    Per batch (x, y), images in [0, 1]:
+
+    1. inner maximisation, model in eval mode (:func:`dkl_lib.attacks.trades_perturb`): x′ = PGD on
+       KL(f(x) ‖ f(x′)) from x + 0.001·N(0, 1), ``attack_steps`` steps of size
+       ``attack_step_fraction`` · ε_e inside the ε_e-ball ∩ [0, 1] (ε_e from :func:`epsilon_at`);
+    2. outer minimisation, model in train mode, natural and adversarial logits from two forward
+       passes: loss = Σ :func:`adversarial_loss_terms` (``trades``: CE(f(x), y) + β·KL(f(x) ‖ f(x′));
+       ``ikl``: CE(f(x), y) + ikl_loss(f(x′), f(x), GI prior from the natural logits); ``ce``:
+       natural training, no attack).
+
+    For ``ikl`` with GI (default) a :class:`~dkl_lib.prior.ClassPrior` collects softmax(f(x) / T_w)
+    of the natural logits per class during each epoch and is used from the next one (uniform in
+    the first), as in the official code.
+
+    Args:
+        model: maps images in [0, 1] to logits, i.e. with the normalisation inside
+            (:class:`dkl_lib.attacks.Normalized`); trained in place.
+        data: a :class:`~dkl_lib.data.TensorData` (raw [0, 1] images; NOT normalised here);
+            augmented per batch when ``data.augment`` is set.
+        loss: "trades", "ikl" or "ce". epsilon: the L∞ radius ε of training (and, by default, of the
+            per-epoch robust accuracy). epsilon_schedule: "constant" or "increasing" (ε·e/E).
+        attack_steps, attack_step_fraction: the inner PGD (TRADES: 10 steps of 0.007 at ε = 0.031;
+            the IKL-AT code: 5 steps of ε/2).
+        beta, alpha, temperature, weight_temperature, gi: the outer loss's hyper-parameters
+            (defaults :data:`ADV_DEFAULTS`); TRADES takes only beta.
+        epochs, lr, momentum, weight_decay, milestones, lr_decay, nesterov, batch_size, drop_last:
+            SGD with momentum; ``lr_schedule`` "multistep" (× lr_decay at each milestone) or
+            "cosine" (the official IKL-AT schedule).
+        seed: fixes the batch order, the augmentation and the attack's random start.
+        eval_epsilon, eval_steps, eval_samples: after each epoch, the robust accuracy under PGD-
+            ``eval_steps`` (one random start) at ``eval_epsilon`` (default ε) on the first
+            ``eval_samples`` test images (None = all; 0 = skip), as ``test_robust_acc``.
+        device, amp, channels_last, progress, callback, class_prior, desc: as in :func:`distill`.
+
+    Returns:
+        :class:`TrainResult`; each history row has epoch, lr, epsilon, loss, ce, the loss terms
+        (``kl``; ``wmse``, ``soft_ce``), train_acc (natural) and train_adv_acc (on x′) in train
+        mode, test_acc (clean), test_robust_acc and seconds.
+
+    Notebook: 04_adversarial_training (through :func:`dkl_lib.experiments.run_adv_grid`).
+    """
+    if not isinstance(loss, str) or loss not in ADV_LOSSES:
+        raise ValueError(f"unknown adversarial loss {loss!r}; choose one of {list(ADV_LOSSES)}")
+    _check_model("model", model)
+    _check_data(data)
+    cfg = _common_config(epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                         milestones=milestones, lr_decay=lr_decay, nesterov=nesterov,
+                         batch_size=batch_size, drop_last=drop_last, seed=seed)
+    epsilon = _number("epsilon", epsilon, low=0.0)
+    epsilon_at(1, epsilon=epsilon, epochs=cfg["epochs"], schedule=epsilon_schedule)  # validates
+    attack_steps = _nonneg_int("attack_steps", attack_steps)
+    attack_step_fraction = _number("attack_step_fraction", attack_step_fraction, low=0.0)
+    eval_epsilon = epsilon if eval_epsilon is None else _number("eval_epsilon", eval_epsilon, low=0.0)
+    eval_steps = _nonneg_int("eval_steps", eval_steps)
+    if eval_samples is not None:
+        eval_samples = _nonneg_int("eval_samples", eval_samples)
+    if lr_schedule not in ("multistep", "cosine"):
+        raise ValueError(f"unknown lr_schedule {lr_schedule!r}; choose 'multistep' or 'cosine'")
+    hp: Dict[str, object] = {}
+    if loss == "trades":
+        hp = {"beta": ADV_DEFAULTS["trades"]["beta"] if beta is None else _number("beta", beta, low=0.0)}
+    elif loss == "ikl":
+        d = ADV_DEFAULTS["ikl"]
+        hp = {"alpha": d["alpha"] if alpha is None else _number("alpha", alpha, low=0.0),
+              "beta": d["beta"] if beta is None else _number("beta", beta, low=0.0),
+              "temperature": d["temperature"] if temperature is None else
+              _number("temperature", temperature, low=0.0, low_open=True),
+              "weight_temperature": d["weight_temperature"] if weight_temperature is None else
+              _number("weight_temperature", weight_temperature, low=0.0, low_open=True),
+              "gi": d["gi"] if gi is None else gi}
+        if not isinstance(hp["gi"], bool):
+            raise TypeError(f"gi must be True or False, got {hp['gi']!r}")
+    if class_prior is not None and not isinstance(class_prior, ClassPrior):
+        raise TypeError(f"class_prior must be a dkl_lib.prior.ClassPrior, got {type(class_prior).__name__}")
+    config = {"task": "adversarial", "loss": loss, **hp, "epsilon": epsilon, "epsilon_schedule": epsilon_schedule,
+              "attack_steps": attack_steps, "attack_step_fraction": attack_step_fraction,
+              "lr_schedule": lr_schedule, "eval_epsilon": eval_epsilon, "eval_steps": eval_steps,
+              "eval_samples": eval_samples, **cfg}
+
+    start = time.perf_counter()
+    device = select_device(device)
+    amp = (device.type == "cuda") if amp is None else bool(amp)
+    channels_last = (device.type == "cuda") if channels_last is None else bool(channels_last)
+    memory_format = torch.channels_last if channels_last else torch.preserve_format
+    model.to(device=device, memory_format=memory_format)
+    dtype = _model_dtype(model)
+    data = data.to(device, dtype)
+    config.update({"device": str(device), "amp": amp, "channels_last": channels_last,
+                   "dtype": str(dtype).replace("torch.", "")})
+    gi_on = loss == "ikl" and bool(hp.get("gi"))
+    prior = None
+    if gi_on:
+        prior = class_prior if class_prior is not None else ClassPrior(data.num_classes, device=device)
+        if prior.num_classes != data.num_classes:
+            raise ValueError(f"class_prior has {prior.num_classes} classes, the data {data.num_classes}")
+        prior.to(device)
+    loss_kw = {k: v for k, v in hp.items() if k != "gi"}
+    epochs = cfg["epochs"]
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+                                weight_decay=cfg["weight_decay"], nesterov=cfg["nesterov"])
+    scheduler = _lr_scheduler(optimizer, schedule=lr_schedule, epochs=epochs, milestones=cfg["milestones"],
+                              lr_decay=cfg["lr_decay"])
+    shuffle_gen = torch.Generator().manual_seed(cfg["seed"])
+    augment_gen = torch.Generator().manual_seed(cfg["seed"] + 1_000_003)
+    attack_gen = torch.Generator().manual_seed(cfg["seed"] + 2_000_003)
+    n_eval = data.n_test if eval_samples is None else min(eval_samples, data.n_test)
+    x_eval, y_eval = data.x_test[:n_eval], data.y_test[:n_eval]
+    bs = cfg["batch_size"]
+    steps_per_epoch = max(1, (data.n_train // bs) if cfg["drop_last"] else math.ceil(data.n_train / bs))
+
+    from tqdm.auto import tqdm
+
+    cudnn_benchmark = torch.backends.cudnn.benchmark
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    history: List[dict] = []
+    stopped = None
+    epoch_bar = tqdm(total=epochs, desc=desc or loss, disable=not progress, leave=True, unit="epoch")
+    batch_bar = None
+    if progress and steps_per_epoch >= 50:
+        batch_bar = tqdm(total=steps_per_epoch, desc="  batches", leave=False, unit="batch")
+    try:
+        for epoch in range(1, epochs + 1):
+            t0 = time.perf_counter()
+            eps_now = epsilon_at(epoch, epsilon=epsilon, epochs=epochs, schedule=epsilon_schedule)
+            lr_now = optimizer.param_groups[0]["lr"]
+            sums: Dict[str, torch.Tensor] = {}
+            correct = torch.zeros((), device=device, dtype=torch.float64)
+            correct_adv = torch.zeros((), device=device, dtype=torch.float64)
+            seen = 0
+            if batch_bar is not None:
+                batch_bar.reset(total=steps_per_epoch)
+            model.train()
+            for idx in batch_indices(data.n_train, batch_size=bs, shuffle=True, generator=shuffle_gen,
+                                     drop_last=cfg["drop_last"], device=device):
+                if idx.numel() < 2 and seen > 0:  # a trailing batch of one breaks BatchNorm
+                    continue
+                x, y = data.x_train[idx], data.y_train[idx]
+                if data.augment:
+                    x = augment_crop_flip(x, generator=augment_gen, **data.augment)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                x_adv = None
+                if loss != "ce":
+                    x_adv = trades_perturb(model, x, epsilon=eps_now, steps=attack_steps,
+                                           step_size=attack_step_fraction * eps_now, generator=attack_gen,
+                                           amp=amp)
+                model.train()
+                with _autocast(device, amp):
+                    nat_logits = model(x)
+                    adv_logits = model(x_adv) if x_adv is not None else None
+                extra = {"class_prior": prior.prior} if prior is not None else {}
+                terms = adversarial_loss_terms(loss, adv_logits, nat_logits, y, **loss_kw, **extra)
+                total = sum(terms.values())
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                optimizer.step()
+                if prior is not None:
+                    prior.update(nat_logits.detach(), y, weight_temperature=loss_kw["weight_temperature"])
+                n = y.shape[0]
+                seen += n
+                for name, value in (("loss", total), *terms.items()):
+                    v = value.detach().to(torch.float64) * n
+                    sums[name] = sums[name] + v if name in sums else v
+                correct += (nat_logits.detach().argmax(dim=1) == y).sum()
+                if adv_logits is not None:
+                    correct_adv += (adv_logits.detach().argmax(dim=1) == y).sum()
+                if batch_bar is not None:
+                    batch_bar.update()
+            if not math.isfinite(sums["loss"].item()):
+                raise FloatingPointError(f"the training loss became non-finite in epoch {epoch}; "
+                                         "lower the learning rate or check the data")
+            scheduler.step()
+            if prior is not None:
+                prior.end_epoch()
+            row = {"epoch": epoch, "lr": lr_now, "epsilon": eps_now}
+            row.update({k: v.item() / seen for k, v in sums.items()})
+            row["train_acc"] = 100.0 * correct.item() / seen
+            row["train_adv_acc"] = 100.0 * correct_adv.item() / seen if loss != "ce" else math.nan
+            row["test_acc"] = _clean_accuracy(model, data.x_test, data.y_test)
+            if n_eval > 0 and eval_steps > 0 and eval_epsilon > 0:
+                res = pgd(model, x_eval, y_eval, epsilon=eval_epsilon, steps=eval_steps, restarts=1,
+                          seed=cfg["seed"])
+                clean_ok = _clean_correct(model, x_eval, y_eval)
+                row["test_robust_acc"] = 100.0 * (clean_ok & res.correct).double().mean().item()
+            else:
+                row["test_robust_acc"] = math.nan
+            row["seconds"] = time.perf_counter() - t0
+            history.append(row)
+            epoch_bar.update()
+            epoch_bar.set_postfix(loss=f"{row['loss']:.3f}", clean=f"{row['test_acc']:.1f}",
+                                  robust=f"{row['test_robust_acc']:.1f}")
+            if _callback_stops(callback, history):
+                stopped = "callback"
+                break
+    except KeyboardInterrupt:
+        stopped = "interrupted"
+    finally:
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+        if batch_bar is not None:
+            batch_bar.close()
+        epoch_bar.close()
+    return TrainResult(model=model, history=history, config=config,
+                       priors=list(prior.history) if prior is not None and prior.keep_history else None,
+                       stopped=stopped, seconds=time.perf_counter() - start)
+
+
+def _clean_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return clean_correct(model, x.to(_model_dtype(model)), y)
+
+
+def _clean_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return 100.0 * _clean_correct(model, x, y).double().mean().item()

@@ -231,7 +231,7 @@ def test_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         E.main(["kd", "--preset", "paper-long", "--out", "x"])
     with pytest.raises(SystemExit):
-        E.main(["adv", "--out", "x"])  # not implemented yet
+        E.main(["adv", "--preset", "paper-long", "--out", "x"])  # `adv` is tested in test_adversarial.py
 
 
 # ------------------------------------------------------------------------------------ paper numbers

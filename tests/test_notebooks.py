@@ -16,7 +16,7 @@ CELL_TIMEOUT_S = 600
 def test_the_notebooks_exist():
     names = {p.name for p in NOTEBOOKS}
     assert {"01_kl_to_dkl_derivation.ipynb", "02_gradient_anatomy.ipynb", "03_knowledge_distillation.ipynb",
-            "05_compare_kl_dkl_ikl.ipynb"} <= names
+            "04_adversarial_training.ipynb", "05_compare_kl_dkl_ikl.ipynb"} <= names
 
 
 @pytest.fixture(scope="module")

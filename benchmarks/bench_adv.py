@@ -1,0 +1,179 @@
+"""Cost of one adversarial training step, TRADES vs IKL-AT (not a test; prints a table).
+
+    python benchmarks/bench_adv.py                          # CPU (and CUDA when present)
+    python benchmarks/bench_adv.py --devices cpu --reps 5 --threads 1
+    python benchmarks/bench_adv.py --json out.json
+
+One step = what dkl_lib.train.adversarial_train does per batch: the TRADES inner maximisation
+(dkl_lib.attacks.trades_perturb: PGD on KL(f(x) ‖ f(x′)) from x + 0.001·N(0, 1), model in eval
+mode, ``--attack-steps`` steps), then in train mode the natural and adversarial forward passes,
+the outer loss (dkl_lib.train.adversarial_loss_terms: TRADES = CE + 6·KL; IKL-AT = CE + wMSE +
+soft-CE with the class prior, α = 20, β = 4), backward and an SGD step; for IKL-AT also the
+class-prior update (GI). Both losses are timed round-robin in one process (one step of each in
+turn, repeated), so their ratio is measured side by side; the table reports medians. The "outer
+loss only" columns time just the loss's forward + backward on fixed logits (what differs between
+the two). Target (issue 5): IKL-AT ≤ 1.10× TRADES per step.
+
+Settings: "digits" = SmallCNN-16 on 1x8x8 inputs, 10 classes, batch 64 (the cpu-quick preset);
+"cifar" = PreActResNet-18 on 3x32x32 inputs, 10 classes (batch 128 on CUDA, ``--cifar-batch`` on the
+CPU, 16 by default); "cifar100-wrn" (CUDA only) = WRN-34-10 at 100 classes, batch 128. On CUDA the
+steps run under bf16 autocast with channels_last, as in training.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from dkl_lib import models  # noqa: E402
+from dkl_lib.attacks import Normalized, trades_perturb  # noqa: E402
+from dkl_lib.prior import ClassPrior  # noqa: E402
+from dkl_lib.train import ADV_DEFAULTS, _autocast, adversarial_loss_terms  # noqa: E402
+
+LOSSES = ("trades", "ikl")
+
+
+def _hparams(loss):
+    """The outer loss's default hyper-parameters (``gi`` is a training switch, not a loss argument)."""
+    return {k: v for k, v in ADV_DEFAULTS[loss].items() if k != "gi"}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Step:
+    """One adversarial training step of a fresh model per loss (same initial weights)."""
+
+    def __init__(self, name, model_name, model_kw, shape, classes, batch, device, attack_steps, seed=0):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        fmt = torch.channels_last if self.cuda else torch.contiguous_format
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.rand(batch, *shape, generator=g).to(device).contiguous(memory_format=fmt)
+        self.y = torch.randint(0, classes, (batch,), generator=g).to(device)
+        self.attack_steps = attack_steps
+        self.models, self.optimizers = {}, {}
+        for loss in LOSSES:
+            inner = models.build_model(model_name, classes, seed=seed, **model_kw)
+            m = Normalized(inner, [0.5] * shape[0], [0.25] * shape[0]).to(device, memory_format=fmt)
+            self.models[loss] = m
+            self.optimizers[loss] = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        self.prior = ClassPrior(classes, device=device)
+        self.gen = torch.Generator().manual_seed(seed + 1)
+        self.name = name
+        self.classes = classes
+        self.batch = batch
+        lg = torch.Generator().manual_seed(seed + 2)
+        self.logits = [torch.randn(batch, classes, generator=lg).to(device).requires_grad_(True) for _ in range(2)]
+
+    def step(self, loss):
+        model, opt = self.models[loss], self.optimizers[loss]
+        x_adv = trades_perturb(model, self.x, epsilon=8 / 255, steps=self.attack_steps, step_size=2 / 255,
+                               generator=self.gen, amp=self.cuda)
+        model.train()
+        with _autocast(self.device, self.cuda):
+            nat = model(self.x)
+            adv = model(x_adv)
+        extra = {"class_prior": self.prior.prior} if loss == "ikl" else {}
+        total = sum(adversarial_loss_terms(loss, adv, nat, self.y, **_hparams(loss), **extra).values())
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        if loss == "ikl":
+            self.prior.update(nat.detach(), self.y, weight_temperature=ADV_DEFAULTS["ikl"]["weight_temperature"])
+
+    def loss_only(self, loss):
+        adv, nat = self.logits
+        extra = {"class_prior": self.prior.prior} if loss == "ikl" else {}
+        total = sum(adversarial_loss_terms(loss, adv, nat, self.y, **_hparams(loss), **extra).values())
+        total.backward()
+        adv.grad = None
+        nat.grad = None
+
+
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def run(setting: Step, reps: int, warmup: int, loss_reps: int):
+    dev = setting.device
+    for _ in range(warmup):
+        for loss in LOSSES:
+            setting.step(loss)
+            setting.loss_only(loss)
+    step_t = {loss: [] for loss in LOSSES}
+    loss_t = {loss: [] for loss in LOSSES}
+    for _ in range(reps):  # round-robin: one step of each loss in turn
+        for loss in LOSSES:
+            step_t[loss].append(timed(lambda: setting.step(loss), dev))
+    for _ in range(loss_reps):
+        for loss in LOSSES:
+            loss_t[loss].append(timed(lambda: setting.loss_only(loss), dev))
+    med = {k: statistics.median(v) for k, v in step_t.items()}
+    lmed = {k: statistics.median(v) for k, v in loss_t.items()}
+    return {"setting": setting.name, "device": str(dev), "batch": setting.batch, "classes": setting.classes,
+            "attack_steps": setting.attack_steps, "trades_ms": 1e3 * med["trades"], "ikl_ms": 1e3 * med["ikl"],
+            "ratio": med["ikl"] / med["trades"], "trades_loss_ms": 1e3 * lmed["trades"],
+            "ikl_loss_ms": 1e3 * lmed["ikl"], "loss_ratio": lmed["ikl"] / lmed["trades"], "reps": reps}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--devices", default=None, help="comma-separated (default: cpu, plus cuda when present)")
+    parser.add_argument("--reps", type=int, default=15, help="timed steps per loss (median reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--loss-reps", type=int, default=200, help="timed outer-loss-only calls per loss")
+    parser.add_argument("--attack-steps", type=int, default=10)
+    parser.add_argument("--cifar-batch", type=int, default=16, help="PreActResNet-18 batch on the CPU")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--json", default=None, help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = (args.devices.split(",") if args.devices else
+               ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    rows = []
+    for name in devices:
+        dev = torch.device(name)
+        cuda = dev.type == "cuda"
+        settings = [("digits", "small_cnn", {"width": 16, "in_channels": 1}, (1, 8, 8), 10, 64),
+                    ("cifar", "preact_resnet18", {}, (3, 32, 32), 10, 128 if cuda else args.cifar_batch)]
+        if cuda:
+            settings.append(("cifar100-wrn", "wrn_34_10", {}, (3, 32, 32), 100, 128))
+        for label, model_name, kw, shape, classes, batch in settings:
+            step = Step(label, model_name, kw, shape, classes, batch, dev, args.attack_steps)
+            reps = args.reps if (cuda or label == "digits") else max(3, args.reps // 3)
+            rows.append(run(step, reps, args.warmup, args.loss_reps))
+            r = rows[-1]
+            print(f"{r['device']:>5} {r['setting']:>13} B={r['batch']:<4} C={r['classes']:<4} "
+                  f"TRADES {r['trades_ms']:8.1f} ms  IKL-AT {r['ikl_ms']:8.1f} ms  ratio {r['ratio']:.3f}x  | "
+                  f"outer loss only: {r['trades_loss_ms']:.3f} ms vs {r['ikl_loss_ms']:.3f} ms "
+                  f"({r['loss_ratio']:.2f}x)", flush=True)
+    print()
+    print("| device | setting | B | C | attack steps | TRADES step | IKL-AT step | IKL-AT / TRADES | "
+          "outer loss only: TRADES | IKL-AT | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['device']} | {r['setting']} | {r['batch']} | {r['classes']} | {r['attack_steps']} | "
+              f"{r['trades_ms']:.1f} ms | {r['ikl_ms']:.1f} ms | {r['ratio']:.3f}x | {r['trades_loss_ms']:.3f} ms | "
+              f"{r['ikl_loss_ms']:.3f} ms | {r['loss_ratio']:.2f}x |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, fh, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# One-shot GPU check (issue 7): loss kernels and KD training throughput on one CUDA device, with
+# random tensors only (no network, no data set). Prints the torch/CUDA versions, the GPU, one
+# summary table and the bf16 / channels_last settings used; under 8 minutes on a modern GPU.
+#
+#   bash benchmarks/gpu_check.sh                 # on a CUDA machine
+#   bash benchmarks/gpu_check.sh --quick         # fewer repetitions (about a minute)
+#   bash benchmarks/gpu_check.sh --allow-cpu --quick   # dry run on a CPU, tiny sizes
+#
+# Options: --quick, --allow-cpu, --out DIR (keep the JSON results there; default a temporary
+# folder). Python: $PYTHON, else .venv/bin/python at the repository root, else python3.
+# What it runs: benchmarks/bench_losses.py (kl, dkl, ikl closed form and the pairwise wMSE oracle,
+# forward+backward, B = 256, C in {100, 1000}) and benchmarks/bench_train.py (one distillation
+# step of resnet32x4 -> resnet8x4 on CIFAR-shaped random data, losses ce, kl, ikl, batch 64 and
+# 256, bf16 autocast + channels_last as in training). Exit status: 0 when everything ran (the
+# target lines are informational), 1 without a CUDA device (unless --allow-cpu), 2 for bad
+# options, else the status of the step that failed.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+QUICK=0
+ALLOW_CPU=0
+OUT=""
+usage() { sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --quick) QUICK=1 ;;
+        --allow-cpu) ALLOW_CPU=1 ;;
+        --out) [[ $# -ge 2 ]] || { echo "gpu_check: --out needs a folder" >&2; exit 2; }; OUT="$2"; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "gpu_check: unknown option $1" >&2; usage >&2; exit 2 ;;
+    esac
+    shift
+done
+
+if [[ -n "${PYTHON:-}" ]]; then PY="$PYTHON"
+elif [[ -x "$ROOT/.venv/bin/python" ]]; then PY="$ROOT/.venv/bin/python"
+else PY="python3"; fi
+command -v "$PY" >/dev/null || { echo "gpu_check: no python at $PY (set PYTHON=...)" >&2; exit 1; }
+
+STEP="environment"
+trap 'echo "gpu_check: FAILED during: $STEP (exit $?)" >&2' ERR
+START=$SECONDS
+
+# ---- 1. environment, and fail fast without CUDA ------------------------------------------------
+DEVICE="$("$PY" - <<'EOF'
+import sys
+import torch
+print(f"torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}, "
+      f"cuDNN {torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else 'none'}, "
+      f"python {sys.version.split()[0]}", file=sys.stderr)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"GPU 0 of {torch.cuda.device_count()}: {p.name}, {p.total_memory / 2**30:.0f} GiB, "
+          f"compute capability {p.major}.{p.minor}, bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}",
+          file=sys.stderr)
+    print("cuda")
+elif torch.version.cuda is None:
+    print("this torch build has no CUDA support (a CPU-only wheel)", file=sys.stderr)
+    print("cpu")
+else:
+    print("torch has CUDA support but sees no device (driver, CUDA_VISIBLE_DEVICES?)", file=sys.stderr)
+    print("cpu")
+EOF
+)"
+if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null \
+        | sed 's/^/nvidia-smi: /' >&2 || true
+fi
+if [[ "$DEVICE" != "cuda" ]]; then
+    if [[ $ALLOW_CPU -eq 0 ]]; then
+        echo "gpu_check: no CUDA device; this script measures a GPU. Use --allow-cpu for a dry run on the CPU." >&2
+        exit 1
+    fi
+    echo "gpu_check: DRY RUN on the CPU (--allow-cpu): tiny sizes, the numbers say nothing about a GPU" >&2
+fi
+
+if [[ -z "$OUT" ]]; then OUT="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")"; fi
+mkdir -p "$OUT"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+# ---- 2. sizes ------------------------------------------------------------------------------------
+if [[ "$DEVICE" == "cuda" ]]; then
+    LOSS_ARGS=(--device cuda --batches 256 --classes 100,1000)
+    TRAIN_ARGS=(--devices cuda --losses ce,kl,ikl --warmup 3)
+    TRAIN_BATCHES=(64 256)
+    if [[ $QUICK -eq 1 ]]; then LOSS_ARGS+=(--budget 0.3 --reps 50); TRAIN_ARGS+=(--reps 10)
+    else LOSS_ARGS+=(--budget 1.0 --reps 200); TRAIN_ARGS+=(--reps 30); fi
+else
+    LOSS_ARGS=(--device cpu --threads 2 --classes 10,100)
+    TRAIN_ARGS=(--devices cpu --threads 2 --losses ce,kl,ikl --warmup 1)
+    if [[ $QUICK -eq 1 ]]; then
+        LOSS_ARGS+=(--batches 16 --budget 0.05 --reps 5); TRAIN_ARGS+=(--reps 1); TRAIN_BATCHES=(2)
+    else
+        LOSS_ARGS+=(--batches 64 --budget 0.2 --reps 20); TRAIN_ARGS+=(--reps 2); TRAIN_BATCHES=(8)
+    fi
+fi
+
+# ---- 3. loss kernels -----------------------------------------------------------------------------
+STEP="loss kernels (bench_losses.py ${LOSS_ARGS[*]})"
+echo "== $STEP" >&2
+timeout 240 "$PY" "$ROOT/benchmarks/bench_losses.py" "${LOSS_ARGS[@]}" --json "$OUT/losses.json" >&2
+
+# ---- 4. training throughput ----------------------------------------------------------------------
+for B in "${TRAIN_BATCHES[@]}"; do
+    STEP="training step, batch $B (bench_train.py ${TRAIN_ARGS[*]} --batch $B)"
+    echo "== $STEP" >&2
+    timeout 150 "$PY" "$ROOT/benchmarks/bench_train.py" "${TRAIN_ARGS[@]}" --batch "$B" \
+        --json "$OUT/train_b$B.json" >&2
+done
+
+# ---- 5. summary ----------------------------------------------------------------------------------
+STEP="summary"
+"$PY" - "$OUT" "$DEVICE" "$((SECONDS - START))" <<'EOF' | tee "$OUT/summary.md"
+import glob
+import json
+import os
+import sys
+
+import torch
+
+out, device, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU (dry run)"
+print(f"\n## gpu_check: {name}; torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}\n")
+
+losses = json.load(open(os.path.join(out, "losses.json")))
+mem = lambda n: "n/a" if n is None else (f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+                                          if n >= 2**20 else f"{n / 2**10:.0f} KiB")
+ratio = lambda x: f"{x:.2f}x" if x < 10 else f"{x:.0f}x"
+print("Loss kernels: float32 forward+backward, T = 4, median per call")
+print("| B | C | kl | dkl | ikl | pairwise | ikl / kl | pairwise / ikl | peak mem ikl | peak mem pairwise |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+targets = []
+for r in losses:
+    t, p = r["seconds"], r["peak_bytes"]
+    times = " | ".join(f"{t[m] * 1e3:.3f} ms" for m in ("kl", "dkl", "ikl", "pairwise"))
+    ikl_kl, pair_ikl = t["ikl"] / t["kl"], t["pairwise"] / t["ikl"]
+    print(f"| {r['batch']} | {r['classes']} | {times} | {ratio(ikl_kl)} | {ratio(pair_ikl)} "
+          f"| {mem(p.get('ikl'))} | {mem(p.get('pairwise'))} |")
+    if r["batch"] == 256 and r["classes"] == 1000:
+        targets.append(("ikl / kl <= 1.5x at B = 256, C = 1000", ikl_kl <= 1.5, f"{ikl_kl:.2f}x"))
+        targets.append(("pairwise >= 1000x ikl at B = 256, C = 1000", pair_ikl >= 1000, f"{pair_ikl:.0f}x"))
+
+print("\nTraining step: resnet32x4 -> resnet8x4 distillation, CIFAR-100 shapes, random data, median per step")
+print("| batch | loss | ms / step | images / s | time / KL step |")
+print("|---|---|---|---|---|")
+settings = None
+for path in sorted(glob.glob(os.path.join(out, "train_b*.json")), key=lambda p: int(p.rsplit("_b", 1)[1][:-5])):
+    run = json.load(open(path))
+    (dev, med), = run["seconds_per_step"].items()
+    settings = run["settings"][dev]
+    for loss, sec in med.items():
+        print(f"| {run['batch']} | {loss} | {sec * 1e3:.2f} | {run['batch'] / sec:,.0f} | {sec / med['kl']:.2f}x |")
+    for loss in ("ikl",):
+        if loss in med and "kl" in med:
+            targets.append((f"{loss} step within 1.10x of the KL step at batch {run['batch']}",
+                            med[loss] / med["kl"] <= 1.10, f"{med[loss] / med['kl']:.2f}x"))
+if settings:
+    print(f"\nSettings: autocast {settings['amp']}, channels_last {'on' if settings['channels_last'] else 'off'}, "
+          f"cudnn.benchmark {'on' if settings['cudnn_benchmark'] else 'off'}, {settings['reps']} timed rounds "
+          f"(loss kernels: float32, no autocast)")
+if device == "cuda" and targets:
+    print("\nTargets (informational):")
+    for text, ok, value in targets:
+        print(f"- {'ok  ' if ok else 'MISS'} {text}: {value}")
+print(f"\nTotal wall time {seconds} s; JSON results in {out}")
+EOF

@@ -1,0 +1,315 @@
+"""Experiment config files (``configs/*.yaml``): load, validate, turn into a command line.
+
+A config file names a preset of :mod:`dkl_lib.experiments` and the dotted overrides to apply on top
+of it (the format :func:`dkl_lib.experiments.resolve_config` and
+:func:`~dkl_lib.experiments.resolve_adv_config` accept), plus the task, the losses and the seeds::
+
+    name: kd_cifar100_resnet56_resnet20     # optional (default: the file name without .yaml)
+    task: kd                                # kd | adv
+    description: one line                   # optional
+    preset: paper
+    losses: [kl, dkd, ikl-nogi]
+    seeds: [0, 1, 2]
+    overrides:                              # optional
+      teacher.model: resnet56
+      losses.ikl.alpha: 4.0
+    sources: [...]                          # optional: where the values come from
+    unverified: [...]                       # optional: what could not be checked
+    notes: [...]                            # optional
+
+:func:`load_config` reads and validates a file (every override goes through the resolver, so an
+unknown key fails here rather than hours into a run) and returns a plain dict;
+:func:`config_to_cli` gives the equivalent arguments of ``python -m dkl_lib.experiments`` and
+:func:`config_command` the whole command as one shell string. From a shell::
+
+    python -m dkl_lib.configs configs/kd_cifar100_resnet56_resnet20.yaml --out runs/res56_res20
+    python -m dkl_lib.configs --check configs/*.yaml
+
+See ``configs/README.md`` for the files shipped with the repository and where their values come from.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+__all__ = [
+    "TASKS",
+    "config_dir",
+    "list_configs",
+    "load_config",
+    "config_to_cli",
+    "config_command",
+    "main",
+]
+
+#: Tasks a config can describe: knowledge distillation and adversarial training.
+TASKS = ("kd", "adv")
+_REQUIRED = ("task", "preset", "losses", "seeds")
+_OPTIONAL = ("name", "description", "overrides", "sources", "unverified", "notes")
+
+
+def config_dir() -> Path:
+    """The repository's ``configs/`` folder (found from this file, like ``default_runs_dir``)."""
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def list_configs(folder=None) -> List[Path]:
+    """The ``*.yaml`` / ``*.yml`` files of ``folder`` (default :func:`config_dir`), sorted by name."""
+    folder = Path(folder) if folder is not None else config_dir()
+    return sorted(p for p in folder.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+
+
+def _fail(path, message: str):
+    raise ValueError(f"{path}: {message}")
+
+
+def _read_yaml(path: Path):
+    try:
+        import yaml
+    except ImportError as err:  # pragma: no cover - pyyaml ships with jupyter
+        raise ImportError("reading config files needs PyYAML: pip install pyyaml") from err
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no config file at {path}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        _fail(path, f"not valid YAML: {err}")
+
+
+def _looks_numeric(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return value.strip().lower() not in ("nan", "inf", "-inf", "+inf", "infinity", "-infinity")
+
+
+def _check_no_numeric_strings(path, key: str, value) -> None:
+    """PyYAML (YAML 1.1) reads 5e-4 as a string; a number written that way would reach the
+    trainer as text. Refuse it here with the fix."""
+    if isinstance(value, str) and _looks_numeric(value):
+        _fail(path, f"override {key!r} is the string {value!r}; YAML reads numbers like 5e-4 as text, "
+                    f"write 0.0005 or 5.0e-4 (with a dot) for a number")
+    if isinstance(value, str) and "/" in value and all(_looks_numeric(p) for p in value.split("/", 1)):
+        _fail(path, f"override {key!r} is the string {value!r}; write the number itself "
+                    f"(e.g. 0.03137254901960784 for 8/255)")
+    if isinstance(value, list):
+        for item in value:
+            _check_no_numeric_strings(path, key, item)
+    if isinstance(value, dict):
+        for sub, item in value.items():
+            _check_no_numeric_strings(path, f"{key}.{sub}", item)
+
+
+def _string_list(path, raw: dict, key: str) -> List[str]:
+    value = raw.get(key)
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        _fail(path, f"{key!r} must be a list of strings")
+    return list(value)
+
+
+def _resolve(task: str, preset: str, overrides: dict) -> dict:
+    from . import experiments
+
+    if task == "kd":
+        return experiments.resolve_config(preset, overrides)
+    resolver = getattr(experiments, "resolve_adv_config", None)
+    if resolver is None:  # pragma: no cover - only while the adversarial engine is absent
+        return {"preset": preset, "overrides": dict(overrides)}
+    return resolver(preset, overrides)
+
+
+def _known_losses(task: str) -> Sequence[str]:
+    from . import experiments
+
+    return experiments.GRID_LOSSES if task == "kd" else getattr(experiments, "ADV_LOSSES", ())
+
+
+def _known_presets(task: str) -> Sequence[str]:
+    from . import experiments
+
+    return sorted(experiments.PRESETS if task == "kd" else getattr(experiments, "ADV_PRESETS", {}))
+
+
+def load_config(path) -> dict:
+    """Read and validate the experiment config file ``path``.
+
+    Checks: the file is YAML mapping with only the known keys (see the module docstring); ``task``
+    is "kd" or "adv"; ``preset`` names a preset of that task (:data:`dkl_lib.experiments.PRESETS`
+    / ``ADV_PRESETS``); ``losses`` are known loss names (``GRID_LOSSES`` / ``ADV_LOSSES``) without
+    repeats; ``seeds`` are distinct non-negative integers; every override is accepted by the
+    resolver (:func:`dkl_lib.experiments.resolve_config` for kd, ``resolve_adv_config`` for adv),
+    and no override holds a number that YAML read as text (``5e-4``, ``8/255``).
+
+    Returns:
+        dict with ``path`` (str), ``name``, ``task``, ``description``, ``preset``, ``overrides``
+        (dotted key → value, in file order), ``losses`` (list of str), ``seeds`` (list of int),
+        ``sources``, ``unverified``, ``notes`` (lists of str) and ``resolved``: the full resolved
+        config (the preset with the overrides applied).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: anything invalid; the message starts with the file's path and names the
+            offending key (for an override the resolver refuses, the resolver's reason follows).
+    """
+    path = Path(path)
+    raw = _read_yaml(path)
+    if not isinstance(raw, dict):
+        _fail(path, f"must hold a YAML mapping (key: value lines), got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(_REQUIRED) - set(_OPTIONAL))
+    if unknown:
+        _fail(path, f"unknown key(s) {unknown}; allowed: {list(_REQUIRED + _OPTIONAL)}")
+    missing = [k for k in _REQUIRED if k not in raw]
+    if missing:
+        _fail(path, f"missing key(s) {missing}")
+
+    task = raw["task"]
+    if task not in TASKS:
+        _fail(path, f"task must be one of {list(TASKS)}, got {task!r}")
+    preset = raw["preset"]
+    presets = _known_presets(task)
+    if not isinstance(preset, str) or (presets and preset not in presets):
+        _fail(path, f"unknown {task} preset {preset!r}; choose one of {list(presets)}")
+
+    losses = raw["losses"]
+    if isinstance(losses, str):
+        losses = [s.strip() for s in losses.split(",") if s.strip()]
+    if not isinstance(losses, list) or not losses or not all(isinstance(s, str) for s in losses):
+        _fail(path, f"'losses' must be a non-empty list of loss names, got {raw['losses']!r}")
+    known = _known_losses(task)
+    for loss in losses:
+        if known and loss not in known:
+            _fail(path, f"unknown {task} loss {loss!r} in 'losses'; choose from {list(known)}")
+    if len(set(losses)) != len(losses):
+        _fail(path, f"'losses' lists a loss twice: {losses}")
+
+    seeds = raw["seeds"]
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    if (not isinstance(seeds, list) or not seeds
+            or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)):
+        _fail(path, f"'seeds' must be a non-empty list of non-negative integers, got {raw['seeds']!r}")
+    if len(set(seeds)) != len(seeds):
+        _fail(path, f"'seeds' lists a seed twice: {seeds}")
+
+    overrides = raw.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        _fail(path, f"'overrides' must be a mapping of dotted keys to values, got {type(overrides).__name__}")
+    for key, value in overrides.items():
+        if not isinstance(key, str) or not key or key != key.strip() or ".." in key or key.startswith(".") \
+                or key.endswith("."):
+            _fail(path, f"override key {key!r} is not a dotted path like 'distill.lr'")
+        _check_no_numeric_strings(path, key, value)
+
+    try:
+        resolved = _resolve(task, preset, overrides)
+    except (ValueError, TypeError, KeyError):
+        # find the first override the resolver refuses, so the message can name it
+        accepted: Dict[str, object] = {}
+        for key, value in overrides.items():
+            try:
+                _resolve(task, preset, {**accepted, key: value})
+            except (ValueError, TypeError, KeyError) as err:
+                _fail(path, f"override {key!r} is refused: {err}")
+            accepted[key] = value
+        raise  # not caused by one override (should not happen): the resolver's own error
+
+    description = raw.get("description")
+    if description is not None and not isinstance(description, str):
+        _fail(path, "'description' must be a string")
+    name = raw.get("name", path.stem)
+    if not isinstance(name, str) or not name:
+        _fail(path, "'name' must be a non-empty string")
+    return {
+        "path": str(path),
+        "name": name,
+        "task": task,
+        "description": description or "",
+        "preset": preset,
+        "overrides": dict(overrides),
+        "losses": list(losses),
+        "seeds": [int(s) for s in seeds],
+        "sources": _string_list(path, raw, "sources"),
+        "unverified": _string_list(path, raw, "unverified"),
+        "notes": _string_list(path, raw, "notes"),
+        "resolved": resolved,
+    }
+
+
+def _encode(value) -> str:
+    """The text of an ``--override key=TEXT`` that the CLI parses back to ``value``: the CLI reads
+    TEXT as JSON and falls back to the raw string, so a plain string stays raw unless it would parse
+    as JSON (e.g. "true", "1"), and everything else is JSON."""
+    if isinstance(value, str):
+        try:
+            json.loads(value)
+        except (json.JSONDecodeError, ValueError):
+            return value
+        return json.dumps(value)
+    return json.dumps(value, allow_nan=False)
+
+
+def config_to_cli(cfg: dict, *, out=None) -> List[str]:
+    """The arguments of ``python -m dkl_lib.experiments`` equivalent to a loaded config.
+
+    ``[task, "--preset", P, "--losses", "a,b", "--seeds", "0,1", "--override", "k=v", ...]`` with
+    one ``--override`` per override in file order (values JSON-encoded where needed, so the CLI
+    parses them back to the same values), then ``--out OUT`` when ``out`` is given (the CLI
+    requires it). ``cfg`` is what :func:`load_config` returns.
+    """
+    for key in ("task", "preset", "losses", "seeds"):
+        if key not in cfg:
+            raise ValueError(f"config has no {key!r}; pass what load_config returns")
+    args = [cfg["task"], "--preset", cfg["preset"], "--losses", ",".join(cfg["losses"]),
+            "--seeds", ",".join(str(int(s)) for s in cfg["seeds"])]
+    for key, value in (cfg.get("overrides") or {}).items():
+        args += ["--override", f"{key}={_encode(value)}"]
+    if out is not None:
+        args += ["--out", str(out)]
+    return args
+
+
+def config_command(cfg: dict, *, out=None, python: str = "python") -> str:
+    """The whole command as one shell-quoted string: ``python -m dkl_lib.experiments ...``."""
+    return shlex.join([python, "-m", "dkl_lib.experiments", *config_to_cli(cfg, out=out)])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m dkl_lib.configs FILE... [--out DIR] [--check]``: validate the files and print the
+    equivalent ``python -m dkl_lib.experiments`` command of each (``--check``: only validate)."""
+    parser = argparse.ArgumentParser(prog="python -m dkl_lib.configs",
+                                     description="Validate experiment config files and print their command lines.")
+    parser.add_argument("files", nargs="*", help="config files (default: every file in configs/)")
+    parser.add_argument("--out", default=None, help="results folder to put in the command (--out)")
+    parser.add_argument("--check", action="store_true", help="only validate; print one line per file")
+    args = parser.parse_args(argv)
+    files = [Path(f) for f in args.files] or list_configs()
+    status = 0
+    for path in files:
+        try:
+            cfg = load_config(path)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            status = 2
+            continue
+        if args.check:
+            print(f"ok  {path}  ({cfg['task']}, preset {cfg['preset']}, {len(cfg['losses'])} losses x "
+                  f"{len(cfg['seeds'])} seeds)")
+        else:
+            out = args.out if args.out is not None else f"runs/{cfg['name']}"
+            print(config_command(cfg, out=out))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

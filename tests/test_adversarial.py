@@ -1,0 +1,326 @@
+"""Adversarial training: the TRADES and IKL-AT outer losses against torch oracles, the training
+loop, the adversarial presets, run_adv_grid (cache, sanity checks) and the `adv` command line."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dkl_lib import attacks as A
+from dkl_lib import data as D
+from dkl_lib import experiments as E
+from dkl_lib import models as M
+from dkl_lib import train as T
+
+
+# ------------------------------------------------------------------------------- outer losses
+def _pair(b=6, c=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    nat = (torch.randn(b, c, generator=g, dtype=torch.float64) * 2).requires_grad_(True)
+    adv = (torch.randn(b, c, generator=g, dtype=torch.float64) * 2).requires_grad_(True)
+    y = torch.randint(0, c, (b,), generator=g)
+    return nat, adv, y
+
+
+def _grads(value, *inputs):
+    grads = torch.autograd.grad(value, inputs, retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+
+
+def test_trades_terms_match_the_torch_oracle():
+    nat, adv, y = _pair()
+    terms = T.adversarial_loss_terms("trades", adv, nat, y, beta=6.0)
+    oracle_ce = F.cross_entropy(nat, y)
+    oracle_kl = 6.0 * F.kl_div(F.log_softmax(adv, 1), F.log_softmax(nat, 1), log_target=True, reduction="batchmean")
+    assert set(terms) == {"ce", "kl"}
+    assert torch.allclose(terms["ce"], oracle_ce, atol=1e-12) and torch.allclose(terms["kl"], oracle_kl, atol=1e-12)
+    total, oracle = sum(terms.values()), oracle_ce + oracle_kl
+    for got, want in zip(_grads(total, nat, adv), _grads(oracle, nat, adv)):
+        assert torch.allclose(got, want, atol=1e-12)
+    assert _grads(terms["kl"], nat)[0].abs().max() > 1e-3  # the natural logits get KL's gradient too
+
+
+def _ikl_oracle(adv, nat, y, *, alpha, beta, temperature, prior=None, weight_temperature=None):
+    """The literal IKL-AT loss (DESIGN §3 / the official code's dkl_loss): pairwise wMSE over all
+    class pairs on raw logits, no stop-gradient on either side, plus the soft-label CE."""
+    if prior is not None:
+        p = prior[y]
+    else:
+        p = torch.softmax(nat.detach() / (weight_temperature or temperature), 1)
+    w = (p[:, :, None] * p[:, None, :]).detach()
+    d_nat = nat[:, :, None] - nat[:, None, :]
+    d_adv = adv[:, :, None] - adv[:, None, :]
+    wmse = alpha / 4 * (w * (d_nat - d_adv) ** 2).sum() / nat.shape[0]
+    soft = torch.softmax(nat.detach() / temperature, 1)
+    soft_ce = -beta * temperature ** 2 * (soft * F.log_softmax(adv / temperature, 1)).sum(1).mean()
+    return wmse, soft_ce
+
+
+@pytest.mark.parametrize("with_prior", [True, False])
+def test_ikl_at_terms_match_the_literal_formula(with_prior):
+    nat, adv, y = _pair(seed=1)
+    prior = torch.softmax(torch.randn(5, 5, dtype=torch.float64), 1) if with_prior else None
+    kw = dict(alpha=20.0, beta=4.0, temperature=1.0)
+    terms = T.adversarial_loss_terms("ikl", adv, nat, y, weight_temperature=4.0, class_prior=prior, **kw)
+    wmse, soft_ce = _ikl_oracle(adv, nat, y, prior=prior, weight_temperature=4.0, **kw)
+    assert set(terms) == {"ce", "wmse", "soft_ce"}
+    assert torch.allclose(terms["wmse"], wmse, rtol=1e-10) and torch.allclose(terms["soft_ce"], soft_ce, rtol=1e-10)
+    for got, want in zip(_grads(sum(terms.values()), nat, adv), _grads(F.cross_entropy(nat, y) + wmse + soft_ce, nat, adv)):
+        assert torch.allclose(got, want, rtol=1e-9, atol=1e-12)
+    # the wMSE reaches BOTH sides (no asymmetry in AT), the soft-CE only the adversarial logits
+    assert _grads(terms["wmse"], adv)[0].abs().max() > 1e-3 and _grads(terms["wmse"], nat)[0].abs().max() > 1e-3
+    assert _grads(terms["soft_ce"], nat)[0].abs().max() == 0
+
+
+def test_ikl_at_equals_the_official_code_formula():
+    """Official (jiequancui/DKL, Adv-training-dkl): beta_off · 0.25·Σ w (Δn − Δa)² / Σ w + alpha_off ·
+    soft-CE at T = 1, with w = p pᵀ from the class prior; ours with alpha = beta_off, beta = alpha_off."""
+    nat, adv, y = _pair(seed=2)
+    prior = torch.softmax(torch.randn(5, 5, dtype=torch.float64), 1)
+    p = prior[y]
+    p_n = p[:, :, None] * p[:, None, :]
+    d_n = nat[:, :, None] - nat[:, None, :]
+    d_a = adv[:, :, None] - adv[:, None, :]
+    official = 20.0 * (0.25 * ((d_n - d_a) ** 2 * p_n).sum() / p_n.sum()) + 4.0 * (
+        -(F.softmax(nat, 1).detach() * F.log_softmax(adv, 1)).sum(1).mean())
+    terms = T.adversarial_loss_terms("ikl", adv, nat, y, class_prior=prior)  # the defaults
+    assert torch.allclose(terms["wmse"] + terms["soft_ce"], official, rtol=1e-10)
+
+
+def test_adversarial_loss_terms_errors():
+    nat, adv, y = _pair()
+    assert set(T.adversarial_loss_terms("ce", None, nat, y)) == {"ce"}
+    with pytest.raises(ValueError, match="unknown adversarial loss"):
+        T.adversarial_loss_terms("pgd", adv, nat, y)
+    with pytest.raises(ValueError, match="adversarial logits"):
+        T.adversarial_loss_terms("trades", None, nat, y)
+    with pytest.raises(ValueError, match="beta"):
+        T.adversarial_loss_terms("trades", adv, nat, y, beta=-1.0)
+
+
+def test_epsilon_schedule():
+    assert T.epsilon_at(3, epsilon=0.1, epochs=10) == 0.1
+    assert T.epsilon_at(3, epsilon=0.1, epochs=10, schedule="increasing") == pytest.approx(0.03)
+    with pytest.raises(ValueError, match="schedule"):
+        T.epsilon_at(1, epsilon=0.1, epochs=10, schedule="linear")
+
+
+# -------------------------------------------------------------------------------------- training
+def _tiny():
+    d = D.synthetic(n_train=48, n_test=24, num_classes=4, noise=0.2, seed=0)
+    model = A.normalized(M.build_model("small_cnn", 4, seed=0, width=4), d)
+    return model, d
+
+
+@pytest.mark.parametrize("loss", ["trades", "ikl", "ce"])
+def test_adversarial_train_runs_and_logs(loss):
+    model, d = _tiny()
+    res = T.adversarial_train(model, d, loss=loss, epsilon=0.1, epochs=2, batch_size=16, attack_steps=2,
+                              eval_samples=12, eval_steps=2, progress=False, device="cpu",
+                              epsilon_schedule="increasing" if loss == "ikl" else "constant")
+    h = res.frame()
+    assert list(h["epoch"]) == [1, 2] and res.stopped is None
+    terms = {"trades": {"kl"}, "ikl": {"wmse", "soft_ce"}, "ce": set()}[loss]
+    assert {"loss", "ce", "train_acc", "test_acc", "test_robust_acc", "epsilon", "lr"} | terms <= set(h.columns)
+    assert h[["loss", "ce", "test_acc", "test_robust_acc"]].notna().all().all()
+    assert (h["test_robust_acc"] <= 100).all()
+    if loss == "ikl":
+        assert h["epsilon"].tolist() == pytest.approx([0.05, 0.1])
+        assert len(res.priors) == 3 and torch.allclose(res.priors[0], torch.full((4, 4), 0.25))
+        assert torch.allclose(res.priors[-1].sum(1), torch.ones(4))
+    else:
+        assert h["epsilon"].tolist() == [0.1, 0.1] and res.priors is None
+    assert res.config["loss"] == loss and res.config["task"] == "adversarial"
+
+
+def test_adversarial_train_with_augmentation_on_rgb_images():
+    """The CIFAR path: 3-channel images, crop-and-flip augmentation per batch, increasing ε, cosine lr."""
+    d = D.synthetic(n_train=32, n_test=16, num_classes=4, image_shape=(3, 16, 16), seed=1,
+                    augment={"padding": 2, "flip": True})
+    model = A.normalized(M.build_model("small_cnn", 4, seed=0, width=4, in_channels=3), d)
+    res = T.adversarial_train(model, d, loss="ikl", epsilon=8 / 255, epsilon_schedule="increasing", epochs=2,
+                              lr_schedule="cosine", attack_steps=2, attack_step_fraction=0.5, batch_size=16,
+                              eval_samples=8, eval_steps=2, progress=False, device="cpu")
+    assert res.epochs_run == 2 and all(math.isfinite(h["loss"]) for h in res.history)
+
+
+def test_adversarial_train_is_deterministic_and_validates():
+    runs = []
+    for _ in range(2):
+        model, d = _tiny()
+        runs.append(T.adversarial_train(model, d, loss="trades", epsilon=0.1, epochs=1, batch_size=16,
+                                        attack_steps=2, eval_samples=0, progress=False, device="cpu").history)
+    assert runs[0][0]["loss"] == runs[1][0]["loss"] and runs[0][0]["test_acc"] == runs[1][0]["test_acc"]
+    assert math.isnan(runs[0][0]["test_robust_acc"])  # eval_samples = 0 skips it
+    model, d = _tiny()
+    with pytest.raises(ValueError, match="unknown adversarial loss"):
+        T.adversarial_train(model, d, loss="kl", epsilon=0.1, epochs=1)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        T.adversarial_train(model, d, epsilon=0.1, epochs=1, lr_schedule="step")
+    with pytest.raises(ValueError, match="epsilon schedule"):
+        T.adversarial_train(model, d, epsilon=0.1, epochs=1, epsilon_schedule="ramp")
+
+
+def test_cosine_schedule_is_the_official_one():
+    model, d = _tiny()
+    res = T.adversarial_train(model, d, loss="ce", epsilon=0.1, epochs=3, lr=0.2, lr_schedule="cosine",
+                              eval_samples=0, progress=False, device="cpu")
+    want = [0.2 * 0.5 * (1 + math.cos(math.pi * e / 4)) for e in (1, 2, 3)]
+    assert [h["lr"] for h in res.history] == pytest.approx(want)
+
+
+# ------------------------------------------------------------------------------- presets and grid
+TINY = {"data.n_train": 100, "train.epochs": 1, "train.eval_samples": 20, "eval.samples": 20,
+        "eval.apgd_iters": 5, "eval.square_queries": 5, "eval.pgd_steps": [5, 10], "model.model_kw.width": 4}
+
+
+def test_adv_presets():
+    paper = E.adv_preset("paper")
+    assert paper["model"]["name"] == "wrn_34_10" and paper["data"]["name"] == "cifar10"
+    t = paper["train"]
+    assert (t["epochs"], t["lr"], t["lr_schedule"], t["batch_size"]) == (200, 0.2, "cosine", 128)
+    assert t["epsilon"] == pytest.approx(8 / 255) and t["epsilon_schedule"] == "increasing"
+    assert (t["attack_steps"], t["attack_step_fraction"]) == (5, 0.5)
+    assert paper["losses"]["ikl"] == {"alpha": 20.0, "beta": 4.0, "temperature": 1.0, "weight_temperature": 4.0,
+                                      "gi": True}
+    assert paper["losses"]["trades"] == {"beta": 6.0} and paper["eval"]["square_queries"] == 5000
+    short = E.adv_preset("gpu-short")
+    assert short["model"]["name"] == "preact_resnet18" and short["train"]["epsilon"] == pytest.approx(8 / 255)
+    quick = E.adv_preset("cpu-quick")
+    assert quick["data"]["name"] == "digits" and quick["train"]["epsilon"] == quick["eval"]["epsilon"] == 0.1
+    cfg = E.resolve_adv_config("cpu-quick", {"train.epochs": 2, "losses.ikl.alpha": 5.0, "model.model_kw.width": 8})
+    assert cfg["train"]["epochs"] == 2 and cfg["losses"]["ikl"]["alpha"] == 5.0 and cfg["model"]["model_kw"]["width"] == 8
+    for bad, match in [({"train.epoch": 2}, "unknown config key"), ({"losses.trades.alpha": 1.0}, "trades takes"),
+                       ({"losses.kl.beta": 1.0}, "unknown loss"), ({"trainer.epochs": 1}, "unknown config key")]:
+        with pytest.raises(ValueError, match=match):
+            E.resolve_adv_config("cpu-quick", bad)
+    with pytest.raises(ValueError, match="unknown preset"):
+        E.adv_preset("cpu-slow")
+
+
+def test_adv_paper_numbers():
+    table = E.paper_results(task="adversarial")
+    got = {(r.dataset, r.loss): (r.clean, r.robust) for r in table.itertuples()}
+    assert got == {("CIFAR-10", "trades"): (84.92, 53.08), ("CIFAR-10", "ikl"): (84.80, 57.09),
+                   ("CIFAR-100", "trades"): (62.87, 30.29), ("CIFAR-100", "ikl"): (65.76, 31.91)}
+    assert (table["model"] == "WRN-34-10").all() and table["source"].str.len().min() > 10
+    assert "85.31" in table.set_index(["dataset", "loss"]).loc[("CIFAR-10", "ikl"), "note"]
+    assert E.paper_results().shape[0] == 11  # the KD table is unchanged
+    ref = E.adv_paper_reference(E.resolve_adv_config("gpu-short"))
+    assert set(ref["loss"]) == {"trades", "ikl"} and E.adv_paper_reference(E.resolve_adv_config("cpu-quick")) is None
+
+
+def test_run_adv_grid_caches_training_and_evaluation(tmp_path):
+    grid = E.run_adv_grid(["trades", "ikl"], [0, 1], overrides=TINY, cache_dir=tmp_path, device="cpu",
+                          progress=False)
+    runs = grid.runs
+    assert [(r.loss, r.seed) for r in runs.itertuples()] == [("trades", 0), ("trades", 1), ("ikl", 0), ("ikl", 1)]
+    assert {"clean_acc", "pgd5_acc", "pgd10_acc", "ensemble_acc", "robust_acc", "checks_passed"} <= set(runs.columns)
+    assert runs["checks_passed"].all() and grid.passed and not runs["cached"].any()
+    assert (runs["robust_acc"] <= runs["ensemble_acc"]).all() and (runs["pgd10_acc"] <= runs["pgd5_acc"]).all()
+    assert len(grid.checks) == 4 * len(A.CHECKS) and set(grid.checks["check"]) == set(A.CHECKS)
+    assert set(grid.summary["loss"]) == {"trades", "ikl"} and "±" in grid.summary["clean"].iloc[0]
+    assert grid.priors[("ikl", 0)].shape == (2, 10, 10)  # digits: 10 classes, 1 epoch
+    assert isinstance(grid.models[("trades", 1)], A.Normalized)
+    assert len(list(tmp_path.glob("adv-*"))) == 4 and len(list(tmp_path.glob("adveval-*"))) == 4
+    again = E.run_adv_grid(["trades", "ikl"], [0, 1], overrides=TINY, cache_dir=tmp_path, device="cpu",
+                           progress=False)
+    assert again.runs["cached"].all()
+    cols = ["clean_acc", "pgd10_acc", "ensemble_acc", "robust_acc"]
+    assert again.runs[cols].equals(runs[cols])
+    # new evaluation settings: re-evaluated, not retrained
+    E.run_adv_grid(["trades"], [0], overrides={**TINY, "eval.pgd_restarts": 2}, cache_dir=tmp_path, device="cpu",
+                   progress=False)
+    assert len(list(tmp_path.glob("adv-*"))) == 4 and len(list(tmp_path.glob("adveval-*"))) == 5
+
+
+def test_run_adv_grid_fails_loudly_on_a_broken_check(tmp_path, monkeypatch):
+    def no_attack(model, x, y, **kw):
+        return A.EnsembleResult(x_adv=x.clone(), correct=A.clean_correct(model, x, y),
+                                broken_by=torch.full((x.shape[0],), -1), attacks=("apgd-ce",))
+
+    monkeypatch.setattr(A, "ensemble_attack", no_attack)
+    # natural training (fast) of a model that gets the clean inputs right; PGD at ε = 0.4 breaks it
+    overrides = {**TINY, "train.epochs": 6, "data.n_train": 300, "model.model_kw.width": 8, "eval.epsilon": 0.4}
+    with pytest.warns(UserWarning, match="ensemble_not_above_pgd FAILED"):
+        with pytest.raises(A.SanityCheckError, match="ensemble_not_above_pgd") as err:
+            E.run_adv_grid(["ce"], [0], overrides=overrides, cache_dir=tmp_path, device="cpu", progress=False)
+    assert not err.value.grid.passed and len(err.value.grid.runs) == 1
+    assert err.value.grid.runs["clean_acc"].iloc[0] > 50
+    out = tmp_path / "out"
+    argv = ["adv", "--losses", "ce", "--seeds", "0", "--out", str(out), "--cache-dir", str(tmp_path),
+            "--device", "cpu", "--quiet"] + [a for k, v in overrides.items() for a in ("--override", f"{k}={json.dumps(v)}")]
+    with pytest.warns(UserWarning):
+        assert E.main(argv) == 3
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["passed"] is False and payload["runs"][0]["failed"] == "ensemble_not_above_pgd"
+
+
+def test_cli_adv_writes_results(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["adv", "--preset", "cpu-quick", "--losses", "trades,ikl", "--seeds", "0,1", "--out", str(out),
+            "--cache-dir", str(tmp_path / "runs"), "--device", "cpu", "--epochs", "1"]
+    for key, value in TINY.items():
+        if key != "train.epochs":
+            argv += ["--override", f"{key}={json.dumps(value)}"]
+    assert E.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "AutoAttack-style" in printed and "results.json" in printed
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["preset"] == "cpu-quick" and payload["passed"] is True and "not the official" in payload["ensemble_note"]
+    assert [(r["loss"], r["seed"]) for r in payload["runs"]] == [("trades", 0), ("trades", 1), ("ikl", 0), ("ikl", 1)]
+    for run in payload["runs"]:
+        assert {"clean_acc", "pgd5_acc", "pgd10_acc", "ensemble_acc", "robust_acc"} <= set(run)
+        assert {c["check"]: c["status"] for c in run["report"]["checks"]}.keys() == set(A.CHECKS)
+        assert all(c["status"] in ("pass", "warn") for c in run["report"]["checks"])
+    assert (out / "results.csv").exists()
+    assert E.main(["adv", "--losses", "trades,pgd", "--out", str(out), "--quiet"]) == 2
+    assert "unknown adversarial loss 'pgd'" in capsys.readouterr().err
+
+
+def test_adv_cifar_preset_offline_error(tmp_path, monkeypatch, no_network):
+    monkeypatch.setenv("DKL_DATA_DIR", str(tmp_path / "data"))
+    with pytest.raises(D.DatasetNotFoundError, match="download=True"):
+        E.run_adv_grid(["trades"], [0], preset="gpu-short", cache_dir=tmp_path / "runs", device="cpu", progress=False)
+
+
+# ------------------------------------------------------------------------------------------- plots
+def test_adversarial_plots_are_made_from_data():
+    import pandas as pd
+    import plotly.graph_objects as go
+
+    from dkl_lib import plots as P
+
+    hist = {(loss, seed): pd.DataFrame({"epoch": [1, 2], "test_acc": [50.0 + seed, 60.0],
+                                        "test_robust_acc": [20.0, 30.0 + seed]})
+            for loss in ("trades", "ikl") for seed in (0, 1)}
+    fig = P.adversarial_curves(hist)
+    means = [t for t in fig.data if t.meta and t.meta.get("kind") == "mean"]
+    assert isinstance(fig, go.Figure) and len(means) == 4  # 2 losses x 2 panels
+    ikl_robust = next(t for t in means if t.meta == {"loss": "ikl", "metric": "test_robust_acc", "kind": "mean"})
+    assert list(ikl_robust.y) == [20.0, 30.5] and ikl_robust.name == "IKL-AT"
+
+    curves = pd.DataFrame({"loss": ["trades"] * 4, "seed": [0, 0, 1, 1], "epsilon": [0.0, 0.1] * 2,
+                           "accuracy": [90.0, 50.0, 92.0, 54.0]})
+    fig = P.robustness_vs_epsilon(curves, train_epsilon=0.1)
+    assert list(fig.data[0].y) == [91.0, 52.0] and list(fig.data[0].error_y.array) == pytest.approx([2 ** 0.5, 8 ** 0.5])
+
+    checks = pd.DataFrame({"loss": ["ikl", "ikl"], "seed": [0, 0], "check": ["eval_mode", "gradient_masking"],
+                           "status": ["fail", "warn"], "detail": ["x", "y"]})
+    fig = P.sanity_check_table(checks)
+    assert [list(r) for r in fig.data[0].z] == [[2, 1]]
+    assert [list(r) for r in fig.data[0].text] == [["FAIL", "WARN"]]
+
+    x = torch.rand(3, 1, 8, 8)
+    fig = P.adversarial_examples(x, (x + 0.05).clamp(0, 1), [1, 2, 3], [1, 2, 3], [4, 2, 5], n=3, epsilon=0.1)
+    assert len(fig.data) == 9 and fig.layout.annotations[0].text == "y=1: 1 → 4"
+
+    table = pd.DataFrame([{"method": "IKL-AT", "loss": "ikl", "who": "ours (measured here)", "data": "digits",
+                           "clean (%)": 95.0, "clean std": 1.0, "robust (%)": 80.0, "robust std": 2.0, "attack": "a"},
+                          {"method": "IKL-AT", "loss": "ikl", "who": "paper (published)", "data": "CIFAR-10",
+                           "clean (%)": 84.8, "clean std": float("nan"), "robust (%)": 57.09,
+                           "robust std": float("nan"), "attack": "AutoAttack"}])
+    fig = P.adversarial_comparison_bars(table)
+    assert [list(t.y) for t in fig.data] == [[95.0, 84.8], [80.0, 57.09]]
+    assert list(fig.data[0].marker.pattern.shape) == ["", "/"]  # the paper's bars are hatched

@@ -1,0 +1,284 @@
+"""dkl_lib.attacks: PGD, the TRADES inner maximisation, the ART ensemble and the sanity checks
+(CPU, tiny synthetic data and models; a few seconds in all)."""
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dkl_lib import attacks as A
+from dkl_lib import data as D
+from dkl_lib import models as M
+from dkl_lib import train as T
+from dkl_lib.losses import kl_loss
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def trained():
+    """A small MLP trained (naturally) to 100 % on 4-class synthetic images, wrapped so that it
+    takes [0, 1] images; at ε = 0.3 PGD breaks every sample."""
+    d = D.synthetic(n_train=128, n_test=48, num_classes=4, noise=0.2, seed=0)
+    m = M.build_model("mlp", 4, seed=0, hidden=(32,), in_shape=(1, 8, 8))
+    T.train_teacher(m, d, epochs=10, lr=0.1, batch_size=32, progress=False, device="cpu")
+    return A.normalized(m, d).eval(), d
+
+
+class SmallBN(nn.Module):
+    """conv - BatchNorm - ReLU - linear (BatchNorm so that train/eval mode matters)."""
+
+    def __init__(self, classes=4):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 8 * 8, classes)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.bn(self.conv(x))).flatten(1))
+
+
+class StuckInTrain(nn.Module):
+    """A deliberately broken model: eval() does not reach its BatchNorm (a custom train() that
+    ignores mode=False), so it is 'left in train mode' whatever the caller does."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def train(self, mode=True):
+        return super().train(True)
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+class Rounded(nn.Module):
+    """A gradient-masking 'defence': rounds its input to a few grey levels (zero gradient)."""
+
+    def __init__(self, inner, levels=4):
+        super().__init__()
+        self.inner, self.levels = inner, levels
+
+    def forward(self, x):
+        return self.inner(torch.round(x * self.levels) / self.levels)
+
+
+class Noisy(nn.Module):
+    """A non-deterministic model: large random noise on the logits at every call."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        out = self.inner(x)
+        return out + 50.0 * torch.randn_like(out)
+
+
+# -------------------------------------------------------------------------------------- Normalized
+def test_normalized_puts_the_normalisation_inside(trained):
+    net, d = trained
+    x = d.x_test[:5]
+    assert torch.allclose(net(x), net.model(d.normalize(x)), atol=1e-6)
+    assert set(net.state_dict()) >= {"mean", "std"} and any(k.startswith("model.") for k in net.state_dict())
+    with pytest.raises(ValueError, match="std"):
+        A.Normalized(nn.Identity(), [0.5], [0.0])
+    with pytest.raises(ValueError, match="one value per channel"):
+        A.Normalized(nn.Identity(), [0.5, 0.5], [0.2])
+
+
+# ---------------------------------------------------------------------------------------------- PGD
+@pytest.mark.parametrize("epsilon", [0.0, 0.05, 0.3, 0.8])
+def test_pgd_and_trades_perturb_stay_in_the_ball_and_in_range(trained, epsilon):
+    net, d = trained
+    x = d.x_test.clone()
+    x[:8] = 0.0  # images on the borders of [0, 1]
+    x[8:16] = 1.0
+    y = d.y_test
+    r = A.pgd(net, x, y, epsilon=epsilon, steps=5, restarts=2, seed=3)
+    t = A.trades_perturb(net, x, epsilon=epsilon, steps=5, generator=torch.Generator().manual_seed(0))
+    for adv in (r.x_adv, t):
+        assert adv.shape == x.shape and adv.dtype == x.dtype
+        assert (adv - x).abs().max().item() <= epsilon + 1e-7
+        assert adv.min().item() >= 0.0 and adv.max().item() <= 1.0
+    if epsilon == 0.0:
+        assert torch.equal(r.x_adv, x) and torch.equal(t, x)
+
+
+def test_pgd_is_exact_on_a_linear_two_class_model():
+    """Oracle: for a linear 2-class model away from the [0, 1] borders, the worst L∞ perturbation
+    lowers the margin by exactly ε·‖w_y − w_other‖₁, and signed-gradient PGD reaches that corner."""
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(16, 2).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(2, 16, generator=g, dtype=torch.float64))
+        lin.bias.zero_()
+    model = nn.Sequential(nn.Flatten(), lin)
+    x = (0.5 + 0.05 * torch.randn(200, 1, 4, 4, generator=g, dtype=torch.float64)).clamp(0.3, 0.7)
+    logits = model(x).detach()
+    y = logits.argmax(1)
+    eps = 0.02
+    w = lin.weight.detach()
+    margin = (logits[:, 0] - logits[:, 1]).abs()
+    robust_oracle = margin > eps * (w[0] - w[1]).abs().sum()
+    r = A.pgd(model, x, y, epsilon=eps, steps=8, step_size=eps / 4, random_start=False)
+    assert torch.equal(r.correct, robust_oracle)
+    assert 0 < int(robust_oracle.sum()) < 200  # the case is not trivial
+
+
+def test_pgd_restores_modes_and_leaves_gradients_alone():
+    model = SmallBN()
+    model.train()
+    model.bn.eval()  # mixed flags must come back as they were
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.rand(6, 1, 8, 8), torch.randint(0, 4, (6,))
+    A.pgd(model, x, y, epsilon=0.1, steps=3)
+    A.trades_perturb(model, x, epsilon=0.1, steps=3)
+    assert model.training and model.conv.training and model.fc.training and not model.bn.training
+    assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in model.parameters())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # no BN update
+
+
+def test_pgd_more_steps_continue_fewer_steps(trained):
+    net, d = trained
+    accs = [A.pgd(net, d.x_test, d.y_test, epsilon=0.15, steps=k, restarts=2, seed=1).accuracy for k in (1, 5, 20)]
+    assert accs[0] >= accs[1] >= accs[2]
+    assert accs[0] > accs[2]  # the attack does something
+    again = A.pgd(net, d.x_test, d.y_test, epsilon=0.15, steps=5, restarts=2, seed=1)
+    assert again.accuracy == accs[1]  # same seed, same result
+
+
+def test_trades_perturb_increases_the_kl():
+    torch.manual_seed(0)
+    model = SmallBN().eval()
+    x = torch.rand(16, 1, 8, 8)
+    start = A.trades_perturb(model, x, epsilon=0.1, steps=0, generator=torch.Generator().manual_seed(0))
+    adv = A.trades_perturb(model, x, epsilon=0.1, steps=10, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        nat = model(x)
+        assert kl_loss(model(adv), nat) > 10 * kl_loss(model(start), nat)
+    assert 0 < (start - x).abs().max() <= 0.006  # the 0.001·N(0, 1) start
+
+
+def test_bad_arguments(trained):
+    net, d = trained
+    with pytest.raises(ValueError, match="epsilon"):
+        A.pgd(net, d.x_test, d.y_test, epsilon=-0.1)
+    with pytest.raises(ValueError, match="y must be an int64"):
+        A.pgd(net, d.x_test, d.y_test.float(), epsilon=0.1)
+    with pytest.raises(TypeError, match="model"):
+        A.pgd(lambda t: t, d.x_test, d.y_test, epsilon=0.1)
+    with pytest.raises(ValueError, match="ART refuses"):
+        A.ensemble_attack(net, d.x_test, d.y_test, epsilon=0.0)
+    with pytest.raises(ValueError, match="unknown ensemble attack"):
+        A.ensemble_attack(net, d.x_test, d.y_test, epsilon=0.1, attacks=("fab",))
+    with pytest.raises(ValueError, match="ε = 0 case"):
+        A.evaluate_robustness(net, d.x_test, d.y_test, epsilon=0.0)
+
+
+# ------------------------------------------------------------------------------------ ART ensemble
+def test_ensemble_attack_restores_everything(trained):
+    net, d = trained
+    model = SmallBN()
+    model.train()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    np.random.seed(123)
+    expected = np.random.random()
+    np.random.seed(123)
+    r = A.ensemble_attack(model, d.x_test[:12], d.y_test[:12], epsilon=0.1, apgd_iters=3, square_queries=5)
+    assert np.random.random() == expected  # numpy's global generator is left as it was
+    assert model.training and model.bn.training
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
+    assert r.x_adv.shape == (12, 1, 8, 8) and set(r.broken_by.tolist()) <= {-2, -1, 0, 1, 2}
+    assert (r.x_adv - d.x_test[:12]).abs().max() <= 0.1 * (1 + 1e-4) + 1e-6
+
+
+def test_ensemble_breaks_a_natural_model(trained):
+    net, d = trained
+    r = A.ensemble_attack(net, d.x_test, d.y_test, epsilon=0.3, apgd_iters=10, square_queries=20)
+    assert r.accuracy < 10.0 and r.art_clean_agree == 1.0
+    counts = r.broken_counts()
+    assert sum(counts.values()) == 48 and counts["apgd-ce"] > 0
+
+
+# --------------------------------------------------------------------------------- sanity checks
+EVAL = dict(apgd_iters=30, square_queries=50, pgd_steps=(10, 20))
+
+
+def test_evaluate_robustness_passes_on_a_sound_setup(trained):
+    net, d = trained
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", A.GradientMaskingWarning)
+        rep = A.evaluate_robustness(net, d.x_test, d.y_test, epsilon=0.3, **EVAL)
+    assert rep.passed and not rep.warnings
+    assert {c["check"] for c in rep.checks} == set(A.CHECKS)
+    assert rep.clean_acc == 100.0 and rep.pgd_acc[20] <= rep.pgd_acc[10] <= rep.clean_acc
+    assert rep.robust_acc <= min(rep.ensemble_acc, *rep.pgd_acc.values())
+    assert rep.check("eps0_equals_clean")["value"] == rep.clean_acc
+    frame = rep.checks_frame()
+    assert list(frame["status"].unique()) == ["pass"]
+    d2 = rep.to_dict()
+    assert d2["pgd_acc"].keys() == {"10", "20"} and d2["passed"] is True
+    assert "adversarial-robustness-toolbox" in d2["config"]["ensemble_library"]
+
+
+def test_checks_fire_on_a_model_left_in_train_mode(trained):
+    _, d = trained
+    torch.manual_seed(0)
+    broken = StuckInTrain(SmallBN())
+    with pytest.raises(A.SanityCheckError, match="eval_mode") as err:
+        A.evaluate_robustness(broken, d.x_test, d.y_test, epsilon=0.1, ensemble=False, pgd_steps=(2, 4))
+    check = err.value.report.check("eval_mode")
+    assert check["status"] == "fail" and "TRAINING mode" in check["detail"] and "bn.running_mean" in check["detail"]
+    assert broken.training  # (it cannot leave train mode: that is the point)
+
+
+def test_checks_fire_on_a_gradient_masking_model(trained):
+    net, d = trained
+    with pytest.warns(A.GradientMaskingWarning, match="gradient masking"):
+        rep = A.evaluate_robustness(Rounded(net), d.x_test, d.y_test, epsilon=0.3, **EVAL)
+    flag = rep.check("gradient_masking")
+    assert flag["status"] == "warn" and flag["value"] > 5  # PGD sees nothing, Square breaks some
+    assert rep.pgd_acc[20] == rep.clean_acc and rep.ensemble_acc < rep.clean_acc - 5
+    assert rep.ensemble_counts["square"] > 0 and rep.ensemble_counts["apgd-ce"] == 0
+    assert rep.passed  # a flag, not a failure: the numbers are right, PGD's is just meaningless
+
+
+def test_checks_fire_on_a_non_deterministic_model(trained):
+    net, d = trained
+    torch.manual_seed(0)
+    rep = A.evaluate_robustness(Noisy(net), d.x_test, d.y_test, epsilon=0.1, ensemble=False, strict=False,
+                                pgd_steps=(2, 4))
+    assert "eps0_equals_clean" in rep.failed
+
+
+def test_checks_fire_on_normalised_inputs_and_on_a_weak_ensemble(trained, monkeypatch):
+    net, d = trained
+    rep = A.evaluate_robustness(net, (d.x_test - 0.5) / 0.25, d.y_test, epsilon=0.1, ensemble=False,
+                                strict=False, pgd_steps=(2,))
+    assert "inputs_in_range" in rep.failed and "Normalized" in rep.check("inputs_in_range")["detail"]
+
+    def no_attack(model, x, y, **kw):  # an ensemble that finds nothing: above PGD, must fail
+        return A.EnsembleResult(x_adv=x.clone(), correct=A.clean_correct(model, x, y),
+                                broken_by=torch.full((x.shape[0],), -1), attacks=("apgd-ce",))
+
+    monkeypatch.setattr(A, "ensemble_attack", no_attack)
+    with pytest.raises(A.SanityCheckError, match="ensemble_not_above_pgd"):
+        A.evaluate_robustness(net, d.x_test, d.y_test, epsilon=0.3, pgd_steps=(5,))
+
+
+def test_accuracy_vs_epsilon_and_class_separation(trained):
+    net, d = trained
+    frame = A.accuracy_vs_epsilon(net, d.x_test, d.y_test, [0.0, 0.1, 0.3], steps=5)
+    assert frame["accuracy"].iloc[0] == 100.0 and frame["accuracy"].is_monotonic_decreasing
+    x = torch.zeros(3, 1, 2, 2)
+    x[1, 0, 0, 0] = 0.25
+    x[2] = 1.0
+    assert A.class_separation(x, torch.tensor([0, 1, 1])) == 0.25
+    assert math.isinf(A.class_separation(x, torch.tensor([0, 0, 0])))

@@ -1,0 +1,190 @@
+"""dkl_lib.configs and configs/*.yaml: every shipped file loads, resolves and round-trips through the
+command line; the KD files carry the official per-pair values; broken files fail with the file and
+the key in the message."""
+import json
+import math
+
+import pytest
+
+from dkl_lib import configs as C
+from dkl_lib import experiments as E
+
+SHIPPED = C.list_configs()
+
+
+def _cli_overrides(args) -> dict:
+    """What the experiments CLI makes of --override items (JSON, else the raw string)."""
+    out = {}
+    for item in args.override or []:
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def test_configs_folder_ships_the_issue_7_experiments():
+    names = {p.stem for p in SHIPPED}
+    assert names == {"kd_cifar100_resnet32x4_resnet8x4", "kd_cifar100_wrn_40_2_wrn_16_2",
+                     "kd_cifar100_resnet56_resnet20", "adv_cifar10_wrn_34_10", "adv_cifar100_wrn_34_10"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_every_config_loads_resolves_and_round_trips_through_the_cli(path):
+    cfg = C.load_config(path)
+    assert cfg["name"] == path.stem and cfg["task"] in C.TASKS and cfg["sources"]
+    resolved = cfg["resolved"]
+    assert resolved["preset"] == cfg["preset"]
+    for key, value in cfg["overrides"].items():  # every override landed in the resolved config
+        node = resolved
+        for part in key.split("."):
+            node = node[part]
+        assert node == value, key
+    # the CLI accepts the arguments and parses every override back to the same value
+    args = E._parser().parse_args(C.config_to_cli(cfg, out="runs/x"))
+    assert args.command == cfg["task"] and args.preset == cfg["preset"] and args.out == "runs/x"
+    assert args.losses.split(",") == cfg["losses"]
+    assert [int(s) for s in args.seeds.split(",")] == cfg["seeds"]
+    assert _cli_overrides(args) == cfg["overrides"]
+    assert C.config_command(cfg).startswith("python -m dkl_lib.experiments " + cfg["task"])
+
+
+def test_kd_configs_carry_the_official_per_pair_values():
+    # official IKL_KD (ALPHA, BETA, T = 4) -> ours (alpha = BETA, beta = ALPHA / T²); DKD beta per pair
+    official = {"resnet32x4": ("resnet8x4", 1.0, 8.0, 8.0), "wrn_40_2": ("wrn_16_2", 3.0, 12.0, 6.0),
+                "resnet56": ("resnet20", 1.0, 4.0, 2.0)}
+    seen = set()
+    for path in SHIPPED:
+        cfg = C.load_config(path)
+        if cfg["task"] != "kd":
+            continue
+        r = cfg["resolved"]
+        student, ikl_alpha, ikl_beta, dkd_beta = official[r["teacher"]["model"]]
+        seen.add(r["teacher"]["model"])
+        assert r["student"]["model"] == student and r["data"]["name"] == "cifar100"
+        assert r["teacher"]["checkpoint"] == f"teachers/{r['teacher']['model']}_vanilla/ckpt_epoch_240.pth"
+        d = r["distill"]
+        assert (d["epochs"], d["batch_size"], d["lr"], d["milestones"], d["temperature"]) == \
+            (240, 64, 0.05, [150, 180, 210], 4.0)
+        assert r["losses"]["kl"] == {"ce_weight": 0.1, "kd_weight": 0.9, "warmup_epochs": 0}
+        assert r["losses"]["dkd"]["beta"] == dkd_beta and d["warmup_epochs"] == 20
+        ikl = r["losses"]["ikl"]
+        assert ikl["alpha"] == ikl_beta and ikl["beta"] == ikl_alpha / d["temperature"] ** 2
+        assert ikl["weight_temperature"] == 100.0
+        assert {"kl", "dkd"} <= set(cfg["losses"]) and any(s.startswith("ikl") for s in cfg["losses"])
+    assert seen == set(official)
+
+
+def test_resnet32x4_config_is_the_paper_preset_plus_the_official_ikl_weights():
+    """Same values AND types as the preset (an int where the preset has a float would change the
+    cache hash), so kl/dkd runs from the file reuse the preset's cache entries."""
+    cfg = C.load_config(C.config_dir() / "kd_cifar100_resnet32x4_resnet8x4.yaml")
+    expected = E.resolve_config("paper", {"losses.ikl.weight_temperature": 100.0})
+    assert E.config_hash(cfg["resolved"]) == E.config_hash(expected)
+
+
+@pytest.mark.parametrize("stem,data", [("adv_cifar10_wrn_34_10", "cifar10"), ("adv_cifar100_wrn_34_10", "cifar100")])
+def test_adversarial_configs_describe_the_official_ikl_at_recipe(stem, data):
+    r = C.load_config(C.config_dir() / f"{stem}.yaml")["resolved"]
+    assert r["data"]["name"] == data and r["model"]["name"] == "wrn_34_10"
+    t = r["train"]
+    assert t["epsilon"] == 8 / 255 and r["eval"]["epsilon"] == 8 / 255  # exactly, not approximately
+    assert (t["epochs"], t["batch_size"], t["lr"], t["lr_schedule"]) == (200, 128, 0.2, "cosine")
+    assert (t["epsilon_schedule"], t["attack_steps"], t["attack_step_fraction"]) == ("increasing", 5, 0.5)
+    assert r["losses"]["trades"]["beta"] == 6.0
+    assert r["losses"]["ikl"] == {"alpha": 20.0, "beta": 4.0, "temperature": 1.0, "weight_temperature": 4.0,
+                                  "gi": True}
+
+
+GOOD = """\
+task: kd
+preset: cpu-quick
+losses: [kl, ikl]
+seeds: [0, 1]
+overrides:
+  distill.epochs: 2
+  losses.ikl.alpha: 2.0
+"""
+
+
+def _write(tmp_path, text, name="exp.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_a_small_config_loads_with_defaults(tmp_path):
+    cfg = C.load_config(_write(tmp_path, GOOD))
+    assert cfg["name"] == "exp" and cfg["seeds"] == [0, 1] and cfg["losses"] == ["kl", "ikl"]
+    assert cfg["resolved"]["distill"]["epochs"] == 2 and cfg["resolved"]["losses"]["ikl"]["alpha"] == 2.0
+    assert C.config_to_cli(cfg) == ["kd", "--preset", "cpu-quick", "--losses", "kl,ikl", "--seeds", "0,1",
+                                    "--override", "distill.epochs=2", "--override", "losses.ikl.alpha=2.0"]
+
+
+@pytest.mark.parametrize("text,needle", [
+    (GOOD.replace("distill.epochs: 2", "distill.epoch: 2"), "'distill.epoch'"),
+    (GOOD.replace("losses.ikl.alpha", "losses.ikl.alpah"), "'losses.ikl.alpah'"),
+    (GOOD.replace("losses.ikl.alpha", "losses.nope.alpha"), "'losses.nope.alpha'"),
+    (GOOD + "  teacher.modle: x\n", "'teacher.modle'"),
+    (GOOD.replace("preset: cpu-quick", "preset: cpu-fast"), "'cpu-fast'"),
+    (GOOD.replace("task: kd", "task: detection"), "'detection'"),
+    (GOOD.replace("[kl, ikl]", "[kl, ilk]"), "'ilk'"),
+    (GOOD.replace("[kl, ikl]", "[kl, kl]"), "twice"),
+    (GOOD.replace("[0, 1]", "[0, -1]"), "'seeds'"),
+    (GOOD.replace("[0, 1]", "[0, 0]"), "twice"),
+    (GOOD.replace("seeds: [0, 1]\n", ""), "missing key(s) ['seeds']"),
+    (GOOD + "epochs: 3\n", "unknown key(s) ['epochs']"),
+    (GOOD.replace("losses.ikl.alpha: 2.0", "distill.weight_decay: 5e-4"), "5e-4"),
+    (GOOD.replace("losses.ikl.alpha: 2.0", "distill.lr: 8/255"), "8/255"),
+    (GOOD.replace("  distill.epochs: 2\n", "  distill.epochs: [2\n"), "not valid YAML"),
+    ("- a\n- b\n", "YAML mapping"),
+    (GOOD.replace("overrides:", "overrides: 3\nx:").split("  distill")[0], "unknown key(s) ['x']"),
+])
+def test_a_broken_config_names_the_file_and_the_problem(tmp_path, text, needle):
+    path = _write(tmp_path, text, name="broken.yaml")
+    with pytest.raises(ValueError) as info:
+        C.load_config(path)
+    message = str(info.value)
+    assert message.startswith(str(path)), message
+    assert needle in message, message
+
+
+def test_an_adversarial_override_the_resolver_refuses_is_named(tmp_path):
+    text = "task: adv\npreset: cpu-quick\nlosses: [trades]\nseeds: [0]\noverrides:\n  train.epochz: 3\n"
+    with pytest.raises(ValueError, match=r"broken\.yaml: override 'train\.epochz' is refused"):
+        C.load_config(_write(tmp_path, text, name="broken.yaml"))
+
+
+def test_a_missing_file_is_a_file_not_found_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config file"):
+        C.load_config(tmp_path / "nope.yaml")
+
+
+def test_override_values_survive_the_cli_encoding():
+    cfg = {"task": "adv", "preset": "paper", "losses": ["ikl"], "seeds": [3],
+           "overrides": {"a.b": "true", "a.c": "wrn_34_10", "a.d": None, "a.e": {"width": 8},
+                         "a.f": 8 / 255, "a.g": "12", "a.h": [1, 2]}}
+    args = C.config_to_cli(cfg)
+    items = [args[i + 1] for i, a in enumerate(args) if a == "--override"]
+    decoded = {}
+    for item in items:
+        key, text = item.split("=", 1)
+        try:
+            decoded[key] = json.loads(text)
+        except json.JSONDecodeError:
+            decoded[key] = text
+    assert decoded == cfg["overrides"] and math.isclose(decoded["a.f"], 8 / 255, rel_tol=0, abs_tol=0)
+    assert "a.c=wrn_34_10" in items  # plain strings stay readable
+    with pytest.raises(ValueError, match="'losses'"):
+        C.config_to_cli({"task": "kd", "preset": "paper", "seeds": [0]})
+
+
+def test_the_module_cli_checks_files(tmp_path, capsys):
+    assert C.main(["--check"]) == 0
+    assert capsys.readouterr().out.count("ok ") == len(SHIPPED)
+    bad = _write(tmp_path, GOOD.replace("distill.epochs", "distill.epoch"), name="bad.yaml")
+    assert C.main([str(bad)]) == 2
+    assert "bad.yaml: override 'distill.epoch'" in capsys.readouterr().err
+    assert C.main([str(_write(tmp_path, GOOD)), "--out", "runs/o"]) == 0
+    assert capsys.readouterr().out.strip().endswith("--out runs/o")
