@@ -34,14 +34,15 @@ class Dashboard:
     figure: object
     controls: Dict[str, W.ValueWidget]
     update: Callable[[object, dict], None]
-    state: dict = field(default_factory=dict)
+    update_kwargs: dict = field(default_factory=dict)  # fixed keyword arguments of ``update``
+    state: dict = field(default_factory=dict)  # other handles (buttons, session, ...) for callers and tests
 
     def values(self) -> dict:
         return {name: c.value for name, c in self.controls.items()}
 
     def refresh(self, _change=None) -> None:
         """Recompute the figure from the controls' current values."""
-        self.update(self.figure, self.values(), **self.state)
+        self.update(self.figure, self.values(), **self.update_kwargs)
 
     def _ipython_display_(self):
         from IPython.display import display
@@ -184,9 +185,8 @@ def weights_dashboard(target_logits: Optional[torch.Tensor] = None, targets: Opt
                                       style={"description_width": "105px"})}
     mats = grads.weight_matrices(target_logits, targets, weight_temperature=2.0, sample=0)
     figure = plots.weight_heatmaps(mats, widget=True)
-    state = {"target_logits": target_logits, "targets": targets}
     return _wire(Dashboard(W.VBox([W.HBox(list(controls.values())), figure]), figure, controls, weights_update,
-                           state))
+                           update_kwargs={"target_logits": target_logits, "targets": targets}))
 
 
 # ------------------------------------------------------------------------- training dashboard
@@ -429,4 +429,5 @@ def training_dashboard(*, preset: str = "cpu-quick", cache_dir=None, device=None
     widget = W.VBox([panel, W.HBox([run_button, stop_button, export_button, progress]), status, figure, table])
     state = {"session": session, "buttons": {"run": run_button, "stop": stop_button, "export": export_button},
              "progress": progress, "status": status, "table": table}
-    return Dashboard(widget, figure, controls, lambda fig, values, **_: None, state)
+    # no ``update``: the figure changes when epochs finish, not when a control moves
+    return Dashboard(widget, figure, controls, lambda fig, values: None, state=state)
