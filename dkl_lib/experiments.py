@@ -1294,6 +1294,8 @@ def _parser() -> argparse.ArgumentParser:
     kd.add_argument("--override", action="append", metavar="KEY=VALUE",
                     help="change a preset setting, e.g. distill.lr=0.1 or losses.ikl.alpha=2 (repeatable)")
     kd.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    kd.add_argument("--config", metavar="FILE", help="an experiment file of configs/ (preset, losses, seeds, "
+                      "overrides); options given here win; --out defaults to runs/<name>")
     kd.set_defaults(handler=_cmd_kd)
     adv = sub.add_parser("adv", help="adversarial training: losses x seeds for a preset, with evaluation")
     adv.add_argument("--preset", default="cpu-quick", choices=sorted(ADV_PRESETS))
@@ -1309,13 +1311,53 @@ def _parser() -> argparse.ArgumentParser:
                      help="change a preset setting, e.g. train.epsilon=0.05, eval.samples=100 or "
                           "losses.ikl.alpha=5 (repeatable)")
     adv.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    adv.add_argument("--config", metavar="FILE", help="an experiment file of configs/ (preset, losses, seeds, "
+                      "overrides); options given here win; --out defaults to runs/<name>")
     adv.set_defaults(handler=_cmd_adv)
     return parser
 
 
+def _expand_config(argv: List[str]) -> List[str]:
+    """Replace ``--config FILE`` by the arguments the file stands for (:mod:`dkl_lib.configs`).
+
+    The file's arguments come first, so anything given on the command line wins (the last
+    ``--preset``/``--losses``/``--seeds`` and the last ``--override`` of a key). Without ``--out``,
+    results go to ``<runs dir>/<config name>``.
+    """
+    rest, path = [], None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise SystemExit("--config needs a file")
+            path, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+        i += 1
+    if path is None:
+        return argv
+    from .configs import config_to_cli, load_config
+
+    try:
+        cfg = load_config(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}")
+    if not rest or rest[0] != cfg["task"]:
+        raise SystemExit(f"{path} is a {cfg['task']!r} config: run `python -m dkl_lib.experiments "
+                         f"{cfg['task']} --config {path}`")
+    has_out = any(a == "--out" or a.startswith("--out=") for a in rest)
+    out = None if has_out else default_runs_dir() / cfg["name"]
+    return config_to_cli(cfg, out=out) + rest[1:]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; returns the exit status."""
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(_expand_config(argv))
     return args.handler(args)
 
 

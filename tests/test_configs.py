@@ -188,3 +188,54 @@ def test_the_module_cli_checks_files(tmp_path, capsys):
     assert "bad.yaml: override 'distill.epoch'" in capsys.readouterr().err
     assert C.main([str(_write(tmp_path, GOOD)), "--out", "runs/o"]) == 0
     assert capsys.readouterr().out.strip().endswith("--out runs/o")
+
+
+# ------------------------------------------------------------------ --config in the experiments CLI
+def _tiny_config(tmp_path, **extra):
+    lines = ["name: tiny_kd", "task: kd", "description: a tiny digits run for the tests", "preset: cpu-quick",
+             "losses: [kl, dkl]", "seeds: [0]", "overrides:", "  data.n_train: 100",
+             "  teacher.model_kw.width: 4", "  teacher.train.epochs: 1", "  distill.epochs: 1",
+             "  distill.batch_size: 50"]
+    path = tmp_path / "tiny.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_cli_config_file_equals_the_explicit_command(tmp_path, monkeypatch):
+    import json
+
+    from dkl_lib import experiments as E
+
+    monkeypatch.setenv("DKL_RUNS_DIR", str(tmp_path / "runs"))
+    path = _tiny_config(tmp_path)
+    assert E.main(["kd", "--config", str(path), "--quiet", "--device", "cpu"]) == 0
+    by_file = json.loads((tmp_path / "runs" / "tiny_kd" / "results.json").read_text())  # default --out
+    explicit = ["kd", "--preset", "cpu-quick", "--losses", "kl,dkl", "--seeds", "0", "--quiet", "--device", "cpu",
+                "--out", str(tmp_path / "explicit")]
+    for item in ("data.n_train=100", "teacher.model_kw.width=4", "teacher.train.epochs=1", "distill.epochs=1",
+                 "distill.batch_size=50"):
+        explicit += ["--override", item]
+    assert E.main(explicit) == 0
+    by_hand = json.loads((tmp_path / "explicit" / "results.json").read_text())
+    assert by_file["config"] == by_hand["config"]
+    # same runs: the explicit command finds the file's runs in the cache, keyed by the full config
+    key = lambda r: (r["loss"], r["seed"], r["config_hash"], r["best_acc"], r["last_acc"])  # noqa: E731
+    assert [key(r) for r in by_file["runs"]] == [key(r) for r in by_hand["runs"]]
+    assert all(r["cached"] for r in by_hand["runs"])
+    # the command line wins over the file
+    assert E.main(["kd", "--config", str(path), "--seeds", "1", "--losses", "kl", "--quiet", "--device", "cpu",
+                   "--out", str(tmp_path / "override")]) == 0
+    runs = json.loads((tmp_path / "override" / "results.json").read_text())["runs"]
+    assert [(r["loss"], r["seed"]) for r in runs] == [("kl", 1)]
+
+
+def test_cli_config_errors(tmp_path):
+    from dkl_lib import experiments as E
+
+    path = _tiny_config(tmp_path)
+    with pytest.raises(SystemExit, match="is a 'kd' config"):
+        E.main(["adv", "--config", str(path), "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="no_such.yaml"):
+        E.main(["kd", "--config", str(tmp_path / "no_such.yaml")])
+    with pytest.raises(SystemExit, match="needs a file"):
+        E.main(["kd", "--config"])
