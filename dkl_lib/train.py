@@ -78,6 +78,48 @@ def _callback_stops(callback: Optional[Callback], history: List[dict]) -> bool:
         return True
 
 
+class _RunProgress:
+    """Progress bars and cuDNN autotuning for one training run, shared by both trainers.
+
+    Opens an epoch bar (and a batch bar for long epochs), turns on ``cudnn.benchmark`` on CUDA
+    (fixed input shapes), and :meth:`close` restores it and closes the bars.
+    """
+
+    def __init__(self, *, epochs: int, steps_per_epoch: int, desc: str, progress: bool, device: torch.device,
+                 batch_bar_from: int):
+        from tqdm.auto import tqdm
+
+        self._cudnn_benchmark = torch.backends.cudnn.benchmark
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self.steps_per_epoch = steps_per_epoch
+        self.epoch_bar = tqdm(total=epochs, desc=desc, disable=not progress, leave=True, unit="epoch")
+        self.batch_bar = None
+        if progress and steps_per_epoch >= batch_bar_from:
+            self.batch_bar = tqdm(total=steps_per_epoch, desc="  batches", leave=False, unit="batch")
+
+    def start_epoch(self) -> None:
+        if self.batch_bar is not None:
+            self.batch_bar.reset(total=self.steps_per_epoch)
+
+    def step(self) -> None:
+        if self.batch_bar is not None:
+            self.batch_bar.update()
+
+    def end_epoch(self, history: List[dict], row: dict, callback: Optional[Callback], **postfix) -> bool:
+        """Record the epoch's row, advance the bar; True when the callback asks to stop."""
+        history.append(row)
+        self.epoch_bar.update()
+        self.epoch_bar.set_postfix(**postfix)
+        return _callback_stops(callback, history)
+
+    def close(self) -> None:
+        torch.backends.cudnn.benchmark = self._cudnn_benchmark
+        if self.batch_bar is not None:
+            self.batch_bar.close()
+        self.epoch_bar.close()
+
+
 def select_device(device=None) -> torch.device:
     """The device to train on: ``device`` if given (a name or torch.device, "auto" = None), else
     CUDA when available, then Apple MPS, then the CPU. Asking for an unavailable CUDA/MPS device
@@ -315,17 +357,10 @@ def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], lo
     augment_gen = torch.Generator().manual_seed(int(seed) + 1_000_003)
     steps_per_epoch = max(1, (data.n_train // batch_size) if drop_last else math.ceil(data.n_train / batch_size))
 
-    from tqdm.auto import tqdm
-
-    cudnn_benchmark = torch.backends.cudnn.benchmark
-    if device.type == "cuda":  # fixed input shapes: let cuDNN pick the fastest kernels
-        torch.backends.cudnn.benchmark = True
     history: List[dict] = []
     stopped = None
-    epoch_bar = tqdm(total=epochs, desc=desc, disable=not progress, leave=True, unit="epoch")
-    batch_bar = None
-    if progress and steps_per_epoch >= 100:
-        batch_bar = tqdm(total=steps_per_epoch, desc="  batches", leave=False, unit="batch")
+    bars = _RunProgress(epochs=epochs, steps_per_epoch=steps_per_epoch, desc=desc, progress=progress,
+                        device=device, batch_bar_from=100)
     try:
         for epoch in range(epochs):
             t0 = time.perf_counter()
@@ -335,8 +370,7 @@ def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], lo
             sums: Dict[str, torch.Tensor] = {}
             correct = torch.zeros((), device=device, dtype=torch.float64)
             seen = 0
-            if batch_bar is not None:
-                batch_bar.reset(total=steps_per_epoch)
+            bars.start_epoch()
             for idx in batch_indices(data.n_train, batch_size=batch_size, shuffle=True,
                                      generator=shuffle_gen, drop_last=drop_last, device=device):
                 if idx.numel() < 2 and seen > 0:  # a trailing batch of one breaks BatchNorm
@@ -377,8 +411,7 @@ def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], lo
                     v = value.detach().to(torch.float64) * n
                     sums[name] = sums[name] + v if name in sums else v
                 correct += (logits.detach().argmax(dim=1) == y).sum()
-                if batch_bar is not None:
-                    batch_bar.update()
+                bars.step()
             if not math.isfinite(sums["loss"].item()):
                 raise FloatingPointError(f"the training loss became non-finite in epoch {epoch + 1}; "
                                          "lower the learning rate or check the data")
@@ -390,19 +423,13 @@ def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], lo
             row.update({k: v.item() / seen for k, v in sums.items()})
             row.update({"train_acc": 100.0 * correct.item() / seen, "test_acc": test_acc,
                         "seconds": time.perf_counter() - t0})
-            history.append(row)
-            epoch_bar.update()
-            epoch_bar.set_postfix(loss=f"{row['loss']:.3f}", test_acc=f"{test_acc:.2f}")
-            if _callback_stops(callback, history):
+            if bars.end_epoch(history, row, callback, loss=f"{row['loss']:.3f}", test_acc=f"{test_acc:.2f}"):
                 stopped = "callback"
                 break
     except KeyboardInterrupt:
         stopped = "interrupted"
     finally:
-        torch.backends.cudnn.benchmark = cudnn_benchmark
-        if batch_bar is not None:
-            batch_bar.close()
-        epoch_bar.close()
+        bars.close()
         if teacher is not None and teacher_flags is not None:
             for p, flag in zip(teacher.parameters(), teacher_flags):
                 p.requires_grad_(flag)
@@ -748,17 +775,10 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
     bs = cfg["batch_size"]
     steps_per_epoch = max(1, (data.n_train // bs) if cfg["drop_last"] else math.ceil(data.n_train / bs))
 
-    from tqdm.auto import tqdm
-
-    cudnn_benchmark = torch.backends.cudnn.benchmark
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     history: List[dict] = []
     stopped = None
-    epoch_bar = tqdm(total=epochs, desc=desc or loss, disable=not progress, leave=True, unit="epoch")
-    batch_bar = None
-    if progress and steps_per_epoch >= 50:
-        batch_bar = tqdm(total=steps_per_epoch, desc="  batches", leave=False, unit="batch")
+    bars = _RunProgress(epochs=epochs, steps_per_epoch=steps_per_epoch, desc=desc or loss, progress=progress,
+                        device=device, batch_bar_from=50)
     try:
         for epoch in range(1, epochs + 1):
             t0 = time.perf_counter()
@@ -768,8 +788,7 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
             correct = torch.zeros((), device=device, dtype=torch.float64)
             correct_adv = torch.zeros((), device=device, dtype=torch.float64)
             seen = 0
-            if batch_bar is not None:
-                batch_bar.reset(total=steps_per_epoch)
+            bars.start_epoch()
             model.train()
             for idx in batch_indices(data.n_train, batch_size=bs, shuffle=True, generator=shuffle_gen,
                                      drop_last=cfg["drop_last"], device=device):
@@ -805,8 +824,7 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
                 correct += (nat_logits.detach().argmax(dim=1) == y).sum()
                 if adv_logits is not None:
                     correct_adv += (adv_logits.detach().argmax(dim=1) == y).sum()
-                if batch_bar is not None:
-                    batch_bar.update()
+                bars.step()
             if not math.isfinite(sums["loss"].item()):
                 raise FloatingPointError(f"the training loss became non-finite in epoch {epoch}; "
                                          "lower the learning rate or check the data")
@@ -826,20 +844,14 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
             else:
                 row["test_robust_acc"] = math.nan
             row["seconds"] = time.perf_counter() - t0
-            history.append(row)
-            epoch_bar.update()
-            epoch_bar.set_postfix(loss=f"{row['loss']:.3f}", clean=f"{row['test_acc']:.1f}",
-                                  robust=f"{row['test_robust_acc']:.1f}")
-            if _callback_stops(callback, history):
+            if bars.end_epoch(history, row, callback, loss=f"{row['loss']:.3f}", clean=f"{row['test_acc']:.1f}",
+                              robust=f"{row['test_robust_acc']:.1f}"):
                 stopped = "callback"
                 break
     except KeyboardInterrupt:
         stopped = "interrupted"
     finally:
-        torch.backends.cudnn.benchmark = cudnn_benchmark
-        if batch_bar is not None:
-            batch_bar.close()
-        epoch_bar.close()
+        bars.close()
     return TrainResult(model=model, history=history, config=config,
                        priors=list(prior.history) if prior is not None and prior.keep_history else None,
                        stopped=stopped, seconds=time.perf_counter() - start)
