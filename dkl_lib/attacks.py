@@ -313,7 +313,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epsilon: float, s
 
 def trades_perturb(model: nn.Module, x: torch.Tensor, *, epsilon: float, steps: int = 10,
                    step_size: Optional[float] = None, generator: Optional[torch.Generator] = None,
-                   natural_logits: Optional[torch.Tensor] = None, amp: bool = False) -> torch.Tensor:
+                   natural_logits: Optional[torch.Tensor] = None, amp: bool = False,
+                   start_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The TRADES inner maximisation: x′ maximising KL(f(x) ‖ f(x′)) in the ε-ball (L∞).
 
     Starts at x + 0.001·N(0, 1) and takes ``steps`` signed-gradient ascent steps on
@@ -329,6 +330,9 @@ def trades_perturb(model: nn.Module, x: torch.Tensor, *, epsilon: float, steps: 
         generator: CPU generator for the N(0, 1) start (drawn on the CPU, then moved).
         natural_logits: f(x) if already computed in eval mode (detached); else computed here.
         amp: bf16 autocast on CUDA.
+        start_noise: the N(0, 1) draw of the start (x's shape) to use instead of drawing one from
+            ``generator``; a distributed trainer draws it for the global batch and passes each
+            rank its rows, so the start equals that of a one-process run.
 
     Returns:
         x′ (detached), same shape, dtype and device as x.
@@ -343,7 +347,14 @@ def trades_perturb(model: nn.Module, x: torch.Tensor, *, epsilon: float, steps: 
     x = x.detach()
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if amp and x.device.type == "cuda"
                 else contextlib.nullcontext())
-    noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
+    if start_noise is None:
+        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32)
+    else:
+        if not isinstance(start_noise, torch.Tensor) or tuple(start_noise.shape) != tuple(x.shape):
+            raise ValueError(f"start_noise must be a tensor of x's shape {tuple(x.shape)}, got "
+                             f"{getattr(start_noise, 'shape', type(start_noise).__name__)}")
+        noise = start_noise
+    noise = noise.to(x.device, x.dtype)
     x_adv = _project(x + 0.001 * noise, x, epsilon)
     with _eval_mode(model), torch.enable_grad():
         if natural_logits is None:

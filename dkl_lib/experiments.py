@@ -37,6 +37,12 @@ sanity checks) and caches both; the command line is the same::
 
 ``DIR/results.json`` holds, per loss and seed, the clean, PGD and ensemble accuracy and the outcome
 of every sanity check; the exit status is 3 when a check failed.
+
+Full runs: ``--config configs/FILE.yaml`` reads one of the paper's experiments; the same command
+runs under ``torchrun --nproc_per_node=N -m dkl_lib.experiments ...`` (DDP, the configured global
+batch split over the processes, rank 0 writes everything; see :func:`main`); the ``gpu-short`` and
+``paper`` presets checkpoint every epoch inside each run's cache folder (``checkpoint_every``,
+``--checkpoint-every N``), so rerunning an interrupted command resumes it where it stopped.
 """
 from __future__ import annotations
 
@@ -60,6 +66,7 @@ import torch
 
 from . import attacks as attacks_mod  # noqa: F401  (also makes dkl.attacks available)
 from . import data as data_mod
+from . import distributed as dist_mod
 from . import models as models_mod
 from . import train as train_mod
 
@@ -133,6 +140,7 @@ PRESETS: Dict[str, dict] = {
         # (with gamma = 1 and GI it equals IKL exactly).
         "losses": {"dkd": {"alpha": 1.0, "beta": 1.0}, "ikl": {"gi": True},
                    "gkl": {"gi": True, "gamma": 0.05}},
+        "checkpoint_every": 0,  # runs take seconds: no per-epoch checkpoints
     },
     "gpu-short": {
         "description": "CIFAR-100 resnet32x4 -> resnet8x4, 30 epochs (batch 128): minutes per run on one GPU",
@@ -148,6 +156,7 @@ PRESETS: Dict[str, dict] = {
                     "milestones": [18, 24, 28], "lr_decay": 0.1, "batch_size": 128, "temperature": 4.0,
                     "ce_weight": 1.0, "kd_weight": 1.0, "warmup_epochs": 3},
         "losses": copy.deepcopy(_PAPER_LOSSES),
+        "checkpoint_every": 1,  # per-epoch checkpoints in the run's cache folder: a rerun resumes
     },
     "paper": {
         "description": "CIFAR-100 resnet32x4 -> resnet8x4, the official 240-epoch schedule (DESIGN §5)",
@@ -163,9 +172,14 @@ PRESETS: Dict[str, dict] = {
                     "milestones": [150, 180, 210], "lr_decay": 0.1, "batch_size": 64, "temperature": 4.0,
                     "ce_weight": 1.0, "kd_weight": 1.0, "warmup_epochs": 20},
         "losses": copy.deepcopy(_PAPER_LOSSES),
+        "checkpoint_every": 1,
     },
 }
 
+#: Optional keys of the teacher/student sections: "dtype" ("float32" default, "float64" for exact
+#: comparisons, e.g. one process vs torchrun); part of the run's hash only when given.
+_MODEL_KEYS = {"dtype"}
+_MODEL_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _TRAIN_KEYS = {"epochs", "lr", "momentum", "weight_decay", "milestones", "lr_decay", "nesterov", "batch_size",
                "drop_last"}
 _DISTILL_KEYS = {"epochs", "lr", "momentum", "weight_decay", "milestones", "lr_decay", "nesterov",
@@ -201,7 +215,9 @@ def _set_path(cfg: dict, dotted: str, value) -> None:
     # sections whose keys are free (data loaders, model constructors) or a known set of settings
     free = keys[0] == "data" or keys[-2:-1] == ["model_kw"] or in_losses
     known = (_DISTILL_KEYS if keys[:-1] == ["distill"] else
-             _TRAIN_KEYS if keys[:-1] == ["teacher", "train"] else set())
+             _TRAIN_KEYS if keys[:-1] == ["teacher", "train"] else
+             _MODEL_KEYS if keys[:-1] in (["teacher"], ["student"]) else
+             {"checkpoint_every"} if len(keys) == 1 else set())
     if last not in node and not free and last not in known:
         raise ValueError(f"unknown config key {dotted!r}; known at that level: {sorted(set(node) | known)}")
     node[last] = copy.deepcopy(value)
@@ -292,9 +308,18 @@ class RunCache:
 
     def load(self, kind: str, config: dict) -> Optional[Tuple[dict, Dict[str, object]]]:
         """(result dict, {file name: loaded tensor object}) for ``config``, or None on a miss or a
-        corrupt entry (warned)."""
+        corrupt entry (warned).
+
+        Under torchrun rank 0 reads the entry and broadcasts what it found, so every rank takes
+        the same decision (train or reuse) and the ranks need not share a file system; every rank
+        must call it, in the same order."""
         if not self.enabled:
             return None
+        if dist_mod.dist_info().world_size > 1:
+            return dist_mod.broadcast_object(self._read(kind, config) if dist_mod.is_main() else None)
+        return self._read(kind, config)
+
+    def _read(self, kind: str, config: dict) -> Optional[Tuple[dict, Dict[str, object]]]:
         key = config_hash(config)
         folder = self.path(kind, key)
         entry_path = folder / "entry.json"
@@ -321,14 +346,15 @@ class RunCache:
             return entry["result"], files
         except Exception as err:  # noqa: BLE001 - any failure means: do not use this entry
             warnings.warn(f"cache entry {folder} is corrupt or unreadable ({err}); recomputing it",
-                          CacheWarning, stacklevel=3)
+                          CacheWarning, stacklevel=4)
             return None
 
     def save(self, kind: str, config: dict, result: dict, files: Optional[Dict[str, object]] = None) -> Path:
-        """Write an entry for ``config`` (tensor files first, entry.json last, all atomically)."""
+        """Write an entry for ``config`` (tensor files first, entry.json last, all atomically);
+        under torchrun only rank 0 writes."""
         key = config_hash(config)
         folder = self.path(kind, key)
-        if not self.enabled:
+        if not self.enabled or not dist_mod.is_main():
             return folder
         digests = {}
         for name, obj in (files or {}).items():
@@ -372,7 +398,45 @@ def _build(spec: dict, data: data_mod.TensorData, seed: int):
         kw.setdefault("in_shape", data.image_shape)
     if spec["model"] == "small_cnn":
         kw.setdefault("in_channels", data.image_shape[0])
-    return models_mod.build_model(spec["model"], data.num_classes, seed=seed, **kw)
+    model = models_mod.build_model(spec["model"], data.num_classes, seed=seed, **kw)
+    dtype = spec.get("dtype")
+    if dtype is not None:
+        if dtype not in _MODEL_DTYPES:
+            raise ValueError(f"model dtype must be one of {sorted(_MODEL_DTYPES)}, got {dtype!r}")
+        model = model.to(_MODEL_DTYPES[dtype])
+    return model
+
+
+def _model_id(spec: dict) -> dict:
+    """The part of a teacher/student section that defines the model (for hashes)."""
+    out = {"model": spec["model"], "model_kw": spec.get("model_kw") or {}}
+    if spec.get("dtype") is not None:
+        out["dtype"] = spec["dtype"]
+    return out
+
+
+def _checkpoint_every(cfg: dict) -> int:
+    """The config's ``checkpoint_every`` (epochs between checkpoints; 0 = none)."""
+    every = cfg.get("checkpoint_every") or 0
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ValueError(f"checkpoint_every must be a non-negative integer (0 = no checkpoints), got {every!r}")
+    return every
+
+
+def _checkpoint_dir(cfg: dict, cache: "RunCache", kind: str, run_config: dict) -> Optional[Path]:
+    """Where a run's per-epoch checkpoints go: inside its cache entry folder, when the preset's
+    ``checkpoint_every`` > 0 and the cache is on (a rerun of the same command then resumes)."""
+    if not cache.enabled or not _checkpoint_every(cfg):
+        return None
+    return cache.path(kind, config_hash(run_config)) / "checkpoints"
+
+
+def _drop_checkpoints(folder: Optional[Path]) -> None:
+    """Remove a finished run's checkpoints (its cache entry now holds the final model); rank 0."""
+    import shutil
+
+    if folder is not None and dist_mod.is_main():
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _library_version() -> str:
@@ -399,7 +463,7 @@ def _teacher_config(cfg: dict) -> Tuple[dict, Optional[Path]]:
             path = data_mod.default_data_root() / path
         if path.is_file():
             checkpoint = path
-    tcfg = {"kind": "teacher", "data": cfg["data"], "model": t["model"], "model_kw": t.get("model_kw") or {},
+    tcfg = {"kind": "teacher", "data": cfg["data"], **_model_id(t),
             "version": CACHE_FORMAT, "library": _library_version()}
     if checkpoint is not None:
         tcfg["checkpoint_sha256"] = _file_sha256(checkpoint)
@@ -440,13 +504,20 @@ def get_teacher(cfg: dict, data: Callable[[], data_mod.TensorData], *, cache: Ru
             warnings.warn(f"teacher checkpoint {cfg['teacher']['checkpoint']} not found under "
                           f"{data_mod.default_data_root()}; training a teacher for "
                           f"{spec['train']['epochs']} epochs instead", stacklevel=2)
+        ckpt_dir = _checkpoint_dir(cfg, cache, "teacher", tcfg)
         res = train_mod.train_teacher(model, d, seed=int(spec.get("seed", 0)), device=device,
-                                      progress=progress, desc=f"teacher {spec['model']}", **spec["train"])
+                                      progress=progress, desc=f"teacher {spec['model']}", checkpoint_dir=ckpt_dir,
+                                      checkpoint_every=max(1, _checkpoint_every(cfg)),
+                                      **spec["train"])
         if res.stopped:
-            raise KeyboardInterrupt("teacher training was interrupted")
+            raise KeyboardInterrupt("teacher training was interrupted"
+                                    + (f"; rerun to resume from {ckpt_dir}" if ckpt_dir else ""))
         model.cpu()
         result = {"acc": res.last_acc, "best_acc": res.best_acc, "history": res.history,
-                  "seconds": res.seconds, "origin": "trained"}
+                  "seconds": res.seconds, "origin": "trained", "resumed_from": res.resumed_from}
+        cache.save("teacher", tcfg, result, {"model.pt": model.state_dict()})
+        _drop_checkpoints(ckpt_dir)
+        return model, {**result, "source": result["origin"], "config_hash": key}
     cache.save("teacher", tcfg, result, {"model.pt": model.state_dict()})
     return model, {**result, "source": result["origin"], "config_hash": key}
 
@@ -490,8 +561,7 @@ def _run_config(cfg: dict, loss_spec: str, seed: int, teacher_key: str) -> dict:
         for k in ("ce_weight", "kd_weight", "warmup_epochs"):
             settings.pop(k, None)
         teacher_key = None
-    return {"kind": "student", "data": cfg["data"], "student": {"model": cfg["student"]["model"],
-            "model_kw": cfg["student"].get("model_kw") or {}}, "teacher_key": teacher_key,
+    return {"kind": "student", "data": cfg["data"], "student": _model_id(cfg["student"]), "teacher_key": teacher_key,
             "loss": name, "seed": int(seed), "distill": settings, "version": CACHE_FORMAT,
             "library": _library_version()}
 
@@ -611,6 +681,8 @@ def run_grid(losses: Sequence[str] = ("ce", "kl", "dkl", "ikl", "gkl", "dkd"),
     cfg = resolve_config(preset, overrides)
     cache = RunCache(cache_dir, enabled=use_cache)
     dev = train_mod.select_device(device)
+    progress = progress and dist_mod.is_main()
+    every = max(1, _checkpoint_every(cfg))
 
     loaded: Dict[str, data_mod.TensorData] = {}
 
@@ -644,9 +716,11 @@ def run_grid(losses: Sequence[str] = ("ce", "kl", "dkl", "ikl", "gkl", "dkd"),
                 if callback is not None:
                     def epoch_cb(history, _l=label, _s=seed):
                         return callback(_l, _s, history)
+                ckpt_dir = _checkpoint_dir(cfg, cache, "student", rcfg)
                 res = train_mod.distill(student, teacher if rcfg["loss"] != "ce" else None, d,
                                         loss=rcfg["loss"], seed=seed, device=dev, progress=False,
-                                        callback=epoch_cb, **settings)
+                                        callback=epoch_cb, checkpoint_dir=ckpt_dir, checkpoint_every=every,
+                                        **settings)
                 result = {"history": res.history, **res.summary()}
                 prior_tensor = torch.stack(res.priors) if res.priors else None
                 if res.stopped == "interrupted":
@@ -656,11 +730,12 @@ def run_grid(losses: Sequence[str] = ("ce", "kl", "dkl", "ikl", "gkl", "dkd"),
                     if prior_tensor is not None:
                         files["priors.pt"] = prior_tensor
                     cache.save("student", rcfg, result, files)
+                    _drop_checkpoints(ckpt_dir)
             rows.append({"loss": label, "seed": seed, "best_acc": result["best_acc"],
                          "best_epoch": result["best_epoch"], "last_acc": result["last_acc"],
                          "teacher_acc": tinfo["acc"], "epochs": result["epochs"],
                          "seconds": result["seconds"], "cached": cached, "stopped": result.get("stopped"),
-                         "config_hash": key[:16]})
+                         "resumed_from": result.get("resumed_from"), "config_hash": key[:16]})
             histories[(label, seed)] = pd.DataFrame(result["history"])
             if prior_tensor is not None:
                 priors[(label, seed)] = prior_tensor
@@ -670,7 +745,7 @@ def run_grid(losses: Sequence[str] = ("ce", "kl", "dkl", "ikl", "gkl", "dkd"),
     finally:
         bar.close()
     runs = pd.DataFrame(rows, columns=["loss", "seed", "best_acc", "best_epoch", "last_acc", "teacher_acc",
-                                       "epochs", "seconds", "cached", "stopped", "config_hash"])
+                                       "epochs", "seconds", "cached", "stopped", "resumed_from", "config_hash"])
     summary = summarize(runs, paper=paper) if len(runs) else pd.DataFrame()
     return GridResult(runs=runs, summary=summary, histories=histories, priors=priors, teacher=tinfo,
                       config=cfg, interrupted=interrupted)
@@ -745,6 +820,7 @@ ADV_PRESETS: Dict[str, dict] = {
         "eval": {"epsilon": 0.1, "samples": 300, "pgd_steps": [20, 50], "pgd_restarts": 1, "ensemble": True,
                  "ensemble_attacks": ["apgd-ce", "apgd-dlr", "square"], "apgd_iters": 100,
                  "square_queries": 300, "masking_gap": 10.0, "blackbox_gap": 1.0, "batch_size": 500},
+        "checkpoint_every": 0,
     },
     "gpu-short": {
         "description": ("CIFAR-10 PreActResNet-18, eps = 8/255, 10 epochs with a 10-step attack (12 forward/backward "
@@ -759,6 +835,7 @@ ADV_PRESETS: Dict[str, dict] = {
         "eval": {"epsilon": 8 / 255, "samples": 1000, "pgd_steps": [20, 50], "pgd_restarts": 1, "ensemble": True,
                  "ensemble_attacks": ["apgd-ce", "apgd-dlr", "square"], "apgd_iters": 100,
                  "square_queries": 1000, "masking_gap": 10.0, "blackbox_gap": 1.0, "batch_size": 500},
+        "checkpoint_every": 1,
     },
     "paper": {
         "description": ("CIFAR-10 WRN-34-10, eps = 8/255: the official IKL-AT recipe (200 epochs, cosine lr 0.2, "
@@ -773,6 +850,7 @@ ADV_PRESETS: Dict[str, dict] = {
         "eval": {"epsilon": 8 / 255, "samples": None, "pgd_steps": [20, 50], "pgd_restarts": 1, "ensemble": True,
                  "ensemble_attacks": ["apgd-ce", "apgd-dlr", "square"], "apgd_iters": 100,
                  "square_queries": 5000, "masking_gap": 10.0, "blackbox_gap": 1.0, "batch_size": 500},
+        "checkpoint_every": 1,
     },
 }
 
@@ -798,8 +876,12 @@ def resolve_adv_config(preset_name: str, overrides: Optional[dict] = None) -> di
             if not isinstance(key, str) or not key:
                 raise ValueError(f"override keys must be non-empty strings, got {key!r}")
             keys = key.split(".")
+            if key == "checkpoint_every":
+                cfg[key] = value
+                continue
             if keys[0] not in ("data", "model", "train", "losses", "eval"):
-                raise ValueError(f"unknown config key {key!r}; sections: data, model, train, losses, eval")
+                raise ValueError(f"unknown config key {key!r}; sections: data, model, train, losses, eval, "
+                                 "and checkpoint_every")
             if len(keys) == 1:
                 if not isinstance(value, dict):
                     raise ValueError(f"{key!r} replaces a whole section and needs a dict")
@@ -817,9 +899,9 @@ def resolve_adv_config(preset_name: str, overrides: Optional[dict] = None) -> di
                     raise ValueError(f"unknown setting {key!r}; {keys[1]} takes {sorted(_ADV_LOSS_KEYS[keys[1]])}")
                 cfg["losses"].setdefault(keys[1], {})[keys[2]] = copy.deepcopy(value)
                 continue
-            elif keys[0] == "model" and not (len(keys) == 2 and keys[1] in ("name", "model_kw")) and \
+            elif keys[0] == "model" and not (len(keys) == 2 and keys[1] in ("name", "model_kw", "dtype")) and \
                     not (len(keys) == 3 and keys[1] == "model_kw"):
-                raise ValueError(f"unknown config key {key!r}; model takes name and model_kw.*")
+                raise ValueError(f"unknown config key {key!r}; model takes name, model_kw.* and dtype")
             elif keys[0] in ("train", "eval"):
                 raise ValueError(f"unknown config key {key!r}")
             if allowed is not None and keys[1] not in allowed:
@@ -839,15 +921,17 @@ def _adv_run_config(cfg: dict, loss: str, seed: int) -> dict:
         for k in ("epsilon_schedule", "attack_steps", "attack_step_fraction"):
             train.pop(k, None)
     hp = {k: v for k, v in (cfg.get("losses", {}).get(loss) or {}).items() if k in _ADV_LOSS_KEYS[loss]}
-    return {"kind": "adv", "data": cfg["data"], "model": {"name": cfg["model"]["name"],
-            "model_kw": cfg["model"].get("model_kw") or {}}, "loss": loss, "seed": int(seed), "train": train,
+    model = {"name": cfg["model"]["name"], "model_kw": cfg["model"].get("model_kw") or {}}
+    if cfg["model"].get("dtype") is not None:
+        model["dtype"] = cfg["model"]["dtype"]
+    return {"kind": "adv", "data": cfg["data"], "model": model, "loss": loss, "seed": int(seed), "train": train,
             "loss_settings": hp, "version": CACHE_FORMAT, "library": _library_version()}
 
 
 def _build_adv_model(rcfg: dict, data: data_mod.TensorData, seed: int):
     from .attacks import normalized
 
-    spec = {"model": rcfg["model"]["name"], "model_kw": rcfg["model"]["model_kw"]}
+    spec = {"model": rcfg["model"]["name"], "model_kw": rcfg["model"]["model_kw"], "dtype": rcfg["model"].get("dtype")}
     return normalized(_build(spec, data, seed=seed), data)
 
 
@@ -1064,8 +1148,13 @@ def run_adv_grid(losses: Sequence[str] = ("trades", "ikl"), seeds: Sequence[int]
     if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
         raise ValueError(f"seeds must be a non-empty list of non-negative integers, got {seeds!r}")
     cfg = resolve_adv_config(preset, overrides)
+    if cfg["model"].get("dtype") not in (None, "float32") and cfg["eval"].get("ensemble", True):
+        raise ValueError(f"the ART ensemble evaluates float32 models only; with model.dtype={cfg['model']['dtype']!r} "
+                         "set eval.ensemble=false (PGD still runs)")
     cache = RunCache(cache_dir, enabled=use_cache)
     dev = train_mod.select_device(device)
+    progress = progress and dist_mod.is_main()
+    every = max(1, _checkpoint_every(cfg))
     ev = cfg["eval"]
     loaded: Dict[str, data_mod.TensorData] = {}
 
@@ -1098,12 +1187,14 @@ def run_adv_grid(losses: Sequence[str] = ("trades", "ikl"), seeds: Sequence[int]
                     def epoch_cb(history, _l=loss, _s=seed):
                         return callback(_l, _s, history)
                 train = dict(rcfg["train"])
+                ckpt_dir = _checkpoint_dir(cfg, cache, "adv", rcfg)
                 res = train_mod.adversarial_train(model, d, loss=loss, seed=seed, device=dev, progress=False,
-                                                  callback=epoch_cb, **train, **rcfg["loss_settings"])
+                                                  callback=epoch_cb, checkpoint_dir=ckpt_dir, checkpoint_every=every,
+                                                  **train, **rcfg["loss_settings"])
                 if res.stopped == "interrupted":
                     raise KeyboardInterrupt
                 result = {"history": res.history, "seconds": res.seconds, "stopped": res.stopped,
-                          "epochs": res.epochs_run}
+                          "epochs": res.epochs_run, "resumed_from": res.resumed_from}
                 prior_tensor = torch.stack(res.priors) if res.priors else None
                 if res.stopped is None:
                     model.cpu()
@@ -1111,6 +1202,7 @@ def run_adv_grid(losses: Sequence[str] = ("trades", "ikl"), seeds: Sequence[int]
                     if prior_tensor is not None:
                         files["priors.pt"] = prior_tensor
                     cache.save("adv", rcfg, result, files)
+                    _drop_checkpoints(ckpt_dir)
             # ---- evaluation (cached separately)
             ecfg = {"kind": "adveval", "run_key": key, "eval": ev, "version": CACHE_FORMAT,
                     "library": _library_version()}
@@ -1202,6 +1294,8 @@ def _grid_args(args, epoch_keys):
     if args.epochs is not None:
         for key in epoch_keys:
             overrides.setdefault(key, args.epochs)
+    if args.checkpoint_every is not None:
+        overrides["checkpoint_every"] = args.checkpoint_every
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
@@ -1219,6 +1313,8 @@ def _cmd_kd(args) -> int:
     except (ValueError, TypeError, data_mod.DatasetNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if not dist_mod.is_main():  # under torchrun rank 0 writes the results and prints
+        return 130 if grid.interrupted else 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     payload = grid.to_json()
@@ -1246,6 +1342,8 @@ def _cmd_adv(args) -> int:
     except (ValueError, TypeError, data_mod.DatasetNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if not dist_mod.is_main():
+        return 3 if failed is not None else 130 if grid.interrupted else 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / "results.json", json.dumps(grid.to_json(), indent=2, allow_nan=False).encode())
@@ -1297,6 +1395,10 @@ def _parser() -> argparse.ArgumentParser:
     kd.add_argument("--override", action="append", metavar="KEY=VALUE",
                     help="change a preset setting, e.g. distill.lr=0.1 or losses.ikl.alpha=2 (repeatable)")
     kd.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    kd.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                    help="checkpoint every N epochs inside each run's cache folder, so that rerunning the "
+                         "same command resumes an interrupted run (0 = off; default: the preset's, "
+                         "cpu-quick 0, gpu-short and paper 1)")
     kd.add_argument("--config", metavar="FILE", help="an experiment file of configs/ (preset, losses, seeds, "
                       "overrides); options given here win; --out defaults to runs/<name>")
     kd.set_defaults(handler=_cmd_kd)
@@ -1314,6 +1416,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="change a preset setting, e.g. train.epsilon=0.05, eval.samples=100 or "
                           "losses.ikl.alpha=5 (repeatable)")
     adv.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    adv.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                     help="as for kd: per-epoch checkpoints, a rerun resumes (0 = off; default: the preset's)")
     adv.add_argument("--config", metavar="FILE", help="an experiment file of configs/ (preset, losses, seeds, "
                       "overrides); options given here win; --out defaults to runs/<name>")
     adv.set_defaults(handler=_cmd_adv)
@@ -1358,10 +1462,23 @@ def _expand_config(argv: List[str]) -> List[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry point; returns the exit status."""
+    """Command-line entry point; returns the exit status.
+
+    Under ``torchrun --nproc_per_node=N -m dkl_lib.experiments ...`` every process joins the
+    group (:func:`dkl_lib.distributed.init_from_env`), each run trains DDP-wrapped on its share of
+    every global batch, and rank 0 alone writes the cache, checkpoints and results."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(_expand_config(argv))
-    return args.handler(args)
+    joined = not dist_mod.is_distributed()
+    info = dist_mod.init_from_env()
+    if info.world_size > 1 and info.is_main and not args.quiet:
+        print(f"torchrun: {info.world_size} processes ({torch.distributed.get_backend()}); the global batch "
+              "is split between them", file=sys.stderr)
+    try:
+        return args.handler(args)
+    finally:
+        if joined:
+            dist_mod.cleanup()
 
 
 if __name__ == "__main__":

@@ -35,12 +35,14 @@ import math
 import numbers
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed as dist
 from .attacks import clean_correct, pgd, trades_perturb
 from .data import TensorData, augment_crop_flip, batch_indices
 from .losses import loss_terms
@@ -86,14 +88,15 @@ class _RunProgress:
     """
 
     def __init__(self, *, epochs: int, steps_per_epoch: int, desc: str, progress: bool, device: torch.device,
-                 batch_bar_from: int):
+                 batch_bar_from: int, initial: int = 0):
         from tqdm.auto import tqdm
 
         self._cudnn_benchmark = torch.backends.cudnn.benchmark
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.steps_per_epoch = steps_per_epoch
-        self.epoch_bar = tqdm(total=epochs, desc=desc, disable=not progress, leave=True, unit="epoch")
+        self.epoch_bar = tqdm(total=epochs, initial=initial, desc=desc, disable=not progress, leave=True,
+                              unit="epoch")
         self.batch_bar = None
         if progress and steps_per_epoch >= batch_bar_from:
             self.batch_bar = tqdm(total=steps_per_epoch, desc="  batches", leave=False, unit="batch")
@@ -120,10 +123,128 @@ class _RunProgress:
         self.epoch_bar.close()
 
 
+class _Parallel:
+    """One training run's place in a torchrun group; in a plain process (world size 1) every
+    method is the identity, so the trainers are one code path with and without torchrun.
+
+    Each rank walks the GLOBAL batches of the one-process order (same seeded generator on every
+    rank), draws the random augmentation / attack starts for the whole global batch, and keeps its
+    strided share (rows rank, rank + W, ...; :func:`dkl_lib.distributed.shard_indices`). Its mean
+    loss is scaled by :func:`~dkl_lib.distributed.local_loss_scale`, so the gradient DDP averages
+    is that of the global-batch mean; epoch sums are all-reduced once per epoch.
+    """
+
+    def __init__(self):
+        info = dist.dist_info()
+        self.rank, self.world, self.is_main = info.rank, info.world_size, info.is_main
+        self.active = self.world > 1
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        return dist.wrap_model(model, device) if self.active else model
+
+    def batches(self, n: int, *, batch_size: int, generator: torch.Generator, drop_last: bool,
+                device: torch.device):
+        """The global batches (index tensors); after the first, a batch smaller than 2 per rank
+        is skipped (BatchNorm cannot train on one sample, and every rank must take part)."""
+        first = True
+        for idx in batch_indices(n, batch_size=batch_size, shuffle=True, generator=generator,
+                                 drop_last=drop_last, device=device):
+            if idx.numel() < self.world or (not first and idx.numel() < 2 * self.world):
+                continue
+            first = False
+            yield idx
+
+    def local(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a global-batch tensor."""
+        return t[self.rank::self.world] if self.active else t
+
+    def scaled(self, loss: torch.Tensor, local_n: int, global_n: int) -> torch.Tensor:
+        if not self.active:
+            return loss
+        return loss * dist.local_loss_scale(local_n, global_n, self.world)
+
+    def epoch_totals(self, sums: Dict[str, torch.Tensor], **counts) -> Dict[str, float]:
+        """The epoch's sums (and counts) over all ranks, as floats (one all-reduce)."""
+        stats = {**sums, **counts}
+        if self.active:
+            stats = dist.all_reduce_sum(stats)
+        return {k: float(v) for k, v in stats.items()}
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is True on some rank (a stop request)."""
+        if not self.active:
+            return bool(flag)
+        return dist.all_reduce_sum({"flag": float(bool(flag))})["flag"] > 0
+
+
+#: Config keys that may change between a checkpoint and its resumption (where and how many).
+_RESUMABLE_ANYWHERE = ("device", "amp", "channels_last", "world_size")
+
+
+class _Checkpoints:
+    """Per-epoch checkpoints of one run in ``folder`` (None: off) and resumption from them.
+
+    A checkpoint holds everything the next epoch depends on: the (unwrapped) model, optimizer and
+    scheduler states, the generators of batch order / augmentation / attack starts, the class
+    prior with its snapshots, and the history, plus the run's config. Written by rank 0 only,
+    atomically (:func:`dkl_lib.distributed.save_checkpoint`); read by rank 0 and broadcast, so
+    ranks need not share a file system. Resuming a folder whose checkpoint has another config
+    raises ``ValueError`` instead of mixing two runs.
+    """
+
+    def __init__(self, folder, *, every: int, keep: int, config: dict, par: _Parallel):
+        self.folder = None if folder is None else Path(folder).expanduser()
+        self.every = _positive_int("checkpoint_every", every)
+        self.keep = _positive_int("keep_checkpoints", keep)
+        self.config = {k: v for k, v in config.items() if k not in _RESUMABLE_ANYWHERE}
+        self.par = par
+
+    def resume(self, model: nn.Module, optimizer, scheduler, generators: Dict[str, torch.Generator],
+               prior: Optional[ClassPrior]):
+        """(first epoch to run (0-based), history so far); restores every state in place."""
+        if self.folder is None:
+            return 0, []
+        found = dist.load_latest_checkpoint(self.folder) if self.par.is_main else None
+        found = dist.broadcast_object(found) if self.par.active else found
+        if found is None:
+            return 0, []
+        state = found.state
+        stored = {k: v for k, v in state.get("config", {}).items() if k not in _RESUMABLE_ANYWHERE}
+        if stored != self.config:
+            diff = sorted(k for k in set(stored) | set(self.config) if stored.get(k) != self.config.get(k))
+            raise ValueError(f"{found.path} is a checkpoint of a different run (settings differ: {diff}); "
+                             "resume with the same settings, or use another checkpoint folder")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        for name, gen in generators.items():
+            gen.set_state(state["generators"][name])
+        if prior is not None:
+            prior.load_state_dict(state["prior"])
+            prior.history = [t.clone() for t in state["prior_history"]]
+        return int(state["epoch"]), list(state["history"])
+
+    def save(self, epoch: int, model: nn.Module, optimizer, scheduler, generators: Dict[str, torch.Generator],
+             prior: Optional[ClassPrior], history: List[dict], *, force: bool = False) -> None:
+        """Checkpoint after ``epoch`` (1-based) every ``every`` epochs, or now when ``force``."""
+        if self.folder is None or not (force or epoch % self.every == 0):
+            return
+        state = {"epoch": epoch, "model": dist.unwrap_model(model).state_dict(),
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "generators": {name: gen.get_state() for name, gen in generators.items()},
+                 "prior": prior.state_dict() if prior is not None else None,
+                 "prior_history": list(prior.history) if prior is not None else None,
+                 "history": history, "config": self.config}
+        dist.save_checkpoint(dist.checkpoint_path(self.folder, epoch), state)
+        dist.prune_checkpoints(self.folder, keep=self.keep)
+
+
 def select_device(device=None) -> torch.device:
     """The device to train on: ``device`` if given (a name or torch.device, "auto" = None), else
     CUDA when available, then Apple MPS, then the CPU. Asking for an unavailable CUDA/MPS device
-    raises ``ValueError``."""
+    raises ``ValueError``. Under torchrun (an initialised process group of several ranks) "cuda"
+    without an index means this rank's GPU, ``cuda:LOCAL_RANK``."""
+    local_rank = dist.dist_info().local_rank if dist.dist_info().world_size > 1 else None
     if device is not None and not (isinstance(device, str) and device == "auto"):
         try:
             device = torch.device(device)
@@ -133,9 +254,11 @@ def select_device(device=None) -> torch.device:
             raise ValueError("device 'cuda' was requested but CUDA is not available")
         if device.type == "mps" and not (torch.backends.mps.is_available()):
             raise ValueError("device 'mps' was requested but MPS is not available")
+        if device.type == "cuda" and device.index is None and local_rank is not None:
+            return torch.device("cuda", local_rank)
         return device
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        return torch.device("cuda") if local_rank is None else torch.device("cuda", local_rank)
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
@@ -156,7 +279,8 @@ class TrainResult:
             more than epochs: the last is the prior for the next epoch); else None.
         teacher_acc: the teacher's test accuracy (percent) for :func:`distill`, else None.
         stopped: None (all epochs ran), "callback" or "interrupted".
-        seconds: wall time of the whole run.
+        seconds: wall time of the whole run (of this call, when resumed).
+        resumed_from: the epoch of the checkpoint this run continued from, else None.
     """
 
     model: nn.Module
@@ -166,6 +290,7 @@ class TrainResult:
     teacher_acc: Optional[float] = None
     stopped: Optional[str] = None
     seconds: float = 0.0
+    resumed_from: Optional[int] = None
 
     @property
     def epochs_run(self) -> int:
@@ -188,10 +313,10 @@ class TrainResult:
         return self.history[-1]["test_acc"] if self.history else math.nan
 
     def summary(self) -> dict:
-        """best_acc, best_epoch, last_acc, epochs, seconds, stopped, teacher_acc as a dict."""
+        """best_acc, best_epoch, last_acc, epochs, seconds, stopped, teacher_acc, resumed_from."""
         return {"best_acc": self.best_acc, "best_epoch": self.best_epoch, "last_acc": self.last_acc,
                 "epochs": self.epochs_run, "seconds": self.seconds, "stopped": self.stopped,
-                "teacher_acc": self.teacher_acc}
+                "teacher_acc": self.teacher_acc, "resumed_from": self.resumed_from}
 
     def frame(self):
         """The history as a pandas DataFrame, one row per epoch."""
@@ -314,8 +439,10 @@ def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], lo
          lr_decay: float, nesterov: bool, batch_size: int, drop_last: bool, seed: int, device,
          amp: Optional[bool], channels_last: Optional[bool], progress: bool,
          callback: Optional[Callback], class_prior: Optional[ClassPrior], desc: str,
-         config: dict) -> TrainResult:
+         config: dict, checkpoint_dir=None, checkpoint_every: int = 1,
+         keep_checkpoints: int = 2) -> TrainResult:
     start = time.perf_counter()
+    par = _Parallel()
     device = select_device(device)
     amp = (device.type == "cuda") if amp is None else bool(amp)
     channels_last = (device.type == "cuda") if channels_last is None else bool(channels_last)
@@ -325,7 +452,9 @@ def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], lo
     data = data.to(device, dtype)
     augment = data.augment
     config = {**config, "device": str(device), "amp": amp, "channels_last": channels_last,
-              "dtype": str(dtype).replace("torch.", "")}
+              "dtype": str(dtype).replace("torch.", ""), "world_size": par.world}
+    checkpoints = _Checkpoints(checkpoint_dir, every=checkpoint_every, keep=keep_checkpoints, config=config,
+                               par=par)
 
     teacher_flags = None
     teacher_acc = None
@@ -355,14 +484,17 @@ def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], lo
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=lr_decay)
     shuffle_gen = torch.Generator().manual_seed(int(seed))
     augment_gen = torch.Generator().manual_seed(int(seed) + 1_000_003)
+    generators = {"shuffle": shuffle_gen, "augment": augment_gen}
     steps_per_epoch = max(1, (data.n_train // batch_size) if drop_last else math.ceil(data.n_train / batch_size))
 
-    history: List[dict] = []
+    first_epoch, history = checkpoints.resume(model, optimizer, scheduler, generators, prior)
+    net = par.wrap(model, device)  # DDP under torchrun (after resuming: DDP syncs from rank 0)
     stopped = None
-    bars = _RunProgress(epochs=epochs, steps_per_epoch=steps_per_epoch, desc=desc, progress=progress,
-                        device=device, batch_bar_from=100)
+    bars = _RunProgress(epochs=epochs, steps_per_epoch=steps_per_epoch, desc=desc,
+                        progress=progress and par.is_main, device=device, batch_bar_from=100,
+                        initial=first_epoch)
     try:
-        for epoch in range(epochs):
+        for epoch in range(first_epoch, epochs):
             t0 = time.perf_counter()
             model.train()
             factor = min(1.0, (epoch + 1) / warmup_epochs) if warmup_epochs > 0 else 1.0
@@ -371,18 +503,18 @@ def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], lo
             correct = torch.zeros((), device=device, dtype=torch.float64)
             seen = 0
             bars.start_epoch()
-            for idx in batch_indices(data.n_train, batch_size=batch_size, shuffle=True,
-                                     generator=shuffle_gen, drop_last=drop_last, device=device):
-                if idx.numel() < 2 and seen > 0:  # a trailing batch of one breaks BatchNorm
-                    continue
+            for idx in par.batches(data.n_train, batch_size=batch_size, generator=shuffle_gen,
+                                   drop_last=drop_last, device=device):
                 x, y = data.x_train[idx], data.y_train[idx]
-                if augment:
+                if augment:  # drawn for the global batch, so every rank gets the one-process draw
                     x = augment_crop_flip(x, generator=augment_gen, **augment)
+                global_n = y.shape[0]
+                idx, x, y = par.local(idx), par.local(x), par.local(y)
                 x = data.normalize(x)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with _autocast(device, amp):
-                    logits = model(x)
+                    logits = net(x)
                     if teacher is not None and cached_teacher_logits is None:
                         with torch.no_grad():
                             t_logits = teacher(x.to(_model_dtype(teacher)))
@@ -401,7 +533,7 @@ def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], lo
                 if terms:
                     total = total + (factor * kd_weight) * sum(terms.values())
                 optimizer.zero_grad(set_to_none=True)
-                total.backward()
+                par.scaled(total, y.shape[0], global_n).backward()
                 optimizer.step()
                 if prior is not None:
                     prior.update(t_logits, y, weight_temperature=hparams["weight_temperature"])
@@ -412,18 +544,23 @@ def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], lo
                     sums[name] = sums[name] + v if name in sums else v
                 correct += (logits.detach().argmax(dim=1) == y).sum()
                 bars.step()
-            if not math.isfinite(sums["loss"].item()):
+            totals = par.epoch_totals(sums, correct=correct, seen=seen)
+            seen, correct = totals.pop("seen"), totals.pop("correct")
+            if not math.isfinite(totals["loss"]):
                 raise FloatingPointError(f"the training loss became non-finite in epoch {epoch + 1}; "
                                          "lower the learning rate or check the data")
             scheduler.step()
             if prior is not None:
-                prior.end_epoch()
+                prior.end_epoch()  # all-reduces the class sums under torchrun
             test_acc = evaluate(model, data, amp=amp, channels_last=channels_last)
             row = {"epoch": epoch + 1, "lr": lr_now, "kd_factor": factor if loss != "ce" else 0.0}
-            row.update({k: v.item() / seen for k, v in sums.items()})
-            row.update({"train_acc": 100.0 * correct.item() / seen, "test_acc": test_acc,
+            row.update({k: v / seen for k, v in totals.items()})
+            row.update({"train_acc": 100.0 * correct / seen, "test_acc": test_acc,
                         "seconds": time.perf_counter() - t0})
-            if bars.end_epoch(history, row, callback, loss=f"{row['loss']:.3f}", test_acc=f"{test_acc:.2f}"):
+            stop = par.any(bars.end_epoch(history, row, callback, loss=f"{row['loss']:.3f}",
+                                          test_acc=f"{test_acc:.2f}"))
+            checkpoints.save(epoch + 1, model, optimizer, scheduler, generators, prior, history, force=stop)
+            if stop:
                 stopped = "callback"
                 break
     except KeyboardInterrupt:
@@ -437,7 +574,8 @@ def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], lo
     return TrainResult(
         model=model, history=history, config=config,
         priors=list(prior.history) if prior is not None and prior.keep_history else None,
-        teacher_acc=teacher_acc, stopped=stopped, seconds=time.perf_counter() - start)
+        teacher_acc=teacher_acc, stopped=stopped, seconds=time.perf_counter() - start,
+        resumed_from=first_epoch or None)
 
 
 def _common_config(*, epochs, lr, momentum, weight_decay, milestones, lr_decay, nesterov, batch_size,
@@ -473,10 +611,12 @@ def train_teacher(model: nn.Module, data: TensorData, *, epochs: int, lr: float 
                   nesterov: bool = False, batch_size: int = 64, drop_last: bool = False,
                   seed: int = 0, device=None, amp: Optional[bool] = None,
                   channels_last: Optional[bool] = None, progress: bool = True,
-                  callback: Optional[Callback] = None, desc: str = "teacher") -> TrainResult:
+                  callback: Optional[Callback] = None, desc: str = "teacher", checkpoint_dir=None,
+                  checkpoint_every: int = 1, keep_checkpoints: int = 2) -> TrainResult:
     """Train ``model`` on ``data`` with cross-entropy only (a teacher, or the CE baseline).
 
-    Same schedule, history and stop/interrupt behaviour as :func:`distill` with ``loss="ce"``.
+    Same schedule, history, stop/interrupt, checkpoint/resume and torchrun behaviour as
+    :func:`distill` with ``loss="ce"``.
     The model is trained in place on the selected device (:func:`select_device`) in its own
     dtype (a float64 model trains in float64). Notebook 03 trains (or loads from cache) its
     teacher with this.
@@ -489,7 +629,9 @@ def train_teacher(model: nn.Module, data: TensorData, *, epochs: int, lr: float 
     config = {"task": "teacher", "loss": "ce", **cfg}
     return _fit(model, data, teacher=None, loss="ce", gi=False, hparams={}, ce_weight=1.0,
                 kd_weight=0.0, warmup_epochs=0, device=device, amp=amp, channels_last=channels_last,
-                progress=progress, callback=callback, class_prior=None, desc=desc, config=config, **cfg)
+                progress=progress, callback=callback, class_prior=None, desc=desc, config=config,
+                checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                keep_checkpoints=keep_checkpoints, **cfg)
 
 
 def distill(student: nn.Module, teacher: Optional[nn.Module], data: TensorData, *, loss: str = "kl",
@@ -502,7 +644,8 @@ def distill(student: nn.Module, teacher: Optional[nn.Module], data: TensorData, 
             nesterov: bool = False, batch_size: int = 64, drop_last: bool = False, seed: int = 0,
             device=None, amp: Optional[bool] = None, channels_last: Optional[bool] = None,
             class_prior: Optional[ClassPrior] = None, progress: bool = True,
-            callback: Optional[Callback] = None, desc: Optional[str] = None) -> TrainResult:
+            callback: Optional[Callback] = None, desc: Optional[str] = None, checkpoint_dir=None,
+            checkpoint_every: int = 1, keep_checkpoints: int = 2) -> TrainResult:
     """Knowledge distillation: train ``student`` from a frozen ``teacher`` with the KD loss ``loss``.
 
     Student loss per batch = ce_weight · CE(student, y) + factor · kd_weight · Σ
@@ -529,6 +672,21 @@ def distill(student: nn.Module, teacher: Optional[nn.Module], data: TensorData, 
         device: None = :func:`select_device`. amp, channels_last: default on for CUDA only.
         progress: tqdm bars. callback: ``callback(history)`` after each epoch; return False or
             raise :class:`StopTraining` to stop.
+        checkpoint_dir: a folder for per-epoch checkpoints (None: none). When it already holds a
+            checkpoint of this run, training RESUMES from the newest one (model, optimizer,
+            schedule, batch-order and augmentation generators, class prior, history), so the
+            result equals an uninterrupted run; a checkpoint of other settings raises ValueError.
+            checkpoint_every: save every N epochs (and when a callback stops the run);
+            keep_checkpoints: how many of the newest to keep.
+
+    Under torchrun (an initialised process group, :func:`dkl_lib.distributed.init_from_env`) the
+    student is wrapped in DistributedDataParallel and each rank trains on its strided share of
+    every global batch of ``batch_size`` (the one-process batches; augmentation drawn for the
+    global batch), with its loss scaled so the averaged gradient is the global-batch gradient;
+    the class prior and the epoch metrics are all-reduced, the callback's stop request is
+    honoured when any rank makes it, progress bars and checkpoints are rank 0's. Without
+    BatchNorm the run equals the one-process run up to float rounding; BatchNorm normalises
+    each rank's share (as in any DDP training).
 
     Returns:
         :class:`TrainResult` (history, best/last accuracy, teacher accuracy, GI prior snapshots).
@@ -564,7 +722,8 @@ def distill(student: nn.Module, teacher: Optional[nn.Module], data: TensorData, 
                   hparams=hparams, ce_weight=ce_weight, kd_weight=kd_weight, warmup_epochs=warmup_epochs,
                   device=device, amp=amp, channels_last=channels_last, progress=progress,
                   callback=callback, class_prior=class_prior, desc=desc or loss + (" (GI)" if gi else ""),
-                  config=config, **cfg)
+                  config=config, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                  keep_checkpoints=keep_checkpoints, **cfg)
     if loss == "ce" and teacher is not None:  # report the teacher's accuracy beside the baseline
         result.teacher_acc = evaluate(teacher.to(select_device(device)),
                                       data.to(select_device(device), _model_dtype(teacher)))
@@ -662,7 +821,8 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
                       eval_steps: int = 10, eval_samples: Optional[int] = 500, device=None,
                       amp: Optional[bool] = None, channels_last: Optional[bool] = None,
                       class_prior: Optional[ClassPrior] = None, progress: bool = True,
-                      callback: Optional[Callback] = None, desc: Optional[str] = None) -> TrainResult:
+                      callback: Optional[Callback] = None, desc: Optional[str] = None, checkpoint_dir=None,
+                      checkpoint_every: int = 1, keep_checkpoints: int = 2) -> TrainResult:
     """Adversarial training (L∞) with the TRADES or IKL-AT outer loss (DESIGN §5).
 
     Per batch (x, y), images in [0, 1]:
@@ -697,7 +857,14 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
         eval_epsilon, eval_steps, eval_samples: after each epoch, the robust accuracy under PGD-
             ``eval_steps`` (one random start) at ``eval_epsilon`` (default ε) on the first
             ``eval_samples`` test images (None = all; 0 = skip), as ``test_robust_acc``.
-        device, amp, channels_last, progress, callback, class_prior, desc: as in :func:`distill`.
+        device, amp, channels_last, progress, callback, class_prior, desc, checkpoint_dir,
+            checkpoint_every, keep_checkpoints: as in :func:`distill` (resume from the newest
+            checkpoint; the attack's random-start generator is part of it).
+
+    Under torchrun the model is DDP-wrapped as in :func:`distill`: each rank attacks and trains
+    on its share of every global batch (the attack starts drawn for the global batch, the inner
+    maximisation run on the unwrapped model, which leaves parameter gradients alone), and every
+    rank computes the per-epoch clean and robust test accuracy of the same weights.
 
     Returns:
         :class:`TrainResult`; each history row has epoch, lr, epsilon, loss, ce, the loss terms
@@ -745,6 +912,7 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
               "eval_samples": eval_samples, **cfg}
 
     start = time.perf_counter()
+    par = _Parallel()
     device = select_device(device)
     amp = (device.type == "cuda") if amp is None else bool(amp)
     channels_last = (device.type == "cuda") if channels_last is None else bool(channels_last)
@@ -753,7 +921,9 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
     dtype = _model_dtype(model)
     data = data.to(device, dtype)
     config.update({"device": str(device), "amp": amp, "channels_last": channels_last,
-                   "dtype": str(dtype).replace("torch.", "")})
+                   "dtype": str(dtype).replace("torch.", ""), "world_size": par.world})
+    checkpoints = _Checkpoints(checkpoint_dir, every=checkpoint_every, keep=keep_checkpoints, config=config,
+                               par=par)
     gi_on = loss == "ikl" and bool(hp.get("gi"))
     prior = None
     if gi_on:
@@ -770,17 +940,19 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
     shuffle_gen = torch.Generator().manual_seed(cfg["seed"])
     augment_gen = torch.Generator().manual_seed(cfg["seed"] + 1_000_003)
     attack_gen = torch.Generator().manual_seed(cfg["seed"] + 2_000_003)
+    generators = {"shuffle": shuffle_gen, "augment": augment_gen, "attack": attack_gen}
     n_eval = data.n_test if eval_samples is None else min(eval_samples, data.n_test)
     x_eval, y_eval = data.x_test[:n_eval], data.y_test[:n_eval]
     bs = cfg["batch_size"]
     steps_per_epoch = max(1, (data.n_train // bs) if cfg["drop_last"] else math.ceil(data.n_train / bs))
 
-    history: List[dict] = []
+    first_epoch, history = checkpoints.resume(model, optimizer, scheduler, generators, prior)
+    net = par.wrap(model, device)
     stopped = None
-    bars = _RunProgress(epochs=epochs, steps_per_epoch=steps_per_epoch, desc=desc or loss, progress=progress,
-                        device=device, batch_bar_from=50)
+    bars = _RunProgress(epochs=epochs, steps_per_epoch=steps_per_epoch, desc=desc or loss,
+                        progress=progress and par.is_main, device=device, batch_bar_from=50, initial=first_epoch)
     try:
-        for epoch in range(1, epochs + 1):
+        for epoch in range(first_epoch + 1, epochs + 1):
             t0 = time.perf_counter()
             eps_now = epsilon_at(epoch, epsilon=epsilon, epochs=epochs, schedule=epsilon_schedule)
             lr_now = optimizer.param_groups[0]["lr"]
@@ -790,29 +962,32 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
             seen = 0
             bars.start_epoch()
             model.train()
-            for idx in batch_indices(data.n_train, batch_size=bs, shuffle=True, generator=shuffle_gen,
-                                     drop_last=cfg["drop_last"], device=device):
-                if idx.numel() < 2 and seen > 0:  # a trailing batch of one breaks BatchNorm
-                    continue
+            for idx in par.batches(data.n_train, batch_size=bs, generator=shuffle_gen,
+                                   drop_last=cfg["drop_last"], device=device):
                 x, y = data.x_train[idx], data.y_train[idx]
-                if data.augment:
+                if data.augment:  # global-batch draws, then this rank's rows (see _Parallel)
                     x = augment_crop_flip(x, generator=augment_gen, **data.augment)
+                start_noise = None
+                if loss != "ce":  # the draw trades_perturb would make for the global batch
+                    start_noise = par.local(torch.randn(x.shape, generator=attack_gen, dtype=torch.float32))
+                global_n = y.shape[0]
+                x, y = par.local(x), par.local(y)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 x_adv = None
                 if loss != "ce":
                     x_adv = trades_perturb(model, x, epsilon=eps_now, steps=attack_steps,
-                                           step_size=attack_step_fraction * eps_now, generator=attack_gen,
+                                           step_size=attack_step_fraction * eps_now, start_noise=start_noise,
                                            amp=amp)
                 model.train()
                 with _autocast(device, amp):
-                    nat_logits = model(x)
-                    adv_logits = model(x_adv) if x_adv is not None else None
+                    nat_logits = net(x)
+                    adv_logits = net(x_adv) if x_adv is not None else None
                 extra = {"class_prior": prior.prior} if prior is not None else {}
                 terms = adversarial_loss_terms(loss, adv_logits, nat_logits, y, **loss_kw, **extra)
                 total = sum(terms.values())
                 optimizer.zero_grad(set_to_none=True)
-                total.backward()
+                par.scaled(total, y.shape[0], global_n).backward()
                 optimizer.step()
                 if prior is not None:
                     prior.update(nat_logits.detach(), y, weight_temperature=loss_kw["weight_temperature"])
@@ -825,16 +1000,18 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
                 if adv_logits is not None:
                     correct_adv += (adv_logits.detach().argmax(dim=1) == y).sum()
                 bars.step()
-            if not math.isfinite(sums["loss"].item()):
+            totals = par.epoch_totals(sums, correct=correct, correct_adv=correct_adv, seen=seen)
+            seen, correct, correct_adv = totals.pop("seen"), totals.pop("correct"), totals.pop("correct_adv")
+            if not math.isfinite(totals["loss"]):
                 raise FloatingPointError(f"the training loss became non-finite in epoch {epoch}; "
                                          "lower the learning rate or check the data")
             scheduler.step()
             if prior is not None:
                 prior.end_epoch()
             row = {"epoch": epoch, "lr": lr_now, "epsilon": eps_now}
-            row.update({k: v.item() / seen for k, v in sums.items()})
-            row["train_acc"] = 100.0 * correct.item() / seen
-            row["train_adv_acc"] = 100.0 * correct_adv.item() / seen if loss != "ce" else math.nan
+            row.update({k: v / seen for k, v in totals.items()})
+            row["train_acc"] = 100.0 * correct / seen
+            row["train_adv_acc"] = 100.0 * correct_adv / seen if loss != "ce" else math.nan
             row["test_acc"] = _clean_accuracy(model, data.x_test, data.y_test)
             if n_eval > 0 and eval_steps > 0 and eval_epsilon > 0:
                 res = pgd(model, x_eval, y_eval, epsilon=eval_epsilon, steps=eval_steps, restarts=1,
@@ -844,8 +1021,10 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
             else:
                 row["test_robust_acc"] = math.nan
             row["seconds"] = time.perf_counter() - t0
-            if bars.end_epoch(history, row, callback, loss=f"{row['loss']:.3f}", clean=f"{row['test_acc']:.1f}",
-                              robust=f"{row['test_robust_acc']:.1f}"):
+            stop = par.any(bars.end_epoch(history, row, callback, loss=f"{row['loss']:.3f}",
+                                          clean=f"{row['test_acc']:.1f}", robust=f"{row['test_robust_acc']:.1f}"))
+            checkpoints.save(epoch, model, optimizer, scheduler, generators, prior, history, force=stop)
+            if stop:
                 stopped = "callback"
                 break
     except KeyboardInterrupt:
@@ -854,7 +1033,7 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
         bars.close()
     return TrainResult(model=model, history=history, config=config,
                        priors=list(prior.history) if prior is not None and prior.keep_history else None,
-                       stopped=stopped, seconds=time.perf_counter() - start)
+                       stopped=stopped, seconds=time.perf_counter() - start, resumed_from=first_epoch or None)
 
 
 def _clean_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
