@@ -188,7 +188,7 @@ if os.path.exists(launch):
     res = json.load(open(os.path.join(out, "torchrun", "results.json")))
     runs = ", ".join(f"{r['loss']} {r['last_acc']:.1f} %" for r in res["runs"])
     print(f"\ntorchrun entry point: {nproc} process(es), kd kl + ikl, 1 epoch on random CIFAR-shaped data, "
-          f"{secs} s with start-up; last-epoch test accuracy (random labels, near chance): {runs}")
+          f"{secs} s with start-up; last-epoch test accuracy (synthetic data, 1 epoch: a smoke test, not a result): {runs}")
 if device == "cuda" and targets:
     print("\nTargets (informational):")
     for text, ok, value in targets:
