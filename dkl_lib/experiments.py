@@ -27,8 +27,8 @@ class-wise global information (GI) as in the papers, and ``ikl-nogi`` / ``gkl-no
 
 Adversarial training (notebook 04) has its own presets (:data:`ADV_PRESETS`, :func:`resolve_adv_config`):
 ``cpu-quick`` (digits, SmallCNN-16, ε = 0.1), ``gpu-short`` (CIFAR-10, PreActResNet-18, ε = 8/255, 10
-epochs) and ``paper`` (CIFAR-10, WRN-34-10, the official IKL-AT recipe without AWP and weight
-averaging). :func:`run_adv_grid` trains one model per (loss, seed) with TRADES (``trades``), IKL-AT
+epochs) and ``paper`` (CIFAR-10, WRN-34-10, the official IKL-AT recipe with its AWP and weight
+average). :func:`run_adv_grid` trains one model per (loss, seed) with TRADES (``trades``), IKL-AT
 (``ikl``) or natural training (``ce``), evaluates the last epoch with
 :func:`dkl_lib.attacks.evaluate_robustness` (clean, PGD-20/50, the AutoAttack-style ART ensemble,
 sanity checks) and caches both; the command line is the same::
@@ -797,7 +797,8 @@ def paper_reference(cfg: dict) -> Optional[Dict[str, float]]:
 ADV_LOSSES = ("ce", "trades", "ikl")
 _ADV_TRAIN_KEYS = {"epochs", "lr", "momentum", "weight_decay", "milestones", "lr_decay", "lr_schedule", "nesterov",
                    "batch_size", "drop_last", "epsilon", "epsilon_schedule", "attack_steps",
-                   "attack_step_fraction", "eval_steps", "eval_samples"}
+                   "attack_step_fraction", "eval_steps", "eval_samples", "awp_gamma", "awp_warmup",
+                   "weight_average", "weight_average_from"}
 _ADV_LOSS_KEYS = {"trades": {"beta"}, "ikl": {"alpha", "beta", "temperature", "weight_temperature", "gi"}, "ce": set()}
 _ADV_EVAL_KEYS = {"epsilon", "samples", "pgd_steps", "pgd_restarts", "ensemble", "ensemble_attacks", "apgd_iters",
                   "square_queries", "masking_gap", "blackbox_gap", "batch_size"}
@@ -839,13 +840,16 @@ ADV_PRESETS: Dict[str, dict] = {
     },
     "paper": {
         "description": ("CIFAR-10 WRN-34-10, eps = 8/255: the official IKL-AT recipe (200 epochs, cosine lr 0.2, "
-                        "increasing eps, 5 steps of eps/2) for both losses, WITHOUT AWP and weight averaging"),
+                        "increasing eps, 5 steps of eps/2, AWP 0.005 from epoch 10, weight average 0.9996 from "
+                        "epoch 150) for both losses"),
         "data": {"name": "cifar10"},
         "model": {"name": "wrn_34_10", "model_kw": {}},
         "train": {"epochs": 200, "lr": 0.2, "momentum": 0.9, "weight_decay": 5e-4, "milestones": [],
                   "lr_decay": 0.1, "lr_schedule": "cosine", "batch_size": 128, "epsilon": 8 / 255,
                   "epsilon_schedule": "increasing", "attack_steps": 5, "attack_step_fraction": 0.5,
-                  "eval_steps": 10, "eval_samples": 1000},
+                  "eval_steps": 10, "eval_samples": 1000,
+                  # the official script's AWP and in-loop exponential weight average
+                  "awp_gamma": 0.005, "awp_warmup": 10, "weight_average": 0.9996, "weight_average_from": 150},
         "losses": copy.deepcopy(train_mod.ADV_DEFAULTS),
         "eval": {"epsilon": 8 / 255, "samples": None, "pgd_steps": [20, 50], "pgd_restarts": 1, "ensemble": True,
                  "ensemble_attacks": ["apgd-ce", "apgd-dlr", "square"], "apgd_iters": 100,
@@ -917,8 +921,8 @@ def _adv_run_config(cfg: dict, loss: str, seed: int) -> dict:
     if loss not in ADV_LOSSES:
         raise ValueError(f"unknown adversarial loss {loss!r}; choose from {list(ADV_LOSSES)}")
     train = dict(cfg["train"])
-    if loss == "ce":  # natural training: the attack settings do not apply
-        for k in ("epsilon_schedule", "attack_steps", "attack_step_fraction"):
+    if loss == "ce":  # natural training: the attack settings (and AWP, which perturbs against them) do not apply
+        for k in ("epsilon_schedule", "attack_steps", "attack_step_fraction", "awp_gamma", "awp_warmup"):
             train.pop(k, None)
     hp = {k: v for k, v in (cfg.get("losses", {}).get(loss) or {}).items() if k in _ADV_LOSS_KEYS[loss]}
     model = {"name": cfg["model"]["name"], "model_kw": cfg["model"].get("model_kw") or {}}

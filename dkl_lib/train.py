@@ -200,8 +200,9 @@ class _Checkpoints:
         self.par = par
 
     def resume(self, model: nn.Module, optimizer, scheduler, generators: Dict[str, torch.Generator],
-               prior: Optional[ClassPrior]):
-        """(first epoch to run (0-based), history so far); restores every state in place."""
+               prior: Optional[ClassPrior], extra: Optional[Dict[str, nn.Module]] = None):
+        """(first epoch to run (0-based), history so far); restores every state in place
+        (``extra``: further modules, e.g. the weight average)."""
         if self.folder is None:
             return 0, []
         found = dist.load_latest_checkpoint(self.folder) if self.par.is_main else None
@@ -222,10 +223,13 @@ class _Checkpoints:
         if prior is not None:
             prior.load_state_dict(state["prior"])
             prior.history = [t.clone() for t in state["prior_history"]]
+        for name, module in (extra or {}).items():
+            module.load_state_dict(state["extra"][name])
         return int(state["epoch"]), list(state["history"])
 
     def save(self, epoch: int, model: nn.Module, optimizer, scheduler, generators: Dict[str, torch.Generator],
-             prior: Optional[ClassPrior], history: List[dict], *, force: bool = False) -> None:
+             prior: Optional[ClassPrior], history: List[dict], *, force: bool = False,
+             extra: Optional[Dict[str, nn.Module]] = None) -> None:
         """Checkpoint after ``epoch`` (1-based) every ``every`` epochs, or now when ``force``."""
         if self.folder is None or not (force or epoch % self.every == 0):
             return
@@ -234,7 +238,8 @@ class _Checkpoints:
                  "generators": {name: gen.get_state() for name, gen in generators.items()},
                  "prior": prior.state_dict() if prior is not None else None,
                  "prior_history": list(prior.history) if prior is not None else None,
-                 "history": history, "config": self.config}
+                 "history": history, "config": self.config,
+                 "extra": {name: module.state_dict() for name, module in (extra or {}).items()}}
         dist.save_checkpoint(dist.checkpoint_path(self.folder, epoch), state)
         dist.prune_checkpoints(self.folder, keep=self.keep)
 
@@ -743,6 +748,96 @@ ADV_DEFAULTS = {"trades": {"beta": 6.0},
 __all__ += ["ADV_LOSSES", "ADV_DEFAULTS", "adversarial_loss_terms", "epsilon_at", "adversarial_train"]
 
 
+class AdversarialWeightPerturbation:
+    """Adversarial weight perturbation (AWP; Wu, Xia & Wang, NeurIPS 2020) for one model.
+
+    Before each outer step the perturbation is computed on a proxy copy of the model (train mode,
+    so the model's own BatchNorm statistics are untouched): for every weight tensor (parameters
+    with more than one dimension: conv and linear weights, not biases or BatchNorm)
+
+        v_l = gamma · ‖w_l‖ · g_l / ‖g_l‖,   g = ∇_w (outer loss) at the current weights,
+
+    i.e. the ascent direction of the loss, rescaled per layer to ``gamma`` × the weight's norm (the
+    official code takes one SGD step on the negated loss with a proxy optimizer and normalises the
+    weight difference, which is the same direction). The trainer adds v, computes the outer loss
+    and its gradient at w + v, steps the optimizer and subtracts v again, so training minimises the
+    loss at the worst nearby weights. Under torchrun g is averaged over the ranks, so every rank
+    applies the same perturbation.
+
+    Args:
+        model: the (unwrapped) model being trained. gamma: the relative size (official
+            TRADES-AWP and IKL-AT: 0.005).
+    """
+
+    EPS = 1e-20
+
+    def __init__(self, model: nn.Module, *, gamma: float):
+        import copy
+
+        self.model = model
+        self.gamma = _number("awp_gamma", gamma, low=0.0)
+        self.proxy = copy.deepcopy(model)
+
+    def perturbation(self, loss_fn: Callable[[nn.Module], torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """v (parameter name → tensor) for the loss ``loss_fn(module)`` at the model's weights."""
+        self.proxy.load_state_dict(self.model.state_dict())
+        self.proxy.train()
+        names = [name for name, w in self.proxy.named_parameters() if w.dim() > 1]
+        params = dict(self.proxy.named_parameters())
+        grads = torch.autograd.grad(loss_fn(self.proxy), [params[n] for n in names], allow_unused=True)
+        world = dist.dist_info().world_size
+        diff = {}
+        with torch.no_grad():
+            weights = dict(self.model.named_parameters())
+            for name, g in zip(names, grads):
+                if g is None:
+                    continue
+                if world > 1:
+                    torch.distributed.all_reduce(g, op=torch.distributed.ReduceOp.SUM)
+                    g = g / world
+                w = weights[name]
+                diff[name] = (self.gamma * w.norm() / (g.norm() + self.EPS)) * g
+        return diff
+
+    @torch.no_grad()
+    def apply(self, diff: Dict[str, torch.Tensor], sign: float = 1.0) -> None:
+        """Add ``sign`` × v to the model's weights (+1 to perturb, −1 to restore)."""
+        for name, w in self.model.named_parameters():
+            if name in diff:
+                w.add_(diff[name], alpha=sign)
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights (and float buffers), for evaluation.
+
+    ``update(model, epoch)`` after every optimizer step: a ← w up to the end of epoch ``start``
+    (1-based), then a ← τ·a + (1 − τ)·w after every step of the later epochs, as the in-loop
+    average of the official IKL-AT training script (τ = 0.9996, start = 150 of 200 epochs).
+    BatchNorm running statistics are averaged the same way; integer buffers are copied.
+    """
+
+    def __init__(self, model: nn.Module, *, decay: float, start: int = 1):
+        import copy
+
+        self.decay = _number("weight_average", decay, low=0.0, high=1.0, high_open=True)
+        self.start = _positive_int("weight_average_from", start)
+        self.module = copy.deepcopy(model)
+        self.module.eval()
+        self.module.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, epoch: int) -> None:
+        tau = self.decay if epoch > self.start else 0.0
+        for avg, cur in zip(self.module.state_dict().values(), model.state_dict().values()):
+            if avg.is_floating_point():
+                avg.mul_(tau).add_(cur.detach(), alpha=1.0 - tau)
+            else:
+                avg.copy_(cur)
+
+
+__all__ += ["AdversarialWeightPerturbation", "WeightAverage"]
+
+
 def adversarial_loss_terms(loss: str, logits: Optional[torch.Tensor], target_logits: torch.Tensor,
                            targets: torch.Tensor, *, beta: Optional[float] = None, alpha: Optional[float] = None,
                            temperature: float = 1.0, weight_temperature: Optional[float] = None,
@@ -822,7 +917,9 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
                       amp: Optional[bool] = None, channels_last: Optional[bool] = None,
                       class_prior: Optional[ClassPrior] = None, progress: bool = True,
                       callback: Optional[Callback] = None, desc: Optional[str] = None, checkpoint_dir=None,
-                      checkpoint_every: int = 1, keep_checkpoints: int = 2) -> TrainResult:
+                      checkpoint_every: int = 1, keep_checkpoints: int = 2, awp_gamma: float = 0.0,
+                      awp_warmup: int = 0, weight_average: Optional[float] = None,
+                      weight_average_from: int = 1) -> TrainResult:
     """Adversarial training (L∞) with the TRADES or IKL-AT outer loss (DESIGN §5).
 
     Per batch (x, y), images in [0, 1]:
@@ -857,6 +954,14 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
         eval_epsilon, eval_steps, eval_samples: after each epoch, the robust accuracy under PGD-
             ``eval_steps`` (one random start) at ``eval_epsilon`` (default ε) on the first
             ``eval_samples`` test images (None = all; 0 = skip), as ``test_robust_acc``.
+        awp_gamma, awp_warmup: adversarial weight perturbation
+            (:class:`AdversarialWeightPerturbation`) of relative size ``awp_gamma`` (0 = off) against
+            this run's own outer loss, in every epoch >= ``awp_warmup`` (1-based, as the official
+            ``--awp-warmup``; official IKL-AT: 0.005 from epoch 10).
+        weight_average, weight_average_from: τ of an exponential weight average
+            (:class:`WeightAverage`, None = off) that starts after epoch ``weight_average_from``; the
+            per-epoch test accuracies are then those of the averaged weights (``test_acc_raw``:
+            the trained weights), and the returned model holds the averaged weights.
         device, amp, channels_last, progress, callback, class_prior, desc, checkpoint_dir,
             checkpoint_every, keep_checkpoints: as in :func:`distill` (resume from the newest
             checkpoint; the attack's random-start generator is part of it).
@@ -910,6 +1015,14 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
               "attack_steps": attack_steps, "attack_step_fraction": attack_step_fraction,
               "lr_schedule": lr_schedule, "eval_epsilon": eval_epsilon, "eval_steps": eval_steps,
               "eval_samples": eval_samples, **cfg}
+    awp_gamma = _number("awp_gamma", awp_gamma, low=0.0)
+    if awp_gamma > 0:  # recorded only when on, so older configs keep their meaning
+        if loss == "ce":
+            raise ValueError("awp_gamma > 0 needs an adversarial loss ('trades' or 'ikl'), not natural training")
+        config.update(awp_gamma=awp_gamma, awp_warmup=_nonneg_int("awp_warmup", awp_warmup))
+    if weight_average is not None:
+        config.update(weight_average=_number("weight_average", weight_average, low=0.0, high=1.0, high_open=True),
+                      weight_average_from=_positive_int("weight_average_from", weight_average_from))
 
     start = time.perf_counter()
     par = _Parallel()
@@ -946,7 +1059,14 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
     bs = cfg["batch_size"]
     steps_per_epoch = max(1, (data.n_train // bs) if cfg["drop_last"] else math.ceil(data.n_train / bs))
 
-    first_epoch, history = checkpoints.resume(model, optimizer, scheduler, generators, prior)
+    awp = AdversarialWeightPerturbation(model, gamma=awp_gamma) if awp_gamma > 0 else None
+    averaged = None
+    if weight_average is not None:
+        averaged = WeightAverage(model, decay=config["weight_average"], start=config["weight_average_from"])
+    extra = {"weight_average": averaged.module} if averaged is not None else None
+    eval_model = averaged.module if averaged is not None else model
+
+    first_epoch, history = checkpoints.resume(model, optimizer, scheduler, generators, prior, extra)
     net = par.wrap(model, device)
     stopped = None
     bars = _RunProgress(epochs=epochs, steps_per_epoch=steps_per_epoch, desc=desc or loss,
@@ -979,16 +1099,29 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
                     x_adv = trades_perturb(model, x, epsilon=eps_now, steps=attack_steps,
                                            step_size=attack_step_fraction * eps_now, start_noise=start_noise,
                                            amp=amp)
+                prior_kw = {"class_prior": prior.prior} if prior is not None else {}
+                v = None
+                if awp is not None and epoch >= config["awp_warmup"]:
+                    def proxy_loss(m, x=x, x_adv=x_adv, y=y, global_n=global_n):
+                        with _autocast(device, amp):
+                            nat, adv = m(x), m(x_adv)
+                        t = adversarial_loss_terms(loss, adv, nat, y, **loss_kw, **prior_kw)
+                        return par.scaled(sum(t.values()), y.shape[0], global_n)
+                    v = awp.perturbation(proxy_loss)
+                    awp.apply(v, +1.0)
                 model.train()
                 with _autocast(device, amp):
                     nat_logits = net(x)
                     adv_logits = net(x_adv) if x_adv is not None else None
-                extra = {"class_prior": prior.prior} if prior is not None else {}
-                terms = adversarial_loss_terms(loss, adv_logits, nat_logits, y, **loss_kw, **extra)
+                terms = adversarial_loss_terms(loss, adv_logits, nat_logits, y, **loss_kw, **prior_kw)
                 total = sum(terms.values())
                 optimizer.zero_grad(set_to_none=True)
                 par.scaled(total, y.shape[0], global_n).backward()
                 optimizer.step()
+                if v is not None:
+                    awp.apply(v, -1.0)
+                if averaged is not None:
+                    averaged.update(model, epoch)
                 if prior is not None:
                     prior.update(nat_logits.detach(), y, weight_temperature=loss_kw["weight_temperature"])
                 n = y.shape[0]
@@ -1012,18 +1145,21 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
             row.update({k: v / seen for k, v in totals.items()})
             row["train_acc"] = 100.0 * correct / seen
             row["train_adv_acc"] = 100.0 * correct_adv / seen if loss != "ce" else math.nan
-            row["test_acc"] = _clean_accuracy(model, data.x_test, data.y_test)
+            row["test_acc"] = _clean_accuracy(eval_model, data.x_test, data.y_test)
+            if averaged is not None:
+                row["test_acc_raw"] = _clean_accuracy(model, data.x_test, data.y_test)
             if n_eval > 0 and eval_steps > 0 and eval_epsilon > 0:
-                res = pgd(model, x_eval, y_eval, epsilon=eval_epsilon, steps=eval_steps, restarts=1,
+                res = pgd(eval_model, x_eval, y_eval, epsilon=eval_epsilon, steps=eval_steps, restarts=1,
                           seed=cfg["seed"])
-                clean_ok = _clean_correct(model, x_eval, y_eval)
+                clean_ok = _clean_correct(eval_model, x_eval, y_eval)
                 row["test_robust_acc"] = 100.0 * (clean_ok & res.correct).double().mean().item()
             else:
                 row["test_robust_acc"] = math.nan
             row["seconds"] = time.perf_counter() - t0
             stop = par.any(bars.end_epoch(history, row, callback, loss=f"{row['loss']:.3f}",
                                           clean=f"{row['test_acc']:.1f}", robust=f"{row['test_robust_acc']:.1f}"))
-            checkpoints.save(epoch, model, optimizer, scheduler, generators, prior, history, force=stop)
+            checkpoints.save(epoch, model, optimizer, scheduler, generators, prior, history, force=stop,
+                             extra=extra)
             if stop:
                 stopped = "callback"
                 break
@@ -1031,6 +1167,8 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
         stopped = "interrupted"
     finally:
         bars.close()
+    if averaged is not None and history:  # hand back the weights that were evaluated
+        model.load_state_dict(averaged.module.state_dict())
     return TrainResult(model=model, history=history, config=config,
                        priors=list(prior.history) if prior is not None and prior.keep_history else None,
                        stopped=stopped, seconds=time.perf_counter() - start, resumed_from=first_epoch or None)

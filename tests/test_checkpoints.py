@@ -99,8 +99,10 @@ def test_teacher_and_every_n_epochs(tmp_path):
 
 def test_adversarial_train_resumes_exactly(tmp_path):
     d = tiny()
+    # the paper recipe's moving parts: cosine lr, increasing eps, GI prior, AWP from epoch 2, weight average
     kw = dict(loss="ikl", epsilon=0.1, epochs=3, attack_steps=3, batch_size=16, lr=0.05, eval_samples=20,
-              lr_schedule="cosine", epsilon_schedule="increasing", seed=4, progress=False, device="cpu")
+              lr_schedule="cosine", epsilon_schedule="increasing", seed=4, progress=False, device="cpu",
+              awp_gamma=0.01, awp_warmup=2, weight_average=0.9, weight_average_from=1)
     full = T.adversarial_train(A.normalized(mlp(5), d), d, **kw)
     part = T.adversarial_train(A.normalized(mlp(5), d), d, checkpoint_dir=tmp_path, callback=stop_after(1), **kw)
     assert part.epochs_run == 1

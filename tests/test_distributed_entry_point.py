@@ -27,7 +27,10 @@ KD_OVERRIDES = {"data": DATA, "teacher.model": "mlp", "teacher.model_kw": {"hidd
 KD_LOSSES, KD_SEEDS = "ce,kl,ikl,dkd", "0,1"
 ADV_OVERRIDES = {"data": DATA, "model.name": "mlp", "model.model_kw": {"hidden": [16]}, "model.dtype": "float64",
                  "eval.ensemble": False, "eval.samples": 40, "train.batch_size": 16, "train.eval_samples": 40,
-                 "train.epochs": 2, "checkpoint_every": 1}
+                 "train.epochs": 3, "checkpoint_every": 1,
+                 # AWP (its gradient is all-reduced) and the weight average, as in the paper preset
+                 "train.awp_gamma": 0.01, "train.awp_warmup": 2, "train.weight_average": 0.8,
+                 "train.weight_average_from": 1}
 
 
 def _cli_args(task, overrides, losses, seeds, cache, out):
