@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import gc
 import os
 import re
 import tempfile
@@ -175,8 +176,13 @@ def init_from_env(backend: Optional[str] = None, *, timeout: Optional[float] = N
 
 
 def cleanup() -> None:
-    """Leave the process group (``destroy_process_group``) if one is initialised."""
+    """Leave the process group (``destroy_process_group``) if one is initialised.
+
+    Unreachable objects are collected first: a DDP wrapper lives in reference cycles and its
+    reducer holds the process group, and a group whose last reference goes only at interpreter
+    shutdown can abort the process there (gloo's worker threads cannot be joined any more)."""
     if is_distributed():
+        gc.collect()
         tdist.destroy_process_group()
 
 

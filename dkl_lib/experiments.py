@@ -1479,7 +1479,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"torchrun: {info.world_size} processes ({torch.distributed.get_backend()}); the global batch "
               "is split between them", file=sys.stderr)
     try:
-        return args.handler(args)
+        status = args.handler(args)
+        if joined and info.world_size > 1:
+            dist_mod.barrier()  # every rank done (rank 0 has written) before the group goes away
+        return status
     finally:
         if joined:
             dist_mod.cleanup()
