@@ -14,6 +14,11 @@ turn, repeated), so their ratio is measured side by side; the table reports medi
 loss only" columns time just the loss's forward + backward on fixed logits (what differs between
 the two). Target (issue 5): IKL-AT ≤ 1.10× TRADES per step.
 
+``--awp GAMMA`` adds the paper recipe's adversarial weight perturbation
+(dkl_lib.train.AdversarialWeightPerturbation: the perturbation's gradient on a proxy copy, add, the
+step, remove) as two more variants, "trades+awp" and "ikl+awp", timed in the same round-robin, so
+the table also gives AWP's overhead per step and the IKL-AT / TRADES ratio with AWP.
+
 Settings: "digits" = SmallCNN-16 on 1x8x8 inputs, 10 classes, batch 64 (the cpu-quick preset);
 "cifar" = PreActResNet-18 on 3x32x32 inputs, 10 classes (batch 128 on CUDA, ``--cifar-batch`` on the
 CPU, 16 by default); "cifar100-wrn" (CUDA only) = WRN-34-10 at 100 classes, batch 128. On CUDA the
@@ -34,9 +39,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from dkl_lib import models  # noqa: E402
 from dkl_lib.attacks import Normalized, trades_perturb  # noqa: E402
 from dkl_lib.prior import ClassPrior  # noqa: E402
-from dkl_lib.train import ADV_DEFAULTS, _autocast, adversarial_loss_terms  # noqa: E402
+from dkl_lib.train import ADV_DEFAULTS, AdversarialWeightPerturbation, _autocast, adversarial_loss_terms  # noqa: E402
 
 LOSSES = ("trades", "ikl")
+AWP_VARIANTS = ("trades+awp", "ikl+awp")
 
 
 def _hparams(loss):
@@ -52,7 +58,7 @@ def sync(device):
 class Step:
     """One adversarial training step of a fresh model per loss (same initial weights)."""
 
-    def __init__(self, name, model_name, model_kw, shape, classes, batch, device, attack_steps, seed=0):
+    def __init__(self, name, model_name, model_kw, shape, classes, batch, device, attack_steps, seed=0, awp=0.0):
         self.device = device
         self.cuda = device.type == "cuda"
         fmt = torch.channels_last if self.cuda else torch.contiguous_format
@@ -60,12 +66,15 @@ class Step:
         self.x = torch.rand(batch, *shape, generator=g).to(device).contiguous(memory_format=fmt)
         self.y = torch.randint(0, classes, (batch,), generator=g).to(device)
         self.attack_steps = attack_steps
-        self.models, self.optimizers = {}, {}
-        for loss in LOSSES:
+        self.variants = LOSSES + (AWP_VARIANTS if awp > 0 else ())
+        self.models, self.optimizers, self.awp = {}, {}, {}
+        for variant in self.variants:
             inner = models.build_model(model_name, classes, seed=seed, **model_kw)
             m = Normalized(inner, [0.5] * shape[0], [0.25] * shape[0]).to(device, memory_format=fmt)
-            self.models[loss] = m
-            self.optimizers[loss] = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+            self.models[variant] = m
+            self.optimizers[variant] = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+            if variant.endswith("+awp"):
+                self.awp[variant] = AdversarialWeightPerturbation(m, gamma=awp)
         self.prior = ClassPrior(classes, device=device)
         self.gen = torch.Generator().manual_seed(seed + 1)
         self.name = name
@@ -74,19 +83,29 @@ class Step:
         lg = torch.Generator().manual_seed(seed + 2)
         self.logits = [torch.randn(batch, classes, generator=lg).to(device).requires_grad_(True) for _ in range(2)]
 
-    def step(self, loss):
-        model, opt = self.models[loss], self.optimizers[loss]
+    def step(self, variant):
+        model, opt = self.models[variant], self.optimizers[variant]
+        loss = variant.split("+")[0]
         x_adv = trades_perturb(model, self.x, epsilon=8 / 255, steps=self.attack_steps, step_size=2 / 255,
                                generator=self.gen, amp=self.cuda)
-        model.train()
-        with _autocast(self.device, self.cuda):
-            nat = model(self.x)
-            adv = model(x_adv)
         extra = {"class_prior": self.prior.prior} if loss == "ikl" else {}
-        total = sum(adversarial_loss_terms(loss, adv, nat, self.y, **_hparams(loss), **extra).values())
+
+        def outer(m):
+            with _autocast(self.device, self.cuda):
+                nat, adv = m(self.x), m(x_adv)
+            return nat, sum(adversarial_loss_terms(loss, adv, nat, self.y, **_hparams(loss), **extra).values())
+
+        v = None
+        if variant in self.awp:
+            v = self.awp[variant].perturbation(lambda m: outer(m)[1])
+            self.awp[variant].apply(v, +1.0)
+        model.train()
+        nat, total = outer(model)
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
+        if v is not None:
+            self.awp[variant].apply(v, -1.0)
         if loss == "ikl":
             self.prior.update(nat.detach(), self.y, weight_temperature=ADV_DEFAULTS["ikl"]["weight_temperature"])
 
@@ -110,23 +129,29 @@ def timed(fn, device):
 def run(setting: Step, reps: int, warmup: int, loss_reps: int):
     dev = setting.device
     for _ in range(warmup):
+        for variant in setting.variants:
+            setting.step(variant)
         for loss in LOSSES:
-            setting.step(loss)
             setting.loss_only(loss)
-    step_t = {loss: [] for loss in LOSSES}
+    step_t = {variant: [] for variant in setting.variants}
     loss_t = {loss: [] for loss in LOSSES}
-    for _ in range(reps):  # round-robin: one step of each loss in turn
-        for loss in LOSSES:
-            step_t[loss].append(timed(lambda: setting.step(loss), dev))
+    for _ in range(reps):  # round-robin: one step of each loss (and AWP variant) in turn
+        for variant in setting.variants:
+            step_t[variant].append(timed(lambda: setting.step(variant), dev))
     for _ in range(loss_reps):
         for loss in LOSSES:
             loss_t[loss].append(timed(lambda: setting.loss_only(loss), dev))
     med = {k: statistics.median(v) for k, v in step_t.items()}
     lmed = {k: statistics.median(v) for k, v in loss_t.items()}
-    return {"setting": setting.name, "device": str(dev), "batch": setting.batch, "classes": setting.classes,
-            "attack_steps": setting.attack_steps, "trades_ms": 1e3 * med["trades"], "ikl_ms": 1e3 * med["ikl"],
-            "ratio": med["ikl"] / med["trades"], "trades_loss_ms": 1e3 * lmed["trades"],
-            "ikl_loss_ms": 1e3 * lmed["ikl"], "loss_ratio": lmed["ikl"] / lmed["trades"], "reps": reps}
+    row = {"setting": setting.name, "device": str(dev), "batch": setting.batch, "classes": setting.classes,
+           "attack_steps": setting.attack_steps, "trades_ms": 1e3 * med["trades"], "ikl_ms": 1e3 * med["ikl"],
+           "ratio": med["ikl"] / med["trades"], "trades_loss_ms": 1e3 * lmed["trades"],
+           "ikl_loss_ms": 1e3 * lmed["ikl"], "loss_ratio": lmed["ikl"] / lmed["trades"], "reps": reps}
+    if "trades+awp" in med:
+        row.update({"trades_awp_ms": 1e3 * med["trades+awp"], "ikl_awp_ms": 1e3 * med["ikl+awp"],
+                    "awp_ratio": med["ikl+awp"] / med["trades+awp"],
+                    "awp_overhead": med["trades+awp"] / med["trades"]})
+    return row
 
 
 def main(argv=None):
@@ -139,6 +164,8 @@ def main(argv=None):
     parser.add_argument("--cifar-batch", type=int, default=16, help="PreActResNet-18 batch on the CPU")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--awp", type=float, default=0.0, metavar="GAMMA",
+                        help="also time both losses with adversarial weight perturbation of this size (paper: 0.005)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -153,14 +180,16 @@ def main(argv=None):
         if cuda:
             settings.append(("cifar100-wrn", "wrn_34_10", {}, (3, 32, 32), 100, 128))
         for label, model_name, kw, shape, classes, batch in settings:
-            step = Step(label, model_name, kw, shape, classes, batch, dev, args.attack_steps)
+            step = Step(label, model_name, kw, shape, classes, batch, dev, args.attack_steps, awp=args.awp)
             reps = args.reps if (cuda or label == "digits") else max(3, args.reps // 3)
             rows.append(run(step, reps, args.warmup, args.loss_reps))
             r = rows[-1]
             print(f"{r['device']:>5} {r['setting']:>13} B={r['batch']:<4} C={r['classes']:<4} "
                   f"TRADES {r['trades_ms']:8.1f} ms  IKL-AT {r['ikl_ms']:8.1f} ms  ratio {r['ratio']:.3f}x  | "
                   f"outer loss only: {r['trades_loss_ms']:.3f} ms vs {r['ikl_loss_ms']:.3f} ms "
-                  f"({r['loss_ratio']:.2f}x)", flush=True)
+                  f"({r['loss_ratio']:.2f}x)" + (f"  | with AWP: {r['trades_awp_ms']:.1f} vs {r['ikl_awp_ms']:.1f} ms "
+                                                f"({r['awp_ratio']:.3f}x; AWP costs {r['awp_overhead']:.2f}x)"
+                                                if "awp_ratio" in r else ""), flush=True)
     print()
     print("| device | setting | B | C | attack steps | TRADES step | IKL-AT step | IKL-AT / TRADES | "
           "outer loss only: TRADES | IKL-AT | ratio |")
@@ -169,6 +198,14 @@ def main(argv=None):
         print(f"| {r['device']} | {r['setting']} | {r['batch']} | {r['classes']} | {r['attack_steps']} | "
               f"{r['trades_ms']:.1f} ms | {r['ikl_ms']:.1f} ms | {r['ratio']:.3f}x | {r['trades_loss_ms']:.3f} ms | "
               f"{r['ikl_loss_ms']:.3f} ms | {r['loss_ratio']:.2f}x |")
+    if any("awp_ratio" in r for r in rows):
+        print()
+        print(f"With adversarial weight perturbation (gamma {args.awp}):")
+        print("| device | setting | TRADES+AWP step | IKL-AT+AWP step | IKL-AT / TRADES | TRADES+AWP / TRADES |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['device']} | {r['setting']} | {r['trades_awp_ms']:.1f} ms | {r['ikl_awp_ms']:.1f} ms | "
+                  f"{r['awp_ratio']:.3f}x | {r['awp_overhead']:.2f}x |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, fh, indent=2)
