@@ -170,6 +170,15 @@ class _Parallel:
             stats = dist.all_reduce_sum(stats)
         return {k: float(v) for k, v in stats.items()}
 
+    def collect(self) -> None:
+        """Under torchrun, collect unreachable objects: a dropped DDP wrapper sits in reference
+        cycles and its reducer holds the process group, which must not outlive the group's own
+        shutdown (gloo can abort the process at interpreter exit otherwise)."""
+        if self.active:
+            import gc
+
+            gc.collect()
+
     def any(self, flag: bool) -> bool:
         """True on every rank when it is True on some rank (a stop request)."""
         if not self.active:
@@ -572,6 +581,8 @@ def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], lo
         stopped = "interrupted"
     finally:
         bars.close()
+        net = None  # drop the DDP wrapper now, then collect it (see _Parallel.collect)
+        par.collect()
         if teacher is not None and teacher_flags is not None:
             for p, flag in zip(teacher.parameters(), teacher_flags):
                 p.requires_grad_(flag)
@@ -1167,6 +1178,8 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
         stopped = "interrupted"
     finally:
         bars.close()
+        net = None  # drop the DDP wrapper now, then collect it (see _Parallel.collect)
+        par.collect()
     if averaged is not None and history:  # hand back the weights that were evaluated
         model.load_state_dict(averaged.module.state_dict())
     return TrainResult(model=model, history=history, config=config,
