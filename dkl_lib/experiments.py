@@ -1489,4 +1489,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _status = main()
+    if dist_mod.launched_by_torchrun():
+        # main() has left the process group and every file is written (fsynced); skip the interpreter
+        # teardown, where gloo's worker threads can still abort the process (SIGABRT) after a clean run
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_status)
+    sys.exit(_status)
