@@ -237,6 +237,7 @@ def resolve_config(preset_name: str, overrides: Optional[dict] = None) -> dict:
             if not isinstance(key, str) or not key:
                 raise ValueError(f"override keys must be non-empty strings, got {key!r}")
             _set_path(cfg, key, value)
+    _checkpoint_every(cfg)  # validates
     return cfg
 
 
@@ -423,12 +424,14 @@ def _checkpoint_every(cfg: dict) -> int:
     return every
 
 
-def _checkpoint_dir(cfg: dict, cache: "RunCache", kind: str, run_config: dict) -> Optional[Path]:
-    """Where a run's per-epoch checkpoints go: inside its cache entry folder, when the preset's
-    ``checkpoint_every`` > 0 and the cache is on (a rerun of the same command then resumes)."""
-    if not cache.enabled or not _checkpoint_every(cfg):
-        return None
-    return cache.path(kind, config_hash(run_config)) / "checkpoints"
+def _checkpointing(cfg: dict, cache: "RunCache", kind: str, run_config: dict) -> dict:
+    """The trainer's ``checkpoint_dir`` / ``checkpoint_every`` for one run: checkpoints go inside
+    its cache entry folder (so a rerun of the same command resumes), when the config's
+    ``checkpoint_every`` > 0 and the cache is on; else no checkpoints."""
+    every = _checkpoint_every(cfg)
+    if not cache.enabled or not every:
+        return {"checkpoint_dir": None, "checkpoint_every": 1}
+    return {"checkpoint_dir": cache.path(kind, config_hash(run_config)) / "checkpoints", "checkpoint_every": every}
 
 
 def _drop_checkpoints(folder: Optional[Path]) -> None:
@@ -504,21 +507,18 @@ def get_teacher(cfg: dict, data: Callable[[], data_mod.TensorData], *, cache: Ru
             warnings.warn(f"teacher checkpoint {cfg['teacher']['checkpoint']} not found under "
                           f"{data_mod.default_data_root()}; training a teacher for "
                           f"{spec['train']['epochs']} epochs instead", stacklevel=2)
-        ckpt_dir = _checkpoint_dir(cfg, cache, "teacher", tcfg)
+        ckpt = _checkpointing(cfg, cache, "teacher", tcfg)
         res = train_mod.train_teacher(model, d, seed=int(spec.get("seed", 0)), device=device,
-                                      progress=progress, desc=f"teacher {spec['model']}", checkpoint_dir=ckpt_dir,
-                                      checkpoint_every=max(1, _checkpoint_every(cfg)),
-                                      **spec["train"])
+                                      progress=progress, desc=f"teacher {spec['model']}", **ckpt, **spec["train"])
         if res.stopped:
-            raise KeyboardInterrupt("teacher training was interrupted"
-                                    + (f"; rerun to resume from {ckpt_dir}" if ckpt_dir else ""))
+            raise KeyboardInterrupt("teacher training was interrupted" + (
+                f"; rerun to resume from {ckpt['checkpoint_dir']}" if ckpt["checkpoint_dir"] else ""))
         model.cpu()
         result = {"acc": res.last_acc, "best_acc": res.best_acc, "history": res.history,
                   "seconds": res.seconds, "origin": "trained", "resumed_from": res.resumed_from}
-        cache.save("teacher", tcfg, result, {"model.pt": model.state_dict()})
-        _drop_checkpoints(ckpt_dir)
-        return model, {**result, "source": result["origin"], "config_hash": key}
     cache.save("teacher", tcfg, result, {"model.pt": model.state_dict()})
+    if result["origin"] == "trained":
+        _drop_checkpoints(ckpt["checkpoint_dir"])
     return model, {**result, "source": result["origin"], "config_hash": key}
 
 
@@ -682,7 +682,6 @@ def run_grid(losses: Sequence[str] = ("ce", "kl", "dkl", "ikl", "gkl", "dkd"),
     cache = RunCache(cache_dir, enabled=use_cache)
     dev = train_mod.select_device(device)
     progress = progress and dist_mod.is_main()
-    every = max(1, _checkpoint_every(cfg))
 
     loaded: Dict[str, data_mod.TensorData] = {}
 
@@ -716,11 +715,10 @@ def run_grid(losses: Sequence[str] = ("ce", "kl", "dkl", "ikl", "gkl", "dkd"),
                 if callback is not None:
                     def epoch_cb(history, _l=label, _s=seed):
                         return callback(_l, _s, history)
-                ckpt_dir = _checkpoint_dir(cfg, cache, "student", rcfg)
+                ckpt = _checkpointing(cfg, cache, "student", rcfg)
                 res = train_mod.distill(student, teacher if rcfg["loss"] != "ce" else None, d,
                                         loss=rcfg["loss"], seed=seed, device=dev, progress=False,
-                                        callback=epoch_cb, checkpoint_dir=ckpt_dir, checkpoint_every=every,
-                                        **settings)
+                                        callback=epoch_cb, **ckpt, **settings)
                 result = {"history": res.history, **res.summary()}
                 prior_tensor = torch.stack(res.priors) if res.priors else None
                 if res.stopped == "interrupted":
@@ -730,7 +728,7 @@ def run_grid(losses: Sequence[str] = ("ce", "kl", "dkl", "ikl", "gkl", "dkd"),
                     if prior_tensor is not None:
                         files["priors.pt"] = prior_tensor
                     cache.save("student", rcfg, result, files)
-                    _drop_checkpoints(ckpt_dir)
+                    _drop_checkpoints(ckpt["checkpoint_dir"])
             rows.append({"loss": label, "seed": seed, "best_acc": result["best_acc"],
                          "best_epoch": result["best_epoch"], "last_acc": result["last_acc"],
                          "teacher_acc": tinfo["acc"], "epochs": result["epochs"],
@@ -914,6 +912,7 @@ def resolve_adv_config(preset_name: str, overrides: Optional[dict] = None) -> di
             for k in keys[:-1]:
                 node = node.setdefault(k, {})
             node[keys[-1]] = copy.deepcopy(value)
+    _checkpoint_every(cfg)  # validates
     return cfg
 
 
@@ -1158,7 +1157,6 @@ def run_adv_grid(losses: Sequence[str] = ("trades", "ikl"), seeds: Sequence[int]
     cache = RunCache(cache_dir, enabled=use_cache)
     dev = train_mod.select_device(device)
     progress = progress and dist_mod.is_main()
-    every = max(1, _checkpoint_every(cfg))
     ev = cfg["eval"]
     loaded: Dict[str, data_mod.TensorData] = {}
 
@@ -1191,10 +1189,9 @@ def run_adv_grid(losses: Sequence[str] = ("trades", "ikl"), seeds: Sequence[int]
                     def epoch_cb(history, _l=loss, _s=seed):
                         return callback(_l, _s, history)
                 train = dict(rcfg["train"])
-                ckpt_dir = _checkpoint_dir(cfg, cache, "adv", rcfg)
+                ckpt = _checkpointing(cfg, cache, "adv", rcfg)
                 res = train_mod.adversarial_train(model, d, loss=loss, seed=seed, device=dev, progress=False,
-                                                  callback=epoch_cb, checkpoint_dir=ckpt_dir, checkpoint_every=every,
-                                                  **train, **rcfg["loss_settings"])
+                                                  callback=epoch_cb, **ckpt, **train, **rcfg["loss_settings"])
                 if res.stopped == "interrupted":
                     raise KeyboardInterrupt
                 result = {"history": res.history, "seconds": res.seconds, "stopped": res.stopped,
@@ -1206,7 +1203,7 @@ def run_adv_grid(losses: Sequence[str] = ("trades", "ikl"), seeds: Sequence[int]
                     if prior_tensor is not None:
                         files["priors.pt"] = prior_tensor
                     cache.save("adv", rcfg, result, files)
-                    _drop_checkpoints(ckpt_dir)
+                    _drop_checkpoints(ckpt["checkpoint_dir"])
             # ---- evaluation (cached separately)
             ecfg = {"kind": "adveval", "run_key": key, "eval": ev, "version": CACHE_FORMAT,
                     "library": _library_version()}

@@ -36,7 +36,7 @@ import numbers
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -253,12 +253,43 @@ class _Checkpoints:
         dist.prune_checkpoints(self.folder, keep=self.keep)
 
 
+class _Run(NamedTuple):
+    par: _Parallel
+    device: torch.device
+    amp: bool
+    channels_last: bool
+    memory_format: torch.memory_format
+    dtype: torch.dtype
+    data: TensorData
+    config: dict
+    checkpoints: _Checkpoints
+
+
+def _start_run(model: nn.Module, data: TensorData, *, device, amp: Optional[bool], channels_last: Optional[bool],
+               config: dict, checkpoint_dir, checkpoint_every: int, keep_checkpoints: int) -> _Run:
+    """What both trainers set up first: the device (this rank's under torchrun), bf16 autocast and
+    channels_last (default: on for CUDA), the model and data moved there (data in the model's
+    dtype), the config completed with those choices, and the run's checkpoints."""
+    par = _Parallel()
+    device = select_device(device)
+    amp = (device.type == "cuda") if amp is None else bool(amp)
+    channels_last = (device.type == "cuda") if channels_last is None else bool(channels_last)
+    memory_format = torch.channels_last if channels_last else torch.preserve_format
+    model.to(device=device, memory_format=memory_format)
+    dtype = _model_dtype(model)
+    config = {**config, "device": str(device), "amp": amp, "channels_last": channels_last,
+              "dtype": str(dtype).replace("torch.", ""), "world_size": par.world}
+    checkpoints = _Checkpoints(checkpoint_dir, every=checkpoint_every, keep=keep_checkpoints, config=config, par=par)
+    return _Run(par, device, amp, channels_last, memory_format, dtype, data.to(device, dtype), config, checkpoints)
+
+
 def select_device(device=None) -> torch.device:
     """The device to train on: ``device`` if given (a name or torch.device, "auto" = None), else
     CUDA when available, then Apple MPS, then the CPU. Asking for an unavailable CUDA/MPS device
     raises ``ValueError``. Under torchrun (an initialised process group of several ranks) "cuda"
     without an index means this rank's GPU, ``cuda:LOCAL_RANK``."""
-    local_rank = dist.dist_info().local_rank if dist.dist_info().world_size > 1 else None
+    info = dist.dist_info()
+    local_rank = info.local_rank if info.world_size > 1 else None
     if device is not None and not (isinstance(device, str) and device == "auto"):
         try:
             device = torch.device(device)
@@ -456,19 +487,10 @@ def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], lo
          config: dict, checkpoint_dir=None, checkpoint_every: int = 1,
          keep_checkpoints: int = 2) -> TrainResult:
     start = time.perf_counter()
-    par = _Parallel()
-    device = select_device(device)
-    amp = (device.type == "cuda") if amp is None else bool(amp)
-    channels_last = (device.type == "cuda") if channels_last is None else bool(channels_last)
-    memory_format = torch.channels_last if channels_last else torch.preserve_format
-    model.to(device=device, memory_format=memory_format)
-    dtype = _model_dtype(model)
-    data = data.to(device, dtype)
+    par, device, amp, channels_last, memory_format, dtype, data, config, checkpoints = _start_run(
+        model, data, device=device, amp=amp, channels_last=channels_last, config=config,
+        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints)
     augment = data.augment
-    config = {**config, "device": str(device), "amp": amp, "channels_last": channels_last,
-              "dtype": str(dtype).replace("torch.", ""), "world_size": par.world}
-    checkpoints = _Checkpoints(checkpoint_dir, every=checkpoint_every, keep=keep_checkpoints, config=config,
-                               par=par)
 
     teacher_flags = None
     teacher_acc = None
@@ -1036,18 +1058,9 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
                       weight_average_from=_positive_int("weight_average_from", weight_average_from))
 
     start = time.perf_counter()
-    par = _Parallel()
-    device = select_device(device)
-    amp = (device.type == "cuda") if amp is None else bool(amp)
-    channels_last = (device.type == "cuda") if channels_last is None else bool(channels_last)
-    memory_format = torch.channels_last if channels_last else torch.preserve_format
-    model.to(device=device, memory_format=memory_format)
-    dtype = _model_dtype(model)
-    data = data.to(device, dtype)
-    config.update({"device": str(device), "amp": amp, "channels_last": channels_last,
-                   "dtype": str(dtype).replace("torch.", ""), "world_size": par.world})
-    checkpoints = _Checkpoints(checkpoint_dir, every=checkpoint_every, keep=keep_checkpoints, config=config,
-                               par=par)
+    par, device, amp, channels_last, _, _, data, config, checkpoints = _start_run(
+        model, data, device=device, amp=amp, channels_last=channels_last, config=config,
+        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints)
     gi_on = loss == "ikl" and bool(hp.get("gi"))
     prior = None
     if gi_on:
