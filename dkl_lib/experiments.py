@@ -408,9 +408,11 @@ def _build(spec: dict, data: data_mod.TensorData, seed: int):
     return model
 
 
-def _model_id(spec: dict) -> dict:
-    """The part of a teacher/student section that defines the model (for hashes)."""
-    out = {"model": spec["model"], "model_kw": spec.get("model_kw") or {}}
+def _model_id(spec: dict, name_key: str = "model") -> dict:
+    """The part of a model section that defines the model (for hashes): its name (under
+    ``name_key``: "model" in KD sections, "name" in the adversarial one), model_kw, and dtype
+    only when given."""
+    out = {name_key: spec[name_key], "model_kw": spec.get("model_kw") or {}}
     if spec.get("dtype") is not None:
         out["dtype"] = spec["dtype"]
     return out
@@ -924,10 +926,7 @@ def _adv_run_config(cfg: dict, loss: str, seed: int) -> dict:
         for k in ("epsilon_schedule", "attack_steps", "attack_step_fraction", "awp_gamma", "awp_warmup"):
             train.pop(k, None)
     hp = {k: v for k, v in (cfg.get("losses", {}).get(loss) or {}).items() if k in _ADV_LOSS_KEYS[loss]}
-    model = {"name": cfg["model"]["name"], "model_kw": cfg["model"].get("model_kw") or {}}
-    if cfg["model"].get("dtype") is not None:
-        model["dtype"] = cfg["model"]["dtype"]
-    return {"kind": "adv", "data": cfg["data"], "model": model, "loss": loss, "seed": int(seed), "train": train,
+    return {"kind": "adv", "data": cfg["data"], "model": _model_id(cfg["model"], "name"), "loss": loss, "seed": int(seed), "train": train,
             "loss_settings": hp, "version": CACHE_FORMAT, "library": _library_version()}
 
 
