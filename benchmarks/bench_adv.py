@@ -37,9 +37,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from dkl_lib import models  # noqa: E402
-from dkl_lib.attacks import Normalized, trades_perturb  # noqa: E402
+from dkl_lib.attacks import Normalized, bf16_autocast, trades_perturb  # noqa: E402
 from dkl_lib.prior import ClassPrior  # noqa: E402
-from dkl_lib.train import ADV_DEFAULTS, AdversarialWeightPerturbation, _autocast, adversarial_loss_terms  # noqa: E402
+from dkl_lib.train import ADV_DEFAULTS, AdversarialWeightPerturbation, adversarial_loss_terms  # noqa: E402
 
 LOSSES = ("trades", "ikl")
 AWP_VARIANTS = ("trades+awp", "ikl+awp")
@@ -91,7 +91,7 @@ class Step:
         extra = {"class_prior": self.prior.prior} if loss == "ikl" else {}
 
         def outer(m):
-            with _autocast(self.device, self.cuda):
+            with bf16_autocast(self.device, self.cuda):
                 nat, adv = m(self.x), m(x_adv)
             return nat, sum(adversarial_loss_terms(loss, adv, nat, self.y, **_hparams(loss), **extra).values())
 

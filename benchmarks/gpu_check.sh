@@ -89,7 +89,7 @@ if [[ "$DEVICE" == "cuda" ]]; then
     else LOSS_ARGS+=(--budget 1.0 --reps 200); TRAIN_ARGS+=(--reps 30); fi
 else
     LOSS_ARGS=(--device cpu --threads 2 --classes 10,100)
-    TRAIN_ARGS=(--devices cpu --threads 2 --losses ce,kl,ikl --warmup 1)
+    TRAIN_ARGS=(--devices cpu --threads 2 --losses ce,kl,ikl --warmup 1 --amp bf16 --channels-last on)  # the GPU path
     if [[ $QUICK -eq 1 ]]; then
         LOSS_ARGS+=(--batches 16 --budget 0.05 --reps 5); TRAIN_ARGS+=(--reps 1); TRAIN_BATCHES=(2)
     else

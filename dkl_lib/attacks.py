@@ -176,6 +176,20 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def bf16_autocast(device, enabled: bool):
+    """bf16 autocast for ``device`` ("cuda" or "cpu") when ``enabled``, else a no-op context.
+
+    The trainers turn it on by default on CUDA only. On the CPU it runs when asked for
+    (``amp=True``): slower than float32 on most CPUs, but the same mixed-precision code path as a
+    GPU run, so that path can be checked without a GPU. Other device types: no autocast.
+    float64 tensors are never cast (autocast leaves them alone).
+    """
+    device_type = torch.device(device).type
+    if enabled and device_type in ("cuda", "cpu"):
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def _random_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
@@ -329,7 +343,7 @@ def trades_perturb(model: nn.Module, x: torch.Tensor, *, epsilon: float, steps: 
         step_size: default ε/4 (TRADES uses 0.007 at ε = 0.031).
         generator: CPU generator for the N(0, 1) start (drawn on the CPU, then moved).
         natural_logits: f(x) if already computed in eval mode (detached); else computed here.
-        amp: bf16 autocast on CUDA.
+        amp: bf16 autocast (:func:`bf16_autocast`; the trainers pass theirs).
         start_noise: the N(0, 1) draw of the start (x's shape) to use instead of drawing one from
             ``generator``; a distributed trainer draws it for the global batch and passes each
             rank its rows, so the start equals that of a one-process run.
@@ -345,8 +359,7 @@ def trades_perturb(model: nn.Module, x: torch.Tensor, *, epsilon: float, steps: 
     steps = _int("steps", steps, 0)
     step_size = epsilon / 4.0 if step_size is None else _number("step_size", step_size, low=0.0)
     x = x.detach()
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if amp and x.device.type == "cuda"
-                else contextlib.nullcontext())
+    autocast = bf16_autocast(x.device, amp)
     if start_noise is None:
         noise = torch.randn(x.shape, generator=generator, dtype=torch.float32)
     else:

@@ -14,7 +14,7 @@ is used from the next one (DESIGN §4).
 
 Both :func:`train_teacher` and :func:`distill` use SGD with momentum and a multi-step learning-rate
 decay, shuffle with a ``torch.Generator`` fixed by ``seed`` (same seed, same result on the CPU),
-run bf16 autocast and channels_last on CUDA, show ``tqdm.auto`` progress bars (``progress=False``
+run bf16 autocast and channels_last on CUDA (on the CPU when asked: ``amp=True``), show ``tqdm.auto`` progress bars (``progress=False``
 hides them), and return a :class:`TrainResult`: a per-epoch history of every named loss term
 (averaged over the epoch), train and test accuracy (percent), learning rate and seconds, with the
 best and last epoch. A ``callback(history)`` runs after every epoch (live plots in notebook 03); it
@@ -30,7 +30,6 @@ stops too, and the finished epochs are returned instead of lost.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 import time
@@ -43,7 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as dist
-from .attacks import clean_correct, pgd, trades_perturb
+from .attacks import _model_dtype, clean_correct, pgd, trades_perturb
+from .attacks import bf16_autocast as _autocast
 from .data import TensorData, augment_crop_flip, batch_indices
 from .losses import loss_terms
 from .prior import ClassPrior
@@ -371,19 +371,6 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------------------- evaluation
-def _autocast(device: torch.device, enabled: bool):
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, data: TensorData, *, batch_size: int = 1000,
                    amp: bool = False, channels_last: bool = False) -> torch.Tensor:
@@ -707,7 +694,9 @@ def distill(student: nn.Module, teacher: Optional[nn.Module], data: TensorData, 
             SGD with momentum, learning rate × ``lr_decay`` at each milestone epoch.
         seed: fixes the batch order and the augmentation (build models with
             ``models.build_model(..., seed=...)`` to fix their initialisation too).
-        device: None = :func:`select_device`. amp, channels_last: default on for CUDA only.
+        device: None = :func:`select_device`. amp (bf16 autocast), channels_last: default on for
+            CUDA only; ``amp=True`` on the CPU runs CPU bf16 autocast (slow; it checks the mixed-precision
+            path without a GPU).
         progress: tqdm bars. callback: ``callback(history)`` after each epoch; return False or
             raise :class:`StopTraining` to stop.
         checkpoint_dir: a folder for per-epoch checkpoints (None: none). When it already holds a
