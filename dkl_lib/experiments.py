@@ -517,7 +517,8 @@ def get_teacher(cfg: dict, data: Callable[[], data_mod.TensorData], *, cache: Ru
                 f"; rerun to resume from {ckpt['checkpoint_dir']}" if ckpt["checkpoint_dir"] else ""))
         model.cpu()
         result = {"acc": res.last_acc, "best_acc": res.best_acc, "history": res.history,
-                  "seconds": res.seconds, "origin": "trained", "resumed_from": res.resumed_from}
+                  "seconds": res.seconds, "origin": "trained", "resumed_from": res.resumed_from,
+                  "ran_on": res.ran_on}
     cache.save("teacher", tcfg, result, {"model.pt": model.state_dict()})
     if result["origin"] == "trained":
         _drop_checkpoints(ckpt["checkpoint_dir"])
@@ -1194,7 +1195,7 @@ def run_adv_grid(losses: Sequence[str] = ("trades", "ikl"), seeds: Sequence[int]
                 if res.stopped == "interrupted":
                     raise KeyboardInterrupt
                 result = {"history": res.history, "seconds": res.seconds, "stopped": res.stopped,
-                          "epochs": res.epochs_run, "resumed_from": res.resumed_from}
+                          "epochs": res.epochs_run, "resumed_from": res.resumed_from, "ran_on": res.ran_on}
                 prior_tensor = torch.stack(res.priors) if res.priors else None
                 if res.stopped is None:
                     model.cpu()

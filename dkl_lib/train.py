@@ -187,7 +187,7 @@ class _Parallel:
 
 
 #: Config keys that may change between a checkpoint and its resumption (where and how many).
-_RESUMABLE_ANYWHERE = ("device", "amp", "channels_last", "world_size")
+_RESUMABLE_ANYWHERE = ("device", "amp", "channels_last", "world_size", "cpu_threads")
 
 
 class _Checkpoints:
@@ -278,7 +278,8 @@ def _start_run(model: nn.Module, data: TensorData, *, device, amp: Optional[bool
     model.to(device=device, memory_format=memory_format)
     dtype = _model_dtype(model)
     config = {**config, "device": str(device), "amp": amp, "channels_last": channels_last,
-              "dtype": str(dtype).replace("torch.", ""), "world_size": par.world}
+              "dtype": str(dtype).replace("torch.", ""), "world_size": par.world,
+              "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None}
     checkpoints = _Checkpoints(checkpoint_dir, every=checkpoint_every, keep=keep_checkpoints, config=config, par=par)
     return _Run(par, device, amp, channels_last, memory_format, dtype, data.to(device, dtype), config, checkpoints)
 
@@ -357,11 +358,18 @@ class TrainResult:
     def last_acc(self) -> float:
         return self.history[-1]["test_acc"] if self.history else math.nan
 
+    @property
+    def ran_on(self) -> dict:
+        """Where the run ran, not part of what it computes (cache keys leave it out): device,
+        dtype, amp, channels_last, world_size and cpu_threads (the CPU's intra-op threads; None on
+        GPUs), which change the results in the last digits only."""
+        return {k: self.config.get(k) for k in _RESUMABLE_ANYWHERE + ("dtype",)}
+
     def summary(self) -> dict:
-        """best_acc, best_epoch, last_acc, epochs, seconds, stopped, teacher_acc, resumed_from."""
+        """best_acc, best_epoch, last_acc, epochs, seconds, stopped, teacher_acc, resumed_from, ran_on."""
         return {"best_acc": self.best_acc, "best_epoch": self.best_epoch, "last_acc": self.last_acc,
                 "epochs": self.epochs_run, "seconds": self.seconds, "stopped": self.stopped,
-                "teacher_acc": self.teacher_acc, "resumed_from": self.resumed_from}
+                "teacher_acc": self.teacher_acc, "resumed_from": self.resumed_from, "ran_on": self.ran_on}
 
     def frame(self):
         """The history as a pandas DataFrame, one row per epoch."""

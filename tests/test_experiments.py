@@ -134,6 +134,26 @@ def test_run_grid_rows_summary_and_cache_hits(tmp_path):
     assert not changed.runs["cached"].any()  # a different config is a miss
 
 
+def test_runs_record_where_they_ran_but_the_cache_key_does_not(tmp_path):
+    """The CPU thread count (and device, dtype, amp) is stored with each run, outside the key."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        first = E.run_grid(["ikl"], [0], preset="cpu-quick", overrides=TINY, cache_dir=tmp_path, device="cpu",
+                           progress=False)
+        torch.set_num_threads(2)
+        second = E.run_grid(["ikl"], [0], preset="cpu-quick", overrides=TINY, cache_dir=tmp_path, device="cpu",
+                            progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert first.teacher["ran_on"] == {"device": "cpu", "amp": False, "channels_last": False, "world_size": 1,
+                                       "cpu_threads": 1, "dtype": "float32"}
+    assert second.teacher["source"] == "cache" and second.teacher["ran_on"]["cpu_threads"] == 1
+    assert second.runs["cached"].all()
+    (entry,) = tmp_path.glob("student-*")
+    assert json.loads((entry / "entry.json").read_text())["result"]["ran_on"]["cpu_threads"] == 1
+
+
 def test_corrupt_entry_is_warned_about_and_recomputed(tmp_path):
     first = _run(tmp_path, losses=("kl",), seeds=(0,))
     (entry,) = tmp_path.glob("student-*")
