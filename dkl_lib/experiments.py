@@ -1283,6 +1283,10 @@ def _parse_value(text: str):
         return text
 
 
+# the settings ``--epochs N`` stands for, per command
+_EPOCH_KEYS = {"kd": ("distill.epochs", "teacher.train.epochs"), "adv": ("train.epochs",)}
+
+
 def _grid_args(args, epoch_keys):
     """(overrides, seeds, losses) from the CLI arguments shared by ``kd`` and ``adv``;
     ``--epochs`` fills the dotted keys ``epoch_keys`` unless an ``--override`` set them."""
@@ -1306,7 +1310,7 @@ def _grid_args(args, epoch_keys):
 
 
 def _cmd_kd(args) -> int:
-    overrides, seeds, losses = _grid_args(args, ("distill.epochs", "teacher.train.epochs"))
+    overrides, seeds, losses = _grid_args(args, _EPOCH_KEYS["kd"])
     try:
         grid = run_grid(losses, seeds, preset=args.preset, overrides=overrides, cache_dir=args.cache_dir,
                         use_cache=not args.no_cache, device=args.device, download=args.download,
@@ -1332,7 +1336,7 @@ def _cmd_kd(args) -> int:
 def _cmd_adv(args) -> int:
     from .attacks import SanityCheckError
 
-    overrides, seeds, losses = _grid_args(args, ("train.epochs",))
+    overrides, seeds, losses = _grid_args(args, _EPOCH_KEYS["adv"])
     failed = None
     try:
         grid = run_adv_grid(losses, seeds, preset=args.preset, overrides=overrides, cache_dir=args.cache_dir,
@@ -1401,7 +1405,7 @@ def _parser() -> argparse.ArgumentParser:
                          "same command resumes an interrupted run (0 = off; default: the preset's, "
                          "cpu-quick 0, gpu-short and paper 1)")
     kd.add_argument("--config", metavar="FILE", help="an experiment file of configs/ (preset, losses, seeds, "
-                      "overrides); options given here win; --out defaults to runs/<name>")
+                      "overrides); options given here win (--epochs too); --out defaults to runs/<name>")
     kd.set_defaults(handler=_cmd_kd)
     adv = sub.add_parser("adv", help="adversarial training: losses x seeds for a preset, with evaluation")
     adv.add_argument("--preset", default="cpu-quick", choices=sorted(ADV_PRESETS))
@@ -1420,7 +1424,7 @@ def _parser() -> argparse.ArgumentParser:
     adv.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                      help="as for kd: per-epoch checkpoints, a rerun resumes (0 = off; default: the preset's)")
     adv.add_argument("--config", metavar="FILE", help="an experiment file of configs/ (preset, losses, seeds, "
-                      "overrides); options given here win; --out defaults to runs/<name>")
+                      "overrides); options given here win (--epochs too); --out defaults to runs/<name>")
     adv.set_defaults(handler=_cmd_adv)
     return parser
 
@@ -1459,6 +1463,10 @@ def _expand_config(argv: List[str]) -> List[str]:
                          f"{cfg['task']} --config {path}`")
     has_out = any(a == "--out" or a.startswith("--out=") for a in rest)
     out = None if has_out else default_runs_dir() / cfg["name"]
+    if any(a == "--epochs" or a.startswith("--epochs=") for a in rest):
+        # --epochs typed here beats the file's epoch settings (an explicit --override here still wins)
+        keys = _EPOCH_KEYS[cfg["task"]]
+        cfg = {**cfg, "overrides": {k: v for k, v in cfg["overrides"].items() if k not in keys}}
     return config_to_cli(cfg, out=out) + rest[1:]
 
 

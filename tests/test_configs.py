@@ -229,6 +229,25 @@ def test_cli_config_file_equals_the_explicit_command(tmp_path, monkeypatch):
     assert [(r["loss"], r["seed"]) for r in runs] == [("kl", 1)]
 
 
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_epochs_on_the_command_line_beats_the_files_epochs(path):
+    """`--config FILE --epochs 1` (a quick check of a full-run config) really runs one epoch; an
+    explicit --override typed after it still wins."""
+    from dkl_lib import experiments as E
+
+    cfg = C.load_config(path)
+    keys = E._EPOCH_KEYS[cfg["task"]]
+    parser = E._parser()
+    args = parser.parse_args(E._expand_config([cfg["task"], "--config", str(path), "--epochs", "1"]))
+    overrides, _, _ = E._grid_args(args, keys)
+    assert {k: overrides[k] for k in keys} == {k: 1 for k in keys}
+    plain, _, _ = E._grid_args(parser.parse_args(E._expand_config([cfg["task"], "--config", str(path)])), keys)
+    assert any(plain.get(k, 1) > 1 for k in keys)  # the file's own epochs, without --epochs
+    args = parser.parse_args(E._expand_config([cfg["task"], "--config", str(path), "--epochs", "1",
+                                               "--override", f"{keys[0]}=3"]))
+    assert E._grid_args(args, keys)[0][keys[0]] == 3
+
+
 def test_cli_config_errors(tmp_path):
     from dkl_lib import experiments as E
 
