@@ -13,7 +13,8 @@
 # forward+backward, B = 256, C in {100, 1000}) and benchmarks/bench_train.py (one distillation
 # step of resnet32x4 -> resnet8x4 on CIFAR-shaped random data, losses ce, kl, ikl, batch 64 and
 # 256, bf16 autocast + channels_last as in training), then the experiments command line under
-# torchrun (one process per GPU, nccl) for one short KD grid on random data. Exit status: 0 when
+# torchrun (one process per GPU, nccl) for one short KD grid and one adversarial grid (AWP, weight
+# average, PGD and the ART ensemble on the GPU) on random data. Exit status: 0 when
 # everything ran (the target lines are informational), 1 without a CUDA device (unless
 # --allow-cpu), 2 for bad options, else the status of the step that failed.
 set -euo pipefail
@@ -132,7 +133,31 @@ OMP_NUM_THREADS=1 timeout 240 "$PY" -m torch.distributed.run --standalone --nnod
     --override "data=$SYN" "${MODELS[@]}" --cache-dir "$OUT/cache" --out "$OUT/torchrun" >&2
 echo "$NPROC $((SECONDS - T0))" > "$OUT/torchrun/launch.txt"
 
-# ---- 6. summary ----------------------------------------------------------------------------------
+# ---- 6. the adversarial entry point under torchrun ----------------------------------------------------
+# TRADES and IKL-AT for 1 epoch with the paper recipe's AWP and weight average switched on from the
+# start, then the whole evaluation (clean, PGD-20/50, the ART AutoAttack-style ensemble on the GPU,
+# sanity checks): PreActResNet-18 on CIFAR-10-shaped random data (resnet8 in the CPU dry run).
+if [[ "$DEVICE" == "cuda" ]]; then
+    SYN10='{"name":"synthetic","n_train":2048,"n_test":512,"num_classes":10,"image_shape":[3,32,32],"noise":0.3,"seed":0,"augment":{"padding":4,"flip":true}}'
+    ADV_MODEL=()
+    ADV_EVAL=(--override eval.samples=256 --override eval.square_queries=200)
+else
+    SYN10='{"name":"synthetic","n_train":64,"n_test":32,"num_classes":10,"image_shape":[3,32,32],"noise":0.3,"seed":0,"augment":{"padding":4,"flip":true}}'
+    ADV_MODEL=(--override model.name=resnet8)
+    ADV_EVAL=(--override eval.samples=16 --override eval.square_queries=20 --override eval.apgd_iters=10
+              --override train.attack_steps=2 --override train.eval_samples=16)
+fi
+STEP="adversarial entry point under torchrun ($NPROC processes)"
+echo "== $STEP" >&2
+T0=$SECONDS
+OMP_NUM_THREADS=1 timeout 240 "$PY" -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node="$NPROC" \
+    -m dkl_lib.experiments adv --preset gpu-short --losses trades,ikl --seeds 0 --epochs 1 --checkpoint-every 1 \
+    --override "data=$SYN10" "${ADV_MODEL[@]}" "${ADV_EVAL[@]}" --override train.awp_gamma=0.005 \
+    --override train.awp_warmup=0 --override train.weight_average=0.999 --override train.weight_average_from=1 \
+    --cache-dir "$OUT/cache" --out "$OUT/torchrun_adv" >&2
+echo "$NPROC $((SECONDS - T0))" > "$OUT/torchrun_adv/launch.txt"
+
+# ---- 7. summary ----------------------------------------------------------------------------------
 STEP="summary"
 "$PY" - "$OUT" "$DEVICE" "$((SECONDS - START))" <<'EOF' | tee "$OUT/summary.md"
 import glob
@@ -189,6 +214,17 @@ if os.path.exists(launch):
     runs = ", ".join(f"{r['loss']} {r['last_acc']:.1f} %" for r in res["runs"])
     print(f"\ntorchrun entry point: {nproc} process(es), kd kl + ikl, 1 epoch on random CIFAR-shaped data, "
           f"{secs} s with start-up; last-epoch test accuracy (synthetic data, 1 epoch: a smoke test, not a result): {runs}")
+launch = os.path.join(out, "torchrun_adv", "launch.txt")
+if os.path.exists(launch):
+    nproc, secs = open(launch).read().split()
+    res = json.load(open(os.path.join(out, "torchrun_adv", "results.json")))
+    runs = "; ".join(f"{r['loss']} clean {r['clean_acc']:.1f} / PGD-20 {r['pgd20_acc']:.1f} / ensemble "
+                     f"{r['ensemble_acc']:.1f} %" for r in res["runs"])
+    checks = [c for r in res["runs"] for c in r["report"]["checks"]]
+    failed = [c["check"] for c in checks if c["status"] == "fail"]
+    print(f"\ntorchrun adversarial entry point: {nproc} process(es), trades + ikl with AWP and weight average, "
+          f"1 epoch on random data, {secs} s with start-up (a smoke test, not a result): {runs}; sanity checks: "
+          f"{len(checks) - len(failed)} of {len(checks)} not failed" + (f" (FAILED: {failed})" if failed else ""))
 if device == "cuda" and targets:
     print("\nTargets (informational):")
     for text, ok, value in targets:
