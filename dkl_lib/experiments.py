@@ -526,6 +526,17 @@ def get_teacher(cfg: dict, data: Callable[[], data_mod.TensorData], *, cache: Ru
 
 
 # --------------------------------------------------------------------------------------------- grid
+def _epoch_callback(bar, label: str, seed: int, epochs: int, callback):
+    """The per-epoch callback a grid gives its trainer: the runs bar shows the running run's epoch and
+    test accuracy (a long run is not silent for hours), then the user's ``callback(label, seed,
+    history)`` decides whether to go on."""
+    def on_epoch(history):
+        row = history[-1]
+        bar.set_postfix(loss=label, seed=seed, epoch=f"{row['epoch']}/{epochs}", test_acc=f"{row['test_acc']:.2f}")
+        return callback(label, seed, history) if callback is not None else None
+    return on_epoch
+
+
 def _parse_loss(spec: str) -> Tuple[str, Optional[bool]]:
     if not isinstance(spec, str):
         raise TypeError(f"loss names must be strings, got {spec!r}")
@@ -714,10 +725,7 @@ def run_grid(losses: Sequence[str] = ("ce", "kl", "dkl", "ikl", "gkl", "dkd"),
                 d = get_data()
                 student = _build(cfg["student"], d, seed=seed)
                 settings = dict(rcfg["distill"])
-                epoch_cb = None
-                if callback is not None:
-                    def epoch_cb(history, _l=label, _s=seed):
-                        return callback(_l, _s, history)
+                epoch_cb = _epoch_callback(bar, label, seed, settings["epochs"], callback)
                 ckpt = _checkpointing(cfg, cache, "student", rcfg)
                 res = train_mod.distill(student, teacher if rcfg["loss"] != "ce" else None, d,
                                         loss=rcfg["loss"], seed=seed, device=dev, progress=False,
@@ -1184,11 +1192,8 @@ def run_adv_grid(losses: Sequence[str] = ("trades", "ikl"), seeds: Sequence[int]
                 model.load_state_dict(files["model.pt"])
                 prior_tensor = files.get("priors.pt")
             else:
-                epoch_cb = None
-                if callback is not None:
-                    def epoch_cb(history, _l=loss, _s=seed):
-                        return callback(_l, _s, history)
                 train = dict(rcfg["train"])
+                epoch_cb = _epoch_callback(bar, loss, seed, train["epochs"], callback)
                 ckpt = _checkpointing(cfg, cache, "adv", rcfg)
                 res = train_mod.adversarial_train(model, d, loss=loss, seed=seed, device=dev, progress=False,
                                                   callback=epoch_cb, **ckpt, **train, **rcfg["loss_settings"])

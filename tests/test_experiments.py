@@ -154,6 +154,20 @@ def test_runs_record_where_they_ran_but_the_cache_key_does_not(tmp_path):
     assert json.loads((entry / "entry.json").read_text())["result"]["ran_on"]["cpu_threads"] == 1
 
 
+def test_the_runs_bar_shows_each_runs_epoch_and_the_callback_still_decides(tmp_path, capsys):
+    seen = []
+
+    def stop_after_first_epoch(label, seed, history):
+        seen.append((label, seed, len(history)))
+        return False
+
+    grid = E.run_grid(["kl"], [0], preset="cpu-quick", overrides={**TINY, "distill.epochs": 3},
+                      cache_dir=tmp_path, device="cpu", progress=True, callback=stop_after_first_epoch)
+    err = capsys.readouterr().err
+    assert "epoch=1/3" in err and "test_acc=" in err and "cpu-quick: runs" in err
+    assert seen == [("kl", 0, 1)] and grid.runs["epochs"].tolist() == [1]
+
+
 def test_corrupt_entry_is_warned_about_and_recomputed(tmp_path):
     first = _run(tmp_path, losses=("kl",), seeds=(0,))
     (entry,) = tmp_path.glob("student-*")
