@@ -10,6 +10,8 @@ no DataLoader worker is ever the bottleneck.
   of the ``cpu-quick`` preset and of notebook 03 on a laptop.
 * :func:`cifar`: CIFAR-10/100 through torchvision, read from ``data/downloads`` (git-ignored);
   downloaded only when you pass ``download=True``. Used by the ``gpu-short`` and ``paper`` presets.
+* :func:`imagenet`: ImageNet from class folders, too large for memory: a :class:`FolderData` whose
+  images are decoded per batch (:class:`LazyImages`, with the standard crops); never downloaded.
 * :func:`synthetic`: a few random, learnable tensors for tests.
 
 Batching: :func:`batch_indices` / :func:`batches` shuffle with an explicit ``torch.Generator`` so a
@@ -22,7 +24,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import ClassVar, Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +35,9 @@ __all__ = [
     "default_data_root",
     "digits",
     "cifar",
+    "imagenet",
+    "FolderData",
+    "LazyImages",
     "synthetic",
     "batch_indices",
     "batches",
@@ -86,6 +91,7 @@ class TensorData:
     augment: Optional[dict] = None
     info: dict = field(default_factory=dict)
     _stats: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    lazy: ClassVar[bool] = False  # True for FolderData: images decoded per batch
 
     def __post_init__(self):
         for split in ("train", "test"):
@@ -294,6 +300,220 @@ def cifar(name: str = "cifar100", *, root=None, download: bool = False, device=N
         y_test=y_test.to(device), num_classes=100 if name == "cifar100" else 10, name=name,
         mean=mean, std=std, augment={"padding": 4, "flip": True},
         info={"source": f"torchvision.datasets.{cls.__name__}"},
+    )
+
+
+# ---------------------------------------------------------------------------------------- ImageNet
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+_IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+_CROP_TRIES = 10  # torchvision's RandomResizedCrop: 10 tries, then a centre crop
+
+
+def _resized_crop_box(width: int, height: int, u: Sequence[float], *, scale=(0.08, 1.0),
+                      ratio=(3 / 4, 4 / 3)) -> Tuple[int, int, int, int]:
+    """(top, left, h, w) of torchvision's RandomResizedCrop for an image of width x height, from
+    uniform numbers u (2 per try, then 2 for the position) instead of a global random state."""
+    import math
+
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for t in range(_CROP_TRIES):
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[2 * t])
+        aspect = math.exp(log_lo + (log_hi - log_lo) * u[2 * t + 1])
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = min(int(u[2 * _CROP_TRIES] * (height - h + 1)), height - h)
+            left = min(int(u[2 * _CROP_TRIES + 1] * (width - w + 1)), width - w)
+            return top, left, h, w
+    in_ratio = width / height  # fallback: the centre crop of the clamped aspect ratio
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _load_image(path: str, size: int, train: bool, u) -> torch.Tensor:
+    """One image as uint8 (3, size, size): the train crop (u: its uniform draws, last one the flip)
+    or the test view, with Pillow as torchvision does it for PIL images."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        width, height = img.size
+        if train:
+            top, left, h, w = _resized_crop_box(width, height, u)
+            img = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
+            if u[-1] < 0.5:
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        else:  # Resize(size / 0.875) on the shorter side, then CenterCrop(size): 256 / 224 at 224
+            short = int(size / 0.875)
+            if width <= height:
+                new = (short, int(short * height / width))
+            else:
+                new = (int(short * width / height), short)
+            img = img.resize(new, Image.BILINEAR)
+            top, left = int(round((new[1] - size) / 2.0)), int(round((new[0] - size) / 2.0))
+            img = img.crop((left, top, left + size, top + size))
+        import numpy as np
+
+        return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
+class LazyImages:
+    """The images of one split of an image-folder data set (ImageNet), decoded when indexed.
+
+    It stands where a :class:`TensorData` holds its image tensor: ``x[idx]`` with int64 indices (a
+    tensor on any device, or a list) decodes that batch into a float (B, 3, size, size) tensor in
+    [0, 1] on ``device``; a slice gives a lazy subset; ``shape``, ``device``, ``dtype`` and ``len``
+    behave as for a tensor. A training split draws torchvision's RandomResizedCrop (8-100 % of the
+    area, aspect 3/4-4/3) and a horizontal flip per image from its own generator (``seed``); a test
+    split resizes the shorter side to size / 0.875 and takes the centre crop (Resize(256) +
+    CenterCrop(224) at size 224), as the official ImageNet evaluation. Decoding runs on a pool of
+    ``workers`` threads (Pillow releases the GIL while decoding).
+    """
+
+    def __init__(self, files: Sequence[str], *, size: int, train: bool, seed: int = 0,
+                 workers: Optional[int] = None, device=None, dtype: torch.dtype = torch.float32,
+                 _shared: Optional[dict] = None):
+        self.files = list(files)
+        self.size, self.train = int(size), bool(train)
+        self.workers = workers or min(16, os.cpu_count() or 1)
+        self._device, self._dtype = _resolve_device(device), dtype
+        # the generator and thread pool are shared by the copies .to() makes
+        self._shared = _shared if _shared is not None else {"gen": torch.Generator().manual_seed(int(seed)),
+                                                           "pool": None}
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.files), 3, self.size, self.size))
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    def dim(self) -> int:
+        return 4
+
+    def is_floating_point(self) -> bool:
+        return True
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "LazyImages":
+        out = LazyImages(self.files, size=self.size, train=self.train, workers=self.workers,
+                         device=device if device is not None else self._device, dtype=dtype or self._dtype,
+                         _shared=self._shared)
+        return out
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        if isinstance(idx, slice):
+            return LazyImages(self.files[idx], size=self.size, train=self.train, workers=self.workers,
+                              device=self._device, dtype=self._dtype, _shared=self._shared)
+        rows = idx.detach().cpu().tolist() if isinstance(idx, torch.Tensor) else list(idx)
+        if self.train:  # drawn here, in call order, so a seed fixes every crop and flip
+            draws = torch.rand((len(rows), 2 * _CROP_TRIES + 3), generator=self._shared["gen"],
+                               dtype=torch.float64).tolist()
+        else:
+            draws = [None] * len(rows)
+        if self._shared["pool"] is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._shared["pool"] = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="dkl-decode")
+        images = list(self._shared["pool"].map(
+            lambda job: _load_image(self.files[job[0]], self.size, self.train, job[1]), zip(rows, draws)))
+        if not images:
+            return torch.empty((0, 3, self.size, self.size), device=self._device, dtype=self._dtype)
+        return torch.stack(images).to(self._device).to(self._dtype).div_(255.0)
+
+
+@dataclass
+class FolderData(TensorData):
+    """A :class:`TensorData` whose images are :class:`LazyImages` (decoded per batch), for data
+    sets too large for memory (ImageNet). Labels are tensors as usual. The training split augments
+    itself (``augment`` stays None), so the trainers neither augment again nor cache teacher logits."""
+
+    lazy: ClassVar[bool] = True
+
+    def __post_init__(self):
+        for split in ("train", "test"):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if not isinstance(x, LazyImages) or not isinstance(y, torch.Tensor):
+                raise TypeError(f"x_{split} must be LazyImages and y_{split} a torch.Tensor")
+            if y.dtype != torch.int64 or y.shape != (len(x),):
+                raise ValueError(f"y_{split} must be int64 of shape ({len(x)},), got {y.dtype} of shape "
+                                 f"{tuple(y.shape)}")
+        self.mean, self.std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
+
+
+def _image_files(folder: Path, classes: Sequence[str]) -> Tuple[list, list]:
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        entries = sorted(e.path for e in os.scandir(folder / name)
+                         if e.is_file() and e.name.lower().endswith(_IMAGE_SUFFIXES))
+        files += entries
+        labels += [label] * len(entries)
+    return files, labels
+
+
+def imagenet(root=None, *, size: int = 224, workers: Optional[int] = None, seed: int = 0,
+             device=None) -> FolderData:
+    """ImageNet (ILSVRC-2012) from class folders, decoded per batch (:class:`LazyImages`).
+
+    Reads ``root`` (default ``default_data_root() / "imagenet"``) laid out as ``train/<wnid>/*.JPEG``
+    and ``val/<wnid>/*.JPEG`` (the validation images sorted into class folders, as most ImageNet
+    training code expects). Nothing is ever downloaded: ImageNet needs a registration at
+    image-net.org. Classes are the sorted ``train`` folder names (1000 for ILSVRC-2012); ``val`` must
+    have the same folders. Training images get RandomResizedCrop(size) + flip, validation images
+    Resize(size / 0.875) + CenterCrop(size); normalisation with the usual ImageNet mean and std.
+
+    Args:
+        root: the folder holding ``train/`` and ``val/``.
+        size: the crop size (224 in the paper).
+        workers: decoding threads (default min(16, CPU count)).
+        seed: fixes the training crops and flips.
+        device: where decoded batches go (default CPU).
+
+    Raises:
+        DatasetNotFoundError: a folder is missing or empty; the message says what to put where.
+    """
+    root = Path(root).expanduser() if root is not None else default_data_root() / "imagenet"
+    if isinstance(size, bool) or not isinstance(size, int) or size < 8:
+        raise ValueError(f"size must be an integer >= 8, got {size!r}")
+    layout = (f"expected {root}/train/<class>/<image>.JPEG and {root}/val/<class>/<image>.JPEG (ILSVRC-2012 "
+              "from image-net.org, with the validation images sorted into the class folders of train/; another "
+              "folder: pass root=... or set DKL_DATA_DIR, which holds imagenet/). ImageNet is never downloaded "
+              "automatically.")
+    train_dir, val_dir = root / "train", root / "val"
+    if not train_dir.is_dir() or not val_dir.is_dir():
+        raise DatasetNotFoundError(f"ImageNet was not found under {root}: {layout}")
+    classes = sorted(e.name for e in os.scandir(train_dir) if e.is_dir())
+    missing = [c for c in classes if not (val_dir / c).is_dir()]
+    if len(classes) < 2 or missing:
+        raise DatasetNotFoundError(f"ImageNet under {root} is incomplete ({len(classes)} class folders in train/"
+                                   + (f"; val/ lacks {missing[:3]}" if missing else "") + f"): {layout}")
+    train_files, train_labels = _image_files(train_dir, classes)
+    val_files, val_labels = _image_files(val_dir, classes)
+    if not train_files or not val_files:
+        raise DatasetNotFoundError(f"ImageNet under {root} has no images ({layout})")
+    device = _resolve_device(device)
+    mean, std = IMAGENET_STATS
+    return FolderData(
+        x_train=LazyImages(train_files, size=size, train=True, seed=seed, workers=workers, device=device),
+        y_train=torch.tensor(train_labels, dtype=torch.int64, device=device),
+        x_test=LazyImages(val_files, size=size, train=False, workers=workers, device=device),
+        y_test=torch.tensor(val_labels, dtype=torch.int64, device=device),
+        num_classes=len(classes), name="imagenet", mean=mean, std=std, augment=None,
+        info={"source": "image folders (train/, val/)", "root_classes": len(classes), "size": size,
+              "seed": int(seed)},
     )
 
 

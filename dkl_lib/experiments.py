@@ -174,6 +174,34 @@ PRESETS: Dict[str, dict] = {
         "losses": copy.deepcopy(_PAPER_LOSSES),
         "checkpoint_every": 1,
     },
+    "imagenet": {
+        "description": ("ImageNet ResNet34 -> ResNet18, the official 100-epoch settings (batch 512, lr 0.2, x0.1 at "
+                        "30/60/90, T = 1); teacher: torchvision's pretrained ResNet34 file"),
+        "data": {"name": "imagenet", "size": 224},
+        "teacher": {
+            "model": "resnet34", "model_kw": {}, "seed": 0,
+            # torchvision's IMAGENET1K_V1 weights (top-1 73.31 %), the teacher of mdistiller and the DKL code
+            "checkpoint": "teachers/resnet34-b627a593.pth",
+            "train": {"epochs": 100, "lr": 0.2, "momentum": 0.9, "weight_decay": 1e-4,
+                      "milestones": [30, 60, 90], "lr_decay": 0.1, "batch_size": 512},
+        },
+        "student": {"model": "resnet18", "model_kw": {}},
+        "distill": {"epochs": 100, "lr": 0.2, "momentum": 0.9, "weight_decay": 1e-4,
+                    "milestones": [30, 60, 90], "lr_decay": 0.1, "batch_size": 512, "temperature": 1.0,
+                    "ce_weight": 1.0, "kd_weight": 1.0, "warmup_epochs": 1},
+        "losses": {
+            # mdistiller configs/imagenet/r34_r18/kd.yaml: T 1, CE 0.5, KD 0.5
+            "kl": {"ce_weight": 0.5, "kd_weight": 0.5, "warmup_epochs": 0},
+            "dkl": {"ce_weight": 0.5, "kd_weight": 0.5, "warmup_epochs": 0, "alpha": 1.0, "beta": 1.0},
+            # DKL repo configs/imagenet/r34_r18/dkd.yaml: CE 1, ALPHA 1 (default), BETA 0.5, T 1, WARMUP 1
+            "dkd": {"alpha": 1.0, "beta": 0.5},
+            # DKL repo imagenet_kd_dkl_configs/r34_r18_ikl_kd.yaml: ALPHA 1, BETA 0.5, GI, T2 1 (T 1, WARMUP 1)
+            "ikl": {"gi": True, "alpha": 0.5, "beta": 1.0, "weight_temperature": 1.0},
+            # no official ImageNet GKL config: IKL's weights with GKL's gamma (unverified)
+            "gkl": {"gi": True, "alpha": 0.5, "beta": 1.0, "weight_temperature": 1.0, "gamma": 0.05},
+        },
+        "checkpoint_every": 1,
+    },
 }
 
 #: Optional keys of the teacher/student sections: "dtype" ("float32" default, "float64" for exact
@@ -372,18 +400,24 @@ class RunCache:
 # --------------------------------------------------------------------------------------------- data
 def load_data(spec: dict, *, device=None, download: bool = False) -> data_mod.TensorData:
     """The data set described by a preset's ``data`` section ({"name": "digits"|"cifar100"|
-    "cifar10"|"synthetic", ...other arguments of that loader})."""
+    "cifar10"|"imagenet"|"synthetic", ...other arguments of that loader})."""
     spec = dict(spec)
     name = spec.pop("name", None)
     if name == "digits":
         return data_mod.digits(device=device, **spec)
     if name in ("cifar100", "cifar10"):
         return data_mod.cifar(name, download=download, device=device, **spec)
+    if name == "imagenet":
+        if download:
+            raise ValueError("ImageNet cannot be downloaded automatically (it needs a registration at "
+                             "image-net.org); put it under data/downloads/imagenet/{train,val}/<class>/ "
+                             "(see dkl_lib.data.imagenet) and run without --download")
+        return data_mod.imagenet(device=device, **spec)
     if name == "synthetic":
         if "image_shape" in spec:
             spec["image_shape"] = tuple(spec["image_shape"])
         return data_mod.synthetic(device=device, **spec)
-    raise ValueError(f"unknown data set {name!r}; choose digits, cifar100, cifar10 or synthetic")
+    raise ValueError(f"unknown data set {name!r}; choose digits, cifar100, cifar10, imagenet or synthetic")
 
 
 def _model_kw(spec: dict) -> dict:
@@ -786,14 +820,22 @@ def paper_results(*, as_frame: bool = True, task: str = "kd"):
     return pd.DataFrame(raw["results"] if task == "kd" else raw["adversarial"])
 
 
+# our ImageNet model names -> the names in data/paper_results.json
+_PAPER_MODEL_NAMES = {"resnet34": "ResNet34", "resnet18": "ResNet18", "resnet50": "ResNet50", "mobilenet_v1": "MobileNet"}
+
+
 def paper_reference(cfg: dict) -> Optional[Dict[str, float]]:
     """{loss: published top-1} for a resolved config whose data/teacher/student pair the paper
-    reports (CIFAR-100 resnet32x4 → resnet8x4), else None. "teacher" is included."""
-    if cfg.get("data", {}).get("name") != "cifar100":
+    reports (CIFAR-100 resnet32x4 → resnet8x4; ImageNet ResNet34 → ResNet18 and ResNet50 →
+    MobileNet), else None. "teacher" is included where the table has it."""
+    dataset = {"cifar100": "CIFAR-100", "imagenet": "ImageNet"}.get(cfg.get("data", {}).get("name"))
+    if dataset is None:
         return None
+    names = _PAPER_MODEL_NAMES if dataset == "ImageNet" else {}
+    teacher, student = cfg["teacher"]["model"], cfg["student"]["model"]
     table = paper_results()
-    sel = table[(table["dataset"] == "CIFAR-100") & (table["teacher"] == cfg["teacher"]["model"])
-                & (table["student"] == cfg["student"]["model"])]
+    sel = table[(table["dataset"] == dataset) & (table["teacher"] == names.get(teacher, teacher))
+                & (table["student"] == names.get(student, student))]
     if sel.empty:
         return None
     out = {}

@@ -10,6 +10,8 @@
   ``block1.layer.0.bn1``, ``block1.layer.0.convShortcut``, ``bn1``, ``fc``), so their released
   CIFAR-100 teacher checkpoints load with ``load_state_dict(strict=True)``; see
   :func:`load_teacher_checkpoint`. Every model returns logits of shape (B, num_classes) only.
+* ImageNet: torchvision's ``resnet18``, ``resnet34``, ``resnet50`` (torchvision's weight files load
+  into them as they are) and :class:`MobileNetV1` (``mobilenet_v1``), the paper's ImageNet pairs.
 
 :func:`build_model` builds any of them by name, optionally with a fixed initialisation seed that
 does not touch the global random state.
@@ -393,6 +395,61 @@ def preact_resnet18(num_classes: int = 10) -> PreActResNet:
     return PreActResNet(blocks=(2, 2, 2, 2), num_classes=num_classes)
 
 
+# ------------------------------------------------------------------------------------ ImageNet
+def resnet18(num_classes: int = 1000) -> nn.Module:
+    """torchvision's ResNet-18 (11.7 M parameters at 1000 classes): the ImageNet student of the
+    paper's ResNet34 -> ResNet18 pair. torchvision's weight files load into it as they are."""
+    import torchvision
+
+    return torchvision.models.resnet18(weights=None, num_classes=num_classes)
+
+
+def resnet34(num_classes: int = 1000) -> nn.Module:
+    """torchvision's ResNet-34 (21.8 M parameters): the ImageNet teacher of the KD tables (the paper
+    and mdistiller use torchvision's pretrained weights, top-1 73.31 %)."""
+    import torchvision
+
+    return torchvision.models.resnet34(weights=None, num_classes=num_classes)
+
+
+def resnet50(num_classes: int = 1000) -> nn.Module:
+    """torchvision's ResNet-50 (25.6 M parameters): the teacher of the ResNet50 -> MobileNet pair."""
+    import torchvision
+
+    return torchvision.models.resnet50(weights=None, num_classes=num_classes)
+
+
+class MobileNetV1(nn.Module):
+    """MobileNet (v1, width 1.0; Howard et al. 2017): a 3x3 stride-2 convolution, then 13
+    depthwise-separable blocks (3x3 depthwise + 1x1 pointwise, each with BatchNorm and ReLU),
+    global average pooling and a linear classifier; 4.2 M parameters at 1000 classes. The student
+    of the paper's ResNet50 -> MobileNet ImageNet pair (mdistiller's MobileNetV1)."""
+
+    # (output channels, stride) of the depthwise-separable blocks
+    BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1), (512, 1), (512, 1),
+              (512, 1), (512, 1), (1024, 2), (1024, 1))
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        layers = [nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True)]
+        channels = 32
+        for out, stride in self.BLOCKS:
+            layers += [nn.Conv2d(channels, channels, 3, stride, 1, groups=channels, bias=False),
+                       nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
+                       nn.Conv2d(channels, out, 1, 1, 0, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+            channels = out
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def mobilenet_v1(num_classes: int = 1000) -> MobileNetV1:
+    return MobileNetV1(num_classes=num_classes)
+
+
 def _mlp(num_classes: int = 10, **kw) -> MLP:
     return MLP(num_classes=num_classes, **kw)
 
@@ -420,6 +477,10 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
     "wrn_28_10": wrn_28_10,
     "wrn_34_10": wrn_34_10,
     "preact_resnet18": preact_resnet18,
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "resnet50": resnet50,
+    "mobilenet_v1": mobilenet_v1,
 }
 
 

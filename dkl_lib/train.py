@@ -265,6 +265,21 @@ class _Run(NamedTuple):
     checkpoints: _Checkpoints
 
 
+def _batch(data: TensorData, idx: torch.Tensor, par: "_Parallel", augment: Optional[dict], augment_gen):
+    """This rank's share of one global training batch: (idx, x, y, global batch size). In-memory
+    data is indexed and augmented for the whole global batch (so every rank gets the one-process
+    draws), then split; lazily decoded data (:class:`~dkl_lib.data.FolderData`) decodes only this
+    rank's rows and augments them itself."""
+    global_n = idx.shape[0]
+    if data.lazy:
+        idx = par.local(idx)
+        return idx, data.x_train[idx], data.y_train[idx], global_n
+    x, y = data.x_train[idx], data.y_train[idx]
+    if augment:
+        x = augment_crop_flip(x, generator=augment_gen, **augment)
+    return par.local(idx), par.local(x), par.local(y), global_n
+
+
 def _start_run(model: nn.Module, data: TensorData, *, device, amp: Optional[bool], channels_last: Optional[bool],
                config: dict, checkpoint_dir, checkpoint_every: int, keep_checkpoints: int) -> _Run:
     """What both trainers set up first: the device (this rank's under torchrun), bf16 autocast and
@@ -498,7 +513,7 @@ def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], lo
         teacher.requires_grad_(False)
         teacher_acc = evaluate(teacher, data.to(dtype=_model_dtype(teacher)), amp=amp,
                                channels_last=channels_last)
-        if not augment:  # fixed inputs: the frozen teacher's logits are computed once
+        if not augment and not data.lazy:  # fixed inputs: the frozen teacher's logits are computed once
             t_data = data.to(dtype=_model_dtype(teacher))
             cached_teacher_logits = predict_logits(teacher, t_data.x_train, t_data, amp=amp,
                                                    channels_last=channels_last).to(dtype)
@@ -536,11 +551,7 @@ def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], lo
             bars.start_epoch()
             for idx in par.batches(data.n_train, batch_size=batch_size, generator=shuffle_gen,
                                    drop_last=drop_last, device=device):
-                x, y = data.x_train[idx], data.y_train[idx]
-                if augment:  # drawn for the global batch, so every rank gets the one-process draw
-                    x = augment_crop_flip(x, generator=augment_gen, **augment)
-                global_n = y.shape[0]
-                idx, x, y = par.local(idx), par.local(x), par.local(y)
+                idx, x, y, global_n = _batch(data, idx, par, augment, augment_gen)
                 x = data.normalize(x)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -1012,6 +1023,9 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
         raise ValueError(f"unknown adversarial loss {loss!r}; choose one of {list(ADV_LOSSES)}")
     _check_model("model", model)
     _check_data(data)
+    if data.lazy:
+        raise ValueError(f"adversarial training needs an in-memory data set (TensorData); {data.name!r} is "
+                         "decoded per batch (FolderData), which the attacks and evaluation do not take")
     cfg = _common_config(epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
                          milestones=milestones, lr_decay=lr_decay, nesterov=nesterov,
                          batch_size=batch_size, drop_last=drop_last, seed=seed)
@@ -1105,14 +1119,11 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
             model.train()
             for idx in par.batches(data.n_train, batch_size=bs, generator=shuffle_gen,
                                    drop_last=cfg["drop_last"], device=device):
-                x, y = data.x_train[idx], data.y_train[idx]
-                if data.augment:  # global-batch draws, then this rank's rows (see _Parallel)
-                    x = augment_crop_flip(x, generator=augment_gen, **data.augment)
+                _, x, y, global_n = _batch(data, idx, par, data.augment, augment_gen)
                 start_noise = None
                 if loss != "ce":  # the draw trades_perturb would make for the global batch
-                    start_noise = par.local(torch.randn(x.shape, generator=attack_gen, dtype=torch.float32))
-                global_n = y.shape[0]
-                x, y = par.local(x), par.local(y)
+                    start_noise = par.local(torch.randn((global_n, *x.shape[1:]), generator=attack_gen,
+                                                        dtype=torch.float32))
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 x_adv = None

@@ -1,0 +1,142 @@
+"""ImageNet from class folders (dkl_lib.data.imagenet, decoded per batch), the ImageNet models, and
+the `imagenet` KD preset end to end, on a miniature folder of a few random JPEG/PNG images."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+from dkl_lib import data as D
+from dkl_lib import experiments as E
+from dkl_lib import models as M
+from dkl_lib import train as T
+
+CLASSES = ("n01440764", "n01443537", "n01484850")
+SIZES = ((40, 30), (30, 44), (52, 52), (64, 36))
+
+
+def write_images(folder, n, seed):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for k in range(n):
+        w, h = SIZES[k % len(SIZES)]
+        img = Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8))
+        img.save(folder / (f"img{k}.png" if k == 1 else f"img{k}.JPEG"))
+    (folder / "notes.txt").write_text("not an image")
+
+
+@pytest.fixture
+def mini_imagenet(tmp_path, monkeypatch, no_network):
+    root = tmp_path / "data"
+    for c, name in enumerate(CLASSES):
+        write_images(root / "imagenet" / "train" / name, 6, seed=c)
+        write_images(root / "imagenet" / "val" / name, 2, seed=100 + c)
+    monkeypatch.setenv("DKL_DATA_DIR", str(root))
+    return root / "imagenet"
+
+
+def test_class_folders_labels_and_the_official_test_view(mini_imagenet):
+    d = D.imagenet(size=32, workers=2)
+    assert isinstance(d, D.FolderData) and d.lazy and d.num_classes == 3 and (d.n_train, d.n_test) == (18, 6)
+    assert d.y_train.tolist() == [0] * 6 + [1] * 6 + [2] * 6 and d.y_test.tolist() == [0, 0, 1, 1, 2, 2]
+    assert d.image_shape == (3, 32, 32) and d.augment is None and d.mean == D.IMAGENET_STATS[0]
+    x = d.x_test[torch.arange(6)]
+    assert x.shape == (6, 3, 32, 32) and x.dtype == torch.float32 and 0.0 <= float(x.min()) <= float(x.max()) <= 1.0
+    # the test view is torchvision's Resize(size / 0.875) + CenterCrop(size), pixel for pixel
+    for k, path in enumerate(d.x_test.files):
+        with Image.open(path) as img:
+            want = TF.pil_to_tensor(TF.center_crop(TF.resize(img.convert("RGB"), 36), 32)).float() / 255.0
+        assert torch.equal(x[k], want), path
+    assert torch.equal(d.x_test[torch.tensor([3, 0])], x[[3, 0]])  # deterministic, any order
+    sub = d.x_test[:2]
+    assert isinstance(sub, D.LazyImages) and sub.shape == (2, 3, 32, 32) and torch.equal(sub[[0, 1]], x[:2])
+
+
+def test_train_crops_are_torchvisions_random_resized_crop(mini_imagenet):
+    path = D.imagenet(size=16).x_train.files[0]  # 40 x 30
+    with Image.open(path) as img:
+        rgb = img.convert("RGB")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        u = torch.rand(23, generator=g, dtype=torch.float64).tolist()
+        top, left, h, w = D._resized_crop_box(40, 30, u)
+        assert 0 <= top <= 30 - h and 0 <= left <= 40 - w
+        assert 0.08 * 1200 * 0.9 <= h * w <= 1200 and 3 / 4 * 0.85 <= w / h <= 4 / 3 * 1.15
+        want = TF.resized_crop(rgb, top, left, h, w, [16, 16], interpolation=TF.InterpolationMode.BILINEAR)
+        if u[-1] < 0.5:
+            want = TF.hflip(want)
+        assert torch.equal(D._load_image(path, 16, True, u), TF.pil_to_tensor(want))
+    # no try fits (aspect draws far outside the image): the centre crop of the clamped aspect ratio
+    assert D._resized_crop_box(100, 10, [1.0, 0.0] * 10 + [0.5, 0.5, 0.9]) == (0, 43, 10, 13)
+
+
+def test_training_crops_follow_the_seed(mini_imagenet):
+    a, b, c = (D.imagenet(size=16, seed=s).x_train for s in (0, 0, 1))
+    idx = torch.arange(18)
+    first = a[idx]
+    assert torch.equal(first, b[idx]) and not torch.equal(first, c[idx])
+    assert not torch.equal(first, a[idx])  # the next draw: new crops
+
+
+def test_missing_or_incomplete_folders_say_what_to_put_where(tmp_path, mini_imagenet):
+    with pytest.raises(D.DatasetNotFoundError, match=r"train/<class>/<image>\.JPEG.*never downloaded"):
+        D.imagenet(tmp_path / "nowhere")
+    (mini_imagenet / "train" / "n09999999").mkdir()
+    with pytest.raises(D.DatasetNotFoundError, match="val/ lacks"):
+        D.imagenet()
+    with pytest.raises(ValueError, match="size"):
+        D.imagenet(size=4)
+
+
+def test_imagenet_models():
+    assert round(M.count_parameters(M.build_model("mobilenet_v1", 1000)) / 1e6, 2) == 4.23
+    assert round(M.count_parameters(M.build_model("resnet18", 1000)) / 1e6, 2) == 11.69
+    import torchvision
+
+    # torchvision's own weight files load into ours as they are (same module names)
+    M.load_teacher_checkpoint(torchvision.models.resnet34().state_dict(), M.build_model("resnet34", 1000))
+    assert M.build_model("mobilenet_v1", 5, seed=0)(torch.rand(2, 3, 32, 32)).shape == (2, 5)
+
+
+def test_distill_decodes_each_training_image_once_per_epoch_and_only_its_share(mini_imagenet, monkeypatch):
+    calls = []
+    real = D._load_image
+    monkeypatch.setattr(D, "_load_image", lambda p, s, train, u: calls.append(train) or real(p, s, train, u))
+    d = D.imagenet(size=32, workers=2)
+    teacher, student = M.build_model("resnet18", 3, seed=0), M.build_model("mobilenet_v1", 3, seed=1)
+    r = T.distill(student, teacher, d, loss="ikl", gi=True, epochs=2, batch_size=8, seed=0, device="cpu",
+                  progress=False)
+    # 18 training crops per epoch (no teacher-logit cache over random crops), test views for the evaluations
+    assert calls.count(True) == 2 * 18 and r.priors[-1].shape == (3, 3) and len(r.history) == 2
+    with pytest.raises(ValueError, match="in-memory"):
+        T.adversarial_train(student, d, epsilon=0.03, epochs=1, progress=False, device="cpu")
+
+    class Rank1Of2:  # what a torchrun rank does with a global batch of lazy data
+        def local(self, t):
+            return t[1::2]
+
+    calls.clear()
+    idx, x, y, n = T._batch(d, torch.arange(7), Rank1Of2(), None, None)
+    assert idx.tolist() == [1, 3, 5] and n == 7 and x.shape[0] == 3 and calls == [True] * 3
+
+
+def test_imagenet_preset_end_to_end_with_torchvisions_teacher_file(tmp_path, mini_imagenet):
+    teacher = M.build_model("resnet34", 3, seed=4)
+    target = mini_imagenet.parent / "teachers" / "resnet34-b627a593.pth"
+    target.parent.mkdir()
+    torch.save(teacher.state_dict(), target)  # torchvision's files are bare state_dicts
+    out = tmp_path / "out"
+    status = E.main(["kd", "--preset", "imagenet", "--losses", "kl,ikl", "--seeds", "0", "--epochs", "1",
+                     "--override", "data.size=32", "--override", "distill.batch_size=6", "--device", "cpu",
+                     "--quiet", "--cache-dir", str(tmp_path / "runs"), "--out", str(out)])
+    assert status == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["teacher"]["source"] == "checkpoint"
+    assert res["teacher"]["acc"] == pytest.approx(T.evaluate(teacher, D.imagenet(size=32)))
+    assert [r["loss"] for r in res["runs"]] == ["kl", "ikl"] and res["config"]["student"]["model"] == "resnet18"
+    paper = {row["loss"]: row.get("paper_top1") for row in res["summary"]}
+    assert paper == {"kl": 71.03, "ikl": 71.91}  # the paper's ImageNet numbers, beside ours
+    with pytest.raises(ValueError, match="cannot be downloaded"):
+        E.load_data({"name": "imagenet"}, download=True)
