@@ -414,22 +414,34 @@ class LazyImages:
                          _shared=self._shared)
         return out
 
+    @property
+    def generator(self) -> torch.Generator:
+        """The generator of the training crops and flips (checkpointed by the trainers)."""
+        return self._shared["gen"]
+
     def __getitem__(self, idx) -> torch.Tensor:
         if isinstance(idx, slice):
             return LazyImages(self.files[idx], size=self.size, train=self.train, workers=self.workers,
                               device=self._device, dtype=self._dtype, _shared=self._shared)
-        rows = idx.detach().cpu().tolist() if isinstance(idx, torch.Tensor) else list(idx)
-        if self.train:  # drawn here, in call order, so a seed fixes every crop and flip
-            draws = torch.rand((len(rows), 2 * _CROP_TRIES + 3), generator=self._shared["gen"],
-                               dtype=torch.float64).tolist()
-        else:
-            draws = [None] * len(rows)
+        return self.take(idx)
+
+    def take(self, idx, keep=None) -> torch.Tensor:
+        """The batch of rows ``idx``; with ``keep`` (a function selecting this process's rows of a
+        global batch, e.g. ``t[rank::world]``) only those rows are decoded. The random crops are drawn
+        for the whole batch first, in call order, so a seed fixes them and every torchrun rank gets
+        the crops a one-process run would give its rows."""
+        rows = idx.detach().cpu() if isinstance(idx, torch.Tensor) else torch.as_tensor(list(idx), dtype=torch.int64)
+        draws = (torch.rand((rows.shape[0], 2 * _CROP_TRIES + 3), generator=self._shared["gen"],
+                            dtype=torch.float64) if self.train else None)
+        if keep is not None:
+            rows, draws = keep(rows), (keep(draws) if draws is not None else None)
+        jobs = zip(rows.tolist(), draws.tolist() if draws is not None else [None] * rows.shape[0])
         if self._shared["pool"] is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._shared["pool"] = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="dkl-decode")
         images = list(self._shared["pool"].map(
-            lambda job: _load_image(self.files[job[0]], self.size, self.train, job[1]), zip(rows, draws)))
+            lambda job: _load_image(self.files[job[0]], self.size, self.train, job[1]), jobs))
         if not images:
             return torch.empty((0, 3, self.size, self.size), device=self._device, dtype=self._dtype)
         return torch.stack(images).to(self._device).to(self._dtype).div_(255.0)

@@ -269,11 +269,12 @@ def _batch(data: TensorData, idx: torch.Tensor, par: "_Parallel", augment: Optio
     """This rank's share of one global training batch: (idx, x, y, global batch size). In-memory
     data is indexed and augmented for the whole global batch (so every rank gets the one-process
     draws), then split; lazily decoded data (:class:`~dkl_lib.data.FolderData`) decodes only this
-    rank's rows and augments them itself."""
+    rank's rows, with the crops drawn for the global batch by the data itself."""
     global_n = idx.shape[0]
-    if data.lazy:
+    if data.lazy:  # crops drawn for the global batch, only this rank's rows decoded
+        x = data.x_train.take(idx, keep=par.local)
         idx = par.local(idx)
-        return idx, data.x_train[idx], data.y_train[idx], global_n
+        return idx, x, data.y_train[idx], global_n
     x, y = data.x_train[idx], data.y_train[idx]
     if augment:
         x = augment_crop_flip(x, generator=augment_gen, **augment)
@@ -531,6 +532,8 @@ def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], lo
     shuffle_gen = torch.Generator().manual_seed(int(seed))
     augment_gen = torch.Generator().manual_seed(int(seed) + 1_000_003)
     generators = {"shuffle": shuffle_gen, "augment": augment_gen}
+    if data.lazy:  # the random crops of images decoded per batch: reseeded, so a run depends on its seed only
+        generators["crops"] = data.x_train.generator.manual_seed(int(seed) + 3_000_017)
     steps_per_epoch = max(1, (data.n_train // batch_size) if drop_last else math.ceil(data.n_train / batch_size))
 
     first_epoch, history = checkpoints.resume(model, optimizer, scheduler, generators, prior)

@@ -119,7 +119,7 @@ def test_gpu_short_adv_on_mini_cifar10(tmp_path, mini_cifar):
     assert not list((tmp_path / "runs").glob("*/checkpoints"))
 
 
-KD_CONFIGS = sorted(C.config_dir().glob("kd_*.yaml"))
+KD_CONFIGS = sorted(C.config_dir().glob("kd_cifar100_*.yaml"))
 
 
 @pytest.mark.parametrize("path", KD_CONFIGS, ids=lambda p: p.stem)

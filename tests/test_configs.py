@@ -27,7 +27,8 @@ def _cli_overrides(args) -> dict:
 def test_configs_folder_ships_the_issue_7_experiments():
     names = {p.stem for p in SHIPPED}
     assert names == {"kd_cifar100_resnet32x4_resnet8x4", "kd_cifar100_wrn_40_2_wrn_16_2",
-                     "kd_cifar100_resnet56_resnet20", "adv_cifar10_wrn_34_10", "adv_cifar100_wrn_34_10"}
+                     "kd_cifar100_resnet56_resnet20", "adv_cifar10_wrn_34_10", "adv_cifar100_wrn_34_10",
+                     "kd_imagenet_resnet34_resnet18", "kd_imagenet_resnet50_mobilenet_v1"}
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
@@ -57,7 +58,7 @@ def test_kd_configs_carry_the_official_per_pair_values():
     seen = set()
     for path in SHIPPED:
         cfg = C.load_config(path)
-        if cfg["task"] != "kd":
+        if cfg["task"] != "kd" or cfg["preset"] == "imagenet":
             continue
         r = cfg["resolved"]
         student, ikl_alpha, ikl_beta, dkd_beta = official[r["teacher"]["model"]]
@@ -74,6 +75,34 @@ def test_kd_configs_carry_the_official_per_pair_values():
         assert ikl["weight_temperature"] == 100.0
         assert {"kl", "dkd"} <= set(cfg["losses"]) and any(s.startswith("ikl") for s in cfg["losses"])
     assert seen == set(official)
+
+
+def test_imagenet_configs_carry_the_official_per_pair_values():
+    # official IKL_KD (ALPHA, BETA, GI, T2 1, T 1) -> ours (alpha = BETA, beta = ALPHA); DKD beta per pair
+    official = {"resnet34": ("resnet18", 1.0, 0.5, 0.5, "resnet34-b627a593.pth"),
+                "resnet50": ("mobilenet_v1", 4.0, 1.0, 2.0, "resnet50-0676ba61.pth")}
+    seen = set()
+    for path in SHIPPED:
+        cfg = C.load_config(path)
+        if cfg["preset"] != "imagenet":
+            continue
+        r = cfg["resolved"]
+        student, ikl_alpha, ikl_beta, dkd_beta, teacher_file = official[r["teacher"]["model"]]
+        seen.add(r["teacher"]["model"])
+        assert r["student"]["model"] == student and r["data"] == {"name": "imagenet", "size": 224}
+        assert r["teacher"]["checkpoint"] == f"teachers/{teacher_file}"
+        d = r["distill"]
+        assert (d["epochs"], d["batch_size"], d["lr"], d["weight_decay"], d["milestones"], d["temperature"],
+                d["warmup_epochs"]) == (100, 512, 0.2, 1e-4, [30, 60, 90], 1.0, 1)
+        assert r["losses"]["kl"] == {"ce_weight": 0.5, "kd_weight": 0.5, "warmup_epochs": 0}
+        assert r["losses"]["dkd"]["beta"] == dkd_beta
+        ikl = r["losses"]["ikl"]
+        assert (ikl["alpha"], ikl["beta"], ikl["gi"], ikl["weight_temperature"]) == (ikl_beta, ikl_alpha, True, 1.0)
+    assert seen == set(official)
+    preset = E.resolve_config("imagenet")  # the preset is the ResNet34 -> ResNet18 file without overrides
+    ikl34 = C.load_config(C.config_dir() / "kd_imagenet_resnet34_resnet18.yaml")["resolved"]
+    assert {k: ikl34[k] for k in ("data", "teacher", "student", "distill", "losses")} == \
+        {k: preset[k] for k in ("data", "teacher", "student", "distill", "losses")}
 
 
 def test_resnet32x4_config_is_the_paper_preset_plus_the_official_ikl_weights():

@@ -8,6 +8,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from dkl_lib import configs as C
 from dkl_lib import data as D
 from dkl_lib import experiments as E
 from dkl_lib import models as M
@@ -119,7 +120,28 @@ def test_distill_decodes_each_training_image_once_per_epoch_and_only_its_share(m
 
     calls.clear()
     idx, x, y, n = T._batch(d, torch.arange(7), Rank1Of2(), None, None)
-    assert idx.tolist() == [1, 3, 5] and n == 7 and x.shape[0] == 3 and calls == [True] * 3
+    assert idx.tolist() == [1, 3, 5] and n == 7 and y.tolist() == [0, 0, 0] and calls == [True] * 3
+    # its crops are the ones a one-process run gives those rows: drawn for the whole global batch
+    one_process, d2 = D.imagenet(size=32, workers=2), D.imagenet(size=32, workers=2)  # same seed
+    shared = d2.x_train.take(torch.arange(7), keep=lambda t: t[1::2])
+    assert torch.equal(shared, one_process.x_train[torch.arange(7)][1::2])
+
+
+def test_a_resumed_run_gets_the_same_crops_as_an_uninterrupted_one(mini_imagenet, tmp_path):
+    def run(folder, stop_after_one=False):
+        d = D.imagenet(size=32, workers=2, seed=7)  # the trainer reseeds the crops from its own seed
+        student = M.build_model("mobilenet_v1", 3, seed=1)
+        cb = (lambda history: False) if stop_after_one else None
+        r = T.distill(student, None, d, loss="ce", epochs=2, batch_size=8, seed=3, device="cpu", progress=False,
+                      checkpoint_dir=folder, callback=cb)
+        return r, torch.cat([p.detach().flatten() for p in student.parameters()])
+
+    full, full_params = run(tmp_path / "a")
+    stopped, _ = run(tmp_path / "b", stop_after_one=True)
+    resumed, resumed_params = run(tmp_path / "b")
+    assert stopped.epochs_run == 1 and resumed.resumed_from == 1
+    assert torch.equal(resumed_params, full_params)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
 
 
 def test_imagenet_preset_end_to_end_with_torchvisions_teacher_file(tmp_path, mini_imagenet):
@@ -140,3 +162,22 @@ def test_imagenet_preset_end_to_end_with_torchvisions_teacher_file(tmp_path, min
     assert paper == {"kl": 71.03, "ikl": 71.91}  # the paper's ImageNet numbers, beside ours
     with pytest.raises(ValueError, match="cannot be downloaded"):
         E.load_data({"name": "imagenet"}, download=True)
+
+
+@pytest.mark.parametrize("path", sorted(C.config_dir().glob("kd_imagenet_*.yaml")), ids=lambda p: p.stem)
+def test_each_imagenet_config_runs_with_torchvisions_teacher_file(tmp_path, mini_imagenet, path):
+    """configs/kd_imagenet_*.yaml cut to one epoch at 32 pixels: the teacher file the config names
+    is loaded and every loss of the config trains."""
+    cfg = C.load_config(path)
+    tcfg = cfg["resolved"]["teacher"]
+    teacher = M.build_model(tcfg["model"], 3, seed=2)
+    target = mini_imagenet.parent / tcfg["checkpoint"]
+    target.parent.mkdir(parents=True)
+    torch.save(teacher.state_dict(), target)
+    out = tmp_path / "out"
+    assert E.main(["kd", "--config", str(path), "--epochs", "1", "--override", "data.size=32", "--override",
+                   "distill.batch_size=6", "--device", "cpu", "--quiet", "--cache-dir", str(tmp_path / "runs"),
+                   "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["teacher"]["source"] == "checkpoint" and [r["loss"] for r in res["runs"]] == cfg["losses"]
+    assert all(r["epochs"] == 1 for r in res["runs"])
