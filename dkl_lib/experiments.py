@@ -10,6 +10,9 @@ Presets (:data:`PRESETS`, see :func:`preset`):
   disk, else trained for 40 epochs.
 * ``paper``: the official CIFAR-100 settings (DESIGN §5): SGD lr 0.05, momentum 0.9, wd 5e-4,
   batch 64, 240 epochs, ×0.1 at 150/180/210, T = 4, KD warm-up 20 epochs.
+* ``imagenet``: ImageNet ResNet34 → ResNet18 with the official 100-epoch settings (batch 512, lr 0.2,
+  T = 1); images decoded per batch from your copy (:func:`dkl_lib.data.imagenet`), the teacher from
+  torchvision's weight file.
 
 :func:`run_grid` runs ``losses × seeds`` for a preset (the teacher trained once and cached) and
 returns a :class:`GridResult` (a runs DataFrame, a mean ± std summary, histories, GI priors).
