@@ -181,3 +181,22 @@ def test_each_imagenet_config_runs_with_torchvisions_teacher_file(tmp_path, mini
     res = json.loads((out / "results.json").read_text())
     assert res["teacher"]["source"] == "checkpoint" and [r["loss"] for r in res["runs"]] == cfg["losses"]
     assert all(r["epochs"] == 1 for r in res["runs"])
+
+
+def test_distributed_imagenet_preset_under_torchrun_equals_one_process(tmp_path, mini_imagenet):
+    """The ImageNet path under `torchrun --nproc_per_node=2` (gloo): each rank decodes its rows of every
+    global batch with the crops a one-process run draws, so float64 MLPs (no BatchNorm) end equal."""
+    from test_distributed_entry_point import _assert_same_cache, _assert_same_results, _run
+
+    overrides = {"data.size": 12, "teacher.model": "mlp", "teacher.model_kw": {"hidden": [16]},
+                 "teacher.checkpoint": None, "teacher.dtype": "float64", "student.model": "mlp",
+                 "student.model_kw": {"hidden": [8]}, "student.dtype": "float64", "teacher.train.batch_size": 7,
+                 "distill.batch_size": 7, "teacher.train.epochs": 2, "distill.epochs": 2, "checkpoint_every": 1}
+    for name, nproc in (("one", 1), ("two", 2)):
+        args = ["kd", "--preset", "imagenet", "--losses", "kl,ikl", "--seeds", "0", "--quiet", "--device", "cpu",
+                "--cache-dir", str(tmp_path / f"cache_{name}"), "--out", str(tmp_path / f"out_{name}")]
+        for key, value in overrides.items():
+            args += ["--override", f"{key}={json.dumps(value)}"]
+        _run(args, nproc=nproc)  # 18 images in global batches of 7: 4 + 3, 4 + 3, then 2 + 2
+    _assert_same_results(tmp_path, ("best_acc", "last_acc", "teacher_acc"))
+    _assert_same_cache(tmp_path)
