@@ -200,3 +200,19 @@ def test_distributed_imagenet_preset_under_torchrun_equals_one_process(tmp_path,
         _run(args, nproc=nproc)  # 18 images in global batches of 7: 4 + 3, 4 + 3, then 2 + 2
     _assert_same_results(tmp_path, ("best_acc", "last_acc", "teacher_acc"))
     _assert_same_cache(tmp_path)
+
+
+def test_distributed_evaluation_decodes_only_a_ranks_share_of_the_validation_set(mini_imagenet, monkeypatch):
+    calls = []
+    real = D._load_image
+    monkeypatch.setattr(D, "_load_image", lambda p, s, train, u: calls.append(p) or real(p, s, train, u))
+    d = D.imagenet(size=16, workers=2)
+    model = M.build_model("mobilenet_v1", 3, seed=0)
+    par = T._Parallel()
+    par.rank, par.world, par.active = 1, 2, True  # rank 1 of 2, with the all-reduce replaced by the other rank's
+    other = {"correct": 1.0, "seen": 3}
+    monkeypatch.setattr(par, "epoch_totals", lambda sums, **c: {k: float(c[k]) + other[k] for k in c})
+    acc = par.accuracy(model, d, amp=False, channels_last=False)
+    assert calls == d.x_test.files[1::2]  # rows 1, 3, 5 only
+    mine = (T.predict_logits(model, d.x_test[1::2], d).argmax(1) == d.y_test[1::2]).sum().item()
+    assert acc == pytest.approx(100.0 * (mine + 1) / 6)
