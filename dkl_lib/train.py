@@ -30,6 +30,7 @@ stops too, and the finished epochs are returned instead of lost.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import time
@@ -293,6 +294,24 @@ def _batch(data: TensorData, idx: torch.Tensor, par: "_Parallel", augment: Optio
     if augment:
         x = augment_crop_flip(x, generator=augment_gen, **augment)
     return par.local(idx), par.local(x), par.local(y), global_n
+
+
+def _prefetched(items, fetch):
+    """``fetch(item)`` for each item, in order, with the next one computed on a background thread
+    while the caller works on the current one (one thread, so calls stay in order and draw their
+    random numbers in the same order as without prefetching)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    it = iter(items)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dkl-prefetch") as pool:
+        try:
+            pending = pool.submit(fetch, next(it))
+        except StopIteration:
+            return
+        for item in it:
+            current, pending = pending, pool.submit(fetch, item)
+            yield current.result()
+        yield pending.result()
 
 
 def _start_run(model: nn.Module, data: TensorData, *, device, amp: Optional[bool], channels_last: Optional[bool],
@@ -566,9 +585,11 @@ def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], lo
             correct = torch.zeros((), device=device, dtype=torch.float64)
             seen = 0
             bars.start_epoch()
-            for idx in par.batches(data.n_train, batch_size=batch_size, generator=shuffle_gen,
-                                   drop_last=drop_last, device=device):
-                idx, x, y, global_n = _batch(data, idx, par, augment, augment_gen)
+            batches = par.batches(data.n_train, batch_size=batch_size, generator=shuffle_gen,
+                                  drop_last=drop_last, device=device)
+            fetch = functools.partial(_batch, data, par=par, augment=augment, augment_gen=augment_gen)
+            # images decoded per batch: the next batch is decoded while this one trains
+            for idx, x, y, global_n in (_prefetched(batches, fetch) if data.lazy else map(fetch, batches)):
                 x = data.normalize(x)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)

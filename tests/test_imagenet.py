@@ -216,3 +216,28 @@ def test_distributed_evaluation_decodes_only_a_ranks_share_of_the_validation_set
     assert calls == d.x_test.files[1::2]  # rows 1, 3, 5 only
     mine = (T.predict_logits(model, d.x_test[1::2], d).argmax(1) == d.y_test[1::2]).sum().item()
     assert acc == pytest.approx(100.0 * (mine + 1) / 6)
+
+
+def test_prefetching_keeps_the_order_and_works_one_batch_ahead():
+    import threading
+
+    started, second_started = [], threading.Event()
+
+    def fetch(k):
+        started.append(k)
+        if k == 1:
+            second_started.set()
+        return k * 10
+
+    gen = T._prefetched(range(4), fetch)
+    assert next(gen) == 0
+    # while the caller holds item 0, item 1 is already being fetched in the background
+    assert second_started.wait(5.0)
+    assert [*gen] == [10, 20, 30] and started == [0, 1, 2, 3]
+    assert list(T._prefetched([], fetch)) == []
+
+    def boom(k):
+        raise ValueError(f"bad item {k}")
+
+    with pytest.raises(ValueError, match="bad item 0"):
+        list(T._prefetched(range(3), boom))
