@@ -339,6 +339,7 @@ def _resized_crop_box(width: int, height: int, u: Sequence[float], *, scale=(0.0
 def _load_image(path: str, size: int, train: bool, u) -> torch.Tensor:
     """One image as uint8 (3, size, size): the train crop (u: its uniform draws, last one the flip)
     or the test view, with Pillow as torchvision does it for PIL images."""
+    import numpy as np
     from PIL import Image
 
     with Image.open(path) as img:
@@ -358,8 +359,6 @@ def _load_image(path: str, size: int, train: bool, u) -> torch.Tensor:
             img = img.resize(new, Image.BILINEAR)
             top, left = int(round((new[1] - size) / 2.0)), int(round((new[0] - size) / 2.0))
             img = img.crop((left, top, left + size, top + size))
-        import numpy as np
-
         return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
 
 

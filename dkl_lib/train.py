@@ -14,10 +14,10 @@ is used from the next one (DESIGN §4).
 
 Both :func:`train_teacher` and :func:`distill` use SGD with momentum and a multi-step learning-rate
 decay, shuffle with a ``torch.Generator`` fixed by ``seed`` (same seed, same result on the CPU),
-run bf16 autocast and channels_last on CUDA (on the CPU when asked: ``amp=True``), show ``tqdm.auto`` progress bars (``progress=False``
-hides them), and return a :class:`TrainResult`: a per-epoch history of every named loss term
-(averaged over the epoch), train and test accuracy (percent), learning rate and seconds, with the
-best and last epoch. A ``callback(history)`` runs after every epoch (live plots in notebook 03); it
+run bf16 autocast and channels_last on CUDA (on the CPU when asked: ``amp=True``), show
+``tqdm.auto`` progress bars (``progress=False`` hides them), and return a :class:`TrainResult`: a
+per-epoch history of every named loss term (averaged over the epoch), train and test accuracy
+(percent), learning rate and seconds, with the best and last epoch. A ``callback(history)`` runs after every epoch (live plots in notebook 03); it
 stops training by returning ``False`` or raising :class:`StopTraining`. Ctrl-C (KeyboardInterrupt)
 stops too, and the finished epochs are returned instead of lost.
 
