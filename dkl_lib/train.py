@@ -17,9 +17,10 @@ decay, shuffle with a ``torch.Generator`` fixed by ``seed`` (same seed, same res
 run bf16 autocast and channels_last on CUDA (on the CPU when asked: ``amp=True``), show
 ``tqdm.auto`` progress bars (``progress=False`` hides them), and return a :class:`TrainResult`: a
 per-epoch history of every named loss term (averaged over the epoch), train and test accuracy
-(percent), learning rate and seconds, with the best and last epoch. A ``callback(history)`` runs after every epoch (live plots in notebook 03); it
-stops training by returning ``False`` or raising :class:`StopTraining`. Ctrl-C (KeyboardInterrupt)
-stops too, and the finished epochs are returned instead of lost.
+(percent), learning rate and seconds, with the best and last epoch. A ``callback(history)`` runs
+after every epoch (live plots in notebook 03); it stops training by returning ``False`` or raising
+:class:`StopTraining`. Ctrl-C (KeyboardInterrupt) stops too, and the finished epochs are returned
+instead of lost.
 
 :func:`adversarial_train` (notebook 04) trains a model whose normalisation sits inside it
 (:class:`dkl_lib.attacks.Normalized`) on [0, 1] images with the TRADES or IKL-AT outer loss
