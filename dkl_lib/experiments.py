@@ -1359,12 +1359,32 @@ def _grid_args(args, epoch_keys):
     return overrides, seeds, losses
 
 
+class _EpochLog:
+    """The command line's per-epoch log: one JSON line per finished epoch of every run it trains
+    (``DIR/log.jsonl``, appended and flushed at once, so ``tail -f`` follows a long run); rank 0 only."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __call__(self, label: str, seed: int, history: List[dict]) -> None:
+        # "loss" names the run's loss as in results.json; the epoch's loss value becomes "loss_value"
+        epoch = {("loss_value" if k == "loss" else k): v for k, v in history[-1].items()}
+        row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "loss": label, "seed": seed, **epoch}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(_nan_to_none(row), allow_nan=False) + "\n")
+
+
+def _epoch_log(args) -> Optional[_EpochLog]:
+    return _EpochLog(Path(args.out) / "log.jsonl") if dist_mod.is_main() else None
+
+
 def _cmd_kd(args) -> int:
     overrides, seeds, losses = _grid_args(args, _EPOCH_KEYS["kd"])
     try:
         grid = run_grid(losses, seeds, preset=args.preset, overrides=overrides, cache_dir=args.cache_dir,
                         use_cache=not args.no_cache, device=args.device, download=args.download,
-                        progress=not args.quiet)
+                        progress=not args.quiet, callback=_epoch_log(args))
     except (ValueError, TypeError, data_mod.DatasetNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -1379,7 +1399,7 @@ def _cmd_kd(args) -> int:
         cols = [c for c in ("loss", "n", "best", "last", "paper_top1") if c in grid.summary]
         print(f"teacher accuracy: {grid.teacher['acc']:.2f} ({grid.teacher['source']})")
         print(grid.summary[cols].to_string(index=False))
-        print(f"wrote {out / 'results.json'} and {out / 'results.csv'}")
+        print(f"wrote {out / 'results.json'} and {out / 'results.csv'} (per-epoch log: {out / 'log.jsonl'})")
     return 130 if grid.interrupted else 0
 
 
@@ -1391,7 +1411,7 @@ def _cmd_adv(args) -> int:
     try:
         grid = run_adv_grid(losses, seeds, preset=args.preset, overrides=overrides, cache_dir=args.cache_dir,
                             use_cache=not args.no_cache, device=args.device, download=args.download,
-                            progress=not args.quiet, strict=True)
+                            progress=not args.quiet, strict=True, callback=_epoch_log(args))
     except SanityCheckError as err:
         grid, failed = err.grid, err
     except (ValueError, TypeError, data_mod.DatasetNotFoundError) as err:
@@ -1408,7 +1428,7 @@ def _cmd_adv(args) -> int:
                             "paper_robust") if c in grid.summary]
         print(grid.summary[cols].to_string(index=False))
         print("ensemble = AutoAttack-style ensemble run by ART (APGD-CE, APGD-DLR, Square), not the official AutoAttack")
-        print(f"wrote {out / 'results.json'} and {out / 'results.csv'}")
+        print(f"wrote {out / 'results.json'} and {out / 'results.csv'} (per-epoch log: {out / 'log.jsonl'})")
     if failed is not None:
         print(f"SANITY CHECKS FAILED (the numbers above are not trustworthy):\n{failed}", file=sys.stderr)
         return 3
@@ -1440,7 +1460,7 @@ def _parser() -> argparse.ArgumentParser:
     kd.add_argument("--losses", default="ce,kl,dkl,ikl,gkl,dkd",
                     help=f"comma-separated, from {','.join(GRID_LOSSES)}")
     kd.add_argument("--seeds", default="0,1,2", help="comma-separated student seeds")
-    kd.add_argument("--out", required=True, help="folder for results.json and results.csv")
+    kd.add_argument("--out", required=True, help="folder for results.json, results.csv and log.jsonl (a line per trained epoch)")
     kd.add_argument("--cache-dir", default=None, help="cache folder (default: <repository>/runs)")
     kd.add_argument("--no-cache", action="store_true", help="recompute everything, write no cache")
     kd.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
@@ -1461,7 +1481,7 @@ def _parser() -> argparse.ArgumentParser:
     adv.add_argument("--preset", default="cpu-quick", choices=sorted(ADV_PRESETS))
     adv.add_argument("--losses", default="trades,ikl", help=f"comma-separated, from {','.join(ADV_LOSSES)}")
     adv.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    adv.add_argument("--out", required=True, help="folder for results.json and results.csv")
+    adv.add_argument("--out", required=True, help="folder for results.json, results.csv and log.jsonl (a line per trained epoch)")
     adv.add_argument("--cache-dir", default=None, help="cache folder (default: <repository>/runs)")
     adv.add_argument("--no-cache", action="store_true", help="recompute everything, write no cache")
     adv.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
