@@ -184,7 +184,7 @@ class _Parallel:
             logits = predict_logits(model, x, data, amp=amp, channels_last=channels_last)
             correct = (logits.argmax(dim=1) == y).sum().to(torch.float64)
         totals = self.epoch_totals({}, correct=correct, seen=y.shape[0])
-        return 100.0 * totals["correct"] / totals["seen"]
+        return 100.0 * totals["correct"] / totals["seen"] if totals["seen"] else math.nan
 
     def collect(self) -> None:
         """Under torchrun, collect unreachable objects: a dropped DDP wrapper sits in reference
@@ -463,8 +463,10 @@ def evaluate(model: nn.Module, data: TensorData, *, split: str = "test", batch_s
         raise ValueError(f"split must be 'test' or 'train', got {split!r}")
     x, y = (data.x_test, data.y_test) if split == "test" else (data.x_train, data.y_train)
     amp = (data.device.type == "cuda") if amp is None else amp
+    if y.shape[0] == 0:
+        return math.nan
     logits = predict_logits(model, x, data, batch_size=batch_size, amp=amp, channels_last=channels_last)
-    return 100.0 * (logits.argmax(dim=1) == y).double().mean().item()
+    return 100.0 * int((logits.argmax(dim=1) == y).sum()) / y.shape[0]  # as _Parallel.accuracy: same float
 
 
 # ----------------------------------------------------------------------------------- validation
