@@ -38,6 +38,7 @@ __all__ = [
     "imagenet",
     "FolderData",
     "LazyImages",
+    "default_decode_workers",
     "synthetic",
     "batch_indices",
     "batches",
@@ -362,6 +363,22 @@ def _load_image(path: str, size: int, train: bool, u) -> torch.Tensor:
         return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
 
 
+def default_decode_workers() -> int:
+    """Decoding threads per process: ``$DKL_DECODE_WORKERS`` if set, else the CPU count shared among
+    the processes torchrun starts on this machine (``$LOCAL_WORLD_SIZE``), at most 16."""
+    env = os.environ.get("DKL_DECODE_WORKERS")
+    if env:
+        try:
+            value = int(env)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise ValueError(f"DKL_DECODE_WORKERS must be a positive integer, got {env!r}")
+        return value
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(16, (os.cpu_count() or 1) // local))
+
+
 class LazyImages:
     """The images of one split of an image-folder data set (ImageNet), decoded when indexed.
 
@@ -380,7 +397,7 @@ class LazyImages:
                  _shared: Optional[dict] = None):
         self.files = list(files)
         self.size, self.train = int(size), bool(train)
-        self.workers = workers or min(16, os.cpu_count() or 1)
+        self.workers = workers or default_decode_workers()
         self._device, self._dtype = _resolve_device(device), dtype
         # the generator and thread pool are shared by the copies .to() makes
         self._shared = _shared if _shared is not None else {"gen": torch.Generator().manual_seed(int(seed)),
@@ -489,7 +506,8 @@ def imagenet(root=None, *, size: int = 224, workers: Optional[int] = None, seed:
     Args:
         root: the folder holding ``train/`` and ``val/``.
         size: the crop size (224 in the paper).
-        workers: decoding threads (default min(16, CPU count)).
+        workers: decoding threads (default :func:`default_decode_workers`: ``$DKL_DECODE_WORKERS``,
+            else the machine's CPUs shared among its torchrun processes, at most 16).
         seed: fixes the training crops and flips.
         device: where decoded batches go (default CPU).
 

@@ -241,3 +241,21 @@ def test_prefetching_keeps_the_order_and_works_one_batch_ahead():
 
     with pytest.raises(ValueError, match="bad item 0"):
         list(T._prefetched(range(3), boom))
+
+
+def test_decoding_threads_default_to_the_cpus_shared_among_local_processes(monkeypatch):
+    import os
+
+    monkeypatch.delenv("DKL_DECODE_WORKERS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert D.default_decode_workers() == 8
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert D.default_decode_workers() == 16  # capped
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert D.default_decode_workers() == 2
+    monkeypatch.setenv("DKL_DECODE_WORKERS", "5")
+    assert D.default_decode_workers() == 5 and D.LazyImages(["a"], size=8, train=False).workers == 5
+    monkeypatch.setenv("DKL_DECODE_WORKERS", "zero")
+    with pytest.raises(ValueError, match="DKL_DECODE_WORKERS"):
+        D.default_decode_workers()
