@@ -21,6 +21,7 @@ padding, horizontal flip) done with tensor ops on the batch's own device.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,12 +94,13 @@ class TensorData:
     info: dict = field(default_factory=dict)
     _stats: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     lazy: ClassVar[bool] = False  # True for FolderData: images decoded per batch
+    _images: ClassVar[type] = torch.Tensor  # the type of x_train / x_test (FolderData: LazyImages)
 
     def __post_init__(self):
         for split in ("train", "test"):
             x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
-            if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-                raise TypeError(f"x_{split} and y_{split} must be torch.Tensors")
+            if not isinstance(x, self._images) or not isinstance(y, torch.Tensor):
+                raise TypeError(f"x_{split} must be a {self._images.__name__} and y_{split} a torch.Tensor")
             if x.dim() != 4 or not x.is_floating_point():
                 raise ValueError(f"x_{split} must be a float tensor of shape (N, C, H, W), got "
                                  f"{x.dtype} of shape {tuple(x.shape)}")
@@ -314,8 +316,6 @@ def _resized_crop_box(width: int, height: int, u: Sequence[float], *, scale=(0.0
                       ratio=(3 / 4, 4 / 3)) -> Tuple[int, int, int, int]:
     """(top, left, h, w) of torchvision's RandomResizedCrop for an image of width x height, from
     uniform numbers u (2 per try, then 2 for the position) instead of a global random state."""
-    import math
-
     area = width * height
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     for t in range(_CROP_TRIES):
@@ -424,11 +424,14 @@ class LazyImages:
     def __len__(self) -> int:
         return len(self.files)
 
+    def _view(self, files, device, dtype) -> "LazyImages":
+        """Another view of the same split (a subset, or another device/dtype), sharing the crop
+        generator and the thread pool."""
+        return LazyImages(files, size=self.size, train=self.train, workers=self.workers, device=device,
+                          dtype=dtype, _shared=self._shared)
+
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "LazyImages":
-        out = LazyImages(self.files, size=self.size, train=self.train, workers=self.workers,
-                         device=device if device is not None else self._device, dtype=dtype or self._dtype,
-                         _shared=self._shared)
-        return out
+        return self._view(self.files, device if device is not None else self._device, dtype or self._dtype)
 
     @property
     def generator(self) -> torch.Generator:
@@ -437,8 +440,7 @@ class LazyImages:
 
     def __getitem__(self, idx) -> torch.Tensor:
         if isinstance(idx, slice):
-            return LazyImages(self.files[idx], size=self.size, train=self.train, workers=self.workers,
-                              device=self._device, dtype=self._dtype, _shared=self._shared)
+            return self._view(self.files[idx], self._device, self._dtype)
         return self.take(idx)
 
     def take(self, idx, keep=None) -> torch.Tensor:
@@ -470,16 +472,7 @@ class FolderData(TensorData):
     itself (``augment`` stays None), so the trainers neither augment again nor cache teacher logits."""
 
     lazy: ClassVar[bool] = True
-
-    def __post_init__(self):
-        for split in ("train", "test"):
-            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
-            if not isinstance(x, LazyImages) or not isinstance(y, torch.Tensor):
-                raise TypeError(f"x_{split} must be LazyImages and y_{split} a torch.Tensor")
-            if y.dtype != torch.int64 or y.shape != (len(x),):
-                raise ValueError(f"y_{split} must be int64 of shape ({len(x)},), got {y.dtype} of shape "
-                                 f"{tuple(y.shape)}")
-        self.mean, self.std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
+    _images: ClassVar[type] = LazyImages
 
 
 def _image_files(folder: Path, classes: Sequence[str]) -> Tuple[list, list]:
