@@ -176,15 +176,10 @@ class _Parallel:
         """Top-1 test accuracy (%) of ``model``: under torchrun each rank predicts its strided share
         of the test set and the correct counts are summed, so every rank gets the one-process number
         for 1/N of the work (ImageNet's 50 000 validation images are decoded once, not N times)."""
-        if not self.active:
-            return evaluate(model, data, amp=amp, channels_last=channels_last)
         x, y = data.x_test[self.rank::self.world], data.y_test[self.rank::self.world]
-        correct = torch.zeros((), dtype=torch.float64)
-        if y.shape[0]:  # (a rank may have no test image when there are fewer than ranks)
-            logits = predict_logits(model, x, data, amp=amp, channels_last=channels_last)
-            correct = (logits.argmax(dim=1) == y).sum().to(torch.float64)
+        correct = _correct(model, x, y, data, amp=amp, channels_last=channels_last)
         totals = self.epoch_totals({}, correct=correct, seen=y.shape[0])
-        return 100.0 * totals["correct"] / totals["seen"] if totals["seen"] else math.nan
+        return _percent(totals["correct"], totals["seen"])
 
     def collect(self) -> None:
         """Under torchrun, collect unreachable objects: a dropped DDP wrapper sits in reference
@@ -463,10 +458,23 @@ def evaluate(model: nn.Module, data: TensorData, *, split: str = "test", batch_s
         raise ValueError(f"split must be 'test' or 'train', got {split!r}")
     x, y = (data.x_test, data.y_test) if split == "test" else (data.x_train, data.y_train)
     amp = (data.device.type == "cuda") if amp is None else amp
+    return _percent(_correct(model, x, y, data, batch_size=batch_size, amp=amp, channels_last=channels_last),
+                    y.shape[0])
+
+
+def _correct(model: nn.Module, x, y: torch.Tensor, data: TensorData, *, batch_size: int = 1000, amp: bool,
+             channels_last: bool) -> int:
+    """How many of the images x ``model`` classifies as y (0 for no image)."""
     if y.shape[0] == 0:
-        return math.nan
+        return 0
     logits = predict_logits(model, x, data, batch_size=batch_size, amp=amp, channels_last=channels_last)
-    return 100.0 * int((logits.argmax(dim=1) == y).sum()) / y.shape[0]  # as _Parallel.accuracy: same float
+    return int((logits.argmax(dim=1) == y).sum())
+
+
+def _percent(correct: float, n: float) -> float:
+    """100 · correct / n (NaN for n = 0), one formula for every accuracy, so one process and
+    torchrun's summed shares give the same float."""
+    return 100.0 * correct / n if n else math.nan
 
 
 # ----------------------------------------------------------------------------------- validation
