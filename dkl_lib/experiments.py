@@ -1375,6 +1375,13 @@ class _EpochLog:
             fh.write(json.dumps(_nan_to_none(row), allow_nan=False) + "\n")
 
 
+def _wrote(out: Path) -> str:
+    """The command line's last line: the files it wrote (the log only when a run was trained)."""
+    log = out / "log.jsonl"
+    return (f"wrote {out / 'results.json'} and {out / 'results.csv'}"
+            + (f" (per-epoch log: {log})" if log.exists() else ""))
+
+
 def _epoch_log(args) -> Optional[_EpochLog]:
     return _EpochLog(Path(args.out) / "log.jsonl") if dist_mod.is_main() else None
 
@@ -1399,7 +1406,7 @@ def _cmd_kd(args) -> int:
         cols = [c for c in ("loss", "n", "best", "last", "paper_top1") if c in grid.summary]
         print(f"teacher accuracy: {grid.teacher['acc']:.2f} ({grid.teacher['source']})")
         print(grid.summary[cols].to_string(index=False))
-        print(f"wrote {out / 'results.json'} and {out / 'results.csv'} (per-epoch log: {out / 'log.jsonl'})")
+        print(_wrote(out))
     return 130 if grid.interrupted else 0
 
 
@@ -1428,7 +1435,7 @@ def _cmd_adv(args) -> int:
                             "paper_robust") if c in grid.summary]
         print(grid.summary[cols].to_string(index=False))
         print("ensemble = AutoAttack-style ensemble run by ART (APGD-CE, APGD-DLR, Square), not the official AutoAttack")
-        print(f"wrote {out / 'results.json'} and {out / 'results.csv'} (per-epoch log: {out / 'log.jsonl'})")
+        print(_wrote(out))
     if failed is not None:
         print(f"SANITY CHECKS FAILED (the numbers above are not trustworthy):\n{failed}", file=sys.stderr)
         return 3
