@@ -6,29 +6,41 @@
 #   bash benchmarks/gpu_check.sh                 # on a CUDA machine
 #   bash benchmarks/gpu_check.sh --quick         # fewer repetitions (about a minute)
 #   bash benchmarks/gpu_check.sh --allow-cpu --quick   # dry run on a CPU, tiny sizes
+#   bash benchmarks/gpu_check.sh --wheels .whl   # a machine without network whose Python lacks ART:
+#                                                # wheels from benchmarks/device_wheels.sh, made elsewhere
 #
 # Options: --quick, --allow-cpu, --out DIR (keep the JSON results there; default a temporary
-# folder). Python: $PYTHON, else .venv/bin/python at the repository root, else python3.
+# folder), --wheels DIR (install DIR/*.whl into a temporary folder first, no network, no
+# dependencies), --env-only (stop after checking the GPU and the Python packages; seconds).
+# Python: $PYTHON, else .venv/bin/python at the repository root, else python3.
 # What it runs: benchmarks/bench_losses.py (kl, dkl, ikl closed form and the pairwise wMSE oracle,
 # forward+backward, B = 256, C in {100, 1000}) and benchmarks/bench_train.py (one distillation
 # step of resnet32x4 -> resnet8x4 on CIFAR-shaped random data, losses ce, kl, ikl, batch 64 and
 # 256, bf16 autocast + channels_last as in training), then the experiments command line under
 # torchrun (one process per GPU, nccl) for one short KD grid and one adversarial grid (AWP, weight
-# average, PGD and the ART ensemble on the GPU) on random data. Exit status: 0 when
-# everything ran (the target lines are informational), 1 without a CUDA device (unless
-# --allow-cpu), 2 for bad options, else the status of the step that failed.
+# average, PGD and the ART ensemble on the GPU) on random data. The Python packages every step
+# needs are checked first, so a missing one costs seconds, not a finished training. Exit status: 0
+# when everything ran (the target lines are informational), 1 without a CUDA device (unless
+# --allow-cpu), 2 for bad options, 3 for missing Python packages, else the status of the step
+# that failed. Results: DIR/summary.md (also printed) and DIR/gpu_check.json (every result in
+# one file), beside the per-step JSON files.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 QUICK=0
 ALLOW_CPU=0
 OUT=""
-usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+WHEELS=""
+ENV_ONLY=0
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}"; }
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --quick) QUICK=1 ;;
         --allow-cpu) ALLOW_CPU=1 ;;
         --out) [[ $# -ge 2 ]] || { echo "gpu_check: --out needs a folder" >&2; exit 2; }; OUT="$2"; shift ;;
+        --wheels) [[ $# -ge 2 && -d "$2" ]] || { echo "gpu_check: --wheels needs a folder of .whl files" >&2; exit 2; }
+                  WHEELS="$2"; shift ;;
+        --env-only) ENV_ONLY=1 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "gpu_check: unknown option $1" >&2; usage >&2; exit 2 ;;
     esac
@@ -43,6 +55,18 @@ command -v "$PY" >/dev/null || { echo "gpu_check: no python at $PY (set PYTHON=.
 STEP="environment"
 trap 'echo "gpu_check: FAILED during: $STEP (exit $?)" >&2' ERR
 START=$SECONDS
+
+# ---- 0. carried wheels (a machine without network: ART and multiprocess are not in every image) ----
+SITE=""
+if [[ -n "$WHEELS" ]]; then
+    shopt -s nullglob; WHL=("$WHEELS"/*.whl); shopt -u nullglob
+    [[ ${#WHL[@]} -gt 0 ]] || { echo "gpu_check: no .whl files in $WHEELS" >&2; exit 2; }
+    SITE="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_site.XXXXXX")"
+    STEP="installing ${#WHL[@]} wheel(s) from $WHEELS"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${WHL[@]}" >&2
+    echo "gpu_check: installed ${#WHL[@]} wheel(s) from $WHEELS: $(cd "$WHEELS" && ls -- *.whl | tr '\n' ' ')" >&2
+fi
+export PYTHONPATH="$ROOT${SITE:+:$SITE}${PYTHONPATH:+:$PYTHONPATH}"
 
 # ---- 1. environment, and fail fast without CUDA ------------------------------------------------
 DEVICE="$("$PY" - <<'EOF'
@@ -77,9 +101,40 @@ if [[ "$DEVICE" != "cuda" ]]; then
     echo "gpu_check: DRY RUN on the CPU (--allow-cpu): tiny sizes, the numbers say nothing about a GPU" >&2
 fi
 
+# ---- 1b. every Python package the steps import, before any of them runs ---------------------------
+STEP="Python packages"
+if ! "$PY" - <<'EOF'
+import importlib
+import sys
+
+needed = [("numpy", "numpy"), ("pandas", "pandas"), ("sklearn", "scikit-learn"), ("tqdm", "tqdm"),
+          ("yaml", "pyyaml"), ("torchvision", "torchvision"), ("torch.distributed.run", "torch"),
+          ("art.attacks.evasion", "adversarial-robustness-toolbox"),
+          ("art.estimators.classification", "adversarial-robustness-toolbox"), ("multiprocess", "multiprocess")]
+missing = {}
+for module, package in needed:
+    try:
+        importlib.import_module(module)
+    except ImportError as err:
+        missing.setdefault(package, f"{module}: {err}")
+if missing:
+    print("gpu_check: missing Python packages: " + ", ".join(missing), file=sys.stderr)
+    for package, why in missing.items():
+        print(f"  {package} ({why})", file=sys.stderr)
+    print("  with network: pip install " + " ".join(missing) + "; without (a GPU machine that cannot reach\n"
+          "  PyPI): run `bash benchmarks/device_wheels.sh` where pip works, carry the .whl folder there and\n"
+          "  pass --wheels .whl", file=sys.stderr)
+    sys.exit(3)
+import dkl_lib.experiments  # noqa: F401,E402  (the package itself imports)
+print("gpu_check: Python packages ok (" + ", ".join(sorted({p for _, p in needed})) + ")", file=sys.stderr)
+EOF
+then
+    exit 3
+fi
+if [[ $ENV_ONLY -eq 1 ]]; then echo "gpu_check: --env-only: environment checked, nothing run" >&2; exit 0; fi
+
 if [[ -z "$OUT" ]]; then OUT="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")"; fi
 mkdir -p "$OUT"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 # ---- 2. sizes ------------------------------------------------------------------------------------
 if [[ "$DEVICE" == "cuda" ]]; then
@@ -229,5 +284,16 @@ if device == "cuda" and targets:
     print("\nTargets (informational):")
     for text, ok, value in targets:
         print(f"- {'ok  ' if ok else 'MISS'} {text}: {value}")
-print(f"\nTotal wall time {seconds} s; JSON results in {out}")
+print(f"\nTotal wall time {seconds} s; JSON results in {out} (all of them in gpu_check.json)")
+
+def _load(path):
+    return json.load(open(path)) if os.path.exists(path) else None
+
+bundle = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "seconds": seconds,
+          "losses": losses, "train": [_load(p) for p in sorted(glob.glob(os.path.join(out, "train_b*.json")))],
+          "kd_torchrun": _load(os.path.join(out, "torchrun", "results.json")),
+          "adv_torchrun": _load(os.path.join(out, "torchrun_adv", "results.json")),
+          "targets": [{"target": t, "met": bool(ok), "value": v} for t, ok, v in targets]}
+with open(os.path.join(out, "gpu_check.json"), "w") as f:
+    json.dump(bundle, f, indent=1)
 EOF

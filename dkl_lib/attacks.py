@@ -48,6 +48,7 @@ __all__ = [
     "ENSEMBLE_ATTACKS",
     "EnsembleResult",
     "ensemble_attack",
+    "require_ensemble",
     "CHECKS",
     "RobustnessReport",
     "SanityCheckError",
@@ -440,6 +441,30 @@ def _art_attacks(classifier, names, *, epsilon, apgd_iters, square_queries, batc
     return out
 
 
+def require_ensemble():
+    """Import what :func:`ensemble_attack` needs and return ``(AutoAttack, PyTorchClassifier)``.
+
+    Training code calls it before the first epoch, so a missing package stops a long adversarial
+    run at its start instead of at its final evaluation.
+
+    Raises:
+        ImportError: ART (``adversarial-robustness-toolbox``) or ``multiprocess`` is missing; the
+            message names the missing module, the pip command, and the PGD-only alternative.
+    """
+    try:
+        import multiprocess  # noqa: F401  (AutoAttack.generate imports it; ART does not declare it)
+        from art.attacks.evasion import AutoAttack
+        from art.estimators.classification import PyTorchClassifier
+    except ImportError as err:
+        missing = (getattr(err, "name", None) or "").split(".")[0] or str(err)
+        raise ImportError(
+            f"the AutoAttack-style ensemble needs the Adversarial Robustness Toolbox and multiprocess, and "
+            f"{missing!r} cannot be imported: pip install 'adversarial-robustness-toolbox>=1.20' multiprocess "
+            f"(on a machine without network: benchmarks/device_wheels.sh), or evaluate with PGD only "
+            f"(ensemble=False; on the command line --override eval.ensemble=false)") from err
+    return AutoAttack, PyTorchClassifier
+
+
 def ensemble_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epsilon: float,
                     attacks: Sequence[str] = ENSEMBLE_ATTACKS, apgd_iters: int = 100,
                     square_queries: int = 1000, batch_size: int = 256, seed: int = 0) -> EnsembleResult:
@@ -473,14 +498,8 @@ def ensemble_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epsil
     apgd_iters = _int("apgd_iters", apgd_iters, 1)
     square_queries = _int("square_queries", square_queries, 1)
     batch_size = _int("batch_size", batch_size, 1)
-    try:
-        import numpy as np
-        import multiprocess  # noqa: F401  (AutoAttack.generate imports it; ART does not declare it)
-        from art.attacks.evasion import AutoAttack
-        from art.estimators.classification import PyTorchClassifier
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("the ensemble needs the Adversarial Robustness Toolbox and multiprocess: "
-                          "pip install 'adversarial-robustness-toolbox>=1.20' multiprocess") from err
+    import numpy as np
+    AutoAttack, PyTorchClassifier = require_ensemble()
 
     start = time.perf_counter()
     with torch.no_grad():

@@ -67,7 +67,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import attacks as attacks_mod  # noqa: F401  (also makes dkl.attacks available)
+from . import attacks as attacks_mod
 from . import data as data_mod
 from . import distributed as dist_mod
 from . import models as models_mod
@@ -1237,6 +1237,8 @@ def run_adv_grid(losses: Sequence[str] = ("trades", "ikl"), seeds: Sequence[int]
                 model.load_state_dict(files["model.pt"])
                 prior_tensor = files.get("priors.pt")
             else:
+                if ev.get("ensemble", True):
+                    attacks_mod.require_ensemble()  # a missing ART stops the run now, not after training
                 train = dict(rcfg["train"])
                 epoch_cb = _epoch_callback(bar, loss, seed, train["epochs"], callback)
                 ckpt = _checkpointing(cfg, cache, "adv", rcfg)

@@ -2,6 +2,7 @@
 loop, the adversarial presets, run_adv_grid (cache, sanity checks) and the `adv` command line."""
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -255,6 +256,26 @@ def test_run_adv_grid_fails_loudly_on_a_broken_check(tmp_path, monkeypatch):
         assert E.main(argv) == 3
     payload = json.loads((out / "results.json").read_text())
     assert payload["passed"] is False and payload["runs"][0]["failed"] == "ensemble_not_above_pgd"
+
+
+@pytest.mark.parametrize("blocked", ["art", "multiprocess"])
+def test_missing_ensemble_library_stops_before_training(tmp_path, monkeypatch, blocked):
+    """Without ART (or multiprocess) a grid with the ensemble must stop before its first epoch, not
+    after a long training; PGD-only evaluation still runs."""
+    monkeypatch.setitem(sys.modules, blocked, None)  # `import blocked` now raises ImportError
+    for name in [m for m in sys.modules if m.startswith(blocked + ".")]:
+        monkeypatch.delitem(sys.modules, name)
+    trained = []
+    real_train = T.adversarial_train
+    monkeypatch.setattr(T, "adversarial_train", lambda *a, **k: trained.append(1) or real_train(*a, **k))
+    with pytest.raises(ImportError, match=rf"'{blocked}' cannot be imported.*eval.ensemble=false"):
+        E.run_adv_grid(["trades"], [0], overrides=TINY, cache_dir=tmp_path, device="cpu", progress=False)
+    assert trained == []
+    with pytest.raises(ImportError, match="adversarial-robustness-toolbox"):
+        A.require_ensemble()
+    grid = E.run_adv_grid(["trades"], [0], overrides={**TINY, "eval.ensemble": False}, cache_dir=tmp_path,
+                          device="cpu", progress=False)
+    assert trained == [1] and grid.runs["ensemble_acc"].isna().all() and grid.passed
 
 
 def test_cli_adv_writes_results(tmp_path, capsys):

@@ -13,8 +13,8 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
 
 
-def run(*args, timeout=600):
-    env = {**os.environ, "PYTHON": sys.executable}
+def run(*args, timeout=600, env=None):
+    env = {**os.environ, "PYTHON": sys.executable, **(env or {})}
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -32,6 +32,9 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     assert adv["config"]["train"]["awp_gamma"] == 0.005 and adv["config"]["train"]["weight_average"] == 0.999
     assert all(c["status"] != "fail" for r in adv["runs"] for c in r["report"]["checks"])
     assert "torchrun adversarial entry point: 2 process(es)" in summary
+    bundle = json.loads((tmp_path / "gpu_check.json").read_text())  # every result in one file
+    assert bundle["kd_torchrun"] == kd and bundle["adv_torchrun"] == adv and bundle["device"] == "CPU (dry run)"
+    assert [r["batch"] for r in bundle["train"]] == [2] and bundle["losses"][0]["batch"] == 16
     assert not list((tmp_path / "cache").glob("*/checkpoints"))  # finished runs leave no checkpoints
 
 
@@ -41,3 +44,68 @@ def test_gpu_check_refuses_a_cpu_without_the_flag_and_bad_options():
     assert proc.returncode == 1 and "--allow-cpu" in proc.stderr
     proc = run("--fast", timeout=60)
     assert proc.returncode == 2 and "unknown option --fast" in proc.stderr
+
+
+# ------------------------------------------------------------------ a GPU machine without network
+def _wheel(folder: Path, dist: str, files: dict) -> Path:
+    """A minimal pure-Python wheel (what `pip install --no-index --target` needs, nothing more)."""
+    import base64
+    import hashlib
+    import zipfile
+
+    info = f"{dist}-0.0.1.dist-info"
+    files = {**files, f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.0.1\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = []
+    for name, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{name},sha256={digest},{len(text.encode())}")
+    record.append(f"{info}/RECORD,,")
+    path = folder / f"{dist}-0.0.1-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+        z.writestr(f"{info}/RECORD", "\n".join(record) + "\n")
+    return path
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_gpu_check_names_missing_packages_and_installs_carried_wheels(tmp_path):
+    """An image without ART: exit 3 at once, naming the package and the fix; with --wheels the carried
+    wheels are installed into a temporary folder (not into the Python) and the check passes."""
+    block = tmp_path / "block"  # shadows the installed ART and multiprocess, as in an image without them
+    for mod in ("art", "multiprocess"):
+        (block / mod).mkdir(parents=True)
+        (block / mod / "__init__.py").write_text(f"raise ImportError('no {mod} in this image')\n")
+    env = {"PYTHONPATH": str(block)}
+    proc = run("--allow-cpu", "--env-only", timeout=120, env=env)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "missing Python packages: adversarial-robustness-toolbox, multiprocess" in proc.stderr
+    assert "device_wheels.sh" in proc.stderr and "--wheels" in proc.stderr
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _wheel(wheels, "art", {"art/__init__.py": "", "art/attacks/__init__.py": "", "art/attacks/evasion.py": "",
+                           "art/estimators/__init__.py": "", "art/estimators/classification.py": ""})
+    _wheel(wheels, "multiprocess", {"multiprocess/__init__.py": ""})
+    proc = run("--allow-cpu", "--env-only", "--wheels", str(wheels), timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "installed 2 wheel(s)" in proc.stderr and "Python packages ok" in proc.stderr
+    assert "environment checked, nothing run" in proc.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args, message in [(["--wheels", str(empty)], "no .whl files"), (["--wheels"], "needs a folder")]:
+        proc = run("--allow-cpu", "--env-only", *args, timeout=60)
+        assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_device_wheels_pins_the_tested_versions():
+    from importlib.metadata import version
+
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "device_wheels.sh"), "--print"], cwd=REPO,
+                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    pins = dict(line.split("==") for line in proc.stdout.split())
+    assert pins == {name: version(name) for name in ("adversarial-robustness-toolbox", "multiprocess", "dill", "six")}
+    bad = subprocess.run(["bash", str(REPO / "benchmarks" / "device_wheels.sh"), "--python", "twelve"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--python needs a version" in bad.stderr
