@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+from typing import Optional
 
 import torch
 
@@ -18,6 +20,7 @@ __all__ = [
     "check_targets",
     "check_class_prior",
     "compute_dtype",
+    "env_positive_int",
 ]
 
 
@@ -120,3 +123,18 @@ def check_class_prior(class_prior, num_classes: int, device) -> None:
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float64 if any input is float64, else float32 (half and bfloat16 inputs are widened)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def env_positive_int(name: str) -> Optional[int]:
+    """The positive integer in the environment variable ``name``; None when it is unset or empty;
+    ValueError naming the variable for anything else."""
+    text = os.environ.get(name)
+    if not text:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {text!r}")
+    return value

@@ -30,6 +30,8 @@ from typing import ClassVar, Iterator, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ._checks import env_positive_int
+
 __all__ = [
     "TensorData",
     "DatasetNotFoundError",
@@ -366,14 +368,8 @@ def _load_image(path: str, size: int, train: bool, u) -> torch.Tensor:
 def default_decode_workers() -> int:
     """Decoding threads per process: ``$DKL_DECODE_WORKERS`` if set, else the CPU count shared among
     the processes torchrun starts on this machine (``$LOCAL_WORLD_SIZE``), at most 16."""
-    env = os.environ.get("DKL_DECODE_WORKERS")
-    if env:
-        try:
-            value = int(env)
-        except ValueError:
-            value = 0
-        if value < 1:
-            raise ValueError(f"DKL_DECODE_WORKERS must be a positive integer, got {env!r}")
+    value = env_positive_int("DKL_DECODE_WORKERS")
+    if value is not None:
         return value
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     return max(1, min(16, (os.cpu_count() or 1) // local))

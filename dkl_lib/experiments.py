@@ -72,6 +72,7 @@ from . import data as data_mod
 from . import distributed as dist_mod
 from . import models as models_mod
 from . import train as train_mod
+from ._checks import env_positive_int
 
 __all__ = [
     "PRESETS",
@@ -83,6 +84,7 @@ __all__ = [
     "resolve_config",
     "config_hash",
     "default_runs_dir",
+    "default_workers",
     "load_data",
     "get_teacher",
     "run_grid",
@@ -290,6 +292,20 @@ def default_runs_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "runs"
 
 
+def default_workers(cap: int = 4, device=None) -> int:
+    """How many runs the notebooks train side by side (``workers`` of :func:`run_grid`): 1 when
+    the runs go to a GPU (``device``, None = :func:`dkl_lib.train.select_device`'s choice); on
+    the CPU ``$DKL_WORKERS`` if set, else the CPUs this process may use, at most ``cap`` (each
+    worker process holds its own copy of torch, about 0.3 GB)."""
+    if train_mod.select_device(device).type != "cpu":
+        return 1
+    value = env_positive_int("DKL_WORKERS")
+    if value is not None:
+        return value
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cap, cpus))
+
+
 # -------------------------------------------------------------------------------------------- cache
 class CacheWarning(UserWarning):
     """A cache entry was corrupt or unreadable and is being recomputed."""
@@ -337,6 +353,11 @@ class RunCache:
 
     def path(self, kind: str, key: str) -> Path:
         return self.root / f"{kind}-{key[:16]}"
+
+    def exists(self, kind: str, config: dict) -> bool:
+        """Whether an entry for ``config`` was written (cheap: its files are not read or checked;
+        :meth:`load` does that)."""
+        return self.enabled and (self.path(kind, config_hash(config)) / "entry.json").exists()
 
     def load(self, kind: str, config: dict) -> Optional[Tuple[dict, Dict[str, object]]]:
         """(result dict, {file name: loaded tensor object}) for ``config``, or None on a miss or a
@@ -692,11 +713,76 @@ def summarize(runs, *, paper: Optional[Dict[str, float]] = None):
     return pd.DataFrame(rows)
 
 
+def _check_workers(workers, *, use_cache: bool, callback, device: torch.device) -> int:
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    if workers > 1:
+        if not use_cache:
+            raise ValueError("workers > 1 hands the runs' results back through the cache; use_cache=False "
+                             "needs workers=1")
+        if callback is not None:
+            raise ValueError("a per-epoch callback needs workers=1 (runs in other processes cannot call it)")
+        if dist_mod.launched_by_torchrun(os.environ):
+            raise ValueError("under torchrun the processes share each run already; use workers=1")
+        if device.type != "cpu":
+            raise ValueError(f"workers > 1 runs several CPU processes side by side; on {device.type} use workers=1")
+    return workers
+
+
+def _grid_worker(kind: str, common: dict, job: Tuple[str, int]) -> Tuple[str, int]:
+    """One (loss, seed) run of a grid in a worker process; its results land in the shared cache."""
+    kw = dict(common)
+    torch.set_num_threads(kw.pop("threads"))
+    loss, seed = job
+    if kind == "kd":
+        run_grid([loss], [seed], progress=False, **kw)
+    else:
+        with warnings.catch_warnings():  # the main process reports failed checks from the cache
+            warnings.simplefilter("ignore", UserWarning)
+            run_adv_grid([loss], [seed], progress=False, strict=False, **kw)
+    return job
+
+
+def _run_in_workers(kind: str, jobs: List[Tuple[str, int]], common: dict, workers: int, *,
+                    desc: str, progress: bool) -> Tuple[set, bool]:
+    """Compute ``jobs`` in ``workers`` spawned processes (each with an equal share of this process's
+    torch threads, at least 1); returns (the jobs finished, whether Ctrl-C stopped it). The
+    results travel through the cache; an error in a worker is raised here."""
+    import functools
+    import multiprocessing
+
+    from tqdm.auto import tqdm
+
+    if not jobs:
+        return set(), False
+    common = {**common, "threads": max(1, torch.get_num_threads() // workers)}
+    done: set = set()
+    bar = tqdm(total=len(jobs), desc=desc, disable=not progress, unit="run")
+    pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)))
+    try:
+        for job in pool.imap_unordered(functools.partial(_grid_worker, kind, common), jobs):
+            done.add(job)
+            bar.update(1)
+            bar.set_postfix(finished=f"{job[0]} seed {job[1]}")
+        pool.close()
+        return done, False
+    except KeyboardInterrupt:
+        pool.terminate()
+        return done, True
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+        bar.close()
+
+
 def run_grid(losses: Sequence[str] = ("ce", "kl", "dkl", "ikl", "gkl", "dkd"),
              seeds: Sequence[int] = (0, 1, 2), *, preset: str = "cpu-quick",
              overrides: Optional[dict] = None, cache_dir=None, use_cache: bool = True, device=None,
              download: bool = False, progress: bool = True,
-             callback: Optional[Callable[[str, int, List[dict]], Optional[bool]]] = None) -> GridResult:
+             callback: Optional[Callable[[str, int, List[dict]], Optional[bool]]] = None,
+             workers: int = 1) -> GridResult:
     """Distil one student per (loss, seed) from the preset's teacher; cached, interruptible.
 
     Args:
@@ -709,6 +795,11 @@ def run_grid(losses: Sequence[str] = ("ce", "kl", "dkl", "ikl", "gkl", "dkd"),
         progress: a tqdm bar over the runs (and the teacher's epochs when it is trained).
         callback: ``callback(loss, seed, history)`` after every epoch of a computed run (live
             plots); returning False stops that run (an incomplete run is not cached).
+        workers: on the CPU, train this many runs at a time in separate processes (after the
+            teacher), each with 1/workers of this process's torch threads; their results come
+            back through the cache, so a run gives the same numbers as with ``workers=1`` and the
+            same thread count. Needs the cache, no callback, no torchrun; in a script, call it
+            under ``if __name__ == "__main__":`` (the workers are spawned).
 
     Returns:
         :class:`GridResult`. Ctrl-C stops the grid after keeping the finished runs
@@ -741,12 +832,24 @@ def run_grid(losses: Sequence[str] = ("ce", "kl", "dkl", "ikl", "gkl", "dkd"),
             loaded["d"] = load_data(cfg["data"], device=dev, download=download)
         return loaded["d"]
 
+    _check_workers(workers, use_cache=use_cache, callback=callback, device=dev)
+
     teacher, tinfo = get_teacher(cfg, get_data, cache=cache, device=dev, progress=progress)
     paper = paper_reference(cfg)
     rows, histories, priors = [], {}, {}
-    interrupted = False
     jobs = [(spec, seed) for spec in losses for seed in seeds]
-    bar = tqdm(jobs, desc=f"{preset}: runs", disable=not progress, unit="run")
+    fresh, interrupted = set(), False
+    if workers > 1:
+        pending = [(spec, seed) for spec, seed in jobs
+                   if not cache.exists("student", _run_config(cfg, spec, seed, tinfo["config_hash"]))]
+        common = {"preset": preset, "overrides": overrides, "cache_dir": str(cache.root), "device": "cpu",
+                  "download": download}
+        fresh, interrupted = _run_in_workers("kd", pending, common, workers, desc=f"{preset}: runs, {workers} at a time",
+                                             progress=progress)
+        if interrupted:
+            warnings.warn("interrupted: returning the finished runs", stacklevel=2)
+            jobs = [job for job in jobs if job not in pending or job in fresh]
+    bar = tqdm(jobs, desc=f"{preset}: runs", disable=not progress or workers > 1, unit="run")
     try:
         for spec, seed in bar:
             label = _label(spec)
@@ -754,8 +857,8 @@ def run_grid(losses: Sequence[str] = ("ce", "kl", "dkl", "ikl", "gkl", "dkd"),
             key = config_hash(rcfg)
             bar.set_postfix(loss=label, seed=seed)
             hit = cache.load("student", rcfg)
-            cached = hit is not None
-            if cached:
+            cached = hit is not None and (spec, seed) not in fresh
+            if hit is not None:
                 result, files = hit
                 prior_tensor = files.get("priors.pt")
             else:
@@ -1165,11 +1268,18 @@ def _curve_stats(history: List[dict]) -> dict:
             "curve_robust_last_acc": rob[-1] if rob else math.nan}
 
 
+def _adv_eval_config(ev: dict, run_key: str) -> dict:
+    """The cache config of one run's evaluation (kind "adveval")."""
+    return {"kind": "adveval", "run_key": run_key, "eval": ev, "version": CACHE_FORMAT,
+            "library": _library_version()}
+
+
 def run_adv_grid(losses: Sequence[str] = ("trades", "ikl"), seeds: Sequence[int] = (0, 1, 2), *,
                  preset: str = "cpu-quick", overrides: Optional[dict] = None, cache_dir=None,
                  use_cache: bool = True, device=None, download: bool = False, progress: bool = True,
                  strict: bool = True,
-                 callback: Optional[Callable[[str, int, List[dict]], Optional[bool]]] = None) -> AdvGridResult:
+                 callback: Optional[Callable[[str, int, List[dict]], Optional[bool]]] = None,
+                 workers: int = 1) -> AdvGridResult:
     """Adversarially train one model per (loss, seed) and evaluate it; cached, interruptible.
 
     Each run: :func:`dkl_lib.train.adversarial_train` with the preset's ``train`` settings and the
@@ -1183,7 +1293,8 @@ def run_adv_grid(losses: Sequence[str] = ("trades", "ikl"), seeds: Sequence[int]
         losses: from :data:`ADV_LOSSES`: "trades", "ikl" (IKL-AT), "ce" (natural training).
         seeds: model seeds (initialisation, batch order, attack starts, evaluation starts).
         preset: "cpu-quick", "gpu-short" or "paper"; overrides: see :func:`resolve_adv_config`.
-        cache_dir, use_cache, device, download, progress, callback: as in :func:`run_grid`.
+        cache_dir, use_cache, device, download, progress, callback, workers: as in :func:`run_grid`
+            (with ``workers`` > 1 each worker trains and evaluates its runs).
         strict: after the grid, raise :class:`dkl_lib.attacks.SanityCheckError` (with ``.grid``)
             when any run failed a sanity check; the runs are cached and returned in ``.grid``.
 
@@ -1218,11 +1329,25 @@ def run_adv_grid(losses: Sequence[str] = ("trades", "ikl"), seeds: Sequence[int]
             loaded["d"] = load_data(cfg["data"], device=dev, download=download)
         return loaded["d"]
 
+    _check_workers(workers, use_cache=use_cache, callback=callback, device=dev)
     paper = adv_paper_reference(cfg)
     rows, check_rows, histories, reports, models, priors = [], [], {}, {}, {}, {}
-    interrupted = False
     jobs = [(loss, seed) for loss in losses for seed in seeds]
-    bar = tqdm(jobs, desc=f"{preset}: adversarial runs", disable=not progress, unit="run")
+    fresh, interrupted = set(), False
+    if workers > 1:
+        def done(job):
+            rcfg = _adv_run_config(cfg, *job)
+            return cache.exists("adv", rcfg) and cache.exists("adveval", _adv_eval_config(ev, config_hash(rcfg)))
+
+        pending = [job for job in jobs if not done(job)]
+        common = {"preset": preset, "overrides": overrides, "cache_dir": str(cache.root), "device": "cpu",
+                  "download": download}
+        fresh, interrupted = _run_in_workers("adv", pending, common, workers, progress=progress,
+                                             desc=f"{preset}: adversarial runs, {workers} at a time")
+        if interrupted:
+            warnings.warn("interrupted: returning the finished runs", stacklevel=2)
+            jobs = [job for job in jobs if job not in pending or job in fresh]
+    bar = tqdm(jobs, desc=f"{preset}: adversarial runs", disable=not progress or workers > 1, unit="run")
     try:
         for loss, seed in bar:
             bar.set_postfix(loss=loss, seed=seed)
@@ -1231,8 +1356,8 @@ def run_adv_grid(losses: Sequence[str] = ("trades", "ikl"), seeds: Sequence[int]
             d = get_data()
             model = _build_adv_model(rcfg, d, seed)
             hit = cache.load("adv", rcfg)
-            cached = hit is not None
-            if cached:
+            cached = hit is not None and (loss, seed) not in fresh
+            if hit is not None:
                 result, files = hit
                 model.load_state_dict(files["model.pt"])
                 prior_tensor = files.get("priors.pt")
@@ -1257,8 +1382,7 @@ def run_adv_grid(losses: Sequence[str] = ("trades", "ikl"), seeds: Sequence[int]
                     cache.save("adv", rcfg, result, files)
                     _drop_checkpoints(ckpt["checkpoint_dir"])
             # ---- evaluation (cached separately)
-            ecfg = {"kind": "adveval", "run_key": key, "eval": ev, "version": CACHE_FORMAT,
-                    "library": _library_version()}
+            ecfg = _adv_eval_config(ev, key)
             ehit = cache.load("adveval", ecfg)
             if ehit is not None:
                 report = _report_from_dict(ehit[0]["report"])
@@ -1385,7 +1509,9 @@ def _wrote(out: Path) -> str:
 
 
 def _epoch_log(args) -> Optional[_EpochLog]:
-    return _EpochLog(Path(args.out) / "log.jsonl") if dist_mod.is_main() else None
+    if not dist_mod.is_main() or getattr(args, "workers", 1) > 1:  # runs in workers cannot log here
+        return None
+    return _EpochLog(Path(args.out) / "log.jsonl")
 
 
 def _cmd_kd(args) -> int:
@@ -1393,7 +1519,7 @@ def _cmd_kd(args) -> int:
     try:
         grid = run_grid(losses, seeds, preset=args.preset, overrides=overrides, cache_dir=args.cache_dir,
                         use_cache=not args.no_cache, device=args.device, download=args.download,
-                        progress=not args.quiet, callback=_epoch_log(args))
+                        progress=not args.quiet, callback=_epoch_log(args), workers=args.workers)
     except (ValueError, TypeError, data_mod.DatasetNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -1420,7 +1546,8 @@ def _cmd_adv(args) -> int:
     try:
         grid = run_adv_grid(losses, seeds, preset=args.preset, overrides=overrides, cache_dir=args.cache_dir,
                             use_cache=not args.no_cache, device=args.device, download=args.download,
-                            progress=not args.quiet, strict=True, callback=_epoch_log(args))
+                            progress=not args.quiet, strict=True, callback=_epoch_log(args),
+                            workers=args.workers)
     except SanityCheckError as err:
         grid, failed = err.grid, err
     except (ValueError, TypeError, data_mod.DatasetNotFoundError) as err:
@@ -1479,6 +1606,9 @@ def _parser() -> argparse.ArgumentParser:
     kd.add_argument("--override", action="append", metavar="KEY=VALUE",
                     help="change a preset setting, e.g. distill.lr=0.1 or losses.ikl.alpha=2 (repeatable)")
     kd.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    kd.add_argument("--workers", type=int, default=1, metavar="N",
+                    help="CPU only: N runs at a time in separate processes (each with 1/N of the threads); "
+                         "no per-epoch log.jsonl then")
     kd.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                     help="checkpoint every N epochs inside each run's cache folder, so that rerunning the "
                          "same command resumes an interrupted run (0 = off; default: the preset's, "
@@ -1500,6 +1630,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="change a preset setting, e.g. train.epsilon=0.05, eval.samples=100 or "
                           "losses.ikl.alpha=5 (repeatable)")
     adv.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    adv.add_argument("--workers", type=int, default=1, metavar="N",
+                     help="CPU only: N runs at a time in separate processes (each with 1/N of the threads); "
+                          "no per-epoch log.jsonl then")
     adv.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                      help="as for kd: per-epoch checkpoints, a rerun resumes (0 = off; default: the preset's)")
     adv.add_argument("--config", metavar="FILE", help="an experiment file of configs/ (preset, losses, seeds, "

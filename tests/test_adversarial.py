@@ -258,6 +258,28 @@ def test_run_adv_grid_fails_loudly_on_a_broken_check(tmp_path, monkeypatch):
     assert payload["passed"] is False and payload["runs"][0]["failed"] == "ensemble_not_above_pgd"
 
 
+def test_adv_runs_in_worker_processes_equal_the_sequential_grid(tmp_path):
+    """workers=2: training AND evaluation happen in the workers; the grid reads both from the cache
+    and reports exactly the one-process numbers, with the runs marked as computed, not cached."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        par = E.run_adv_grid(["trades", "ikl"], [0], overrides=TINY, cache_dir=tmp_path / "par", device="cpu",
+                             progress=False, workers=2)
+        ser = E.run_adv_grid(["trades", "ikl"], [0], overrides=TINY, cache_dir=tmp_path / "ser", device="cpu",
+                             progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    cols = ["loss", "seed", "clean_acc", "pgd5_acc", "pgd10_acc", "ensemble_acc", "robust_acc", "checks_passed",
+            "config_hash"]
+    assert par.runs[cols].equals(ser.runs[cols]) and not par.runs["cached"].any()
+    assert par.checks.drop(columns="detail").equals(ser.checks.drop(columns="detail"))
+    for key, model in ser.models.items():
+        for (name, a), b in zip(model.state_dict().items(), par.models[key].state_dict().values()):
+            assert torch.equal(a, b), (key, name)
+    assert len(list((tmp_path / "par").glob("adveval-*"))) == 2
+
+
 @pytest.mark.parametrize("blocked", ["art", "multiprocess"])
 def test_missing_ensemble_library_stops_before_training(tmp_path, monkeypatch, blocked):
     """Without ART (or multiprocess) a grid with the ensemble must stop before its first epoch, not

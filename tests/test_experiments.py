@@ -196,6 +196,83 @@ def test_interrupted_grid_keeps_finished_runs_and_caches_only_them(tmp_path):
     assert len(list(tmp_path.glob("student-*"))) == 1
 
 
+def test_runs_in_worker_processes_equal_the_sequential_grid(tmp_path, monkeypatch):
+    """workers=2: the students train in two spawned processes and come back through the cache with
+    exactly the numbers of the one-process grid; a second call reads the cache without any process."""
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the teacher, the workers and the sequential students: 1 thread each
+    try:
+        parallel = _run(tmp_path / "par", losses=("kl", "ikl"), seeds=(0, 1), workers=2)
+        serial = _run(tmp_path / "ser", losses=("kl", "ikl"), seeds=(0, 1))
+    finally:
+        torch.set_num_threads(torch_threads)
+    cols = ["loss", "seed", "best_acc", "last_acc", "config_hash"]
+    assert parallel.runs[cols].equals(serial.runs[cols]) and not parallel.runs["cached"].any()
+    for key, hist in serial.histories.items():
+        same = parallel.histories[key].drop(columns="seconds").sort_index(axis=1)
+        assert same.equals(hist.drop(columns="seconds").sort_index(axis=1)), key
+        if key in serial.priors:
+            assert torch.equal(parallel.priors[key], hist_prior := serial.priors[key]) and hist_prior.shape[0] == 2
+    assert {r["ran_on"]["cpu_threads"] for r in _entries(tmp_path / "par")} == {1}
+
+    import multiprocessing
+
+    monkeypatch.setattr(multiprocessing, "get_context", lambda *a: pytest.fail("no worker needed"))
+    again = _run(tmp_path / "par", losses=("kl", "ikl"), seeds=(0, 1), workers=2)
+    assert again.runs["cached"].all() and again.runs[cols].equals(parallel.runs[cols])
+
+
+def _entries(folder):
+    return [json.loads(p.read_text())["result"] for p in Path(folder).glob("student-*/entry.json")]
+
+
+def test_worker_grid_interrupted_keeps_the_finished_runs(tmp_path, monkeypatch):
+    def first_then_ctrl_c(kind, jobs, common, workers, **kw):  # one run finishes, then Ctrl-C
+        E._grid_worker(kind, {**common, "threads": 1}, jobs[0])
+        return {jobs[0]}, True
+
+    monkeypatch.setattr(E, "_run_in_workers", first_then_ctrl_c)
+    _run(tmp_path, losses=("kl",), seeds=(2,))  # cached before
+    with pytest.warns(UserWarning, match="interrupted"):
+        grid = _run(tmp_path, losses=("kl",), seeds=(0, 1, 2), workers=2)
+    assert grid.interrupted and grid.runs["seed"].tolist() == [0, 2]
+    assert grid.runs["cached"].tolist() == [False, True]
+
+
+def test_workers_argument_errors(tmp_path, monkeypatch):
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="workers must be a positive integer"):
+            _run(tmp_path, workers=bad)
+    with pytest.raises(ValueError, match="use_cache=False needs workers=1"):
+        _run(tmp_path, workers=2, use_cache=False)
+    with pytest.raises(ValueError, match="callback needs workers=1"):
+        _run(tmp_path, workers=2, callback=lambda *a: None)
+    with pytest.raises(ValueError, match="callback needs workers=1"):
+        E.run_adv_grid(["trades"], [0], cache_dir=tmp_path, device="cpu", progress=False, workers=2,
+                       callback=lambda *a: None)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ValueError, match="under torchrun"):
+        _run(tmp_path, workers=2)
+
+
+def test_default_workers(monkeypatch):
+    monkeypatch.delenv("DKL_WORKERS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert E.default_workers() == 4 and E.default_workers(cap=8) == 8
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert E.default_workers() == 1
+    monkeypatch.setenv("DKL_WORKERS", "3")
+    assert E.default_workers() == 3
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("DKL_WORKERS", bad)
+        with pytest.raises(ValueError, match="DKL_WORKERS must be a positive integer"):
+            E.default_workers()
+    monkeypatch.setenv("DKL_WORKERS", "3")
+    monkeypatch.setattr(E.train_mod, "select_device", lambda device=None: torch.device("cuda"))
+    assert E.default_workers() == 1  # runs on a GPU go one at a time
+
+
 def test_run_grid_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="unknown loss"):
         _run(tmp_path, losses=("kl", "mse"))
