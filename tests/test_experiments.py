@@ -325,17 +325,21 @@ def test_cli_writes_results_json_and_csv(tmp_path, capsys):
 
 
 def test_cli_as_a_module(tmp_path):
-    """`python -m dkl_lib.experiments kd ...` in a fresh process (what the README shows)."""
+    """`python -m dkl_lib.experiments kd ...` in a fresh process (what the README shows), with two
+    worker processes (spawned from the module's main)."""
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "dkl_lib.experiments", "kd", "--preset", "cpu-quick", "--losses", "ce",
+    cmd = [sys.executable, "-m", "dkl_lib.experiments", "kd", "--preset", "cpu-quick", "--losses", "ce,kl",
            "--seeds", "0", "--out", str(out), "--cache-dir", str(tmp_path / "runs"), "--device", "cpu",
-           "--epochs", "1", "--quiet", "--override", "data.n_train=100",
+           "--epochs", "1", "--quiet", "--override", "data.n_train=100", "--workers", "2",
            "--override", "teacher.model_kw.width=4"]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (out / "results.json").exists() and (out / "results.csv").exists()
-    assert json.loads((out / "results.json").read_text())["runs"][0]["loss"] == "ce"
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [r["loss"] for r in runs] == ["ce", "kl"] and not any(r["cached"] for r in runs)
+    assert not (out / "log.jsonl").exists()  # runs in workers write no per-epoch log
+    assert len(list((tmp_path / "runs").glob("student-*"))) == 2
 
 
 def test_cli_errors(tmp_path, capsys):
