@@ -18,11 +18,12 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=benchmarks/_common.sh
+source "$ROOT/benchmarks/_common.sh"
 PYVER="3.12"
 DEST="$ROOT/.whl"
 PRINT=0
 PACKAGES=(adversarial-robustness-toolbox multiprocess dill six)
-usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}"; }
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --python) [[ $# -ge 2 && "$2" =~ ^3\.[0-9]+$ ]] || { echo "device_wheels: --python needs a version like 3.12" >&2; exit 2; }
@@ -35,9 +36,7 @@ while [[ $# -gt 0 ]]; do
     shift
 done
 
-if [[ -n "${PYTHON:-}" ]]; then PY="$PYTHON"
-elif [[ -x "$ROOT/.venv/bin/python" ]]; then PY="$ROOT/.venv/bin/python"
-else echo "device_wheels: no .venv at $ROOT (run \`make test\` or \`make lab\` first, or set PYTHON=...)" >&2; exit 1; fi
+pick_python "$ROOT"
 
 # the installed versions, so the GPU machine runs what the tests ran
 mapfile -t PINS < <("$PY" - "${PACKAGES[@]}" <<'EOF'

@@ -27,12 +27,13 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=benchmarks/_common.sh
+source "$ROOT/benchmarks/_common.sh"
 QUICK=0
 ALLOW_CPU=0
 OUT=""
 WHEELS=""
 ENV_ONLY=0
-usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}"; }
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -47,9 +48,7 @@ while [[ $# -gt 0 ]]; do
     shift
 done
 
-if [[ -n "${PYTHON:-}" ]]; then PY="$PYTHON"
-elif [[ -x "$ROOT/.venv/bin/python" ]]; then PY="$ROOT/.venv/bin/python"
-else PY="python3"; fi
+pick_python "$ROOT"
 command -v "$PY" >/dev/null || { echo "gpu_check: no python at $PY (set PYTHON=...)" >&2; exit 1; }
 
 STEP="environment"
