@@ -21,8 +21,10 @@ the table also gives AWP's overhead per step and the IKL-AT / TRADES ratio with 
 
 Settings: "digits" = SmallCNN-16 on 1x8x8 inputs, 10 classes, batch 64 (the cpu-quick preset);
 "cifar" = PreActResNet-18 on 3x32x32 inputs, 10 classes (batch 128 on CUDA, ``--cifar-batch`` on the
-CPU, 16 by default); "cifar100-wrn" (CUDA only) = WRN-34-10 at 100 classes, batch 128. On CUDA the
-steps run under bf16 autocast with channels_last, as in training.
+CPU, 16 by default); "cifar100-wrn" = WRN-34-10 at 100 classes, batch 128 (by default on CUDA only).
+``--settings cifar:10,cifar100-wrn:5`` picks settings, each with its own attack steps (else
+``--attack-steps``): the gpu-short and paper presets' attacks, as benchmarks/gpu_check.sh runs it. On
+CUDA the steps run under bf16 autocast with channels_last, as in training.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ from dkl_lib.prior import ClassPrior  # noqa: E402
 from dkl_lib.train import ADV_DEFAULTS, AdversarialWeightPerturbation, adversarial_loss_terms  # noqa: E402
 
 LOSSES = ("trades", "ikl")
+SETTINGS = ("digits", "cifar", "cifar100-wrn")
 AWP_VARIANTS = ("trades+awp", "ikl+awp")
 
 
@@ -166,7 +169,18 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--awp", type=float, default=0.0, metavar="GAMMA",
                         help="also time both losses with adversarial weight perturbation of this size (paper: 0.005)")
+    parser.add_argument("--settings", default=None, metavar="NAME[:STEPS],...",
+                        help=f"from {','.join(SETTINGS)}, each with its attack steps (default: digits and cifar, "
+                             "plus cifar100-wrn on CUDA, all with --attack-steps)")
     args = parser.parse_args(argv)
+    chosen = None
+    if args.settings:
+        chosen = {}
+        for item in args.settings.split(","):
+            name, _, steps = item.strip().partition(":")
+            if name not in SETTINGS or (steps and not steps.isdigit()):
+                raise SystemExit(f"--settings: bad item {item!r}; use NAME[:STEPS] with NAME from {','.join(SETTINGS)}")
+            chosen[name] = int(steps) if steps else args.attack_steps
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = (args.devices.split(",") if args.devices else
@@ -175,12 +189,15 @@ def main(argv=None):
     for name in devices:
         dev = torch.device(name)
         cuda = dev.type == "cuda"
+        big = 128 if cuda else args.cifar_batch
         settings = [("digits", "small_cnn", {"width": 16, "in_channels": 1}, (1, 8, 8), 10, 64),
-                    ("cifar", "preact_resnet18", {}, (3, 32, 32), 10, 128 if cuda else args.cifar_batch)]
-        if cuda:
-            settings.append(("cifar100-wrn", "wrn_34_10", {}, (3, 32, 32), 100, 128))
+                    ("cifar", "preact_resnet18", {}, (3, 32, 32), 10, big),
+                    ("cifar100-wrn", "wrn_34_10", {}, (3, 32, 32), 100, big)]
+        wanted = chosen or {name: args.attack_steps for name in SETTINGS[:3 if cuda else 2]}
         for label, model_name, kw, shape, classes, batch in settings:
-            step = Step(label, model_name, kw, shape, classes, batch, dev, args.attack_steps, awp=args.awp)
+            if label not in wanted:
+                continue
+            step = Step(label, model_name, kw, shape, classes, batch, dev, wanted[label], awp=args.awp)
             reps = args.reps if (cuda or label == "digits") else max(3, args.reps // 3)
             rows.append(run(step, reps, args.warmup, args.loss_reps))
             r = rows[-1]

@@ -8,7 +8,9 @@
 CIFAR shapes: a resnet32x4 teacher and a resnet8x4 student (100 classes), random 3x32x32 inputs.
 One step = what dkl_lib.train.distill does per batch: the frozen teacher's forward (no gradient),
 the student's forward, CE + the KD terms of dkl_lib.losses.loss_terms, backward, an SGD step; for
-ikl and gkl also the class-prior update (GI). "ce" is the CE-only step (no teacher at all). On
+ikl and gkl also the class-prior update (GI). "ce" is the CE-only step (no teacher at all);
+"teacher" is a CE training step of the resnet32x4 itself (what training a teacher costs, when no
+released teacher file is at hand; gpu_check.sh turns it into the presets' teacher time). On
 CUDA the step runs under bf16 autocast with channels_last, as in training (``--amp`` and
 ``--channels-last`` change that; the settings used are printed). All losses are timed
 round-robin in one process (one step of each in turn, repeated), so the ratios to the KL step are
@@ -34,6 +36,7 @@ from dkl_lib.losses import loss_terms  # noqa: E402
 from dkl_lib.prior import ClassPrior  # noqa: E402
 
 LOSSES = ("ce", "kl", "dkl", "ikl", "gkl", "dkd")
+VARIANTS = LOSSES + ("teacher",)  # "teacher": the resnet32x4's own CE training step
 HPARAMS = {
     "kl": {"temperature": 4.0},
     "dkl": {"temperature": 4.0, "alpha": 1.0, "beta": 1.0},
@@ -71,6 +74,9 @@ class Bench:
         self.x = torch.randn(batch, 3, 32, 32, generator=g).to(device).contiguous(memory_format=fmt)
         self.y = torch.randint(0, classes, (batch,), generator=g).to(device)
         self.prior = ClassPrior(classes, device=device)
+        if "teacher" in self.losses:  # a trainable copy of the teacher for its own training step
+            self.trainee = models.build_model("resnet32x4", classes, seed=seed).to(device, memory_format=fmt)
+            self.trainee_opt = torch.optim.SGD(self.trainee.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
 
     def autocast(self):
         if self.settings["amp"] == "bf16":
@@ -78,6 +84,13 @@ class Bench:
         return contextlib.nullcontext()
 
     def step(self, loss):
+        if loss == "teacher":
+            with self.autocast():
+                logits = self.trainee(self.x)
+            self.trainee_opt.zero_grad(set_to_none=True)
+            F.cross_entropy(logits.float(), self.y).backward()
+            self.trainee_opt.step()
+            return
         with self.autocast():
             logits = self.student(self.x)
             if loss != "ce":
@@ -119,7 +132,8 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=None,
                         help="round-robin repetitions (default 5 CPU, 30 CUDA)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--losses", default=",".join(LOSSES), help="comma-separated, from %(default)s")
+    parser.add_argument("--losses", default=",".join(LOSSES),
+                        help=f"comma-separated, from {','.join(VARIANTS)} (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed round-robin rounds first (default 1)")
     parser.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto",
                         help="bf16 autocast (auto: on CUDA only, as in training)")
@@ -128,9 +142,9 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="also write the medians to this file")
     args = parser.parse_args(argv)
     losses = [s.strip() for s in args.losses.split(",") if s.strip()]
-    unknown = sorted(set(losses) - set(LOSSES))
+    unknown = sorted(set(losses) - set(VARIANTS))
     if unknown or not losses:
-        raise SystemExit(f"--losses: unknown {unknown}; choose from {','.join(LOSSES)}")
+        raise SystemExit(f"--losses: unknown {unknown}; choose from {','.join(VARIANTS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

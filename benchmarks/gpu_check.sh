@@ -15,8 +15,11 @@
 # Python: $PYTHON, else .venv/bin/python at the repository root, else python3.
 # What it runs: benchmarks/bench_losses.py (kl, dkl, ikl closed form and the pairwise wMSE oracle,
 # forward+backward, B = 256, C in {100, 1000}) and benchmarks/bench_train.py (one distillation
-# step of resnet32x4 -> resnet8x4 on CIFAR-shaped random data, losses ce, kl, ikl, batch 64 and
-# 256, bf16 autocast + channels_last as in training), then the experiments command line under
+# step of resnet32x4 -> resnet8x4 on CIFAR-shaped random data, losses ce, kl, ikl and the teacher's
+# own step, batch 64, 128 and 256, bf16 autocast + channels_last as in training),
+# benchmarks/bench_adv.py (TRADES vs IKL-AT steps, with and without AWP, for the adversarial
+# gpu-short and paper models), an estimate of each GPU preset's training time from those step
+# times, then the experiments command line under
 # torchrun (one process per GPU, nccl) for one short KD grid and one adversarial grid (AWP, weight
 # average, PGD and the ART ensemble on the GPU) on random data. The Python packages every step
 # needs are checked first, so a missing one costs seconds, not a finished training. Exit status: 0
@@ -138,13 +141,17 @@ mkdir -p "$OUT"
 # ---- 2. sizes ------------------------------------------------------------------------------------
 if [[ "$DEVICE" == "cuda" ]]; then
     LOSS_ARGS=(--device cuda --batches 256 --classes 100,1000)
-    TRAIN_ARGS=(--devices cuda --losses ce,kl,ikl --warmup 3)
-    TRAIN_BATCHES=(64 256)
-    if [[ $QUICK -eq 1 ]]; then LOSS_ARGS+=(--budget 0.3 --reps 50); TRAIN_ARGS+=(--reps 10)
-    else LOSS_ARGS+=(--budget 1.0 --reps 200); TRAIN_ARGS+=(--reps 30); fi
+    TRAIN_ARGS=(--devices cuda --losses ce,kl,ikl,teacher --warmup 3)
+    TRAIN_BATCHES=(64 128 256)  # the paper preset's batch, gpu-short's, and a large one
+    # the adversarial presets' steps: gpu-short PreActResNet-18 with 10 attack steps, paper WRN-34-10 with 5
+    ADV_ARGS=(--devices cuda --settings cifar:10,cifar100-wrn:5 --awp 0.005 --warmup 2 --loss-reps 50)
+    if [[ $QUICK -eq 1 ]]; then LOSS_ARGS+=(--budget 0.3 --reps 50); TRAIN_ARGS+=(--reps 10); ADV_ARGS+=(--reps 3)
+    else LOSS_ARGS+=(--budget 1.0 --reps 200); TRAIN_ARGS+=(--reps 30); ADV_ARGS+=(--reps 8); fi
 else
     LOSS_ARGS=(--device cpu --threads 2 --classes 10,100)
-    TRAIN_ARGS=(--devices cpu --threads 2 --losses ce,kl,ikl --warmup 1 --amp bf16 --channels-last on)  # the GPU path
+    TRAIN_ARGS=(--devices cpu --threads 2 --losses ce,kl,ikl,teacher --warmup 1 --amp bf16 --channels-last on)  # the GPU path
+    ADV_ARGS=(--devices cpu --threads 2 --settings digits:2,cifar:1 --cifar-batch 2 --awp 0.005 --warmup 1
+              --loss-reps 3 --reps 1)
     if [[ $QUICK -eq 1 ]]; then
         LOSS_ARGS+=(--batches 16 --budget 0.05 --reps 5); TRAIN_ARGS+=(--reps 1); TRAIN_BATCHES=(2)
     else
@@ -164,6 +171,11 @@ for B in "${TRAIN_BATCHES[@]}"; do
     timeout 150 "$PY" "$ROOT/benchmarks/bench_train.py" "${TRAIN_ARGS[@]}" --batch "$B" \
         --json "$OUT/train_b$B.json" >&2
 done
+
+# ---- 4b. adversarial training step: TRADES vs IKL-AT, with and without AWP -------------------------
+STEP="adversarial training step (bench_adv.py ${ADV_ARGS[*]})"
+echo "== $STEP" >&2
+timeout 240 "$PY" "$ROOT/benchmarks/bench_adv.py" "${ADV_ARGS[@]}" --json "$OUT/adv_steps.json" >&2
 
 # ---- 5. the experiments entry point under torchrun --------------------------------------------------
 # One KD grid (kl, ikl; 1 epoch) through `python -m dkl_lib.experiments` under torchrun with one
@@ -216,6 +228,7 @@ STEP="summary"
 "$PY" - "$OUT" "$DEVICE" "$((SECONDS - START))" <<'EOF' | tee "$OUT/summary.md"
 import glob
 import json
+import math
 import os
 import sys
 
@@ -261,6 +274,85 @@ if settings:
     print(f"\nSettings: autocast {settings['amp']}, channels_last {'on' if settings['channels_last'] else 'off'}, "
           f"cudnn.benchmark {'on' if settings['cudnn_benchmark'] else 'off'}, {settings['reps']} timed rounds "
           f"(loss kernels: float32, no autocast)")
+adv_rows = json.load(open(os.path.join(out, "adv_steps.json")))["rows"]
+print("\nAdversarial training step: TRADES vs IKL-AT (outer loss + inner attack), median per step")
+print("| setting | batch | attack steps | TRADES | IKL-AT | IKL-AT / TRADES | +AWP: TRADES | IKL-AT | AWP cost |")
+print("|---|---|---|---|---|---|---|---|---|")
+for r in adv_rows:
+    print(f"| {r['setting']} | {r['batch']} | {r['attack_steps']} | {r['trades_ms']:.1f} ms | {r['ikl_ms']:.1f} ms "
+          f"| {r['ratio']:.3f}x | {r['trades_awp_ms']:.1f} ms | {r['ikl_awp_ms']:.1f} ms | {r['awp_overhead']:.2f}x |")
+    if r["setting"] != "digits":
+        targets.append((f"IKL-AT step within 1.10x of TRADES ({r['setting']})", r["ratio"] <= 1.10, f"{r['ratio']:.3f}x"))
+
+# ---- what a full run of each GPU preset would take, from the step times above
+from dkl_lib import experiments as E  # noqa: E402
+
+N_TRAIN = 50000  # CIFAR-10/100 training images
+kd_times = {}
+for path in glob.glob(os.path.join(out, "train_b*.json")):
+    run = json.load(open(path))
+    kd_times[run["batch"]] = next(iter(run["seconds_per_step"].values()))
+
+
+def step_time(times, key, batch):
+    """(seconds per step, how): measured at this batch, else scaled per image from the nearest
+    measured batch (a rough guess: small batches use a GPU less well)."""
+    if key in times.get(batch, {}):
+        return times[batch][key], "measured"
+    have = [b for b in times if key in times[b]]
+    if not have:
+        return None, "not measured"
+    near = min(have, key=lambda b: abs(math.log(b / batch)))
+    return times[near][key] / near * batch, f"scaled from batch {near}"
+
+
+def hours(sec):
+    return "n/a" if sec is None else (f"{sec / 3600:.1f} h" if sec >= 5400 else f"{sec / 60:.1f} min")
+
+
+estimates = []
+for preset in ("gpu-short", "paper"):
+    cfg = E.resolve_config(preset)
+    d, t = cfg["distill"], cfg["teacher"]["train"]
+    for what, key, sec_epochs, bs in (("student run (ikl)", "ikl", d["epochs"], d["batch_size"]),
+                                      ("student run (kl)", "kl", d["epochs"], d["batch_size"]),
+                                      ("teacher, when trained (no released file)", "teacher", t["epochs"], t["batch_size"])):
+        sec, how = step_time(kd_times, key, bs)
+        total = None if sec is None else sec * math.ceil(N_TRAIN / bs) * sec_epochs
+        estimates.append({"task": "kd", "preset": preset, "what": f"{what}, {sec_epochs} epochs, batch {bs}",
+                          "seconds": total, "how": how})
+adv_by_setting = {r["setting"]: r for r in adv_rows}
+for preset in ("gpu-short", "paper"):
+    cfg = E.resolve_adv_config(preset)
+    tr, model = cfg["train"], cfg["model"]["name"]
+    setting = {"preact_resnet18": "cifar", "wrn_34_10": "cifar100-wrn"}.get(model)
+    r = adv_by_setting.get(setting)
+    for loss, key in (("trades", "trades"), ("ikl", "ikl")):
+        if r is None:
+            estimates.append({"task": "adv", "preset": preset, "what": f"{loss} run, {model}", "seconds": None,
+                              "how": "not measured"})
+            continue
+        scale = tr["batch_size"] / r["batch"]  # per image, when the batches differ
+        plain = r[f"{key}_ms"] / 1e3 * scale
+        awp = r[f"{key}_awp_ms"] / 1e3 * scale
+        steps = math.ceil(N_TRAIN / tr["batch_size"])
+        awp_epochs = max(0, tr["epochs"] - tr.get("awp_warmup", 0)) if tr.get("awp_gamma", 0) > 0 else 0
+        total = steps * ((tr["epochs"] - awp_epochs) * plain + awp_epochs * awp)
+        how = "measured" if scale == 1 else f"scaled from batch {r['batch']}"
+        if r["attack_steps"] != tr["attack_steps"]:
+            how += f"; measured with {r['attack_steps']} attack steps, the preset has {tr['attack_steps']}"
+        estimates.append({"task": "adv", "preset": preset,
+                          "what": f"{loss} run, {model}, {tr['epochs']} epochs ({awp_epochs} with AWP), batch "
+                                  f"{tr['batch_size']}, {tr['attack_steps']}-step attack",
+                          "seconds": total, "how": how})
+print("\nEstimated training time per run on this device" + (" (DRY RUN: says nothing about a GPU)" if device != "cuda" else "")
+      + ": median step time x steps per epoch (50 000 images) x epochs; without the per-epoch test pass and the\n"
+        "final robustness evaluation")
+print("| task | preset | run | estimate | step time |")
+print("|---|---|---|---|---|")
+for e in estimates:
+    print(f"| {e['task']} | {e['preset']} | {e['what']} | {hours(e['seconds'])} | {e['how']} |")
+
 launch = os.path.join(out, "torchrun", "launch.txt")
 if os.path.exists(launch):
     nproc, secs = open(launch).read().split()
@@ -292,6 +384,7 @@ bundle = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda
           "losses": losses, "train": [_load(p) for p in sorted(glob.glob(os.path.join(out, "train_b*.json")))],
           "kd_torchrun": _load(os.path.join(out, "torchrun", "results.json")),
           "adv_torchrun": _load(os.path.join(out, "torchrun_adv", "results.json")),
+          "adv_steps": adv_rows, "estimates": estimates,
           "targets": [{"target": t, "met": bool(ok), "value": v} for t, ok, v in targets]}
 with open(os.path.join(out, "gpu_check.json"), "w") as f:
     json.dump(bundle, f, indent=1)

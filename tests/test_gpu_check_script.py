@@ -24,7 +24,9 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = (tmp_path / "summary.md").read_text()
     assert "CPU (dry run)" in summary and "Settings: autocast bf16, channels_last on" in summary
-    assert "| 2 | ikl |" in summary  # the training-step table has its rows
+    assert "| 2 | ikl |" in summary and "| 2 | teacher |" in summary  # the training-step table has its rows
+    assert "| digits | 64 | 2 |" in summary and "| cifar | 2 | 1 |" in summary  # adversarial steps, with AWP
+    assert "Estimated training time per run on this device (DRY RUN" in summary
     kd = json.loads((tmp_path / "torchrun" / "results.json").read_text())
     assert [r["loss"] for r in kd["runs"]] == ["kl", "ikl"] and kd["config"]["checkpoint_every"] == 1
     adv = json.loads((tmp_path / "torchrun_adv" / "results.json").read_text())
@@ -35,6 +37,19 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     bundle = json.loads((tmp_path / "gpu_check.json").read_text())  # every result in one file
     assert bundle["kd_torchrun"] == kd and bundle["adv_torchrun"] == adv and bundle["device"] == "CPU (dry run)"
     assert [r["batch"] for r in bundle["train"]] == [2] and bundle["losses"][0]["batch"] == 16
+    est = {(e["task"], e["preset"], e["what"].split(",")[0]): e for e in bundle["estimates"]}
+    # kd: the presets' batches (128, 64) were not measured in the dry run (batch 2): scaled per image
+    for preset, epochs, batch in (("gpu-short", 30, 128), ("paper", 240, 64)):
+        e = est[("kd", preset, "student run (ikl)")]
+        assert e["how"] == "scaled from batch 2" and f"{epochs} epochs, batch {batch}" in e["what"]
+        step = bundle["train"][0]["seconds_per_step"]["cpu"]["ikl"] / 2 * batch
+        assert e["seconds"] == pytest.approx(step * -(-50000 // batch) * epochs)
+    assert est[("kd", "gpu-short", "teacher")]["seconds"] > est[("kd", "gpu-short", "student run (ikl)")]["seconds"]
+    adv_row = next(r for r in bundle["adv_steps"] if r["setting"] == "cifar")
+    e = est[("adv", "gpu-short", "trades run")]  # PreActResNet-18, 10 epochs, no AWP in gpu-short
+    assert e["seconds"] == pytest.approx(adv_row["trades_ms"] / 1e3 * 64 * 391 * 10)
+    assert "measured with 1 attack steps, the preset has 10" in e["how"]
+    assert est[("adv", "paper", "ikl run")]["how"] == "not measured"  # no WRN-34-10 in the dry run
     assert not list((tmp_path / "cache").glob("*/checkpoints"))  # finished runs leave no checkpoints
 
 
