@@ -747,9 +747,10 @@ def _run_in_workers(kind: str, jobs: List[Tuple[str, int]], common: dict, worker
                     desc: str, progress: bool) -> Tuple[set, bool]:
     """Compute ``jobs`` in ``workers`` spawned processes (each with an equal share of this process's
     torch threads, at least 1); returns (the jobs finished, whether Ctrl-C stopped it). The
-    results travel through the cache; an error in a worker is raised here."""
-    import functools
+    results travel through the cache; an error in a worker is raised here, and a worker that dies
+    (killed, out of memory) raises ``BrokenProcessPool`` instead of leaving the grid waiting."""
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     from tqdm.auto import tqdm
 
@@ -758,22 +759,27 @@ def _run_in_workers(kind: str, jobs: List[Tuple[str, int]], common: dict, worker
     common = {**common, "threads": max(1, torch.get_num_threads() // workers)}
     done: set = set()
     bar = tqdm(total=len(jobs), desc=desc, disable=not progress, unit="run")
-    pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)))
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"))
+
+    def stop_workers():  # a running job is not cancellable: end its process (the cache keeps finished runs)
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.terminate()
+
     try:
-        for job in pool.imap_unordered(functools.partial(_grid_worker, kind, common), jobs):
+        for future in as_completed([pool.submit(_grid_worker, kind, common, job) for job in jobs]):
+            job = future.result()
             done.add(job)
             bar.update(1)
             bar.set_postfix(finished=f"{job[0]} seed {job[1]}")
-        pool.close()
         return done, False
     except KeyboardInterrupt:
-        pool.terminate()
+        stop_workers()
         return done, True
     except BaseException:
-        pool.terminate()
+        stop_workers()
         raise
     finally:
-        pool.join()
+        pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
 
 

@@ -239,6 +239,52 @@ def test_worker_grid_interrupted_keeps_the_finished_runs(tmp_path, monkeypatch):
     assert grid.runs["cached"].tolist() == [False, True]
 
 
+class _ExitsWhenUnpickled:  # a job that kills its worker process the moment the worker receives it
+    def __reduce__(self):
+        return (os._exit, (3,))
+
+
+class _SleepsWhenUnpickled:  # a job that keeps its worker busy for a minute
+    def __reduce__(self):
+        import time
+
+        return (time.sleep, (60,))
+
+
+def _alarm(seconds, exc):
+    import signal
+
+    def handler(signum, frame):
+        raise exc
+
+    signal.signal(signal.SIGALRM, handler)
+    signal.alarm(seconds)
+
+
+def test_a_dying_worker_raises_instead_of_hanging():
+    from concurrent.futures.process import BrokenProcessPool
+
+    _alarm(90, AssertionError("the grid hangs on a dead worker"))
+    try:
+        with pytest.raises(BrokenProcessPool):
+            E._run_in_workers("kd", [_ExitsWhenUnpickled()], {}, 2, desc="", progress=False)
+    finally:
+        __import__("signal").alarm(0)
+
+
+def test_ctrl_c_stops_the_workers_at_once():
+    import time
+
+    start = time.perf_counter()
+    _alarm(8, KeyboardInterrupt())  # Ctrl-C while both workers are busy
+    try:
+        done, interrupted = E._run_in_workers("kd", [_SleepsWhenUnpickled(), _SleepsWhenUnpickled()], {}, 2,
+                                              desc="", progress=False)
+    finally:
+        __import__("signal").alarm(0)
+    assert interrupted and done == set() and time.perf_counter() - start < 30
+
+
 def test_workers_argument_errors(tmp_path, monkeypatch):
     for bad in (0, -1, True, 1.5):
         with pytest.raises(ValueError, match="workers must be a positive integer"):
