@@ -76,6 +76,7 @@ __all__ = [
     "main_process_only",
     "wrap_model",
     "unwrap_model",
+    "broadcast_buffers",
     "checkpoint_path",
     "list_checkpoints",
     "save_checkpoint",
@@ -402,13 +403,21 @@ def main_process_only(fn: Callable) -> Callable:
 
 
 # ------------------------------------------------------------------------------------------- model
-def wrap_model(model: torch.nn.Module, device=None, *, sync_batchnorm: bool = False, **ddp_kwargs):
+def wrap_model(model: torch.nn.Module, device=None, *, sync_batchnorm: bool = False,
+               forward_buffer_sync: bool = True, **ddp_kwargs):
     """``DistributedDataParallel(model)`` when more than one process runs, else ``model`` itself.
 
     The model must already be on its device (:func:`device_for_rank`); DDP copies rank 0's
     parameters and buffers to every rank at construction. ``sync_batchnorm=True`` first converts
     BatchNorm layers to SyncBatchNorm (statistics over the global batch). ``ddp_kwargs`` go to
     DDP (e.g. ``find_unused_parameters=True``).
+
+    ``forward_buffer_sync=False``: DDP does not copy rank 0's buffers (BatchNorm running
+    statistics) into every rank at the start of each forward. Needed when a step runs the model
+    twice before ``backward`` (TRADES: natural and adversarial inputs): the copy before the second
+    forward changes, in place, buffers the first forward saved for backward, and torch 2.11's
+    BatchNorm then fails the backward. Call :func:`broadcast_buffers` after each step instead,
+    which gives every rank rank 0's buffers as DDP's default does.
     """
     info = dist_info()
     if info.world_size == 1:
@@ -418,7 +427,32 @@ def wrap_model(model: torch.nn.Module, device=None, *, sync_batchnorm: bool = Fa
     device = device_for_rank(device)
     if device.type == "cuda":
         ddp_kwargs.setdefault("device_ids", [device.index if device.index is not None else info.local_rank])
+    if not forward_buffer_sync:
+        import inspect
+
+        ddp = torch.nn.parallel.DistributedDataParallel
+        # torch >= 2.13 names it forward_sync_buffers (broadcast_buffers is deprecated there)
+        name = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
+                else "broadcast_buffers")
+        ddp_kwargs.setdefault(name, False)
     return torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+
+
+def broadcast_buffers(model: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (BatchNorm running statistics, counters) into every rank's
+    ``model`` (a DDP wrapper or the module), one broadcast per dtype; a no-op in one process."""
+    if not (is_distributed() and dist_info().world_size > 1):
+        return
+    buffers = [b for b in unwrap_model(model).buffers()]
+    for dtype in sorted({b.dtype for b in buffers}, key=str):
+        group = [b for b in buffers if b.dtype == dtype]
+        flat = torch.cat([b.detach().reshape(-1) for b in group])
+        tdist.broadcast(flat, src=src)
+        offset = 0
+        with torch.no_grad():
+            for b in group:
+                b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                offset += b.numel()
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:

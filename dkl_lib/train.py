@@ -141,8 +141,10 @@ class _Parallel:
         self.rank, self.world, self.is_main = info.rank, info.world_size, info.is_main
         self.active = self.world > 1
 
-    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
-        return dist.wrap_model(model, device) if self.active else model
+    def wrap(self, model: nn.Module, device: torch.device, *, forward_buffer_sync: bool = True) -> nn.Module:
+        if not self.active:
+            return model
+        return dist.wrap_model(model, device, forward_buffer_sync=forward_buffer_sync)
 
     def batches(self, n: int, *, batch_size: int, generator: torch.Generator, drop_last: bool,
                 device: torch.device):
@@ -1151,7 +1153,11 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
     eval_model = averaged.module if averaged is not None else model
 
     first_epoch, history = checkpoints.resume(model, optimizer, scheduler, generators, prior, extra)
-    net = par.wrap(model, device)
+    # two forwards (natural, adversarial) per backward: no buffer copy between them; rank 0's
+    # BatchNorm statistics go to every rank after each step instead (DDP's default outcome)
+    net = par.wrap(model, device, forward_buffer_sync=False)
+    if par.active:
+        dist.broadcast_buffers(model)  # torch < 2.13 skips the buffers at wrap time, too
     stopped = None
     bars = _RunProgress(epochs=epochs, steps_per_epoch=steps_per_epoch, desc=desc or loss,
                         progress=progress and par.is_main, device=device, batch_bar_from=50, initial=first_epoch)
@@ -1201,6 +1207,8 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
                 optimizer.step()
                 if v is not None:
                     awp.apply(v, -1.0)
+                if par.active:
+                    dist.broadcast_buffers(model)
                 if averaged is not None:
                     averaged.update(model, epoch)
                 if prior is not None:

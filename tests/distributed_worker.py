@@ -121,6 +121,28 @@ def main(out: Path) -> None:
     except RuntimeError as err:
         res["mismatch"] = str(err)
 
+    # (f) two forwards per backward (TRADES: natural and adversarial inputs) through a BatchNorm model:
+    # no buffer copy inside DDP's forward; broadcast_buffers after each step gives every rank rank 0's
+    torch.manual_seed(MODEL_SEED)
+    bn_model = D.wrap_model(torch.nn.Sequential(torch.nn.BatchNorm1d(FEATURES), torch.nn.Linear(FEATURES, CLASSES))
+                            .double(), forward_buffer_sync=False)
+    res["forward_sync"] = bool(getattr(bn_model, "forward_sync_buffers", getattr(bn_model, "broadcast_buffers", None)))
+    bn_opt = make_optimizer(bn_model.parameters())
+    gen = torch.Generator().manual_seed(SHUFFLE_SEED)
+    res["bn_before"], res["bn_after"] = [], []
+    for idx, size in D.shard_batches(N, batch_size=GLOBAL_BATCH, rank=rank, world_size=world, shuffle=True,
+                                     generator=gen):
+        if size < 2 * world:  # decided on the global size: every rank skips the same batches
+            continue
+        nat, adv = bn_model(x[idx]), bn_model(x[idx] + 0.1)
+        loss = (F.cross_entropy(nat, y[idx]) + F.cross_entropy(adv, y[idx])) * D.local_loss_scale(len(idx), size, world)
+        bn_opt.zero_grad()
+        loss.backward()
+        bn_opt.step()
+        res["bn_before"].append({k: v.clone() for k, v in D.unwrap_model(bn_model)[0].state_dict().items()})
+        D.broadcast_buffers(bn_model)
+        res["bn_after"].append({k: v.clone() for k, v in D.unwrap_model(bn_model)[0].state_dict().items()})
+
     # rank-0-only helpers
     @D.main_process_only
     def write_log(text):

@@ -5,7 +5,8 @@ selects every test here.
 The two-process half runs once per session (tests/distributed_worker.py, about 10 s) and saves what
 each rank saw; each test compares one aspect with the same computation done here in one process:
 (a) the global batches, (b) 3 DDP steps of a float64 linear model, (c) the class prior,
-(d) all-reduced metrics, (e) checkpoint save on rank 0 and resume.
+(d) all-reduced metrics, (e) checkpoint save on rank 0 and resume, (f) BatchNorm buffers with two
+forwards per backward.
 """
 import os
 import subprocess
@@ -266,3 +267,26 @@ def test_distributed_checkpoints_are_atomic_and_resume_skips_a_corrupt_latest(tm
         D.save_checkpoint(folder / "x.pt", ["not", "a", "dict"])
     with pytest.raises(ValueError):
         D.checkpoint_path(folder, -1)
+
+
+def test_distributed_two_forwards_per_step_keep_rank0_batchnorm_buffers(ranks):
+    """(f) The adversarial trainers' DDP wrap: no buffer copy inside forward (it broke the backward
+    of two forwards under torch 2.11), then broadcast_buffers: after every step both ranks hold
+    rank 0's BatchNorm statistics, which are those of a BatchNorm fed rank 0's shares alone."""
+    _, (r0, r1) = ranks
+    assert r0["forward_sync"] is False and r1["forward_sync"] is False
+    assert len(r0["bn_after"]) == len(r1["bn_after"]) == 2  # the 2 + 1 split of the last batch is skipped
+    x, _, _ = W.make_data()
+    ref = torch.nn.BatchNorm1d(W.FEATURES).double().train()
+    gen = torch.Generator().manual_seed(W.SHUFFLE_SEED)
+    shards = [idx for idx, size in D.shard_batches(W.N, batch_size=W.GLOBAL_BATCH, rank=0, world_size=2, shuffle=True,
+                                                   generator=gen) if size >= 4]  # the global batches of 6, not 3
+    for step, idx in enumerate(shards):
+        ref(x[idx])
+        ref(x[idx] + 0.1)
+        for key, want in ref.named_buffers():  # running_mean, running_var, num_batches_tracked
+            assert torch.allclose(r0["bn_before"][step][key].to(want.dtype), want, rtol=1e-12, atol=1e-12), key
+            assert torch.equal(r0["bn_after"][step][key], r0["bn_before"][step][key]), key
+            assert torch.equal(r1["bn_after"][step][key], r0["bn_after"][step][key]), key
+    # rank 1 had its own statistics before the broadcast: without it the ranks would drift apart
+    assert not torch.equal(r1["bn_before"][0]["running_mean"], r0["bn_before"][0]["running_mean"])
