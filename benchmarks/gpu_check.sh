@@ -11,7 +11,9 @@
 #
 # Options: --quick, --allow-cpu, --out DIR (keep the JSON results there; default a temporary
 # folder), --wheels DIR (install DIR/*.whl into a temporary folder first, no network, no
-# dependencies), --env-only (stop after checking the GPU and the Python packages; seconds).
+# dependencies), --env-only (stop after checking the GPU and the Python packages; seconds),
+# --budget S (start no further measuring step once S seconds have passed; the summary says which
+# steps were skipped). A step that fails does not stop the others: the summary lists it.
 # Python: $PYTHON, else .venv/bin/python at the repository root, else python3.
 # What it runs: benchmarks/bench_losses.py (kl, dkl, ikl closed form and the pairwise wMSE oracle,
 # forward+backward, B = 256, C in {100, 1000}) and benchmarks/bench_train.py (one distillation
@@ -24,8 +26,8 @@
 # average, PGD and the ART ensemble on the GPU) on random data. The Python packages every step
 # needs are checked first, so a missing one costs seconds, not a finished training. Exit status: 0
 # when everything ran (the target lines are informational), 1 without a CUDA device (unless
-# --allow-cpu), 2 for bad options, 3 for missing Python packages, else the status of the step
-# that failed. Results: DIR/summary.md (also printed) and DIR/gpu_check.json (every result in
+# --allow-cpu), 2 for bad options, 3 for missing Python packages, else the status of the first
+# step that failed. Results: DIR/summary.md (also printed) and DIR/gpu_check.json (every result in
 # one file), beside the per-step JSON files.
 set -euo pipefail
 
@@ -37,6 +39,7 @@ ALLOW_CPU=0
 OUT=""
 WHEELS=""
 ENV_ONLY=0
+BUDGET=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -45,6 +48,8 @@ while [[ $# -gt 0 ]]; do
         --wheels) [[ $# -ge 2 && -d "$2" ]] || { echo "gpu_check: --wheels needs a folder of .whl files" >&2; exit 2; }
                   WHEELS="$2"; shift ;;
         --env-only) ENV_ONLY=1 ;;
+        --budget) [[ $# -ge 2 && "$2" =~ ^[0-9]+$ ]] || { echo "gpu_check: --budget needs whole seconds" >&2; exit 2; }
+                  BUDGET="$2"; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "gpu_check: unknown option $1" >&2; usage >&2; exit 2 ;;
     esac
@@ -137,6 +142,30 @@ if [[ $ENV_ONLY -eq 1 ]]; then echo "gpu_check: --env-only: environment checked,
 
 if [[ -z "$OUT" ]]; then OUT="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")"; fi
 mkdir -p "$OUT"
+: > "$OUT/steps.txt"  # one line per measuring step: ok / FAILED (exit N) / skipped, and its text
+
+# step TEXT COMMAND...: run one measuring step; a failure is recorded (the others still run) and a
+# step that would start after --budget seconds is skipped
+FIRST_RC=0
+step() {
+    local text="$1" rc=0
+    shift
+    STEP="$text"
+    if [[ -n "$BUDGET" && $((SECONDS - START)) -ge $BUDGET ]]; then
+        echo "== skipped (budget of $BUDGET s spent): $text" >&2
+        echo "skipped|$text" >> "$OUT/steps.txt"
+        return 0
+    fi
+    echo "== $text" >&2
+    "$@" >&2 || rc=$?
+    if [[ $rc -eq 0 ]]; then
+        echo "ok|$text" >> "$OUT/steps.txt"
+    else
+        echo "gpu_check: FAILED (exit $rc): $text; going on with the other steps" >&2
+        echo "FAILED (exit $rc)|$text" >> "$OUT/steps.txt"
+        [[ $FIRST_RC -ne 0 ]] || FIRST_RC=$rc
+    fi
+}
 
 # ---- 2. sizes ------------------------------------------------------------------------------------
 if [[ "$DEVICE" == "cuda" ]]; then
@@ -160,22 +189,18 @@ else
 fi
 
 # ---- 3. loss kernels -----------------------------------------------------------------------------
-STEP="loss kernels (bench_losses.py ${LOSS_ARGS[*]})"
-echo "== $STEP" >&2
-timeout 240 "$PY" "$ROOT/benchmarks/bench_losses.py" "${LOSS_ARGS[@]}" --json "$OUT/losses.json" >&2
+step "loss kernels (bench_losses.py ${LOSS_ARGS[*]})" \
+    timeout 240 "$PY" "$ROOT/benchmarks/bench_losses.py" "${LOSS_ARGS[@]}" --json "$OUT/losses.json"
 
 # ---- 4. training throughput ----------------------------------------------------------------------
 for B in "${TRAIN_BATCHES[@]}"; do
-    STEP="training step, batch $B (bench_train.py ${TRAIN_ARGS[*]} --batch $B)"
-    echo "== $STEP" >&2
-    timeout 150 "$PY" "$ROOT/benchmarks/bench_train.py" "${TRAIN_ARGS[@]}" --batch "$B" \
-        --json "$OUT/train_b$B.json" >&2
+    step "training step, batch $B (bench_train.py ${TRAIN_ARGS[*]} --batch $B)" \
+        timeout 150 "$PY" "$ROOT/benchmarks/bench_train.py" "${TRAIN_ARGS[@]}" --batch "$B" --json "$OUT/train_b$B.json"
 done
 
 # ---- 4b. adversarial training step: TRADES vs IKL-AT, with and without AWP -------------------------
-STEP="adversarial training step (bench_adv.py ${ADV_ARGS[*]})"
-echo "== $STEP" >&2
-timeout 240 "$PY" "$ROOT/benchmarks/bench_adv.py" "${ADV_ARGS[@]}" --json "$OUT/adv_steps.json" >&2
+step "adversarial training step (bench_adv.py ${ADV_ARGS[*]})" \
+    timeout 240 "$PY" "$ROOT/benchmarks/bench_adv.py" "${ADV_ARGS[@]}" --json "$OUT/adv_steps.json"
 
 # ---- 5. the experiments entry point under torchrun --------------------------------------------------
 # One KD grid (kl, ikl; 1 epoch) through `python -m dkl_lib.experiments` under torchrun with one
@@ -191,13 +216,12 @@ else
     SYN='{"name":"synthetic","n_train":64,"n_test":32,"num_classes":10,"image_shape":[3,32,32],"noise":0.3,"seed":0,"augment":{"padding":4,"flip":true}}'
     MODELS=(--override teacher.model=resnet8x4)
 fi
-STEP="experiments entry point under torchrun ($NPROC processes)"
-echo "== $STEP" >&2
 T0=$SECONDS
-OMP_NUM_THREADS=1 timeout 240 "$PY" -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node="$NPROC" \
+step "experiments entry point under torchrun ($NPROC processes)" \
+    env OMP_NUM_THREADS=1 timeout 240 "$PY" -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node="$NPROC" \
     -m dkl_lib.experiments kd --preset gpu-short --losses kl,ikl --seeds 0 --epochs 1 --checkpoint-every 1 \
-    --override "data=$SYN" "${MODELS[@]}" --cache-dir "$OUT/cache" --out "$OUT/torchrun" >&2
-echo "$NPROC $((SECONDS - T0))" > "$OUT/torchrun/launch.txt"
+    --override "data=$SYN" "${MODELS[@]}" --cache-dir "$OUT/cache" --out "$OUT/torchrun"
+[[ ! -f "$OUT/torchrun/results.json" ]] || echo "$NPROC $((SECONDS - T0))" > "$OUT/torchrun/launch.txt"
 
 # ---- 6. the adversarial entry point under torchrun ----------------------------------------------------
 # TRADES and IKL-AT for 1 epoch with the paper recipe's AWP and weight average switched on from the
@@ -213,15 +237,14 @@ else
     ADV_EVAL=(--override eval.samples=16 --override eval.square_queries=20 --override eval.apgd_iters=10
               --override train.attack_steps=2 --override train.eval_samples=16)
 fi
-STEP="adversarial entry point under torchrun ($NPROC processes)"
-echo "== $STEP" >&2
 T0=$SECONDS
-OMP_NUM_THREADS=1 timeout 240 "$PY" -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node="$NPROC" \
+step "adversarial entry point under torchrun ($NPROC processes)" \
+    env OMP_NUM_THREADS=1 timeout 240 "$PY" -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node="$NPROC" \
     -m dkl_lib.experiments adv --preset gpu-short --losses trades,ikl --seeds 0 --epochs 1 --checkpoint-every 1 \
     --override "data=$SYN10" "${ADV_MODEL[@]}" "${ADV_EVAL[@]}" --override train.awp_gamma=0.005 \
     --override train.awp_warmup=0 --override train.weight_average=0.999 --override train.weight_average_from=1 \
-    --cache-dir "$OUT/cache" --out "$OUT/torchrun_adv" >&2
-echo "$NPROC $((SECONDS - T0))" > "$OUT/torchrun_adv/launch.txt"
+    --cache-dir "$OUT/cache" --out "$OUT/torchrun_adv"
+[[ ! -f "$OUT/torchrun_adv/results.json" ]] || echo "$NPROC $((SECONDS - T0))" > "$OUT/torchrun_adv/launch.txt"
 
 # ---- 7. summary ----------------------------------------------------------------------------------
 STEP="summary"
@@ -238,7 +261,17 @@ out, device, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3])
 name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU (dry run)"
 print(f"\n## gpu_check: {name}; torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}\n")
 
-losses = json.load(open(os.path.join(out, "losses.json")))
+
+def _load(path):
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+steps = [line.rstrip("\n").split("|", 1) for line in open(os.path.join(out, "steps.txt")) if "|" in line]
+not_ok = [(status, text) for status, text in steps if status != "ok"]
+print(f"Steps: {len(steps) - len(not_ok)} of {len(steps)} ran" + ("" if not not_ok else "; NOT RUN: " + "; ".join(
+    f"{text.split(' (')[0]} [{status}]" for status, text in not_ok)) + "\n")
+
+losses = _load(os.path.join(out, "losses.json")) or []
 mem = lambda n: "n/a" if n is None else (f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
                                           if n >= 2**20 else f"{n / 2**10:.0f} KiB")
 ratio = lambda x: f"{x:.2f}x" if x < 10 else f"{x:.0f}x"
@@ -274,7 +307,7 @@ if settings:
     print(f"\nSettings: autocast {settings['amp']}, channels_last {'on' if settings['channels_last'] else 'off'}, "
           f"cudnn.benchmark {'on' if settings['cudnn_benchmark'] else 'off'}, {settings['reps']} timed rounds "
           f"(loss kernels: float32, no autocast)")
-adv_rows = json.load(open(os.path.join(out, "adv_steps.json")))["rows"]
+adv_rows = (_load(os.path.join(out, "adv_steps.json")) or {"rows": []})["rows"]
 print("\nAdversarial training step: TRADES vs IKL-AT (outer loss + inner attack), median per step")
 print("| setting | batch | attack steps | TRADES | IKL-AT | IKL-AT / TRADES | +AWP: TRADES | IKL-AT | AWP cost |")
 print("|---|---|---|---|---|---|---|---|---|")
@@ -377,10 +410,8 @@ if device == "cuda" and targets:
         print(f"- {'ok  ' if ok else 'MISS'} {text}: {value}")
 print(f"\nTotal wall time {seconds} s; JSON results in {out} (all of them in gpu_check.json)")
 
-def _load(path):
-    return json.load(open(path)) if os.path.exists(path) else None
-
-bundle = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "seconds": seconds,
+bundle = {"steps": [{"status": status, "step": text} for status, text in steps], "device": name,
+          "torch": torch.__version__, "cuda": torch.version.cuda, "seconds": seconds,
           "losses": losses, "train": [_load(p) for p in sorted(glob.glob(os.path.join(out, "train_b*.json")))],
           "kd_torchrun": _load(os.path.join(out, "torchrun", "results.json")),
           "adv_torchrun": _load(os.path.join(out, "torchrun_adv", "results.json")),
@@ -389,3 +420,4 @@ bundle = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda
 with open(os.path.join(out, "gpu_check.json"), "w") as f:
     json.dump(bundle, f, indent=1)
 EOF
+exit "$FIRST_RC"

@@ -124,3 +124,32 @@ def test_device_wheels_pins_the_tested_versions():
     bad = subprocess.run(["bash", str(REPO / "benchmarks" / "device_wheels.sh"), "--python", "twelve"], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--python needs a version" in bad.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_gpu_check_goes_on_after_a_failed_step_and_keeps_to_its_budget(tmp_path):
+    """On a one-shot GPU lease a failing step must not cost the others: every measuring step fails
+    here (a sitecustomize ends each one at start), all are still attempted, the summary names them
+    and the exit status is the first failure's; --budget 0 skips them all and still summarises."""
+    fail = tmp_path / "fail"
+    fail.mkdir()
+    (fail / "sitecustomize.py").write_text(
+        "import sys\n"
+        "line = ' '.join(sys.orig_argv)\n"
+        "if any(name in line for name in ('bench_losses.py', 'bench_train.py', 'bench_adv.py', 'torch.distributed.run')):\n"
+        "    raise SystemExit(7)\n")
+    out = tmp_path / "failed"
+    proc = run("--allow-cpu", "--quick", "--out", str(out), timeout=300, env={"PYTHONPATH": str(fail)})
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    steps = json.loads((out / "gpu_check.json").read_text())["steps"]
+    assert len(steps) == 5 and all(s["status"].startswith("FAILED") for s in steps), steps
+    assert proc.stderr.count("going on with the other steps") == 5
+    assert "Steps: 0 of 5 ran; NOT RUN: loss kernels [FAILED" in (out / "summary.md").read_text()
+
+    out = tmp_path / "budget"
+    proc = run("--allow-cpu", "--quick", "--budget", "0", "--out", str(out), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    bundle = json.loads((out / "gpu_check.json").read_text())
+    assert [s["status"] for s in bundle["steps"]] == ["skipped"] * 5 and bundle["losses"] == []
+    assert all(e["how"] == "not measured" for e in bundle["estimates"])
+    assert run("--allow-cpu", "--budget", "soon", timeout=60).returncode == 2
