@@ -266,9 +266,9 @@ def _load(path):
     return json.load(open(path)) if os.path.exists(path) else None
 
 
-steps = [line.rstrip("\n").split("|", 1) for line in open(os.path.join(out, "steps.txt")) if "|" in line]
-not_ok = [(status, text) for status, text in steps if status != "ok"]
-print(f"Steps: {len(steps) - len(not_ok)} of {len(steps)} ran" + ("" if not not_ok else "; NOT RUN: " + "; ".join(
+step_log = [line.rstrip("\n").split("|", 1) for line in open(os.path.join(out, "steps.txt")) if "|" in line]
+not_ok = [(status, text) for status, text in step_log if status != "ok"]
+print(f"Steps: {len(step_log) - len(not_ok)} of {len(step_log)} ran" + ("" if not not_ok else "; NOT RUN: " + "; ".join(
     f"{text.split(' (')[0]} [{status}]" for status, text in not_ok)) + "\n")
 
 losses = _load(os.path.join(out, "losses.json")) or []
@@ -410,7 +410,7 @@ if device == "cuda" and targets:
         print(f"- {'ok  ' if ok else 'MISS'} {text}: {value}")
 print(f"\nTotal wall time {seconds} s; JSON results in {out} (all of them in gpu_check.json)")
 
-bundle = {"steps": [{"status": status, "step": text} for status, text in steps], "device": name,
+bundle = {"steps": [{"status": status, "step": text} for status, text in step_log], "device": name,
           "torch": torch.__version__, "cuda": torch.version.cuda, "seconds": seconds,
           "losses": losses, "train": [_load(p) for p in sorted(glob.glob(os.path.join(out, "train_b*.json")))],
           "kd_torchrun": _load(os.path.join(out, "torchrun", "results.json")),
