@@ -783,6 +783,23 @@ def _run_in_workers(kind: str, jobs: List[Tuple[str, int]], common: dict, worker
         bar.close()
 
 
+def _prefill_in_workers(kind: str, jobs: List[Tuple[str, int]], is_done: Callable[[Tuple[str, int]], bool], *,
+                        workers: int, preset: str, overrides, cache: "RunCache", download: bool, desc: str,
+                        progress: bool) -> Tuple[List[Tuple[str, int]], set, bool]:
+    """A grid's ``workers > 1`` stage: the jobs not yet in the cache are computed in worker processes
+    (:func:`_run_in_workers`), whose results the grid then reads from the cache. Returns (the jobs
+    the grid goes on with: all, or after Ctrl-C only the cached and finished ones; the jobs computed
+    here; whether Ctrl-C stopped it)."""
+    pending = [job for job in jobs if not is_done(job)]
+    common = {"preset": preset, "overrides": overrides, "cache_dir": str(cache.root), "device": "cpu",
+              "download": download}
+    fresh, interrupted = _run_in_workers(kind, pending, common, workers, desc=desc, progress=progress)
+    if interrupted:
+        warnings.warn("interrupted: returning the finished runs", stacklevel=3)
+        jobs = [job for job in jobs if job not in pending or job in fresh]
+    return jobs, fresh, interrupted
+
+
 def run_grid(losses: Sequence[str] = ("ce", "kl", "dkl", "ikl", "gkl", "dkd"),
              seeds: Sequence[int] = (0, 1, 2), *, preset: str = "cpu-quick",
              overrides: Optional[dict] = None, cache_dir=None, use_cache: bool = True, device=None,
@@ -846,15 +863,10 @@ def run_grid(losses: Sequence[str] = ("ce", "kl", "dkl", "ikl", "gkl", "dkd"),
     jobs = [(spec, seed) for spec in losses for seed in seeds]
     fresh, interrupted = set(), False
     if workers > 1:
-        pending = [(spec, seed) for spec, seed in jobs
-                   if not cache.exists("student", _run_config(cfg, spec, seed, tinfo["config_hash"]))]
-        common = {"preset": preset, "overrides": overrides, "cache_dir": str(cache.root), "device": "cpu",
-                  "download": download}
-        fresh, interrupted = _run_in_workers("kd", pending, common, workers, desc=f"{preset}: runs, {workers} at a time",
-                                             progress=progress)
-        if interrupted:
-            warnings.warn("interrupted: returning the finished runs", stacklevel=2)
-            jobs = [job for job in jobs if job not in pending or job in fresh]
+        jobs, fresh, interrupted = _prefill_in_workers(
+            "kd", jobs, lambda job: cache.exists("student", _run_config(cfg, *job, tinfo["config_hash"])),
+            workers=workers, preset=preset, overrides=overrides, cache=cache, download=download,
+            desc=f"{preset}: runs, {workers} at a time", progress=progress)
     bar = tqdm(jobs, desc=f"{preset}: runs", disable=not progress or workers > 1, unit="run")
     try:
         for spec, seed in bar:
@@ -1345,14 +1357,9 @@ def run_adv_grid(losses: Sequence[str] = ("trades", "ikl"), seeds: Sequence[int]
             rcfg = _adv_run_config(cfg, *job)
             return cache.exists("adv", rcfg) and cache.exists("adveval", _adv_eval_config(ev, config_hash(rcfg)))
 
-        pending = [job for job in jobs if not done(job)]
-        common = {"preset": preset, "overrides": overrides, "cache_dir": str(cache.root), "device": "cpu",
-                  "download": download}
-        fresh, interrupted = _run_in_workers("adv", pending, common, workers, progress=progress,
-                                             desc=f"{preset}: adversarial runs, {workers} at a time")
-        if interrupted:
-            warnings.warn("interrupted: returning the finished runs", stacklevel=2)
-            jobs = [job for job in jobs if job not in pending or job in fresh]
+        jobs, fresh, interrupted = _prefill_in_workers(
+            "adv", jobs, done, workers=workers, preset=preset, overrides=overrides, cache=cache, download=download,
+            desc=f"{preset}: adversarial runs, {workers} at a time", progress=progress)
     bar = tqdm(jobs, desc=f"{preset}: adversarial runs", disable=not progress or workers > 1, unit="run")
     try:
         for loss, seed in bar:
@@ -1602,48 +1609,40 @@ def _parser() -> argparse.ArgumentParser:
     kd.add_argument("--losses", default="ce,kl,dkl,ikl,gkl,dkd",
                     help=f"comma-separated, from {','.join(GRID_LOSSES)}")
     kd.add_argument("--seeds", default="0,1,2", help="comma-separated student seeds")
-    kd.add_argument("--out", required=True, help="folder for results.json, results.csv and log.jsonl (a line per trained epoch)")
-    kd.add_argument("--cache-dir", default=None, help="cache folder (default: <repository>/runs)")
-    kd.add_argument("--no-cache", action="store_true", help="recompute everything, write no cache")
-    kd.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    kd.add_argument("--download", action="store_true", help="download CIFAR when it is missing")
     kd.add_argument("--epochs", type=int, default=None,
                     help="shortcut for --override distill.epochs=N --override teacher.train.epochs=N")
     kd.add_argument("--override", action="append", metavar="KEY=VALUE",
                     help="change a preset setting, e.g. distill.lr=0.1 or losses.ikl.alpha=2 (repeatable)")
-    kd.add_argument("--quiet", action="store_true", help="no progress bars or summary")
-    kd.add_argument("--workers", type=int, default=1, metavar="N",
-                    help="CPU only: N runs at a time in separate processes (each with 1/N of the threads); "
-                         "no per-epoch log.jsonl then")
     kd.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                     help="checkpoint every N epochs inside each run's cache folder, so that rerunning the "
                          "same command resumes an interrupted run (0 = off; default: the preset's, "
                          "cpu-quick 0, gpu-short and paper 1)")
-    kd.add_argument("--config", metavar="FILE", help="an experiment file of configs/ (preset, losses, seeds, "
-                      "overrides); options given here win (--epochs too); --out defaults to runs/<name>")
     kd.set_defaults(handler=_cmd_kd)
     adv = sub.add_parser("adv", help="adversarial training: losses x seeds for a preset, with evaluation")
     adv.add_argument("--preset", default="cpu-quick", choices=sorted(ADV_PRESETS))
     adv.add_argument("--losses", default="trades,ikl", help=f"comma-separated, from {','.join(ADV_LOSSES)}")
     adv.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    adv.add_argument("--out", required=True, help="folder for results.json, results.csv and log.jsonl (a line per trained epoch)")
-    adv.add_argument("--cache-dir", default=None, help="cache folder (default: <repository>/runs)")
-    adv.add_argument("--no-cache", action="store_true", help="recompute everything, write no cache")
-    adv.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    adv.add_argument("--download", action="store_true", help="download CIFAR when it is missing")
     adv.add_argument("--epochs", type=int, default=None, help="shortcut for --override train.epochs=N")
     adv.add_argument("--override", action="append", metavar="KEY=VALUE",
                      help="change a preset setting, e.g. train.epsilon=0.05, eval.samples=100 or "
                           "losses.ikl.alpha=5 (repeatable)")
-    adv.add_argument("--quiet", action="store_true", help="no progress bars or summary")
-    adv.add_argument("--workers", type=int, default=1, metavar="N",
-                     help="CPU only: N runs at a time in separate processes (each with 1/N of the threads); "
-                          "no per-epoch log.jsonl then")
     adv.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                      help="as for kd: per-epoch checkpoints, a rerun resumes (0 = off; default: the preset's)")
-    adv.add_argument("--config", metavar="FILE", help="an experiment file of configs/ (preset, losses, seeds, "
-                      "overrides); options given here win (--epochs too); --out defaults to runs/<name>")
     adv.set_defaults(handler=_cmd_adv)
+    for command in (kd, adv):  # the options both commands share
+        command.add_argument("--out", required=True,
+                             help="folder for results.json, results.csv and log.jsonl (a line per trained epoch)")
+        command.add_argument("--cache-dir", default=None, help="cache folder (default: <repository>/runs)")
+        command.add_argument("--no-cache", action="store_true", help="recompute everything, write no cache")
+        command.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+        command.add_argument("--download", action="store_true", help="download CIFAR when it is missing")
+        command.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+        command.add_argument("--workers", type=int, default=1, metavar="N",
+                             help="CPU only: N runs at a time in separate processes (each with 1/N of the "
+                                  "threads); no per-epoch log.jsonl then")
+        command.add_argument("--config", metavar="FILE",
+                             help="an experiment file of configs/ (preset, losses, seeds, overrides); options "
+                                  "given here win (--epochs too); --out defaults to runs/<name>")
     return parser
 
 

@@ -1156,8 +1156,7 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
     # two forwards (natural, adversarial) per backward: no buffer copy between them; rank 0's
     # BatchNorm statistics go to every rank after each step instead (DDP's default outcome)
     net = par.wrap(model, device, forward_buffer_sync=False)
-    if par.active:
-        dist.broadcast_buffers(model)  # torch < 2.13 skips the buffers at wrap time, too
+    dist.broadcast_buffers(model)  # torch < 2.13 skips the buffers at wrap time, too (no-op in one process)
     stopped = None
     bars = _RunProgress(epochs=epochs, steps_per_epoch=steps_per_epoch, desc=desc or loss,
                         progress=progress and par.is_main, device=device, batch_bar_from=50, initial=first_epoch)
@@ -1207,8 +1206,7 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
                 optimizer.step()
                 if v is not None:
                     awp.apply(v, -1.0)
-                if par.active:
-                    dist.broadcast_buffers(model)
+                dist.broadcast_buffers(model)  # rank 0's BatchNorm statistics to every rank
                 if averaged is not None:
                     averaged.update(model, epoch)
                 if prior is not None:
