@@ -293,9 +293,12 @@ print("\nTraining step: resnet32x4 -> resnet8x4 distillation, CIFAR-100 shapes, 
 print("| batch | loss | ms / step | images / s | time / KL step |")
 print("|---|---|---|---|---|")
 settings = None
-for path in sorted(glob.glob(os.path.join(out, "train_b*.json")), key=lambda p: int(p.rsplit("_b", 1)[1][:-5])):
-    run = json.load(open(path))
+train_runs = sorted((json.load(open(p)) for p in glob.glob(os.path.join(out, "train_b*.json"))),
+                    key=lambda run: run["batch"])
+kd_times = {}  # batch -> {loss: seconds per step}, for the estimates below
+for run in train_runs:
     (dev, med), = run["seconds_per_step"].items()
+    kd_times[run["batch"]] = med
     settings = run["settings"][dev]
     for loss, sec in med.items():
         print(f"| {run['batch']} | {loss} | {sec * 1e3:.2f} | {run['batch'] / sec:,.0f} | {sec / med['kl']:.2f}x |")
@@ -321,10 +324,6 @@ for r in adv_rows:
 from dkl_lib import experiments as E  # noqa: E402
 
 N_TRAIN = 50000  # CIFAR-10/100 training images
-kd_times = {}
-for path in glob.glob(os.path.join(out, "train_b*.json")):
-    run = json.load(open(path))
-    kd_times[run["batch"]] = next(iter(run["seconds_per_step"].values()))
 
 
 def step_time(times, key, batch):
@@ -412,7 +411,7 @@ print(f"\nTotal wall time {seconds} s; JSON results in {out} (all of them in gpu
 
 bundle = {"steps": [{"status": status, "step": text} for status, text in step_log], "device": name,
           "torch": torch.__version__, "cuda": torch.version.cuda, "seconds": seconds,
-          "losses": losses, "train": [_load(p) for p in sorted(glob.glob(os.path.join(out, "train_b*.json")))],
+          "losses": losses, "train": train_runs,
           "kd_torchrun": _load(os.path.join(out, "torchrun", "results.json")),
           "adv_torchrun": _load(os.path.join(out, "torchrun_adv", "results.json")),
           "adv_steps": adv_rows, "estimates": estimates,
