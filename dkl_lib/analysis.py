@@ -17,6 +17,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 
 from . import experiments, losses, train
+from ._checks import check_nonnegative
 
 __all__ = [
     "ProbeResult",
@@ -206,18 +207,21 @@ def prediction_metrics(result: ProbeResult, *, n_bins: int = 10):
 # ------------------------------------------------------------------------------ sensitivity
 def sensitivity(loss_spec: str, grid: Dict[str, Sequence[float]], seeds: Sequence[int], *,
                 preset: str = "cpu-quick", overrides: Optional[dict] = None, cache_dir=None,
-                progress: bool = True):
+                progress: bool = True, collapse_points: float = 20.0):
     """Accuracy over a grid of hyper-parameters (the cached :func:`run_grid`, one call per cell).
 
     ``grid`` maps names to values: "temperature" (the distillation temperature) or a loss
     hyper-parameter ("alpha", "beta", "gamma", "weight_temperature"). Returns (runs, summary):
-    runs has one row per cell and seed; summary one row per cell with n, mean and std of the best
-    and last accuracy.
+    runs has one row per cell and seed (with ``drop`` = best − last accuracy); summary one row per
+    cell with n, mean and std of the best and last accuracy, and ``collapsed``: how many of the
+    cell's runs ended more than ``collapse_points`` below their own best epoch (a run that
+    diverges after a good start; cell means can hide one such seed).
     """
     import itertools
 
     import pandas as pd
 
+    collapse_points = check_nonnegative("collapse_points", collapse_points)
     name = experiments._parse_loss(loss_spec)[0]
     names = list(grid)
     if not names:
@@ -232,8 +236,10 @@ def sensitivity(loss_spec: str, grid: Dict[str, Sequence[float]], seeds: Sequenc
                                    cache_dir=cache_dir, progress=progress)
         frames.append(res.runs.assign(**cell))
     runs = pd.concat(frames, ignore_index=True)
-    summary = (runs.groupby(names)
+    runs["drop"] = runs["best_acc"] - runs["last_acc"]
+    summary = (runs.assign(collapsed=runs["drop"] > collapse_points).groupby(names)
                .agg(n=("seed", "count"), best_mean=("best_acc", "mean"), best_std=("best_acc", "std"),
-                    last_mean=("last_acc", "mean"), last_std=("last_acc", "std"))
+                    last_mean=("last_acc", "mean"), last_std=("last_acc", "std"),
+                    collapsed=("collapsed", "sum"))
                .reset_index())
     return runs, summary

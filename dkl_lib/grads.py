@@ -6,12 +6,13 @@ B-row batch carries a factor 1/B). Notebooks 01 and 02 build on these functions.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from . import losses
 from ._checks import check_logits_pair, check_positive, compute_dtype
+from .models import _check_int
 
 __all__ = [
     "kl_grad_logits",
@@ -226,12 +227,28 @@ def symbolic_check(num_classes: int = 3):
     return {"difference": diffs, "grad_logits": grad_n, "grad_target_logits": grad_m}
 
 
-def wmse_cost(classes=(10, 100, 300, 1000), *, batch: int = 64, repeats: int = 3, seed: int = 0):
+def wmse_cost(classes=(10, 100, 300, 1000), *, batch: int = 64, repeats: int = 3, seed: int = 0,
+              threads: Optional[int] = 1):
     """Forward+backward time and largest tensor of the closed-form and the pairwise wMSE.
 
     A small in-notebook measurement (notebook 01); ``benchmarks/bench_losses.py`` is the real
     benchmark. Returns a DataFrame: classes, method, seconds, largest_tensor_bytes.
+
+    ``threads``: PyTorch's CPU threads during the measurement (restored afterwards; None keeps the
+    current setting). One by default: on a machine whose cores other processes use, a parallel
+    kernel waits for a descheduled thread, and a 0.3 ms step then takes 10 ms.
     """
+    if threads is None:
+        return _wmse_cost(classes, batch, repeats, seed)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(_check_int("threads", threads))
+    try:
+        return _wmse_cost(classes, batch, repeats, seed)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _wmse_cost(classes, batch, repeats, seed):
     import pandas as pd
 
     from .profiling import largest_tensor, median_seconds

@@ -60,7 +60,8 @@ def test_sensitivity_grid_counts_runs(cache):
     runs, summary = analysis.sensitivity("ikl", {"alpha": [0.5, 1.0], "temperature": [4.0]}, [0, 1],
                                          overrides=TINY, cache_dir=cache, progress=False)
     assert len(runs) == 4 and summary["n"].tolist() == [2, 2]
-    assert set(summary.columns) >= {"alpha", "temperature", "best_mean", "best_std", "last_mean"}
+    assert set(summary.columns) >= {"alpha", "temperature", "best_mean", "best_std", "last_mean", "collapsed"}
+    assert (runs["drop"] == runs["best_acc"] - runs["last_acc"]).all() and (runs["drop"] >= 0).all()
     with pytest.raises(ValueError, match="empty"):
         analysis.sensitivity("ikl", {}, [0], overrides=TINY, cache_dir=cache, progress=False)
     heat = plots.sensitivity_heatmap(summary, "alpha", "temperature")
@@ -68,6 +69,29 @@ def test_sensitivity_grid_counts_runs(cache):
     g = summary.assign(gamma=summary["alpha"])
     line = plots.sensitivity_lines(g, "gamma")
     assert list(line.data[0].error_y.array) == pytest.approx(g["best_std"].tolist())
+
+
+def test_sensitivity_counts_collapsed_runs_per_cell(monkeypatch):
+    """A cell's mean can hide one diverged seed; ``collapsed`` counts such runs (drop > collapse_points)."""
+    import pandas as pd
+    from types import SimpleNamespace
+
+    # (best, last) per seed for each alpha: one run of alpha=2 falls 30 points, one of alpha=4 exactly 20
+    table = {0.5: [(94.0, 93.5), (93.0, 92.0)], 2.0: [(90.0, 60.0), (92.0, 91.0)], 4.0: [(80.0, 60.0), (70.0, 9.0)]}
+
+    def fake_grid(losses, seeds, *, overrides, **_):
+        rows = table[overrides["losses.ikl.alpha"]]
+        return SimpleNamespace(runs=pd.DataFrame({"loss": "ikl", "seed": seeds, "best_acc": [b for b, _ in rows],
+                                                  "last_acc": [last for _, last in rows]}))
+
+    monkeypatch.setattr(analysis.experiments, "run_grid", fake_grid)
+    _, summary = analysis.sensitivity("ikl", {"alpha": list(table)}, [0, 1], progress=False)
+    assert summary["collapsed"].tolist() == [0, 1, 1]          # 20.0 is not more than 20
+    assert summary["last_mean"].tolist() == pytest.approx([92.75, 75.5, 34.5])
+    _, strict = analysis.sensitivity("ikl", {"alpha": list(table)}, [0, 1], progress=False, collapse_points=0.9)
+    assert strict["collapsed"].tolist() == [1, 2, 2]
+    with pytest.raises(ValueError, match="collapse_points"):
+        analysis.sensitivity("ikl", {"alpha": [2.0]}, [0], progress=False, collapse_points=-1)
 
 
 def test_notebook_05_figures_carry_their_data():

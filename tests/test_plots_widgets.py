@@ -114,6 +114,23 @@ def test_wmse_cost_measures_both_methods():
     assert (df["seconds"] > 0).all()
 
 
+def test_wmse_cost_runs_on_the_threads_asked_for_and_restores_the_setting(monkeypatch):
+    seen = []
+    real = grads._wmse_cost
+    monkeypatch.setattr(grads, "_wmse_cost", lambda *a: seen.append(torch.get_num_threads()) or real(*a))
+    outer = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads.wmse_cost((4,), batch=2, repeats=1)                  # one thread by default
+        grads.wmse_cost((4,), batch=2, repeats=1, threads=None)    # None: leave the setting alone
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+        with pytest.raises(ValueError, match="threads"):
+            grads.wmse_cost((4,), threads=0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(outer)
+
+
 # ------------------------------------------------------------------------------ plots
 def test_plots_never_call_show():
     import ast
