@@ -35,13 +35,34 @@ def _check_logits(name: str, x) -> None:
         raise ValueError(f"{name} is an empty batch (B = 0)")
     if x.shape[1] < 2:
         raise ValueError(f"{name} needs at least 2 classes (C >= 2), got C = {x.shape[1]}")
-    # a finite sum implies finite entries (one fast pass); an overflowing sum gets the full check
-    if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains non-finite values (nan or inf)")
 
 
-def check_logits_pair(logits, target_logits) -> None:
-    """Both logit tensors are finite, float, of shape (B, C) with C >= 2, and of the same shape."""
+def _check_temperature_range(name: str, value: float, dtype: torch.dtype,
+                             squared_weight: Optional[float]) -> None:
+    """1/T is finite in ``dtype`` (the losses divide the logits by T), and so is w T² when
+    ``squared_weight`` w is given (they multiply a term by its weight times T²)."""
+    fmax = torch.finfo(dtype).max
+    if value * fmax < 1.0:
+        raise ValueError(f"{name} = {value:g} is too small for {dtype} computation (1/{name} overflows); "
+                         f"use a value >= {1.0 / fmax:.3g}")
+    if squared_weight is not None and value * value * squared_weight > fmax:
+        what = f"{name}²" if squared_weight == 1 else f"{name}² times the term weight {squared_weight:g}"
+        raise ValueError(f"{name} = {value:g} is too large for {dtype} computation ({what} overflows); "
+                         f"use a value <= {math.sqrt(fmax / squared_weight):.3g}")
+
+
+def check_logits_pair(logits, target_logits, *, temperature: Optional[float] = None,
+                      weight_temperature: Optional[float] = None, squared_weight: float = 1.0,
+                      weight_temperature_name: str = "weight_temperature") -> None:
+    """Both logit tensors are finite, float, of shape (B, C) with C >= 2, and of the same shape.
+
+    With ``temperature`` T (already checked to be > 0), also 1/T and w T² are finite in the
+    compute dtype (:func:`compute_dtype`; w = ``squared_weight``, the largest weight that
+    multiplies T² in the loss, at least 1), and max |x| / T stays below a quarter of the dtype's
+    largest value for both tensors, so the scaled logits and their differences are finite;
+    ``weight_temperature`` T_w (target side only, no T²; named ``weight_temperature_name`` in the
+    messages) likewise. One pass over each tensor and one device-to-host copy for both.
+    """
     _check_logits("logits", logits)
     _check_logits("target_logits", target_logits)
     if logits.shape != target_logits.shape:
@@ -54,6 +75,29 @@ def check_logits_pair(logits, target_logits) -> None:
             f"logits and target_logits are on different devices ({logits.device} and "
             f"{target_logits.device})"
         )
+    dtype = compute_dtype(logits, target_logits)
+    if temperature is not None:
+        _check_temperature_range("temperature", temperature, dtype, max(1.0, squared_weight))
+    if weight_temperature is not None:
+        _check_temperature_range(weight_temperature_name, weight_temperature, dtype, None)
+    # min and max of each tensor (nan propagates): one fast pass each, one sync for both
+    extremes = torch.stack([v.to(dtype) for x in (logits, target_logits) for v in torch.aminmax(x)])
+    low_n, high_n, low_m, high_m = extremes.tolist()
+    limit = torch.finfo(dtype).max / 4
+    scales = {"temperature": temperature}
+    for name, low, high in (("logits", low_n, high_n), ("target_logits", low_m, high_m)):
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError(f"{name} contains non-finite values (nan or inf)")
+        largest = max(-low, high)
+        if name == "target_logits":
+            scales[weight_temperature_name] = weight_temperature
+        for scale_name, scale in scales.items():
+            if scale is not None and largest > limit * scale:
+                raise ValueError(
+                    f"{name} / {scale_name} overflows {dtype}: max |{name}| = {largest:.3g} and "
+                    f"{scale_name} = {scale:g}, but max |{name}| / {scale_name} must stay below "
+                    f"{limit:.3g} (a quarter of the largest {dtype})"
+                )
 
 
 def _check_number(name: str, value) -> float:
@@ -79,21 +123,25 @@ def check_nonnegative(name: str, value) -> float:
     return value
 
 
-def check_targets(targets, batch_size: int, num_classes: int, device) -> torch.Tensor:
-    """Class indices of shape (B,), integer dtype, each in [0, C)."""
+def check_targets(targets, batch_size: int, num_classes: int, device, *, name: str = "targets",
+                  reference: str = "the logits") -> torch.Tensor:
+    """Class indices of shape (B,), integer dtype, each in [0, C) (B = 0 is allowed here: an empty
+    batch has nothing out of range). ``name`` and ``reference`` (what holds the classes) go into
+    the messages."""
     if not isinstance(targets, torch.Tensor):
-        raise TypeError(f"targets must be a torch.Tensor of class indices, got {type(targets).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor of class indices, got {type(targets).__name__}")
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-        raise TypeError(f"targets must hold integer class indices, got dtype {targets.dtype}")
+        raise TypeError(f"{name} must hold integer class indices, got dtype {targets.dtype}")
     if targets.shape != (batch_size,):
-        raise ValueError(f"targets must have shape ({batch_size},), got {tuple(targets.shape)}")
+        raise ValueError(f"{name} must have shape ({batch_size},), got {tuple(targets.shape)}")
     if targets.device != device:
-        raise ValueError(f"targets are on {targets.device} but the logits are on {device}")
-    low, high = int(targets.min()), int(targets.max())
-    if low < 0 or high >= num_classes:
-        raise ValueError(
-            f"targets out of range: values must lie in [0, {num_classes - 1}], got min {low}, max {high}"
-        )
+        raise ValueError(f"{name} are on {targets.device} but {reference} are on {device}")
+    if batch_size:
+        low, high = torch.stack(torch.aminmax(targets)).tolist()  # one pass, one sync
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"{name} out of range: values must lie in [0, {num_classes - 1}], got min {low}, max {high}"
+            )
     return targets.long()
 
 

@@ -11,13 +11,14 @@ All results are DataFrames; figures are made from them in :mod:`dkl_lib.plots`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
 from . import experiments, losses, train
-from ._checks import check_nonnegative
+from ._checks import check_nonnegative, check_targets
 
 __all__ = [
     "ProbeResult",
@@ -145,18 +146,40 @@ def parameter_drift(result: ProbeResult, loss_a: str, loss_b: str, seed: int):
 
 # ------------------------------------------------------------------------ prediction metrics
 def _check_probs(probs, labels):
+    """probs: (N, C) float, N >= 1, entries finite and in [0, 1], rows summing to 1, both within
+    max(1e-3, sqrt(eps)) of their dtype (raw logits are not probabilities: apply softmax first);
+    labels: (N,) integer classes in [0, C), on the same device."""
     if not isinstance(probs, torch.Tensor) or probs.dim() != 2:
         raise ValueError("probs must be a (N, C) tensor of probabilities")
+    if not probs.is_floating_point():
+        raise TypeError(f"probs must be a floating-point tensor, got dtype {probs.dtype}")
+    if probs.shape[0] < 1 or probs.shape[1] < 1:
+        raise ValueError(f"probs is empty (shape {tuple(probs.shape)}); need at least one sample and one class")
     if not isinstance(labels, torch.Tensor) or labels.shape != (probs.shape[0],):
         raise ValueError(f"labels must have shape ({probs.shape[0]},)")
+    check_targets(labels, probs.shape[0], probs.shape[1], probs.device, name="labels", reference="probs")
+    tol = max(1e-3, math.sqrt(torch.finfo(probs.dtype).eps))
+    low, high = torch.stack(torch.aminmax(probs)).tolist()
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError("probs contains non-finite values (nan or inf)")
+    if low < -tol or high > 1 + tol:
+        raise ValueError(f"probs must lie in [0, 1], got min {low:.4g}, max {high:.4g}; pass "
+                         "probabilities (e.g. softmax of the logits), not logits")
+    off = float((probs.double().sum(dim=1) - 1).abs().max())
+    if off > tol:
+        raise ValueError(f"rows of probs must sum to 1 (within {tol:.3g}), but one is off by {off:.3g}; "
+                         "pass probabilities (e.g. softmax of the logits)")
 
 
 def reliability_table(probs: torch.Tensor, labels: torch.Tensor, *, n_bins: int = 10):
-    """Per confidence bin (equal width on [0, 1]): count, mean confidence, accuracy (a DataFrame)."""
+    """Per confidence bin (equal width on [0, 1]): count, mean confidence, accuracy (a DataFrame).
+
+    ``probs``: (N, C) probabilities (rows sum to 1), N >= 1; ``labels``: (N,) integer classes.
+    """
     import pandas as pd
 
     _check_probs(probs, labels)
-    if not isinstance(n_bins, int) or n_bins < 1:
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
         raise ValueError(f"n_bins must be a positive int, got {n_bins}")
     conf, pred = probs.max(dim=1)
     correct = (pred == labels).double()

@@ -11,7 +11,9 @@ Notation (see DESIGN.md §2): a batch has B rows and C classes.
 Argument order follows PyTorch's (input, target): ``loss(logits, target_logits, ...)``. Every loss
 returns a scalar batch mean, computes internally in float32 or wider (also for float16/bfloat16
 inputs and under autocast), uses log-softmax (never log of softmax), and raises ``ValueError`` or
-``TypeError`` with a message naming the problem for bad input.
+``TypeError`` with a message naming the problem for bad input, including a temperature whose 1/T
+or T² (times the weight of the T²-scaled term), or logits / T, would overflow the compute dtype.
+The decoupled losses have a differentiable backward (second derivatives under ``create_graph``).
 
 Performance contract: every weighted MSE here uses the closed form for rank-one weights
 w = p pᵀ, d = o_m − o_n (per row)::
@@ -72,9 +74,17 @@ def _no_autocast(device: torch.device):
         return contextlib.nullcontext()
 
 
-def _prepare(logits, target_logits):
-    """Validate the pair and cast both to the compute dtype (float32, or float64 if given)."""
-    check_logits_pair(logits, target_logits)
+def _prepare(logits, target_logits, temperature=None, weight_temperature=None, squared_weight=1.0,
+             weight_temperature_name="weight_temperature"):
+    """Validate the pair and cast both to the compute dtype (float32, or float64 if given).
+
+    ``temperature`` / ``weight_temperature``: the divisors of the logits; ``squared_weight``: the
+    largest weight multiplying T² (see :func:`~dkl_lib._checks.check_logits_pair`: 1/T, that
+    weight times T², and logits / T must be finite).
+    """
+    check_logits_pair(logits, target_logits, temperature=temperature,
+                      weight_temperature=weight_temperature, squared_weight=squared_weight,
+                      weight_temperature_name=weight_temperature_name)
     dtype = compute_dtype(logits, target_logits)
     return logits.to(dtype), target_logits.to(dtype)
 
@@ -84,24 +94,38 @@ def _rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(x, y).unsqueeze(1)
 
 
-def _centered(p: torch.Tensor, d: torch.Tensor, mass: Optional[torch.Tensor] = None):
+def _centered(p: torch.Tensor, d: torch.Tensor, mass=None):
     """The centred differences d − d̄, d̄ = Σ p d / P (P = ``mass``, default Σ p), shape (B, C).
 
     Corrected two-pass mean: the residual Σ p (d − d̄) / P, zero in exact arithmetic, is subtracted
     once more. Without it, when p is nearly one-hot, d − d̄ at the heaviest class is a tiny
     difference of two large numbers and loses most of its digits.
+
+    A row whose weights are all zero has no mean and no weight: it is divided by 1 instead of 0,
+    so its p (d − d̄) and its wMSE are 0 (the value of the pairwise sum), not 0/0.
     """
     if mass is None:
         mass = p.sum(dim=1, keepdim=True)
+    if isinstance(mass, torch.Tensor):
+        mass = mass.masked_fill(mass == 0, 1.0)
     dev = d - _rowdot(p, d) / mass
     return dev - _rowdot(p, dev) / mass
 
 
-def _weights(target_logits, *, weight_temperature, targets, class_prior, gamma=1.0):
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / T (the tensor itself for T = 1)."""
+    return logits * (1.0 / temperature) if temperature != 1.0 else logits
+
+
+def _weights(target_logits, *, weight_temperature, targets, class_prior, gamma=1.0, scale_free=False):
     """The detached weight vectors p (B, C) of w = p pᵀ, or ``None`` for p = softmax(o_m / T).
 
     Class-wise global information: p = class_prior[targets] when a prior is given; otherwise
-    p = softmax(o_m / T_w).
+    p = softmax(o_m / T_w). ``targets`` are validated whenever given, also when unused.
+
+    ``scale_free`` (GKL, whose wMSE is divided by Σ_b Σ_jk w_jk): p is divided by its largest
+    entry in the whole batch before it is raised to ``gamma``. The common factor cancels in the
+    ratio, and it keeps p**gamma and Σw from underflowing to 0/0 (large gamma, tiny priors).
     """
     batch, classes = target_logits.shape
     if class_prior is not None:
@@ -109,12 +133,18 @@ def _weights(target_logits, *, weight_temperature, targets, class_prior, gamma=1
             raise ValueError("class_prior was given without targets: the prior row of each sample "
                              "is class_prior[targets]")
         check_class_prior(class_prior, classes, target_logits.device)
+    if targets is not None:
         targets = check_targets(targets, batch, classes, target_logits.device)
-        p = class_prior.detach().to(target_logits.dtype)[targets]
+    if class_prior is not None:
+        p = class_prior.detach()[targets]
     elif weight_temperature is not None:
         p = torch.softmax(target_logits.detach() / weight_temperature, dim=1)
     else:
         p = None
+    if scale_free and p is not None:
+        p = p / p.amax()  # before the cast: a tiny float64 prior must not flush to zero in float32
+    if p is not None:
+        p = p.to(target_logits.dtype)
     if gamma != 1.0:
         if p is None:
             raise AssertionError("caller computes p before applying gamma")
@@ -136,14 +166,18 @@ class _DecoupledKL(torch.autograd.Function):
 
         ∂wmse/∂o_m = α P p (d − d̄) / N,   ∂wmse/∂o_n = −∂wmse/∂o_m  (0 when ``stop_logits``),
         ∂soft_ce/∂o_n = β T (s_n − s_m) / B,  ∂soft_ce/∂o_m = 0.
+
+    The backward is itself differentiable (Hessians, gradient penalties): under
+    ``create_graph=True`` it rebuilds log s_n and p (d − d̄) from the saved inputs with autograd
+    on, keeping p, s_m and (for DKL) Δ(o_n) constant as the stop-gradients say; otherwise it uses
+    the factors saved by the forward.
     """
 
     @staticmethod
     def forward(ctx, logits, target_logits, weights, temperature, alpha, beta, wmse_norm, stop_logits):
         batch = logits.shape[0]
-        inv_t = 1.0 / temperature
-        log_s_n = torch.log_softmax(logits * inv_t if temperature != 1.0 else logits, dim=1)
-        s_m = torch.softmax(target_logits * inv_t if temperature != 1.0 else target_logits, dim=1)
+        log_s_n = torch.log_softmax(_scaled(logits, temperature), dim=1)
+        s_m = torch.softmax(_scaled(target_logits, temperature), dim=1)
         if weights is None:  # p = s_m, whose rows sum to 1
             p, mass = s_m, None
         else:
@@ -157,14 +191,20 @@ class _DecoupledKL(torch.autograd.Function):
         wmse = row.sum() * (0.5 * alpha) / norm
         soft_ce = torch.dot(s_m.reshape(-1), log_s_n.reshape(-1)) * (-beta * temperature**2 / batch)
         ctx.set_materialize_grads(False)  # an unused term's gradient arrives as None, not zeros
-        ctx.save_for_backward(log_s_n, s_m, p_dev, mass)
+        ctx.save_for_backward(log_s_n, s_m, p_dev, mass, logits, target_logits, weights)
         ctx.hparams = (temperature, alpha, beta, batch, stop_logits, norm)
         return wmse, soft_ce
 
     @staticmethod
     def backward(ctx, grad_wmse, grad_soft_ce):
-        log_s_n, s_m, p_dev, mass = ctx.saved_tensors
+        log_s_n, s_m, p_dev, mass, logits, target_logits, weights = ctx.saved_tensors
         temperature, alpha, beta, batch, stop_logits, norm = ctx.hparams
+        graph = torch.is_grad_enabled()  # create_graph=True: this backward will be differentiated
+        if graph:
+            log_s_n = torch.log_softmax(_scaled(logits, temperature), dim=1)
+            p = s_m if weights is None else weights
+            d = target_logits - (logits.detach() if stop_logits else logits)
+            p_dev = p * _centered(p, d, mass if mass is not None else 1.0)
         need_logits, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_w = None
         if grad_wmse is not None and (need_target or (need_logits and not stop_logits)):
@@ -172,11 +212,15 @@ class _DecoupledKL(torch.autograd.Function):
             if mass is not None:
                 grad_w = grad_w * mass
         grad_logits = None
-        if need_logits:
+        if need_logits:  # in place, except where autograd records this backward
             if grad_soft_ce is not None:
-                grad_logits = log_s_n.exp().sub_(s_m).mul_(grad_soft_ce * beta * temperature / batch)
+                scale = grad_soft_ce * beta * temperature / batch
+                grad_logits = (log_s_n.exp() - s_m) * scale if graph else log_s_n.exp().sub_(s_m).mul_(scale)
             if grad_w is not None and not stop_logits:
-                grad_logits = -grad_w if grad_logits is None else grad_logits.sub_(grad_w)
+                if grad_logits is None:
+                    grad_logits = -grad_w
+                else:
+                    grad_logits = grad_logits - grad_w if graph else grad_logits.sub_(grad_w)
         grad_target = grad_w if need_target else None
         return grad_logits, grad_target, None, None, None, None, None, None
 
@@ -189,14 +233,15 @@ def _decoupled_terms(logits, target_logits, *, temperature, alpha, beta, weight_
     gamma = check_positive("gamma", gamma)
     if weight_temperature is not None:
         weight_temperature = check_positive("weight_temperature", weight_temperature)
-    logits, target_logits = _prepare(logits, target_logits)
+    logits, target_logits = _prepare(logits, target_logits, temperature,
+                                     weight_temperature if class_prior is None else None, beta)
     with _no_autocast(logits.device):
         if gamma != 1.0 and class_prior is None and weight_temperature is None:
             weight_temperature = temperature  # p must exist before it is raised to gamma
         if weight_temperature == temperature and gamma == 1.0 and class_prior is None:
             weight_temperature = None  # p = s_m, computed once inside the kernel
         p = _weights(target_logits, weight_temperature=weight_temperature, targets=targets,
-                     class_prior=class_prior, gamma=gamma)
+                     class_prior=class_prior, gamma=gamma, scale_free=gkl_norm)
         norm = None
         if gkl_norm:  # Σ_b Σ_jk w_jk = Σ_b (Σ_j p_j)², which is B when the rows of p sum to 1
             norm = float(logits.shape[0]) if p is None else (p.sum(dim=1) ** 2).sum()
@@ -215,7 +260,7 @@ def _total(terms: Terms) -> torch.Tensor:
 def kl_terms(logits, target_logits, *, temperature: float = 1.0) -> Terms:
     """``{"kl": kl_loss(...)}``; see :func:`kl_loss`."""
     temperature = check_positive("temperature", temperature)
-    logits, target_logits = _prepare(logits, target_logits)
+    logits, target_logits = _prepare(logits, target_logits, temperature)
     with _no_autocast(logits.device):
         log_s_n = torch.log_softmax(logits / temperature, dim=1)
         log_s_m = torch.log_softmax(target_logits / temperature, dim=1)
@@ -318,7 +363,7 @@ def ikl_loss(logits, target_logits, *, temperature: float = 1.0, alpha: float = 
         logits: o_n, shape (B, C). target_logits: o_m, shape (B, C).
         temperature: T > 0. alpha: wMSE weight (>= 0). beta: soft-label CE weight (>= 0).
         weight_temperature: T_w > 0 for the sample-wise weights, or None for T.
-        targets: (B,) integer class labels, needed with ``class_prior``.
+        targets: (B,) integer class labels, needed with ``class_prior``; checked whenever given.
         class_prior: (C, C) tensor, row y = mean probability vector of class y
             (see :class:`dkl_lib.prior.ClassPrior`); rows non-negative, not all zero.
 
@@ -356,6 +401,9 @@ def gkl_loss(logits, target_logits, *, temperature: float = 1.0, alpha: float = 
 
     with p as in :func:`ikl_loss`. For γ = 1 and rows of p summing to 1, Σw = B and
     gkl_loss equals ikl_loss. Arguments as :func:`ikl_loss`, plus ``gamma`` > 0.
+
+    The ratio does not change when p is multiplied by a constant, so p is divided by its largest
+    entry in the batch before the power: large γ or tiny priors do not underflow Σw to 0/0.
     """
     return _total(gkl_terms(logits, target_logits, temperature=temperature, alpha=alpha, beta=beta,
                             gamma=gamma, weight_temperature=weight_temperature, targets=targets,
@@ -382,7 +430,7 @@ def dkd_terms(logits, target_logits, targets, *, temperature: float = 1.0, alpha
     temperature = check_positive("temperature", temperature)
     alpha = check_nonnegative("alpha", alpha)
     beta = check_nonnegative("beta", beta)
-    logits, target_logits = _prepare(logits, target_logits)
+    logits, target_logits = _prepare(logits, target_logits, temperature, squared_weight=max(alpha, beta))
     targets = check_targets(targets, *logits.shape, logits.device)
     scale = temperature**2 / logits.shape[0]
     with _no_autocast(logits.device):
@@ -435,10 +483,11 @@ def wmse(logits, target_logits, *, weights: Optional[torch.Tensor] = None,
 
     d = o_m − o_n, P = Σ p, d̄ = Σ p d / P; p = ``weights`` (B, C) or softmax(o_m / T), detached.
     ``detach_logits=True`` puts the stop-gradient on Δ(o_n) as in DKL. Same value and gradient
-    as :func:`wmse_pairwise`, without its B×C×C tensor.
+    as :func:`wmse_pairwise`, without its B×C×C tensor; a row whose weights are all zero adds 0.
     """
     temperature = check_positive("temperature", temperature)
-    logits, target_logits = _prepare(logits, target_logits)
+    logits, target_logits = _prepare(logits, target_logits, weight_temperature=temperature if weights is None
+                                     else None, weight_temperature_name="temperature")
     with _no_autocast(logits.device):
         p = _wmse_weights(target_logits, weights, temperature)
         mass = p.sum(dim=1, keepdim=True)
@@ -456,7 +505,8 @@ def wmse_pairwise(logits, target_logits, *, weights: Optional[torch.Tensor] = No
     Builds the B×C×C tensors Δ(o_m), Δ(o_n) and w explicitly. Arguments as :func:`wmse`.
     """
     temperature = check_positive("temperature", temperature)
-    logits, target_logits = _prepare(logits, target_logits)
+    logits, target_logits = _prepare(logits, target_logits, weight_temperature=temperature if weights is None
+                                     else None, weight_temperature_name="temperature")
     with _no_autocast(logits.device):
         p = _wmse_weights(target_logits, weights, temperature)
         student = logits.detach() if detach_logits else logits

@@ -19,7 +19,8 @@ row y of the (C, C) prior is the mean of softmax(o_m / T_w) over the training sa
 """
 from __future__ import annotations
 
-from typing import List
+import operator
+from typing import List, Mapping
 
 import torch
 
@@ -32,10 +33,11 @@ class ClassPrior:
     """Running class-wise mean of the target distribution, switched once per epoch.
 
     Args:
-        num_classes: C >= 2.
+        num_classes: C >= 2, an int or an integer-like (``numpy.int64``; not a bool or a float).
         device: where the prior and the accumulators live (default CPU). :meth:`update` moves them
             to the device of its inputs when they differ, so this rarely needs setting.
-        dtype: dtype of :attr:`prior` (float32 by default); sums are accumulated in float64.
+        dtype: floating-point ``torch.dtype`` of :attr:`prior` (float32 by default); sums are
+            accumulated in float64.
         keep_history: keep a CPU snapshot of the prior of every epoch in :attr:`history`.
 
     Attributes:
@@ -58,8 +60,15 @@ class ClassPrior:
 
     def __init__(self, num_classes: int, *, device=None, dtype: torch.dtype = torch.float32,
                  keep_history: bool = True):
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        try:
+            classes = None if isinstance(num_classes, bool) else operator.index(num_classes)
+        except TypeError:
+            classes = None
+        if classes is None or classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        num_classes = classes
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype (e.g. torch.float32), got {dtype!r}")
         if not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
         self.num_classes = num_classes
@@ -96,9 +105,14 @@ class ClassPrior:
         """Add softmax(target_logits / T_w) of each sample to the row of its true class.
 
         Args:
-            target_logits: o_m, shape (B, C) (the teacher's logits in KD); never differentiated.
+            target_logits: o_m, shape (B, C) (the teacher's logits in KD), finite; never
+                differentiated.
             targets: (B,) integer true classes.
             weight_temperature: T_w > 0.
+
+        An empty batch (B = 0, e.g. a rank's empty share of a small last batch under
+        ``torch.distributed``) adds nothing: the sums over no samples are zero, and the rank still
+        joins the all-reduce of :meth:`end_epoch`.
         """
         if not isinstance(target_logits, torch.Tensor) or target_logits.dim() != 2:
             raise ValueError("target_logits must be a tensor of shape (B, C)")
@@ -111,9 +125,14 @@ class ClassPrior:
         if target_logits.device != self.device:
             self.to(target_logits.device)
         targets = check_targets(targets, target_logits.shape[0], self.num_classes, target_logits.device)
-        probs = torch.softmax(target_logits.detach().to(torch.float64) / t_w, dim=1)
-        if not bool(torch.isfinite(probs).all()):
-            raise ValueError("target_logits contain non-finite values (nan or inf)")
+        logits = target_logits.detach().to(torch.float64)
+        probs = torch.softmax(logits / t_w, dim=1)
+        # one sync: non-finite logits (softmax maps -inf to a finite 0), or logits / T_w overflowing
+        if not bool(torch.isfinite(logits).all() & torch.isfinite(probs).all()):
+            if not bool(torch.isfinite(logits).all()):
+                raise ValueError("target_logits contain non-finite values (nan or inf)")
+            raise ValueError(f"target_logits / weight_temperature overflows float64 "
+                             f"(weight_temperature = {t_w:g}); use a larger weight_temperature")
         self._sums.index_add_(0, targets, probs)
         self._counts += torch.bincount(targets, minlength=self.num_classes).to(torch.float64)
 
@@ -155,9 +174,21 @@ class ClassPrior:
                 "counts": self._counts.cpu().clone(), "epochs": self.epochs}
 
     def load_state_dict(self, state: dict) -> None:
-        shape = (self.num_classes, self.num_classes)
-        if tuple(state["prior"].shape) != shape:
-            raise ValueError(f"state holds a prior of shape {tuple(state['prior'].shape)}, expected {shape}")
+        """Restore a :meth:`state_dict`; ValueError naming the key for a missing entry or a tensor
+        of the wrong shape (nothing is changed then)."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a dict from ClassPrior.state_dict(), got {type(state).__name__}")
+        missing = [key for key in ("prior", "sums", "counts", "epochs") if key not in state]
+        if missing:
+            raise ValueError(f"state lacks the key(s) {missing}; expected a ClassPrior.state_dict()")
+        classes = self.num_classes
+        for key, shape in (("prior", (classes, classes)), ("sums", (classes, classes)), ("counts", (classes,))):
+            value = state[key]
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"state[{key!r}] must be a torch.Tensor, got {type(value).__name__}")
+            if tuple(value.shape) != shape:
+                raise ValueError(f"state[{key!r}] has shape {tuple(value.shape)}, expected {shape} "
+                                 f"for num_classes = {classes}")
         self.prior = state["prior"].to(self.device, self.dtype).clone()
         self._sums = state["sums"].to(self.device, torch.float64).clone()
         self._counts = state["counts"].to(self.device, torch.float64).clone()

@@ -39,6 +39,39 @@ def test_intra_class_spread_by_hand():
     assert analysis.intra_class_spread(probs, torch.tensor([0, 0])) == pytest.approx(0.5)
 
 
+PROBS = torch.softmax(torch.randn(6, 3, generator=torch.Generator().manual_seed(0)), dim=1)
+LABELS = torch.tensor([0, 1, 2, 0, 1, 2])
+
+BAD_PREDICTIONS = [
+    # (description, probs, labels, exception, message fragment)
+    ("nan probability", PROBS.clone().index_fill_(0, torch.tensor([2]), float("nan")), LABELS, ValueError,
+     "non-finite"),
+    ("raw logits", torch.randn(6, 3) * 5, LABELS, ValueError, "not logits"),
+    ("rows not summing to 1", PROBS * 0.5, LABELS, ValueError, "sum to 1"),
+    ("empty", torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), ValueError, "empty"),
+    ("float labels", PROBS, LABELS.float(), TypeError, "labels must hold integer"),
+    ("label out of range", PROBS, torch.tensor([0, 1, 2, 0, 1, 3]), ValueError, "labels out of range"),
+    ("integer probs", torch.ones(6, 3, dtype=torch.long), LABELS, TypeError, "floating-point"),
+]
+
+
+@pytest.mark.parametrize("metric", [analysis.expected_calibration_error, analysis.reliability_table,
+                                    analysis.intra_class_spread])
+@pytest.mark.parametrize("case", BAD_PREDICTIONS, ids=[c[0] for c in BAD_PREDICTIONS])
+def test_prediction_metrics_reject_bad_input(metric, case):
+    _, probs, labels, exc, fragment = case
+    with pytest.raises(exc, match=fragment):
+        metric(probs, labels)
+
+
+def test_prediction_metrics_accept_float32_softmax_output():
+    """Rows of a float32 softmax sum to 1 only up to rounding; that is a probability matrix."""
+    probs = torch.softmax(torch.randn(50, 1000, generator=torch.Generator().manual_seed(1)) * 4, dim=1)
+    labels = torch.randint(0, 1000, (50,), generator=torch.Generator().manual_seed(2))
+    ece = analysis.expected_calibration_error(probs, labels)
+    assert 0.0 <= ece <= 1.0 and analysis.intra_class_spread(probs, labels) >= 0.0
+
+
 def test_probe_runs_kl_equals_dkl_in_float64_and_probes_every_epoch(cache):
     res = analysis.probe_runs(["kl", "dkl"], [0], dtype=torch.float64, probe=analysis.parameter_probe,
                               overrides=TINY, cache_dir=cache, progress=False)

@@ -61,11 +61,12 @@ TARGET_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name", ["dkd", "ikl_gi", "gkl_gi"])
+@pytest.mark.parametrize("name", ["dkd", "ikl_gi", "gkl_gi", "ikl", "gkl"])
 @pytest.mark.parametrize("case", TARGET_CASES, ids=[c[0] for c in TARGET_CASES])
 def test_bad_targets_raise(name, case):
+    """Also for ikl and gkl without a class prior: targets that are given are checked."""
     _, targets, exc, fragment = case
-    kw = {} if name == "dkd" else dict(class_prior=PRIOR)
+    kw = dict(class_prior=PRIOR) if name.endswith("_gi") else {}
     with pytest.raises(exc, match=fragment):
         call(name.split("_")[0], targets=targets, **kw)
 
@@ -86,6 +87,38 @@ def test_bad_class_prior_raises(name, case):
     _, prior, exc, fragment = case
     with pytest.raises(exc, match=fragment):
         call(name, class_prior=prior)
+
+
+HUGE = torch.randn(B, C, generator=torch.Generator().manual_seed(0)) * 1e4
+
+TEMPERATURE_CASES = [
+    # float32: |logits| / T must stay below finfo.max / 4, 1/T and (weight ·) T² finite
+    ("logits over T overflow", dict(logits=HUGE, target_logits=HUGE, temperature=1e-36),
+     "logits / temperature overflows"),
+    ("target over T overflows", dict(target_logits=HUGE, temperature=1e-36), "target_logits / temperature overflows"),
+    ("1/T overflows", dict(temperature=1e-39), "1/temperature overflows"),
+    ("T squared overflows", dict(temperature=1e20), "temperature² .*overflows"),
+    ("T squared beyond Python floats", dict(temperature=1e200), "temperature² .*overflows"),
+]
+
+
+@pytest.mark.parametrize("name", DECOUPLED)
+@pytest.mark.parametrize("case", TEMPERATURE_CASES, ids=[c[0] for c in TEMPERATURE_CASES])
+def test_temperature_out_of_the_dtype_range_raises(name, case):
+    _, kwargs, fragment = case
+    with pytest.raises(ValueError, match=fragment):
+        call(name, **kwargs)
+
+
+def test_weight_temperature_out_of_the_dtype_range_raises():
+    with pytest.raises(ValueError, match="target_logits / weight_temperature overflows"):
+        dkl.ikl_loss(GOOD, HUGE, weight_temperature=1e-36)
+    with pytest.raises(ValueError, match="1/weight_temperature overflows"):
+        dkl.gkl_loss(GOOD, GOOD, weight_temperature=1e-39, gamma=2.0)
+    with pytest.raises(ValueError, match="target_logits / temperature overflows"):
+        dkl.wmse(GOOD, HUGE, temperature=1e-36)
+    with pytest.raises(ValueError, match="term weight 8"):  # dkd's beta = 8 multiplies T²
+        dkl.dkd_loss(GOOD, GOOD, Y, temperature=1e19)
 
 
 @pytest.mark.parametrize("name", ["ikl", "gkl"])

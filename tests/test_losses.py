@@ -174,6 +174,18 @@ def test_wmse_closed_form_identity_per_row():
     assert math.isclose(float(literal), float(2 * p.sum() * (p * (d - dbar) ** 2).sum()), rel_tol=1e-12)
 
 
+def test_wmse_rows_with_all_zero_weights_add_zero_like_the_pairwise_sum():
+    """Σ_jk p_j p_k (...)² is 0 for p = 0: the closed form must not turn d̄ = 0/0 into nan."""
+    a, b = random_pair(3, 5)
+    some = torch.rand(3, 5, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    some[1] = 0.0
+    for weights in (some, torch.zeros(3, 5, dtype=torch.float64)):
+        ours, ref = dkl.wmse(a, b, weights=weights), dkl.wmse_pairwise(a, b, weights=weights)
+        assert torch.allclose(ours, ref, rtol=1e-12, atol=1e-15)
+        for go, gr in zip(grads_of(ours, a, b), grads_of(ref, a, b)):
+            assert torch.allclose(go, gr, rtol=1e-10, atol=1e-15)
+
+
 # ---------------------------------------------------------------- the decoupled losses' backward
 def literal_decoupled(a, b, *, temperature, alpha, beta, p, stop_logits, norm=None):
     """Plain autograd, pairwise form, with explicit detach: the oracle of the analytic backward."""
@@ -188,41 +200,73 @@ def literal_decoupled(a, b, *, temperature, alpha, beta, p, stop_logits, norm=No
     return wmse_value + soft_ce
 
 
-@pytest.mark.parametrize("loss", ["dkl", "ikl", "ikl_gi", "ikl_tw", "gkl", "gkl_gi"])
-def test_analytic_backward_matches_literal_autograd(loss):
-    g = torch.Generator().manual_seed(11)
-    a, b = random_pair(5, 8, scale=2.5, generator=g)
-    y = torch.randint(0, 8, (5,), generator=g)
-    prior = torch.softmax(torch.randn(8, 8, generator=g, dtype=torch.float64), dim=1)
-    t, alpha, beta, gamma = 3.0, 0.7, 1.3, 1.8
+DECOUPLED_VARIANTS = ["dkl", "ikl", "ikl_gi", "ikl_tw", "gkl", "gkl_gi"]
+
+
+def decoupled_case(loss, a, b, y, prior, *, t=3.0, alpha=0.7, beta=1.3, gamma=1.8):
+    """(library value, literal_decoupled oracle value) of one decoupled variant on (a, b)."""
+    kw = dict(temperature=t, alpha=alpha, beta=beta)
     s_m = torch.softmax(b.detach() / t, 1)
     if loss == "dkl":
-        ours = dkl.dkl_loss(a, b, temperature=t, alpha=alpha, beta=beta)
-        ref = literal_decoupled(a, b, temperature=t, alpha=alpha, beta=beta, p=s_m, stop_logits=True)
-    elif loss == "ikl":
-        ours = dkl.ikl_loss(a, b, temperature=t, alpha=alpha, beta=beta)
-        ref = literal_decoupled(a, b, temperature=t, alpha=alpha, beta=beta, p=s_m, stop_logits=False)
-    elif loss == "ikl_gi":
-        ours = dkl.ikl_loss(a, b, temperature=t, alpha=alpha, beta=beta, targets=y, class_prior=prior)
-        ref = literal_decoupled(a, b, temperature=t, alpha=alpha, beta=beta, p=prior[y], stop_logits=False)
-    elif loss == "ikl_tw":
-        ours = dkl.ikl_loss(a, b, temperature=t, alpha=alpha, beta=beta, weight_temperature=1.5)
-        ref = literal_decoupled(a, b, temperature=t, alpha=alpha, beta=beta,
-                                p=torch.softmax(b.detach() / 1.5, 1), stop_logits=False)
-    elif loss == "gkl":
-        ours = dkl.gkl_loss(a, b, temperature=t, alpha=alpha, beta=beta, gamma=gamma)
+        return dkl.dkl_loss(a, b, **kw), literal_decoupled(a, b, **kw, p=s_m, stop_logits=True)
+    if loss == "ikl":
+        return dkl.ikl_loss(a, b, **kw), literal_decoupled(a, b, **kw, p=s_m, stop_logits=False)
+    if loss == "ikl_gi":
+        return (dkl.ikl_loss(a, b, **kw, targets=y, class_prior=prior),
+                literal_decoupled(a, b, **kw, p=prior[y], stop_logits=False))
+    if loss == "ikl_tw":
+        return (dkl.ikl_loss(a, b, **kw, weight_temperature=1.5),
+                literal_decoupled(a, b, **kw, p=torch.softmax(b.detach() / 1.5, 1), stop_logits=False))
+    if loss == "gkl":
         p = s_m**gamma
-        ref = literal_decoupled(a, b, temperature=t, alpha=alpha, beta=beta, p=p, stop_logits=False,
-                                norm=(p.sum(1) ** 2).sum())
-    else:
-        ours = dkl.gkl_loss(a, b, temperature=t, alpha=alpha, beta=beta, gamma=gamma, targets=y,
-                            class_prior=prior)
+        return (dkl.gkl_loss(a, b, **kw, gamma=gamma),
+                literal_decoupled(a, b, **kw, p=p, stop_logits=False, norm=(p.sum(1) ** 2).sum()))
+    if loss == "gkl_gi":
         p = prior[y] ** gamma
-        ref = literal_decoupled(a, b, temperature=t, alpha=alpha, beta=beta, p=p, stop_logits=False,
-                                norm=(p.sum(1) ** 2).sum())
+        return (dkl.gkl_loss(a, b, **kw, gamma=gamma, targets=y, class_prior=prior),
+                literal_decoupled(a, b, **kw, p=p, stop_logits=False, norm=(p.sum(1) ** 2).sum()))
+    raise AssertionError(loss)
+
+
+def decoupled_inputs(batch, classes, seed):
+    g = torch.Generator().manual_seed(seed)
+    a, b = random_pair(batch, classes, scale=2.5, generator=g)
+    y = torch.randint(0, classes, (batch,), generator=g)
+    prior = torch.softmax(torch.randn(classes, classes, generator=g, dtype=torch.float64), dim=1)
+    return a, b, y, prior
+
+
+@pytest.mark.parametrize("loss", DECOUPLED_VARIANTS)
+def test_analytic_backward_matches_literal_autograd(loss):
+    a, b, y, prior = decoupled_inputs(5, 8, 11)
+    ours, ref = decoupled_case(loss, a, b, y, prior)
     assert torch.allclose(ours, ref, rtol=1e-12, atol=1e-12)
     for go, gr in zip(grads_of(ours, a, b), grads_of(ref, a, b)):
         assert torch.allclose(go, gr, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("loss", DECOUPLED_VARIANTS)
+def test_second_derivatives_match_literal_autograd(loss):
+    """create_graph=True sees through the analytic backward: the Hessian over (logits,
+    target_logits), all four blocks, is that of the literal float64 formula with its detaches."""
+    a, b, y, prior = decoupled_inputs(3, 5, 12)
+    hessian = torch.autograd.functional.hessian
+    ours = hessian(lambda u, v: decoupled_case(loss, u, v, y, prior)[0], (a.detach(), b.detach()))
+    ref = hessian(lambda u, v: decoupled_case(loss, u, v, y, prior)[1], (a.detach(), b.detach()))
+    for row_ours, row_ref in zip(ours, ref):
+        for block, expected in zip(row_ours, row_ref):
+            assert torch.allclose(block, expected, rtol=1e-10, atol=1e-12)
+    assert max(block.abs().max().item() for row in ref for block in row) > 0.01  # non-trivial
+
+
+@pytest.mark.parametrize("loss", DECOUPLED_VARIANTS)
+def test_gradgradcheck_on_logits(loss):
+    """Double backward (also w.r.t. the incoming gradient) against finite differences of the
+    backward; on `logits` none of the losses' weights depend on the input, so they must agree."""
+    a, b, y, prior = decoupled_inputs(3, 4, 13)
+    b = b.detach()
+    assert torch.autograd.gradgradcheck(lambda u: decoupled_case(loss, u, b, y, prior)[0], (a,),
+                                        eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------ gradcheck
@@ -299,6 +343,60 @@ def test_gkl_with_gamma_one_equals_ikl():
                           rtol=1e-12)
 
 
+def gkl_case(kind):
+    """float32 (logits, target_logits, gkl keyword arguments) whose weights p**gamma or Σw
+    underflow float32 (all but "ordinary"), and the float64 p**gamma of the literal oracle."""
+    g = torch.Generator().manual_seed(21)
+    classes, t = 100, 2.0
+    a, b = torch.randn(2, classes, generator=g), torch.zeros(2, classes)
+    y = torch.tensor([3, 7])
+    kw = dict(temperature=t, alpha=0.8, beta=1.2, gamma=30.0)
+    if kind == "gamma":  # p = 1/100 everywhere: p**30 = 1e-60
+        pass
+    elif kind == "one_row_negligible":  # row 0 nearly one-hot: row 1 weighs (1/100)**30 of it
+        b[0, 0] = 25.0
+    elif kind == "prior_gamma":
+        kw.update(targets=y, class_prior=torch.full((classes, classes), 0.01))
+    elif kind == "tiny_prior":  # gamma = 1, but Σw = Σ_b (Σ_j p_j)² ~ 1e-80
+        prior = torch.softmax(torch.randn(classes, classes, generator=g), 1) * 1e-40
+        kw.update(gamma=1.0, targets=y, class_prior=prior)
+    elif kind == "ordinary":
+        b = torch.randn(2, classes, generator=g) * 3
+        kw.update(gamma=1.8)
+    else:
+        raise AssertionError(kind)
+    if "class_prior" in kw:
+        p = kw["class_prior"].double()[y] ** kw["gamma"]
+    else:
+        p = torch.softmax(b.double() / t, 1) ** kw["gamma"]
+    return a, b, kw, p
+
+
+@pytest.mark.parametrize("kind", ["gamma", "one_row_negligible", "prior_gamma", "tiny_prior", "ordinary"])
+def test_gkl_matches_float64_oracle_when_weights_underflow_float32(kind):
+    a, b, kw, p = gkl_case(kind)
+    a32, b32 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    a64, b64 = a.double().requires_grad_(), b.double().requires_grad_()
+    ours = dkl.gkl_loss(a32, b32, **kw)
+    ref = literal_decoupled(a64, b64, temperature=kw["temperature"], alpha=kw["alpha"], beta=kw["beta"], p=p,
+                            stop_logits=False, norm=(p.sum(1) ** 2).sum())
+    assert torch.isfinite(ref) and math.isclose(ours.item(), ref.item(), rel_tol=1e-5)
+    got = torch.cat(grads_of(ours, a32, b32)).double()
+    expected = torch.cat(grads_of(ref, a64, b64))
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
+
+
+def test_gkl_is_invariant_to_a_common_scale_of_the_prior_in_float64():
+    """Σ_b (Σ_j p_j)² of a prior scaled by 1e-200 underflows float64; the ratio does not change."""
+    a, b, y, prior = decoupled_inputs(4, 6, 14)
+    kw = dict(temperature=2.0, gamma=1.5, targets=y)
+    ours = dkl.gkl_loss(a, b, class_prior=prior * 1e-200, **kw)
+    ref = dkl.gkl_loss(a, b, class_prior=prior, **kw)
+    assert torch.allclose(ours, ref, rtol=1e-12)
+    for go, gr in zip(grads_of(ours, a, b), grads_of(ref, a, b)):
+        assert torch.allclose(go, gr, rtol=1e-10, atol=1e-14)
+
+
 def test_dkd_hand_computed_small_case():
     o_n = [[1.0, -0.5, 0.25, 0.3], [0.0, 2.0, -1.0, 0.7]]
     o_m = [[0.5, 0.0, 1.5, -0.2], [-1.0, 1.0, 0.5, 2.0]]
@@ -349,6 +447,28 @@ def test_low_precision_and_huge_logits_give_finite_values_and_gradients(name, dt
         ref = sum(dkl.loss_terms(name, a.detach().float(), b.detach().float(), targets=y,
                                  temperature=4.0).values())
         assert torch.allclose(value, ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("temperature", [1e-33, 1e15])
+def test_extreme_temperatures_inside_the_float32_range_give_finite_values_and_gradients(name, temperature):
+    """|logits| / T up to ~1e37 and T² up to 1e30 are accepted in float32 and stay finite
+    (temperatures beyond the range raise: test_bad_input)."""
+    g = torch.Generator().manual_seed(8)
+    a = (torch.randn(8, 10, generator=g) * 1e4).requires_grad_()
+    b = (torch.randn(8, 10, generator=g) * 1e4).requires_grad_()
+    y = torch.randint(0, 10, (8,), generator=g)
+    value = sum(dkl.loss_terms(name, a, b, targets=y, temperature=temperature).values())
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
+
+
+def test_float64_accepts_temperatures_that_overflow_float32():
+    a, b = random_pair(3, 5, scale=1e4)
+    for temperature in (1e-36, 1e20):
+        ours = dkl.kl_loss(a, b, temperature=temperature)
+        ref = kl_oracle(a, b, temperature)
+        assert torch.isfinite(ref) and torch.allclose(ours, ref, rtol=1e-10)
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -99,6 +99,64 @@ def test_bad_input():
         ClassPrior(3, keep_history=False).history_tensor()
 
 
+def test_bad_input_is_named():
+    for bad in (True, 3.0, "3", None):
+        with pytest.raises(ValueError, match="num_classes must be an integer >= 2"):
+            ClassPrior(bad)
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
+        ClassPrior(3, dtype="float32")
+    with pytest.raises(TypeError, match="floating-point"):
+        ClassPrior(3, dtype=torch.int64)
+    gi = ClassPrior(3)
+    for bad in (float("-inf"), float("inf")):  # softmax would turn -inf into a finite 0
+        with pytest.raises(ValueError, match="non-finite"):
+            gi.update(torch.tensor([[0.0, bad, 1.0]]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="weight_temperature overflows"):
+        gi.update(torch.tensor([[0.0, 1e30, 1.0]]), torch.tensor([0]), weight_temperature=1e-300)
+    assert int(gi.counts.sum()) == 0
+
+
+def test_integer_likes_are_accepted_as_num_classes():
+    np = pytest.importorskip("numpy")
+    gi = ClassPrior(np.int64(3))
+    assert gi.num_classes == 3 and type(gi.num_classes) is int and gi.prior.shape == (3, 3)
+
+
+def test_an_empty_batch_adds_nothing():
+    """A rank's empty share (B = 0) is a no-op, not an error; the shapes are still checked."""
+    gi = ClassPrior(3)
+    gi.update(torch.randn(2, 3), torch.tensor([0, 2]))
+    before = gi.state_dict()
+    gi.update(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
+    after = gi.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in ("prior", "sums", "counts"))
+    with pytest.raises(ValueError, match="classes"):
+        gi.update(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer"):
+        gi.update(torch.zeros(0, 3), torch.zeros(0))
+
+
+@pytest.mark.parametrize("key,value,fragment", [
+    ("prior", torch.zeros(4, 4), r"state\['prior'\] has shape \(4, 4\), expected \(3, 3\)"),
+    ("sums", torch.zeros(4, 4), r"state\['sums'\] has shape \(4, 4\), expected \(3, 3\)"),
+    ("counts", torch.zeros(3, 1), r"state\['counts'\] has shape \(3, 1\), expected \(3,\)"),
+    ("sums", None, r"lacks the key\(s\) \['sums'\]"),
+    ("epochs", None, r"lacks the key\(s\) \['epochs'\]"),
+])
+def test_load_state_dict_names_a_missing_key_or_a_wrong_shape(key, value, fragment):
+    gi = ClassPrior(3)
+    gi.update(torch.randn(2, 3), torch.tensor([0, 1]))
+    state = gi.state_dict()
+    if value is None:
+        del state[key]
+    else:
+        state[key] = value
+    other = ClassPrior(3)
+    with pytest.raises(ValueError, match=fragment):
+        other.load_state_dict(state)
+    assert other.epochs == 0 and int(other.counts.sum()) == 0  # nothing was loaded
+
+
 def test_state_dict_round_trip():
     gi = ClassPrior(3)
     gi.update(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))
