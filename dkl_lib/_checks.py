@@ -171,3 +171,19 @@ def check_seed(name: str, value) -> int:
         raise TypeError(f"{name} must be an integer, got {value!r}")
     return int(value)
 
+
+def check_seeds(name: str, seeds) -> list[int]:
+    """A non-empty list of distinct non-negative integers: one run per seed, so a repeated seed
+    (which would count one run twice and report a false ± 0.00) is refused."""
+    items = None if isinstance(seeds, (str, bytes, dict)) else seeds
+    try:
+        items = list(items)
+    except TypeError:
+        items = []
+    if not items or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in items):
+        raise ValueError(f"{name} must be a non-empty list of non-negative integers, got {seeds!r}")
+    repeated = sorted({s for s in items if items.count(s) > 1})
+    if repeated:
+        raise ValueError(f"{name} lists a seed twice ({', '.join(map(str, repeated))} in {items}); each seed is "
+                         f"one run, and a repeated run would be counted twice in the mean ± std")
+    return items
