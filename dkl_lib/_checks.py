@@ -186,3 +186,52 @@ def env_positive_int(name: str) -> Optional[int]:
     if value < 1:
         raise ValueError(f"{name} must be a positive integer, got {text!r}")
     return value
+
+
+# ------------------------------------------------------------- images, labels and seeds (attacks, grids)
+def value_range(x: torch.Tensor) -> tuple[float, float]:
+    """(min, max) of ``x`` as floats, read back in one device sync; both nan when x holds a nan."""
+    low, high = torch.aminmax(x.detach())
+    return tuple(torch.stack([low, high]).tolist())
+
+
+def check_unit_range(name: str, x: torch.Tensor) -> None:
+    """Every entry of ``x`` is finite and lies in [0, 1] (images; one reduction per call)."""
+    low, high = value_range(x)
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"{name} contains non-finite values (nan or inf)")
+    if low < 0.0 or high > 1.0:
+        raise ValueError(f"{name} must hold images in [0, 1], got values in [{low:.4g}, {high:.4g}]; pass raw "
+                         f"images and put the normalisation inside the model (dkl_lib.attacks.Normalized)")
+
+
+def check_label_range(name: str, labels: torch.Tensor, num_classes: int) -> None:
+    """Every class index in ``labels`` lies in [0, num_classes)."""
+    low, high = value_range(labels)
+    if low < 0 or high >= num_classes:
+        raise ValueError(f"{name} out of range: the model has {num_classes} classes, so labels must lie in "
+                         f"[0, {num_classes - 1}], got min {int(low)}, max {int(high)}")
+
+
+def check_seed(name: str, value) -> int:
+    """An integer seed (bool and floats such as 1.7 are refused rather than truncated)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def check_seeds(name: str, seeds) -> list[int]:
+    """A non-empty list of distinct non-negative integers: one run per seed, so a repeated seed
+    (which would count one run twice and report a false ± 0.00) is refused."""
+    items = None if isinstance(seeds, (str, bytes, dict)) else seeds
+    try:
+        items = list(items)
+    except TypeError:
+        items = []
+    if not items or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in items):
+        raise ValueError(f"{name} must be a non-empty list of non-negative integers, got {seeds!r}")
+    repeated = sorted({s for s in items if items.count(s) > 1})
+    if repeated:
+        raise ValueError(f"{name} lists a seed twice ({', '.join(map(str, repeated))} in {items}); each seed is "
+                         f"one run, and a repeated run would be counted twice in the mean ± std")
+    return items

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import check_label_range, check_seed, check_unit_range, value_range
 from .losses import kl_loss
 
 __all__ = [
@@ -274,21 +275,35 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epsilon: float, s
     Returns:
         :class:`PGDResult` (x_adv, correct, accuracy).
 
+    Raises:
+        ValueError: x not finite or outside [0, 1], labels y out of the model's class range, or a
+            bad ε, step count, restart count or batch size. TypeError: a non-integer seed.
+
     Notebook: 04_adversarial_training.
     """
     _check_model(model)
     _check_xy(x, y)
+    check_unit_range("x", x)
+    return _pgd(model, x, y, epsilon=epsilon, steps=steps, step_size=step_size, restarts=restarts,
+                random_start=random_start, seed=seed, batch_size=batch_size)
+
+
+def _pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epsilon, steps, step_size, restarts,
+         random_start, seed, batch_size) -> PGDResult:
+    """:func:`pgd` without the checks of model, x and y (its callers in this module made them)."""
     epsilon = _number("epsilon", epsilon, low=0.0)
     steps = _int("steps", steps, 0)
     restarts = _int("restarts", restarts, 1)
     batch_size = _int("batch_size", batch_size, 1)
     step_size = epsilon / 4.0 if step_size is None else _number("step_size", step_size, low=0.0)
+    seed = check_seed("seed", seed)
     start = time.perf_counter()
     gen = _random_generator(seed)
     dtype = _model_dtype(model)
     x = x.detach()
     x_adv_all = x.clone()
     correct_all = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    labels_checked = False
     with _eval_mode(model), torch.enable_grad():
         for b0 in range(0, x.shape[0], batch_size):
             xb, yb = x[b0:b0 + batch_size], y[b0:b0 + batch_size]
@@ -309,6 +324,9 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epsilon: float, s
                 for t in range(steps + 1):
                     xa = xa.detach().requires_grad_(t < steps)
                     logits = model(xa.to(dtype))
+                    if not labels_checked:  # the first forward tells the number of classes
+                        check_label_range("y", y, logits.shape[1])
+                        labels_checked = True
                     wrong = (logits.argmax(dim=1) != y0) & alive
                     if bool(wrong.any()):
                         best[idx[wrong]] = xa.detach()[wrong]
@@ -350,16 +368,22 @@ def trades_perturb(model: nn.Module, x: torch.Tensor, *, epsilon: float, steps: 
             rank its rows, so the start equals that of a one-process run.
 
     Returns:
-        x′ (detached), same shape, dtype and device as x.
+        x′ (detached), same shape, dtype and device as x (the model sees it in its own dtype, as
+        in :func:`pgd`).
+
+    Raises:
+        ValueError: x not finite or outside [0, 1], or a bad ε or step count.
 
     Notebook: 04_adversarial_training.
     """
     _check_model(model)
     _check_xy(x)
+    check_unit_range("x", x)
     epsilon = _number("epsilon", epsilon, low=0.0)
     steps = _int("steps", steps, 0)
     step_size = epsilon / 4.0 if step_size is None else _number("step_size", step_size, low=0.0)
     x = x.detach()
+    dtype = _model_dtype(model)
     autocast = bf16_autocast(x.device, amp)
     if start_noise is None:
         noise = torch.randn(x.shape, generator=generator, dtype=torch.float32)
@@ -373,12 +397,12 @@ def trades_perturb(model: nn.Module, x: torch.Tensor, *, epsilon: float, steps: 
     with _eval_mode(model), torch.enable_grad():
         if natural_logits is None:
             with torch.no_grad(), autocast:
-                natural_logits = model(x)
+                natural_logits = model(x.to(dtype))
         target = natural_logits.detach().float()
         for _ in range(steps):
             x_adv = x_adv.detach().requires_grad_(True)
             with autocast:
-                logits = model(x_adv)
+                logits = model(x_adv.to(dtype))
             loss = kl_loss(logits.float(), target)
             (grad,) = torch.autograd.grad(loss, x_adv)
             x_adv = _project(x_adv.detach() + step_size * grad.sign(), x, epsilon)
@@ -718,6 +742,7 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
     masking_gap = _number("masking_gap", masking_gap, low=0.0)
     blackbox_gap = _number("blackbox_gap", blackbox_gap, low=0.0)
     ensemble_tolerance = _number("ensemble_tolerance", ensemble_tolerance, low=0.0)
+    seed = check_seed("seed", seed)
     x, y = x.detach(), y.detach()
     n = x.shape[0]
     config = {"epsilon": epsilon, "pgd_steps": steps, "pgd_restarts": int(pgd_restarts),
@@ -729,7 +754,7 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
               "n": n, "ensemble_library": _art_version() if ensemble else None}
     seconds: Dict[str, float] = {}
     checks: List[dict] = []
-    lo, hi = float(x.min()), float(x.max())
+    lo, hi = value_range(x)  # out of range is reported (a check), not refused as pgd refuses it
     checks.append(_check("inputs_in_range", lo >= 0.0 and hi <= 1.0, [lo, hi],
                          f"inputs span [{lo:.4g}, {hi:.4g}]" + ("" if lo >= 0.0 and hi <= 1.0 else
                          " -- pass raw images in [0, 1] and put the normalisation inside the model "
@@ -739,13 +764,13 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
         clean = clean_correct(model, x, y, batch_size=batch_size)
         seconds["clean"] = time.perf_counter() - t0
         clean_acc = 100.0 * clean.double().mean().item()
-        zero = pgd(model, x, y, epsilon=0.0, steps=steps[0], step_size=config["pgd_step_size"],
-                   restarts=1, seed=seed, batch_size=batch_size)
+        zero = _pgd(model, x, y, epsilon=0.0, steps=steps[0], step_size=config["pgd_step_size"],
+                    restarts=1, random_start=True, seed=seed, batch_size=batch_size)
         seconds["pgd_eps0"] = zero.seconds
         runs = {}
         for k in steps:
-            runs[k] = pgd(model, x, y, epsilon=epsilon, steps=k, step_size=pgd_step_size,
-                          restarts=pgd_restarts, seed=seed, batch_size=batch_size)
+            runs[k] = _pgd(model, x, y, epsilon=epsilon, steps=k, step_size=pgd_step_size,
+                           restarts=pgd_restarts, random_start=True, seed=seed, batch_size=batch_size)
             seconds[f"pgd{k}"] = runs[k].seconds
         ens = None
         if ensemble:
@@ -848,10 +873,12 @@ def accuracy_vs_epsilon(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsi
     import pandas as pd
 
     clean = clean_correct(model, x, y, batch_size=batch_size)
+    check_unit_range("x", x)  # once, not once per ε
     rows = []
     for eps in epsilons:
         eps = _number("epsilons entries", eps, low=0.0)
-        r = pgd(model, x, y, epsilon=eps, steps=steps, restarts=restarts, seed=seed, batch_size=batch_size)
+        r = _pgd(model, x, y, epsilon=eps, steps=steps, step_size=None, restarts=restarts, random_start=True,
+                 seed=seed, batch_size=batch_size)
         rows.append({"epsilon": eps, "accuracy": 100.0 * (clean & r.correct).double().mean().item(),
                      "steps": steps})
     return pd.DataFrame(rows)

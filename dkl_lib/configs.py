@@ -36,6 +36,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from ._checks import check_seeds
+
 __all__ = [
     "TASKS",
     "config_dir",
@@ -147,9 +149,11 @@ def load_config(path) -> dict:
     Checks: the file is YAML mapping with only the known keys (see the module docstring); ``task``
     is "kd" or "adv"; ``preset`` names a preset of that task (:data:`dkl_lib.experiments.PRESETS`
     / ``ADV_PRESETS``); ``losses`` are known loss names (``GRID_LOSSES`` / ``ADV_LOSSES``) without
-    repeats; ``seeds`` are distinct non-negative integers; every override is accepted by the
-    resolver (:func:`dkl_lib.experiments.resolve_config` for kd, ``resolve_adv_config`` for adv),
-    and no override holds a number that YAML read as text (``5e-4``, ``8/255``).
+    repeats; ``seeds`` are distinct non-negative integers; ``name`` is one plain folder name (no
+    '/', '\\', '..' or leading '.'); every override is accepted by the resolver
+    (:func:`dkl_lib.experiments.resolve_config` for kd, ``resolve_adv_config`` for adv, which also
+    checks types and ranges, and refuses inf and nan), and no override holds a number that YAML
+    read as text (``5e-4``, ``8/255``).
 
     Returns:
         dict with ``path`` (str), ``name``, ``task``, ``description``, ``preset``, ``overrides``
@@ -196,11 +200,10 @@ def load_config(path) -> dict:
     seeds = raw["seeds"]
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         seeds = [seeds]
-    if (not isinstance(seeds, list) or not seeds
-            or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)):
-        _fail(path, f"'seeds' must be a non-empty list of non-negative integers, got {raw['seeds']!r}")
-    if len(set(seeds)) != len(seeds):
-        _fail(path, f"'seeds' lists a seed twice: {seeds}")
+    try:
+        seeds = check_seeds("'seeds'", seeds)
+    except ValueError as err:
+        _fail(path, str(err))
 
     overrides = raw.get("overrides") or {}
     if not isinstance(overrides, dict):
@@ -230,6 +233,9 @@ def load_config(path) -> dict:
     name = raw.get("name", path.stem)
     if not isinstance(name, str) or not name:
         _fail(path, "'name' must be a non-empty string")
+    if "/" in name or "\\" in name or ".." in name or name.startswith(".") or name != name.strip():
+        _fail(path, f"'name' must be one plain folder name (it names the results folder runs/<name>): no '/', "
+                    f"'\\', '..', leading '.' or surrounding spaces, got {name!r}")
     return {
         "path": str(path),
         "name": name,
@@ -273,7 +279,11 @@ def config_to_cli(cfg: dict, *, out=None) -> List[str]:
     args = [cfg["task"], "--preset", cfg["preset"], "--losses", ",".join(cfg["losses"]),
             "--seeds", ",".join(str(int(s)) for s in cfg["seeds"])]
     for key, value in (cfg.get("overrides") or {}).items():
-        args += ["--override", f"{key}={_encode(value)}"]
+        try:
+            text = _encode(value)
+        except ValueError as err:  # inf or nan: JSON, hence the command line, has no spelling for it
+            raise ValueError(f"override {key!r} = {value!r} cannot be written on a command line: {err}") from None
+        args += ["--override", f"{key}={text}"]
     if out is not None:
         args += ["--out", str(out)]
     return args
@@ -298,16 +308,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for path in files:
         try:
             cfg = load_config(path)
-        except (ValueError, FileNotFoundError) as err:
-            print(f"error: {err}", file=sys.stderr)
+            if args.check:
+                line = (f"ok  {path}  ({cfg['task']}, preset {cfg['preset']}, {len(cfg['losses'])} losses x "
+                        f"{len(cfg['seeds'])} seeds)")
+            else:
+                line = config_command(cfg, out=args.out if args.out is not None else f"runs/{cfg['name']}")
+        except (ValueError, TypeError, FileNotFoundError) as err:
+            text = str(err)
+            if not text.startswith(str(path)):  # load_config's messages start with the file already
+                text = f"{path}: {text}"
+            print(f"error: {text}", file=sys.stderr)
             status = 2
             continue
-        if args.check:
-            print(f"ok  {path}  ({cfg['task']}, preset {cfg['preset']}, {len(cfg['losses'])} losses x "
-                  f"{len(cfg['seeds'])} seeds)")
-        else:
-            out = args.out if args.out is not None else f"runs/{cfg['name']}"
-            print(config_command(cfg, out=out))
+        print(line)
     return status
 
 

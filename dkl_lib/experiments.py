@@ -72,7 +72,7 @@ from . import data as data_mod
 from . import distributed as dist_mod
 from . import models as models_mod
 from . import train as train_mod
-from ._checks import env_positive_int
+from ._checks import check_seeds, env_positive_int
 
 __all__ = [
     "PRESETS",
@@ -213,11 +213,127 @@ PRESETS: Dict[str, dict] = {
 #: comparisons, e.g. one process vs torchrun); part of the run's hash only when given.
 _MODEL_KEYS = {"dtype"}
 _MODEL_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-_TRAIN_KEYS = {"epochs", "lr", "momentum", "weight_decay", "milestones", "lr_decay", "nesterov", "batch_size",
-               "drop_last"}
-_DISTILL_KEYS = {"epochs", "lr", "momentum", "weight_decay", "milestones", "lr_decay", "nesterov",
-                 "batch_size", "drop_last", "temperature", "alpha", "beta", "gamma",
-                 "weight_temperature", "ce_weight", "kd_weight", "warmup_epochs", "gi"}
+_DATA_SETS = ("digits", "cifar100", "cifar10", "imagenet", "synthetic")
+
+
+# ------------------------------------------------------------------------------- config validation
+# A resolved config is checked as a whole (resolve_config, resolve_adv_config; so also load_config,
+# the command line and the grids, before any training): every known setting gets the type and range
+# its trainer or the evaluation would demand, and the message names the dotted key. Each check is
+# check(key, value) and raises TypeError / ValueError; it never changes the value (hashes stay as
+# they are).
+def _positive(key: str, value) -> None:
+    train_mod._number(key, value, low=0.0, low_open=True)
+
+
+def _nonneg(key: str, value) -> None:
+    train_mod._number(key, value, low=0.0)
+
+
+def _below_one(key: str, value) -> None:  # momentum, weight average: [0, 1)
+    train_mod._number(key, value, low=0.0, high=1.0, high_open=True)
+
+
+def _flag(key: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{key} must be true or false, got {value!r}")
+
+
+def _text(key: str, value) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{key} must be a string, got {value!r}")
+
+
+def _milestones(key: str, value) -> None:
+    train_mod._check_milestones(value, 0, name=key)
+
+
+def _model_dtype_name(key: str, value) -> None:
+    if not isinstance(value, str) or value not in _MODEL_DTYPES:
+        raise ValueError(f"{key}: model dtype must be one of {sorted(_MODEL_DTYPES)}, got {value!r}")
+
+
+def _optional(check):
+    """``check``, or None (the trainer's default)."""
+    return lambda key, value: None if value is None else check(key, value)
+
+
+def _one_of(choices):
+    """One of the strings in ``choices`` (a live collection, e.g. the model registry)."""
+    def check(key: str, value) -> None:
+        if not isinstance(value, str) or value not in choices:
+            raise ValueError(f"{key} must be one of {sorted(choices)}, got {value!r}")
+    return check
+
+
+def _list_of(check_entry):
+    """A non-empty list (or tuple) whose entries pass ``check_entry``."""
+    def check(key: str, value) -> None:
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
+            raise ValueError(f"{key} must be a non-empty list, got {value!r}")
+        for item in value:
+            check_entry(f"{key} entries", item)
+    return check
+
+
+def _mapping(checks: Optional[dict] = None, required: Sequence[str] = ()):
+    """A dict; with ``checks``, only their keys, each value checked, and the ``required`` keys present."""
+    def check(key: str, value) -> None:
+        if not isinstance(value, dict):
+            raise TypeError(f"{key} must be a mapping (a section of settings), got {value!r}")
+        if checks is None:
+            return
+        for sub, item in value.items():
+            if sub not in checks:
+                raise ValueError(f"unknown config key '{key}.{sub}'; known in {key}: {sorted(checks)}")
+            checks[sub](f"{key}.{sub}", item)
+        missing = [f"{key}.{k}" for k in required if k not in value]
+        if missing:
+            raise ValueError(f"{key} lacks the setting(s) {missing}")
+    return check
+
+
+def _data_section(key: str, value) -> None:
+    _mapping()(key, value)  # the other keys are the data loader's arguments
+    _one_of(_DATA_SETS)(f"{key}.name", value.get("name"))
+
+
+def _all_finite(key: str, value) -> None:
+    """No inf or nan anywhere, also in the free sections (data loader and model arguments)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{key} must be a finite number, got {value}")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for sub, item in items:
+        _all_finite(f"{key}.{sub}" if isinstance(value, dict) else f"{key}[{sub}]", item)
+
+
+def _validate(cfg: dict, sections: Dict[str, Callable]) -> None:
+    """Check every section of a resolved config (see above); TypeError / ValueError naming the key."""
+    for name, check in sections.items():
+        _all_finite(name, cfg.get(name))
+        check(name, cfg.get(name))
+
+
+_positive_int, _nonneg_int = train_mod._positive_int, train_mod._nonneg_int
+_SGD_CHECKS = {"epochs": _positive_int, "lr": _positive, "momentum": _below_one, "weight_decay": _nonneg,
+               "milestones": _milestones, "lr_decay": _positive, "nesterov": _flag, "batch_size": _positive_int,
+               "drop_last": _flag}
+# alpha, beta and weight_temperature may be None: the loss's default (dkl_lib.train.distill)
+_DISTILL_CHECKS = {**_SGD_CHECKS, "temperature": _positive, "alpha": _optional(_nonneg), "beta": _optional(_nonneg),
+                   "gamma": _positive, "weight_temperature": _optional(_positive), "ce_weight": _nonneg,
+                   "kd_weight": _nonneg, "warmup_epochs": _nonneg_int, "gi": _flag}
+_TRAIN_KEYS = set(_SGD_CHECKS)
+_DISTILL_KEYS = set(_DISTILL_CHECKS)
+_MODEL_CHECKS = {"model_kw": _optional(_mapping()), "dtype": _optional(_model_dtype_name)}
+_KD_CHECKS = {
+    "data": _data_section,
+    "teacher": _mapping({"model": _one_of(models_mod.MODELS), **_MODEL_CHECKS, "seed": _nonneg_int,
+                         "checkpoint": _optional(_text), "train": _mapping(_SGD_CHECKS, required=("epochs",))},
+                        required=("model", "train")),
+    "student": _mapping({"model": _one_of(models_mod.MODELS), **_MODEL_CHECKS}, required=("model",)),
+    "distill": _mapping(_DISTILL_CHECKS, required=("epochs",)),
+    "losses": _mapping({name: _mapping(_DISTILL_CHECKS) for name in train_mod.LOSSES}),
+}
 
 
 def preset(name: str) -> dict:
@@ -260,7 +376,9 @@ def resolve_config(preset_name: str, overrides: Optional[dict] = None) -> dict:
     """The preset with ``overrides`` applied: a dict of dotted paths to values, e.g.
     ``{"distill.epochs": 2, "teacher.train.epochs": 2, "data.n_train": 200,
     "losses.ikl.alpha": 2.0}``; a dict value replaces that whole section (``{"data": {...}}``).
-    Unknown paths raise ``ValueError``."""
+    Unknown paths raise ``ValueError``; a value of the wrong type or out of range (``distill.temperature``
+    0, ``distill.lr`` "abc", a non-finite number, a section that is not a mapping) raises ``TypeError``
+    or ``ValueError`` naming its dotted key, before anything is trained."""
     cfg = preset(preset_name)
     cfg["preset"] = preset_name
     if overrides:
@@ -271,6 +389,7 @@ def resolve_config(preset_name: str, overrides: Optional[dict] = None) -> dict:
                 raise ValueError(f"override keys must be non-empty strings, got {key!r}")
             _set_path(cfg, key, value)
     _checkpoint_every(cfg)  # validates
+    _validate(cfg, _KD_CHECKS)
     return cfg
 
 
@@ -840,9 +959,7 @@ def run_grid(losses: Sequence[str] = ("ce", "kl", "dkl", "ikl", "gkl", "dkd"),
         raise ValueError("losses is empty; pass at least one of " + ", ".join(GRID_LOSSES))
     for spec in losses:
         _parse_loss(spec)
-    seeds = list(seeds)
-    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
-        raise ValueError(f"seeds must be a non-empty list of non-negative integers, got {seeds!r}")
+    seeds = check_seeds("seeds", seeds)
     cfg = resolve_config(preset, overrides)
     cache = RunCache(cache_dir, enabled=use_cache)
     dev = train_mod.select_device(device)
@@ -970,13 +1087,34 @@ def paper_reference(cfg: dict) -> Optional[Dict[str, float]]:
 
 # ===================================================================== adversarial training (notebook 04)
 ADV_LOSSES = ("ce", "trades", "ikl")
-_ADV_TRAIN_KEYS = {"epochs", "lr", "momentum", "weight_decay", "milestones", "lr_decay", "lr_schedule", "nesterov",
-                   "batch_size", "drop_last", "epsilon", "epsilon_schedule", "attack_steps",
-                   "attack_step_fraction", "eval_steps", "eval_samples", "awp_gamma", "awp_warmup",
-                   "weight_average", "weight_average_from"}
-_ADV_LOSS_KEYS = {"trades": {"beta"}, "ikl": {"alpha", "beta", "temperature", "weight_temperature", "gi"}, "ce": set()}
-_ADV_EVAL_KEYS = {"epsilon", "samples", "pgd_steps", "pgd_restarts", "ensemble", "ensemble_attacks", "apgd_iters",
-                  "square_queries", "masking_gap", "blackbox_gap", "batch_size"}
+# the settings of dkl_lib.train.adversarial_train (None: its default) and of the evaluation, checked
+# as for KD (see "config validation")
+_ADV_TRAIN_CHECKS = {**_SGD_CHECKS, "lr_schedule": _one_of(("multistep", "cosine")), "epsilon": _nonneg,
+                     "epsilon_schedule": _one_of(("constant", "increasing")), "attack_steps": _nonneg_int,
+                     "attack_step_fraction": _nonneg, "eval_steps": _nonneg_int, "eval_samples": _optional(_nonneg_int),
+                     "awp_gamma": _nonneg, "awp_warmup": _nonneg_int, "weight_average": _optional(_below_one),
+                     "weight_average_from": _positive_int}
+_ADV_LOSS_CHECKS = {"trades": {"beta": _optional(_nonneg)},
+                    "ikl": {"alpha": _optional(_nonneg), "beta": _optional(_nonneg),
+                            "temperature": _optional(_positive), "weight_temperature": _optional(_positive),
+                            "gi": _optional(_flag)},
+                    "ce": {}}
+_ADV_EVAL_CHECKS = {"epsilon": _positive, "samples": _optional(_positive_int), "pgd_steps": _list_of(_positive_int),
+                    "pgd_restarts": _positive_int, "ensemble": _flag,
+                    "ensemble_attacks": _list_of(_one_of(attacks_mod.ENSEMBLE_ATTACKS)), "apgd_iters": _positive_int,
+                    "square_queries": _positive_int, "masking_gap": _nonneg, "blackbox_gap": _nonneg,
+                    "batch_size": _positive_int}
+_ADV_TRAIN_KEYS = set(_ADV_TRAIN_CHECKS)
+_ADV_LOSS_KEYS = {loss: set(checks) for loss, checks in _ADV_LOSS_CHECKS.items()}
+_ADV_EVAL_KEYS = set(_ADV_EVAL_CHECKS)
+_ADV_CHECKS = {
+    "data": _data_section,
+    "model": _mapping({"name": _one_of(models_mod.MODELS), **_MODEL_CHECKS}, required=("name",)),
+    "train": _mapping(_ADV_TRAIN_CHECKS, required=("epochs", "epsilon")),
+    "losses": _mapping({loss: _mapping(checks) for loss, checks in _ADV_LOSS_CHECKS.items()}),
+    "eval": _mapping(_ADV_EVAL_CHECKS, required=("epsilon", "pgd_steps", "pgd_restarts", "ensemble_attacks",
+                                                 "apgd_iters", "square_queries", "masking_gap")),
+}
 
 ADV_PRESETS: Dict[str, dict] = {
     "cpu-quick": {
@@ -1045,7 +1183,8 @@ def resolve_adv_config(preset_name: str, overrides: Optional[dict] = None) -> di
     """The adversarial preset with ``overrides`` (dotted paths → values) applied, e.g.
     ``{"train.epochs": 2, "eval.samples": 100, "losses.ikl.alpha": 5.0, "data.n_train": 300,
     "model.model_kw.width": 8}``; a dict value replaces that whole section. Unknown paths raise
-    ``ValueError``."""
+    ``ValueError``; so do values of the wrong type or out of range (``eval.epsilon`` -1, ``model.dtype``
+    "float16", a non-finite number; or ``TypeError``), with the dotted key in the message."""
     cfg = adv_preset(preset_name)
     cfg["preset"] = preset_name
     if overrides:
@@ -1090,6 +1229,7 @@ def resolve_adv_config(preset_name: str, overrides: Optional[dict] = None) -> di
                 node = node.setdefault(k, {})
             node[keys[-1]] = copy.deepcopy(value)
     _checkpoint_every(cfg)  # validates
+    _validate(cfg, _ADV_CHECKS)
     return cfg
 
 
@@ -1329,9 +1469,7 @@ def run_adv_grid(losses: Sequence[str] = ("trades", "ikl"), seeds: Sequence[int]
     for loss in losses:
         if loss not in ADV_LOSSES:
             raise ValueError(f"unknown adversarial loss {loss!r}; choose from {list(ADV_LOSSES)}")
-    seeds = list(seeds)
-    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
-        raise ValueError(f"seeds must be a non-empty list of non-negative integers, got {seeds!r}")
+    seeds = check_seeds("seeds", seeds)
     cfg = resolve_adv_config(preset, overrides)
     if cfg["model"].get("dtype") not in (None, "float32") and cfg["eval"].get("ensemble", True):
         raise ValueError(f"the ART ensemble evaluates float32 models only; with model.dtype={cfg['model']['dtype']!r} "

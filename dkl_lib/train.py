@@ -505,14 +505,14 @@ def _number(name: str, value, *, low=None, low_open=False, high=None, high_open=
     return value
 
 
-def _check_milestones(milestones, epochs: int) -> List[int]:
+def _check_milestones(milestones, epochs: int, name: str = "milestones") -> List[int]:
     if milestones is None:
         return []
     if isinstance(milestones, (str, bytes)) or not isinstance(milestones, Sequence):
-        raise TypeError(f"milestones must be a sequence of epochs, got {milestones!r}")
-    out = [_positive_int("milestones entries", m) for m in milestones]
+        raise TypeError(f"{name} must be a sequence of epochs, got {milestones!r}")
+    out = [_positive_int(f"{name} entries", m) for m in milestones]
     if out != sorted(set(out)):
-        raise ValueError(f"milestones must be strictly increasing, got {list(milestones)}")
+        raise ValueError(f"{name} must be strictly increasing, got {list(milestones)}")
     return out
 
 

@@ -200,6 +200,44 @@ def test_adv_presets():
         E.adv_preset("cpu-slow")
 
 
+@pytest.mark.parametrize("override,needle", [
+    ({"eval.epsilon": -1}, "eval.epsilon must be > 0"),
+    ({"eval.epsilon": 0}, "eval.epsilon must be > 0"),
+    ({"train.epochs": -2}, "train.epochs must be a positive integer, got -2"),
+    ({"model.dtype": "float16"}, "model.dtype: model dtype must be one of"),
+    ({"train.lr_schedule": "linear"}, "train.lr_schedule must be one of"),
+    ({"train.epsilon": float("inf")}, "train.epsilon must be a finite number"),
+    ({"train.weight_average": 1.5}, "train.weight_average must be < 1"),
+    ({"losses.ikl.temperature": 0}, "losses.ikl.temperature must be > 0"),
+    ({"losses.ikl.gi": "yes"}, "losses.ikl.gi must be true or false"),
+    ({"eval.samples": 0}, "eval.samples must be a positive integer"),
+    ({"eval.pgd_steps": []}, "eval.pgd_steps must be a non-empty list"),
+    ({"eval.pgd_restarts": 1.5}, "eval.pgd_restarts must be a positive integer"),
+    ({"eval.ensemble_attacks": ["fab"]}, "eval.ensemble_attacks entries must be one of"),
+    ({"model": {"model_kw": {}}}, r"model lacks the setting\(s\) \['model.name'\]"),
+])
+def test_resolve_adv_config_checks_types_and_ranges_naming_the_key(override, needle):
+    with pytest.raises((TypeError, ValueError), match=needle):
+        E.resolve_adv_config("cpu-quick", override)
+
+
+def test_every_adv_preset_passes_the_checks_unchanged():
+    for name in E.ADV_PRESETS:
+        assert E.resolve_adv_config(name) == {**E.adv_preset(name), "preset": name}
+
+
+def test_run_adv_grid_checks_the_config_and_the_seeds_before_training(tmp_path, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before the config was checked")
+
+    monkeypatch.setattr(E.train_mod, "adversarial_train", no_training)
+    with pytest.raises(ValueError, match="eval.epsilon must be > 0"):
+        E.run_adv_grid(["trades"], [0], overrides={**TINY, "eval.epsilon": -1}, cache_dir=tmp_path, device="cpu",
+                       progress=False)
+    with pytest.raises(ValueError, match="seeds lists a seed twice"):
+        E.run_adv_grid(["trades"], [3, 3], overrides=TINY, cache_dir=tmp_path, device="cpu", progress=False)
+
+
 def test_adv_paper_numbers():
     table = E.paper_results(task="adversarial")
     got = {(r.dataset, r.loss): (r.clean, r.robust) for r in table.itertuples()}

@@ -282,3 +282,50 @@ def test_accuracy_vs_epsilon_and_class_separation(trained):
     x[2] = 1.0
     assert A.class_separation(x, torch.tensor([0, 1, 1])) == 0.25
     assert math.isinf(A.class_separation(x, torch.tensor([0, 0, 0])))
+
+
+# ------------------------------------------------------------------ input checks of the attack entry points
+@pytest.mark.parametrize("bad", [1.5, -0.2, math.nan, math.inf])
+def test_attacks_refuse_inputs_that_are_not_finite_images_in_the_unit_range(bad):
+    """An input outside [0, 1] used to come back outside the ε-ball (1.5 -> |x_adv - x| = 0.5) and a
+    nan to give 0 % accuracy silently; both attacks now refuse it (evaluate_robustness still
+    reports it as its inputs_in_range check)."""
+    model = SmallBN().eval()
+    x, y = torch.rand(6, 1, 8, 8), torch.randint(0, 4, (6,))
+    x[0, 0, 0, 0] = bad
+    needle = r"x must hold images in \[0, 1\]" if math.isfinite(bad) else "x contains non-finite values"
+    with pytest.raises(ValueError, match=needle):
+        A.pgd(model, x, y, epsilon=0.1, steps=3)
+    with pytest.raises(ValueError, match=needle):
+        A.trades_perturb(model, x, epsilon=0.1, steps=3)
+    with pytest.raises(ValueError, match=needle):
+        A.accuracy_vs_epsilon(model, x, y, [0.0, 0.1], steps=2)
+
+
+def test_trades_perturb_casts_the_input_to_the_model_dtype_as_pgd_does():
+    torch.manual_seed(0)
+    model = SmallBN().eval()  # float32 weights
+    x, y = torch.rand(6, 1, 8, 8, dtype=torch.float64), torch.randint(0, 4, (6,))
+    adv = A.trades_perturb(model, x, epsilon=0.1, steps=3, generator=torch.Generator().manual_seed(0))
+    assert adv.dtype == torch.float64 and (adv - x).abs().max() <= 0.1 + 1e-12
+    assert A.pgd(model, x, y, epsilon=0.1, steps=3).x_adv.dtype == torch.float64
+    double = SmallBN().double().eval()  # and the other way round: float32 images, a float64 model
+    adv = A.trades_perturb(double, x.float(), epsilon=0.1, steps=3)
+    assert adv.dtype == torch.float32 and (adv - x.float()).abs().max() <= 0.1 + 1e-6
+
+
+def test_pgd_refuses_labels_out_of_range_and_non_integer_seeds():
+    model = SmallBN().eval()  # 4 classes
+    x, y = torch.rand(6, 1, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1])
+    for bad in ([0, 1, 2, 3, 6, 0], [0, 1, 2, 3, -1, 0]):
+        with pytest.raises(ValueError, match=r"y out of range: the model has 4 classes.*\[0, 3\]"):
+            A.pgd(model, x, torch.tensor(bad), epsilon=0.1, steps=3)
+    with pytest.raises(ValueError, match="y out of range"):  # also when the bad label is in a later batch
+        A.pgd(model, x, torch.tensor([0, 1, 2, 3, 0, 9]), epsilon=0.1, steps=1, batch_size=2)
+    for seed in (1.7, True, "1", None):
+        with pytest.raises(TypeError, match="seed must be an integer"):
+            A.pgd(model, x, y, epsilon=0.1, steps=1, seed=seed)
+    with pytest.raises(TypeError, match="seed must be an integer"):
+        A.evaluate_robustness(model, x, y, epsilon=0.1, ensemble=False, pgd_steps=(1,), seed=0.5)
+    same = [A.pgd(model, x, y, epsilon=0.1, steps=2, seed=s).x_adv for s in (3, np.int64(3))]
+    assert torch.equal(*same)  # any integer type is a seed

@@ -287,3 +287,54 @@ def test_cli_config_errors(tmp_path):
         E.main(["kd", "--config", str(tmp_path / "no_such.yaml")])
     with pytest.raises(SystemExit, match="needs a file"):
         E.main(["kd", "--config"])
+
+
+# ----------------------------------------------------------- values: types, ranges, inf, names, seeds
+ADV = "task: adv\npreset: cpu-quick\nlosses: [trades]\nseeds: [0]\noverrides:\n"
+
+
+@pytest.mark.parametrize("text,needle", [
+    (GOOD + "  distill.temperature: 0\n", "distill.temperature must be > 0"),
+    (GOOD + "  distill.lr: abc\n", "distill.lr must be a real number, got str"),
+    (GOOD + "  distill.epochs: -1\n", "distill.epochs must be a positive integer, got -1"),
+    (GOOD.replace("alpha: 2.0", "alpha: -3"), "losses.ikl.alpha must be >= 0"),
+    (GOOD + "  distill: 3\n", "distill must be a mapping"),
+    (GOOD + "  distill.temperature: .inf\n", "distill.temperature must be a finite number, got inf"),
+    (GOOD + "  data.n_train: .nan\n", "data.n_train must be a finite number"),
+    (GOOD + "  student.model: resnet8x5\n", "student.model must be one of"),
+    (ADV + "  eval.epsilon: -1\n", "eval.epsilon must be > 0"),
+    (ADV + "  train.epochs: -2\n", "train.epochs must be a positive integer, got -2"),
+    (ADV + "  model.dtype: float16\n", "model.dtype: model dtype must be one of"),
+    (ADV + "  eval.ensemble_attacks: [fab]\n", "eval.ensemble_attacks entries must be one of"),
+])
+def test_a_config_with_a_bad_value_is_refused_naming_the_override(tmp_path, capsys, text, needle):
+    """Checked when the file is read (and by --check), not after a teacher has trained for minutes."""
+    path = _write(tmp_path, text, name="bad.yaml")
+    with pytest.raises(ValueError) as info:
+        C.load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: override ") and "is refused" in message and needle in message, message
+    for argv in (["--check", str(path)], [str(path)]):  # reported like any other error, no traceback
+        assert C.main(argv) == 2
+        printed = capsys.readouterr()
+        assert needle in printed.err and "ok " not in printed.out and "Traceback" not in printed.err
+
+
+def test_the_module_cli_reports_a_command_it_cannot_write(tmp_path, capsys, monkeypatch):
+    """config_command's errors (an override JSON cannot spell) come out as `error: FILE: ...`, exit 2."""
+    cfg = C.load_config(_write(tmp_path, GOOD))
+    cfg["overrides"]["distill.temperature"] = math.inf
+    monkeypatch.setattr(C, "load_config", lambda path: cfg)
+    assert C.main([str(tmp_path / "exp.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'exp.yaml'}: override 'distill.temperature' = inf cannot be written")
+    with pytest.raises(ValueError, match="'distill.temperature' = inf cannot be written on a command line"):
+        C.config_to_cli(cfg)
+
+
+@pytest.mark.parametrize("name", ["../../etc", "a/b", "a\\\\b", "..", ".hidden", "x..y", " padded"])
+def test_a_name_that_is_not_one_plain_folder_name_is_refused(tmp_path, name):
+    path = _write(tmp_path, f'name: "{name}"\n' + GOOD, name="named.yaml")
+    with pytest.raises(ValueError, match=r"'name' must be one plain folder name"):
+        C.load_config(path)
+    assert C.load_config(_write(tmp_path, 'name: kd_v1.2-short\n' + GOOD))["name"] == "kd_v1.2-short"

@@ -55,6 +55,58 @@ def test_resolve_config_overrides_and_errors():
     assert cfg["distill"]["nesterov"] is True and cfg["teacher"]["train"]["drop_last"] is True
 
 
+@pytest.mark.parametrize("override,error,needle", [
+    ({"distill.temperature": 0}, ValueError, "distill.temperature must be > 0"),
+    ({"distill.lr": "abc"}, TypeError, "distill.lr must be a real number, got str"),
+    ({"distill.epochs": -1}, ValueError, "distill.epochs must be a positive integer, got -1"),
+    ({"distill.epochs": 2.5}, ValueError, "distill.epochs must be a positive integer"),
+    ({"losses.ikl.alpha": -3}, ValueError, "losses.ikl.alpha must be >= 0"),
+    ({"losses.gkl.gamma": 0}, ValueError, "losses.gkl.gamma must be > 0"),
+    ({"distill": 3}, TypeError, "distill must be a mapping"),
+    ({"distill": {"lr": 0.1}}, ValueError, r"distill lacks the setting\(s\) \['distill.epochs'\]"),
+    ({"distill.milestones": [5, 3]}, ValueError, "distill.milestones must be strictly increasing"),
+    ({"distill.momentum": 1.0}, ValueError, "distill.momentum must be < 1"),
+    ({"distill.nesterov": "yes"}, TypeError, "distill.nesterov must be true or false"),
+    ({"distill.temperature": float("inf")}, ValueError, "distill.temperature must be a finite number"),
+    ({"teacher.train.batch_size": 0}, ValueError, "teacher.train.batch_size must be a positive integer"),
+    ({"teacher.model_kw.width": float("nan")}, ValueError, "teacher.model_kw.width must be a finite number"),
+    ({"student.model": "resnet8x5"}, ValueError, "student.model must be one of"),
+    ({"student.dtype": "float16"}, ValueError, "student.dtype: model dtype must be one of"),
+    ({"data": {"name": "mnist"}}, ValueError, "data.name must be one of"),
+])
+def test_resolve_config_checks_types_and_ranges_naming_the_key(override, error, needle):
+    with pytest.raises(error, match=needle):
+        E.resolve_config("cpu-quick", override)
+
+
+def test_every_preset_passes_the_checks_unchanged():
+    for name in E.PRESETS:
+        assert E.resolve_config(name) == {**E.preset(name), "preset": name}
+    E.resolve_config("cpu-quick", {"losses.ikl.weight_temperature": None, "teacher.checkpoint": "t.pth",
+                                    "distill": {"epochs": 2}, "student.dtype": "float64"})
+
+
+def test_run_grid_checks_the_config_and_the_seeds_before_training_the_teacher(tmp_path, monkeypatch, capsys):
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before the config was checked")
+
+    monkeypatch.setattr(E.train_mod, "train_teacher", no_training)
+    monkeypatch.setattr(E.train_mod, "distill", no_training)
+    with pytest.raises(ValueError, match="distill.temperature must be > 0"):
+        E.run_grid(["kl"], [0], overrides={**TINY, "distill.temperature": 0}, cache_dir=tmp_path, device="cpu",
+                   progress=False)
+    # a repeated seed would be one run counted twice: n = 2 and a false "± 0.00"
+    with pytest.raises(ValueError, match=r"seeds lists a seed twice \(0 in \[0, 0\]\)"):
+        E.run_grid(["kl"], [0, 0], overrides=TINY, cache_dir=tmp_path, device="cpu", progress=False)
+    base = ["kd", "--losses", "kl", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path), "--quiet",
+            "--device", "cpu"]
+    assert E.main(base + ["--seeds", "1,2,1"]) == 2
+    assert "seeds lists a seed twice (1 in [1, 2, 1])" in capsys.readouterr().err
+    assert E.main(base + ["--seeds", "0", "--override", "distill.temperature=0"]) == 2
+    assert "distill.temperature must be > 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("teacher-*"))
+
+
 def test_config_hash_is_canonical():
     assert E.config_hash({"a": 1, "b": [1, 2]}) == E.config_hash({"b": [1, 2], "a": 1})
     assert E.config_hash({"a": 1}) != E.config_hash({"a": 1.5})
