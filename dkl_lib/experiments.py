@@ -8,7 +8,7 @@ Presets (:data:`PRESETS`, see :func:`preset`):
 * ``gpu-short``: CIFAR-100, resnet32x4 → resnet8x4, a 30-epoch schedule (batch 128) that fits in
   minutes per run on one modern GPU; the teacher is the released CRD checkpoint when it is on
   disk, else trained for 40 epochs.
-* ``paper``: the official CIFAR-100 settings (DESIGN §5): SGD lr 0.05, momentum 0.9, wd 5e-4,
+* ``paper``: the official CIFAR-100 settings (CRD / mdistiller): SGD lr 0.05, momentum 0.9, wd 5e-4,
   batch 64, 240 epochs, ×0.1 at 150/180/210, T = 4, KD warm-up 20 epochs.
 * ``imagenet``: ImageNet ResNet34 → ResNet18 with the official 100-epoch settings (batch 512, lr 0.2,
   T = 1); images decoded per batch from your copy (:func:`dkl_lib.data.imagenet`), the teacher from
@@ -106,8 +106,8 @@ CACHE_FORMAT = 1
 GRID_LOSSES = ("ce", "kl", "dkl", "ikl", "gkl", "dkd", "ikl-nogi", "gkl-nogi")
 
 # ------------------------------------------------------------------------------------------ presets
-# Per-loss settings override the "distill" section for that loss. Our loss convention is DESIGN §3
-# (T² on every soft term); the official IKL/GKL code puts ALPHA on a soft-CE without T² and BETA on
+# Per-loss settings override the "distill" section for that loss. Our loss convention is that of
+# dkl_lib.losses (T² on every soft term); the official IKL/GKL code puts ALPHA on a soft-CE without T² and BETA on
 # the wMSE, so official (ALPHA=a, BETA=b) = ours (alpha=b, beta=a/T²).
 _PAPER_LOSSES = {
     # mdistiller / CRD KD: CE weight 0.1, KD weight 0.9, T = 4, no warm-up
@@ -138,7 +138,7 @@ PRESETS: Dict[str, dict] = {
         "distill": {"epochs": 30, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
                     "milestones": [18, 25], "lr_decay": 0.1, "batch_size": 32, "temperature": 4.0,
                     "ce_weight": 1.0, "kd_weight": 1.0, "warmup_epochs": 3},
-        # The plain DESIGN §3 losses with alpha = beta = 1 everywhere, so that IKL differs from
+        # The plain dkl_lib.losses losses with alpha = beta = 1 everywhere, so that IKL differs from
         # KL/DKL only by the two IKL changes. DKD: its CIFAR-100 beta = 8 makes this MLP diverge
         # at lr 0.05 (measured with 500 training images: best 69 ± 9 %, last 26 ± 11 % over 3 seeds; beta = 4 diverges for
         # one seed of 3), so the neutral alpha = beta = 1 is used. GKL: the official gamma 0.05
@@ -164,7 +164,7 @@ PRESETS: Dict[str, dict] = {
         "checkpoint_every": 1,  # per-epoch checkpoints in the run's cache folder: a rerun resumes
     },
     "paper": {
-        "description": "CIFAR-100 resnet32x4 -> resnet8x4, the official 240-epoch schedule (DESIGN §5)",
+        "description": "CIFAR-100 resnet32x4 -> resnet8x4, the official 240-epoch schedule",
         "data": {"name": "cifar100"},
         "teacher": {
             "model": "resnet32x4", "model_kw": {}, "seed": 0,

@@ -1,6 +1,6 @@
 r"""KL, DKL, IKL, GKL and DKD losses on pairs of logit tensors.
 
-Notation (see DESIGN.md §2): a batch has B rows and C classes.
+Notation: a batch has B rows and C classes.
 
 * ``logits``        = o_n, shape (B, C): the side pulled toward a target (student in knowledge
   distillation, adversarial output in adversarial training);

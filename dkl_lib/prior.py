@@ -3,7 +3,7 @@
 IKL's second change (DKL paper, Sec. 3.2, "class-wise global information") replaces the sample-wise
 weights w = s_m s_mᵀ of the wMSE term with class-wise ones: w = p pᵀ, p = ``class_prior[y]``, where
 row y of the (C, C) prior is the mean of softmax(o_m / T_w) over the training samples of class y.
-:class:`ClassPrior` keeps that prior the way DESIGN §4 specifies:
+:class:`ClassPrior` keeps that prior as follows:
 
 * during an epoch, :meth:`ClassPrior.update` adds softmax(o_m / T_w) of every sample to the row of
   its true class (no gradient);

@@ -10,7 +10,7 @@ factor rises linearly from 1/warmup_epochs to 1 over the first ``warmup_epochs``
 mdistiller warm-up). The teacher is frozen: eval mode, no gradient (its mode and
 ``requires_grad`` flags are restored afterwards). For ikl/gkl with ``gi=True`` a
 :class:`~dkl_lib.prior.ClassPrior` collects softmax(teacher / T_w) per class during each epoch and
-is used from the next one (DESIGN §4).
+is used from the next one (:mod:`dkl_lib.prior`).
 
 Both :func:`train_teacher` and :func:`distill` use SGD with momentum and a multi-step learning-rate
 decay, shuffle with a ``torch.Generator`` fixed by ``seed`` (same seed, same result on the CPU),
@@ -834,7 +834,7 @@ ADV_LOSSES = ("ce", "trades", "ikl")
 #: Defaults of the outer losses. TRADES: β = 6 (Zhang et al., 2019). IKL-AT: the official CIFAR
 #: script (jiequancui/DKL, Adv-training-dkl, ``--alpha 4 --beta 20 --T 4``: soft-CE weight 4, wMSE
 #: weight 20, soft-CE at temperature 1, class prior from softmax(natural / 4)) in our convention
-#: (DESIGN §3): alpha = 20 (wMSE), beta = 4 (soft-CE), temperature = 1, weight_temperature = 4.
+#: (:func:`dkl_lib.losses.ikl_loss`): alpha = 20 (wMSE), beta = 4 (soft-CE), temperature = 1, weight_temperature = 4.
 ADV_DEFAULTS = {"trades": {"beta": 6.0},
                 "ikl": {"alpha": 20.0, "beta": 4.0, "temperature": 1.0, "weight_temperature": 4.0, "gi": True}}
 __all__ += ["ADV_LOSSES", "ADV_DEFAULTS", "adversarial_loss_terms", "epsilon_at", "adversarial_train"]
@@ -1012,7 +1012,7 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
                       checkpoint_every: int = 1, keep_checkpoints: int = 2, awp_gamma: float = 0.0,
                       awp_warmup: int = 0, weight_average: Optional[float] = None,
                       weight_average_from: int = 1) -> TrainResult:
-    """Adversarial training (L∞) with the TRADES or IKL-AT outer loss (DESIGN §5).
+    """Adversarial training (L∞) with the TRADES or IKL-AT outer loss.
 
     Per batch (x, y), images in [0, 1]:
 

@@ -43,7 +43,7 @@ def test_trades_terms_match_the_torch_oracle():
 
 
 def _ikl_oracle(adv, nat, y, *, alpha, beta, temperature, prior=None, weight_temperature=None):
-    """The literal IKL-AT loss (DESIGN §3 / the official code's dkl_loss): pairwise wMSE over all
+    """The literal IKL-AT loss (the official code's dkl_loss): pairwise wMSE over all
     class pairs on raw logits, no stop-gradient on either side, plus the soft-label CE."""
     if prior is not None:
         p = prior[y]

@@ -1,4 +1,4 @@
-"""dkl_lib.prior.ClassPrior: exactly the semantics of DESIGN §4, also under torch.distributed."""
+"""dkl_lib.prior.ClassPrior: exactly the semantics of its module docstring, also under torch.distributed."""
 import datetime
 import os
 
