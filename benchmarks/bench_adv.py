@@ -12,7 +12,7 @@ soft-CE with the class prior, α = 20, β = 4), backward and an SGD step; for IK
 class-prior update (GI). Both losses are timed round-robin in one process (one step of each in
 turn, repeated), so their ratio is measured side by side; the table reports medians. The "outer
 loss only" columns time just the loss's forward + backward on fixed logits (what differs between
-the two). Target (issue 5): IKL-AT ≤ 1.10× TRADES per step.
+the two). Target: IKL-AT ≤ 1.10× TRADES per step.
 
 ``--awp GAMMA`` adds the paper recipe's adversarial weight perturbation
 (dkl_lib.train.AdversarialWeightPerturbation: the perturbation's gradient on a proxy copy, add, the

@@ -14,7 +14,7 @@ released teacher file is at hand; gpu_check.sh turns it into the presets' teache
 CUDA the step runs under bf16 autocast with channels_last, as in training (``--amp`` and
 ``--channels-last`` change that; the settings used are printed). All losses are timed
 round-robin in one process (one step of each in turn, repeated), so the ratios to the KL step are
-measured side by side; the table reports medians. Target (issue 4): every KD loss within 1.10x of
+measured side by side; the table reports medians. Target: every KD loss within 1.10x of
 the KL step.
 """
 from __future__ import annotations

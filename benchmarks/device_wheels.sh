@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Wheels for a GPU machine that cannot reach PyPI (issue 7): the Python packages benchmarks/gpu_check.sh
+# Wheels for a GPU machine that cannot reach PyPI: the Python packages benchmarks/gpu_check.sh
 # needs that a typical CUDA image lacks, downloaded HERE (where pip works) for THAT machine's Python,
 # at the versions installed in this repository's .venv (the versions the tests ran with).
 #
@@ -62,4 +62,8 @@ done
     "${PLATFORMS[@]}" -d "$DEST" "${PINS[@]}"
 echo "device_wheels: ${PINS[*]} for CPython $PYVER in $DEST:" >&2
 ls -l "$DEST"/*.whl >&2
-echo "device_wheels: on the GPU machine: bash benchmarks/gpu_check.sh --wheels $(basename "$DEST")" >&2
+# the folder as gpu_check.sh, run from the repository root, takes it: relative to the root when inside it
+SHOWN="$(cd "$DEST" && pwd -P)"
+ROOT_P="$(cd "$ROOT" && pwd -P)"
+if [[ "$SHOWN" == "$ROOT_P"/* ]]; then SHOWN="${SHOWN#"$ROOT_P"/}"; fi
+echo "device_wheels: on the GPU machine: bash benchmarks/gpu_check.sh --wheels $SHOWN" >&2

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One-shot GPU check (issue 7): loss kernels and KD training throughput on one CUDA device, with
-# random tensors only (no network, no data set). Prints the torch/CUDA versions, the GPU, one
-# summary table and the bf16 / channels_last settings used; under 8 minutes on a modern GPU.
+# The one script to run on a CUDA machine lent for a short time: measures this project's loss
+# kernels and its KD and adversarial training steps, estimates each GPU preset's training time, and
+# runs the experiments command line under torchrun end to end, all on random tensors (no network,
+# no data set). Prints the torch/CUDA versions, the GPU, the summary tables and the bf16 /
+# channels_last settings used; under 8 minutes on a modern GPU.
 #
 #   bash benchmarks/gpu_check.sh                 # on a CUDA machine
 #   bash benchmarks/gpu_check.sh --quick         # fewer repetitions (about a minute)
@@ -26,9 +28,10 @@
 # average, PGD and the ART ensemble on the GPU) on random data. The Python packages every step
 # needs are checked first, so a missing one costs seconds, not a finished training. Exit status: 0
 # when everything ran (the target lines are informational), 1 without a CUDA device (unless
-# --allow-cpu), 2 for bad options, 3 for missing Python packages, else the status of the first
-# step that failed. Results: DIR/summary.md (also printed) and DIR/gpu_check.json (every result in
-# one file), beside the per-step JSON files.
+# --allow-cpu), 2 for bad options, 3 for missing Python packages or --wheels made for another
+# Python, else the status of the first step that failed. Results (benchmarks/gpu_check_summary.py):
+# DIR/summary.md (also printed) and DIR/gpu_check.json (every result in one file), beside the
+# per-step JSON files.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -68,6 +71,41 @@ SITE=""
 if [[ -n "$WHEELS" ]]; then
     shopt -s nullglob; WHL=("$WHEELS"/*.whl); shopt -u nullglob
     [[ ${#WHL[@]} -gt 0 ]] || { echo "gpu_check: no .whl files in $WHEELS" >&2; exit 2; }
+    # wheels made for another Python (device_wheels.sh makes CPython 3.12's unless told --python 3.X):
+    # said plainly, with the fix, before pip refuses them as "not a supported wheel on this platform"
+    "$PY" - "$WHEELS" "${WHL[@]}" <<'EOF' || exit 3
+import os
+import re
+import sys
+
+here = sys.version_info[:2]
+
+
+def fits(python_tag, abi_tag):
+    """Whether a wheel's python tag (py3, py312, cp312, ...) admits this Python."""
+    m = re.fullmatch(r"(cp|py)(\d)(\d+)", python_tag)
+    if not m:
+        return True  # py3, py2.py3 or a tag this check does not read: left to pip
+    major, minor = int(m[2]), int(m[3])
+    return (major, minor) == here or (abi_tag == "abi3" and m[1] == "cp" and major == here[0] and minor <= here[1])
+
+
+wrong = []
+for path in sys.argv[2:]:
+    parts = os.path.basename(path)[:-len(".whl")].split("-")  # name-version[-build]-python-abi-platform
+    if len(parts) < 5:
+        continue  # not a wheel's name: left to pip
+    python_tags, abi_tag = parts[-3], parts[-2]
+    if not any(fits(tag, abi_tag) for tag in python_tags.split(".")):
+        wrong.append(os.path.basename(path))
+if wrong:
+    this = f"{here[0]}.{here[1]}"
+    print(f"gpu_check: wheels in {sys.argv[1]} made for another Python than this one (Python {this}, "
+          f"{sys.executable}):\n  " + "\n  ".join(wrong) + f"\n  make the wheels for Python {this} where pip works: "
+          f"bash benchmarks/device_wheels.sh --python {this} --dest DIR (a folder without these), then pass "
+          "--wheels DIR here", file=sys.stderr)
+    sys.exit(3)
+EOF
     SITE="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_site.XXXXXX")"
     STEP="installing ${#WHL[@]} wheel(s) from $WHEELS"
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${WHL[@]}" >&2
@@ -248,175 +286,5 @@ step "adversarial entry point under torchrun ($NPROC processes)" \
 
 # ---- 7. summary ----------------------------------------------------------------------------------
 STEP="summary"
-"$PY" - "$OUT" "$DEVICE" "$((SECONDS - START))" <<'EOF' | tee "$OUT/summary.md"
-import glob
-import json
-import math
-import os
-import sys
-
-import torch
-
-out, device, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3])
-name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU (dry run)"
-print(f"\n## gpu_check: {name}; torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}\n")
-
-
-def _load(path):
-    return json.load(open(path)) if os.path.exists(path) else None
-
-
-step_log = [line.rstrip("\n").split("|", 1) for line in open(os.path.join(out, "steps.txt")) if "|" in line]
-not_ok = [(status, text) for status, text in step_log if status != "ok"]
-print(f"Steps: {len(step_log) - len(not_ok)} of {len(step_log)} ran" + ("" if not not_ok else "; NOT RUN: " + "; ".join(
-    f"{text.split(' (')[0]} [{status}]" for status, text in not_ok)) + "\n")
-
-losses = _load(os.path.join(out, "losses.json")) or []
-mem = lambda n: "n/a" if n is None else (f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-                                          if n >= 2**20 else f"{n / 2**10:.0f} KiB")
-ratio = lambda x: f"{x:.2f}x" if x < 10 else f"{x:.0f}x"
-print("Loss kernels: float32 forward+backward, T = 4, median per call")
-print("| B | C | kl | dkl | ikl | pairwise | ikl / kl | pairwise / ikl | peak mem ikl | peak mem pairwise |")
-print("|---|---|---|---|---|---|---|---|---|---|")
-targets = []
-for r in losses:
-    t, p = r["seconds"], r["peak_bytes"]
-    times = " | ".join(f"{t[m] * 1e3:.3f} ms" for m in ("kl", "dkl", "ikl", "pairwise"))
-    ikl_kl, pair_ikl = t["ikl"] / t["kl"], t["pairwise"] / t["ikl"]
-    print(f"| {r['batch']} | {r['classes']} | {times} | {ratio(ikl_kl)} | {ratio(pair_ikl)} "
-          f"| {mem(p.get('ikl'))} | {mem(p.get('pairwise'))} |")
-    if r["batch"] == 256 and r["classes"] == 1000:
-        targets.append(("ikl / kl <= 1.5x at B = 256, C = 1000", ikl_kl <= 1.5, f"{ikl_kl:.2f}x"))
-        targets.append(("pairwise >= 1000x ikl at B = 256, C = 1000", pair_ikl >= 1000, f"{pair_ikl:.0f}x"))
-
-print("\nTraining step: resnet32x4 -> resnet8x4 distillation, CIFAR-100 shapes, random data, median per step")
-print("| batch | loss | ms / step | images / s | time / KL step |")
-print("|---|---|---|---|---|")
-settings = None
-train_runs = sorted((json.load(open(p)) for p in glob.glob(os.path.join(out, "train_b*.json"))),
-                    key=lambda run: run["batch"])
-kd_times = {}  # batch -> {loss: seconds per step}, for the estimates below
-for run in train_runs:
-    (dev, med), = run["seconds_per_step"].items()
-    kd_times[run["batch"]] = med
-    settings = run["settings"][dev]
-    for loss, sec in med.items():
-        print(f"| {run['batch']} | {loss} | {sec * 1e3:.2f} | {run['batch'] / sec:,.0f} | {sec / med['kl']:.2f}x |")
-    for loss in ("ikl",):
-        if loss in med and "kl" in med:
-            targets.append((f"{loss} step within 1.10x of the KL step at batch {run['batch']}",
-                            med[loss] / med["kl"] <= 1.10, f"{med[loss] / med['kl']:.2f}x"))
-if settings:
-    print(f"\nSettings: autocast {settings['amp']}, channels_last {'on' if settings['channels_last'] else 'off'}, "
-          f"cudnn.benchmark {'on' if settings['cudnn_benchmark'] else 'off'}, {settings['reps']} timed rounds "
-          f"(loss kernels: float32, no autocast)")
-adv_rows = (_load(os.path.join(out, "adv_steps.json")) or {"rows": []})["rows"]
-print("\nAdversarial training step: TRADES vs IKL-AT (outer loss + inner attack), median per step")
-print("| setting | batch | attack steps | TRADES | IKL-AT | IKL-AT / TRADES | +AWP: TRADES | IKL-AT | AWP cost |")
-print("|---|---|---|---|---|---|---|---|---|")
-for r in adv_rows:
-    print(f"| {r['setting']} | {r['batch']} | {r['attack_steps']} | {r['trades_ms']:.1f} ms | {r['ikl_ms']:.1f} ms "
-          f"| {r['ratio']:.3f}x | {r['trades_awp_ms']:.1f} ms | {r['ikl_awp_ms']:.1f} ms | {r['awp_overhead']:.2f}x |")
-    if r["setting"] != "digits":
-        targets.append((f"IKL-AT step within 1.10x of TRADES ({r['setting']})", r["ratio"] <= 1.10, f"{r['ratio']:.3f}x"))
-
-# ---- what a full run of each GPU preset would take, from the step times above
-from dkl_lib import experiments as E  # noqa: E402
-
-N_TRAIN = 50000  # CIFAR-10/100 training images
-
-
-def step_time(times, key, batch):
-    """(seconds per step, how): measured at this batch, else scaled per image from the nearest
-    measured batch (a rough guess: small batches use a GPU less well)."""
-    if key in times.get(batch, {}):
-        return times[batch][key], "measured"
-    have = [b for b in times if key in times[b]]
-    if not have:
-        return None, "not measured"
-    near = min(have, key=lambda b: abs(math.log(b / batch)))
-    return times[near][key] / near * batch, f"scaled from batch {near}"
-
-
-def hours(sec):
-    return "n/a" if sec is None else (f"{sec / 3600:.1f} h" if sec >= 5400 else f"{sec / 60:.1f} min")
-
-
-estimates = []
-for preset in ("gpu-short", "paper"):
-    cfg = E.resolve_config(preset)
-    d, t = cfg["distill"], cfg["teacher"]["train"]
-    for what, key, sec_epochs, bs in (("student run (ikl)", "ikl", d["epochs"], d["batch_size"]),
-                                      ("student run (kl)", "kl", d["epochs"], d["batch_size"]),
-                                      ("teacher, when trained (no released file)", "teacher", t["epochs"], t["batch_size"])):
-        sec, how = step_time(kd_times, key, bs)
-        total = None if sec is None else sec * math.ceil(N_TRAIN / bs) * sec_epochs
-        estimates.append({"task": "kd", "preset": preset, "what": f"{what}, {sec_epochs} epochs, batch {bs}",
-                          "seconds": total, "how": how})
-adv_by_setting = {r["setting"]: r for r in adv_rows}
-for preset in ("gpu-short", "paper"):
-    cfg = E.resolve_adv_config(preset)
-    tr, model = cfg["train"], cfg["model"]["name"]
-    setting = {"preact_resnet18": "cifar", "wrn_34_10": "cifar100-wrn"}.get(model)
-    r = adv_by_setting.get(setting)
-    for loss, key in (("trades", "trades"), ("ikl", "ikl")):
-        if r is None:
-            estimates.append({"task": "adv", "preset": preset, "what": f"{loss} run, {model}", "seconds": None,
-                              "how": "not measured"})
-            continue
-        scale = tr["batch_size"] / r["batch"]  # per image, when the batches differ
-        plain = r[f"{key}_ms"] / 1e3 * scale
-        awp = r[f"{key}_awp_ms"] / 1e3 * scale
-        steps = math.ceil(N_TRAIN / tr["batch_size"])
-        awp_epochs = max(0, tr["epochs"] - tr.get("awp_warmup", 0)) if tr.get("awp_gamma", 0) > 0 else 0
-        total = steps * ((tr["epochs"] - awp_epochs) * plain + awp_epochs * awp)
-        how = "measured" if scale == 1 else f"scaled from batch {r['batch']}"
-        if r["attack_steps"] != tr["attack_steps"]:
-            how += f"; measured with {r['attack_steps']} attack steps, the preset has {tr['attack_steps']}"
-        estimates.append({"task": "adv", "preset": preset,
-                          "what": f"{loss} run, {model}, {tr['epochs']} epochs ({awp_epochs} with AWP), batch "
-                                  f"{tr['batch_size']}, {tr['attack_steps']}-step attack",
-                          "seconds": total, "how": how})
-print("\nEstimated training time per run on this device" + (" (DRY RUN: says nothing about a GPU)" if device != "cuda" else "")
-      + ": median step time x steps per epoch (50 000 images) x epochs; without the per-epoch test pass and the\n"
-        "final robustness evaluation")
-print("| task | preset | run | estimate | step time |")
-print("|---|---|---|---|---|")
-for e in estimates:
-    print(f"| {e['task']} | {e['preset']} | {e['what']} | {hours(e['seconds'])} | {e['how']} |")
-
-launch = os.path.join(out, "torchrun", "launch.txt")
-if os.path.exists(launch):
-    nproc, secs = open(launch).read().split()
-    res = json.load(open(os.path.join(out, "torchrun", "results.json")))
-    runs = ", ".join(f"{r['loss']} {r['last_acc']:.1f} %" for r in res["runs"])
-    print(f"\ntorchrun entry point: {nproc} process(es), kd kl + ikl, 1 epoch on random CIFAR-shaped data, "
-          f"{secs} s with start-up; last-epoch test accuracy (synthetic data, 1 epoch: a smoke test, not a result): {runs}")
-launch = os.path.join(out, "torchrun_adv", "launch.txt")
-if os.path.exists(launch):
-    nproc, secs = open(launch).read().split()
-    res = json.load(open(os.path.join(out, "torchrun_adv", "results.json")))
-    runs = "; ".join(f"{r['loss']} clean {r['clean_acc']:.1f} / PGD-20 {r['pgd20_acc']:.1f} / ensemble "
-                     f"{r['ensemble_acc']:.1f} %" for r in res["runs"])
-    checks = [c for r in res["runs"] for c in r["report"]["checks"]]
-    failed = [c["check"] for c in checks if c["status"] == "fail"]
-    print(f"\ntorchrun adversarial entry point: {nproc} process(es), trades + ikl with AWP and weight average, "
-          f"1 epoch on random data, {secs} s with start-up (a smoke test, not a result): {runs}; sanity checks: "
-          f"{len(checks) - len(failed)} of {len(checks)} not failed" + (f" (FAILED: {failed})" if failed else ""))
-if device == "cuda" and targets:
-    print("\nTargets (informational):")
-    for text, ok, value in targets:
-        print(f"- {'ok  ' if ok else 'MISS'} {text}: {value}")
-print(f"\nTotal wall time {seconds} s; JSON results in {out} (all of them in gpu_check.json)")
-
-bundle = {"steps": [{"status": status, "step": text} for status, text in step_log], "device": name,
-          "torch": torch.__version__, "cuda": torch.version.cuda, "seconds": seconds,
-          "losses": losses, "train": train_runs,
-          "kd_torchrun": _load(os.path.join(out, "torchrun", "results.json")),
-          "adv_torchrun": _load(os.path.join(out, "torchrun_adv", "results.json")),
-          "adv_steps": adv_rows, "estimates": estimates,
-          "targets": [{"target": t, "met": bool(ok), "value": v} for t, ok, v in targets]}
-with open(os.path.join(out, "gpu_check.json"), "w") as f:
-    json.dump(bundle, f, indent=1)
-EOF
+"$PY" "$ROOT/benchmarks/gpu_check_summary.py" "$OUT" "$DEVICE" "$((SECONDS - START))" | tee "$OUT/summary.md"
 exit "$FIRST_RC"

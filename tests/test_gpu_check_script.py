@@ -32,8 +32,10 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     adv = json.loads((tmp_path / "torchrun_adv" / "results.json").read_text())
     assert [r["loss"] for r in adv["runs"]] == ["trades", "ikl"]
     assert adv["config"]["train"]["awp_gamma"] == 0.005 and adv["config"]["train"]["weight_average"] == 0.999
-    assert all(c["status"] != "fail" for r in adv["runs"] for c in r["report"]["checks"])
+    checks = [c for r in adv["runs"] for c in r["report"]["checks"]]
+    assert all(c["status"] == "pass" for c in checks)
     assert "torchrun adversarial entry point: 2 process(es)" in summary
+    assert f"sanity checks: all {len(checks)} passed" in summary
     bundle = json.loads((tmp_path / "gpu_check.json").read_text())  # every result in one file
     assert bundle["kd_torchrun"] == kd and bundle["adv_torchrun"] == adv and bundle["device"] == "CPU (dry run)"
     assert [r["batch"] for r in bundle["train"]] == [2] and bundle["losses"][0]["batch"] == 16
@@ -47,10 +49,39 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     assert est[("kd", "gpu-short", "teacher")]["seconds"] > est[("kd", "gpu-short", "student run (ikl)")]["seconds"]
     adv_row = next(r for r in bundle["adv_steps"] if r["setting"] == "cifar")
     e = est[("adv", "gpu-short", "trades run")]  # PreActResNet-18, 10 epochs, no AWP in gpu-short
+    assert "preact_resnet18, 10 epochs, no AWP, batch 128" in e["what"]
     assert e["seconds"] == pytest.approx(adv_row["trades_ms"] / 1e3 * 64 * 391 * 10)
     assert "measured with 1 attack steps, the preset has 10" in e["how"]
     assert est[("adv", "paper", "ikl run")]["how"] == "not measured"  # no WRN-34-10 in the dry run
     assert not list((tmp_path / "cache").glob("*/checkpoints"))  # finished runs leave no checkpoints
+
+
+def test_gpu_check_summary_says_when_awp_runs_and_how_the_sanity_checks_ended(tmp_path):
+    """benchmarks/gpu_check_summary.py on hand-made step results: the paper preset's AWP runs in
+    epochs 10-200 (191 epochs, 1-based as in training), gpu-short has none; the adversarial smoke
+    test's checks are counted as passed, warnings (a flag, not a failure) and FAILED, each named."""
+    (tmp_path / "steps.txt").write_text("ok|adversarial training step\n")
+    row = {"batch": 128, "trades_ms": 100.0, "ikl_ms": 105.0, "ratio": 1.05, "trades_awp_ms": 150.0,
+           "ikl_awp_ms": 160.0, "awp_overhead": 1.5}
+    rows = [{**row, "setting": "cifar", "attack_steps": 10}, {**row, "setting": "cifar100-wrn", "attack_steps": 5}]
+    (tmp_path / "adv_steps.json").write_text(json.dumps({"rows": rows}))
+    (tmp_path / "torchrun_adv").mkdir()
+    (tmp_path / "torchrun_adv" / "launch.txt").write_text("2 30\n")
+    statuses = {"trades": ["pass", "pass", "warn"], "ikl": ["pass", "fail", "pass"]}
+    runs = [{"loss": loss, "clean_acc": 10.0, "pgd20_acc": 1.0, "ensemble_acc": 0.5,
+             "report": {"checks": [{"check": f"check{i}", "status": st} for i, st in enumerate(sts)]}}
+            for loss, sts in statuses.items()]
+    (tmp_path / "torchrun_adv" / "results.json").write_text(json.dumps({"runs": runs}))
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check_summary.py"), str(tmp_path), "cpu", "5"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "sanity checks: 4 of 6 passed, 1 warning(s) (trades: check2), 1 FAILED (ikl: check1)" in proc.stdout
+    est = {(e["preset"], e["what"].split(",")[0]): e
+           for e in json.loads((tmp_path / "gpu_check.json").read_text())["estimates"] if e["task"] == "adv"}
+    assert "wrn_34_10, 200 epochs, AWP in epochs 10-200, batch 128, 5-step attack" in est[("paper", "ikl run")]["what"]
+    assert est[("paper", "ikl run")]["seconds"] == pytest.approx(391 * (9 * 0.105 + 191 * 0.160))
+    assert "10 epochs, no AWP" in est[("gpu-short", "trades run")]["what"]
+    assert est[("gpu-short", "trades run")]["seconds"] == pytest.approx(391 * 10 * 0.100)
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
@@ -62,21 +93,22 @@ def test_gpu_check_refuses_a_cpu_without_the_flag_and_bad_options():
 
 
 # ------------------------------------------------------------------ a GPU machine without network
-def _wheel(folder: Path, dist: str, files: dict) -> Path:
+def _wheel(folder: Path, dist: str, files: dict, version: str = "0.0.1", tag: str = "py3-none-any") -> Path:
     """A minimal pure-Python wheel (what `pip install --no-index --target` needs, nothing more)."""
     import base64
     import hashlib
     import zipfile
 
-    info = f"{dist}-0.0.1.dist-info"
-    files = {**files, f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.0.1\n",
-             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    stem = f"{dist.replace('-', '_')}-{version}"
+    info = f"{stem}.dist-info"
+    files = {**files, f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n",
+             f"{info}/WHEEL": f"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: {tag}\n"}
     record = []
     for name, text in files.items():
         digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
         record.append(f"{name},sha256={digest},{len(text.encode())}")
     record.append(f"{info}/RECORD,,")
-    path = folder / f"{dist}-0.0.1-py3-none-any.whl"
+    path = folder / f"{stem}-{tag}.whl"
     with zipfile.ZipFile(path, "w") as z:
         for name, text in files.items():
             z.writestr(name, text)
@@ -111,6 +143,57 @@ def test_gpu_check_names_missing_packages_and_installs_carried_wheels(tmp_path):
     for args, message in [(["--wheels", str(empty)], "no .whl files"), (["--wheels"], "needs a folder")]:
         proc = run("--allow-cpu", "--env-only", *args, timeout=60)
         assert proc.returncode == 2 and message in proc.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_gpu_check_refuses_wheels_made_for_another_python(tmp_path):
+    """device_wheels.sh makes wheels for CPython 3.12 unless told --python 3.X: carried to a machine with
+    another Python, the check stops before pip (exit 3, as for missing packages), naming both Pythons
+    and the command that makes the right wheels; wheels for this Python (or any Python 3) pass."""
+    this = f"{sys.version_info.major}.{sys.version_info.minor}"
+    other = f"3{sys.version_info.minor + 1}"
+    wheels = tmp_path / "other"
+    wheels.mkdir()
+    _wheel(wheels, "any_python", {"any_python.py": ""}, tag="py2.py3-none-any")
+    _wheel(wheels, "multiprocess", {"multiprocess/__init__.py": ""}, tag=f"py{other}-none-any")
+    proc = run("--allow-cpu", "--env-only", "--wheels", str(wheels), timeout=120)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert f"multiprocess-0.0.1-py{other}-none-any.whl" in proc.stderr and "any_python" not in proc.stderr
+    assert f"Python {this}" in proc.stderr and f"bash benchmarks/device_wheels.sh --python {this}" in proc.stderr
+    assert "not a supported wheel" not in proc.stderr  # stopped before pip
+    this_python = tmp_path / "this"
+    this_python.mkdir()
+    _wheel(this_python, "any_python", {"any_python.py": ""}, tag="py2.py3-none-any")
+    _wheel(this_python, "multiprocess", {"multiprocess/__init__.py": ""}, tag=f"py{this.replace('.', '')}-none-any")
+    proc = run("--allow-cpu", "--env-only", "--wheels", str(this_python), timeout=120)
+    assert proc.returncode == 0 and "installed 2 wheel(s)" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_device_wheels_names_the_folder_to_carry(tmp_path):
+    """The closing hint is the gpu_check command line for the folder the wheels went to: relative to
+    the repository root when inside it, else absolute. pip downloads from hand-made wheels in a local
+    folder here (PIP_NO_INDEX, PIP_FIND_LINKS): no network."""
+    from importlib.metadata import version
+
+    index = tmp_path / "index"
+    index.mkdir()
+    for dist in ("adversarial-robustness-toolbox", "multiprocess", "dill", "six"):
+        _wheel(index, dist, {f"{dist.replace('-', '_')}.py": ""}, version=version(dist))
+    repo = tmp_path / "repo"  # a copy of the two scripts, so that the default --dest is not this repository's
+    (repo / "benchmarks").mkdir(parents=True)
+    for name in ("device_wheels.sh", "_common.sh"):
+        (repo / "benchmarks" / name).write_text((REPO / "benchmarks" / name).read_text())
+    env = {**os.environ, "PYTHON": sys.executable, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(index)}
+    for args, cwd, shown in [(["--python", "3.11", "--dest", str(tmp_path / "x" / "whl311")], REPO, tmp_path / "x" / "whl311"),
+                             (["--dest", "rel/whl"], tmp_path, tmp_path / "rel" / "whl"),
+                             (["--dest", str(repo / "sub" / "whl")], tmp_path, "sub/whl"),
+                             ([], tmp_path, ".whl")]:
+        proc = subprocess.run(["bash", str(repo / "benchmarks" / "device_wheels.sh"), *args], cwd=cwd, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert f"on the GPU machine: bash benchmarks/gpu_check.sh --wheels {shown}\n" in proc.stderr, proc.stderr
+        folder = repo / ".whl" if shown == ".whl" else repo / shown if shown == "sub/whl" else shown
+        assert len(list(folder.glob("*.whl"))) == 4
 
 
 def test_device_wheels_pins_the_tested_versions():

@@ -1,0 +1,218 @@
+"""The summary of benchmarks/gpu_check.sh: the tables of its measuring steps, estimated training
+times per preset, the torchrun smoke tests, read from the JSON files the steps left in OUT; printed
+(gpu_check.sh also writes it to OUT/summary.md), and every result in one file, OUT/gpu_check.json.
+
+    python benchmarks/gpu_check_summary.py OUT DEVICE SECONDS    # as gpu_check.sh runs it
+
+DEVICE: "cuda", or "cpu" for the CPU dry run; SECONDS: the wall time of the steps, for the last line.
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from dkl_lib import experiments as E  # noqa: E402
+
+N_TRAIN = 50000  # CIFAR-10/100 training images
+
+
+def _load(path):
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+def _mem(n):
+    if n is None:
+        return "n/a"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+def _ratio(x):
+    return f"{x:.2f}x" if x < 10 else f"{x:.0f}x"
+
+
+def step_time(times, key, batch):
+    """(seconds per step, how): measured at this batch, else scaled per image from the nearest
+    measured batch (a rough guess: small batches use a GPU less well)."""
+    if key in times.get(batch, {}):
+        return times[batch][key], "measured"
+    have = [b for b in times if key in times[b]]
+    if not have:
+        return None, "not measured"
+    near = min(have, key=lambda b: abs(math.log(b / batch)))
+    return times[near][key] / near * batch, f"scaled from batch {near}"
+
+
+def hours(sec):
+    return "n/a" if sec is None else (f"{sec / 3600:.1f} h" if sec >= 5400 else f"{sec / 60:.1f} min")
+
+
+def awp_epochs(train):
+    """(number of epochs with AWP, their wording) for an adversarial preset's ``train`` section:
+    AWP runs in every epoch >= awp_warmup (1-based), when awp_gamma > 0."""
+    epochs, first = train["epochs"], max(1, train.get("awp_warmup", 0))
+    if train.get("awp_gamma", 0) <= 0 or first > epochs:
+        return 0, f"{epochs} epochs, no AWP"
+    if first == 1:
+        return epochs, f"{epochs} epochs, AWP in every epoch"
+    return epochs - first + 1, f"{epochs} epochs, AWP in epochs {first}-{epochs}"
+
+
+def checks_text(runs):
+    """The adversarial runs' sanity checks in words: how many passed, which were flagged (status
+    "warn": a warning, not a failure) and which FAILED, each as 'loss: check'."""
+    checks = [(r["loss"], c) for r in runs for c in r["report"]["checks"]]
+    named = {status: [f"{loss}: {c['check']}" for loss, c in checks if c["status"] == status]
+             for status in ("warn", "fail")}
+    passed = len(checks) - len(named["warn"]) - len(named["fail"])
+    text = f"all {len(checks)} passed" if passed == len(checks) else f"{passed} of {len(checks)} passed"
+    if named["warn"]:
+        text += f", {len(named['warn'])} warning(s) ({', '.join(named['warn'])})"
+    if named["fail"]:
+        text += f", {len(named['fail'])} FAILED ({', '.join(named['fail'])})"
+    return text
+
+
+def main(out, device, seconds):
+    name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU (dry run)"
+    print(f"\n## gpu_check: {name}; torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}\n")
+
+    step_log = [line.rstrip("\n").split("|", 1) for line in open(os.path.join(out, "steps.txt")) if "|" in line]
+    not_ok = [(status, text) for status, text in step_log if status != "ok"]
+    print(f"Steps: {len(step_log) - len(not_ok)} of {len(step_log)} ran" + ("" if not not_ok else "; NOT RUN: " + "; ".join(
+        f"{text.split(' (')[0]} [{status}]" for status, text in not_ok)) + "\n")
+
+    losses = _load(os.path.join(out, "losses.json")) or []
+    print("Loss kernels: float32 forward+backward, T = 4, median per call")
+    print("| B | C | kl | dkl | ikl | pairwise | ikl / kl | pairwise / ikl | peak mem ikl | peak mem pairwise |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    targets = []
+    for r in losses:
+        t, p = r["seconds"], r["peak_bytes"]
+        times = " | ".join(f"{t[m] * 1e3:.3f} ms" for m in ("kl", "dkl", "ikl", "pairwise"))
+        ikl_kl, pair_ikl = t["ikl"] / t["kl"], t["pairwise"] / t["ikl"]
+        print(f"| {r['batch']} | {r['classes']} | {times} | {_ratio(ikl_kl)} | {_ratio(pair_ikl)} "
+              f"| {_mem(p.get('ikl'))} | {_mem(p.get('pairwise'))} |")
+        if r["batch"] == 256 and r["classes"] == 1000:
+            targets.append(("ikl / kl <= 1.5x at B = 256, C = 1000", ikl_kl <= 1.5, f"{ikl_kl:.2f}x"))
+            targets.append(("pairwise >= 1000x ikl at B = 256, C = 1000", pair_ikl >= 1000, f"{pair_ikl:.0f}x"))
+
+    print("\nTraining step: resnet32x4 -> resnet8x4 distillation, CIFAR-100 shapes, random data, median per step")
+    print("| batch | loss | ms / step | images / s | time / KL step |")
+    print("|---|---|---|---|---|")
+    settings = None
+    train_runs = sorted((json.load(open(p)) for p in glob.glob(os.path.join(out, "train_b*.json"))),
+                        key=lambda run: run["batch"])
+    kd_times = {}  # batch -> {loss: seconds per step}, for the estimates below
+    for run in train_runs:
+        (dev, med), = run["seconds_per_step"].items()
+        kd_times[run["batch"]] = med
+        settings = run["settings"][dev]
+        for loss, sec in med.items():
+            print(f"| {run['batch']} | {loss} | {sec * 1e3:.2f} | {run['batch'] / sec:,.0f} | {sec / med['kl']:.2f}x |")
+        for loss in ("ikl",):
+            if loss in med and "kl" in med:
+                targets.append((f"{loss} step within 1.10x of the KL step at batch {run['batch']}",
+                                med[loss] / med["kl"] <= 1.10, f"{med[loss] / med['kl']:.2f}x"))
+    if settings:
+        print(f"\nSettings: autocast {settings['amp']}, channels_last {'on' if settings['channels_last'] else 'off'}, "
+              f"cudnn.benchmark {'on' if settings['cudnn_benchmark'] else 'off'}, {settings['reps']} timed rounds "
+              f"(loss kernels: float32, no autocast)")
+    adv_rows = (_load(os.path.join(out, "adv_steps.json")) or {"rows": []})["rows"]
+    print("\nAdversarial training step: TRADES vs IKL-AT (outer loss + inner attack), median per step")
+    print("| setting | batch | attack steps | TRADES | IKL-AT | IKL-AT / TRADES | +AWP: TRADES | IKL-AT | AWP cost |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in adv_rows:
+        print(f"| {r['setting']} | {r['batch']} | {r['attack_steps']} | {r['trades_ms']:.1f} ms | {r['ikl_ms']:.1f} ms "
+              f"| {r['ratio']:.3f}x | {r['trades_awp_ms']:.1f} ms | {r['ikl_awp_ms']:.1f} ms | {r['awp_overhead']:.2f}x |")
+        if r["setting"] != "digits":
+            targets.append((f"IKL-AT step within 1.10x of TRADES ({r['setting']})", r["ratio"] <= 1.10, f"{r['ratio']:.3f}x"))
+
+    # ---- what a full run of each GPU preset would take, from the step times above
+    estimates = []
+    for preset in ("gpu-short", "paper"):
+        cfg = E.resolve_config(preset)
+        d, t = cfg["distill"], cfg["teacher"]["train"]
+        for what, key, sec_epochs, bs in (("student run (ikl)", "ikl", d["epochs"], d["batch_size"]),
+                                          ("student run (kl)", "kl", d["epochs"], d["batch_size"]),
+                                          ("teacher, when trained (no released file)", "teacher", t["epochs"], t["batch_size"])):
+            sec, how = step_time(kd_times, key, bs)
+            total = None if sec is None else sec * math.ceil(N_TRAIN / bs) * sec_epochs
+            estimates.append({"task": "kd", "preset": preset, "what": f"{what}, {sec_epochs} epochs, batch {bs}",
+                              "seconds": total, "how": how})
+    adv_by_setting = {r["setting"]: r for r in adv_rows}
+    for preset in ("gpu-short", "paper"):
+        cfg = E.resolve_adv_config(preset)
+        tr, model = cfg["train"], cfg["model"]["name"]
+        setting = {"preact_resnet18": "cifar", "wrn_34_10": "cifar100-wrn"}.get(model)
+        r = adv_by_setting.get(setting)
+        for loss, key in (("trades", "trades"), ("ikl", "ikl")):
+            if r is None:
+                estimates.append({"task": "adv", "preset": preset, "what": f"{loss} run, {model}", "seconds": None,
+                                  "how": "not measured"})
+                continue
+            scale = tr["batch_size"] / r["batch"]  # per image, when the batches differ
+            plain = r[f"{key}_ms"] / 1e3 * scale
+            awp = r[f"{key}_awp_ms"] / 1e3 * scale
+            steps = math.ceil(N_TRAIN / tr["batch_size"])
+            n_awp, epochs_text = awp_epochs(tr)
+            total = steps * ((tr["epochs"] - n_awp) * plain + n_awp * awp)
+            how = "measured" if scale == 1 else f"scaled from batch {r['batch']}"
+            if r["attack_steps"] != tr["attack_steps"]:
+                how += f"; measured with {r['attack_steps']} attack steps, the preset has {tr['attack_steps']}"
+            estimates.append({"task": "adv", "preset": preset,
+                              "what": f"{loss} run, {model}, {epochs_text}, batch {tr['batch_size']}, "
+                                      f"{tr['attack_steps']}-step attack",
+                              "seconds": total, "how": how})
+    print("\nEstimated training time per run on this device" + (" (DRY RUN: says nothing about a GPU)" if device != "cuda" else "")
+          + ": median step time x steps per epoch (50 000 images) x epochs; without the per-epoch test pass and the\n"
+            "final robustness evaluation")
+    print("| task | preset | run | estimate | step time |")
+    print("|---|---|---|---|---|")
+    for e in estimates:
+        print(f"| {e['task']} | {e['preset']} | {e['what']} | {hours(e['seconds'])} | {e['how']} |")
+
+    launch = os.path.join(out, "torchrun", "launch.txt")
+    if os.path.exists(launch):
+        nproc, secs = open(launch).read().split()
+        res = json.load(open(os.path.join(out, "torchrun", "results.json")))
+        runs = ", ".join(f"{r['loss']} {r['last_acc']:.1f} %" for r in res["runs"])
+        print(f"\ntorchrun entry point: {nproc} process(es), kd kl + ikl, 1 epoch on random CIFAR-shaped data, "
+              f"{secs} s with start-up; last-epoch test accuracy (synthetic data, 1 epoch: a smoke test, not a result): {runs}")
+    launch = os.path.join(out, "torchrun_adv", "launch.txt")
+    if os.path.exists(launch):
+        nproc, secs = open(launch).read().split()
+        res = json.load(open(os.path.join(out, "torchrun_adv", "results.json")))
+        runs = "; ".join(f"{r['loss']} clean {r['clean_acc']:.1f} / PGD-20 {r['pgd20_acc']:.1f} / ensemble "
+                         f"{r['ensemble_acc']:.1f} %" for r in res["runs"])
+        print(f"\ntorchrun adversarial entry point: {nproc} process(es), trades + ikl with AWP and weight average, "
+              f"1 epoch on random data, {secs} s with start-up (a smoke test, not a result): {runs}; sanity checks: "
+              f"{checks_text(res['runs'])}")
+    if device == "cuda" and targets:
+        print("\nTargets (informational):")
+        for text, ok, value in targets:
+            print(f"- {'ok  ' if ok else 'MISS'} {text}: {value}")
+    print(f"\nTotal wall time {seconds} s; JSON results in {out} (all of them in gpu_check.json)")
+
+    bundle = {"steps": [{"status": status, "step": text} for status, text in step_log], "device": name,
+              "torch": torch.__version__, "cuda": torch.version.cuda, "seconds": seconds,
+              "losses": losses, "train": train_runs,
+              "kd_torchrun": _load(os.path.join(out, "torchrun", "results.json")),
+              "adv_torchrun": _load(os.path.join(out, "torchrun_adv", "results.json")),
+              "adv_steps": adv_rows, "estimates": estimates,
+              "targets": [{"target": t, "met": bool(ok), "value": v} for t, ok, v in targets]}
+    with open(os.path.join(out, "gpu_check.json"), "w") as f:
+        json.dump(bundle, f, indent=1)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("out", help="the folder of the steps' JSON files (gpu_check.sh --out)")
+    parser.add_argument("device", choices=["cuda", "cpu"])
+    parser.add_argument("seconds", type=int, help="wall time so far")
+    args = parser.parse_args()
+    main(args.out, args.device, args.seconds)
