@@ -53,6 +53,7 @@ import argparse
 import contextlib
 import copy
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -213,7 +214,10 @@ PRESETS: Dict[str, dict] = {
 #: comparisons, e.g. one process vs torchrun); part of the run's hash only when given.
 _MODEL_KEYS = {"dtype"}
 _MODEL_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-_DATA_SETS = ("digits", "cifar100", "cifar10", "imagenet", "synthetic")
+# the loader of each data set a data section can name (load_data calls it with the section's other keys)
+_DATA_LOADERS = {"digits": data_mod.digits, "cifar100": data_mod.cifar, "cifar10": data_mod.cifar,
+                 "imagenet": data_mod.imagenet, "synthetic": data_mod.synthetic}
+_DATA_SETS = tuple(_DATA_LOADERS)
 
 
 # ------------------------------------------------------------------------------- config validation
@@ -293,9 +297,24 @@ def _mapping(checks: Optional[dict] = None, required: Sequence[str] = ()):
     return check
 
 
+def _data_settings(name: str) -> List[str]:
+    """The settings a data section of data set ``name`` takes: its loader's keyword arguments, less
+    those load_data passes itself (device, download) and dtype (not a config value)."""
+    params = inspect.signature(_DATA_LOADERS[name]).parameters
+    return sorted(p for p in params if p not in ("name", "device", "download", "dtype"))
+
+
 def _data_section(key: str, value) -> None:
     _mapping()(key, value)  # the other keys are the data loader's arguments
-    _one_of(_DATA_SETS)(f"{key}.name", value.get("name"))
+    name = value.get("name")
+    _one_of(_DATA_SETS)(f"{key}.name", name)
+    known = _data_settings(name)
+    unknown = [f"{key}.{k}" for k in value if k != "name" and k not in known]
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)} {'is not a setting' if len(unknown) == 1 else 'are not settings'} "
+                         f"of {name} (its settings: {', '.join(known)}); a {key}.name override keeps the preset's "
+                         f"other {key} settings, so to change the data set replace the whole section "
+                         f"({key}={{\"name\": \"{name}\"}}) or use a preset made for {name}")
 
 
 def _all_finite(key: str, value) -> None:

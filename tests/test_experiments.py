@@ -79,6 +79,31 @@ def test_resolve_config_checks_types_and_ranges_naming_the_key(override, error, 
         E.resolve_config("cpu-quick", override)
 
 
+def test_data_settings_are_checked_per_data_set(tmp_path, monkeypatch, capsys):
+    """Switching the data set with data.name keeps the preset's other data settings; one the new data
+    set's loader does not take is named with the data set, before anything is loaded or trained."""
+    need = r"data.seed, data.n_train are not settings of cifar100 \(its settings: root\).*data=\{\"name\": \"cifar100\"\}"
+    with pytest.raises(ValueError, match=need):
+        E.resolve_config("cpu-quick", {"data.name": "cifar100"})
+    with pytest.raises(ValueError, match=r"data.n_train is not a setting of cifar10 \(its settings: root\)"):
+        E.resolve_adv_config("gpu-short", {"data.n_train": 100})
+    with pytest.raises(ValueError, match=r"data.size is not a setting of digits \(its settings: n_test, n_train, seed\)"):
+        E.resolve_config("cpu-quick", {"data.size": 8})
+    assert E.resolve_config("cpu-quick", {"data": {"name": "cifar100"}})["data"] == {"name": "cifar100"}
+    E.resolve_adv_config("cpu-quick", {"data": {"name": "synthetic", "n_train": 20, "num_classes": 3}})
+    monkeypatch.setattr(E.data_mod, "cifar", lambda *a, **k: pytest.fail("loaded the data before checking it"))
+    argv = ["kd", "--preset", "cpu-quick", "--override", "data.name=cifar100", "--epochs", "1", "--seeds", "0",
+            "--losses", "kl", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path), "--quiet"]
+    assert E.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: data.seed, data.n_train are not settings of cifar100") and err.count("\n") == 1
+    # a config's preset replaced by --preset (documented: the command line wins): the same clear error
+    config = str(REPO / "configs" / "kd_cifar100_resnet32x4_resnet8x4.yaml")
+    assert E.main(["kd", "--config", config, "--preset", "cpu-quick", "--epochs", "1", "--out", str(tmp_path / "o"),
+                   "--cache-dir", str(tmp_path), "--quiet"]) == 2
+    assert "data.seed, data.n_train are not settings of cifar100" in capsys.readouterr().err
+
+
 def test_every_preset_passes_the_checks_unchanged():
     for name in E.PRESETS:
         assert E.resolve_config(name) == {**E.preset(name), "preset": name}
