@@ -1720,7 +1720,7 @@ def _cmd_adv(args) -> int:
                             workers=args.workers)
     except SanityCheckError as err:
         grid, failed = err.grid, err
-    except (ValueError, TypeError, data_mod.DatasetNotFoundError) as err:
+    except (ValueError, TypeError, data_mod.DatasetNotFoundError, attacks_mod.EnsembleUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not dist_mod.is_main():

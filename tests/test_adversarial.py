@@ -338,6 +338,30 @@ def test_missing_ensemble_library_stops_before_training(tmp_path, monkeypatch, b
     assert trained == [1] and grid.runs["ensemble_acc"].isna().all() and grid.passed
 
 
+def test_cli_adv_without_art_prints_one_error_line(tmp_path, monkeypatch, capsys):
+    """The `adv` command without ART: `error: <how to install it or run PGD only>` and exit 2, not a
+    traceback; an ImportError that is not this one still propagates."""
+    monkeypatch.setitem(sys.modules, "art", None)
+    for name in [m for m in sys.modules if m.startswith("art.")]:
+        monkeypatch.delitem(sys.modules, name)
+    argv = ["adv", "--losses", "trades", "--seeds", "0", "--out", str(tmp_path / "out"), "--cache-dir",
+            str(tmp_path), "--device", "cpu", "--quiet"] + [a for k, v in TINY.items() for a in ("--override", f"{k}={v}")]
+    assert E.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the AutoAttack-style ensemble needs") and err.count("\n") == 1
+    assert "'art' cannot be imported" in err and "--override eval.ensemble=false" in err
+    with pytest.raises(A.EnsembleUnavailableError):
+        A.require_ensemble()
+    assert issubclass(A.EnsembleUnavailableError, ImportError)  # `except ImportError` still catches it
+
+    def broken(*args, **kwargs):
+        raise ImportError("an unrelated import failed")
+
+    monkeypatch.setattr(E, "run_adv_grid", broken)
+    with pytest.raises(ImportError, match="unrelated"):
+        E.main(argv)
+
+
 def test_cli_adv_writes_results(tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["adv", "--preset", "cpu-quick", "--losses", "trades,ikl", "--seeds", "0,1", "--out", str(out),
