@@ -1735,10 +1735,32 @@ def _cmd_adv(args) -> int:
         print(grid.summary[cols].to_string(index=False))
         print("ensemble = AutoAttack-style ensemble run by ART (APGD-CE, APGD-DLR, Square), not the official AutoAttack")
         print(_wrote(out))
+    flags = _flag_lines(grid)
+    if flags:
+        sys.stdout.flush()  # after the summary table
+        print("flags (warnings: these runs passed their checks, but a number needs care; details in results.json):\n"
+              + "\n".join(flags), file=sys.stderr)
     if failed is not None:
         print(f"SANITY CHECKS FAILED (the numbers above are not trustworthy):\n{failed}", file=sys.stderr)
         return 3
     return 130 if grid.interrupted else 0
+
+
+def _flag_lines(grid: AdvGridResult) -> List[str]:
+    """One line per flagged check (status "warn") of every run: loss, seed, check, what it means."""
+    lines = []
+    for (loss, seed), report in grid.reports.items():
+        for c in report.checks:
+            if c["status"] != "warn":
+                continue
+            meaning = f"expected: {c['what']}"
+            if c["check"] == "gradient_masking" and report.ensemble_acc is not None and report.pgd_acc:
+                k = min(report.pgd_acc, key=report.pgd_acc.get)  # the strongest PGD
+                meaning = (f"PGD-{k} {report.pgd_acc[k]:.2f}% vs ensemble {report.ensemble_acc:.2f}%: PGD overstates "
+                           f"this model's robustness (possible gradient masking); its robust accuracy, the worst case "
+                           f"over all attacks, is {report.robust_acc:.2f}%")
+            lines.append(f"  {loss} seed {seed}: {c['check']}: {meaning} ({c['detail']})")
+    return lines
 
 
 def _results_csv(grid: GridResult) -> str:
