@@ -1764,17 +1764,19 @@ def _flag_lines(grid: AdvGridResult) -> List[str]:
 
 
 def _results_csv(grid: GridResult) -> str:
-    """One row per run (row_type "run"), then per loss a "mean" and a "std" row."""
+    """One row per run (row_type "run"), then per loss a "mean" and a "std" row of the accuracies over
+    its runs (teacher_acc too: its std is 0 when the runs share one teacher; blank for one run)."""
     import pandas as pd
 
     runs = grid.runs.copy()
     runs.insert(0, "row_type", "run")
     extra = []
     for _, s in grid.summary.iterrows():
+        teacher = dict(zip(("mean", "std"), _mean_std(runs.loc[runs["loss"] == s["loss"], "teacher_acc"])))
         for stat in ("mean", "std"):
             extra.append({"row_type": stat, "loss": s["loss"], "seed": "", "n": s["n"],
                           "best_acc": s[f"best_acc_{stat}"], "last_acc": s[f"last_acc_{stat}"],
-                          "teacher_acc": grid.teacher.get("acc")})
+                          "teacher_acc": teacher[stat]})
     table = pd.concat([runs, pd.DataFrame(extra)], ignore_index=True)
     return table.to_csv(index=False, float_format="%.4f")
 

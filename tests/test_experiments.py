@@ -447,6 +447,21 @@ def test_cli_writes_results_json_and_csv(tmp_path, capsys):
     assert len((out / "log.jsonl").read_text().splitlines()) == 4
 
 
+def test_results_csv_mean_and_std_rows_are_statistics_of_every_accuracy():
+    """The std row holds the std of teacher_acc over the loss's runs (0 with one shared teacher; blank
+    for one run, as best_acc's), never the teacher's accuracy itself."""
+    import pandas as pd
+
+    runs = pd.DataFrame({"loss": ["kl", "kl", "ce"], "seed": [0, 1, 0], "best_acc": [80.0, 82.0, 75.0],
+                         "last_acc": [79.0, 81.0, 74.0], "teacher_acc": [98.2723] * 3})
+    grid = E.GridResult(runs=runs, summary=E.summarize(runs), teacher={"acc": 98.2723})
+    rows = list(csv.DictReader(E._results_csv(grid).splitlines()))
+    stats = {(r["loss"], r["row_type"]): r for r in rows if r["row_type"] != "run"}
+    assert stats[("kl", "mean")]["teacher_acc"] == "98.2723" and stats[("kl", "std")]["teacher_acc"] == "0.0000"
+    assert stats[("kl", "std")]["best_acc"] == "1.4142" and stats[("ce", "mean")]["teacher_acc"] == "98.2723"
+    assert stats[("ce", "std")]["teacher_acc"] == stats[("ce", "std")]["best_acc"] == ""
+
+
 def test_cli_as_a_module(tmp_path):
     """`python -m dkl_lib.experiments kd ...` in a fresh process (what the README shows), with two
     worker processes (spawned from the module's main)."""
