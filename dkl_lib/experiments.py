@@ -25,6 +25,10 @@ Command line (writes ``DIR/results.json`` and ``DIR/results.csv``)::
 
     python -m dkl_lib.experiments kd --preset cpu-quick --losses kl,dkl,ikl --seeds 0,1,2 --out DIR
 
+It runs PyTorch on ``--threads N`` CPU threads: by default one for the ``cpu-quick`` preset (its tiny
+models are as fast on one thread, and one thread gives the numbers of the README and the notebooks),
+PyTorch's default for the others; ``--workers N`` share them.
+
 Loss names in a grid: ``ce``, ``kl``, ``dkl``, ``ikl``, ``gkl``, ``dkd``; ``ikl`` and ``gkl`` use
 class-wise global information (GI) as in the papers, and ``ikl-nogi`` / ``gkl-nogi`` turn it off.
 
@@ -1811,19 +1815,26 @@ def _parser() -> argparse.ArgumentParser:
                      help="as for kd: per-epoch checkpoints, a rerun resumes (0 = off; default: the preset's)")
     adv.set_defaults(handler=_cmd_adv)
     for command in (kd, adv):  # the options both commands share
-        command.add_argument("--out", required=True,
-                             help="folder for results.json, results.csv and log.jsonl (a line per trained epoch)")
-        command.add_argument("--cache-dir", default=None, help="cache folder (default: <repository>/runs)")
+        command.add_argument("--out", metavar="DIR",
+                             help="folder for results.json, results.csv and log.jsonl (a line per trained epoch); "
+                                  "required unless --config is given")
+        command.add_argument("--cache-dir", default=None, metavar="DIR",
+                             help="cache folder (default: $DKL_RUNS_DIR if set, else <repository>/runs)")
         command.add_argument("--no-cache", action="store_true", help="recompute everything, write no cache")
         command.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
         command.add_argument("--download", action="store_true", help="download CIFAR when it is missing")
         command.add_argument("--quiet", action="store_true", help="no progress bars or summary")
         command.add_argument("--workers", type=int, default=1, metavar="N",
                              help="CPU only: N runs at a time in separate processes (each with 1/N of the "
-                                  "threads); no per-epoch log.jsonl then")
+                                  "threads, at least 1); no per-epoch log.jsonl then")
+        command.add_argument("--threads", type=int, default=None, metavar="N",
+                             help="PyTorch CPU threads of this command, shared by the --workers (default: 1 for the "
+                                  "cpu-quick preset, whose tiny models are as fast on one thread and give the "
+                                  "README's numbers; else PyTorch's default)")
         command.add_argument("--config", metavar="FILE",
                              help="an experiment file of configs/ (preset, losses, seeds, overrides); options "
-                                  "given here win (--epochs too); --out defaults to runs/<name>")
+                                  "given here win (--preset and --epochs too); --out defaults to "
+                                  "$DKL_RUNS_DIR/<name> if DKL_RUNS_DIR is set, else <repository>/runs/<name>")
     return parser
 
 
@@ -1873,9 +1884,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     Under ``torchrun --nproc_per_node=N -m dkl_lib.experiments ...`` every process joins the
     group (:func:`dkl_lib.distributed.init_from_env`), each run trains DDP-wrapped on its share of
-    every global batch, and rank 0 alone writes the cache, checkpoints and results."""
+    every global batch, and rank 0 alone writes the cache, checkpoints and results. The torch thread
+    count (``--threads``, see the module docstring) is restored on return."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(_expand_config(argv))
+    if args.out is None:
+        print(f"error: --out DIR is required (the folder for the results); with --config FILE it defaults to "
+              f"{default_runs_dir()}/<name>", file=sys.stderr)
+        return 2
+    threads = _cli_threads(args)
+    if threads is not None and threads < 1:
+        print(f"error: --threads must be a positive integer, got {threads}", file=sys.stderr)
+        return 2
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)  # the --workers get their share of it (_run_in_workers)
     joined = not dist_mod.is_distributed()
     info = dist_mod.init_from_env()
     if info.world_size > 1 and info.is_main and not args.quiet:
@@ -1887,8 +1910,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             dist_mod.barrier()  # every rank done (rank 0 has written) before the group goes away
         return status
     finally:
+        torch.set_num_threads(previous_threads)
         if joined:
             dist_mod.cleanup()
+
+
+def _cli_threads(args) -> Optional[int]:
+    """The command's torch CPU threads: ``--threads``, else 1 for the cpu-quick preset (tiny models,
+    reproducible numbers, as notebooks 03-05 run them), else None (PyTorch's default)."""
+    if args.threads is not None:
+        return args.threads
+    return 1 if args.preset == "cpu-quick" else None
 
 
 if __name__ == "__main__":

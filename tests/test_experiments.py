@@ -494,6 +494,59 @@ def test_cli_errors(tmp_path, capsys):
         E.main(["adv", "--preset", "paper-long", "--out", "x"])  # `adv` is tested in test_adversarial.py
 
 
+def test_cli_help_and_out(tmp_path, capsys, monkeypatch):
+    """--out is optional in the usage (--config gives it a default) and required otherwise, with a
+    one-line error; the defaults that $DKL_RUNS_DIR moves say so."""
+    for command in ("kd", "adv"):
+        with pytest.raises(SystemExit):
+            E.main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "[--out DIR]" in text and "required unless --config is given" in text
+        assert "cache folder (default: $DKL_RUNS_DIR if set, else <repository>/runs)" in text
+        assert "--out defaults to $DKL_RUNS_DIR/<name> if DKL_RUNS_DIR is set, else <repository>/runs/<name>" in text
+        assert "--threads N" in text
+    monkeypatch.setenv("DKL_RUNS_DIR", str(tmp_path / "runs"))
+    assert E.main(["kd", "--losses", "kl", "--seeds", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --out DIR is required (the folder for the results); with --config FILE it defaults to {tmp_path / 'runs'}/<name>\n"
+
+
+def test_cli_threads(tmp_path, monkeypatch, capsys):
+    """--threads sets torch's CPU threads for the runs (default 1 for cpu-quick, PyTorch's for the other
+    presets; a worker gets its share), and main() restores the caller's count."""
+    seen = []
+    real_distill = E.train_mod.distill
+
+    def distill(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_distill(*args, **kwargs)
+
+    monkeypatch.setattr(E.train_mod, "distill", distill)
+    before = torch.get_num_threads()
+    argv = ["kd", "--losses", "kl", "--seeds", "0", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path),
+            "--device", "cpu", "--quiet", "--no-cache"] + [a for k, v in TINY.items() for a in ("--override", f"{k}={v}")]
+    try:
+        torch.set_num_threads(2)
+        assert E.main(argv) == 0 and seen == [1]  # cpu-quick: one thread
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        assert E.main(argv + ["--threads", "2"]) == 0 and seen == [1, 2]
+        assert torch.get_num_threads() == 1
+        # the other presets keep PyTorch's count; adv too; the --workers share what the command has
+        calls = []
+        monkeypatch.setattr(E, "run_grid", lambda *a, **k: calls.append(("kd", k["workers"], torch.get_num_threads())) or 1 / 0)
+        monkeypatch.setattr(E, "run_adv_grid", lambda *a, **k: calls.append(("adv", k["workers"], torch.get_num_threads())) or 1 / 0)
+        torch.set_num_threads(2)
+        for command in (["kd", "--preset", "gpu-short"], ["adv"], ["adv", "--preset", "gpu-short", "--threads", "1"]):
+            with pytest.raises(ZeroDivisionError):
+                E.main(command + ["--out", str(tmp_path / "x"), "--workers", "2"])
+        assert calls == [("kd", 2, 2), ("adv", 2, 1), ("adv", 2, 1)]
+        assert E.main(["kd", "--threads", "0", "--out", str(tmp_path / "x")]) == 2
+        assert capsys.readouterr().err.endswith("error: --threads must be a positive integer, got 0\n")
+    finally:
+        torch.set_num_threads(before)
+
+
 # ------------------------------------------------------------------------------------ paper numbers
 def test_paper_results_file():
     table = E.paper_results()
