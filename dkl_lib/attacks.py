@@ -50,6 +50,7 @@ __all__ = [
     "EnsembleResult",
     "ensemble_attack",
     "require_ensemble",
+    "EnsembleUnavailableError",
     "CHECKS",
     "RobustnessReport",
     "SanityCheckError",
@@ -465,6 +466,11 @@ def _art_attacks(classifier, names, *, epsilon, apgd_iters, square_queries, batc
     return out
 
 
+class EnsembleUnavailableError(ImportError):
+    """What :func:`require_ensemble` raises when ART or multiprocess cannot be imported; the message
+    says what to install and how to evaluate with PGD only (the command line prints it as its error)."""
+
+
 def require_ensemble():
     """Import what :func:`ensemble_attack` needs and return ``(AutoAttack, PyTorchClassifier)``.
 
@@ -472,8 +478,9 @@ def require_ensemble():
     run at its start instead of at its final evaluation.
 
     Raises:
-        ImportError: ART (``adversarial-robustness-toolbox``) or ``multiprocess`` is missing; the
-            message names the missing module, the pip command, and the PGD-only alternative.
+        EnsembleUnavailableError: (an ``ImportError``) ART (``adversarial-robustness-toolbox``) or
+            ``multiprocess`` is missing; the message names the missing module, the pip command, and the
+            PGD-only alternative.
     """
     try:
         import multiprocess  # noqa: F401  (AutoAttack.generate imports it; ART does not declare it)
@@ -481,7 +488,7 @@ def require_ensemble():
         from art.estimators.classification import PyTorchClassifier
     except ImportError as err:
         missing = (getattr(err, "name", None) or "").split(".")[0] or str(err)
-        raise ImportError(
+        raise EnsembleUnavailableError(
             f"the AutoAttack-style ensemble needs the Adversarial Robustness Toolbox and multiprocess, and "
             f"{missing!r} cannot be imported: pip install 'adversarial-robustness-toolbox>=1.20' multiprocess "
             f"(on a machine without network: benchmarks/device_wheels.sh), or evaluate with PGD only "
@@ -509,7 +516,8 @@ def ensemble_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epsil
     Raises:
         ValueError: epsilon <= 0 (ART refuses ε = 0; check ε = 0 with :func:`pgd`), an unknown
             attack name, or DLR with fewer than 3 classes.
-        ImportError: ART (``adversarial-robustness-toolbox``) or ``multiprocess`` is missing.
+        EnsembleUnavailableError: (an ``ImportError``) ART (``adversarial-robustness-toolbox``) or
+            ``multiprocess`` is missing.
     """
     _check_model(model)
     _check_xy(x, y)

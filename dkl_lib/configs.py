@@ -271,7 +271,7 @@ def config_to_cli(cfg: dict, *, out=None) -> List[str]:
     ``[task, "--preset", P, "--losses", "a,b", "--seeds", "0,1", "--override", "k=v", ...]`` with
     one ``--override`` per override in file order (values JSON-encoded where needed, so the CLI
     parses them back to the same values), then ``--out OUT`` when ``out`` is given (the CLI
-    requires it). ``cfg`` is what :func:`load_config` returns.
+    requires it without ``--config``). ``cfg`` is what :func:`load_config` returns.
     """
     for key in ("task", "preset", "losses", "seeds"):
         if key not in cfg:
@@ -294,13 +294,24 @@ def config_command(cfg: dict, *, out=None, python: str = "python") -> str:
     return shlex.join([python, "-m", "dkl_lib.experiments", *config_to_cli(cfg, out=out)])
 
 
+def _default_out(cfg: dict) -> Path:
+    """Where ``python -m dkl_lib.experiments TASK --config FILE`` puts the results without ``--out``, as an
+    absolute path (so the printed command means the same from any folder)."""
+    from .experiments import default_runs_dir
+
+    return (default_runs_dir() / cfg["name"]).absolute()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m dkl_lib.configs FILE... [--out DIR] [--check]``: validate the files and print the
-    equivalent ``python -m dkl_lib.experiments`` command of each (``--check``: only validate)."""
+    equivalent ``python -m dkl_lib.experiments`` command of each (``--check``: only validate), whose
+    ``--out`` is DIR, else the absolute path of the folder ``--config FILE`` would write to."""
     parser = argparse.ArgumentParser(prog="python -m dkl_lib.configs",
                                      description="Validate experiment config files and print their command lines.")
     parser.add_argument("files", nargs="*", help="config files (default: every file in configs/)")
-    parser.add_argument("--out", default=None, help="results folder to put in the command (--out)")
+    parser.add_argument("--out", default=None,
+                        help="results folder to put in the command (--out; default: the absolute path of the "
+                             "folder `--config FILE` writes to, $DKL_RUNS_DIR/<name> or <repository>/runs/<name>)")
     parser.add_argument("--check", action="store_true", help="only validate; print one line per file")
     args = parser.parse_args(argv)
     files = [Path(f) for f in args.files] or list_configs()
@@ -312,7 +323,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 line = (f"ok  {path}  ({cfg['task']}, preset {cfg['preset']}, {len(cfg['losses'])} losses x "
                         f"{len(cfg['seeds'])} seeds)")
             else:
-                line = config_command(cfg, out=args.out if args.out is not None else f"runs/{cfg['name']}")
+                line = config_command(cfg, out=args.out if args.out is not None else _default_out(cfg))
         except (ValueError, TypeError, FileNotFoundError) as err:
             text = str(err)
             if not text.startswith(str(path)):  # load_config's messages start with the file already

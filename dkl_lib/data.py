@@ -243,16 +243,27 @@ def digits(*, seed: int = 0, n_train: int = 500, n_test: Optional[int] = None, d
 
 
 # ------------------------------------------------------------------------------------------- CIFAR
+def _cifar_placement(name: str, root: Path) -> str:
+    """Where the extracted archive of a CIFAR data set goes, for the messages of :func:`cifar`."""
+    folder, files, _, url, size = _CIFAR_FOLDERS[name]
+    return (f"extract the archive {url} ({size}) so that {root / folder} exists with the files {', '.join(files)} "
+            f"(another folder: pass root=... or set DKL_DATA_DIR)")
+
+
 def _cifar_missing_message(name: str, root: Path) -> str:
-    folder, files, pretty, url, size = _CIFAR_FOLDERS[name]
+    folder, _, pretty, *_ = _CIFAR_FOLDERS[name]
     return (
-        f"{pretty} was not found under {root}: expected the folder {root / folder} with the files "
-        f"{', '.join(files)} (the extracted archive {url}, {size}). Either download it once with "
-        f"dkl.data.cifar({name!r}, download=True) (command line: python -m dkl_lib.experiments kd "
-        f"--preset gpu-short --download), or extract that archive so that {root / folder} exists "
-        f"(another folder: pass root=... or set DKL_DATA_DIR). Nothing is downloaded unless you "
-        f"ask with download=True."
+        f"{pretty} was not found under {root} (no folder {folder} with its files). Either download it once: on "
+        f"the command line add --download to your python -m dkl_lib.experiments command, in Python call "
+        f"dkl.data.cifar({name!r}, download=True); or {_cifar_placement(name, root)}. Nothing is downloaded "
+        f"unless you ask with download=True."
     )
+
+
+def _cifar_download_message(name: str, root: Path, err: Exception) -> str:
+    pretty = _CIFAR_FOLDERS[name][2]
+    return (f"downloading {pretty} failed ({type(err).__name__}: {err}); no network here? Fetch it by hand "
+            f"elsewhere and {_cifar_placement(name, root)}; then download=True (--download) is not needed")
 
 
 def cifar(name: str = "cifar100", *, root=None, download: bool = False, device=None) -> TensorData:
@@ -260,7 +271,8 @@ def cifar(name: str = "cifar100", *, root=None, download: bool = False, device=N
 
     Reads ``root`` (default :func:`default_data_root`, i.e. ``data/downloads``). Downloads only
     when ``download=True``; otherwise missing files raise :class:`DatasetNotFoundError` (a
-    ``FileNotFoundError``) whose message gives the exact folder to fill and the flag to pass. On
+    ``FileNotFoundError``) whose message gives the exact folder to fill and the flag to pass; so does a
+    download that fails (no network: the message says where to put the archive fetched by hand). On
     CUDA the tensors are moved to the GPU (about 0.7 GB for the whole set) and training augments
     them there with :func:`augment_crop_flip` (padding 4, horizontal flip).
 
@@ -289,7 +301,12 @@ def cifar(name: str = "cifar100", *, root=None, download: bool = False, device=N
     try:
         train = cls(str(root), train=True, download=download)
         test = cls(str(root), train=False, download=download)
-    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
+    except (OSError, RuntimeError) as err:
+        if download and not present:  # no network (URLError), a refused or broken download (RuntimeError)
+            raise DatasetNotFoundError(_cifar_download_message(name, root, err)) from err
+        if not isinstance(err, RuntimeError):  # an I/O error reading files that are there: not "not found"
+            raise
+        # torchvision: "Dataset not found or corrupted"
         raise DatasetNotFoundError(_cifar_missing_message(name, root) + f" (torchvision: {err})") from err
 
     def as_tensors(ds):

@@ -25,6 +25,10 @@ Command line (writes ``DIR/results.json`` and ``DIR/results.csv``)::
 
     python -m dkl_lib.experiments kd --preset cpu-quick --losses kl,dkl,ikl --seeds 0,1,2 --out DIR
 
+It runs PyTorch on ``--threads N`` CPU threads: by default one for the ``cpu-quick`` preset (its tiny
+models are as fast on one thread, and one thread gives the numbers of the README and the notebooks),
+PyTorch's default for the others; ``--workers N`` share them.
+
 Loss names in a grid: ``ce``, ``kl``, ``dkl``, ``ikl``, ``gkl``, ``dkd``; ``ikl`` and ``gkl`` use
 class-wise global information (GI) as in the papers, and ``ikl-nogi`` / ``gkl-nogi`` turn it off.
 
@@ -53,6 +57,7 @@ import argparse
 import contextlib
 import copy
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -213,7 +218,10 @@ PRESETS: Dict[str, dict] = {
 #: comparisons, e.g. one process vs torchrun); part of the run's hash only when given.
 _MODEL_KEYS = {"dtype"}
 _MODEL_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-_DATA_SETS = ("digits", "cifar100", "cifar10", "imagenet", "synthetic")
+# the loader of each data set a data section can name (load_data calls it with the section's other keys)
+_DATA_LOADERS = {"digits": data_mod.digits, "cifar100": data_mod.cifar, "cifar10": data_mod.cifar,
+                 "imagenet": data_mod.imagenet, "synthetic": data_mod.synthetic}
+_DATA_SETS = tuple(_DATA_LOADERS)
 
 
 # ------------------------------------------------------------------------------- config validation
@@ -293,9 +301,24 @@ def _mapping(checks: Optional[dict] = None, required: Sequence[str] = ()):
     return check
 
 
+def _data_settings(name: str) -> List[str]:
+    """The settings a data section of data set ``name`` takes: its loader's keyword arguments, less
+    those load_data passes itself (device, download) and dtype (not a config value)."""
+    params = inspect.signature(_DATA_LOADERS[name]).parameters
+    return sorted(p for p in params if p not in ("name", "device", "download", "dtype"))
+
+
 def _data_section(key: str, value) -> None:
     _mapping()(key, value)  # the other keys are the data loader's arguments
-    _one_of(_DATA_SETS)(f"{key}.name", value.get("name"))
+    name = value.get("name")
+    _one_of(_DATA_SETS)(f"{key}.name", name)
+    known = _data_settings(name)
+    unknown = [f"{key}.{k}" for k in value if k != "name" and k not in known]
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)} {'is not a setting' if len(unknown) == 1 else 'are not settings'} "
+                         f"of {name} (its settings: {', '.join(known)}); a {key}.name override keeps the preset's "
+                         f"other {key} settings, so to change the data set replace the whole section "
+                         f"({key}={{\"name\": \"{name}\"}}) or use a preset made for {name}")
 
 
 def _all_finite(key: str, value) -> None:
@@ -1701,7 +1724,7 @@ def _cmd_adv(args) -> int:
                             workers=args.workers)
     except SanityCheckError as err:
         grid, failed = err.grid, err
-    except (ValueError, TypeError, data_mod.DatasetNotFoundError) as err:
+    except (ValueError, TypeError, data_mod.DatasetNotFoundError, attacks_mod.EnsembleUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not dist_mod.is_main():
@@ -1716,24 +1739,48 @@ def _cmd_adv(args) -> int:
         print(grid.summary[cols].to_string(index=False))
         print("ensemble = AutoAttack-style ensemble run by ART (APGD-CE, APGD-DLR, Square), not the official AutoAttack")
         print(_wrote(out))
+    flags = _flag_lines(grid)
+    if flags:
+        sys.stdout.flush()  # after the summary table
+        print("flags (warnings: these runs passed their checks, but a number needs care; details in results.json):\n"
+              + "\n".join(flags), file=sys.stderr)
     if failed is not None:
         print(f"SANITY CHECKS FAILED (the numbers above are not trustworthy):\n{failed}", file=sys.stderr)
         return 3
     return 130 if grid.interrupted else 0
 
 
+def _flag_lines(grid: AdvGridResult) -> List[str]:
+    """One line per flagged check (status "warn") of every run: loss, seed, check, what it means."""
+    lines = []
+    for (loss, seed), report in grid.reports.items():
+        for c in report.checks:
+            if c["status"] != "warn":
+                continue
+            meaning = f"expected: {c['what']}"
+            if c["check"] == "gradient_masking" and report.ensemble_acc is not None and report.pgd_acc:
+                k = min(report.pgd_acc, key=report.pgd_acc.get)  # the strongest PGD
+                meaning = (f"PGD-{k} {report.pgd_acc[k]:.2f}% vs ensemble {report.ensemble_acc:.2f}%: PGD overstates "
+                           f"this model's robustness (possible gradient masking); its robust accuracy, the worst case "
+                           f"over all attacks, is {report.robust_acc:.2f}%")
+            lines.append(f"  {loss} seed {seed}: {c['check']}: {meaning} ({c['detail']})")
+    return lines
+
+
 def _results_csv(grid: GridResult) -> str:
-    """One row per run (row_type "run"), then per loss a "mean" and a "std" row."""
+    """One row per run (row_type "run"), then per loss a "mean" and a "std" row of the accuracies over
+    its runs (teacher_acc too: its std is 0 when the runs share one teacher; blank for one run)."""
     import pandas as pd
 
     runs = grid.runs.copy()
     runs.insert(0, "row_type", "run")
     extra = []
     for _, s in grid.summary.iterrows():
+        teacher = dict(zip(("mean", "std"), _mean_std(runs.loc[runs["loss"] == s["loss"], "teacher_acc"])))
         for stat in ("mean", "std"):
             extra.append({"row_type": stat, "loss": s["loss"], "seed": "", "n": s["n"],
                           "best_acc": s[f"best_acc_{stat}"], "last_acc": s[f"last_acc_{stat}"],
-                          "teacher_acc": grid.teacher.get("acc")})
+                          "teacher_acc": teacher[stat]})
     table = pd.concat([runs, pd.DataFrame(extra)], ignore_index=True)
     return table.to_csv(index=False, float_format="%.4f")
 
@@ -1768,19 +1815,26 @@ def _parser() -> argparse.ArgumentParser:
                      help="as for kd: per-epoch checkpoints, a rerun resumes (0 = off; default: the preset's)")
     adv.set_defaults(handler=_cmd_adv)
     for command in (kd, adv):  # the options both commands share
-        command.add_argument("--out", required=True,
-                             help="folder for results.json, results.csv and log.jsonl (a line per trained epoch)")
-        command.add_argument("--cache-dir", default=None, help="cache folder (default: <repository>/runs)")
+        command.add_argument("--out", metavar="DIR",
+                             help="folder for results.json, results.csv and log.jsonl (a line per trained epoch); "
+                                  "required unless --config is given")
+        command.add_argument("--cache-dir", default=None, metavar="DIR",
+                             help="cache folder (default: $DKL_RUNS_DIR if set, else <repository>/runs)")
         command.add_argument("--no-cache", action="store_true", help="recompute everything, write no cache")
         command.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
         command.add_argument("--download", action="store_true", help="download CIFAR when it is missing")
         command.add_argument("--quiet", action="store_true", help="no progress bars or summary")
         command.add_argument("--workers", type=int, default=1, metavar="N",
                              help="CPU only: N runs at a time in separate processes (each with 1/N of the "
-                                  "threads); no per-epoch log.jsonl then")
+                                  "threads, at least 1); no per-epoch log.jsonl then")
+        command.add_argument("--threads", type=int, default=None, metavar="N",
+                             help="PyTorch CPU threads of this command, shared by the --workers (default: 1 for the "
+                                  "cpu-quick preset, whose tiny models are as fast on one thread and give the "
+                                  "README's numbers; else PyTorch's default)")
         command.add_argument("--config", metavar="FILE",
                              help="an experiment file of configs/ (preset, losses, seeds, overrides); options "
-                                  "given here win (--epochs too); --out defaults to runs/<name>")
+                                  "given here win (--preset and --epochs too); --out defaults to "
+                                  "$DKL_RUNS_DIR/<name> if DKL_RUNS_DIR is set, else <repository>/runs/<name>")
     return parser
 
 
@@ -1830,9 +1884,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     Under ``torchrun --nproc_per_node=N -m dkl_lib.experiments ...`` every process joins the
     group (:func:`dkl_lib.distributed.init_from_env`), each run trains DDP-wrapped on its share of
-    every global batch, and rank 0 alone writes the cache, checkpoints and results."""
+    every global batch, and rank 0 alone writes the cache, checkpoints and results. The torch thread
+    count (``--threads``, see the module docstring) is restored on return."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(_expand_config(argv))
+    if args.out is None:
+        print(f"error: --out DIR is required (the folder for the results); with --config FILE it defaults to "
+              f"{default_runs_dir()}/<name>", file=sys.stderr)
+        return 2
+    threads = _cli_threads(args)
+    if threads is not None and threads < 1:
+        print(f"error: --threads must be a positive integer, got {threads}", file=sys.stderr)
+        return 2
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)  # the --workers get their share of it (_run_in_workers)
     joined = not dist_mod.is_distributed()
     info = dist_mod.init_from_env()
     if info.world_size > 1 and info.is_main and not args.quiet:
@@ -1844,8 +1910,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             dist_mod.barrier()  # every rank done (rank 0 has written) before the group goes away
         return status
     finally:
+        torch.set_num_threads(previous_threads)
         if joined:
             dist_mod.cleanup()
+
+
+def _cli_threads(args) -> Optional[int]:
+    """The command's torch CPU threads: ``--threads``, else 1 for the cpu-quick preset (tiny models,
+    reproducible numbers, as notebooks 03-05 run them), else None (PyTorch's default)."""
+    if args.threads is not None:
+        return args.threads
+    return 1 if args.preset == "cpu-quick" else None
 
 
 if __name__ == "__main__":

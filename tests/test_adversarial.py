@@ -338,6 +338,30 @@ def test_missing_ensemble_library_stops_before_training(tmp_path, monkeypatch, b
     assert trained == [1] and grid.runs["ensemble_acc"].isna().all() and grid.passed
 
 
+def test_cli_adv_without_art_prints_one_error_line(tmp_path, monkeypatch, capsys):
+    """The `adv` command without ART: `error: <how to install it or run PGD only>` and exit 2, not a
+    traceback; an ImportError that is not this one still propagates."""
+    monkeypatch.setitem(sys.modules, "art", None)
+    for name in [m for m in sys.modules if m.startswith("art.")]:
+        monkeypatch.delitem(sys.modules, name)
+    argv = ["adv", "--losses", "trades", "--seeds", "0", "--out", str(tmp_path / "out"), "--cache-dir",
+            str(tmp_path), "--device", "cpu", "--quiet"] + [a for k, v in TINY.items() for a in ("--override", f"{k}={v}")]
+    assert E.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the AutoAttack-style ensemble needs") and err.count("\n") == 1
+    assert "'art' cannot be imported" in err and "--override eval.ensemble=false" in err
+    with pytest.raises(A.EnsembleUnavailableError):
+        A.require_ensemble()
+    assert issubclass(A.EnsembleUnavailableError, ImportError)  # `except ImportError` still catches it
+
+    def broken(*args, **kwargs):
+        raise ImportError("an unrelated import failed")
+
+    monkeypatch.setattr(E, "run_adv_grid", broken)
+    with pytest.raises(ImportError, match="unrelated"):
+        E.main(argv)
+
+
 def test_cli_adv_writes_results(tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["adv", "--preset", "cpu-quick", "--losses", "trades,ikl", "--seeds", "0,1", "--out", str(out),
@@ -358,6 +382,31 @@ def test_cli_adv_writes_results(tmp_path, capsys):
     assert (out / "results.csv").exists()
     assert E.main(["adv", "--losses", "trades,pgd", "--out", str(out), "--quiet"]) == 2
     assert "unknown adversarial loss 'pgd'" in capsys.readouterr().err
+
+
+def test_cli_adv_prints_the_flags_of_its_runs(tmp_path, monkeypatch, capsys):
+    """A run flagged for gradient masking (a warning, not a failure: exit 0) is named after the summary,
+    with PGD's and the ensemble's accuracy; a grid without flags prints no such line."""
+    def report(model, x, y, *, seed, **kw):
+        checks = [A._check("eval_mode", True, 0, "all forwards in eval mode")]
+        if seed == 1:
+            checks.append(A._check("gradient_masking", False, 25.0, "PGD - ensemble = 25.00 points (flag above 10)",
+                                   soft=True))
+        return A.RobustnessReport(epsilon=0.1, n=20, clean_acc=90.0, pgd_acc={5: 70.0, 10: 65.0}, ensemble_acc=40.0,
+                                  robust_acc=38.5, checks=checks)
+
+    monkeypatch.setattr(E.attacks_mod, "evaluate_robustness", report)
+    argv = ["adv", "--losses", "trades", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path), "--device",
+            "cpu"] + [a for k, v in {**TINY, "eval.ensemble": False}.items() for a in ("--override", f"{k}={json.dumps(v)}")]
+    assert E.main(argv + ["--seeds", "0"]) == 0
+    assert "flags" not in capsys.readouterr().err
+    assert E.main(argv + ["--seeds", "0,1"]) == 0
+    printed = capsys.readouterr()
+    assert "ensemble" in printed.out and "flags (warnings" in printed.err
+    lines = [line for line in printed.err.splitlines() if line.startswith("  ")]
+    assert len(lines) == 1 and lines[0].startswith("  trades seed 1: gradient_masking: PGD-10 65.00% vs ensemble 40.00%")
+    assert "robust accuracy, the worst case over all attacks, is 38.50%" in lines[0] and "flag above 10" in lines[0]
+    assert (tmp_path / "out" / "results.csv").read_text().count("gradient_masking") == 1
 
 
 def test_adv_cifar_preset_offline_error(tmp_path, monkeypatch, no_network):

@@ -219,6 +219,21 @@ def test_the_module_cli_checks_files(tmp_path, capsys):
     assert capsys.readouterr().out.strip().endswith("--out runs/o")
 
 
+def test_the_printed_command_writes_where_the_config_would(tmp_path, capsys, monkeypatch):
+    """Without --out the printed command's --out is the absolute folder that `--config FILE` writes to
+    ($DKL_RUNS_DIR/<name>, else <repository>/runs/<name>), whatever the current folder."""
+    path = str(_write(tmp_path, GOOD))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DKL_RUNS_DIR", "elsewhere")
+    assert C.main([path]) == 0
+    name = C.load_config(path)["name"]
+    assert capsys.readouterr().out.strip().endswith(f"--out {tmp_path / 'elsewhere' / name}")
+    monkeypatch.delenv("DKL_RUNS_DIR")
+    assert C.main([path]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"--out {E.default_runs_dir() / name}")
+    assert E.default_runs_dir().is_absolute()
+
+
 # ------------------------------------------------------------------ --config in the experiments CLI
 def _tiny_config(tmp_path, **extra):
     lines = ["name: tiny_kd", "task: kd", "description: a tiny digits run for the tests", "preset: cpu-quick",

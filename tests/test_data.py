@@ -1,5 +1,6 @@
 """dkl_lib.data: digits, CIFAR (offline only), synthetic tensors, batching and augmentation."""
 import pickle
+from urllib.error import URLError
 
 import numpy as np
 import pytest
@@ -53,6 +54,39 @@ def test_cifar_offline_error_says_where_and_how(tmp_path, no_network):
     assert list(tmp_path.iterdir()) == []  # nothing was created or downloaded
     with pytest.raises(D.DatasetNotFoundError, match="cifar-10-batches-py"):
         D.cifar("cifar10", root=tmp_path)
+
+
+@pytest.mark.parametrize("name, folder, other", [("cifar10", "cifar-10-batches-py", "cifar100"),
+                                                  ("cifar100", "cifar-100-python", "cifar10'")])
+def test_cifar_missing_message_is_about_that_data_set(tmp_path, no_network, name, folder, other):
+    """The message names this data set's folder and download call, not another data set's command."""
+    root = tmp_path / "data"
+    with pytest.raises(D.DatasetNotFoundError) as info:
+        D.cifar(name, root=root)
+    msg = str(info.value)
+    assert str(root / folder) in msg and "add --download to your" in msg
+    assert f"dkl.data.cifar('{name}', download=True)" in msg
+    assert other not in msg and "--preset" not in msg
+
+
+@pytest.mark.parametrize("failure", [URLError("[Errno -2] Name or service not known"), TimeoutError("timed out"),
+                                     RuntimeError("File not found or corrupted.")])
+def test_cifar_failed_download_says_where_to_put_the_archive(tmp_path, monkeypatch, no_network, failure):
+    """download=True without network: a DatasetNotFoundError with the manual placement (URL, folder, files),
+    chained from torchvision's error, not a raw urllib traceback."""
+    import torchvision.datasets.cifar as tv_cifar
+
+    def fail(url, download_root, **kw):
+        assert url == "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+        raise failure
+
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", fail)
+    with pytest.raises(D.DatasetNotFoundError) as info:
+        D.cifar("cifar10", root=tmp_path / "data", download=True)
+    msg = str(info.value)
+    assert info.value.__cause__ is failure and msg.startswith("downloading CIFAR-10 failed")
+    assert "cifar-10-python.tar.gz" in msg and str(tmp_path / "data" / "cifar-10-batches-py") in msg
+    assert "data_batch_1" in msg and "DKL_DATA_DIR" in msg
 
 
 def test_cifar_default_root_follows_env(tmp_path, monkeypatch, no_network):

@@ -79,6 +79,31 @@ def test_resolve_config_checks_types_and_ranges_naming_the_key(override, error, 
         E.resolve_config("cpu-quick", override)
 
 
+def test_data_settings_are_checked_per_data_set(tmp_path, monkeypatch, capsys):
+    """Switching the data set with data.name keeps the preset's other data settings; one the new data
+    set's loader does not take is named with the data set, before anything is loaded or trained."""
+    need = r"data.seed, data.n_train are not settings of cifar100 \(its settings: root\).*data=\{\"name\": \"cifar100\"\}"
+    with pytest.raises(ValueError, match=need):
+        E.resolve_config("cpu-quick", {"data.name": "cifar100"})
+    with pytest.raises(ValueError, match=r"data.n_train is not a setting of cifar10 \(its settings: root\)"):
+        E.resolve_adv_config("gpu-short", {"data.n_train": 100})
+    with pytest.raises(ValueError, match=r"data.size is not a setting of digits \(its settings: n_test, n_train, seed\)"):
+        E.resolve_config("cpu-quick", {"data.size": 8})
+    assert E.resolve_config("cpu-quick", {"data": {"name": "cifar100"}})["data"] == {"name": "cifar100"}
+    E.resolve_adv_config("cpu-quick", {"data": {"name": "synthetic", "n_train": 20, "num_classes": 3}})
+    monkeypatch.setattr(E.data_mod, "cifar", lambda *a, **k: pytest.fail("loaded the data before checking it"))
+    argv = ["kd", "--preset", "cpu-quick", "--override", "data.name=cifar100", "--epochs", "1", "--seeds", "0",
+            "--losses", "kl", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path), "--quiet"]
+    assert E.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: data.seed, data.n_train are not settings of cifar100") and err.count("\n") == 1
+    # a config's preset replaced by --preset (documented: the command line wins): the same clear error
+    config = str(REPO / "configs" / "kd_cifar100_resnet32x4_resnet8x4.yaml")
+    assert E.main(["kd", "--config", config, "--preset", "cpu-quick", "--epochs", "1", "--out", str(tmp_path / "o"),
+                   "--cache-dir", str(tmp_path), "--quiet"]) == 2
+    assert "data.seed, data.n_train are not settings of cifar100" in capsys.readouterr().err
+
+
 def test_every_preset_passes_the_checks_unchanged():
     for name in E.PRESETS:
         assert E.resolve_config(name) == {**E.preset(name), "preset": name}
@@ -422,6 +447,21 @@ def test_cli_writes_results_json_and_csv(tmp_path, capsys):
     assert len((out / "log.jsonl").read_text().splitlines()) == 4
 
 
+def test_results_csv_mean_and_std_rows_are_statistics_of_every_accuracy():
+    """The std row holds the std of teacher_acc over the loss's runs (0 with one shared teacher; blank
+    for one run, as best_acc's), never the teacher's accuracy itself."""
+    import pandas as pd
+
+    runs = pd.DataFrame({"loss": ["kl", "kl", "ce"], "seed": [0, 1, 0], "best_acc": [80.0, 82.0, 75.0],
+                         "last_acc": [79.0, 81.0, 74.0], "teacher_acc": [98.2723] * 3})
+    grid = E.GridResult(runs=runs, summary=E.summarize(runs), teacher={"acc": 98.2723})
+    rows = list(csv.DictReader(E._results_csv(grid).splitlines()))
+    stats = {(r["loss"], r["row_type"]): r for r in rows if r["row_type"] != "run"}
+    assert stats[("kl", "mean")]["teacher_acc"] == "98.2723" and stats[("kl", "std")]["teacher_acc"] == "0.0000"
+    assert stats[("kl", "std")]["best_acc"] == "1.4142" and stats[("ce", "mean")]["teacher_acc"] == "98.2723"
+    assert stats[("ce", "std")]["teacher_acc"] == stats[("ce", "std")]["best_acc"] == ""
+
+
 def test_cli_as_a_module(tmp_path):
     """`python -m dkl_lib.experiments kd ...` in a fresh process (what the README shows), with two
     worker processes (spawned from the module's main)."""
@@ -452,6 +492,59 @@ def test_cli_errors(tmp_path, capsys):
         E.main(["kd", "--preset", "paper-long", "--out", "x"])
     with pytest.raises(SystemExit):
         E.main(["adv", "--preset", "paper-long", "--out", "x"])  # `adv` is tested in test_adversarial.py
+
+
+def test_cli_help_and_out(tmp_path, capsys, monkeypatch):
+    """--out is optional in the usage (--config gives it a default) and required otherwise, with a
+    one-line error; the defaults that $DKL_RUNS_DIR moves say so."""
+    for command in ("kd", "adv"):
+        with pytest.raises(SystemExit):
+            E.main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "[--out DIR]" in text and "required unless --config is given" in text
+        assert "cache folder (default: $DKL_RUNS_DIR if set, else <repository>/runs)" in text
+        assert "--out defaults to $DKL_RUNS_DIR/<name> if DKL_RUNS_DIR is set, else <repository>/runs/<name>" in text
+        assert "--threads N" in text
+    monkeypatch.setenv("DKL_RUNS_DIR", str(tmp_path / "runs"))
+    assert E.main(["kd", "--losses", "kl", "--seeds", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --out DIR is required (the folder for the results); with --config FILE it defaults to {tmp_path / 'runs'}/<name>\n"
+
+
+def test_cli_threads(tmp_path, monkeypatch, capsys):
+    """--threads sets torch's CPU threads for the runs (default 1 for cpu-quick, PyTorch's for the other
+    presets; a worker gets its share), and main() restores the caller's count."""
+    seen = []
+    real_distill = E.train_mod.distill
+
+    def distill(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_distill(*args, **kwargs)
+
+    monkeypatch.setattr(E.train_mod, "distill", distill)
+    before = torch.get_num_threads()
+    argv = ["kd", "--losses", "kl", "--seeds", "0", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path),
+            "--device", "cpu", "--quiet", "--no-cache"] + [a for k, v in TINY.items() for a in ("--override", f"{k}={v}")]
+    try:
+        torch.set_num_threads(2)
+        assert E.main(argv) == 0 and seen == [1]  # cpu-quick: one thread
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        assert E.main(argv + ["--threads", "2"]) == 0 and seen == [1, 2]
+        assert torch.get_num_threads() == 1
+        # the other presets keep PyTorch's count; adv too; the --workers share what the command has
+        calls = []
+        monkeypatch.setattr(E, "run_grid", lambda *a, **k: calls.append(("kd", k["workers"], torch.get_num_threads())) or 1 / 0)
+        monkeypatch.setattr(E, "run_adv_grid", lambda *a, **k: calls.append(("adv", k["workers"], torch.get_num_threads())) or 1 / 0)
+        torch.set_num_threads(2)
+        for command in (["kd", "--preset", "gpu-short"], ["adv"], ["adv", "--preset", "gpu-short", "--threads", "1"]):
+            with pytest.raises(ZeroDivisionError):
+                E.main(command + ["--out", str(tmp_path / "x"), "--workers", "2"])
+        assert calls == [("kd", 2, 2), ("adv", 2, 1), ("adv", 2, 1)]
+        assert E.main(["kd", "--threads", "0", "--out", str(tmp_path / "x")]) == 2
+        assert capsys.readouterr().err.endswith("error: --threads must be a positive integer, got 0\n")
+    finally:
+        torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------------ paper numbers
