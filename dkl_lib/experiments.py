@@ -708,7 +708,8 @@ def get_teacher(cfg: dict, data: Callable[[], data_mod.TensorData], *, cache: Ru
         if cfg["teacher"].get("checkpoint"):
             warnings.warn(f"teacher checkpoint {cfg['teacher']['checkpoint']} not found under "
                           f"{data_mod.default_data_root()}; training a teacher for "
-                          f"{spec['train']['epochs']} epochs instead", stacklevel=2)
+                          f"{spec['train']['epochs']} epochs instead (put the released file there to skip "
+                          f"this: README, 'Teacher checkpoints')", stacklevel=2)
         ckpt = _checkpointing(cfg, cache, "teacher", tcfg)
         res = train_mod.train_teacher(model, d, seed=int(spec.get("seed", 0)), device=device,
                                       progress=progress, desc=f"teacher {spec['model']}", **ckpt, **spec["train"])
