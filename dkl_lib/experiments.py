@@ -1638,13 +1638,20 @@ def _parse_value(text: str):
 _EPOCH_KEYS = {"kd": ("distill.epochs", "teacher.train.epochs"), "adv": ("train.epochs",)}
 
 
+def _usage_error(message: str) -> SystemExit:
+    """A command-line mistake: one ``error: …`` line on stderr and exit status 2, as argparse and
+    :func:`main` report the others (a SystemExit carrying a message would exit with 1)."""
+    print(f"error: {message}", file=sys.stderr)
+    return SystemExit(2)
+
+
 def _grid_args(args, epoch_keys):
     """(overrides, seeds, losses) from the CLI arguments shared by ``kd`` and ``adv``;
     ``--epochs`` fills the dotted keys ``epoch_keys`` unless an ``--override`` set them."""
     overrides = {}
     for item in args.override or []:
         if "=" not in item:
-            raise SystemExit(f"--override needs key=value, got {item!r}")
+            raise _usage_error(f"--override needs key=value, got {item!r}")
         key, value = item.split("=", 1)
         overrides[key.strip()] = _parse_value(value)
     if args.epochs is not None:
@@ -1655,7 +1662,7 @@ def _grid_args(args, epoch_keys):
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
-        raise SystemExit(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+        raise _usage_error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
     losses = [s.strip() for s in args.losses.split(",") if s.strip()]
     return overrides, seeds, losses
 
@@ -1852,7 +1859,7 @@ def _expand_config(argv: List[str]) -> List[str]:
         arg = argv[i]
         if arg == "--config":
             if i + 1 >= len(argv):
-                raise SystemExit("--config needs a file")
+                raise _usage_error("--config needs a file")
             path, i = argv[i + 1], i + 2
             continue
         if arg.startswith("--config="):
@@ -1867,9 +1874,9 @@ def _expand_config(argv: List[str]) -> List[str]:
     try:
         cfg = load_config(path)
     except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}")
+        raise _usage_error(str(err))
     if not rest or rest[0] != cfg["task"]:
-        raise SystemExit(f"{path} is a {cfg['task']!r} config: run `python -m dkl_lib.experiments "
+        raise _usage_error(f"{path} is a {cfg['task']!r} config: run `python -m dkl_lib.experiments "
                          f"{cfg['task']} --config {path}`")
     has_out = any(a == "--out" or a.startswith("--out=") for a in rest)
     out = None if has_out else default_runs_dir() / cfg["name"]

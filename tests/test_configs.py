@@ -292,16 +292,18 @@ def test_epochs_on_the_command_line_beats_the_files_epochs(path):
     assert E._grid_args(args, keys)[0][keys[0]] == 3
 
 
-def test_cli_config_errors(tmp_path):
+def test_cli_config_errors(tmp_path, capsys):
+    """Each mistake is one ``error:`` line and exit status 2, like argparse's."""
     from dkl_lib import experiments as E
 
     path = _tiny_config(tmp_path)
-    with pytest.raises(SystemExit, match="is a 'kd' config"):
-        E.main(["adv", "--config", str(path), "--out", str(tmp_path / "x")])
-    with pytest.raises(SystemExit, match="no_such.yaml"):
-        E.main(["kd", "--config", str(tmp_path / "no_such.yaml")])
-    with pytest.raises(SystemExit, match="needs a file"):
-        E.main(["kd", "--config"])
+    for argv, message in ((["adv", "--config", str(path), "--out", str(tmp_path / "x")], "is a 'kd' config"),
+                          (["kd", "--config", str(tmp_path / "no_such.yaml")], "no_such.yaml"),
+                          (["kd", "--config"], "--config needs a file")):
+        with pytest.raises(SystemExit) as stop:
+            E.main(argv)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
 # ----------------------------------------------------------- values: types, ranges, inf, names, seeds

@@ -486,8 +486,12 @@ def test_cli_errors(tmp_path, capsys):
     assert "unknown loss 'nope'" in capsys.readouterr().err
     assert E.main(base + ["--override", "distill.epoch=3"]) == 2
     assert "unknown config key 'distill.epoch'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        E.main(base + ["--seeds", "a,b"])
+    for bad, message in ((["--seeds", "a,b"], "--seeds must be comma-separated integers"),
+                         (["--override", "distill.epochs"], "--override needs key=value")):
+        with pytest.raises(SystemExit) as stop:
+            E.main(base + bad)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.startswith(f"error: {message}"), err
     with pytest.raises(SystemExit):
         E.main(["kd", "--preset", "paper-long", "--out", "x"])
     with pytest.raises(SystemExit):
