@@ -1905,14 +1905,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: --threads must be a positive integer, got {threads}", file=sys.stderr)
         return 2
     previous_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)  # the --workers get their share of it (_run_in_workers)
     joined = not dist_mod.is_distributed()
-    info = dist_mod.init_from_env()
-    if info.world_size > 1 and info.is_main and not args.quiet:
-        print(f"torchrun: {info.world_size} processes ({torch.distributed.get_backend()}); the global batch "
-              "is split between them", file=sys.stderr)
     try:
+        if threads is not None:
+            torch.set_num_threads(threads)  # the --workers get their share of it (_run_in_workers)
+        info = dist_mod.init_from_env()
+        if info.world_size > 1 and info.is_main and not args.quiet:
+            print(f"torchrun: {info.world_size} processes ({torch.distributed.get_backend()}); the global "
+                  "batch is split between them", file=sys.stderr)
         status = args.handler(args)
         if joined and info.world_size > 1:
             dist_mod.barrier()  # every rank done (rank 0 has written) before the group goes away

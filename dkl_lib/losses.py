@@ -142,7 +142,10 @@ def _weights(target_logits, *, weight_temperature, targets, class_prior, gamma=1
     else:
         p = None
     if scale_free and p is not None:
-        p = p / p.amax()  # before the cast: a tiny float64 prior must not flush to zero in float32
+        # in the wider of the two dtypes: a tiny float64 prior must not flush to zero in float32,
+        # and a bf16 prior must not be rescaled at bf16 precision
+        p = p.to(torch.promote_types(p.dtype, target_logits.dtype))
+        p = p / p.amax()
     if p is not None:
         p = p.to(target_logits.dtype)
     if gamma != 1.0:
@@ -191,16 +194,26 @@ class _DecoupledKL(torch.autograd.Function):
         wmse = row.sum() * (0.5 * alpha) / norm
         soft_ce = torch.dot(s_m.reshape(-1), log_s_n.reshape(-1)) * (-beta * temperature**2 / batch)
         ctx.set_materialize_grads(False)  # an unused term's gradient arrives as None, not zeros
-        ctx.save_for_backward(log_s_n, s_m, p_dev, mass, logits, target_logits, weights)
+        ctx.save_for_backward(log_s_n, s_m, p_dev, mass)
+        # The inputs serve only a differentiated backward (create_graph=True). They are kept as
+        # attributes, not saved tensors: autograd would then refuse a first-order backward after an
+        # in-place change of an input, which the first-order gradient (built from the factors above)
+        # does not care about. Their versions let the second-order path refuse such a change itself.
+        ctx.inputs = (logits, target_logits, weights)
+        ctx.versions = tuple(None if t is None else t._version for t in ctx.inputs)
         ctx.hparams = (temperature, alpha, beta, batch, stop_logits, norm)
         return wmse, soft_ce
 
     @staticmethod
     def backward(ctx, grad_wmse, grad_soft_ce):
-        log_s_n, s_m, p_dev, mass, logits, target_logits, weights = ctx.saved_tensors
+        log_s_n, s_m, p_dev, mass = ctx.saved_tensors
         temperature, alpha, beta, batch, stop_logits, norm = ctx.hparams
         graph = torch.is_grad_enabled()  # create_graph=True: this backward will be differentiated
         if graph:
+            logits, target_logits, weights = ctx.inputs
+            if any(t is not None and t._version != v for t, v in zip(ctx.inputs, ctx.versions)):
+                raise RuntimeError("an input of a decoupled KL loss (dkl/ikl/gkl) was modified in place after "
+                                   "the loss was computed; a backward with create_graph=True needs it unchanged")
             log_s_n = torch.log_softmax(_scaled(logits, temperature), dim=1)
             p = s_m if weights is None else weights
             d = target_logits - (logits.detach() if stop_logits else logits)

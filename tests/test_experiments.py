@@ -547,6 +547,11 @@ def test_cli_threads(tmp_path, monkeypatch, capsys):
         assert calls == [("kd", 2, 2), ("adv", 2, 1), ("adv", 2, 1)]
         assert E.main(["kd", "--threads", "0", "--out", str(tmp_path / "x")]) == 2
         assert capsys.readouterr().err.endswith("error: --threads must be a positive integer, got 0\n")
+        # a failure while joining the process group still gives the caller its thread count back
+        monkeypatch.setattr(E.dist_mod, "init_from_env", lambda: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            E.main(argv + ["--threads", "1"])
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
 

@@ -269,6 +269,35 @@ def test_gradgradcheck_on_logits(loss):
                                         eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("loss", DECOUPLED_VARIANTS)
+def test_inputs_changed_in_place_after_the_loss(loss):
+    """A first-order backward does not read the inputs again (it uses the factors of the forward), so
+    changing them in place afterwards leaves the gradient as it was; a differentiated backward
+    (create_graph=True) does read them, and refuses instead of differentiating changed values."""
+    a, b, y, prior = decoupled_inputs(3, 5, 15)
+    reference = torch.autograd.grad(decoupled_case(loss, a, b, y, prior)[0], a)[0]
+    for changed in ("target", "logits"):
+        x, t = a.detach().clone().requires_grad_(), b.detach().clone()
+        x_used = x * 1.0                          # a non-leaf, as a model's output is
+        value = decoupled_case(loss, x_used, t, y, prior)[0]
+        (t if changed == "target" else x_used).add_(1.0)
+        assert torch.equal(torch.autograd.grad(value, x)[0], reference)
+        value = decoupled_case(loss, x * 1.0, t, y, prior)[0]
+        t.add_(1.0)
+        with pytest.raises(RuntimeError, match="modified in place"):
+            torch.autograd.grad(value, x, create_graph=True)
+
+
+def test_gkl_rescales_a_low_precision_prior_in_the_compute_dtype():
+    """The scale-free GKL weights are computed in the wider dtype: a bfloat16 prior gives the value of
+    the same prior converted to float32 first (the old order lost bf16 digits in the rescaling)."""
+    a, b, y, prior = decoupled_inputs(4, 6, 16)
+    a, b = a.float(), b.float()
+    low = prior.to(torch.bfloat16)
+    kw = dict(temperature=2.0, gamma=2.0, targets=y)
+    assert torch.equal(dkl.gkl_loss(a, b, class_prior=low, **kw), dkl.gkl_loss(a, b, class_prior=low.float(), **kw))
+
+
 # ------------------------------------------------------------------------------ gradcheck
 def _gradcheck(fn, *inputs):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
