@@ -107,6 +107,7 @@ if wrong:
     sys.exit(3)
 EOF
     SITE="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_site.XXXXXX")"
+    trap 'rm -rf "$SITE"' EXIT  # the installed wheels live as long as this run
     STEP="installing ${#WHL[@]} wheel(s) from $WHEELS"
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${WHL[@]}" >&2
     echo "gpu_check: installed ${#WHL[@]} wheel(s) from $WHEELS: $(cd "$WHEELS" && ls -- *.whl | tr '\n' ' ')" >&2
@@ -180,6 +181,10 @@ if [[ $ENV_ONLY -eq 1 ]]; then echo "gpu_check: --env-only: environment checked,
 
 if [[ -z "$OUT" ]]; then OUT="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")"; fi
 mkdir -p "$OUT"
+# results of an earlier run in the same folder must not be summarised as this run's (a step that is
+# skipped or fails writes nothing), and its run cache would turn the torchrun steps into cache reads
+rm -rf "$OUT"/losses.json "$OUT"/train_b*.json "$OUT"/adv_steps.json "$OUT"/torchrun "$OUT"/torchrun_adv \
+    "$OUT"/cache "$OUT"/summary.md "$OUT"/gpu_check.json
 : > "$OUT/steps.txt"  # one line per measuring step: ok / FAILED (exit N) / skipped, and its text
 
 # step TEXT COMMAND...: run one measuring step; a failure is recorded (the others still run) and a

@@ -134,9 +134,12 @@ def test_gpu_check_names_missing_packages_and_installs_carried_wheels(tmp_path):
     _wheel(wheels, "art", {"art/__init__.py": "", "art/attacks/__init__.py": "", "art/attacks/evasion.py": "",
                            "art/estimators/__init__.py": "", "art/estimators/classification.py": ""})
     _wheel(wheels, "multiprocess", {"multiprocess/__init__.py": ""})
-    proc = run("--allow-cpu", "--env-only", "--wheels", str(wheels), timeout=120, env=env)
+    scratch = tmp_path / "tmp"  # the temporary site folder goes here, and is removed at the end
+    scratch.mkdir()
+    proc = run("--allow-cpu", "--env-only", "--wheels", str(wheels), timeout=120, env={**env, "TMPDIR": str(scratch)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "installed 2 wheel(s)" in proc.stderr and "Python packages ok" in proc.stderr
+    assert not list(scratch.glob("gpu_check_site.*"))
     assert "environment checked, nothing run" in proc.stderr
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -230,8 +233,14 @@ def test_gpu_check_goes_on_after_a_failed_step_and_keeps_to_its_budget(tmp_path)
     assert "Steps: 0 of 5 ran; NOT RUN: loss kernels [FAILED" in (out / "summary.md").read_text()
 
     out = tmp_path / "budget"
+    stale = [out / "losses.json", out / "train_b64.json", out / "adv_steps.json", out / "torchrun" / "results.json",
+             out / "cache" / "x"]  # an earlier run's results in the same folder: not this run's
+    for path in stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
     proc = run("--allow-cpu", "--quick", "--budget", "0", "--out", str(out), timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not any(path.exists() for path in stale)
     bundle = json.loads((out / "gpu_check.json").read_text())
     assert [s["status"] for s in bundle["steps"]] == ["skipped"] * 5 and bundle["losses"] == []
     assert all(e["how"] == "not measured" for e in bundle["estimates"])
