@@ -16,8 +16,9 @@ or T² (times the weight of the T²-scaled term), or logits / T, would overflow 
 The decoupled losses have a differentiable backward (second derivatives under ``create_graph``).
 
 Precision: at large temperatures KL(s_m ‖ s_n) is O(1/T²) while its two log-probabilities are O(1),
-so in float32 the T²-scaled value loses relative digits as T grows (about 1e-4 at T = 100 and 10 %
-at T = 1000 for C = 100, as ``F.kl_div`` does); pass float64 logits for such temperatures.
+so in float32 the T²-scaled value loses relative digits as T grows, as ``F.kl_div``'s does (for
+B = 64, C = 100 and random logits of scale 3: 6e-5 at T = 100, 2e-3 at T = 1000, and more for flatter
+logits); pass float64 logits for such temperatures.
 
 Performance contract: every weighted MSE here uses the closed form for rank-one weights
 w = p pᵀ, d = o_m − o_n (per row)::
