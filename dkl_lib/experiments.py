@@ -62,6 +62,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -1742,8 +1743,9 @@ def _cmd_adv(args) -> int:
     _atomic_write(out / "results.json", json.dumps(grid.to_json(), indent=2, allow_nan=False).encode())
     _atomic_write(out / "results.csv", grid.runs.to_csv(index=False, float_format="%.4f").encode())
     if not args.quiet and len(grid.summary):
-        cols = [c for c in ("loss", "n", "clean", "pgd20", "pgd50", "ensemble", "robust", "paper_clean",
-                            "paper_robust") if c in grid.summary]
+        pgd = sorted((c for c in grid.summary if re.fullmatch(r"pgd\d+", c)), key=lambda c: int(c[3:]))
+        cols = [c for c in ("loss", "n", "clean", *pgd, "ensemble", "robust", "paper_clean", "paper_robust")
+                if c in grid.summary]
         print(grid.summary[cols].to_string(index=False))
         print("ensemble = AutoAttack-style ensemble run by ART (APGD-CE, APGD-DLR, Square), not the official AutoAttack")
         print(_wrote(out))

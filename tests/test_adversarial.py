@@ -372,6 +372,8 @@ def test_cli_adv_writes_results(tmp_path, capsys):
     assert E.main(argv) == 0
     printed = capsys.readouterr().out
     assert "AutoAttack-style" in printed and "results.json" in printed
+    header = next(line.split() for line in printed.splitlines() if line.split()[:1] == ["loss"])
+    assert header[:5] == ["loss", "n", "clean", "pgd5", "pgd10"]  # the PGD steps this run evaluated
     payload = json.loads((out / "results.json").read_text())
     assert payload["preset"] == "cpu-quick" and payload["passed"] is True and "not the official" in payload["ensemble_note"]
     assert [(r["loss"], r["seed"]) for r in payload["runs"]] == [("trades", 0), ("trades", 1), ("ikl", 0), ("ikl", 1)]
