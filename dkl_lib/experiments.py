@@ -322,6 +322,20 @@ def _data_section(key: str, value) -> None:
                          f"({key}={{\"name\": \"{name}\"}}) or use a preset made for {name}")
 
 
+def _model_section(fields: dict, required: tuple, name_key: str = "model") -> Callable:
+    """A model section: its fields, and model_kw holding only arguments of that model's constructor
+    (caught here, before a teacher trains, rather than when the student is built)."""
+    def check(key, value):
+        _mapping(fields, required=required)(key, value)
+        name, kw = value[name_key], value.get("model_kw") or {}
+        allowed = models_mod.model_arguments(name)
+        unknown = [f"{key}.model_kw.{k}" for k in kw if k not in allowed]
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: not an argument of model {name!r} "
+                             f"({'its arguments: ' + ', '.join(allowed) if allowed else 'it takes none'})")
+    return check
+
+
 def _all_finite(key: str, value) -> None:
     """No inf or nan anywhere, also in the free sections (data loader and model arguments)."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -351,10 +365,10 @@ _DISTILL_KEYS = set(_DISTILL_CHECKS)
 _MODEL_CHECKS = {"model_kw": _optional(_mapping()), "dtype": _optional(_model_dtype_name)}
 _KD_CHECKS = {
     "data": _data_section,
-    "teacher": _mapping({"model": _one_of(models_mod.MODELS), **_MODEL_CHECKS, "seed": _nonneg_int,
-                         "checkpoint": _optional(_text), "train": _mapping(_SGD_CHECKS, required=("epochs",))},
-                        required=("model", "train")),
-    "student": _mapping({"model": _one_of(models_mod.MODELS), **_MODEL_CHECKS}, required=("model",)),
+    "teacher": _model_section({"model": _one_of(models_mod.MODELS), **_MODEL_CHECKS, "seed": _nonneg_int,
+                               "checkpoint": _optional(_text), "train": _mapping(_SGD_CHECKS, required=("epochs",))},
+                              required=("model", "train")),
+    "student": _model_section({"model": _one_of(models_mod.MODELS), **_MODEL_CHECKS}, required=("model",)),
     "distill": _mapping(_DISTILL_CHECKS, required=("epochs",)),
     "losses": _mapping({name: _mapping(_DISTILL_CHECKS) for name in train_mod.LOSSES}),
 }
@@ -1134,7 +1148,7 @@ _ADV_LOSS_KEYS = {loss: set(checks) for loss, checks in _ADV_LOSS_CHECKS.items()
 _ADV_EVAL_KEYS = set(_ADV_EVAL_CHECKS)
 _ADV_CHECKS = {
     "data": _data_section,
-    "model": _mapping({"name": _one_of(models_mod.MODELS), **_MODEL_CHECKS}, required=("name",)),
+    "model": _model_section({"name": _one_of(models_mod.MODELS), **_MODEL_CHECKS}, required=("name",), name_key="name"),
     "train": _mapping(_ADV_TRAIN_CHECKS, required=("epochs", "epsilon")),
     "losses": _mapping({loss: _mapping(checks) for loss, checks in _ADV_LOSS_CHECKS.items()}),
     "eval": _mapping(_ADV_EVAL_CHECKS, required=("epsilon", "pgd_steps", "pgd_restarts", "ensemble_attacks",

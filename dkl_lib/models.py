@@ -18,6 +18,7 @@ does not touch the global random state.
 """
 from __future__ import annotations
 
+import inspect
 import pickle
 from pathlib import Path
 from typing import Callable, Dict, Mapping, Optional, Sequence
@@ -50,6 +51,7 @@ __all__ = [
     "preact_resnet18",
     "MODELS",
     "build_model",
+    "model_arguments",
     "count_parameters",
     "load_teacher_checkpoint",
     "CheckpointMismatchError",
@@ -484,6 +486,20 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
 }
 
 
+_CONFIGURABLE = {"mlp": MLP, "small_cnn": SmallCNN}  # the models whose constructor takes more than num_classes
+
+
+def model_arguments(name: str) -> list:
+    """The keyword arguments :func:`build_model` passes on to model ``name``'s constructor (besides
+    ``num_classes``): ``in_shape`` and ``hidden`` for "mlp", ``in_channels`` and ``width`` for
+    "small_cnn", none for the others."""
+    if not isinstance(name, str) or name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    if name not in _CONFIGURABLE:
+        return []
+    return [p for p in inspect.signature(_CONFIGURABLE[name]).parameters if p != "num_classes"]
+
+
 def build_model(name: str, num_classes: int, *, seed: Optional[int] = None, **kw) -> nn.Module:
     """Build the model ``name`` (a key of :data:`MODELS`) with ``num_classes`` outputs.
 
@@ -495,8 +511,11 @@ def build_model(name: str, num_classes: int, *, seed: Optional[int] = None, **kw
     if not isinstance(name, str) or name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     _check_int("num_classes", num_classes, 2)
-    if name not in ("mlp", "small_cnn") and kw:
-        raise TypeError(f"model {name!r} takes no extra arguments, got {sorted(kw)}")
+    allowed = model_arguments(name)
+    unknown = sorted(set(kw) - set(allowed))
+    if unknown:
+        raise TypeError(f"model {name!r} takes no argument(s) {unknown}; "
+                        + (f"its arguments: {allowed}" if allowed else "it takes none besides num_classes"))
     if seed is None:
         return MODELS[name](num_classes=num_classes, **kw)
     with torch.random.fork_rng(devices=[]):

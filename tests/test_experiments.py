@@ -79,6 +79,19 @@ def test_resolve_config_checks_types_and_ranges_naming_the_key(override, error, 
         E.resolve_config("cpu-quick", override)
 
 
+def test_model_arguments_are_checked_before_anything_trains():
+    """A misspelt or foreign model_kw key is refused when the config is resolved (it used to surface when
+    the student was built, after the teacher had trained), naming the key and the model's arguments."""
+    with pytest.raises(ValueError, match=r"student.model_kw.widht: not an argument of model 'mlp' \(its "
+                                         r"arguments: in_shape, hidden\)"):
+        E.resolve_config("cpu-quick", {"student.model_kw.widht": 8})
+    with pytest.raises(ValueError, match=r"teacher.model_kw.width: not an argument of model 'resnet32x4' \(it takes"):
+        E.resolve_config("gpu-short", {"teacher.model_kw.width": 2})
+    with pytest.raises(ValueError, match=r"model.model_kw.depth: not an argument of model 'small_cnn'"):
+        E.resolve_adv_config("cpu-quick", {"model.model_kw.depth": 3})
+    assert E.resolve_config("cpu-quick", {"student.model_kw.hidden": [8]})["student"]["model_kw"] == {"hidden": [8]}
+
+
 def test_data_settings_are_checked_per_data_set(tmp_path, monkeypatch, capsys):
     """Switching the data set with data.name keeps the preset's other data settings; one the new data
     set's loader does not take is named with the data set, before anything is loaded or trained."""

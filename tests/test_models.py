@@ -248,8 +248,11 @@ def test_build_model_registry_seed_and_errors():
     assert torch.equal(state, torch.random.get_rng_state())  # global RNG untouched
     with pytest.raises(ValueError, match="unknown model"):
         M.build_model("resnet9", 10)
-    with pytest.raises(TypeError, match="no extra arguments"):
+    with pytest.raises(TypeError, match=r"resnet20' takes no argument\(s\) \['width'\]; it takes none"):
         M.build_model("resnet20", 10, width=3)
+    with pytest.raises(TypeError, match=r"no argument\(s\) \['widht'\]; its arguments: \['in_channels', 'width'\]"):
+        M.build_model("small_cnn", 10, widht=3)
+    assert M.model_arguments("mlp") == ["in_shape", "hidden"] and M.model_arguments("wrn_34_10") == []
     with pytest.raises(ValueError, match="num_classes"):
         M.build_model("resnet20", 1)
     with pytest.raises(ValueError, match="6n"):
