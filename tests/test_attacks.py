@@ -129,6 +129,27 @@ def test_pgd_is_exact_on_a_linear_two_class_model():
     assert 0 < int(robust_oracle.sum()) < 200  # the case is not trivial
 
 
+class AlwaysClassZero(nn.Module):
+    """Predicts class 0 whatever the input: no attack can break a class-0 sample."""
+
+    def forward(self, x):
+        return torch.tensor([1.0, 0.0, 0.0], dtype=x.dtype) + 0.0 * x.flatten(1)[:, :1]
+
+
+@pytest.mark.parametrize("epsilon", [0.05, 0.2])
+def test_pgd_random_start_is_uniform_in_the_whole_ball(epsilon):
+    """With no step and no sample broken, x_adv is the random start: x + U(-ε, ε), drawn from the seed."""
+    x = torch.full((64, 1, 4, 4), 0.5)  # far from the [0, 1] borders: no clipping
+    y = torch.zeros(64, dtype=torch.int64)
+    r = A.pgd(AlwaysClassZero(), x, y, epsilon=epsilon, steps=0, seed=5)
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    assert r.correct.all()
+    assert torch.allclose(r.x_adv, x + ((2 * u - 1) * epsilon).float(), rtol=0, atol=1e-7)
+    offset = r.x_adv - x
+    assert offset.min() < -0.99 * epsilon and offset.max() > 0.99 * epsilon
+    assert torch.equal(A.pgd(AlwaysClassZero(), x, y, epsilon=epsilon, steps=0, random_start=False).x_adv, x)
+
+
 def test_pgd_restores_modes_and_leaves_gradients_alone():
     model = SmallBN()
     model.train()
@@ -258,6 +279,21 @@ def test_checks_fire_on_a_non_deterministic_model(trained):
     assert "eps0_equals_clean" in rep.failed
 
 
+def test_eps0_check_fails_when_the_inputs_move_at_eps0(trained, monkeypatch):
+    """Same accuracy, but x_adv != x at ε = 0: the check looks at the inputs, not only the accuracy."""
+    net, d = trained
+    real_pgd = A._pgd
+
+    def moves_at_eps0(model, x, y, *, epsilon, **kw):
+        r = real_pgd(model, x, y, epsilon=epsilon, **kw)
+        return A.PGDResult(x_adv=(r.x_adv + 1e-3).clamp(0, 1), correct=r.correct) if epsilon == 0 else r
+
+    monkeypatch.setattr(A, "_pgd", moves_at_eps0)
+    rep = A.evaluate_robustness(net, d.x_test, d.y_test, epsilon=0.1, ensemble=False, strict=False, pgd_steps=(2,))
+    check = rep.check("eps0_equals_clean")
+    assert check["value"] == rep.clean_acc and check["status"] == "fail" and "inputs were changed" in check["detail"]
+
+
 def test_checks_fire_on_normalised_inputs_and_on_a_weak_ensemble(trained, monkeypatch):
     net, d = trained
     rep = A.evaluate_robustness(net, (d.x_test - 0.5) / 0.25, d.y_test, epsilon=0.1, ensemble=False,
@@ -271,6 +307,48 @@ def test_checks_fire_on_normalised_inputs_and_on_a_weak_ensemble(trained, monkey
     monkeypatch.setattr(A, "ensemble_attack", no_attack)
     with pytest.raises(A.SanityCheckError, match="ensemble_not_above_pgd"):
         A.evaluate_robustness(net, d.x_test, d.y_test, epsilon=0.3, pgd_steps=(5,))
+
+
+def pgd_accuracies(net, d, steps, epsilon):
+    """{k: PGD-k robust accuracy} with evaluate_robustness's settings (seed 0, clean input correct too)."""
+    clean = A.clean_correct(net, d.x_test, d.y_test)
+    return {k: 100.0 * (clean & A.pgd(net, d.x_test, d.y_test, epsilon=epsilon, steps=k, seed=0).correct)
+            .double().mean().item() for k in steps}
+
+
+def test_more_steps_check_passes_a_falling_pgd_curve_and_fails_a_rising_one(trained, monkeypatch):
+    net, d = trained
+    accs = pgd_accuracies(net, d, (1, 20), 0.15)
+    assert accs[1] > accs[20]  # strictly falling: the check must pass
+    rep = A.evaluate_robustness(net, d.x_test, d.y_test, epsilon=0.15, ensemble=False, pgd_steps=(1, 20))
+    assert rep.pgd_acc == accs and rep.check("more_steps_not_higher")["status"] == "pass"
+
+    real_pgd = A._pgd
+
+    def longer_is_weaker(model, x, y, *, steps, epsilon, **kw):  # PGD-1 breaks every sample: PGD-20 is above
+        r = real_pgd(model, x, y, steps=steps, epsilon=epsilon, **kw)
+        return A.PGDResult(x_adv=r.x_adv, correct=torch.zeros_like(r.correct)) if steps == 1 and epsilon > 0 else r
+
+    monkeypatch.setattr(A, "_pgd", longer_is_weaker)
+    with pytest.raises(A.SanityCheckError, match="more_steps_not_higher"):
+        A.evaluate_robustness(net, d.x_test, d.y_test, epsilon=0.15, ensemble=False, pgd_steps=(1, 20))
+
+
+def test_ensemble_check_compares_with_the_lowest_pgd_accuracy(trained, monkeypatch):
+    """An ensemble as weak as PGD-1 is above PGD-20: the check fails, by the gap to the LOWEST PGD."""
+    net, d = trained
+    accs = pgd_accuracies(net, d, (1, 20), 0.15)
+
+    def as_weak_as_pgd1(model, x, y, *, epsilon, seed, **kw):
+        r = A.pgd(model, x, y, epsilon=epsilon, steps=1, seed=seed)
+        return A.EnsembleResult(x_adv=r.x_adv, correct=r.correct, broken_by=torch.where(r.correct, -1, 0),
+                                attacks=("apgd-ce",))
+
+    monkeypatch.setattr(A, "ensemble_attack", as_weak_as_pgd1)
+    rep = A.evaluate_robustness(net, d.x_test, d.y_test, epsilon=0.15, pgd_steps=(1, 20), strict=False)
+    check = rep.check("ensemble_not_above_pgd")
+    assert rep.ensemble_acc == accs[1] and check["status"] == "fail"
+    assert check["value"] == pytest.approx(accs[1] - accs[20]) and check["value"] > 0
 
 
 def test_accuracy_vs_epsilon_and_class_separation(trained):

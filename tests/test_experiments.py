@@ -165,6 +165,21 @@ def test_run_config_hash_covers_only_what_the_loss_uses():
         E._run_config(cfg, "kl-nogi", 0, "t")
 
 
+def test_run_config_hash_changes_with_everything_a_run_depends_on():
+    """The data, the student, the teacher, the seed and every distillation setting each give another key."""
+    cfg = E.resolve_config("cpu-quick")
+    changed = [E._run_config(cfg, "kl", 0, "t"), E._run_config(cfg, "kl", 1, "t"), E._run_config(cfg, "kl", 0, "u"),
+               E._run_config(cfg, "dkl", 0, "t")]
+    overrides = [{"data.n_train": 300}, {"data.seed": 1}, {"student.model_kw.hidden": [32]},
+                 {"student.model": "small_cnn", "student.model_kw": {}}, {"distill.lr": 0.02},
+                 {"distill.batch_size": 64}, {"distill.temperature": 2.0}, {"distill.warmup_epochs": 0},
+                 {"distill.milestones": [18]}]
+    for override in overrides:
+        changed.append(E._run_config(E.resolve_config("cpu-quick", override), "kl", 0, "t"))
+    keys = [E.config_hash(c) for c in changed]
+    assert len(set(keys)) == len(keys)
+
+
 # -------------------------------------------------------------------------------------------- cache
 def test_cache_round_trip_and_corruption(tmp_path):
     cache = E.RunCache(tmp_path)
@@ -473,6 +488,23 @@ def test_results_csv_mean_and_std_rows_are_statistics_of_every_accuracy():
     assert stats[("kl", "mean")]["teacher_acc"] == "98.2723" and stats[("kl", "std")]["teacher_acc"] == "0.0000"
     assert stats[("kl", "std")]["best_acc"] == "1.4142" and stats[("ce", "mean")]["teacher_acc"] == "98.2723"
     assert stats[("ce", "std")]["teacher_acc"] == stats[("ce", "std")]["best_acc"] == ""
+
+
+def test_summarize_adv_mean_and_std_are_the_sample_statistics_of_each_accuracy():
+    """Mean and sample std (ddof = 1) over the seeds, a missing value left out; one value: std NaN."""
+    import math
+    import statistics
+
+    import pandas as pd
+
+    runs = pd.DataFrame({"loss": ["trades"] * 3 + ["ikl"], "seed": [0, 1, 2, 0],
+                         "clean_acc": [80.0, 83.0, 84.5, 81.0], "robust_acc": [40.0, None, 46.0, 47.0]})
+    rows = E.summarize_adv(runs).set_index("loss")
+    for col, values in (("clean_acc", [80.0, 83.0, 84.5]), ("robust_acc", [40.0, 46.0])):
+        assert rows.loc["trades", f"{col}_mean"] == pytest.approx(statistics.mean(values))
+        assert rows.loc["trades", f"{col}_std"] == pytest.approx(statistics.stdev(values))
+    assert rows.loc["ikl", "robust_acc_mean"] == 47.0 and math.isnan(rows.loc["ikl", "robust_acc_std"])
+    assert rows.loc["trades", "n"] == 3 and rows.loc["ikl", "robust"] == "47.00"
 
 
 def test_cli_as_a_module(tmp_path):

@@ -1,9 +1,11 @@
 """dkl_lib.train: distillation loop, the KL ≡ DKL theorem in training, determinism, stop/interrupt."""
+import copy
 import math
 
 import pytest
 import torch
 
+import dkl_lib as dkl
 from dkl_lib import data as D
 from dkl_lib import models as M
 from dkl_lib import train as T
@@ -110,6 +112,15 @@ def test_history_has_every_named_term(loss, terms):
     assert list(r.frame().columns) == list(r.history[0])
 
 
+def test_best_epoch_is_the_first_of_the_highest_test_accuracy():
+    accs = [40.0, 70.0, 55.0, 70.0, 60.0]
+    r = T.TrainResult(model=None, history=[{"epoch": e, "test_acc": a} for e, a in enumerate(accs, 1)], config={})
+    assert r.best_acc == max(accs) and r.last_acc == accs[-1]
+    assert r.best_epoch == accs.index(max(accs)) + 1  # epoch 2, not the tie at epoch 4
+    empty = T.TrainResult(model=None, history=[], config={})
+    assert empty.best_epoch is None and math.isnan(empty.best_acc) and math.isnan(empty.last_acc)
+
+
 def test_warmup_and_learning_rate_schedule():
     d = tiny_data()
     teacher = M.build_model("small_cnn", 4, seed=0, width=4)
@@ -122,8 +133,11 @@ def test_warmup_and_learning_rate_schedule():
     assert math.isclose(h["loss"], h["ce"] + 2.0 * h["kd_factor"] * h["kl"], rel_tol=1e-5)
 
 
-def test_teacher_is_frozen_and_restored():
-    d = tiny_data()
+@pytest.mark.parametrize("augment", [None, {"padding": 1, "flip": True}])
+def test_teacher_is_frozen_and_restored(augment):
+    """Both teacher paths: logits computed once (no augmentation) and per augmented batch, where a
+    teacher left in train mode would update its BatchNorm statistics."""
+    d = tiny_data(augment=augment)
     teacher = M.build_model("small_cnn", 4, seed=0, width=4)
     teacher.train()
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -168,6 +182,28 @@ def test_gi_prior_is_the_teacher_class_mean_from_the_next_epoch():
     assert torch.equal(seen[0], r.priors[1])
     with pytest.raises(ValueError, match="ikl and gkl only"):
         T.distill(s, teacher, d, loss="kl", gi=True, epochs=1, **FAST)
+
+
+def test_gi_prior_weights_the_wmse_from_the_next_epoch(teacher64):
+    """One batch per epoch: each epoch's wMSE is ikl's wMSE of the student's logits at the start of
+    the epoch with class_prior = the prior of the previous epochs (uniform in epoch 1), not the
+    sample-wise weights softmax(teacher / T_w)."""
+    d = tiny_data(torch.float64)
+    s = student64()
+    states = [copy.deepcopy(s.state_dict())]
+    kw = dict(temperature=4.0, weight_temperature=0.5, alpha=1.0, beta=1.0)
+    r = T.distill(s, teacher64, d, loss="ikl", gi=True, epochs=2, seed=0, callback=lambda h: states.append(
+        copy.deepcopy(s.state_dict())), **{**FAST, "batch_size": d.n_train}, **kw)
+    t_logits = T.predict_logits(teacher64, d.x_train, d)
+    for epoch, row in enumerate(r.history):
+        start = student64()
+        start.load_state_dict(states[epoch])
+        logits = T.predict_logits(start, d.x_train, d)
+        want = dkl.ikl_terms(logits, t_logits, targets=d.y_train, class_prior=r.priors[epoch].double(), **kw)
+        sample_wise = dkl.ikl_terms(logits, t_logits, **kw)
+        assert math.isclose(row["wmse"], want["wmse"].item(), rel_tol=1e-9)
+        assert math.isclose(row["soft_ce"], want["soft_ce"].item(), rel_tol=1e-9)
+        assert not math.isclose(row["wmse"], sample_wise["wmse"].item(), rel_tol=1e-3)  # GI matters here
 
 
 # ------------------------------------------------------------------------------- stop and interrupt
