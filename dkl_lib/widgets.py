@@ -9,6 +9,8 @@ widget. Notebook 02 uses these.
 """
 from __future__ import annotations
 
+import html
+
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Sequence
 
@@ -50,9 +52,9 @@ class Dashboard:
         display(self.widget)
 
 
-def _slider(description, value, low, high, step=0.1, **kw):
+def _slider(description, value, low, high, step=0.1, readout_format=".2f", **kw):
     return W.FloatSlider(value=value, min=low, max=high, step=step, description=description,
-                         continuous_update=False, readout_format=".2f", layout=W.Layout(width="290px"),
+                         continuous_update=False, readout_format=readout_format, layout=W.Layout(width="290px"),
                          style={"description_width": "105px"}, **kw)
 
 
@@ -74,13 +76,21 @@ def _logit_vectors(values: dict):
     return teacher, student
 
 
+#: Gradients below this are float64 rounding of an exact zero (e.g. a student equal to its teacher)
+#: and are drawn as 0; otherwise plotly would stretch ±5e-16 to the full height of the axis.
+ROUNDING_FLOOR = 1e-12
+
+
 def gradient_bars_data(values: dict):
-    """The DataFrame behind the bars for the given control values (see ``student_gradients``)."""
+    """The DataFrame behind the bars for the given control values (see ``student_gradients``);
+    entries smaller than :data:`ROUNDING_FLOOR` in magnitude are set to 0."""
     teacher, student = _logit_vectors(values)
-    return grads.student_gradients(teacher, student, loss_names=("dkl", "ikl", "gkl"),
-                                   temperature=values["temperature"], alpha=values["alpha"],
-                                   beta=values["beta"], weight_temperature=values["weight_temperature"],
-                                   gamma=values["gamma"])
+    df = grads.student_gradients(teacher, student, loss_names=("dkl", "ikl", "gkl"),
+                                 temperature=values["temperature"], alpha=values["alpha"],
+                                 beta=values["beta"], weight_temperature=values["weight_temperature"],
+                                 gamma=values["gamma"])
+    df["grad"] = df["grad"].where(df["grad"].abs() >= ROUNDING_FLOOR, 0.0)
+    return df
 
 
 def gradient_bars_update(figure, values: dict) -> None:
@@ -117,8 +127,10 @@ def gradient_bars_dashboard(teacher_logits: Sequence[float] = (3.0, 1.0, 0.0, -1
 
 # ------------------------------------------------------------------------- simplex field (C = 3)
 def _teacher_probs(values):
+    """The teacher's distribution s_m = softmax(o_m / T): T softens the star as it does in distillation
+    (the field itself is drawn over student distributions, which T only rescales)."""
     logits = torch.tensor([values["teacher_0"], values["teacher_1"], values["teacher_2"]], dtype=torch.float64)
-    return torch.softmax(logits, dim=0)
+    return torch.softmax(logits / values["temperature"], dim=0)
 
 
 def simplex_data(values: dict):
@@ -137,14 +149,17 @@ def simplex_update(figure, values: dict) -> None:
 def simplex_dashboard(loss: str = "ikl", resolution: int = 10) -> Dashboard:
     """Teacher logits (3 classes), T, α, β: where one gradient step moves the student, per term.
 
-    The teacher's distribution is softmax of its logits (the star). ``loss`` is fixed per dashboard
-    because the panels (terms) differ between losses.
+    The teacher's distribution is softmax(o_m / T) (the star). ``loss`` is fixed per dashboard
+    because the panels (terms) differ between losses; for "kl", which has no α and β, those sliders
+    are disabled.
     """
     if loss not in ("dkl", "ikl", "gkl", "kl"):
         raise ValueError(f"loss must be one of dkl, ikl, gkl, kl for the simplex view, got {loss!r}")
     controls = {f"teacher_{j}": _slider(f"teacher o_m[{j}]", v, -4, 4) for j, v in enumerate((1.5, 0.5, -0.5))}
     controls.update(temperature=_slider("T", 1.0, 0.5, 5, 0.25), alpha=_slider("α (wMSE)", 1.0, 0, 4),
                     beta=_slider("β (CE)", 1.0, 0, 4))
+    if loss == "kl":
+        controls["alpha"].disabled = controls["beta"].disabled = True
     values = {**{k: c.value for k, c in controls.items()}, "loss": loss, "resolution": resolution}
     df, teacher_xy = simplex_data(values)
     figure = plots.simplex_quiver(df, teacher_xy=teacher_xy, widget=True,
@@ -209,19 +224,50 @@ def enabled_controls(loss: str) -> set:
     return set(LOSS_CONTROLS[loss])
 
 
+def loss_settings(preset: str, loss: str, temperature: Optional[float] = None) -> dict:
+    """The hyper-parameters a run of ``loss`` under ``preset`` uses when nothing overrides them (the
+    preset's distill section, its per-loss section, then the loss's defaults), for the controls the
+    loss has. A preset without a weight temperature uses T: pass the current ``temperature`` to get
+    that (default: the preset's T)."""
+    from . import experiments, train
+
+    used = enabled_controls(loss)
+    cfg = experiments.preset(preset)
+    merged = {**cfg["distill"], **cfg.get("losses", {}).get(loss, {})}
+    out = {}
+    if "temperature" in used:
+        out["temperature"] = float(merged["temperature"])
+    if "alpha" in used:
+        default_alpha, default_beta = train._DEFAULT_ALPHA_BETA[loss]
+        out["alpha"] = float(default_alpha if merged.get("alpha") is None else merged["alpha"])
+        out["beta"] = float(default_beta if merged.get("beta") is None else merged["beta"])
+    if "weight_temperature" in used:
+        t_w = merged.get("weight_temperature")
+        out["weight_temperature"] = float(t_w if t_w is not None else
+                                          temperature if temperature is not None else out["temperature"])
+    if "gamma" in used:
+        out["gamma"] = float(merged.get("gamma", 1.0))
+    if "gi" in used:
+        out["gi"] = bool(merged.get("gi", False))
+    return out
+
+
 def run_request(values: dict):
     """(loss spec, seed, preset, overrides) for :func:`dkl_lib.experiments.run_grid` from control values.
 
-    Only the hyper-parameters the loss uses become overrides, so the cache key of a run does not
-    depend on controls that were disabled.
+    Only the hyper-parameters the loss uses, and only those that differ from what the preset would
+    use anyway (:func:`loss_settings`), become overrides: the cache key of a run depends neither on
+    disabled controls nor on whether a value was typed or inherited, so a dashboard run with the
+    preset's settings is the notebook's run (and comes from the cache when it ran there).
     """
     loss = values["loss"]
     used = enabled_controls(loss)
+    preset_values = loss_settings(values["preset"], loss, values.get("temperature"))
     overrides = {"distill.epochs": int(values["epochs"])}
-    if "temperature" in used:
+    if "temperature" in used and float(values["temperature"]) != preset_values["temperature"]:
         overrides["distill.temperature"] = float(values["temperature"])
     for key in ("alpha", "beta", "weight_temperature", "gamma"):
-        if key in used:
+        if key in used and float(values[key]) != preset_values[key]:
             overrides[f"losses.{loss}.{key}"] = float(values[key])
     spec = loss
     if "gi" in used:
@@ -301,7 +347,8 @@ class TrainingSession:
                 self.history = history.to_dict(orient="records")
                 if self.on_epoch is not None:
                     self.on_epoch(self.history)
-            row = {"loss": spec, **{k: values[k] for k in LOSS_HPARAMS if k in enabled_controls(values["loss"])},
+            row = {"run": values.get("run", len(self._rows) + 1), "loss": spec,
+                   **{k: values[k] for k in LOSS_HPARAMS if k in enabled_controls(values["loss"])},
                    "epochs": int(values["epochs"]), "seed": seed, "preset": preset,
                    "best_acc": run["best_acc"], "best_epoch": run["best_epoch"], "last_acc": run["last_acc"],
                    "epochs_run": run["epochs"], "cached": bool(run["cached"]), "stopped": run["stopped"],
@@ -315,16 +362,21 @@ class TrainingSession:
                 self.on_error(exc)
 
     def results(self):
+        """One row per finished run: its number, loss, the hyper-parameters it used, and the outcome."""
         import pandas as pd
 
-        return pd.DataFrame(self._rows)
+        table = pd.DataFrame(self._rows)
+        first = ["run", "loss", *LOSS_HPARAMS]  # the settings before the outcome, whatever loss ran first
+        return table[[c for c in first if c in table] + [c for c in table if c not in first]]
 
     def export_csv(self, path) -> str:
-        """Write the results table to ``path`` (CSV); returns the path."""
+        """Write the results table to ``path`` (CSV); returns the absolute path."""
+        import os
+
         if not self._rows:
             raise ValueError("no finished runs to export yet")
         self.results().to_csv(path, index=False)
-        return str(path)
+        return os.path.abspath(path)
 
 
 def _curve_figure():
@@ -342,17 +394,21 @@ def training_dashboard(*, preset: str = "cpu-quick", cache_dir=None, device=None
 
     **Run** starts a training in the background (the notebook stays responsive); the plot grows as
     epochs finish and a progress bar follows; **Stop** ends the run cleanly; each finished run is
-    appended to the results table with its configuration; **Export CSV** writes that table to
-    ``dkl_dashboard_results.csv`` in the working directory. Runs already in the cache return at
-    once. Controls a loss does not use are disabled. The logic is :class:`TrainingSession`,
-    reachable as ``dashboard.state["session"]``.
+    appended to the results table with its configuration and run number (the legend's "#n");
+    **Export CSV** writes that table to ``dkl_dashboard_results.csv`` in the working directory (the
+    status shows the full path, or why it failed). Choosing a loss or a preset sets the sliders to
+    what that preset uses for that loss (:func:`loss_settings`; T_w follows T where the preset ties
+    them), so an untouched run is the preset's own, and runs already in the cache return at once.
+    Controls a loss does not use are disabled. The logic is :class:`TrainingSession`, reachable as
+    ``dashboard.state["session"]``.
     """
     from . import experiments
 
     controls = {
         "loss": W.Dropdown(options=["kl", "dkl", "ikl", "gkl", "dkd", "ce"], value="ikl", description="loss"),
-        "alpha": _slider("α (wMSE)", 1.0, 0.0, 8.0, 0.25),
-        "beta": _slider("β (soft CE)", 1.0, 0.0, 8.0, 0.25),
+        # wide ranges and fine steps: the presets use α up to 16 and β = 1/16 (the official IKL/GKL weights)
+        "alpha": _slider("α (wMSE)", 1.0, 0.0, 20.0, 0.25),
+        "beta": _slider("β (soft CE)", 1.0, 0.0, 8.0, 1 / 16, readout_format=".4g"),
         "temperature": _slider("T", 4.0, 0.5, 10.0, 0.5),
         "weight_temperature": _slider("T_w", 4.0, 0.5, 10.0, 0.5),
         "gi": W.Checkbox(value=True, description="class-wise GI"),
@@ -371,9 +427,26 @@ def training_dashboard(*, preset: str = "cpu-quick", cache_dir=None, device=None
     figure = _curve_figure()
 
     def set_enabled(_change=None):
-        allowed = enabled_controls(controls["loss"].value)
+        """Enable the loss's controls and set them to what its preset uses (a loss or preset change)."""
+        loss = controls["loss"].value
+        allowed = enabled_controls(loss)
         for key in LOSS_HPARAMS:
             controls[key].disabled = key not in allowed
+        for key, value in loss_settings(controls["preset"].value, loss).items():
+            control = controls[key]
+            control.value = value if isinstance(value, bool) else min(max(value, control.min), control.max)
+        dkd = loss == "dkd"  # DKD's two weights sit on the same sliders
+        controls["alpha"].description = "α (TCKD)" if dkd else "α (wMSE)"
+        controls["beta"].description = "β (NCKD)" if dkd else "β (soft CE)"
+
+    def follow_temperature(change):
+        """A preset without a weight temperature uses T: T_w follows T until it is moved by hand."""
+        loss = controls["loss"].value
+        if "weight_temperature" not in enabled_controls(loss):
+            return
+        inherits = loss_settings(controls["preset"].value, loss, temperature=-1.0)["weight_temperature"] == -1.0
+        if inherits and controls["weight_temperature"].value == change["old"]:
+            controls["weight_temperature"].value = change["new"]
 
     def on_epoch(history):
         xs = [r["epoch"] for r in history]
@@ -390,38 +463,51 @@ def training_dashboard(*, preset: str = "cpu-quick", cache_dir=None, device=None
         run_button.disabled, stop_button.disabled, export_button.disabled = False, True, False
 
     def on_error(exc):
-        status.value = f"<span style='color:#b00'>failed: {type(exc).__name__}: {exc}</span>"
+        status.value = f"<span style='color:#b00'>failed: {html.escape(f'{type(exc).__name__}: {exc}')}</span>"
+        if figure.data and not figure.data[-1].x:  # the failed run drew nothing: drop its empty trace
+            figure.data = figure.data[:-1]
         run_button.disabled, stop_button.disabled = False, True
 
     session = TrainingSession(cache_dir=cache_dir, device=device, base_overrides=base_overrides,
                               on_epoch=on_epoch, on_finish=on_finish, on_error=on_error)
 
     def run(_button=None):
-        values = {k: c.value for k, c in controls.items()}
+        if session.running:
+            status.value = "a run is already in progress"
+            return
+        counter[0] += 1
+        values = {**{k: c.value for k, c in controls.items()}, "run": counter[0]}
+        spec, seed, _, _ = run_request(values)
         for trace in figure.data:  # earlier runs stay, in grey
             trace.line.color, trace.line.width = "#bbbbbb", 1
-        spec, seed, _, _ = run_request(values)
         loss = values["loss"]
         no_gi = " (no GI)" if spec.endswith("-nogi") else ""
-        figure.add_scatter(x=[], y=[], mode="lines+markers", name=f"{plots.label(loss)}{no_gi} seed {seed}",
+        # the run number is the table's "run" column: it tells apart runs of one loss with other settings
+        figure.add_scatter(x=[], y=[], mode="lines+markers", name=f"#{counter[0]} {plots.label(loss)}{no_gi} seed {seed}",
                            line=dict(color=plots.color(loss), width=2.5))
         progress.max, progress.value = values["epochs"], 0
-        status.value = f"running {spec} seed {seed} ({values['preset']}) ..."
+        status.value = f"run #{counter[0]}: {spec} seed {seed} ({values['preset']}) ..."
         run_button.disabled, stop_button.disabled = True, False
-        if not session.start(values):
-            status.value = "a run is already in progress"
+        session.start(values)
 
     def stop(_button=None):
-        session.stop()
-        status.value = "stopping after this epoch ..."
+        if session.running:  # a click that arrives after the run ended changes nothing
+            session.stop()
+            status.value = "stopping after this epoch ..."
 
     def export(_button=None):
-        status.value = f"wrote {session.export_csv('dkl_dashboard_results.csv')}"
+        try:
+            status.value = f"wrote {html.escape(session.export_csv('dkl_dashboard_results.csv'))}"
+        except (OSError, ValueError) as exc:
+            status.value = f"<span style='color:#b00'>export failed: {html.escape(f'{type(exc).__name__}: {exc}')}</span>"
 
+    counter = [0]  # runs started in this dashboard
     run_button.on_click(run)
     stop_button.on_click(stop)
     export_button.on_click(export)
     controls["loss"].observe(set_enabled, names="value")
+    controls["preset"].observe(set_enabled, names="value")
+    controls["temperature"].observe(follow_temperature, names="value")
     set_enabled()
     panel = _columns([controls[k] for k in ("loss", "preset", "epochs", "seed")],
                      [controls[k] for k in ("temperature", "alpha", "beta")],

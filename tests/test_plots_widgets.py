@@ -131,6 +131,34 @@ def test_wmse_cost_runs_on_the_threads_asked_for_and_restores_the_setting(monkey
         torch.set_num_threads(outer)
 
 
+def test_gradient_bars_draw_rounding_noise_as_zero():
+    """A student equal to its teacher gets exactly no soft-CE gradient; float64 leaves ±5e-16, which
+    the bars must show as 0, not stretched to the axis height."""
+    values = {"teacher_0": 3.0, "teacher_1": 1.0, "teacher_2": 0.0, "student_0": 3.0, "student_1": 1.0,
+              "student_2": 0.0, "temperature": 2.0, "alpha": 1.0, "beta": 1.0, "weight_temperature": 2.0, "gamma": 1.0}
+    raw = grads.student_gradients([3.0, 1.0, 0.0], [3.0, 1.0, 0.0], loss_names=("dkl", "ikl", "gkl"), temperature=2.0,
+                                  weight_temperature=2.0)
+    assert raw["grad"].abs().max() < widgets.ROUNDING_FLOOR
+    assert (widgets.gradient_bars_data(values)["grad"] == 0).all()
+    values["student_0"] = 2.0  # a real gradient is untouched
+    moved = widgets.gradient_bars_data(values)
+    assert moved["grad"].abs().max() > 1e-3 and moved["grad"].tolist() == grads.student_gradients(
+        [3.0, 1.0, 0.0], [2.0, 1.0, 0.0], loss_names=("dkl", "ikl", "gkl"), temperature=2.0,
+        weight_temperature=2.0)["grad"].where(lambda g: g.abs() >= widgets.ROUNDING_FLOOR, 0.0).tolist()
+
+
+def test_simplex_temperature_softens_the_teacher_and_kl_has_no_weights():
+    dash = widgets.simplex_dashboard("ikl", resolution=5)
+    star = list(dash.figure.data[-1].x) + list(dash.figure.data[-1].y)
+    dash.controls["temperature"].value = 4.0
+    softened = list(dash.figure.data[-1].x) + list(dash.figure.data[-1].y)
+    assert softened != star
+    p = widgets._teacher_probs(dash.values())
+    assert torch.allclose(p, torch.softmax(torch.tensor([1.5, 0.5, -0.5], dtype=torch.float64) / 4.0, 0))
+    kl = widgets.simplex_dashboard("kl", resolution=5)
+    assert kl.controls["alpha"].disabled and kl.controls["beta"].disabled and not kl.controls["temperature"].disabled
+
+
 # ------------------------------------------------------------------------------ plots
 def test_plots_never_call_show():
     import ast

@@ -25,12 +25,89 @@ def test_enabled_controls_follow_the_loss():
 
 
 def test_run_request_uses_only_the_loss_hyper_parameters():
-    spec, seed, preset, overrides = widgets.run_request(dict(VALUES, loss="kl", gamma=2.5, alpha=3.0))
+    spec, seed, preset, overrides = widgets.run_request(dict(VALUES, loss="kl", gamma=2.5, alpha=3.0, temperature=2.0))
     assert (spec, seed, preset) == ("kl", 0, "cpu-quick")
-    assert overrides == {"distill.epochs": 2, "distill.temperature": 4.0}
+    assert overrides == {"distill.epochs": 2, "distill.temperature": 2.0}
     spec, _, _, overrides = widgets.run_request(dict(VALUES, gi=False, alpha=2.0))
     assert spec == "ikl-nogi" and overrides["losses.ikl.alpha"] == 2.0 and "losses.ikl.gamma" not in overrides
     assert widgets.run_request(dict(VALUES, loss="gkl", gamma=0.5))[3]["losses.gkl.gamma"] == 0.5
+
+
+def test_loss_settings_are_the_presets_and_run_requests_leave_them_out():
+    """What a run uses when nothing overrides it: the preset's distill and per-loss sections, then the
+    loss's defaults; T_w is T where the preset gives none. A request sends only what differs, so an
+    untouched dashboard run has the config (and cache key) of the preset's own run."""
+    from dkl_lib import experiments, train
+
+    assert widgets.loss_settings("cpu-quick", "kl") == {"temperature": 4.0}
+    assert widgets.loss_settings("cpu-quick", "ikl") == dict(temperature=4.0, alpha=1.0, beta=1.0,
+                                                             weight_temperature=4.0, gi=True)
+    assert widgets.loss_settings("cpu-quick", "ikl", temperature=2.0)["weight_temperature"] == 2.0
+    assert widgets.loss_settings("cpu-quick", "gkl")["gamma"] == experiments.PRESETS["cpu-quick"]["losses"]["gkl"]["gamma"]
+    assert widgets.loss_settings("cpu-quick", "dkd")["beta"] == 1.0 and train._DEFAULT_ALPHA_BETA["dkd"][1] == 8.0
+    assert widgets.loss_settings("paper", "dkd")["beta"] == experiments.PRESETS["paper"]["losses"]["dkd"]["beta"]
+    short = widgets.loss_settings("gpu-short", "ikl")
+    assert (short["alpha"], short["beta"]) == (8.0, 1 / 16)
+    for loss in ("kl", "dkl", "ikl", "gkl", "dkd"):
+        values = dict(VALUES, loss=loss, **widgets.loss_settings("cpu-quick", loss))
+        spec, _, _, overrides = widgets.run_request(values)
+        assert overrides == {"distill.epochs": 2}
+        ours = experiments.resolve_config("cpu-quick", overrides)
+        plain = experiments.resolve_config("cpu-quick", {"distill.epochs": 2})
+        assert experiments._run_config(ours, spec, 0, "t") == experiments._run_config(plain, spec, 0, "t")
+    # T_w tied to T in the preset: moving both together sends only T, moving T_w alone sends T_w
+    assert widgets.run_request(dict(VALUES, temperature=2.0, weight_temperature=2.0))[3] == {
+        "distill.epochs": 2, "distill.temperature": 2.0}
+    assert widgets.run_request(dict(VALUES, weight_temperature=2.0))[3]["losses.ikl.weight_temperature"] == 2.0
+
+
+def test_dashboard_sliders_take_the_presets_values(cache):
+    dash = widgets.training_dashboard(cache_dir=cache, base_overrides=TINY)
+    c = dash.controls
+    c["loss"].value = "gkl"
+    assert c["gamma"].value == widgets.loss_settings("cpu-quick", "gkl")["gamma"] != 1.0
+    c["loss"].value = "ikl"
+    c["preset"].value = "gpu-short"
+    assert (c["alpha"].value, c["beta"].value) == (8.0, 1 / 16)
+    c["preset"].value = "cpu-quick"
+    assert (c["alpha"].value, c["beta"].value, c["weight_temperature"].value) == (1.0, 1.0, 4.0)
+    c["temperature"].value = 2.0  # the preset ties T_w to T ...
+    assert c["weight_temperature"].value == 2.0
+    c["weight_temperature"].value = 6.0  # ... until T_w is moved by hand
+    c["temperature"].value = 3.0
+    assert c["weight_temperature"].value == 6.0
+    c["loss"].value = "dkd"
+    assert c["alpha"].description == "α (TCKD)" and c["beta"].description == "β (NCKD)"
+    c["loss"].value = "dkl"
+    assert c["alpha"].description == "α (wMSE)"
+
+
+def test_dashboard_errors_exports_and_late_stops_are_shown(cache, tmp_path, monkeypatch, no_network):
+    dash = widgets.training_dashboard(cache_dir=cache)
+    status, buttons, session = dash.state["status"], dash.state["buttons"], dash.state["session"]
+    dash.controls["preset"].value = "imagenet"  # no ImageNet here: the error names train/<class>/<image>.JPEG
+    buttons["run"].click()
+    assert session.wait(120) and session.error is not None
+    assert "failed:" in status.value and "&lt;class&gt;" in status.value and "<class>" not in status.value
+    assert len(dash.figure.data) == 0  # the failed run's empty curve is gone
+    before = status.value
+    buttons["stop"].click()  # after the run: nothing to stop, the status stays
+    assert status.value == before
+    session._rows.append({"run": 1, "loss": "kl", "best_acc": 1.0})
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dkl_dashboard_results.csv").mkdir()  # cannot be written
+    buttons["export"].click()
+    assert status.value.startswith("<span") and "export failed" in status.value
+    (tmp_path / "dkl_dashboard_results.csv").rmdir()
+    buttons["export"].click()
+    assert status.value == f"wrote {tmp_path / 'dkl_dashboard_results.csv'}"
+
+
+def test_results_table_keeps_its_columns_in_order(cache):
+    session = widgets.TrainingSession(cache_dir=cache, base_overrides=TINY)
+    session._rows += [{"run": 1, "loss": "kl", "temperature": 4.0, "seconds": 1.0},
+                      {"run": 2, "loss": "gkl", "temperature": 4.0, "gamma": 0.05, "seconds": 1.0}]
+    assert list(session.results().columns) == ["run", "loss", "temperature", "gamma", "seconds"]
 
 
 def test_session_runs_in_the_background_caches_and_exports(cache, tmp_path):
@@ -87,3 +164,5 @@ def test_dashboard_buttons_and_disabled_controls(cache):
     assert session.wait(120)
     assert len(dash.figure.data) == 2 and dash.figure.data[0].line.color == "#bbbbbb"
     assert dash.state["table"].value.count("<tr") == 3  # header + 2 runs
+    assert [t.name.split()[0] for t in dash.figure.data] == ["#1", "#2"]  # the table's run numbers
+    assert session.results()["run"].tolist() == [1, 2]
