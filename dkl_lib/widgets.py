@@ -107,6 +107,9 @@ def gradient_bars_dashboard(teacher_logits: Sequence[float] = (3.0, 1.0, 0.0, -1
     """
     if len(teacher_logits) != len(student_logits) or not 2 <= len(teacher_logits) <= 8:
         raise ValueError("teacher_logits and student_logits need the same length, between 2 and 8")
+    outside = [float(v) for v in (*teacher_logits, *student_logits) if not -6 <= float(v) <= 6]
+    if outside:  # a slider would silently clip them
+        raise ValueError(f"logits must lie in [-6, 6] (the sliders' range), got {outside}")
     controls = {}
     for j, v in enumerate(teacher_logits):
         controls[f"teacher_{j}"] = _slider(f"teacher o_m[{j}]", v, -6, 6)
@@ -187,6 +190,9 @@ def weights_dashboard(target_logits: Optional[torch.Tensor] = None, targets: Opt
     Without arguments it uses a synthetic teacher batch (6 classes, 48 samples whose logits favour
     their class with noise), so the dashboard runs anywhere.
     """
+    if target_logits is None and targets is not None:
+        raise ValueError("targets were given without target_logits: pass both (the teacher's logits and the "
+                         "class of each row), or neither for the synthetic batch")
     if target_logits is None:
         g = torch.Generator().manual_seed(seed)
         targets = torch.arange(48) % 6
@@ -453,6 +459,7 @@ def training_dashboard(*, preset: str = "cpu-quick", cache_dir=None, device=None
         ys = [r["test_acc"] for r in history]
         with figure.batch_update():
             figure.data[-1].x, figure.data[-1].y = xs, ys
+            figure.layout.xaxis.dtick = max(1, -(-len(xs) // 10))  # whole epochs, about ten ticks
         progress.value = min(len(history), progress.max)
 
     def on_finish(row):

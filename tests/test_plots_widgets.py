@@ -159,6 +159,13 @@ def test_simplex_temperature_softens_the_teacher_and_kl_has_no_weights():
     assert kl.controls["alpha"].disabled and kl.controls["beta"].disabled and not kl.controls["temperature"].disabled
 
 
+def test_dashboards_refuse_input_they_would_silently_change():
+    with pytest.raises(ValueError, match=r"\[-6, 6\].*9.0"):
+        widgets.gradient_bars_dashboard([9.0, 1.0, 0.0, -1.0], [0.0, 0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="targets were given without target_logits"):
+        widgets.weights_dashboard(targets=torch.arange(6))
+
+
 # ------------------------------------------------------------------------------ plots
 def test_plots_never_call_show():
     import ast

@@ -158,6 +158,7 @@ def test_dashboard_buttons_and_disabled_controls(cache):
     buttons["run"].click()
     assert session.wait(300) and session.error is None
     assert len(dash.figure.data) == 1 and list(dash.figure.data[0].x) == [1, 2]
+    assert dash.figure.layout.xaxis.dtick == 1  # no 1.5-epoch ticks on a short run
     assert dash.state["progress"].value == 2 and "<table" in dash.state["table"].value
     assert not buttons["export"].disabled and buttons["stop"].disabled and not buttons["run"].disabled
     buttons["run"].click()  # again: a second trace; the first turns grey
