@@ -137,11 +137,7 @@ def check_targets(targets, batch_size: int, num_classes: int, device, *, name: s
     if targets.device != device:
         raise ValueError(f"{name} are on {targets.device} but {reference} are on {device}")
     if batch_size:
-        low, high = torch.stack(torch.aminmax(targets)).tolist()  # one pass, one sync
-        if low < 0 or high >= num_classes:
-            raise ValueError(
-                f"{name} out of range: values must lie in [0, {num_classes - 1}], got min {low}, max {high}"
-            )
+        check_label_range(name, targets, num_classes, owner=f"{reference} have")
     return targets.long()
 
 
@@ -205,11 +201,12 @@ def check_unit_range(name: str, x: torch.Tensor) -> None:
                          f"images and put the normalisation inside the model (dkl_lib.attacks.Normalized)")
 
 
-def check_label_range(name: str, labels: torch.Tensor, num_classes: int) -> None:
-    """Every class index in ``labels`` lies in [0, num_classes)."""
+def check_label_range(name: str, labels: torch.Tensor, num_classes: int, *, owner: str = "the model has") -> None:
+    """Every class index in ``labels`` (non-empty) lies in [0, num_classes); ``owner`` says what has
+    the classes in the message ("the model has", "the logits have")."""
     low, high = value_range(labels)
     if low < 0 or high >= num_classes:
-        raise ValueError(f"{name} out of range: the model has {num_classes} classes, so labels must lie in "
+        raise ValueError(f"{name} out of range: {owner} {num_classes} classes, so {name} must lie in "
                          f"[0, {num_classes - 1}], got min {int(low)}, max {int(high)}")
 
 

@@ -18,7 +18,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 
 from . import experiments, losses, train
-from ._checks import check_nonnegative, check_targets
+from ._checks import check_nonnegative, check_targets, value_range
 
 __all__ = [
     "ProbeResult",
@@ -159,7 +159,7 @@ def _check_probs(probs, labels):
         raise ValueError(f"labels must have shape ({probs.shape[0]},)")
     check_targets(labels, probs.shape[0], probs.shape[1], probs.device, name="labels", reference="probs")
     tol = max(1e-3, math.sqrt(torch.finfo(probs.dtype).eps))
-    low, high = torch.stack(torch.aminmax(probs)).tolist()
+    low, high = value_range(probs)
     if not (math.isfinite(low) and math.isfinite(high)):
         raise ValueError("probs contains non-finite values (nan or inf)")
     if low < -tol or high > 1 + tol:
