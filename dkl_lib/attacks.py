@@ -60,6 +60,7 @@ __all__ = [
     "class_separation",
     "clean_correct",
     "predict",
+    "bf16_autocast",
 ]
 
 #: The attacks of :func:`ensemble_attack`, in the order ART runs them (each one only on the samples
@@ -513,6 +514,9 @@ def ensemble_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epsil
     here. ART draws its random numbers from numpy's global generator: it is seeded with ``seed``
     for the call and its previous state restored afterwards.
 
+    ``x``: (N, C, H, W) images in [0, 1]; ``y``: (N,) int64 labels on x's device; ``batch_size``:
+    samples per forward pass. Returns an :class:`EnsembleResult` (accuracy in percent).
+
     Raises:
         ValueError: epsilon <= 0 (ART refuses ε = 0; check ε = 0 with :func:`pgd`), an unknown
             attack name, or DLR with fewer than 3 classes.
@@ -668,13 +672,14 @@ class RobustnessReport:
         return [c["check"] for c in self.checks if c["status"] == "warn"]
 
     def check(self, name: str) -> dict:
+        """The dict of the check ``name`` (a key of :data:`CHECKS`); KeyError when it did not run."""
         for c in self.checks:
             if c["check"] == name:
                 return c
         raise KeyError(f"no check named {name!r}; checks: {[c['check'] for c in self.checks]}")
 
     def checks_frame(self):
-        """The checks as a pandas DataFrame (check, status, value, detail, what)."""
+        """The checks as a pandas DataFrame (check, status, passed, value, detail, what)."""
         import pandas as pd
 
         return pd.DataFrame(self.checks, columns=["check", "status", "passed", "value", "detail", "what"])

@@ -21,6 +21,20 @@ __all__ = [
     "loss_grads",
     "relative_error",
     "check_kl_dkl_equivalence",
+    # notebook 01: the derivation, numerically and symbolically
+    "equivalence_table",
+    "decoupled_by_autograd",
+    "STOP_GRADIENT_VARIANTS",
+    "stop_gradient_ablation",
+    "symbolic_check",
+    "wmse_cost",
+    # notebook 02: the anatomy of the gradients
+    "student_gradients",
+    "SIMPLEX_CORNERS",
+    "simplex_xy",
+    "simplex_field",
+    "confidence_sweep",
+    "weight_matrices",
 ]
 
 GradPair = Tuple[torch.Tensor, torch.Tensor]

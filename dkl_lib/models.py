@@ -49,6 +49,11 @@ __all__ = [
     "wrn_34_10",
     "PreActResNet",
     "preact_resnet18",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "MobileNetV1",
+    "mobilenet_v1",
     "MODELS",
     "build_model",
     "model_arguments",
@@ -323,10 +328,12 @@ _WIDE4 = (32, 64, 128, 256)
 
 
 def resnet8(num_classes: int = 100) -> CifarResNet:
+    """ResNet-8 for CIFAR (0.08 M parameters at 100 classes)."""
     return CifarResNet(depth=8, widths=_THIN, num_classes=num_classes)
 
 
 def resnet14(num_classes: int = 100) -> CifarResNet:
+    """ResNet-14 for CIFAR (0.18 M parameters at 100 classes)."""
     return CifarResNet(depth=14, widths=_THIN, num_classes=num_classes)
 
 
@@ -336,10 +343,12 @@ def resnet20(num_classes: int = 100) -> CifarResNet:
 
 
 def resnet32(num_classes: int = 100) -> CifarResNet:
+    """ResNet-32 for CIFAR (0.47 M parameters at 100 classes)."""
     return CifarResNet(depth=32, widths=_THIN, num_classes=num_classes)
 
 
 def resnet44(num_classes: int = 100) -> CifarResNet:
+    """ResNet-44 for CIFAR (0.67 M parameters at 100 classes)."""
     return CifarResNet(depth=44, widths=_THIN, num_classes=num_classes)
 
 
@@ -349,7 +358,7 @@ def resnet56(num_classes: int = 100) -> CifarResNet:
 
 
 def resnet110(num_classes: int = 100) -> CifarResNet:
-    """ResNet-110 for CIFAR (1.73 M parameters at 100 classes); a CRD teacher."""
+    """ResNet-110 for CIFAR (1.74 M parameters at 100 classes); a CRD teacher."""
     return CifarResNet(depth=110, widths=_THIN, num_classes=num_classes)
 
 
@@ -364,6 +373,7 @@ def resnet32x4(num_classes: int = 100) -> CifarResNet:
 
 
 def wrn_16_1(num_classes: int = 100) -> WideResNet:
+    """WRN-16-1 (0.18 M parameters at 100 classes)."""
     return WideResNet(depth=16, widen_factor=1, num_classes=num_classes)
 
 
@@ -373,6 +383,7 @@ def wrn_16_2(num_classes: int = 100) -> WideResNet:
 
 
 def wrn_40_1(num_classes: int = 100) -> WideResNet:
+    """WRN-40-1 (0.57 M parameters at 100 classes); a CRD student."""
     return WideResNet(depth=40, widen_factor=1, num_classes=num_classes)
 
 
@@ -449,6 +460,7 @@ class MobileNetV1(nn.Module):
 
 
 def mobilenet_v1(num_classes: int = 1000) -> MobileNetV1:
+    """:class:`MobileNetV1` with ``num_classes`` outputs (4.2 M parameters at 1000 classes)."""
     return MobileNetV1(num_classes=num_classes)
 
 
@@ -504,9 +516,10 @@ def build_model(name: str, num_classes: int, *, seed: Optional[int] = None, **kw
     """Build the model ``name`` (a key of :data:`MODELS`) with ``num_classes`` outputs.
 
     ``kw`` goes to the constructor (``hidden=(64,)`` for "mlp", ``width=8`` for "small_cnn"; the
-    CIFAR models take none). With ``seed`` the initial weights are drawn under that seed inside
-    ``torch.random.fork_rng``, so the same seed gives the same model and the global random state is
-    left untouched.
+    other models take none, see :func:`model_arguments`); an argument the model does not take raises
+    ``TypeError``, an unknown name or a ``num_classes`` below 2 ``ValueError``. With ``seed`` the
+    initial weights are drawn under that seed inside ``torch.random.fork_rng``, so the same seed
+    gives the same model and the global random state is left untouched.
     """
     if not isinstance(name, str) or name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
@@ -524,7 +537,8 @@ def build_model(name: str, num_classes: int, *, seed: Optional[int] = None, **kw
 
 
 def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
-    """Number of parameter entries (buffers such as BN running statistics not counted)."""
+    """Number of parameter entries (buffers such as BN running statistics not counted); with
+    ``trainable_only`` only those of parameters that require grad."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
@@ -569,7 +583,8 @@ def load_teacher_checkpoint(checkpoint, model: nn.Module, *, map_location="cpu",
 
     Raises:
         CheckpointMismatchError: missing or unexpected keys, or shapes that differ; the message
-            lists them (first few of each).
+            lists them (first few of each). Also for a file that ``weights_only`` loading refuses
+            (without ``trusted=True``) and for an object that holds no state_dict.
         FileNotFoundError: no file at the path.
     """
     if isinstance(checkpoint, (str, Path)):

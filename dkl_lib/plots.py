@@ -1,7 +1,9 @@
 """Plotly figures made from data (DataFrames of :mod:`dkl_lib.grads`, training histories).
 
-Every function returns a ``plotly.graph_objects.Figure`` (or a ``FigureWidget`` with
-``widget=True``, for dashboards that update in place) and never calls ``.show()``. The ``update_*``
+Every figure function returns a ``plotly.graph_objects.Figure`` (or a ``FigureWidget`` with
+``widget=True``, for dashboards that update in place) and never calls ``.show()``; the exceptions are
+:func:`final_accuracy_chart` (a seaborn / matplotlib ``Figure``) and the tables
+:func:`histories_frame` and :func:`paper_comparison` (pandas DataFrames). The ``update_*``
 twins change an existing figure's data inside one ``batch_update`` (no re-creation, no flicker).
 This module is the one place that owns the colours and the display names of losses and terms.
 """
@@ -27,6 +29,11 @@ __all__ = [
     "confidence_lines",
     "equivalence_heatmap",
     "cost_lines",
+    "drift_lines",
+    "metric_bars",
+    "reliability_diagram",
+    "sensitivity_heatmap",
+    "sensitivity_lines",
     "TRAINING_TERMS",
     "histories_frame",
     "learning_curves",
@@ -54,6 +61,7 @@ def label(loss: str, term: Optional[str] = None) -> str:
 
 
 def color(loss: str) -> str:
+    """The colour (hex) of a loss in every figure; dark grey for an unknown name."""
     return LOSS_COLORS.get(loss, "#333333")
 
 
@@ -158,6 +166,8 @@ def weight_heatmaps(mats, *, widget: bool = False):
 
 
 def update_weight_heatmaps(fig, mats) -> None:
+    """Set the heatmaps (and the colour range and title) of a figure made by :func:`weight_heatmaps`
+    to ``mats`` (from ``weight_matrices``)."""
     with fig.batch_update():
         fig.data[0].z = mats["sample"].tolist()
         fig.data[1].z = mats["classwise"].tolist()

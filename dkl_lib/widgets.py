@@ -5,7 +5,8 @@ Each dashboard is a :class:`Dashboard`: an ipywidgets container (``.widget``), t
 Every callback is a plain named function of values, ``<name>_update(figure, values)``, that the
 observers call with ``{control name: value}``; a test can set a control's ``.value`` (or call the
 function directly) and look at ``.figure.data``. Displaying a Dashboard in a notebook shows its
-widget. Notebook 02 uses these.
+widget. Notebook 02 uses the gradient, simplex and weight dashboards; notebook 05 the training
+dashboard (:func:`training_dashboard`, whose logic is :class:`TrainingSession`).
 """
 from __future__ import annotations
 
@@ -27,11 +28,27 @@ __all__ = [
     "simplex_update",
     "weights_dashboard",
     "weights_update",
+    "ROUNDING_FLOOR",
+    "gradient_bars_data",
+    "simplex_data",
+    # the training dashboard (notebook 05)
+    "LOSS_CONTROLS",
+    "LOSS_HPARAMS",
+    "enabled_controls",
+    "loss_settings",
+    "run_request",
+    "TrainingSession",
+    "training_dashboard",
 ]
 
 
 @dataclass
 class Dashboard:
+    """A dashboard: ``widget`` (the ipywidgets container to display), ``figure`` (the plotly
+    ``FigureWidget`` it updates in place), ``controls`` ({name: control widget}), ``update`` (the
+    callback ``update(figure, values, **update_kwargs)`` run when a control changes), and ``state``
+    (further handles, e.g. the training dashboard's buttons and :class:`TrainingSession`)."""
+
     widget: W.Widget
     figure: object
     controls: Dict[str, W.ValueWidget]
@@ -40,6 +57,7 @@ class Dashboard:
     state: dict = field(default_factory=dict)  # other handles (buttons, session, ...) for callers and tests
 
     def values(self) -> dict:
+        """{control name: its current value}."""
         return {name: c.value for name, c in self.controls.items()}
 
     def refresh(self, _change=None) -> None:
@@ -137,6 +155,8 @@ def _teacher_probs(values):
 
 
 def simplex_data(values: dict):
+    """(the DataFrame of :func:`dkl_lib.grads.simplex_field`, the teacher's (x, y) on the simplex) for the
+    control values (teacher_0..2, temperature, alpha, beta, loss, and optionally resolution)."""
     probs = _teacher_probs(values)
     df = grads.simplex_field(probs, loss=values["loss"], temperature=values["temperature"],
                              alpha=values["alpha"], beta=values["beta"], resolution=values.get("resolution", 10))
