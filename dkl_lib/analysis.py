@@ -63,6 +63,10 @@ def probe_runs(loss_specs: Sequence[str], seeds: Sequence[int], *, preset: str =
     ``ProbeResult.probes``. The teacher comes from the run cache (trained once per preset); the
     students are not cached, since the probe is arbitrary. ``dtype=torch.float64`` trains the
     student (and evaluates the teacher) in float64.
+
+    ``loss_specs`` and ``seeds`` as in :func:`dkl_lib.experiments.run_grid` (the keys of the result
+    use its labels: "ikl", "ikl-nogi", ...); ``overrides``, ``cache_dir``, ``device`` as there;
+    ``progress``: tqdm bars over the runs.
     """
     import pandas as pd
     from tqdm.auto import tqdm
@@ -127,7 +131,9 @@ def parameter_probe(student, data, teacher_logits, settings) -> dict:
 
 def parameter_drift(result: ProbeResult, loss_a: str, loss_b: str, seed: int):
     """Per epoch: the largest parameter and test-logit difference between two runs of one seed,
-    and both runs' test accuracy (from probes made with :func:`parameter_probe`)."""
+    and both runs' test accuracy (percent) and training loss (from probes made with
+    :func:`parameter_probe`). Columns: epoch, max_param_diff, max_logit_diff, test_acc_<loss_a>,
+    test_acc_<loss_b>, loss_<loss_a>, loss_<loss_b>."""
     import pandas as pd
 
     rows = []
@@ -174,7 +180,9 @@ def _check_probs(probs, labels):
 def reliability_table(probs: torch.Tensor, labels: torch.Tensor, *, n_bins: int = 10):
     """Per confidence bin (equal width on [0, 1]): count, mean confidence, accuracy (a DataFrame).
 
-    ``probs``: (N, C) probabilities (rows sum to 1), N >= 1; ``labels``: (N,) integer classes.
+    ``probs``: (N, C) probabilities (rows sum to 1), N >= 1; ``labels``: (N,) integer classes;
+    ``n_bins`` >= 1. Columns: bin, low, high, count, confidence, accuracy; confidence and accuracy
+    are fractions in [0, 1] (not percent), NaN for an empty bin.
     """
     import pandas as pd
 
@@ -213,7 +221,11 @@ def intra_class_spread(probs: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def prediction_metrics(result: ProbeResult, *, n_bins: int = 10):
-    """Accuracy, ECE and intra-class spread of every probed student on the test set (DataFrame)."""
+    """Accuracy, ECE and intra-class spread of every probed student on the test set (DataFrame).
+
+    Columns: loss, seed, accuracy (percent, as every accuracy of the training code), ece (a fraction
+    in [0, 1], :func:`expected_calibration_error` with ``n_bins``), intra_class_spread.
+    """
     import pandas as pd
 
     rows = []

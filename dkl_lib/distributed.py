@@ -127,7 +127,7 @@ def is_main() -> bool:
 
 def launched_by_torchrun(environ: Optional[Mapping[str, str]] = None) -> bool:
     """True when the environment says this process is one of a launched group (RANK and
-    WORLD_SIZE set, as torchrun does)."""
+    WORLD_SIZE set, as torchrun does). ``environ``: the mapping to read (default ``os.environ``)."""
     env = os.environ if environ is None else environ
     return "RANK" in env and "WORLD_SIZE" in env
 

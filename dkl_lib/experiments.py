@@ -509,6 +509,7 @@ class RunCache:
         self.enabled = enabled
 
     def path(self, kind: str, key: str) -> Path:
+        """The entry folder ``root/<kind>-<key[:16]>`` for a config hash ``key`` (:func:`config_hash`)."""
         return self.root / f"{kind}-{key[:16]}"
 
     def exists(self, kind: str, config: dict) -> bool:
@@ -581,7 +582,9 @@ class RunCache:
 # --------------------------------------------------------------------------------------------- data
 def load_data(spec: dict, *, device=None, download: bool = False) -> data_mod.TensorData:
     """The data set described by a preset's ``data`` section ({"name": "digits"|"cifar100"|
-    "cifar10"|"imagenet"|"synthetic", ...other arguments of that loader})."""
+    "cifar10"|"imagenet"|"synthetic", ...other arguments of that loader}), on ``device``.
+    ``download`` lets CIFAR be downloaded (ImageNet never is: ``ValueError``); an unknown name
+    raises ``ValueError``, a missing data set :class:`dkl_lib.data.DatasetNotFoundError`."""
     spec = dict(spec)
     name = spec.pop("name", None)
     if name == "digits":
@@ -807,7 +810,8 @@ class GridResult:
 
     Attributes:
         runs: DataFrame, one row per (loss, seed): loss, seed, best_acc, best_epoch, last_acc,
-            teacher_acc, epochs, seconds, cached, stopped, config_hash.
+            teacher_acc (accuracies in percent), epochs, seconds, cached, stopped, resumed_from,
+            config_hash.
         summary: DataFrame, one row per loss: n, best_acc_mean/std, last_acc_mean/std, "best"
             and "last" as "mean ± std" text, and paper_top1 where the paper has the setting.
         histories: {(loss, seed): per-epoch DataFrame} (see :class:`dkl_lib.train.TrainResult`).
@@ -969,7 +973,8 @@ def run_grid(losses: Sequence[str] = ("ce", "kl", "dkl", "ikl", "gkl", "dkd"),
     Args:
         losses: loss names (:data:`GRID_LOSSES`): ce, kl, dkl, ikl, gkl, dkd, ikl-nogi, gkl-nogi.
         seeds: student seeds (initialisation, batch order, augmentation).
-        preset: "cpu-quick", "gpu-short" or "paper". overrides: see :func:`resolve_config`.
+        preset: "cpu-quick", "gpu-short", "paper" or "imagenet" (:data:`PRESETS`). overrides: see
+            :func:`resolve_config`.
         cache_dir: cache folder (default :func:`default_runs_dir`); use_cache=False recomputes
             everything and writes nothing.
         device: None = :func:`dkl_lib.train.select_device`. download: allow downloading CIFAR.
@@ -1296,10 +1301,11 @@ class AdvGridResult:
     """What :func:`run_adv_grid` returns (accuracies in percent).
 
     Attributes:
-        runs: DataFrame, one row per (loss, seed): clean_acc, pgd<k>_acc, ensemble_acc,
-            robust_acc (worst case over all attacks), checks_passed, flags, failed, the per-epoch
-            curve's best/last clean and robust accuracy (PGD-``eval_steps`` on a test subset) with
-            the best epoch, seconds, cached, config_hash.
+        runs: DataFrame, one row per (loss, seed): loss, seed, clean_acc, pgd<k>_acc, ensemble_acc,
+            robust_acc (worst case over all attacks), the per-epoch curve's best/last clean and
+            robust accuracy (PGD-``eval_steps`` on a test subset; ``curve_*``) with the best epoch,
+            epochs, checks_passed, failed, flags, seconds (training), eval_seconds, cached, stopped,
+            config_hash.
         summary: DataFrame, one row per loss: mean ± std over seeds of every accuracy (``*_mean``,
             ``*_std`` and a "mean ± std" text column) and the paper's numbers where it has the
             setting (``paper_clean``, ``paper_robust``, ``paper_source``; WRN-34-10, AutoAttack).

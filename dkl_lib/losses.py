@@ -549,6 +549,9 @@ LOSS_TERMS: Dict[str, Callable[..., Terms]] = {
 def loss_terms(name: str, logits, target_logits, targets=None, **hparams) -> Terms:
     """Named terms of the loss ``name`` (one of ``LOSS_TERMS``); ``targets`` goes where it is used.
 
+    ``hparams`` are the keyword arguments of that loss's ``*_terms`` function (``temperature``,
+    ``alpha``, ...). An unknown ``name``, or "dkd" without ``targets``, raises ``ValueError``.
+
     >>> terms = loss_terms("ikl", student_logits, teacher_logits, targets=y, temperature=4.0)
     >>> total = sum(terms.values())
     """

@@ -175,7 +175,8 @@ class ClassPrior:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a :meth:`state_dict`; ValueError naming the key for a missing entry or a tensor
-        of the wrong shape (nothing is changed then)."""
+        of the wrong shape, TypeError for a ``state`` that is not a dict or an entry that is not a
+        tensor (nothing is changed then)."""
         if not isinstance(state, Mapping):
             raise TypeError(f"state must be a dict from ClassPrior.state_dict(), got {type(state).__name__}")
         missing = [key for key in ("prior", "sums", "counts", "epochs") if key not in state]

@@ -430,7 +430,8 @@ class TrainResult:
 def predict_logits(model: nn.Module, x: torch.Tensor, data: TensorData, *, batch_size: int = 1000,
                    amp: bool = False, channels_last: bool = False) -> torch.Tensor:
     """Logits (N, classes) of ``model`` in eval mode for raw images x (normalised here with
-    ``data``'s mean/std), in batches, on x's device; returned as float32 (float64 models: float64)."""
+    ``data``'s mean/std), in batches of ``batch_size``, on x's device (``amp``: bf16 autocast;
+    ``channels_last``: that memory format); returned as float32 (float64 models: float64)."""
     was_training = model.training
     model.eval()
     dtype = _model_dtype(model)
@@ -454,7 +455,7 @@ def evaluate(model: nn.Module, data: TensorData, *, split: str = "test", batch_s
     """Top-1 accuracy in percent of ``model`` (eval mode) on ``data``'s "test" or "train" split.
 
     The model must already be on the data's device. ``amp`` (default: on for CUDA) evaluates under
-    bf16 autocast.
+    bf16 autocast, ``channels_last`` in that memory format; ``batch_size``: images per forward pass.
     """
     if split not in ("test", "train"):
         raise ValueError(f"split must be 'test' or 'train', got {split!r}")
@@ -767,8 +768,8 @@ def distill(student: nn.Module, teacher: Optional[nn.Module], data: TensorData, 
         device: None = :func:`select_device`. amp (bf16 autocast), channels_last: default on for
             CUDA only; ``amp=True`` on the CPU runs CPU bf16 autocast (slow; it checks the mixed-precision
             path without a GPU).
-        progress: tqdm bars. callback: ``callback(history)`` after each epoch; return False or
-            raise :class:`StopTraining` to stop.
+        progress: tqdm bars; desc: their label (default: the loss name). callback:
+            ``callback(history)`` after each epoch; return False or raise :class:`StopTraining` to stop.
         checkpoint_dir: a folder for per-epoch checkpoints (None: none). When it already holds a
             checkpoint of this run, training RESUMES from the newest one (model, optimizer,
             schedule, batch-order and augmentation generators, class prior, history), so the
@@ -906,6 +907,10 @@ class WeightAverage:
     (1-based), then a ← τ·a + (1 − τ)·w after every step of the later epochs, as the in-loop
     average of the official IKL-AT training script (τ = 0.9996, start = 150 of 200 epochs).
     BatchNorm running statistics are averaged the same way; integer buffers are copied.
+
+    Args:
+        model: the model being trained (deep-copied; the average is ``self.module``, eval mode).
+        decay: τ in [0, 1). start: the 1-based epoch after which averaging begins (>= 1).
     """
 
     def __init__(self, model: nn.Module, *, decay: float, start: int = 1):
@@ -919,6 +924,7 @@ class WeightAverage:
 
     @torch.no_grad()
     def update(self, model: nn.Module, epoch: int) -> None:
+        """Fold ``model``'s current weights into the average (``epoch``: the running 1-based epoch)."""
         tau = self.decay if epoch > self.start else 0.0
         for avg, cur in zip(self.module.state_dict().values(), model.state_dict().values()):
             if avg.is_floating_point():
@@ -944,7 +950,8 @@ def adversarial_loss_terms(loss: str, logits: Optional[torch.Tensor], target_log
         targets: (B,) int64 labels.
         beta: TRADES: the weight of KL (default 6). IKL: the soft-CE weight (default 4).
         alpha: IKL: the wMSE weight (default 20). temperature: IKL's T (default 1).
-        weight_temperature: IKL's T_w for sample-wise weights when no ``class_prior`` is given.
+        weight_temperature: IKL's T_w for sample-wise weights when no ``class_prior`` is given
+            (default: ``temperature``; :func:`adversarial_train` passes :data:`ADV_DEFAULTS`' 4).
         class_prior: IKL's (C, C) class-wise prior (GI; :class:`~dkl_lib.prior.ClassPrior`).
 
     Returns:
