@@ -132,7 +132,12 @@ def simplex_quiver(df, *, teacher_xy=None, widget: bool = False,
         fig.add_scatter(x=[tx], y=[ty], mode="markers", marker=dict(symbol="star", size=14, color="black"),
                         name="teacher", showlegend=(i == 1), row=1, col=i)
         fig.update_xaxes(visible=False, range=[-0.05, 1.05], row=1, col=i)
-        fig.update_yaxes(visible=False, range=[-0.05, 0.92], scaleanchor=f"x{i if i > 1 else ''}", row=1, col=i)
+        fig.update_yaxes(visible=False, range=[-0.07, 0.94], scaleanchor=f"x{i if i > 1 else ''}", row=1, col=i)
+        # which corner is which class (probability 1 on that class), as in grads.SIMPLEX_CORNERS
+        ref = f"x{i if i > 1 else ''}"
+        for k, (cx, cy, anchor) in enumerate(((0.0, 0.0, "top"), (1.0, 0.0, "top"), (0.5, 3**0.5 / 2, "bottom"))):
+            fig.add_annotation(x=cx, y=cy, xref=ref, yref=ref.replace("x", "y"), text=f"class {k}",
+                               showarrow=False, yanchor=anchor, font=dict(size=11, color="#555"))
     fig.update_layout(title=title, template="plotly_white", height=380)
     return _figure(widget, fig)
 
@@ -160,7 +165,8 @@ def weight_heatmaps(mats, *, widget: bool = False):
         fig.add_heatmap(z=mats[key].tolist(), coloraxis="coloraxis", row=1, col=col)
         fig.update_yaxes(autorange="reversed", title_text="class j", dtick=1, row=1, col=col)
         fig.update_xaxes(title_text="class k", dtick=1, row=1, col=col)
-    fig.update_layout(coloraxis=dict(colorscale="Viridis", cmin=0, cmax=zmax), template="plotly_white",
+    fig.update_layout(coloraxis=dict(colorscale="Viridis", cmin=0, cmax=zmax, colorbar=dict(title="w_jk")),
+                      template="plotly_white",
                       height=400, title=f"wMSE weights for a sample of class {mats['target']}")
     return _figure(widget, fig)
 
@@ -177,12 +183,19 @@ def update_weight_heatmaps(fig, mats) -> None:
 
 # ------------------------------------------------------------------------------ lines
 def confidence_lines(df, *, title: str = "Gradient magnitude on the student against teacher confidence"):
-    """One line per (loss, term): grad_norm against confidence (from ``confidence_sweep``)."""
+    """One line per (loss, term): grad_norm against confidence (from ``confidence_sweep``).
+
+    Curves of different losses can coincide exactly (KL's gradient is IKL's soft-label CE one;
+    GKL's equals IKL's at γ = 1), so each loss draws a thinner line than the one before it: a
+    curve drawn over another leaves the earlier one visible as a wider band around it.
+    """
     fig = go.Figure()
+    losses = list(dict.fromkeys(df["loss"]))
     for loss, term in _pairs(df):
         part = df[(df["loss"] == loss) & (df["term"] == term)]
+        width = 2 + 3 * (len(losses) - 1 - losses.index(loss))
         fig.add_scatter(x=part["confidence"], y=part["grad_norm"], mode="lines", name=label(loss, term),
-                        line=dict(color=color(loss), dash=_TERM_DASH.get(term, "solid")))
+                        line=dict(color=color(loss), dash=_TERM_DASH.get(term, "solid"), width=width))
     fig.update_layout(title=title, xaxis_title="teacher's probability of the top class",
                       yaxis_title="‖∂ term / ∂ o_n‖₂", template="plotly_white", height=420)
     return fig
@@ -228,11 +241,12 @@ def drift_lines(drifts: dict, *, title: str = "KL vs DKL, same seed: how far the
     for name, df in drifts.items():
         fig.add_scatter(x=df["epoch"], y=df["max_param_diff"].clip(lower=1e-18), mode="lines+markers", name=name)
     fig.update_layout(title=title, xaxis_title="epoch", yaxis_title="max |θ_KL − θ_DKL|", yaxis_type="log",
-                      template="plotly_white", height=380)
+                      yaxis_exponentformat="power", template="plotly_white", height=380)
     return fig
 
 
-def metric_bars(df, metrics: dict, *, title: str = "IKL with and without class-wise global information"):
+def metric_bars(df, metrics: dict, *,
+                title: str = "IKL with and without class-wise global information: mean ± std over seeds"):
     """One panel per metric: mean over seeds per loss, error bar = std (from ``prediction_metrics``).
 
     ``metrics`` maps a column of ``df`` to its axis title.
@@ -240,11 +254,13 @@ def metric_bars(df, metrics: dict, *, title: str = "IKL with and without class-w
     fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=list(metrics.values()))
     stats = df.groupby("loss", sort=False)[list(metrics)].agg(["mean", "std", "count"])
     for col, metric in enumerate(metrics, start=1):
-        names = list(stats.index)
-        fig.add_bar(x=names, y=stats[(metric, "mean")], showlegend=False,
+        losses = list(stats.index)
+        counts = [int(c) for c in stats[(metric, "count")]]
+        fig.add_bar(x=[f"{label(n)}<br>n={c}" for n, c in zip(losses, counts)], y=stats[(metric, "mean")],
+                    showlegend=False,
                     error_y=dict(type="data", array=stats[(metric, "std")].fillna(0).tolist()),
-                    marker_color=[color(n) for n in names],
-                    text=[f"n={int(c)}" for c in stats[(metric, "count")]], textposition="inside",
+                    marker_color=[color(n) for n in losses], meta={"losses": losses, "metric": metric},
+                    hovertemplate="%{x}: %{y:.4g} ± %{error_y.array:.2g}<extra></extra>",
                     row=1, col=col)
     fig.update_layout(title=title, template="plotly_white", height=380)
     return fig
@@ -257,14 +273,24 @@ def reliability_diagram(tables: dict, *, title: str = "Reliability diagram (test
     """
     fig = go.Figure()
     fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(color="#999", dash="dot"), name="perfect")
+    biggest = max([int(t["count"].max()) for t in tables.values() if len(t)] + [1])
     for name, table in tables.items():
         used = table[table["count"] > 0]
-        fig.add_scatter(x=used["confidence"], y=used["accuracy"], mode="lines+markers", name=name,
-                        text=[f"n={c}" for c in used["count"]],
-                        line=dict(color=color(name)))
+        # marker area ∝ samples in the bin: a near-empty bin far off the diagonal is not read as a trend
+        sizes = [4 + 16 * (int(c) / biggest) ** 0.5 for c in used["count"]]
+        fig.add_scatter(x=used["confidence"], y=used["accuracy"], mode="lines+markers", name=label(name),
+                        text=[f"n={c}" for c in used["count"]], marker=dict(size=sizes),
+                        hovertemplate="confidence %{x:.3f}, accuracy %{y:.3f} (%{text})<extra>" + label(name)
+                        + "</extra>", line=dict(color=color(name)), meta={"loss": name})
     fig.update_layout(title=title, xaxis_title="confidence", yaxis_title="accuracy", template="plotly_white",
+                      legend_title_text="marker area ∝<br>samples in the bin",
                       height=400, xaxis_range=[0, 1.02], yaxis_range=[0, 1.02])
     return fig
+
+
+#: Axis titles of the hyper-parameters of the sensitivity figures (the notebook's symbols).
+_PARAM_LABELS = {"alpha": "α (weight of the wMSE term)", "beta": "β (weight of the soft-label CE term)",
+                 "temperature": "temperature T", "weight_temperature": "weight temperature T_w", "gamma": "γ"}
 
 
 def sensitivity_heatmap(summary, x: str, y: str, *, value: str = "best",
@@ -280,7 +306,8 @@ def sensitivity_heatmap(summary, x: str, y: str, *, value: str = "best",
     fig = go.Figure(go.Heatmap(z=mean.to_numpy(), x=[str(v) for v in mean.columns], y=[str(v) for v in mean.index],
                                text=text, texttemplate="%{text}", colorscale="Viridis",
                                colorbar=dict(title="accuracy (%)")))
-    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, template="plotly_white", height=380)
+    fig.update_layout(title=title, xaxis_title=_PARAM_LABELS.get(x, x), yaxis_title=_PARAM_LABELS.get(y, y),
+                      template="plotly_white", height=380)
     return fig
 
 
@@ -290,7 +317,8 @@ def sensitivity_lines(summary, x: str, *, value: str = "best",
     fig = go.Figure(go.Scatter(x=summary[x], y=summary[f"{value}_mean"], mode="lines+markers",
                                error_y=dict(type="data", array=summary[f"{value}_std"].fillna(0).tolist()),
                                text=[f"n={int(n)}" for n in summary["n"]], line=dict(color=color("gkl"))))
-    fig.update_layout(title=title, xaxis_title=x, yaxis_title="test accuracy (%)", template="plotly_white",
+    fig.update_layout(title=title, xaxis_title=_PARAM_LABELS.get(x, x), yaxis_title="test accuracy (%)",
+                      template="plotly_white",
                       height=360)
     return fig
 
@@ -340,7 +368,7 @@ def _band(fig, stats, *, loss, row, col):
     x = stats["epoch"].tolist()
     upper = (stats["mean"] + stats["std"]).tolist()
     lower = (stats["mean"] - stats["std"]).tolist()
-    fig.add_scatter(x=x + x[::-1], y=upper + lower[::-1], fill="toself", fillcolor=color(loss),
+    fig.add_scatter(x=x + x[::-1], y=upper + lower[::-1], mode="lines", fill="toself", fillcolor=color(loss),
                     opacity=0.18, line=dict(width=0), hoverinfo="skip", showlegend=False,
                     legendgroup=loss, name=f"{label(loss)} ± std", meta={"loss": loss, "kind": "band"},
                     row=row, col=col)
@@ -532,6 +560,11 @@ def prior_heatmap(priors, *, epochs=None, layout: str = "slider", diagonal: bool
         fig.update_layout(coloraxis=dict(colorscale="Viridis", cmin=0.0, cmax=zmax, colorbar=dict(title="p")))
         fig.update_yaxes(autorange="reversed", dtick=1)
         fig.update_xaxes(dtick=1)
+        for r in range(1, rows + 1):  # the slider layout's axis titles: true class on y, class k on x
+            fig.update_yaxes(title_text="true class y", row=r, col=1)
+        for i in range(len(epochs)):
+            if i + cols >= len(epochs):  # the lowest panel of each column
+                fig.update_xaxes(title_text="class k", row=i // cols + 1, col=i % cols + 1)
         fig.update_layout(title=title, template="plotly_white", height=300 * rows + 60)
         return fig
 
@@ -653,9 +686,9 @@ def _adv_band(fig, x, mean, std, *, loss, row=None, col=None):
     upper = [m + s for m, s in zip(mean, std)]
     lower = [m - s for m, s in zip(mean, std)]
     kw = {} if row is None else {"row": row, "col": col}
-    fig.add_scatter(x=list(x) + list(x)[::-1], y=upper + lower[::-1], fill="toself", fillcolor=color(loss),
-                    opacity=0.18, line=dict(width=0), hoverinfo="skip", showlegend=False, legendgroup=loss,
-                    name=f"{adv_label(loss)} ± std", meta={"loss": loss, "kind": "band"}, **kw)
+    fig.add_scatter(x=list(x) + list(x)[::-1], y=upper + lower[::-1], mode="lines", fill="toself",
+                    fillcolor=color(loss), opacity=0.18, line=dict(width=0), hoverinfo="skip", showlegend=False,
+                    legendgroup=loss, name=f"{adv_label(loss)} ± std", meta={"loss": loss, "kind": "band"}, **kw)
 
 
 def adversarial_examples(x, x_adv, y, pred_clean, pred_adv, *, n: int = 8, epsilon: Optional[float] = None,
@@ -690,11 +723,16 @@ def adversarial_examples(x, x_adv, y, pred_clean, pred_adv, *, n: int = 8, epsil
             fig.add_heatmap(z=img[::-1], showscale=(j == n - 1 and row == 2), row=row, col=j + 1,
                             colorbar=dict(title="x′ − x", len=0.3, y=0.5), hovertemplate="%{z:.3f}<extra></extra>",
                             **kw)
-    fig.update_xaxes(visible=False)
-    fig.update_yaxes(visible=False, scaleanchor="x")
+    fig.update_xaxes(visible=False, constrain="domain")
+    for row in range(1, 4):
+        for col in range(1, n + 1):
+            k = (row - 1) * n + col  # each image is square against ITS OWN x axis (not the first panel's)
+            fig.update_yaxes(visible=False, scaleanchor=f"x{k if k > 1 else ''}", constrain="domain",
+                             row=row, col=col)
     for row, name in ((1, "clean"), (2, "perturbation"), (3, "adversarial")):
-        fig.update_yaxes(visible=True, showticklabels=False, title_text=name, row=row, col=1)
-    fig.update_layout(title=title, height=380, margin=dict(t=80, l=60, r=20, b=10))
+        fig.update_yaxes(visible=True, showticklabels=False, showgrid=False, zeroline=False, title_text=name,
+                         row=row, col=1)
+    fig.update_layout(title=title, height=380, margin=dict(t=80, l=60, r=20, b=10), template="plotly_white")
     fig.update_annotations(font_size=11)
     return fig
 
@@ -725,7 +763,7 @@ def adversarial_curves(histories, *, metrics=("test_acc", "test_robust_acc"), ba
                             meta={"loss": loss, "metric": metric, "kind": "mean"}, row=1, col=col)
         fig.update_xaxes(title_text="epoch", row=1, col=col)
         fig.update_yaxes(title_text="%", row=1, col=col)
-    fig.update_layout(title=title, height=380, hovermode="x unified")
+    fig.update_layout(title=title, height=380, hovermode="x unified", template="plotly_white")
     return fig
 
 
@@ -750,7 +788,7 @@ def robustness_vs_epsilon(frame, *, train_epsilon: Optional[float] = None,
         fig.add_vline(x=train_epsilon, line_dash="dash", line_color="#555555",
                       annotation_text=f"training ε = {train_epsilon:g}", annotation_position="top right")
     fig.update_layout(title=title, xaxis_title="ε (L∞, images in [0, 1])", yaxis_title="accuracy (%)",
-                      yaxis_range=[0, 101], height=380)
+                      yaxis_range=[0, 101], height=380, template="plotly_white")
     return fig
 
 
@@ -782,27 +820,51 @@ def sanity_check_table(checks, *, title: str = "Sanity checks of every evaluatio
     fig = go.Figure(go.Heatmap(z=z, x=names, y=runs, text=text, texttemplate="%{text}", customdata=hover,
                                hovertemplate="%{y}<br>%{x}: %{text}<br>%{customdata}<extra></extra>",
                                colorscale=scale, zmin=0, zmax=2, showscale=False, xgap=2, ygap=2))
-    fig.update_layout(title=title, height=max(220, 60 + 34 * len(runs)), yaxis_autorange="reversed",
-                      xaxis_tickangle=-30, margin=dict(l=160))
+    # ~28 px per row on top of the title and the rotated check names, and every row's name as a tick
+    # (plotly drops category labels that it finds crowded, leaving rows unnamed)
+    fig.update_layout(title=title, height=230 + 28 * len(runs), yaxis_autorange="reversed",
+                      yaxis=dict(tickmode="array", tickvals=runs, ticktext=runs),
+                      xaxis_tickangle=-30, margin=dict(l=160), template="plotly_white")
     return fig
 
 
 def adversarial_comparison_bars(table, *, title: str = "Ours (measured here) beside the paper's published numbers"):
     """Grouped bars of clean and robust accuracy, one bar group per row of ``table``
     (:meth:`dkl_lib.experiments.AdvGridResult.comparison`): our runs solid, the paper's hatched,
-    each labelled with its data, model and attack, so that they are never mistaken for each other."""
+    each labelled with its data, model and attack, so that they are never mistaken for each other.
+
+    Bar colour is the method's; robust bars are lighter. Our bars carry ± std error bars; the
+    paper's published numbers have no spread, so their bars have none (not a zero-length one).
+    The legend's grey keys say which bar is clean and which robust. Traces: per metric, ours then
+    the paper's (``meta`` {"metric", "who"}), then the two legend keys (``meta`` {"kind": "key"}).
+    """
+    import math
+
+    rows = [r for _, r in table.iterrows()]
+    x_all = [f"{r['method']}<br>{r['who']}<br>{r['data']}" for r in rows]
     fig = go.Figure()
-    for metric, name in (("clean", "clean"), ("robust", "robust")):
-        x = [f"{r['method']}<br>{r['who']}<br>{r['data']}" for _, r in table.iterrows()]
-        y = [r[f"{metric} (%)"] for _, r in table.iterrows()]
-        err = [r.get(f"{metric} std", 0.0) or 0.0 for _, r in table.iterrows()]
-        colors = [color(r["loss"]) for _, r in table.iterrows()]
-        pattern = ["/" if r["who"].startswith("paper") else "" for _, r in table.iterrows()]
-        fig.add_bar(x=x, y=y, name=name, marker=dict(color=colors, pattern_shape=pattern,
-                    opacity=1.0 if metric == "clean" else 0.6),
-                    error_y=dict(type="data", array=err, visible=True), offsetgroup=metric,
-                    text=[f"{v:.1f}" for v in y], textposition="outside",
-                    hovertext=[r["attack"] for _, r in table.iterrows()], meta={"metric": metric})
-    fig.update_layout(title=title, barmode="group", yaxis_title="accuracy (%)", yaxis_range=[0, 105], height=440,
-                      legend_title_text="accuracy (robust: the attack in the hover text)")
+    for metric in ("clean", "robust"):
+        opacity = 1.0 if metric == "clean" else 0.6
+        for who, paper in (("ours", False), ("paper", True)):
+            part = [(x, r) for x, r in zip(x_all, rows) if r["who"].startswith("paper") == paper]
+            if not part:
+                continue
+            y = [r[f"{metric} (%)"] for _, r in part]
+            err = [r.get(f"{metric} std", 0.0) for _, r in part]
+            err = [0.0 if e is None or (isinstance(e, float) and math.isnan(e)) else float(e) for e in err]
+            fig.add_bar(x=[x for x, _ in part], y=y, name=f"{metric} ({who})", showlegend=False,
+                        marker=dict(color=[color(r["loss"]) for _, r in part], opacity=opacity,
+                                    pattern_shape="/" if paper else ""),
+                        error_y=dict(type="data", array=err, visible=not paper), offsetgroup=metric,
+                        text=[f"{v:.1f}" for v in y], textposition="outside", cliponaxis=False,
+                        hovertext=[f"{metric}; attack: {r['attack']}" for _, r in part],
+                        meta={"metric": metric, "who": who})
+    for metric, opacity in (("clean", 1.0), ("robust", 0.6)):  # legend keys in neutral grey
+        fig.add_scatter(x=[None], y=[None], mode="markers", name=f"{metric} accuracy",
+                        marker=dict(symbol="square", size=12, color="#555555", opacity=opacity),
+                        meta={"kind": "key", "metric": metric})
+    fig.update_layout(title=title, barmode="group", yaxis_title="accuracy (%)", yaxis_range=[0, 109], height=460,
+                      xaxis=dict(categoryorder="array", categoryarray=x_all), template="plotly_white",
+                      legend_title_text="colour: method; lighter: robust;<br>hatched: the paper's number;"
+                                        "<br>hover: the attack")
     return fig

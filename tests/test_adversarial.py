@@ -454,5 +454,6 @@ def test_adversarial_plots_are_made_from_data():
                            "clean (%)": 84.8, "clean std": float("nan"), "robust (%)": 57.09,
                            "robust std": float("nan"), "attack": "AutoAttack"}])
     fig = P.adversarial_comparison_bars(table)
-    assert [list(t.y) for t in fig.data] == [[95.0, 84.8], [80.0, 57.09]]
-    assert list(fig.data[0].marker.pattern.shape) == ["", "/"]  # the paper's bars are hatched
+    bars = [t for t in fig.data if t.type == "bar"]             # per metric: ours, then the paper's
+    assert [list(t.y) for t in bars] == [[95.0], [84.8], [80.0], [57.09]]
+    assert [t.marker.pattern.shape for t in bars] == ["", "/", "", "/"]  # the paper's bars are hatched

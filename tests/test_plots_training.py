@@ -239,3 +239,76 @@ def test_paper_comparison_single_seed_and_other_setting():
                                    student="ResNet18")
     assert table.iloc[0]["top-1 (%)"] == "95.00"  # one seed: no ± std
     assert table[table["who"].str.startswith("paper")]["top-1 (%)"].tolist() == ["71.03"]
+
+
+# ------------------------------------------------------------------------------ what the rendered figures say
+def test_prior_heatmap_grid_names_its_axes():
+    fig = plots.prior_heatmap(torch.rand(6, 3, 3), layout="grid", epochs=[0, 1, 2, 3, 4, 5], cols=4)
+    titled_y = [k for k in fig.layout if k.startswith("yaxis") and fig.layout[k].title.text == "true class y"]
+    titled_x = [k for k in fig.layout if k.startswith("xaxis") and fig.layout[k].title.text == "class k"]
+    assert sorted(titled_y) == ["yaxis", "yaxis5"]                    # first column of each row
+    assert sorted(titled_x) == ["xaxis3", "xaxis4", "xaxis5", "xaxis6"]  # lowest panel of each column
+
+
+def test_notebook_05_figures_use_display_names_and_show_bin_sizes():
+    m = pd.DataFrame({"loss": ["ikl", "ikl", "ikl-nogi", "ikl-nogi"], "seed": [0, 1, 0, 1],
+                      "ece": [0.1, 0.3, 0.2, 0.2]})
+    bars = plots.metric_bars(m, {"ece": "ECE"})
+    assert list(bars.data[0].x) == ["IKL<br>n=2", "IKL (no GI)<br>n=2"]
+    assert not bars.data[0].text and "std" in bars.layout.title.text  # n no longer sits on the error bar
+    table = pd.DataFrame({"count": [0, 1, 9], "confidence": [float("nan"), 0.2, 0.8],
+                          "accuracy": [float("nan"), 1.0, 0.7]})
+    rel = plots.reliability_diagram({"ikl": table, "ikl-nogi": table})
+    assert [t.name for t in rel.data] == ["perfect", "IKL", "IKL (no GI)"]
+    small, big = rel.data[1].marker.size
+    assert big > 2 * small                                      # a 1-sample bin is drawn small
+    d = pd.DataFrame({"epoch": [1, 2], "max_param_diff": [1e-16, 2e-6]})
+    assert plots.drift_lines({"float32": d}).layout.yaxis.exponentformat == "power"  # 10⁻¹⁶, not "0.1f"
+    s = pd.DataFrame({"alpha": [0.5, 1.0], "temperature": [4.0, 4.0], "best_mean": [90.0, 91.0],
+                      "best_std": [1.0, 1.0], "n": [2, 2]})
+    heat = plots.sensitivity_heatmap(s, "alpha", "temperature")
+    assert heat.layout.xaxis.title.text.startswith("α") and heat.layout.yaxis.title.text == "temperature T"
+
+
+def test_sanity_check_table_labels_every_row():
+    checks = pd.DataFrame([{"loss": loss, "seed": seed, "check": c, "status": "pass", "detail": ""}
+                           for loss in ("trades", "ikl") for seed in (0, 1, 2) for c in ("a", "b", "c")])
+    fig = plots.sanity_check_table(checks)
+    runs = list(fig.data[0].y)
+    assert len(runs) == 6 and list(fig.layout.yaxis.tickvals) == runs and list(fig.layout.yaxis.ticktext) == runs
+    assert fig.layout.height >= 230 + 28 * 6                     # room for 6 rows under the title
+
+
+def test_adversarial_examples_images_keep_their_own_aspect():
+    x = torch.rand(4, 1, 8, 8)
+    fig = plots.adversarial_examples(x, (x + 0.05).clamp(0, 1), [1, 2, 3, 4], [1, 2, 3, 4], [4, 2, 5, 4], n=4)
+    for k in range(1, 13):  # 3 rows × 4 images: every y axis is tied to its own x axis
+        y = fig.layout[f"yaxis{k if k > 1 else ''}"]
+        assert y.scaleanchor == f"x{k if k > 1 else ''}"
+
+
+def test_adversarial_comparison_bars_paper_rows_have_no_error_bar():
+    table = pd.DataFrame([{"method": "IKL-AT", "loss": "ikl", "who": "ours (measured here)", "data": "digits",
+                           "clean (%)": 97.7, "clean std": 0.3, "robust (%)": 80.0, "robust std": 2.0, "attack": "a"},
+                          {"method": "IKL-AT", "loss": "ikl", "who": "paper (published)", "data": "CIFAR-10",
+                           "clean (%)": 84.8, "clean std": float("nan"), "robust (%)": 57.09,
+                           "robust std": float("nan"), "attack": "AutoAttack"}])
+    fig = plots.adversarial_comparison_bars(table)
+    bars = {(t.meta["metric"], t.meta["who"]): t for t in fig.data if t.type == "bar"}
+    assert bars[("clean", "ours")].error_y.visible and list(bars[("clean", "ours")].error_y.array) == [0.3]
+    assert bars[("clean", "paper")].error_y.visible is False and bars[("robust", "paper")].error_y.visible is False
+    assert all(t.cliponaxis is False for t in bars.values())    # "97.7" above the bar is not cut off
+    keys = [t for t in fig.data if t.meta.get("kind") == "key"]
+    assert [t.name for t in keys] == ["clean accuracy", "robust accuracy"]
+    assert all(t.showlegend is False for t in bars.values())
+    assert list(fig.layout.xaxis.categoryarray) == [
+        "IKL-AT<br>ours (measured here)<br>digits", "IKL-AT<br>paper (published)<br>CIFAR-10"]
+
+
+def test_std_bands_draw_no_markers_at_their_corners():
+    # a scatter of <= 20 points defaults to lines+markers: a band's polygon corners showed as stray dots
+    fig = plots.learning_curves(fake_histories(epochs=4))
+    adv = plots.adversarial_curves({(loss, seed): pd.DataFrame({"epoch": [1, 2], "test_acc": [50.0 + seed, 60.0]})
+                                    for loss in ("trades", "ikl") for seed in (0, 1)}, metrics=("test_acc",))
+    bands = traces(fig, kind="band") + traces(adv, kind="band")
+    assert len(bands) > 2 and all(t.mode == "lines" for t in bands)

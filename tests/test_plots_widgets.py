@@ -251,3 +251,29 @@ def test_weights_dashboard_temperature_flattens_the_weights():
     assert z.max() - z.min() < 0.6 * (1 / 36)
     dash.controls["sample"].value = 1
     assert dash.figure.layout.title.text.endswith("class 1")
+
+
+# ------------------------------------------------------------------------------ what the rendered figures say
+def test_simplex_quiver_names_the_corners():
+    df = grads.simplex_field([0.2, 0.5, 0.3], loss="ikl", resolution=6)
+    fig = plots.simplex_quiver(df, teacher_xy=(0.5, 0.3))
+    corners = [(a.text, a.x, a.y, a.xref) for a in fig.layout.annotations if a.text.startswith("class")]
+    panels = len(set(df["term"]))
+    assert len(corners) == 3 * panels
+    # probability 1 on class k sits at grads.SIMPLEX_CORNERS[k]
+    for k, (cx, cy) in enumerate(grads.SIMPLEX_CORNERS):
+        assert (f"class {k}", cx, pytest.approx(cy), "x") in [(t, x, pytest.approx(y), r) for t, x, y, r in corners]
+
+
+def test_weight_heatmaps_colourbar_is_titled():
+    mats = grads.weight_matrices(torch.randn(8, 3), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), weight_temperature=1.0)
+    assert "w" in plots.weight_heatmaps(mats).layout.coloraxis.colorbar.title.text
+
+
+def test_confidence_lines_keep_coinciding_curves_visible():
+    # KL's curve equals IKL's soft-label CE one and GKL's equal IKL's: the later ones are drawn thinner
+    sweep = grads.confidence_sweep([0.3, 0.6], num_classes=4)
+    fig = plots.confidence_lines(sweep)
+    width = {t.name: t.line.width for t in fig.data}
+    assert width["KL · KL"] > width["IKL · soft-label CE"] > width["GKL · soft-label CE"]
+    assert width["IKL · wMSE"] > width["GKL · wMSE"]
