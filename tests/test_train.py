@@ -344,10 +344,14 @@ def test_a_student_handed_over_in_eval_mode_trains_in_train_mode():
 
 
 def test_a_last_batch_of_one_sample_is_skipped_for_batchnorm():
+    """BatchNorm1d cannot train on one sample: a last batch of one is skipped (not trained on, no error)."""
     d = tiny_data(n_train=33)  # batches of 16, 16 and 1
-    s = M.build_model("small_cnn", 4, seed=1, width=2)
+    s = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                            torch.nn.Linear(8, 4))
+    sizes = []
+    s.register_forward_pre_hook(lambda m, a: sizes.append(a[0].shape[0]) if m.training else None)
     r = T.train_teacher(s, d, epochs=1, seed=0, **FAST)
-    assert r.epochs_run == 1 and math.isfinite(r.history[0]["loss"])
+    assert sizes == [16, 16] and r.epochs_run == 1 and math.isfinite(r.history[0]["loss"])
 
 
 def test_a_diverging_run_stops_with_an_error_naming_the_epoch():
