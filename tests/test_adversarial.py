@@ -40,6 +40,7 @@ def test_trades_terms_match_the_torch_oracle():
     for got, want in zip(_grads(total, nat, adv), _grads(oracle, nat, adv)):
         assert torch.allclose(got, want, atol=1e-12)
     assert _grads(terms["kl"], nat)[0].abs().max() > 1e-3  # the natural logits get KL's gradient too
+    assert torch.equal(T.adversarial_loss_terms("trades", adv, nat, y)["kl"], terms["kl"])  # default beta = 6
 
 
 def _ikl_oracle(adv, nat, y, *, alpha, beta, temperature, prior=None, weight_temperature=None):
@@ -457,3 +458,83 @@ def test_adversarial_plots_are_made_from_data():
     bars = [t for t in fig.data if t.type == "bar"]             # per metric: ours, then the paper's
     assert [list(t.y) for t in bars] == [[95.0], [84.8], [80.0], [57.09]]
     assert [t.marker.pattern.shape for t in bars] == ["", "/", "", "/"]  # the paper's bars are hatched
+
+
+def _mlp64(d, seed=2):
+    return A.normalized(M.build_model("mlp", 3, seed=seed, in_shape=(1, 6, 6), hidden=(8,)).double(), d)
+
+
+def _data64(**kw):
+    args = dict(n_train=24, n_test=30, num_classes=3, image_shape=(1, 6, 6), noise=0.4, seed=5, dtype=torch.float64)
+    args.update(kw)
+    return D.synthetic(**args)
+
+
+def test_adversarial_train_equals_its_steps_written_out():
+    """Two epochs of one batch each against the same steps done by hand: batch order, attack start,
+    the TRADES inner PGD at the epoch's ε (increasing schedule) with step attack_step_fraction · ε_e,
+    the outer loss, SGD with momentum, Nesterov and weight decay, lr × lr_decay at the milestone, and
+    the natural / adversarial training accuracy (non-default values, so that each one counts)."""
+    d = _data64()
+    opt_kw = dict(lr=0.2, momentum=0.8, nesterov=True, weight_decay=0.01)
+    res = T.adversarial_train(_mlp64(d), d, loss="trades", epsilon=0.3, epsilon_schedule="increasing", attack_steps=2,
+                              attack_step_fraction=0.5, epochs=2, milestones=[1], lr_decay=0.5, batch_size=24,
+                              seed=3, eval_samples=0, progress=False, device="cpu", **opt_kw)
+    model = _mlp64(d)
+    opt = torch.optim.SGD(model.parameters(), **opt_kw)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[1], gamma=0.5)
+    order, starts = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3 + 2_000_003)
+    accs = []
+    for epoch, row in zip((1, 2), res.history):
+        eps = 0.3 * epoch / 2
+        idx = torch.randperm(24, generator=order)
+        x, y = d.x_train[idx], d.y_train[idx]
+        noise = torch.randn(x.shape, generator=starts, dtype=torch.float32)
+        x_adv = A.trades_perturb(model, x, epsilon=eps, steps=2, step_size=0.5 * eps, start_noise=noise)
+        nat, adv = model(x), model(x_adv)
+        accs.append((100 * (nat.argmax(1) == y).double().mean().item(), 100 * (adv.argmax(1) == y).double().mean().item()))
+        assert row["epsilon"] == pytest.approx(eps) and row["lr"] == pytest.approx(0.2 * 0.5 ** (epoch - 1))
+        assert (row["train_acc"], row["train_adv_acc"]) == pytest.approx(accs[-1])
+        loss = sum(T.adversarial_loss_terms("trades", adv, nat, y).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    assert any(a != b for a, b in accs)  # the adversarial accuracy is its own number here
+    for (name, a), b in zip(res.model.named_parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_ikl_at_prior_is_the_class_mean_of_the_natural_softmax_at_t_w():
+    """GI: after one epoch (one batch) the prior is the per-class mean of softmax(f(x) / T_w) of the
+    NATURAL logits at T_w = 4 (the official code), not of the adversarial ones or at T = 1."""
+    d = _data64()
+    model = _mlp64(d)
+    with torch.no_grad():
+        p = torch.softmax(model(d.x_train) / 4.0, dim=1)
+    want = torch.stack([p[d.y_train == c].mean(0) for c in range(3)])
+    res = T.adversarial_train(model, d, loss="ikl", epsilon=0.3, attack_steps=2, epochs=1, batch_size=24,
+                              eval_samples=0, progress=False, device="cpu")
+    torch.testing.assert_close(res.priors[1].double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_robust_accuracy_counts_only_samples_whose_clean_input_is_right(monkeypatch):
+    """test_robust_acc = clean correct AND every PGD iterate correct: an attack that breaks nothing
+    gives the clean accuracy, not 100 %."""
+    def breaks_nothing(model, x, y, **kw):
+        return A.PGDResult(x_adv=x.clone(), correct=torch.ones(x.shape[0], dtype=torch.bool, device=x.device))
+
+    monkeypatch.setattr(T, "pgd", breaks_nothing)
+    d = _data64()
+    res = T.adversarial_train(_mlp64(d), d, loss="trades", epsilon=0.1, attack_steps=1, epochs=1, batch_size=24,
+                              eval_samples=None, progress=False, device="cpu")
+    row = res.history[0]
+    assert row["test_acc"] < 100.0 and row["test_robust_acc"] == pytest.approx(row["test_acc"])
+
+
+def test_a_diverging_adversarial_run_stops_with_an_error_naming_the_epoch():
+    _, d = _tiny()
+    model = A.normalized(M.build_model("mlp", 4, seed=0, in_shape=(1, 8, 8), hidden=(8,)), d)
+    with pytest.raises(FloatingPointError, match="non-finite in epoch 1"):
+        T.adversarial_train(model, d, loss="ce", epsilon=0.1, epochs=2, batch_size=16, lr=1e30, eval_samples=0,
+                            progress=False, device="cpu")

@@ -407,3 +407,107 @@ def test_pgd_refuses_labels_out_of_range_and_non_integer_seeds():
         A.evaluate_robustness(model, x, y, epsilon=0.1, ensemble=False, pgd_steps=(1,), seed=0.5)
     same = [A.pgd(model, x, y, epsilon=0.1, steps=2, seed=s).x_adv for s in (3, np.int64(3))]
     assert torch.equal(*same)  # any integer type is a seed
+
+
+class BreaksAboveCenter(nn.Module):
+    """Class 1 (wrong for label 0) exactly where the first pixel exceeds 0.6: from x = 0.5 a random
+    start in the 0.2-ball breaks a sample with probability 1/4, independently in each restart."""
+
+    def forward(self, x):
+        z = x.flatten(1)[:, :1]
+        return torch.cat([torch.zeros_like(z), (z - 0.6) * 100.0], dim=1)
+
+
+def test_pgd_restarts_keep_the_worst_case_of_every_restart():
+    """A sample broken by any restart stays broken (its x_adv the first start that broke it); later
+    restarts attack only the samples still standing."""
+    x = torch.full((64, 1, 2, 2), 0.5)
+    y = torch.zeros(64, dtype=torch.int64)
+    model = BreaksAboveCenter()
+    r = A.pgd(model, x, y, epsilon=0.2, steps=0, restarts=3, seed=7)
+    gen = torch.Generator().manual_seed(7)
+    starts = [x + ((torch.rand(x.shape, generator=gen, dtype=torch.float64) * 2 - 1) * 0.2).float() for _ in range(3)]
+    broken = [model(s).argmax(1) != 0 for s in starts]
+    assert not torch.equal(broken[0], broken[2])  # the restarts differ: the case is not trivial
+    assert torch.equal(r.correct, ~(broken[0] | broken[1] | broken[2]))
+    want = starts[2].clone()
+    for b, s in zip(reversed(broken), reversed(starts)):  # the first breaking start wins
+        want[b] = s[b]
+    assert torch.allclose(r.x_adv, want, rtol=0, atol=1e-7)
+
+
+def test_the_default_step_size_is_a_quarter_of_epsilon(trained):
+    net, d = trained
+    x, y = d.x_test[:24], d.y_test[:24]
+    a = A.pgd(net, x, y, epsilon=0.1, steps=3, seed=1)
+    assert torch.equal(a.x_adv, A.pgd(net, x, y, epsilon=0.1, steps=3, step_size=0.025, seed=1).x_adv)
+    assert not torch.equal(a.x_adv, A.pgd(net, x, y, epsilon=0.1, steps=3, step_size=0.05, seed=1).x_adv)
+    t = A.trades_perturb(net, x, epsilon=0.1, steps=3, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(t, A.trades_perturb(net, x, epsilon=0.1, steps=3, step_size=0.025,
+                                           generator=torch.Generator().manual_seed(2)))
+    assert not torch.equal(t, A.trades_perturb(net, x, epsilon=0.1, steps=3, step_size=0.05,
+                                               generator=torch.Generator().manual_seed(2)))
+
+
+def _fixed_attacks(monkeypatch, pgd_correct, ens_correct, broken_by, attacks=("apgd-ce",)):
+    """PGD (every k, and ε = 0) and the ensemble replaced by fixed outcomes."""
+    def fixed_pgd(model, x, y, **kw):
+        return A.PGDResult(x_adv=x.clone(), correct=torch.tensor(pgd_correct))
+
+    def fixed_ensemble(model, x, y, **kw):
+        return A.EnsembleResult(x_adv=x.clone(), correct=torch.tensor(ens_correct), broken_by=torch.tensor(broken_by),
+                                attacks=attacks)
+
+    monkeypatch.setattr(A, "_pgd", fixed_pgd)
+    monkeypatch.setattr(A, "ensemble_attack", fixed_ensemble)
+
+
+def test_robust_accuracies_count_only_samples_whose_clean_input_is_right(monkeypatch):
+    """PGD-k, ensemble, worst-case and accuracy_vs_epsilon accuracies all need the clean input right,
+    and the worst case takes the ensemble's breaks too."""
+    x = torch.full((4, 1, 2, 2), 0.5)
+    y = torch.tensor([0, 1, 0, 2])  # AlwaysClassZero: clean right on samples 0 and 2
+    _fixed_attacks(monkeypatch, [True] * 4, [False, True, True, True], [0, -2, -1, -2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", A.GradientMaskingWarning)
+        rep = A.evaluate_robustness(AlwaysClassZero(), x, y, epsilon=0.1, pgd_steps=(2,), strict=False)
+    assert rep.clean_acc == 50.0 and rep.pgd_acc == {2: 50.0}
+    assert rep.ensemble_acc == 25.0 and rep.robust_acc == 25.0
+    assert A.accuracy_vs_epsilon(AlwaysClassZero(), x, y, [0.1])["accuracy"].tolist() == [50.0]
+
+
+def test_square_breaking_what_pgd_already_broke_is_no_masking_flag(monkeypatch):
+    """The black-box part of the flag counts only samples that PGD could not break."""
+    x = torch.full((4, 1, 2, 2), 0.5)
+    y = torch.zeros(4, dtype=torch.int64)
+    _fixed_attacks(monkeypatch, [False, True, True, True], [False, True, True, True], [0, -1, -1, -1], ("square",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", A.GradientMaskingWarning)
+        rep = A.evaluate_robustness(AlwaysClassZero(), x, y, epsilon=0.1, pgd_steps=(2,), strict=False)
+    assert rep.check("gradient_masking")["status"] == "pass"
+    _fixed_attacks(monkeypatch, [False, True, True, True], [True, False, True, True], [-1, 0, -1, -1], ("square",))
+    with pytest.warns(A.GradientMaskingWarning):
+        rep = A.evaluate_robustness(AlwaysClassZero(), x, y, epsilon=0.1, pgd_steps=(2,), strict=False)
+    assert rep.check("gradient_masking")["status"] == "warn"
+
+
+def test_an_ensemble_outside_the_ball_fails_the_ball_check(trained, monkeypatch):
+    net, d = trained
+
+    def too_far(model, x, y, **kw):
+        return A.EnsembleResult(x_adv=(x + 0.3).clamp(0, 1), correct=A.clean_correct(model, x, y),
+                                broken_by=torch.full((x.shape[0],), -1), attacks=("apgd-ce",))
+
+    monkeypatch.setattr(A, "ensemble_attack", too_far)
+    rep = A.evaluate_robustness(net, d.x_test, d.y_test, epsilon=0.1, pgd_steps=(2,), strict=False)
+    assert "adversarial_in_ball" in rep.failed
+
+
+def test_the_ensemble_is_fixed_by_its_seed_not_by_numpys_global_state(trained):
+    net, d = trained
+    x, y = d.x_test[:16], d.y_test[:16]
+    runs = []
+    for global_seed in (1, 2):
+        np.random.seed(global_seed)
+        runs.append(A.ensemble_attack(net, x, y, epsilon=0.3, apgd_iters=3, square_queries=10, seed=3).x_adv)
+    assert torch.equal(runs[0], runs[1])

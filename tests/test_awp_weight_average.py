@@ -161,3 +161,20 @@ def test_bad_awp_and_weight_average_settings(kw, match):
     args.update(kw)
     with pytest.raises(ValueError, match=match):
         T.adversarial_train(mlp(d), d, **args)
+
+
+def test_the_epoch_accuracies_are_those_of_the_averaged_weights():
+    """With a weight average the per-epoch clean and robust accuracies are measured on the averaged
+    weights (the returned model), test_acc_raw on the trained ones."""
+    d = tiny(n_train=48, n_test=60)
+    kw = dict(loss="trades", epsilon=0.1, attack_steps=2, batch_size=12, lr=0.1, eval_samples=None, eval_steps=3,
+              seed=1, progress=False, device="cpu")
+    res = T.adversarial_train(mlp(d), d, epochs=3, weight_average=0.999999, weight_average_from=1, **kw)
+    row = res.history[-1]
+    clean = A.clean_correct(res.model, d.x_test, d.y_test)
+    robust = clean & A.pgd(res.model, d.x_test, d.y_test, epsilon=0.1, steps=3, seed=1).correct
+    assert row["test_acc"] == pytest.approx(100 * clean.double().mean().item())
+    assert row["test_robust_acc"] == pytest.approx(100 * robust.double().mean().item())
+    raw = T.adversarial_train(mlp(d), d, epochs=3, **kw).history[-1]
+    assert row["test_acc_raw"] == raw["test_acc"] != row["test_acc"]
+    assert raw["test_robust_acc"] != row["test_robust_acc"]

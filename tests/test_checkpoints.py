@@ -183,6 +183,7 @@ def test_run_adv_grid_resumes(tmp_path):
     ref = E.run_adv_grid(["trades"], [0], overrides=overrides, cache_dir=tmp_path / "ref", progress=False)
     E.run_adv_grid(["trades"], [0], overrides=overrides, cache_dir=tmp_path / "c", progress=False,
                    callback=lambda loss, seed, h: False)
+    assert not list((tmp_path / "c").glob("adv*-*/entry.json"))  # neither the stopped run nor its evaluation cached
     resumed = E.run_adv_grid(["trades"], [0], overrides=overrides, cache_dir=tmp_path / "c", progress=False)
     row, ref_row = resumed.runs.iloc[0], ref.runs.iloc[0]
     assert row["epochs"] == 2 and (row["clean_acc"], row["robust_acc"]) == (ref_row["clean_acc"], ref_row["robust_acc"])

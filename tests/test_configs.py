@@ -355,3 +355,10 @@ def test_a_name_that_is_not_one_plain_folder_name_is_refused(tmp_path, name):
     with pytest.raises(ValueError, match=r"'name' must be one plain folder name"):
         C.load_config(path)
     assert C.load_config(_write(tmp_path, 'name: kd_v1.2-short\n' + GOOD))["name"] == "kd_v1.2-short"
+
+
+def test_scalar_seeds_comma_separated_losses_and_a_single_source_are_accepted(tmp_path):
+    text = (GOOD.replace("seeds: [0, 1]", "seeds: 3").replace("losses: [kl, ikl]", "losses: kl, ikl")
+            + "sources: the official repository\n")
+    cfg = C.load_config(_write(tmp_path, text))
+    assert cfg["seeds"] == [3] and cfg["losses"] == ["kl", "ikl"] and cfg["sources"] == ["the official repository"]

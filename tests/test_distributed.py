@@ -195,7 +195,8 @@ def test_distributed_init_from_env_needs_the_torchrun_variables(monkeypatch):
 
 
 @pytest.mark.parametrize("n,world,drop_last", [(10, 2, False), (11, 2, False), (11, 2, True), (11, 4, False),
-                                               (3, 4, False), (7, 3, True), (0, 2, False)])
+                                               (3, 4, False), (7, 3, True), (0, 2, False),
+                                               (1, 4, False), (2, 7, False)])
 def test_distributed_shard_indices_match_distributed_sampler(n, world, drop_last):
     from torch.utils.data import DistributedSampler
 
@@ -290,3 +291,28 @@ def test_distributed_two_forwards_per_step_keep_rank0_batchnorm_buffers(ranks):
             assert torch.equal(r1["bn_after"][step][key], r0["bn_after"][step][key]), key
     # rank 1 had its own statistics before the broadcast: without it the ranks would drift apart
     assert not torch.equal(r1["bn_before"][0]["running_mean"], r0["bn_before"][0]["running_mean"])
+
+
+def test_distributed_launched_by_torchrun_needs_both_rank_and_world_size():
+    assert D.launched_by_torchrun({"RANK": "0", "WORLD_SIZE": "2"})
+    assert not D.launched_by_torchrun({"RANK": "0"}) and not D.launched_by_torchrun({"WORLD_SIZE": "2"})
+
+
+def test_distributed_checkpoint_file_mode_follows_the_umask(tmp_path):
+    """mkstemp creates 0600 files; a checkpoint gets the mode open() would give (0644 under umask 022)."""
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path = D.save_checkpoint(D.checkpoint_path(tmp_path, 1), {"epoch": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_distributed_a_checkpoint_that_is_no_dict_falls_back_to_the_previous_one(tmp_path):
+    D.save_checkpoint(D.checkpoint_path(tmp_path, 1), {"epoch": 1})
+    torch.save(["not", "a", "state"], D.checkpoint_path(tmp_path, 2))
+    with pytest.warns(RuntimeWarning, match="does not hold a dict"):
+        latest = D.load_latest_checkpoint(tmp_path)
+    assert latest.state == {"epoch": 1}

@@ -163,6 +163,10 @@ def test_run_config_hash_covers_only_what_the_loss_uses():
     assert "gi" not in E._run_config(cfg, "dkl", 0, "t")["distill"]
     with pytest.raises(ValueError, match="unknown loss"):
         E._run_config(cfg, "kl-nogi", 0, "t")
+    # the CE baseline uses no teacher and no KD weights: one run whatever the teacher
+    ce = E._run_config(cfg, "ce", 0, "t")
+    assert ce["teacher_key"] is None and ce == E._run_config(cfg, "ce", 0, "u")
+    assert not {"ce_weight", "kd_weight", "warmup_epochs", "temperature"} & set(ce["distill"])
 
 
 def test_run_config_hash_changes_with_everything_a_run_depends_on():
@@ -631,3 +635,66 @@ def test_lazy_imports():
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_teacher_cache_key_changes_with_everything_the_teacher_depends_on():
+    """A trained teacher is keyed by its data, model, seed and every training setting (and not by the
+    student's settings), so changing any of them trains a new teacher instead of reusing the old one."""
+    def key(overrides):
+        return E.config_hash(E._teacher_config(E.resolve_config("cpu-quick", overrides))[0])
+
+    keys = [key(o) for o in ({}, {"teacher.seed": 1}, {"teacher.train.lr": 0.1}, {"teacher.train.epochs": 5},
+                             {"teacher.train.milestones": [10]}, {"teacher.model_kw.width": 8}, {"data.n_train": 300})]
+    assert len(set(keys)) == len(keys)
+    assert key({"distill.lr": 0.1, "student.model_kw.hidden": [32]}) == keys[0]
+
+
+def test_a_trained_teachers_accuracy_is_that_of_its_last_epoch(tmp_path, monkeypatch):
+    """The teacher handed to the students is the last epoch's model, so its reported accuracy is the
+    last epoch's, not the best one."""
+    from dkl_lib import train as T
+
+    def fake_training(model, data, **kw):
+        return T.TrainResult(model=model, history=[{"epoch": 1, "test_acc": 90.0}, {"epoch": 2, "test_acc": 80.0}],
+                             config={})
+
+    monkeypatch.setattr(E.train_mod, "train_teacher", fake_training)
+    cfg = E.resolve_config("cpu-quick", TINY)
+    d = E.load_data(cfg["data"], device="cpu")
+    _, info = E.get_teacher(cfg, lambda: d, cache=E.RunCache(tmp_path), device="cpu", progress=False)
+    assert info["source"] == "trained" and info["acc"] == 80.0 and info["best_acc"] == 90.0
+
+
+def test_curve_stats_take_the_first_epoch_of_the_best_robust_accuracy():
+    nan = float("nan")
+    history = [{"epoch": 1, "test_acc": 50.0, "test_robust_acc": 20.0},
+               {"epoch": 2, "test_acc": 60.0, "test_robust_acc": 30.0},
+               {"epoch": 3, "test_acc": 55.0, "test_robust_acc": 30.0},
+               {"epoch": 4, "test_acc": 58.0, "test_robust_acc": nan}]
+    stats = E._curve_stats(history)
+    assert stats["curve_robust_best_epoch"] == 2 and stats["curve_robust_best_acc"] == 30.0
+    assert stats["curve_clean_best_acc"] == 60.0 and stats["curve_clean_last_acc"] == 58.0
+    assert stats["curve_robust_last_acc"] != stats["curve_robust_last_acc"]  # NaN: not measured
+
+
+def test_natural_training_keys_leave_out_the_attack_and_awp_settings():
+    """"ce" trains without an attack: its key ignores the attack and AWP settings (which the trainer
+    would refuse for natural training: the paper preset has AWP on)."""
+    cfg = E.resolve_adv_config("paper")
+    ce = E._adv_run_config(cfg, "ce", 0)
+    assert not {"epsilon_schedule", "attack_steps", "attack_step_fraction", "awp_gamma", "awp_warmup"} & set(ce["train"])
+    other = E._adv_run_config(E.resolve_adv_config("paper", {"train.attack_steps": 3, "train.awp_gamma": 0.01}), "ce", 0)
+    assert E.config_hash(other) == E.config_hash(ce)
+    assert E._adv_run_config(cfg, "trades", 0)["train"]["awp_gamma"] == 0.005
+
+
+def test_cli_exit_status_is_130_after_ctrl_c(tmp_path, monkeypatch):
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(E.train_mod, "distill", ctrl_c)
+    argv = ["kd", "--losses", "kl", "--seeds", "0", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path),
+            "--device", "cpu", "--quiet"] + [a for k, v in TINY.items() for a in ("--override", f"{k}={v}")]
+    with pytest.warns(UserWarning, match="interrupted"):
+        assert E.main(argv) == 130
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["interrupted"] is True

@@ -4,11 +4,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dkl_lib as dkl
 from dkl_lib import data as D
 from dkl_lib import models as M
 from dkl_lib import train as T
+from dkl_lib.losses import loss_terms
 from dkl_lib.prior import ClassPrior
 
 FAST = dict(lr=0.05, momentum=0.9, weight_decay=5e-4, batch_size=16, progress=False, device="cpu")
@@ -105,6 +107,7 @@ def test_history_has_every_named_term(loss, terms):
     assert all(0.0 <= h["test_acc"] <= 100.0 and h["seconds"] > 0 for h in r.history)
     assert r.best_acc == max(h["test_acc"] for h in r.history) and r.last_acc == r.history[-1]["test_acc"]
     assert r.best_epoch in (1, 2) and r.stopped is None
+    assert [h["kd_factor"] for h in r.history] == [0.0 if loss == "ce" else 1.0] * 2  # ce: no KD term to weigh
     if loss != "ce":  # the total is CE + KD (no warm-up here)
         h = r.history[0]
         assert math.isclose(h["loss"], h["ce"] + sum(h[t] for t in terms), rel_tol=1e-5)
@@ -283,3 +286,86 @@ def test_cifar_shaped_pipeline_with_channels_last():
     assert r.config["channels_last"] is True and len(r.history) == 1
     assert math.isfinite(r.history[0]["loss"]) and r.priors[1].shape == (10, 10)
     assert student.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+# ------------------------------------------------------------------- the optimisation, written out
+def test_distill_is_sgd_on_the_weighted_loss_with_every_optimiser_setting(teacher64):
+    """Two epochs against torch's SGD and MultiStepLR driven by hand on the same batches: the loss
+    ce_weight · CE + factor · kd_weight · KL (warm-up factor 1/2, then 1), momentum, Nesterov, weight
+    decay and lr × lr_decay at the milestone, each with a non-default value so that each one counts."""
+    d = tiny_data(torch.float64)
+    opt_kw = dict(lr=0.2, momentum=0.8, nesterov=True, weight_decay=0.01)
+    s = student64()
+    ref = copy.deepcopy(s)
+    r = T.distill(s, teacher64, d, loss="kl", temperature=2.0, ce_weight=0.3, kd_weight=0.7, warmup_epochs=2,
+                  epochs=2, milestones=[1], lr_decay=0.5, batch_size=16, seed=5, progress=False, device="cpu",
+                  **opt_kw)
+    assert [h["lr"] for h in r.history] == [0.2, 0.1] and [h["kd_factor"] for h in r.history] == [0.5, 1.0]
+    t_logits = T.predict_logits(teacher64, d.x_train, d)
+    opt = torch.optim.SGD(ref.parameters(), **opt_kw)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[1], gamma=0.5)
+    order = torch.Generator().manual_seed(5)
+    for factor in (0.5, 1.0):
+        for idx in D.batch_indices(d.n_train, batch_size=16, shuffle=True, generator=order):
+            logits = ref(d.normalize(d.x_train[idx]))
+            kd = loss_terms("kl", logits, t_logits[idx], temperature=2.0)["kl"]
+            loss = 0.3 * F.cross_entropy(logits, d.y_train[idx]) + factor * 0.7 * kd
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+    for (name, a), b in zip(s.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_with_augmentation_the_teacher_sees_each_augmented_batch():
+    """The teacher's logits are computed once per run only for fixed inputs; with augmentation the
+    teacher runs on exactly the augmented images the student trains on."""
+    d = tiny_data(augment={"padding": 1, "flip": True})
+    teacher = M.build_model("small_cnn", 4, seed=0, width=4)
+    s = M.build_model("small_cnn", 4, seed=1, width=2)
+    seen_t, seen_s = [], []
+    teacher.register_forward_pre_hook(lambda m, a: seen_t.append(a[0].detach().clone()))
+    s.register_forward_pre_hook(lambda m, a: seen_s.append(a[0].detach().clone()) if m.training else None)
+    T.distill(s, teacher, d, loss="kl", epochs=1, seed=0, **FAST)
+    assert len(seen_s) == 4  # 62 images in batches of 16
+    for xs in seen_s:
+        assert any(xt.shape == xs.shape and torch.equal(xt, xs) for xt in seen_t)
+
+
+def test_a_student_handed_over_in_eval_mode_trains_in_train_mode():
+    d = tiny_data()
+    s = M.build_model("small_cnn", 4, seed=1, width=2)
+    s.eval()
+    stats = {k: v.clone() for k, v in s.state_dict().items() if "running" in k}
+    T.train_teacher(s, d, epochs=1, seed=0, **FAST)
+    assert s.training  # BatchNorm normalised with the batch statistics, and updated its running ones
+    assert all(not torch.equal(s.state_dict()[k], v) for k, v in stats.items())
+
+
+def test_a_last_batch_of_one_sample_is_skipped_for_batchnorm():
+    """BatchNorm1d cannot train on one sample: a last batch of one is skipped (not trained on, no error)."""
+    d = tiny_data(n_train=33)  # batches of 16, 16 and 1
+    s = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                            torch.nn.Linear(8, 4))
+    sizes = []
+    s.register_forward_pre_hook(lambda m, a: sizes.append(a[0].shape[0]) if m.training else None)
+    r = T.train_teacher(s, d, epochs=1, seed=0, **FAST)
+    assert sizes == [16, 16] and r.epochs_run == 1 and math.isfinite(r.history[0]["loss"])
+
+
+def test_a_diverging_run_stops_with_an_error_naming_the_epoch():
+    d = tiny_data()
+    s = M.build_model("mlp", 4, seed=0, in_shape=(1, 6, 6), hidden=(8,))
+    with pytest.raises(FloatingPointError, match="non-finite in epoch 1"):
+        T.train_teacher(s, d, epochs=2, seed=0, **{**FAST, "lr": 1e30})
+
+
+def test_loss_defaults_weight_temperature_is_t_and_dkd_beta_is_8():
+    d = tiny_data()
+    teacher = M.build_model("small_cnn", 4, seed=0, width=4)
+    s = M.build_model("mlp", 4, seed=0, in_shape=(1, 6, 6), hidden=(8,))
+    ikl = T.distill(s, teacher, d, loss="ikl", temperature=3.0, epochs=1, **FAST).config
+    assert ikl["weight_temperature"] == 3.0 and (ikl["alpha"], ikl["beta"]) == (1.0, 1.0)
+    dkd = T.distill(s, teacher, d, loss="dkd", epochs=1, **FAST).config
+    assert (dkd["alpha"], dkd["beta"]) == (1.0, 8.0)  # mdistiller's CIFAR-100 DKD
