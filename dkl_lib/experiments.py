@@ -1967,12 +1967,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _unwritable_folders(args) -> Optional[str]:
     """What is wrong with the command's output folders (``--out`` and, with the cache on, the cache
-    folder), or None: each is created if missing and must take a new file."""
-    folders = [("--out folder", Path(args.out).expanduser())]
+    folder), or None: each must take a new file (a missing folder is created for the test and removed
+    again; the command creates it when it writes)."""
+    folders = [("--out folder", Path(args.out).expanduser().absolute())]
     if not args.no_cache:
         cache = Path(args.cache_dir).expanduser() if args.cache_dir is not None else default_runs_dir()
-        folders.append(("cache folder", cache))
+        folders.append(("cache folder", cache.absolute()))
     for what, folder in folders:
+        created = []
+        parent = folder
+        while not parent.exists() and parent != parent.parent:
+            created.append(parent)  # the deepest first
+            parent = parent.parent
         try:
             folder.mkdir(parents=True, exist_ok=True)
             fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-check-", suffix=".tmp")
@@ -1981,6 +1987,10 @@ def _unwritable_folders(args) -> Optional[str]:
         except OSError as err:
             return (f"cannot write to the {what} {folder} ({err.strerror or err}); choose another one"
                     + (" with --cache-dir (or $DKL_RUNS_DIR)" if what == "cache folder" else " with --out"))
+        finally:
+            for path in created:
+                with contextlib.suppress(OSError):
+                    path.rmdir()
     return None
 
 
