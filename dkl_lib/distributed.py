@@ -45,6 +45,7 @@ import contextlib
 import datetime
 import functools
 import gc
+import hashlib
 import os
 import re
 import tempfile
@@ -466,6 +467,36 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 # -------------------------------------------------------------------------------------- checkpoints
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)\.pt$")
 
+#: The key under which :func:`save_checkpoint` stores the state's :func:`state_digest`.
+CHECKSUM_KEY = "_sha256"
+
+
+def state_digest(state) -> str:
+    """SHA-256 of a checkpoint state's content: every tensor's dtype, shape and bytes (on the CPU),
+    and the ``repr`` of every other value, walking dicts (sorted keys), lists and tuples; the same
+    before :func:`save_checkpoint` and after :func:`load_latest_checkpoint` (any ``map_location``)."""
+    h = hashlib.sha256()
+
+    def feed(obj) -> None:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().to("cpu").contiguous().reshape(-1)
+            h.update(f"T{t.dtype}{tuple(obj.shape)}:".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(obj, Mapping):
+            h.update(f"D{len(obj)}:".encode())
+            for key in sorted(obj, key=repr):
+                feed(key)
+                feed(obj[key])
+        elif isinstance(obj, (list, tuple)):
+            h.update(f"L{len(obj)}:".encode())
+            for item in obj:
+                feed(item)
+        else:
+            h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+    feed(state)
+    return h.hexdigest()
+
 
 def checkpoint_path(folder, epoch: int) -> Path:
     """``folder/checkpoint-000012.pt`` for epoch 12 (zero-padded so names sort by epoch)."""
@@ -501,13 +532,17 @@ def save_checkpoint(path, state: dict) -> Optional[Path]:
 
     The data goes to a temporary file in the same folder, is flushed and fsynced, then renamed
     over ``path`` (``os.replace``), so a reader or a crash sees the old file or the new one, never
-    half of one. Other ranks write nothing and return None (call :func:`barrier` after it if they
-    must read the file next). Returns the path on rank 0.
+    half of one. The file also holds the SHA-256 of the state's content (key ``CHECKSUM_KEY``),
+    which :func:`load_latest_checkpoint` checks, so a file damaged later (bytes overwritten in
+    place: torch.load alone would load wrong numbers without an error) is refused. Other ranks
+    write nothing and return None (call :func:`barrier` after it if they must read the file next).
+    Returns the path on rank 0.
     """
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict, got {type(state).__name__}")
     if not is_main():
         return None
+    state = {**state, CHECKSUM_KEY: state_digest(state)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
@@ -536,9 +571,12 @@ def load_latest_checkpoint(folder, *, map_location="cpu", weights_only: bool = T
     """The newest readable ``checkpoint-<epoch>.pt`` of ``folder`` as ``Checkpoint(path, state)``,
     or None when there is none (a fresh run). Every rank may call it (it only reads).
 
-    A file that fails to load (truncated, corrupt) gives a warning and the next older one is tried.
-    ``weights_only=True`` (default) loads tensors, numbers, strings and containers only; pass False
-    only for files you trust.
+    A file that fails to load (truncated, corrupt) or whose content does not match the checksum
+    :func:`save_checkpoint` stored in it (bytes damaged in place) gives a warning and the next
+    older one is tried; the returned state is without the checksum. (A file without a checksum,
+    written by hand or by an older version, is returned unchecked.) ``weights_only=True``
+    (default) loads tensors, numbers, strings and containers only; pass False only for files you
+    trust.
     """
     for path in reversed(list_checkpoints(folder)):
         try:
@@ -551,6 +589,12 @@ def load_latest_checkpoint(folder, *, map_location="cpu", weights_only: bool = T
             warnings.warn(f"checkpoint {path} does not hold a dict; trying the previous one",
                           RuntimeWarning, stacklevel=2)
             continue
+        if CHECKSUM_KEY in state:
+            stored = state.pop(CHECKSUM_KEY)
+            if stored != state_digest(state):
+                warnings.warn(f"checkpoint {path} is corrupt (its content does not match its checksum: "
+                              "damaged or modified file); trying the previous one", RuntimeWarning, stacklevel=2)
+                continue
         return Checkpoint(path, state)
     return None
 

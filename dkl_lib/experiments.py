@@ -732,8 +732,10 @@ def get_teacher(cfg: dict, data: Callable[[], data_mod.TensorData], *, cache: Ru
         res = train_mod.train_teacher(model, d, seed=int(spec.get("seed", 0)), device=device,
                                       progress=progress, desc=f"teacher {spec['model']}", **ckpt, **spec["train"])
         if res.stopped:
-            raise KeyboardInterrupt("teacher training was interrupted" + (
-                f"; rerun to resume from {ckpt['checkpoint_dir']}" if ckpt["checkpoint_dir"] else ""))
+            raise KeyboardInterrupt("teacher training was interrupted; " + (
+                f"run the same command again to resume it from its last checkpoint ({ckpt['checkpoint_dir']})"
+                if ckpt["checkpoint_dir"] else "run the same command again to train it (from the start: this "
+                "config writes no checkpoints; --checkpoint-every 1 keeps every finished epoch)"))
         model.cpu()
         result = {"acc": res.last_acc, "best_acc": res.best_acc, "history": res.history,
                   "seconds": res.seconds, "origin": "trained", "resumed_from": res.resumed_from,
@@ -1935,7 +1937,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if info.world_size > 1 and info.is_main and not args.quiet:
             print(f"torchrun: {info.world_size} processes ({torch.distributed.get_backend()}); the global "
                   "batch is split between them", file=sys.stderr)
-        status = args.handler(args)
+        # an unwritable --out or cache folder stops the command now, not after hours of training
+        problem = _unwritable_folders(args) if info.is_main else None
+        if info.world_size > 1:
+            problem = dist_mod.broadcast_object(problem)
+        if problem:
+            if info.is_main:
+                print(f"error: {problem}", file=sys.stderr)
+            return 2
+        try:
+            with warnings.catch_warnings():  # the grid's own "interrupted" warning: said below, once
+                warnings.filterwarnings("ignore", message="interrupted: returning")
+                status = args.handler(args)
+        except KeyboardInterrupt as err:  # Ctrl-C while the teacher trained (the grid catches its own)
+            status, why = 130, str(err)
+        else:
+            why = ""
+        if status == 130:
+            if info.is_main:
+                print("interrupted: " + (why or "results.json holds the finished runs (all in the cache); run the "
+                      "same command again to go on (a run with checkpoints resumes from its last finished epoch)"),
+                      file=sys.stderr)
+            # under torchrun another rank may still be inside a collective of the run this one left:
+            # no barrier (it would pair with that collective and hang); this process ends, and
+            # torchrun then stops the others
+            return status
         if joined and info.world_size > 1:
             dist_mod.barrier()  # every rank done (rank 0 has written) before the group goes away
         return status
@@ -1943,6 +1969,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(previous_threads)
         if joined:
             dist_mod.cleanup()
+
+
+def _unwritable_folders(args) -> Optional[str]:
+    """What is wrong with the command's output folders (``--out`` and, with the cache on, the cache
+    folder), or None: each must take a new file (a missing folder is created for the test and removed
+    again; the command creates it when it writes)."""
+    folders = [("--out folder", Path(args.out).expanduser().absolute())]
+    if not args.no_cache:
+        cache = Path(args.cache_dir).expanduser() if args.cache_dir is not None else default_runs_dir()
+        folders.append(("cache folder", cache.absolute()))
+    for what, folder in folders:
+        created = []
+        parent = folder
+        while not parent.exists() and parent != parent.parent:
+            created.append(parent)  # the deepest first
+            parent = parent.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-check-", suffix=".tmp")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as err:
+            return (f"cannot write to the {what} {folder} ({err.strerror or err}); choose another one"
+                    + (" with --cache-dir (or $DKL_RUNS_DIR)" if what == "cache folder" else " with --out"))
+        finally:
+            for path in created:
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+    return None
 
 
 def _cli_threads(args) -> Optional[int]:

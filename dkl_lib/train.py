@@ -236,7 +236,8 @@ class _Checkpoints:
         if stored != self.config:
             diff = sorted(k for k in set(stored) | set(self.config) if stored.get(k) != self.config.get(k))
             raise ValueError(f"{found.path} is a checkpoint of a different run (settings differ: {diff}); "
-                             "resume with the same settings, or use another checkpoint folder")
+                             "resume with the same settings, use another checkpoint folder, or delete "
+                             f"{self.folder} to start this run afresh")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -638,6 +639,11 @@ def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], lo
                     sums[name] = sums[name] + v if name in sums else v
                 correct += (logits.detach().argmax(dim=1) == y).sum()
                 bars.step()
+            # DDP copies rank 0's buffers into every rank at the START of each forward, so after the
+            # epoch's last one each rank holds its own BatchNorm statistics: give every rank rank 0's
+            # (the saved model) before the test pass, the checkpoint and the caller's use of the model
+            # (a teacher trained here distils on every rank), as a resumed run has them
+            dist.broadcast_buffers(model)
             totals = par.epoch_totals(sums, correct=correct, seen=seen)
             seen, correct = totals.pop("seen"), totals.pop("correct")
             if not math.isfinite(totals["loss"]):

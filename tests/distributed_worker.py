@@ -143,6 +143,20 @@ def main(out: Path) -> None:
         D.broadcast_buffers(bn_model)
         res["bn_after"].append({k: v.clone() for k, v in D.unwrap_model(bn_model)[0].state_dict().items()})
 
+    # (g) a trainer (train_teacher; distill shares its loop) under DDP with a BatchNorm model: DDP copies
+    # rank 0's buffers into every rank at the start of each forward only, so after the last one each
+    # rank would keep its own statistics; after training every rank must hold rank 0's (the saved model)
+    from dkl_lib import data as data_mod
+    from dkl_lib import train as train_mod
+
+    bn_data = data_mod.synthetic(n_train=40, n_test=20, num_classes=CLASSES, image_shape=(1, 4, 4), noise=0.5,
+                                 seed=DATA_SEED, dtype=torch.float64)
+    torch.manual_seed(MODEL_SEED)
+    bn_net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                                 torch.nn.Linear(8, CLASSES)).double()
+    train_mod.train_teacher(bn_net, bn_data, epochs=2, lr=0.1, batch_size=10, seed=0, progress=False, device="cpu")
+    res["trained_bn_net"] = {k: v.clone() for k, v in bn_net.state_dict().items()}
+
     # rank-0-only helpers
     @D.main_process_only
     def write_log(text):

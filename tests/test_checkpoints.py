@@ -136,6 +136,30 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(teacher, tmp
     assert_same_model(full.model, rest.model)
 
 
+def test_a_checkpoint_damaged_in_place_is_refused_not_resumed_from(teacher, tmp_path):
+    """Bytes of the model's weights overwritten inside the newest checkpoint: torch.load reads such a
+    file without an error (wrong numbers), so without the checksum the run would go on from them; it
+    is refused with a warning and the run resumes from the previous checkpoint, ending exactly where
+    the uninterrupted run ends."""
+    d = tiny()
+    kw = dict(loss="kl", epochs=4, seed=0, **FAST)
+    full = T.distill(mlp(1), teacher, d, **kw)
+    T.distill(mlp(1), teacher, d, checkpoint_dir=tmp_path, callback=stop_after(3), **kw)
+    path = dist.checkpoint_path(tmp_path, 3)
+    weight = next(iter(torch.load(path, weights_only=True)["model"].values()))
+    blob = path.read_bytes()
+    at = blob.find(weight.numpy().tobytes())
+    assert at > 0
+    damaged = (weight + 1.0).numpy().tobytes()
+    path.write_bytes(blob[:at] + damaged + blob[at + len(damaged):])
+    assert not torch.equal(next(iter(torch.load(path, weights_only=True)["model"].values())), weight)  # loads
+    with pytest.warns(RuntimeWarning, match="checkpoint-000003.pt is corrupt"):
+        rest = T.distill(mlp(1), teacher, d, checkpoint_dir=tmp_path, **kw)
+    assert rest.resumed_from == 2
+    assert_same_model(full.model, rest.model)
+    assert_same_history(full.history, rest.history)
+
+
 def test_trades_perturb_start_noise_is_the_generator_draw():
     d = tiny(torch.float32)
     model = A.normalized(M.build_model("mlp", 3, seed=0, in_shape=(1, 6, 6), hidden=(8,)), d)

@@ -6,7 +6,7 @@ The two-process half runs once per session (tests/distributed_worker.py, about 1
 each rank saw; each test compares one aspect with the same computation done here in one process:
 (a) the global batches, (b) 3 DDP steps of a float64 linear model, (c) the class prior,
 (d) all-reduced metrics, (e) checkpoint save on rank 0 and resume, (f) BatchNorm buffers with two
-forwards per backward.
+forwards per backward, (g) BatchNorm buffers after a trainer's epochs.
 """
 import os
 import subprocess
@@ -316,3 +316,16 @@ def test_distributed_a_checkpoint_that_is_no_dict_falls_back_to_the_previous_one
     with pytest.warns(RuntimeWarning, match="does not hold a dict"):
         latest = D.load_latest_checkpoint(tmp_path)
     assert latest.state == {"epoch": 1}
+
+
+def test_distributed_trainer_leaves_every_rank_with_rank0_batchnorm_buffers(ranks):
+    """(g) After train_teacher / distill under DDP every rank holds rank 0's BatchNorm statistics (the
+    model rank 0 saves). Without the per-epoch broadcast rank 1 kept those of its own last forward: its
+    half of each epoch's test pass, and a teacher trained in the same command (which then distils on
+    every rank), used another model than the cached one, so an uninterrupted torchrun grid differed
+    from the same grid resumed from the cache or a checkpoint."""
+    _, (r0, r1) = ranks
+    assert r0["trained_bn_net"].keys() == r1["trained_bn_net"].keys()
+    for key, value in r0["trained_bn_net"].items():
+        assert torch.equal(value, r1["trained_bn_net"][key]), key
+    assert r0["trained_bn_net"]["2.num_batches_tracked"].item() > 0

@@ -6,6 +6,7 @@ distributed`` selects these tests.
 
 Each command runs once per session (module fixtures, about 5 s per torchrun launch).
 """
+import contextlib
 import json
 import os
 import subprocess
@@ -188,3 +189,47 @@ def test_distributed_torchrun_resumes_a_checkpoint_of_a_one_process_run(kd_runs,
     for key, value in ref_model.items():
         assert (model[key] - value).abs().max().item() < 1e-10, key
     assert not (folder / "checkpoints").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's worker processes in /proc")
+def test_distributed_ctrl_c_in_one_process_ends_the_command_instead_of_hanging(tmp_path):
+    """Ctrl-C (SIGINT) reaches one rank only, in the middle of a student's epochs: that rank leaves the
+    grid, and the command must end (torchrun stops the other rank once this one has exited) rather than
+    wait forever with the other rank inside a collective of the run. Before the fix the interrupted
+    rank went on to the command's final barrier, which paired with the other rank's all-reduce: both
+    processes hung (gloo's 30-minute timeout at best)."""
+    import signal
+    import time
+
+    overrides = {**KD_OVERRIDES, "teacher.train.epochs": 1, "distill.epochs": 100000}  # far more than it waits for
+    cache = tmp_path / "cache"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+           "-m", "dkl_lib.experiments", *_cli_args("kd", overrides, "kl", "0", cache, tmp_path / "out")]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=Path(__file__).resolve().parent.parent, start_new_session=True)
+    workers = []
+    try:
+        deadline = time.monotonic() + 120
+        while not list(cache.glob("student-*/checkpoints/checkpoint-*.pt")):  # rank 0 finished an epoch
+            assert proc.poll() is None and time.monotonic() < deadline, "the student did not start training"
+            time.sleep(0.05)
+        workers = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        assert len(workers) == 2
+        os.kill(workers[1], signal.SIGINT)   # the second worker torchrun started: rank 1
+        try:
+            output, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("one interrupted rank left the command hanging")
+        assert proc.returncode != 0
+        assert "exitcode  : 130" in output   # the interrupted rank's status, in torchrun's report
+    finally:
+        if proc.poll() is None:  # the test failed with the command still running: end it and its workers
+            for pid in workers:  # only while still torchrun's children (not a reused process id)
+                with contextlib.suppress(OSError):
+                    if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(proc.pid):
+                        os.kill(pid, signal.SIGKILL)
+            proc.kill()
+            proc.wait()

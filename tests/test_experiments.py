@@ -19,7 +19,6 @@ TINY = {"data.n_train": 100, "teacher.model_kw.width": 4, "teacher.train.epochs"
 REPO = Path(__file__).resolve().parent.parent
 
 
-
 # ----------------------------------------------------------------------------------------- presets
 def test_paper_preset_is_the_official_schedule():
     p = E.preset("paper")
@@ -688,13 +687,70 @@ def test_natural_training_keys_leave_out_the_attack_and_awp_settings():
     assert E._adv_run_config(cfg, "trades", 0)["train"]["awp_gamma"] == 0.005
 
 
-def test_cli_exit_status_is_130_after_ctrl_c(tmp_path, monkeypatch):
+def test_cli_exit_status_is_130_after_ctrl_c(tmp_path, monkeypatch, capsys):
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(E.train_mod, "distill", ctrl_c)
     argv = ["kd", "--losses", "kl", "--seeds", "0", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path),
             "--device", "cpu", "--quiet"] + [a for k, v in TINY.items() for a in ("--override", f"{k}={v}")]
-    with pytest.warns(UserWarning, match="interrupted"):
-        assert E.main(argv) == 130
+    assert E.main(argv) == 130
+    assert capsys.readouterr().err.startswith("interrupted: ")
     assert json.loads((tmp_path / "out" / "results.json").read_text())["interrupted"] is True
+
+
+def _tiny_cli(tmp_path, *extra):
+    argv = ["kd", "--preset", "cpu-quick", "--losses", "kl", "--seeds", "0", "--out", str(tmp_path / "out"),
+            "--cache-dir", str(tmp_path / "runs"), "--device", "cpu", "--quiet"]
+    for key, value in TINY.items():
+        argv += ["--override", f"{key}={value}"]
+    return argv + list(extra)
+
+
+def test_cli_ctrl_c_while_the_teacher_trains_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the teacher trains ends the command with status 130 and one line that says how to go
+    on, not a KeyboardInterrupt traceback (the teacher's finished epochs are in its checkpoints)."""
+    class Stopped:
+        stopped = "interrupted"
+
+    monkeypatch.setattr(E.train_mod, "train_teacher", lambda *a, **k: Stopped())
+    assert E.main(_tiny_cli(tmp_path, "--checkpoint-every", "1")) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("interrupted: teacher training was interrupted; run the same "
+                                                   "command again to resume it from its last checkpoint (")
+    assert E.main(_tiny_cli(tmp_path)) == 130  # no checkpoints: it says that the teacher starts over
+    assert "run the same command again to train it (from the start" in capsys.readouterr().err
+
+
+def test_cli_ctrl_c_in_a_student_run_says_how_to_go_on(tmp_path, monkeypatch, capsys):
+    real = E.train_mod.distill
+
+    def interrupted(*args, **kwargs):
+        res = real(*args, **kwargs)
+        res.stopped = "interrupted"
+        return res
+
+    monkeypatch.setattr(E.train_mod, "distill", interrupted)
+    assert E.main(_tiny_cli(tmp_path)) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted: results.json holds the finished runs") and "Warning" not in err
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["interrupted"] is True
+
+
+@pytest.mark.parametrize("which", ["--out", "--cache-dir"])
+def test_cli_unwritable_out_or_cache_folder_fails_before_training(tmp_path, monkeypatch, capsys, which):
+    """An --out or cache folder that cannot be written is an error (exit 2, one line) before the
+    teacher trains, not a traceback after it (or after the last run)."""
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained although the results could not be written")
+
+    monkeypatch.setattr(E.train_mod, "train_teacher", no_training)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")  # a folder below a file: mkdir fails as on a read-only disk, even as root
+    argv = _tiny_cli(tmp_path)
+    argv[argv.index(which) + 1] = str(blocker / "sub")
+    assert E.main(argv) == 2
+    err = capsys.readouterr().err
+    what = "--out folder" if which == "--out" else "cache folder"
+    assert err.startswith(f"error: cannot write to the {what} {blocker / 'sub'} (") and err.count("\n") == 1
+    assert not list(tmp_path.rglob("*.tmp"))
