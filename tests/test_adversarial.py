@@ -13,6 +13,7 @@ from dkl_lib import data as D
 from dkl_lib import experiments as E
 from dkl_lib import models as M
 from dkl_lib import train as T
+from conftest import comparison_table
 
 
 # ------------------------------------------------------------------------------- outer losses
@@ -449,11 +450,7 @@ def test_adversarial_plots_are_made_from_data():
     fig = P.adversarial_examples(x, (x + 0.05).clamp(0, 1), [1, 2, 3], [1, 2, 3], [4, 2, 5], n=3, epsilon=0.1)
     assert len(fig.data) == 9 and fig.layout.annotations[0].text == "y=1: 1 → 4"
 
-    table = pd.DataFrame([{"method": "IKL-AT", "loss": "ikl", "who": "ours (measured here)", "data": "digits",
-                           "clean (%)": 95.0, "clean std": 1.0, "robust (%)": 80.0, "robust std": 2.0, "attack": "a"},
-                          {"method": "IKL-AT", "loss": "ikl", "who": "paper (published)", "data": "CIFAR-10",
-                           "clean (%)": 84.8, "clean std": float("nan"), "robust (%)": 57.09,
-                           "robust std": float("nan"), "attack": "AutoAttack"}])
+    table = comparison_table()
     fig = P.adversarial_comparison_bars(table)
     bars = [t for t in fig.data if t.type == "bar"]             # per metric: ours, then the paper's
     assert [list(t.y) for t in bars] == [[95.0], [84.8], [80.0], [57.09]]

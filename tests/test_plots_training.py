@@ -12,6 +12,7 @@ import torch
 
 from dkl_lib import experiments, plots
 from dkl_lib.prior import ClassPrior
+from conftest import comparison_table
 
 NEW_FUNCTIONS = (plots.histories_frame, plots.learning_curves, plots.final_accuracy_chart,
                  plots.prior_heatmap, plots.paper_comparison)
@@ -288,11 +289,7 @@ def test_adversarial_examples_images_keep_their_own_aspect():
 
 
 def test_adversarial_comparison_bars_paper_rows_have_no_error_bar():
-    table = pd.DataFrame([{"method": "IKL-AT", "loss": "ikl", "who": "ours (measured here)", "data": "digits",
-                           "clean (%)": 97.7, "clean std": 0.3, "robust (%)": 80.0, "robust std": 2.0, "attack": "a"},
-                          {"method": "IKL-AT", "loss": "ikl", "who": "paper (published)", "data": "CIFAR-10",
-                           "clean (%)": 84.8, "clean std": float("nan"), "robust (%)": 57.09,
-                           "robust std": float("nan"), "attack": "AutoAttack"}])
+    table = comparison_table(clean=97.7, clean_std=0.3)
     fig = plots.adversarial_comparison_bars(table)
     bars = {(t.meta["metric"], t.meta["who"]): t for t in fig.data if t.type == "bar"}
     assert bars[("clean", "ours")].error_y.visible and list(bars[("clean", "ours")].error_y.array) == [0.3]
