@@ -580,3 +580,42 @@ def test_wmse_weights_are_detached(fn):
     assert torch.autograd.grad(value, leaf, allow_unused=True)[0] is None
     for go, gr in zip(grads_of(value, a, b), grads_of(ref, a, b)):
         assert torch.equal(go, gr)
+
+
+def _extreme_pair(seed, temperature, fraction=0.2):
+    """float32 logits with max |logits| / T = fraction · finfo.max (accepted: the limit is a quarter),
+    and random target logits of the same scale."""
+    fmax = torch.finfo(torch.float32).max
+    g = torch.Generator().manual_seed(seed)
+    a = torch.tensor([1.0, -1.0, 1.0, -1.0, 0.5]).repeat(4, 1) * (fraction * fmax * temperature)
+    b = torch.randn(4, 5, generator=g).clamp(-1, 1) * (fraction * fmax * temperature)
+    return a, b, torch.randint(0, 5, (4,), generator=g)
+
+
+@pytest.mark.parametrize("name", ["kl", "dkd"])
+def test_rows_of_size_near_the_logit_limit_sum_without_overflow(name):
+    """Each row of KL (or TCKD/NCKD) is at most ~max|o|/T, finite by the range check, but four rows of
+    ~1e38 summed before the T² scale overflowed float32 to inf although the loss is ~1e8. Now the float32
+    value and gradients are the float64 ones."""
+    for seed in range(4):
+        a, b, y = _extreme_pair(seed, 1e-15)
+        a32, b32 = a.clone().requires_grad_(), b.clone().requires_grad_()
+        a64, b64 = a.double().requires_grad_(), b.double().requires_grad_()
+        ours = sum(dkl.loss_terms(name, a32, b32, targets=y, temperature=1e-15).values())
+        ref = sum(dkl.loss_terms(name, a64, b64, targets=y, temperature=1e-15).values())
+        assert torch.isfinite(ref) and ref.item() > 1e6
+        assert math.isclose(ours.item(), ref.item(), rel_tol=1e-5)
+        for got, want in zip(grads_of(ours, a32, b32), grads_of(ref, a64, b64)):
+            assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-6 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_accepted_logits_at_a_tiny_temperature_give_a_finite_loss(name):
+    """T = 1e-30: T² underflows float32 to 0, and the unscaled sum over the batch overflowed to inf; the
+    product was nan for about one target draw in four. Every accepted input gives a finite value now."""
+    for seed in range(12):
+        a, b, y = _extreme_pair(seed, 1e-30)
+        a, b = a.requires_grad_(), b.requires_grad_()
+        value = sum(dkl.loss_terms(name, a, b, targets=y, temperature=1e-30).values())
+        assert torch.isfinite(value), seed
+        assert all(g is None or torch.isfinite(g).all() for g in grads_of(value, a, b)), seed
