@@ -197,7 +197,9 @@ class _DecoupledKL(torch.autograd.Function):
             row = row * mass.squeeze(1)
         norm = float(batch) if wmse_norm is None else wmse_norm
         wmse = row.sum() * (0.5 * alpha) / norm
-        soft_ce = torch.dot(s_m.reshape(-1), log_s_n.reshape(-1)) * (-beta * temperature**2 / batch)
+        # per row, scaled, then summed: a row is at most max |o| / T in size (finite by the range check),
+        # but the sum of B such rows may overflow before T² brings it back (inf, or nan once T² is 0)
+        soft_ce = torch.linalg.vecdot(s_m, log_s_n).mul(-beta * temperature**2 / batch).sum()
         ctx.set_materialize_grads(False)  # an unused term's gradient arrives as None, not zeros
         ctx.save_for_backward(log_s_n, s_m, p_dev, mass)
         # The inputs serve only a differentiated backward (create_graph=True). They are kept as
@@ -282,7 +284,8 @@ def kl_terms(logits, target_logits, *, temperature: float = 1.0) -> Terms:
     with _no_autocast(logits.device):
         log_s_n = torch.log_softmax(logits / temperature, dim=1)
         log_s_m = torch.log_softmax(target_logits / temperature, dim=1)
-        kl = (log_s_m.exp() * (log_s_m - log_s_n)).sum() * (temperature**2 / logits.shape[0])
+        # per row, scaled, then summed (see _DecoupledKL.forward: the unscaled sum may overflow)
+        kl = (log_s_m.exp() * (log_s_m - log_s_n)).sum(dim=1).mul(temperature**2 / logits.shape[0]).sum()
     return {"kl": kl}
 
 
@@ -454,8 +457,9 @@ def dkd_terms(logits, target_logits, targets, *, temperature: float = 1.0, alpha
     with _no_autocast(logits.device):
         lb_n, lh_n = _binary_and_nontarget(torch.log_softmax(logits / temperature, dim=1), targets)
         lb_m, lh_m = _binary_and_nontarget(torch.log_softmax(target_logits / temperature, dim=1), targets)
-        tckd = alpha * scale * (lb_m.exp() * (lb_m - lb_n)).sum()
-        nckd = beta * scale * (lh_m.exp() * (lh_m - lh_n)).sum()
+        # per row, scaled, then summed (see _DecoupledKL.forward: the unscaled sum may overflow)
+        tckd = (lb_m.exp() * (lb_m - lb_n)).sum(dim=1).mul(alpha * scale).sum()
+        nckd = (lh_m.exp() * (lh_m - lh_n)).sum(dim=1).mul(beta * scale).sum()
     return {"tckd": tckd, "nckd": nckd}
 
 

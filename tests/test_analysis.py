@@ -141,3 +141,53 @@ def test_notebook_05_figures_carry_their_data():
     rel = plots.reliability_diagram({"ikl": table})
     assert list(rel.data[1].x) == [0.8] and list(rel.data[1].y) == [0.6]
     assert rel.data[1].line.color == plots.color("ikl")
+
+
+# ------------------------------------------------------------------ found by mutation testing
+def test_a_confidence_of_exactly_one_falls_in_the_last_bin():
+    """conf = 1.0 (a one-hot row) maps to bin n_bins, which does not exist: it belongs to the last one,
+    and every sample is counted once."""
+    probs = torch.tensor([[1.0, 0.0, 0.0], [0.3, 0.45, 0.25], [0.0, 0.0, 1.0], [0.95, 0.05, 0.0]], dtype=torch.float64)
+    labels = torch.tensor([0, 1, 1, 0])
+    for n_bins in (2, 5, 10):
+        table = analysis.reliability_table(probs, labels, n_bins=n_bins)
+        assert table["count"].sum() == 4 and table["low"].tolist() == [b / n_bins for b in range(n_bins)]
+        assert table["high"].tolist() == [(b + 1) / n_bins for b in range(n_bins)]
+        last = table.iloc[-1]
+        # the last bin holds 1.0 (right), 1.0 (wrong) and 0.95 (right)
+        assert last["count"] == 3 and last["confidence"] == pytest.approx((1.0 + 1.0 + 0.95) / 3)
+        assert last["accuracy"] == pytest.approx(2 / 3)
+        ece = analysis.expected_calibration_error(probs, labels, n_bins=n_bins)
+        assert ece == pytest.approx(3 / 4 * abs(2 / 3 - 2.95 / 3) + 1 / 4 * abs(1.0 - 0.45))
+
+
+def test_intra_class_spread_is_the_mean_over_classes_of_the_within_class_mean():
+    """Classes weigh equally, whatever their size: (spread of class 0 + spread of class 1) / 2."""
+    rows = {0: [[1.0, 0.0], [0.0, 1.0]], 1: [[0.2, 0.8], [0.4, 0.6], [0.3, 0.7]]}
+
+    def spread(vectors):
+        mean = [sum(v[j] for v in vectors) / len(vectors) for j in range(2)]
+        return sum(sum((v[j] - mean[j]) ** 2 for j in range(2)) for v in vectors) / len(vectors)
+
+    probs = torch.tensor(rows[0] + rows[1], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    want = (spread(rows[0]) + spread(rows[1])) / 2
+    assert analysis.intra_class_spread(probs, labels) == pytest.approx(want, rel=1e-12)
+
+
+def test_logit_difference_probe_uses_the_runs_temperature():
+    """logit_gap = the pairwise wMSE between the student's test logits and the teacher's, with the
+    teacher's weights at settings["temperature"]."""
+    from dkl_lib import data as D
+    from dkl_lib import losses, models
+
+    data = D.synthetic(n_train=4, n_test=6, num_classes=4, dtype=torch.float64)
+    student = models.MLP(in_shape=(1, 8, 8), hidden=(), num_classes=4).double()
+    teacher = torch.randn(6, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    with torch.no_grad():
+        logits = student((data.x_test - 0.5) / 0.25)  # synthetic data: mean 0.5, std 0.25
+    for t in (1.0, 4.0):
+        got = analysis.logit_difference_probe(student, data, teacher, {"temperature": t})["logit_gap"]
+        assert got == pytest.approx(float(losses.wmse_pairwise(logits, teacher, temperature=t)), rel=1e-12)
+    assert analysis.logit_difference_probe(student, data, teacher, {})["logit_gap"] == pytest.approx(
+        float(losses.wmse_pairwise(logits, teacher, temperature=1.0)), rel=1e-12)

@@ -149,3 +149,75 @@ def test_hyper_parameters_are_keyword_only():
         dkl.dkl_loss(GOOD, GOOD, 4.0, 1.0, 1.0)
     with pytest.raises(TypeError):
         dkl.dkd_loss(GOOD, GOOD, Y, 4.0)
+
+
+# ------------------------------------------------------------------ checks found by mutation testing
+@pytest.mark.parametrize("name,key", [(n, k) for n in DECOUPLED for k in ("temperature", "alpha", "beta")
+                                      if n != "kl" or k == "temperature"])
+def test_bool_hyper_parameters_are_refused(name, key):
+    """True is an int in Python; a flag passed where a number belongs must not become 1.0."""
+    with pytest.raises(TypeError, match=key):
+        call(name, **{key: True})
+
+
+@pytest.mark.parametrize("name", ["dkd", "ikl_gi", "gkl_gi"])
+def test_bool_targets_are_refused(name):
+    kw = dict(class_prior=PRIOR) if name.endswith("_gi") else {}
+    with pytest.raises(TypeError, match="integer"):
+        call(name.split("_")[0], targets=torch.tensor([True, False, True, False]), **kw)
+
+
+@pytest.mark.parametrize("name", ["dkl", "ikl", "gkl"])
+def test_beta_times_t_squared_overflow_raises_for_the_decoupled_losses(name):
+    """soft_ce = −β T² ...: T² = 1e34 fits float32, β T² = 1e40 does not; refused, not an inf loss."""
+    with pytest.raises(ValueError, match="term weight 1e\\+06"):
+        call(name, temperature=1e17, beta=1e6)
+    value = sum(call(name, temperature=1e17, beta=1.0).values())  # the same T with β = 1 is fine
+    assert torch.isfinite(value)
+
+
+def test_dkd_alpha_times_t_squared_overflow_raises():
+    """DKD multiplies TCKD by α T² (and NCKD by β T²): the larger of the two weights counts."""
+    with pytest.raises(ValueError, match="term weight 1e\\+06"):
+        dkl.dkd_loss(GOOD, GOOD, Y, temperature=1e17, alpha=1e6, beta=0.0)
+    with pytest.raises(ValueError, match="term weight 1e\\+06"):
+        dkl.dkd_loss(GOOD, GOOD, Y, temperature=1e17, alpha=0.0, beta=1e6)
+
+
+@pytest.mark.parametrize("name", DECOUPLED)
+@pytest.mark.parametrize("side", ["logits", "target_logits"])
+def test_large_negative_logits_over_t_are_refused_too(name, side):
+    """max |x| counts the negative side: −1e40 overflows float32 as surely as +1e40."""
+    negative = -(HUGE.abs() + 1.0)
+    with pytest.raises(ValueError, match=f"{side} / temperature overflows"):
+        call(name, **{side: negative}, temperature=1e-36)
+
+
+@pytest.mark.parametrize("name", DECOUPLED)
+@pytest.mark.parametrize("fraction", [0.9, 0.3])
+def test_logits_over_t_limit_is_a_quarter_of_the_dtype_maximum(name, fraction):
+    """|x| / T above finfo.max / 4 is refused: at ±0.9 max, log_softmax's x − max(x) would overflow to
+    −inf and the loss to nan."""
+    fmax = torch.finfo(torch.float32).max
+    t = 1e-30
+    x = (torch.tensor([1.0, -1.0, 1.0, -1.0, 0.5]) * (fraction * fmax * t)).expand(B, C).contiguous()
+    with pytest.raises(ValueError, match="logits / temperature overflows"):
+        call(name, logits=x, temperature=t)
+
+
+@pytest.mark.parametrize("name", ["ikl", "gkl"])
+def test_weight_temperature_divides_only_the_target_logits(name):
+    """T_w only scales o_m (the weights): huge logits with a tiny T_w are fine when o_m / T_w is."""
+    logits = (torch.randn(B, C, generator=torch.Generator().manual_seed(1)) * 1e4).requires_grad_()
+    value = sum(call(name, logits=logits, weight_temperature=1e-36).values())
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize("fn", [dkl.wmse, dkl.wmse_pairwise])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_wmse_refuses_non_finite_weights(fn, bad):
+    weights = torch.rand(B, C)
+    weights[1, 2] = bad
+    with pytest.raises(ValueError, match="finite"):
+        fn(GOOD, GOOD, weights=weights)

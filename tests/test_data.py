@@ -228,3 +228,62 @@ def test_augment_keeps_channels_last_layout():
     x = torch.rand(4, 3, 8, 8).contiguous(memory_format=torch.channels_last)
     out = D.augment_crop_flip(x, generator=torch.Generator().manual_seed(0))
     assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+# ------------------------------------------------------------------ found by mutation testing
+def test_normalisation_statistics_are_the_published_ones_in_rgb_order():
+    """The CIFAR teachers of RepDistiller/mdistiller were trained on inputs normalised with exactly these
+    numbers (their dataset code), ImageNet models with torchvision's; a channel swap or a typo would
+    silently feed a released teacher off-distribution inputs."""
+    assert D.CIFAR_STATS["cifar100"] == ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))
+    assert D.CIFAR_STATS["cifar10"] == ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+    assert D.IMAGENET_STATS == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def test_digits_std_is_that_of_the_training_images():
+    for n_train in (200, 500):
+        d = D.digits(seed=1, n_train=n_train)
+        assert abs(d.std[0] - float(d.x_train.double().std())) <= 5e-5
+        assert abs(d.mean[0] - float(d.x_train.double().mean())) <= 5e-5
+
+
+def test_normalize_is_per_channel_and_per_dtype():
+    """(x − mean_c) / std_c for each channel c, computed in x's dtype whatever dtype came first."""
+    x = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    d = D.TensorData(x, torch.zeros(2, dtype=torch.int64), x, torch.zeros(2, dtype=torch.int64), 2, "x",
+                     (0.1, 0.5, 0.7), (0.2, 0.3, 0.9))
+    mean = torch.tensor([0.1, 0.5, 0.7], dtype=torch.float64)
+    std = torch.tensor([0.2, 0.3, 0.9], dtype=torch.float64)
+    want = (x - mean[None, :, None, None]) / std[None, :, None, None]
+    for first, second in ((torch.float32, torch.float64), (torch.float64, torch.float32)):
+        d._stats.clear()
+        d.normalize(x.to(first))
+        out = d.normalize(x.to(second))
+        assert out.dtype == second
+        tol = 1e-15 if second == torch.float64 else 1e-6
+        assert torch.allclose(out, want.to(second), rtol=tol, atol=tol)
+
+
+def test_tensordata_refuses_train_and_test_images_of_different_sizes():
+    x = torch.rand(2, 1, 8, 8)
+    y = torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="differ in shape"):
+        D.TensorData(x, y, torch.rand(2, 1, 8, 6), y, 2, "x", (0.5,), (0.25,))
+
+
+def test_augment_draws_every_offset_independently_and_flips_half():
+    """Over many images: both offsets take every value in [0, 2p], independently of each other (all
+    (dy, dx) pairs occur), and about half the images are mirrored."""
+    padding, n = 1, 600
+    x = torch.rand(n, 1, 4, 4, generator=torch.Generator().manual_seed(0)) + 0.5  # no pixel is 0
+    out = D.augment_crop_flip(x, padding=padding, generator=torch.Generator().manual_seed(1))
+    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    seen, flips = set(), 0
+    for i in range(n):
+        found = [(dy, dx, flip) for dy in range(2 * padding + 1) for dx in range(2 * padding + 1) for flip in (0, 1)
+                 if torch.equal(out[i], (lambda w: w.flip(-1) if flip else w)(padded[i, :, dy:dy + 4, dx:dx + 4]))]
+        assert len(found) == 1, i
+        seen.add(found[0][:2])
+        flips += found[0][2]
+    assert seen == {(dy, dx) for dy in range(3) for dx in range(3)}
+    assert 0.42 < flips / n < 0.58

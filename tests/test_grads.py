@@ -79,3 +79,65 @@ def test_losses_never_build_a_b_by_c_by_c_tensor(name):
 def test_the_memory_probe_catches_the_pairwise_oracle():
     largest, batch, classes = _largest(lambda a, b, y, p: dkl.wmse_pairwise(a, b))
     assert largest >= batch * classes * classes
+
+
+# ------------------------------------------------------------------ found by mutation testing
+def test_relative_error_against_a_zero_reference_is_the_absolute_error():
+    x = torch.tensor([1e-3, -2e-3, 0.0], dtype=torch.float64)
+    zero = torch.zeros(3, dtype=torch.float64)
+    assert grads.relative_error(x, zero) == pytest.approx(2e-3, rel=1e-15)
+    assert grads.relative_error(zero, zero) == 0.0
+    assert grads.relative_error(x, zero, scale=0.0) == pytest.approx(2e-3, rel=1e-15)
+
+
+def test_check_kl_dkl_equivalence_shares_one_scale_over_both_inputs():
+    """A nearly one-hot teacher: KL's target-side gradient is ~1e-13 while the logits side is O(1). Each
+    side's error is relative to the largest entry over BOTH sides, so rounding stays at rounding level
+    (relative to the tiny side alone it would read ~1e-3)."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    b = torch.zeros(2, 5, dtype=torch.float64)
+    b[:, 0] = 30.0
+    kl = grads.loss_grads("kl", a, b, temperature=1.0)
+    assert kl[1].abs().max() < 1e-9 * kl[0].abs().max()  # the case is what it says
+    errors = grads.check_kl_dkl_equivalence(a, b, temperature=1.0)
+    assert max(errors.values()) < 1e-12
+
+
+def test_student_gradients_pass_gamma_and_weight_temperature_to_gkl():
+    teacher, student = [3.0, 1.0, 0.0, -1.0], [0.0, 1.5, 0.5, 0.0]
+    df = grads.student_gradients(teacher, student, loss_names=("gkl",), temperature=2.0, gamma=2.5,
+                                 weight_temperature=3.0)
+    o_n = torch.tensor([student], dtype=torch.float64, requires_grad=True)
+    o_m = torch.tensor([teacher], dtype=torch.float64)
+    terms = dkl.gkl_terms(o_n, o_m, temperature=2.0, gamma=2.5, weight_temperature=3.0)
+    for term, value in terms.items():
+        ref = torch.autograd.grad(value, o_n, retain_graph=True)[0][0]
+        got = df.query("term == @term").sort_values("cls")["grad"].to_numpy()
+        assert torch.allclose(torch.tensor(got), ref, rtol=1e-12, atol=1e-15), term
+    plain = grads.student_gradients(teacher, student, loss_names=("gkl",), temperature=2.0)
+    assert not torch.allclose(torch.tensor(plain["grad"].to_numpy()), torch.tensor(df["grad"].to_numpy()))
+
+
+def test_confidence_sweep_norms_are_per_sample_gradient_norms():
+    """KL's gradient on all-zero student logits for one sample is T (1/C − p): its norm, per confidence."""
+    t, c, conf = 3.0, 5, [0.3, 0.6, 0.95]
+    df = grads.confidence_sweep(conf, num_classes=c, temperature=t, loss_names=("kl",))
+    for k, got in zip(conf, df.sort_values("confidence")["grad_norm"]):
+        p = torch.tensor([k] + [(1 - k) / (c - 1)] * (c - 1), dtype=torch.float64)
+        assert got == pytest.approx(float((t * (1.0 / c - p)).norm()), rel=1e-12)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_simplex_field_is_the_motion_of_one_gradient_step(temperature):
+    """Against finite differences: s_n(ε) = softmax((o_n − ε g) / T) with g the per-sample KL gradient
+    T (s_n − p) on the student's logits (teacher probabilities p at the same T)."""
+    teacher = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    df = grads.simplex_field(teacher, loss="kl", temperature=temperature, resolution=6)
+    s_n = torch.tensor(df[["p1", "p2", "p3"]].to_numpy())
+    o_n = temperature * s_n.log()
+    g = temperature * (s_n - teacher)
+    eps = 1e-6
+    step = (torch.softmax((o_n - eps * g) / temperature, 1) - torch.softmax((o_n + eps * g) / temperature, 1)) / (2 * eps)
+    want = grads.simplex_xy(step)
+    assert torch.allclose(torch.tensor(df[["dx", "dy"]].to_numpy()), want, rtol=1e-6, atol=1e-9)

@@ -532,3 +532,90 @@ def test_alpha_and_beta_scale_their_terms():
     scaled = dkl.ikl_terms(a, b, temperature=2.0, alpha=3.0, beta=0.25)
     assert torch.allclose(scaled["wmse"], 3.0 * base["wmse"], rtol=1e-13)
     assert torch.allclose(scaled["soft_ce"], 0.25 * base["soft_ce"], rtol=1e-13)
+
+
+# -------------------------------------------------------------- found by mutation testing
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+@pytest.mark.parametrize("name", ["dkd", "ikl_gi", "gkl_gi"])
+def test_any_integer_dtype_of_targets_gives_the_int64_result(name, dtype):
+    """Targets are class indices whatever their integer dtype: int32 must not break DKD's gather, and
+    uint8 must not be read as a boolean mask by class_prior[targets]."""
+    a, b, y, prior = decoupled_inputs(5, 6, 17)
+    y = torch.tensor([0, 5, 1, 1, 3])
+    loss = name.split("_")[0]
+    kw = dict(temperature=2.0, **(dict(class_prior=prior) if name.endswith("_gi") else {}))
+    ref = sum(dkl.loss_terms(loss, a, b, targets=y, **kw).values())
+    ours = sum(dkl.loss_terms(loss, a, b, targets=y.to(dtype), **kw).values())
+    assert torch.equal(ours, ref)
+    for go, gr in zip(grads_of(ours, a, b), grads_of(ref, a, b)):
+        assert torch.equal(go, gr)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("wide", ["logits", "target_logits"])
+def test_a_float64_input_makes_the_computation_float64(name, wide):
+    """float32 logits with float64 target_logits (or the reverse) are computed in float64: the result
+    is the all-float64 result, not a float32 one."""
+    g = torch.Generator().manual_seed(18)
+    a, b = torch.randn(4, 7, generator=g, dtype=torch.float64), torch.randn(4, 7, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 6, 2, 3])
+    mixed = (a, b.float()) if wide == "logits" else (a.float(), b)
+    ref = sum(dkl.loss_terms(name, mixed[0].double(), mixed[1].double(), targets=y, temperature=2.0).values())
+    ours = sum(dkl.loss_terms(name, *mixed, targets=y, temperature=2.0).values())
+    assert ours.dtype == torch.float64
+    assert torch.allclose(ours, ref, rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("fn", [dkl.wmse, dkl.wmse_pairwise])
+def test_wmse_weights_are_detached(fn):
+    """w = S(p pᵀ): weights that require grad get no gradient, and the logits' gradients are those of
+    the detached weights."""
+    a, b = random_pair(3, 5)
+    w = torch.rand(3, 5, generator=torch.Generator().manual_seed(19), dtype=torch.float64)
+    ours = fn(a, b, weights=w.clone().requires_grad_())
+    ref = fn(a, b, weights=w)
+    assert ours.grad_fn is not None and torch.equal(ours, ref)
+    leaf = w.clone().requires_grad_()
+    value = fn(a, b, weights=leaf)
+    assert torch.autograd.grad(value, leaf, allow_unused=True)[0] is None
+    for go, gr in zip(grads_of(value, a, b), grads_of(ref, a, b)):
+        assert torch.equal(go, gr)
+
+
+def _extreme_pair(seed, temperature, fraction=0.2):
+    """float32 logits with max |logits| / T = fraction · finfo.max (accepted: the limit is a quarter),
+    and random target logits of the same scale."""
+    fmax = torch.finfo(torch.float32).max
+    g = torch.Generator().manual_seed(seed)
+    a = torch.tensor([1.0, -1.0, 1.0, -1.0, 0.5]).repeat(4, 1) * (fraction * fmax * temperature)
+    b = torch.randn(4, 5, generator=g).clamp(-1, 1) * (fraction * fmax * temperature)
+    return a, b, torch.randint(0, 5, (4,), generator=g)
+
+
+@pytest.mark.parametrize("name", ["kl", "dkd"])
+def test_rows_of_size_near_the_logit_limit_sum_without_overflow(name):
+    """Each row of KL (or TCKD/NCKD) is at most ~max|o|/T, finite by the range check, but four rows of
+    ~1e38 summed before the T² scale overflowed float32 to inf although the loss is ~1e8. Now the float32
+    value and gradients are the float64 ones."""
+    for seed in range(4):
+        a, b, y = _extreme_pair(seed, 1e-15)
+        a32, b32 = a.clone().requires_grad_(), b.clone().requires_grad_()
+        a64, b64 = a.double().requires_grad_(), b.double().requires_grad_()
+        ours = sum(dkl.loss_terms(name, a32, b32, targets=y, temperature=1e-15).values())
+        ref = sum(dkl.loss_terms(name, a64, b64, targets=y, temperature=1e-15).values())
+        assert torch.isfinite(ref) and ref.item() > 1e6
+        assert math.isclose(ours.item(), ref.item(), rel_tol=1e-5)
+        for got, want in zip(grads_of(ours, a32, b32), grads_of(ref, a64, b64)):
+            assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-6 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_accepted_logits_at_a_tiny_temperature_give_a_finite_loss(name):
+    """T = 1e-30: T² underflows float32 to 0, and the unscaled sum over the batch overflowed to inf; the
+    product was nan for about one target draw in four. Every accepted input gives a finite value now."""
+    for seed in range(12):
+        a, b, y = _extreme_pair(seed, 1e-30)
+        a, b = a.requires_grad_(), b.requires_grad_()
+        value = sum(dkl.loss_terms(name, a, b, targets=y, temperature=1e-30).values())
+        assert torch.isfinite(value), seed
+        assert all(g is None or torch.isfinite(g).all() for g in grads_of(value, a, b)), seed

@@ -268,3 +268,64 @@ def test_small_models_shapes_and_sizes():
     assert M.count_parameters(student) == 64 * 16 + 16 + 16 * 10 + 10
     assert M.count_parameters(teacher) > 20 * M.count_parameters(student)
     assert M.MLP(hidden=()).fc.in_features == 64
+
+
+# ------------------------------------------------------------------ found by mutation testing
+def reference_preact_forward(s, x, blocks):
+    """PreActResNet (kuangliu / Rice et al.): the 1x1 shortcut sees relu(bn1(x)), strides 1, 2, 2, 2."""
+    out = F.conv2d(x, s["conv1.weight"], padding=1)
+    for stage, stride0 in zip((1, 2, 3, 4), (1, 2, 2, 2)):
+        for i in range(blocks[stage - 1]):
+            p = f"layer{stage}.{i}"
+            stride = stride0 if i == 0 else 1
+            o = F.relu(_bn(out, s, f"{p}.bn1"))
+            short = F.conv2d(o, s[f"{p}.shortcut.0.weight"], stride=stride) if f"{p}.shortcut.0.weight" in s else out
+            h = F.relu(_bn(F.conv2d(o, s[f"{p}.conv1.weight"], stride=stride, padding=1), s, f"{p}.bn2"))
+            out = F.conv2d(h, s[f"{p}.conv2.weight"], padding=1) + short
+    out = F.relu(_bn(out, s, "bn"))
+    return F.linear(F.adaptive_avg_pool2d(out, 1).flatten(1), s["linear.weight"], s["linear.bias"])
+
+
+def reference_small_cnn_forward(s, x):
+    """conv(w)-BN-ReLU, conv(2w)-BN-ReLU, max-pool 2, conv(2w)-BN-ReLU, global average pool, Linear."""
+    out = F.relu(_bn(F.conv2d(x, s["features.0.weight"], padding=1), s, "features.1"))
+    out = F.max_pool2d(F.relu(_bn(F.conv2d(out, s["features.3.weight"], padding=1), s, "features.4")), 2)
+    out = F.relu(_bn(F.conv2d(out, s["features.7.weight"], padding=1), s, "features.8"))
+    return F.linear(out.mean(dim=(2, 3)), s["fc.weight"], s["fc.bias"])
+
+
+def test_preact_and_small_cnn_forward_match_the_reference_wiring():
+    g = torch.Generator().manual_seed(0)
+    blocks = (1, 2, 1, 1)
+    pre = _randomise_bn(M.PreActResNet(blocks=blocks, num_classes=10))
+    x = torch.randn(2, 3, 16, 16, generator=g)
+    cnn = _randomise_bn(M.build_model("small_cnn", 10, seed=0, width=4))
+    digits = torch.randn(3, 1, 8, 8, generator=g)
+    with torch.no_grad():
+        assert torch.allclose(pre(x), reference_preact_forward(pre.state_dict(), x, blocks), atol=1e-4)
+        assert torch.allclose(cnn(digits), reference_small_cnn_forward(cnn.state_dict(), digits), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["resnet8x4", "wrn_16_2"])
+def test_cifar_models_use_the_reference_initialisation(name):
+    """Convolutions: Kaiming normal with mode fan_out (std sqrt(2 / (out · k · k))), as in RepDistiller;
+    WRN's classifier bias starts at 0. Checked on the convolutions whose fan-in differs from the fan-out."""
+    model = M.build_model(name, 100, seed=0)
+    checked = 0
+    for key, w in model.state_dict().items():
+        if w.dim() == 4 and w.shape[0] != w.shape[1]:
+            fan_out = w.shape[0] * w.shape[2] * w.shape[3]
+            assert float(w.std()) == pytest.approx((2.0 / fan_out) ** 0.5, rel=0.15), key
+            checked += 1
+    assert checked >= 3
+    if name.startswith("wrn"):
+        assert torch.count_nonzero(model.fc.bias) == 0
+
+
+def test_count_parameters_trainable_only_skips_frozen_parameters():
+    model = M.MLP(hidden=(16,))
+    total = M.count_parameters(model)
+    for p in model.fc.parameters():
+        p.requires_grad_(False)
+    assert M.count_parameters(model) == total
+    assert M.count_parameters(model, trainable_only=True) == total - (16 * 10 + 10)

@@ -168,6 +168,37 @@ def test_state_dict_round_trip():
     assert torch.equal(other.end_epoch(), gi.end_epoch())
 
 
+def test_state_dict_round_trip_keeps_the_epoch_count_and_the_dtype():
+    gi = ClassPrior(3, dtype=torch.float64)
+    for _ in range(2):
+        gi.update(torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0]))
+        gi.end_epoch()
+    other = ClassPrior(3)  # float32: the loaded prior is converted to its own dtype
+    other.load_state_dict(gi.state_dict())
+    assert other.epochs == gi.epochs == 2
+    assert other.prior.dtype == torch.float32 and torch.equal(other.prior, gi.prior.float())
+    other.end_epoch()
+    assert other.prior.dtype == torch.float32 and other.epochs == 3
+
+
+def test_state_dicts_are_snapshots_not_views():
+    """A saved state does not change when training goes on, and loading it twice gives two
+    independent priors (the checkpoint in memory is not updated in place either)."""
+    gi = ClassPrior(3)
+    gi.update(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))
+    state = gi.state_dict()
+    saved = {k: v.clone() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    gi.update(torch.randn(2, 3), torch.tensor([1, 1]))
+    assert all(torch.equal(state[k], saved[k]) for k in saved)
+    first, second = ClassPrior(3), ClassPrior(3)
+    first.load_state_dict(state)
+    second.load_state_dict(state)
+    first.update(torch.randn(3, 3), torch.tensor([2, 2, 0]))
+    assert all(torch.equal(state[k], saved[k]) for k in saved)
+    assert torch.equal(second.state_dict()["sums"], saved["sums"])
+    assert torch.equal(second.counts, saved["counts"])
+
+
 # ------------------------------------------------------------------------------ torch.distributed
 def _worker(rank, world, init_file, logits, targets, out_dir):
     torch.set_num_threads(1)
