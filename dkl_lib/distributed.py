@@ -82,6 +82,8 @@ __all__ = [
     "list_checkpoints",
     "save_checkpoint",
     "load_latest_checkpoint",
+    "state_digest",
+    "CHECKSUM_KEY",
     "prune_checkpoints",
 ]
 
