@@ -58,7 +58,8 @@ def kl_grad_logits(logits, target_logits, *, temperature: float = 1.0) -> torch.
 def kl_grad_target_logits(logits, target_logits, *, temperature: float = 1.0) -> torch.Tensor:
     """Analytic ∂ kl_loss / ∂ target_logits = s_m ⊙ (d − Σ_j s_m,j d_j) / B, d = o_m − o_n.
 
-    Equivalently T s_m ⊙ (log s_m − log s_n − KL_row) / B: the temperature cancels because
+    Equivalently T s_m ⊙ (log s_m − log s_n − KL_row) / B with KL_row = Σ_j s_m,j (log s_m,j −
+    log s_n,j), the row's KL without the T² factor: the temperature cancels because
     log s_m − log s_n = d / T − const.
     """
     o_n, o_m, t = _as_wide(logits, target_logits, temperature)

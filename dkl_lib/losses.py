@@ -342,10 +342,12 @@ def dkl_loss(logits, target_logits, *, temperature: float = 1.0, alpha: float = 
         temperature: T > 0 (softmax temperature of the CE term and of the weights).
         alpha: weight of the wMSE term (>= 0). beta: weight of the soft-label CE term (>= 0).
 
-    Mapping from the official code (github.com/jiequancui/DKL): its ``dkl_loss`` multiplies the
-    CE term by ALPHA and the wMSE term by BETA, without T² on CE. Official (ALPHA=a, BETA=b, T, T2)
-    = ours (alpha=b, beta=a/T², temperature=T, weight_temperature=T2) (the latter in
-    :func:`ikl_loss`).
+    Mapping from the official code (github.com/jiequancui/DKL): despite its name, its ``dkl_loss``
+    has no stop-gradient on Δ(o_n) (its wMSE gradient reaches the student), so it is our
+    :func:`ikl_loss`, not this function. It multiplies the CE term by ALPHA and the wMSE term by
+    BETA, without T² on CE: official (ALPHA=a, BETA=b, T, T2) = ours ``ikl_loss(alpha=b,
+    beta=a/T², temperature=T, weight_temperature=T2)``. This function is that loss with the
+    stop-gradient kept (and T2 = T), i.e. KL's gradients for alpha = beta = 1.
 
     Notebooks: 01_kl_to_dkl_derivation (derivation), 02_gradient_anatomy (gradients).
     """

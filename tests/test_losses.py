@@ -619,3 +619,89 @@ def test_accepted_logits_at_a_tiny_temperature_give_a_finite_loss(name):
         value = sum(dkl.loss_terms(name, a, b, targets=y, temperature=1e-30).values())
         assert torch.isfinite(value), seed
         assert all(g is None or torch.isfinite(g).all() for g in grads_of(value, a, b)), seed
+
+
+# ------------------------------------------------------ the official code's knobs (README, dkl_loss)
+def _official_style(student, teacher, *, knob_alpha, knob_beta, temperature, weight_temperature,
+                    prior_rows=None, gamma=None):
+    """The official IKL/GKL loss written literally from its formula: BETA · ¼ Σ w (Δ(teacher) −
+    Δ(student))² / N + ALPHA · soft-label CE without T²; w from the detached weights, N = B (IKL) or
+    Σ w (GKL, ``gamma`` given). No stop-gradient on Δ(student)."""
+    if prior_rows is None:
+        p = torch.softmax(teacher.detach() / weight_temperature, dim=1)
+    else:
+        p = prior_rows
+    if gamma is not None:
+        p = p ** gamma
+    w = p[:, :, None] * p[:, None, :]
+    d_t = teacher[:, :, None] - teacher[:, None, :]
+    d_s = student[:, :, None] - student[:, None, :]
+    pair = 0.25 * (w * (d_t - d_s) ** 2).sum()
+    pair = pair / (w.sum() if gamma is not None else student.shape[0])
+    soft = -(torch.softmax(teacher / temperature, dim=1).detach()
+             * torch.log_softmax(student / temperature, dim=1)).sum(1).mean()
+    return knob_beta * pair + knob_alpha * soft
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_official_knobs_map_to_ikl_and_gkl_not_dkl(temperature):
+    g = torch.Generator().manual_seed(11)
+    student = torch.randn(5, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(5, 7, generator=g, dtype=torch.float64) * 2
+    y = torch.randint(0, 7, (5,), generator=g)
+    prior = torch.rand(7, 7, generator=g, dtype=torch.float64)
+    prior = prior / prior.sum(1, keepdim=True)
+    a, b, t2 = 1.3, 2.2, 3.0
+    ours_hp = dict(alpha=b, beta=a / temperature**2, temperature=temperature)
+    cases = [
+        (_official_style(student, teacher, knob_alpha=a, knob_beta=b, temperature=temperature,
+                         weight_temperature=t2),
+         dkl.ikl_loss(student, teacher, weight_temperature=t2, **ours_hp)),
+        (_official_style(student, teacher, knob_alpha=a, knob_beta=b, temperature=temperature,
+                         weight_temperature=t2, prior_rows=prior[y]),
+         dkl.ikl_loss(student, teacher, targets=y, class_prior=prior, **ours_hp)),
+        (_official_style(student, teacher, knob_alpha=a, knob_beta=b, temperature=temperature,
+                         weight_temperature=t2, prior_rows=prior[y], gamma=0.05),
+         dkl.gkl_loss(student, teacher, targets=y, class_prior=prior, gamma=0.05, **ours_hp)),
+    ]
+    for official, ours in cases:
+        assert torch.allclose(official, ours, rtol=1e-13)
+        assert torch.allclose(*[torch.autograd.grad(v, student)[0] for v in (official, ours)],
+                              rtol=1e-12, atol=1e-15)
+    # the official dkl_loss is NOT our dkl_loss: its wMSE reaches the student, ours stops it there
+    official = _official_style(student, teacher, knob_alpha=a, knob_beta=b, temperature=temperature,
+                               weight_temperature=temperature)
+    ours_dkl = dkl.dkl_loss(student, teacher, **ours_hp)
+    assert torch.allclose(official, ours_dkl, rtol=1e-13)  # same value ...
+    g_off, g_dkl = (torch.autograd.grad(v, student)[0] for v in (official, ours_dkl))
+    assert (g_off - g_dkl).abs().max() > 1e-2  # ... different gradient on the student
+
+
+def test_stop_gradient_sits_on_the_pulled_side():
+    """KL(s_m ‖ s_n) ≡ DKL needs S on Δ(o_n): with S on Δ(o_m) instead, o_m would get no gradient."""
+    a, b = random_pair(5, 7)
+    t = 2.0
+    kl = torch.autograd.grad(dkl.kl_loss(a, b, temperature=t), (a, b))
+    s_m = torch.softmax(b / t, dim=1)
+    w = (s_m[:, :, None] * s_m[:, None, :]).detach()
+    delta = lambda o: o[:, :, None] - o[:, None, :]  # noqa: E731
+    soft = -t * t * (s_m.detach() * torch.log_softmax(a / t, dim=1)).sum() / 5
+    right = (w * (delta(b) - delta(a.detach())) ** 2).sum() / 20 + soft
+    wrong = (w * (delta(b.detach()) - delta(a)) ** 2).sum() / 20 + soft
+    g_right = torch.autograd.grad(right, (a, b), retain_graph=True)
+    assert all(torch.allclose(x, y, rtol=1e-12, atol=1e-15) for x, y in zip(g_right, kl))
+    g_wrong = torch.autograd.grad(wrong, (a, b), allow_unused=True)
+    assert g_wrong[1] is None and (g_wrong[0] - kl[0]).abs().max() > 1e-3
+
+
+def test_kl_is_tckd_plus_weighted_nckd_not_dkd_with_unit_weights():
+    """Zhao et al. 2022, Eq. 5: KL = TCKD + (1 − p_t) NCKD per sample, so DKD(α = β = 1) ≠ KL."""
+    a, b = random_pair(5, 7)
+    y = torch.tensor([0, 3, 6, 2, 2])
+    t = 2.0
+    p_t = torch.softmax(b / t, dim=1)[torch.arange(5), y]
+    for i in range(5):
+        terms = dkl.dkd_terms(a[i:i + 1], b[i:i + 1], y[i:i + 1], temperature=t, alpha=1.0, beta=1.0)
+        kl = dkl.kl_loss(a[i:i + 1], b[i:i + 1], temperature=t)
+        assert torch.allclose(kl, terms["tckd"] + (1 - p_t[i]) * terms["nckd"], rtol=1e-12)
+    assert (dkl.dkd_loss(a, b, y, temperature=t, alpha=1.0, beta=1.0) - dkl.kl_loss(a, b, temperature=t)).abs() > 1e-3
