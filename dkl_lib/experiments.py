@@ -122,9 +122,13 @@ _PAPER_LOSSES = {
     "dkl": {"ce_weight": 0.1, "kd_weight": 0.9, "warmup_epochs": 0, "alpha": 1.0, "beta": 1.0},
     # mdistiller DKD CIFAR-100: alpha 1, beta 8, T 4, warm-up 20
     "dkd": {"alpha": 1.0, "beta": 8.0},
-    # official IKL_KD resnet32x4 config (ALPHA 1, BETA 8, T 4) mapped to our convention
-    "ikl": {"gi": True, "alpha": 8.0, "beta": 1.0 / 16.0},
-    # official GKL_KD res32x4_res8x4 config (ALPHA 1, BETA 16, GAMMA 0.05, T2 4, GI) mapped
+    # official IKL_KD resnet32x4 config (jiequancui/DKL KD-dkl/cifar100_kd_dkl_configs/res32x4_res8x4.yaml:
+    # ALPHA 1, BETA 8, T 4, WARMUP 20) mapped to our convention. It sets no T2, so the official default
+    # applies (KD-dkl/mdistiller/engine/cfg.py: IKL_KD.T2 = 100.0, the temperature of the sample-wise
+    # weights and of the GI prior alike); nor GI (default False: run `ikl-nogi` for the official setting)
+    "ikl": {"gi": True, "alpha": 8.0, "beta": 1.0 / 16.0, "weight_temperature": 100.0},
+    # official GKL_KD config (DKLv2/KD-dkl/cifar100_config_gkl/res32x4_res8x4.yaml: ALPHA 1, BETA 16,
+    # GAMMA 0.05, T2 4, GI True, T 4, WARMUP 20) mapped
     "gkl": {"gi": True, "alpha": 16.0, "beta": 1.0 / 16.0, "gamma": 0.05, "weight_temperature": 4.0},
 }
 
@@ -208,8 +212,11 @@ PRESETS: Dict[str, dict] = {
             "dkd": {"alpha": 1.0, "beta": 0.5},
             # DKL repo imagenet_kd_dkl_configs/r34_r18_ikl_kd.yaml: ALPHA 1, BETA 0.5, GI, T2 1 (T 1, WARMUP 1)
             "ikl": {"gi": True, "alpha": 0.5, "beta": 1.0, "weight_temperature": 1.0},
-            # no official ImageNet GKL config: IKL's weights with GKL's gamma (unverified)
-            "gkl": {"gi": True, "alpha": 0.5, "beta": 1.0, "weight_temperature": 1.0, "gamma": 0.05},
+            # DKL repo DKLv2/KD-dkl/imagenet_config_gkl/r34_r18_ikl_kd.yaml (a GKL_KD config despite its
+            # name): ALPHA 1, BETA 0.5, GAMMA 0.6, GI, T2 1; T 1 and WARMUP 5 are the defaults of
+            # DKLv2/KD-dkl/mdistiller/engine/cfg.py (GKL_KD.WARMUP = 5, unlike IKL_KD's 1)
+            "gkl": {"gi": True, "alpha": 0.5, "beta": 1.0, "weight_temperature": 1.0, "gamma": 0.6,
+                    "warmup_epochs": 5},
         },
         "checkpoint_every": 1,
     },

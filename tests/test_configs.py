@@ -55,6 +55,9 @@ def test_kd_configs_carry_the_official_per_pair_values():
     # official IKL_KD (ALPHA, BETA, T = 4) -> ours (alpha = BETA, beta = ALPHA / T²); DKD beta per pair
     official = {"resnet32x4": ("resnet8x4", 1.0, 8.0, 8.0), "wrn_40_2": ("wrn_16_2", 3.0, 12.0, 6.0),
                 "resnet56": ("resnet20", 1.0, 4.0, 2.0)}
+    # DKLv2 cifar100_config_gkl/*.yaml: GKL_KD (ALPHA, BETA, GAMMA, GI), T2 4, T 4, WARMUP 20
+    official_gkl = {"resnet32x4": (1.0, 16.0, 0.05, True), "wrn_40_2": (3.0, 20.0, 0.3, False),
+                    "resnet56": (1.0, 4.0, 0.2, True)}
     seen = set()
     for path in SHIPPED:
         cfg = C.load_config(path)
@@ -73,6 +76,11 @@ def test_kd_configs_carry_the_official_per_pair_values():
         ikl = r["losses"]["ikl"]
         assert ikl["alpha"] == ikl_beta and ikl["beta"] == ikl_alpha / d["temperature"] ** 2
         assert ikl["weight_temperature"] == 100.0
+        g_alpha, g_beta, g_gamma, g_gi = official_gkl[r["teacher"]["model"]]
+        gkl = r["losses"]["gkl"]
+        assert (gkl["alpha"], gkl["beta"], gkl["gamma"], gkl["weight_temperature"], gkl["gi"]) == \
+            (g_beta, g_alpha / 16, g_gamma, 4.0, g_gi)
+        assert gkl.get("warmup_epochs", d["warmup_epochs"]) == 20
         assert {"kl", "dkd"} <= set(cfg["losses"]) and any(s.startswith("ikl") for s in cfg["losses"])
     assert seen == set(official)
 
@@ -81,6 +89,8 @@ def test_imagenet_configs_carry_the_official_per_pair_values():
     # official IKL_KD (ALPHA, BETA, GI, T2 1, T 1) -> ours (alpha = BETA, beta = ALPHA); DKD beta per pair
     official = {"resnet34": ("resnet18", 1.0, 0.5, 0.5, "resnet34-b627a593.pth"),
                 "resnet50": ("mobilenet_v1", 4.0, 1.0, 2.0, "resnet50-0676ba61.pth")}
+    # DKLv2 imagenet_config_gkl/*.yaml: GKL_KD (ALPHA, BETA, GAMMA), GI, T2 1; DKLv2 cfg.py: T 1, WARMUP 5
+    official_gkl = {"resnet34": (1.0, 0.5, 0.6), "resnet50": (4.0, 1.0, 0.5)}
     seen = set()
     for path in SHIPPED:
         cfg = C.load_config(path)
@@ -98,6 +108,10 @@ def test_imagenet_configs_carry_the_official_per_pair_values():
         assert r["losses"]["dkd"]["beta"] == dkd_beta
         ikl = r["losses"]["ikl"]
         assert (ikl["alpha"], ikl["beta"], ikl["gi"], ikl["weight_temperature"]) == (ikl_beta, ikl_alpha, True, 1.0)
+        g_alpha, g_beta, g_gamma = official_gkl[r["teacher"]["model"]]
+        gkl = r["losses"]["gkl"]
+        assert (gkl["alpha"], gkl["beta"], gkl["gamma"], gkl["gi"], gkl["weight_temperature"], gkl["warmup_epochs"]) \
+            == (g_beta, g_alpha, g_gamma, True, 1.0, 5)
     assert seen == set(official)
     preset = E.resolve_config("imagenet")  # the preset is the ResNet34 -> ResNet18 file without overrides
     ikl34 = C.load_config(C.config_dir() / "kd_imagenet_resnet34_resnet18.yaml")["resolved"]
@@ -105,12 +119,13 @@ def test_imagenet_configs_carry_the_official_per_pair_values():
         {k: preset[k] for k in ("data", "teacher", "student", "distill", "losses")}
 
 
-def test_resnet32x4_config_is_the_paper_preset_plus_the_official_ikl_weights():
+def test_resnet32x4_config_is_the_paper_preset():
     """Same values AND types as the preset (an int where the preset has a float would change the
-    cache hash), so kl/dkd runs from the file reuse the preset's cache entries."""
+    cache hash), so runs from the file reuse the preset's cache entries. (Until the hyper-parameter
+    audit the preset's ikl lacked the official T2 = 100, which the file added; now both carry it.)"""
     cfg = C.load_config(C.config_dir() / "kd_cifar100_resnet32x4_resnet8x4.yaml")
-    expected = E.resolve_config("paper", {"losses.ikl.weight_temperature": 100.0})
-    assert E.config_hash(cfg["resolved"]) == E.config_hash(expected)
+    assert E.config_hash(cfg["resolved"]) == E.config_hash(E.resolve_config("paper"))
+    assert E.preset("paper")["losses"]["ikl"]["weight_temperature"] == 100.0
 
 
 @pytest.mark.parametrize("stem,data", [("adv_cifar10_wrn_34_10", "cifar10"), ("adv_cifar100_wrn_34_10", "cifar100")])
