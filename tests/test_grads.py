@@ -141,3 +141,36 @@ def test_simplex_field_is_the_motion_of_one_gradient_step(temperature):
     step = (torch.softmax((o_n - eps * g) / temperature, 1) - torch.softmax((o_n + eps * g) / temperature, 1)) / (2 * eps)
     want = grads.simplex_xy(step)
     assert torch.allclose(torch.tensor(df[["dx", "dy"]].to_numpy()), want, rtol=1e-6, atol=1e-9)
+
+
+# ------------------------------------------------------------------ found by mutation testing
+def test_median_seconds_is_the_median_in_seconds_after_untimed_warmup(monkeypatch):
+    import statistics
+    from types import SimpleNamespace
+
+    from dkl_lib import profiling
+
+    clock, durations, calls = [0.0], iter([100.0, 1.0, 6.0, 2.0]), []  # the warm-up call is slow
+
+    def fn():
+        calls.append(1)
+        clock[0] += next(durations)
+
+    monkeypatch.setattr(profiling, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    assert profiling.median_seconds(fn, repeats=3, warmup=1) == statistics.median([1.0, 6.0, 2.0])
+    assert len(calls) == 4
+    with pytest.raises(ValueError, match="repeats"):
+        profiling.median_seconds(fn, repeats=0)
+
+
+def test_tensor_recorder_counts_bytes_of_created_tensors_and_of_the_backward_pass():
+    from dkl_lib.profiling import TensorRecorder
+
+    a, b = torch.randn(100, dtype=torch.float64), torch.randn(50, dtype=torch.float32)
+    with TensorRecorder() as rec:
+        made = [b.exp(), a.neg()]
+    assert rec.total_bytes == sum(t.numel() * t.element_size() for t in made)
+    assert (rec.largest_numel, rec.largest_bytes) == (a.numel(), a.numel() * a.element_size())
+    x = torch.randn(100, dtype=torch.float64, requires_grad=True)
+    assert largest_tensor(lambda: x.sum(), backward=False).largest_numel == 1
+    assert largest_tensor(lambda: x.sum()).largest_numel == x.numel()  # x's gradient, made by backward

@@ -309,3 +309,116 @@ def test_std_bands_draw_no_markers_at_their_corners():
                                     for loss in ("trades", "ikl") for seed in (0, 1)}, metrics=("test_acc",))
     bands = traces(fig, kind="band") + traces(adv, kind="band")
     assert len(bands) > 2 and all(t.mode == "lines" for t in bands)
+
+
+# ------------------------------------------------------------------ found by mutation testing
+def _skewed(values):
+    """Per-seed values whose mean is not their median (and whose std depends on ddof)."""
+    return dict(enumerate(values))
+
+
+def test_learning_curves_draw_the_mean_not_the_median_and_hover_the_seed_count():
+    # seed 2 stopped after one epoch: epoch 1 has three seeds (50, 51, 70: mean 57, median 51), epoch 2 two
+    hist = {("ikl", 0): pd.DataFrame({"epoch": [1, 2], "test_acc": [50.0, 60.0], "ce": [1.0, 0.5]}),
+            ("ikl", 1): pd.DataFrame({"epoch": [1, 2], "test_acc": [51.0, 62.0], "ce": [1.1, 0.6]}),
+            ("ikl", 2): pd.DataFrame({"epoch": [1], "test_acc": [70.0], "ce": [3.0]})}
+    long = plots.histories_frame(hist)
+    fig = plots.learning_curves(hist)
+    for panel in ("test_acc", "ce"):
+        (mean,) = traces(fig, loss="ikl", panel=panel, kind="mean")
+        per_epoch = long.groupby("epoch")[panel]
+        np.testing.assert_allclose(mean.y, per_epoch.mean().to_numpy())
+        assert [n for _, n in mean.customdata] == per_epoch.count().tolist() == [3, 2]
+
+
+def test_adversarial_curves_draw_the_mean_and_a_one_std_band():
+    hist = {(loss, seed): pd.DataFrame({"epoch": [1, 2], "test_acc": [50.0 + off, 60.0 + 2 * off]})
+            for loss in ("trades", "ikl") for seed, off in _skewed((0.0, 1.0, 20.0)).items()}
+    long = plots.histories_frame(hist)
+    fig = plots.adversarial_curves(hist, metrics=("test_acc",))
+    for loss in ("trades", "ikl"):
+        stats = long[long["loss"] == loss].groupby("epoch")["test_acc"].agg(["mean", "std"])
+        (mean,) = traces(fig, loss=loss, kind="mean")
+        np.testing.assert_allclose(mean.y, stats["mean"].to_numpy())
+        (band,) = traces(fig, loss=loss, kind="band")
+        n = len(stats)
+        np.testing.assert_allclose(band.y[:n], (stats["mean"] + stats["std"]).to_numpy())
+        np.testing.assert_allclose(band.y[n:], (stats["mean"] - stats["std"]).to_numpy()[::-1])
+    two_seeds = plots.adversarial_curves({k: v for k, v in hist.items() if k[1] < 2}, metrics=("test_acc",))
+    assert {t.meta["loss"] for t in traces(two_seeds, kind="band")} == {"trades", "ikl"}  # two seeds have a spread
+
+
+def test_robustness_vs_epsilon_is_the_mean_over_seeds():
+    curves = pd.DataFrame({"loss": "ikl", "seed": [0, 0, 1, 1, 2, 2], "epsilon": [0.0, 0.1] * 3,
+                           "accuracy": [90.0, 50.0, 91.0, 52.0, 99.0, 70.0]})
+    fig = plots.robustness_vs_epsilon(curves)
+    stats = curves.groupby("epsilon")["accuracy"].agg(["mean", "std"])
+    assert list(fig.data[0].x) == stats.index.tolist()
+    assert list(fig.data[0].y) == pytest.approx(stats["mean"].tolist())
+    assert list(fig.data[0].error_y.array) == pytest.approx(stats["std"].tolist())
+
+
+def test_adversarial_comparison_bars_carry_each_metrics_own_value_and_std():
+    table = comparison_table(clean=97.7, clean_std=0.3)
+    fig = plots.adversarial_comparison_bars(table)
+    bars = {(t.meta["metric"], t.meta["who"]): t for t in fig.data if t.type == "bar"}
+    ours = table[table["who"].str.startswith("ours")]
+    for metric in ("clean", "robust"):
+        assert list(bars[(metric, "ours")].y) == ours[f"{metric} (%)"].tolist()
+        assert list(bars[(metric, "ours")].error_y.array) == ours[f"{metric} std"].tolist()
+
+
+def test_paper_comparison_last_epoch_column_is_our_last_epoch():
+    runs = pd.DataFrame({"loss": ["kl"] * 3, "seed": [0, 1, 2], "best_acc": [95.0, 96.0, 99.0],
+                         "last_acc": [90.0, 94.0, 94.5]})
+    table = plots.paper_comparison(experiments.summarize(runs))
+    ours = table[table["who"].str.startswith("ours")].set_index("method").loc["KL"]
+    for column, key in (("top-1 (%)", "best_acc"), ("last epoch (%)", "last_acc")):
+        assert ours[column] == f"{runs[key].mean():.2f} ± {runs[key].std(ddof=1):.2f}"
+    assert (table[table["who"].str.startswith("paper")]["last epoch (%)"] == "—").all()  # the paper gives one number
+
+
+def test_metric_bars_show_mean_and_one_sample_std_in_each_losses_colour():
+    m = pd.DataFrame({"loss": ["ikl"] * 3 + ["ikl-nogi"] * 3, "seed": [0, 1, 2] * 2,
+                      "ece": [0.10, 0.12, 0.40, 0.20, 0.25, 0.27], "nll": [1.0, 1.1, 2.5, 0.9, 0.95, 1.6]})
+    fig = plots.metric_bars(m, {"ece": "ECE", "nll": "NLL"})
+    losses = list(dict.fromkeys(m["loss"]))
+    assert [t.meta["metric"] for t in fig.data] == ["ece", "nll"]
+    for trace in fig.data:
+        per_loss = m.groupby("loss")[trace.meta["metric"]]
+        assert list(trace.y) == pytest.approx([per_loss.mean()[n] for n in losses])
+        assert list(trace.error_y.array) == pytest.approx([per_loss.std(ddof=1)[n] for n in losses])
+        assert list(trace.marker.color) == [plots.color(n) for n in losses]
+        assert [x.split("<br>")[0] for x in trace.x] == [plots.label(n) for n in losses]
+
+
+def test_sensitivity_figures_show_each_cells_mean_std_and_n():
+    s = pd.DataFrame({"alpha": [0.5, 1.0, 0.5, 1.0], "temperature": [2.0, 2.0, 4.0, 4.0],
+                      "best_mean": [90.0, 91.0, 92.0, 93.5], "best_std": [1.0, 0.5, 2.0, float("nan")],
+                      "last_mean": [80.0, 81.5, 82.0, 83.0], "last_std": [3.0, 0.25, 1.0, float("nan")],
+                      "n": [3, 3, 2, 1]})
+    heat = plots.sensitivity_heatmap(s, "alpha", "temperature").data[0]
+    assert list(heat.x) == ["0.5", "1.0"] and list(heat.y) == ["2.0", "4.0"]  # x: alpha, y: temperature
+    for _, r in s.iterrows():
+        i, j = list(heat.y).index(str(r["temperature"])), list(heat.x).index(str(r["alpha"]))
+        std = 0.0 if math.isnan(r["best_std"]) else r["best_std"]
+        assert heat.z[i][j] == r["best_mean"]
+        assert heat.text[i][j] == f"{r['best_mean']:.2f} ± {std:.2f} (n={int(r['n'])})"
+    row = s[s["temperature"] == 2.0]
+    for value in ("best", "last"):
+        line = plots.sensitivity_lines(row, "alpha", value=value).data[0]
+        assert list(line.x) == row["alpha"].tolist() and list(line.y) == row[f"{value}_mean"].tolist()
+        assert list(line.error_y.array) == row[f"{value}_std"].tolist()
+        assert list(line.text) == [f"n={n}" for n in row["n"]]
+
+
+def test_final_accuracy_chart_draws_each_loss_in_its_colour():
+    runs = fake_runs()
+    fig = plots.final_accuracy_chart(runs)
+    for ax in fig.axes[:2]:
+        for x, loss in enumerate(dict.fromkeys(runs["loss"])):
+            means = [line for line in ax.lines if line.get_marker() == "D"
+                     and np.isfinite(np.asarray(line.get_ydata(), float)[x])]
+            assert [matplotlib.colors.to_hex(line.get_color()) for line in means] == [plots.color(loss)]
+            dots = [c for c in ax.collections if len(c.get_offsets()) and np.allclose(np.round(c.get_offsets()[:, 0]), x)]
+            assert [matplotlib.colors.to_hex(c.get_facecolors()[0]) for c in dots] == [plots.color(loss)]

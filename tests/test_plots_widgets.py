@@ -277,3 +277,117 @@ def test_confidence_lines_keep_coinciding_curves_visible():
     width = {t.name: t.line.width for t in fig.data}
     assert width["KL · KL"] > width["IKL · soft-label CE"] > width["GKL · soft-label CE"]
     assert width["IKL · wMSE"] > width["GKL · wMSE"]
+
+
+# ------------------------------------------------------------------ found by mutation testing
+def _arrows(trace):
+    """(start x, start y, end x, end y) arrays of a quiver trace (segments x0, x1, None)."""
+    import numpy as np
+
+    x, y = np.array(trace.x, dtype=float).reshape(-1, 3), np.array(trace.y, dtype=float).reshape(-1, 3)
+    return x[:, 0], y[:, 0], x[:, 1], y[:, 1]
+
+
+def test_simplex_arrows_point_along_the_step_on_one_scale_for_every_panel():
+    import numpy as np
+
+    def check(fig, df):
+        scale = 0.08 / np.hypot(df["dx"], df["dy"]).max()  # the longest arrow of ALL panels spans 8%
+        for i, term in enumerate(dict.fromkeys(df["term"])):
+            part = df[df["term"] == term]
+            x0, y0, x1, y1 = _arrows(fig.data[3 * i + 1])
+            np.testing.assert_allclose(x0, part["x"])
+            np.testing.assert_allclose(y0, part["y"])
+            np.testing.assert_allclose(x1 - x0, scale * part["dx"], atol=1e-15)
+            np.testing.assert_allclose(y1 - y0, scale * part["dy"], atol=1e-15)
+
+    df = grads.simplex_field([0.2, 0.5, 0.3], loss="ikl", resolution=6)
+    norms = np.hypot(df["dx"], df["dy"]).groupby(df["term"]).max()
+    assert norms.max() > 1.5 * norms.min()  # panels whose own longest arrows differ
+    fig = plots.simplex_quiver(df, teacher_xy=(0.5, 0.3))
+    check(fig, df)
+    df2 = grads.simplex_field([0.7, 0.2, 0.1], loss="ikl", alpha=3.0, resolution=6)
+    plots.update_simplex_quiver(fig, df2, teacher_xy=(0.2, 0.1))
+    check(fig, df2)
+
+
+def test_weight_heatmaps_update_sets_both_panels_on_one_colour_range():
+    g = torch.Generator().manual_seed(3)
+    logits, y = torch.randn(12, 4, generator=g) * 0.5, torch.arange(12) % 4
+    logits[torch.arange(1, 12), y[1:]] += 4.0  # every sample but the first is confident in its class
+    fig = plots.weight_heatmaps(grads.weight_matrices(logits, y, weight_temperature=2.0, sample=1), widget=True)
+    # the unsure sample 0: its own weights peak lower than its class's, which set the colour range
+    mats = grads.weight_matrices(logits, y, weight_temperature=2.0, sample=0)
+    assert mats["classwise"].max() > mats["sample"].max()
+    plots.update_weight_heatmaps(fig, mats)
+    assert torch.allclose(torch.tensor(fig.data[0].z, dtype=torch.float64), mats["sample"].double())
+    assert torch.allclose(torch.tensor(fig.data[1].z, dtype=torch.float64), mats["classwise"].double())
+    assert fig.layout.coloraxis.cmax == pytest.approx(float(max(mats["sample"].max(), mats["classwise"].max())))
+
+
+def test_gradient_bars_data_and_dashboard_pass_every_slider_on():
+    import numpy as np
+
+    hp = dict(temperature=3.0, alpha=0.5, beta=2.0, weight_temperature=5.0, gamma=0.4)
+    values = {**{f"teacher_{j}": v for j, v in enumerate(TEACHER)},
+              **{f"student_{j}": v for j, v in enumerate(STUDENT)}, **hp}
+    ref = grads.student_gradients(TEACHER, STUDENT, loss_names=("dkl", "ikl", "gkl"), **hp)
+    np.testing.assert_array_equal(widgets.gradient_bars_data(values)["grad"],
+                                  ref["grad"].where(ref["grad"].abs() >= widgets.ROUNDING_FLOOR, 0.0))
+    dash = widgets.gradient_bars_dashboard(TEACHER, STUDENT)
+    for key in ("weight_temperature", "gamma"):  # T_w and γ reach the GKL / IKL bars
+        dash.controls[key].value = hp[key]
+        ref = grads.student_gradients(TEACHER, STUDENT, **{k: dash.values()[k] for k in hp})
+        for trace, (loss, term) in zip(dash.figure.data, dict.fromkeys(zip(ref["loss"], ref["term"]))):
+            part = ref[(ref["loss"] == loss) & (ref["term"] == term)]["grad"]
+            np.testing.assert_allclose(trace.y, part.where(part.abs() >= widgets.ROUNDING_FLOOR, 0.0), atol=0)
+
+
+def test_simplex_data_passes_alpha_and_beta_on():
+    import pandas as pd
+
+    values = {"teacher_0": 1.0, "teacher_1": 0.0, "teacher_2": -1.0, "temperature": 2.0, "alpha": 0.5,
+              "beta": 2.0, "loss": "ikl", "resolution": 5}
+    df, xy = widgets.simplex_data(values)
+    probs = torch.softmax(torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64) / 2.0, 0)
+    pd.testing.assert_frame_equal(df, grads.simplex_field(probs, loss="ikl", temperature=2.0, alpha=0.5, beta=2.0,
+                                                          resolution=5))
+    assert xy == pytest.approx(grads.simplex_xy(probs[None])[0].tolist())
+    dash = widgets.simplex_dashboard("ikl", resolution=5)
+    dash.controls["alpha"].value = 0.0  # no wMSE term: its panel's arrows have no length
+    x0, y0, x1, y1 = _arrows(dash.figure.data[1])
+    assert (x0 == x1).all() and (y0 == y1).all()
+    x0, _, x1, _ = _arrows(dash.figure.data[4])  # the soft-label CE panel still moves
+    assert (x0 != x1).any()
+
+
+def test_cost_lines_put_time_in_seconds_left_and_bytes_right():
+    import pandas as pd
+
+    df = pd.DataFrame({"classes": [10, 100, 10, 100], "method": ["closed form"] * 2 + ["pairwise"] * 2,
+                       "seconds": [1e-4, 2e-4, 3e-4, 5e-3], "largest_tensor_bytes": [2560, 25600, 25600, 2560000]})
+    fig = plots.cost_lines(df)
+    assert [a.text for a in fig.layout.annotations] == ["forward + backward time (s)", "largest tensor (bytes)"]
+    assert sorted((t.name, t.xaxis) for t in fig.data) == [("closed form", "x"), ("closed form", "x2"),
+                                                           ("pairwise", "x"), ("pairwise", "x2")]
+    for t in fig.data:
+        part = df[df["method"] == t.name]
+        key = "seconds" if t.xaxis == "x" else "largest_tensor_bytes"
+        assert list(t.x) == part["classes"].tolist() and list(t.y) == part[key].tolist()
+
+
+def test_equivalence_heatmap_and_confidence_lines_carry_their_data():
+    import numpy as np
+    import pandas as pd
+
+    table = pd.DataFrame({"classes": [2, 2, 5, 5], "temperature": [1.0, 4.0, 1.0, 4.0],
+                          "max_error": [1e-16, 3e-15, 2e-14, 2e-13]})
+    heat = plots.equivalence_heatmap(table).data[0]
+    errors = table.pivot(index="classes", columns="temperature", values="max_error")
+    np.testing.assert_allclose(heat.z, np.log10(errors.to_numpy()))  # the colour bar says log10
+    assert list(heat.y) == ["2", "5"] and list(heat.x) == ["1.0", "4.0"]
+    sweep = grads.confidence_sweep([0.3, 0.6, 0.9], num_classes=4)
+    for t, (loss, term) in zip(plots.confidence_lines(sweep).data, dict.fromkeys(zip(sweep["loss"], sweep["term"]))):
+        part = sweep[(sweep["loss"] == loss) & (sweep["term"] == term)]
+        assert t.name == plots.label(loss, term)
+        assert list(t.x) == part["confidence"].tolist() and list(t.y) == part["grad_norm"].tolist()

@@ -167,3 +167,126 @@ def test_dashboard_buttons_and_disabled_controls(cache):
     assert dash.state["table"].value.count("<tr") == 3  # header + 2 runs
     assert [t.name.split()[0] for t in dash.figure.data] == ["#1", "#2"]  # the table's run numbers
     assert session.results()["run"].tolist() == [1, 2]
+
+
+# ------------------------------------------------------------------ found by mutation testing
+def _fake_run_grid(calls, test_acc=(40.0, 70.0, 55.0)):
+    """Stands in for experiments.run_grid: one epoch per entry of ``test_acc`` (best is not last), calling
+    ``callback`` after each and stopping when it returns False, as run_grid does; records its arguments."""
+    import pandas as pd
+    from types import SimpleNamespace
+
+    def run_grid(losses, seeds, *, preset, overrides, callback, **kwargs):
+        calls.append(dict(losses=list(losses), seeds=list(seeds), preset=preset, overrides=dict(overrides)))
+        history, stopped = [], False
+        for epoch, acc in enumerate(test_acc[:overrides["distill.epochs"]], start=1):
+            history.append({"epoch": epoch, "test_acc": acc, "train_acc": acc / 2})
+            if callback(losses[0], seeds[0], list(history)) is False:
+                stopped = True
+                break
+        accs = [r["test_acc"] for r in history]
+        best = max(range(len(accs)), key=accs.__getitem__)
+        runs = pd.DataFrame([{"loss": losses[0], "seed": seeds[0], "best_acc": accs[best], "best_epoch": best + 1,
+                              "last_acc": accs[-1], "epochs": len(accs), "cached": False, "stopped": stopped,
+                              "seconds": 0.01}])
+        return SimpleNamespace(runs=runs, histories={(losses[0], seeds[0]): pd.DataFrame(history)})
+
+    return run_grid
+
+
+def test_every_hyper_parameter_a_loss_uses_reaches_the_run_request():
+    # the paper's hyper-parameters per loss: KL has T; DKL and DKD two weights; IKL adds T_w; GKL adds γ
+    uses = {"kl": {"temperature"}, "dkl": {"temperature", "alpha", "beta"}, "dkd": {"temperature", "alpha", "beta"},
+            "ikl": {"temperature", "alpha", "beta", "weight_temperature"},
+            "gkl": {"temperature", "alpha", "beta", "weight_temperature", "gamma"}}
+    moved = {"temperature": 2.5, "alpha": 3.0, "beta": 0.5, "weight_temperature": 6.5, "gamma": 0.7}
+    for loss, keys in uses.items():
+        for key in sorted(keys):
+            spec, seed, preset, overrides = widgets.run_request(dict(VALUES, loss=loss, seed=7, **{key: moved[key]}))
+            target = "distill.temperature" if key == "temperature" else f"losses.{loss}.{key}"
+            assert overrides[target] == moved[key], (loss, key)
+            assert (spec, seed, preset) == (loss, 7, "cpu-quick")
+
+
+def test_session_rows_report_the_run_that_ran(monkeypatch):
+    from dkl_lib import experiments
+
+    calls, finished = [], []
+    monkeypatch.setattr(experiments, "run_grid", _fake_run_grid(calls))
+    session = widgets.TrainingSession(base_overrides={"data.n_train": 300}, on_finish=finished.append)
+    assert session.start(dict(VALUES, gi=False, epochs=3, seed=4, alpha=2.0)) and session.wait(30)
+    assert calls[-1]["losses"] == ["ikl-nogi"] and calls[-1]["seeds"] == [4]
+    assert calls[-1]["overrides"] == {"data.n_train": 300, "distill.epochs": 3, "losses.ikl.alpha": 2.0}
+    row, acc = finished[-1], [r["test_acc"] for r in session.history]
+    assert row["loss"] == "ikl-nogi" and row["seed"] == 4 and row["alpha"] == 2.0
+    assert row["best_acc"] == max(acc) != row["last_acc"] == acc[-1] and row["best_epoch"] == 1 + acc.index(max(acc))
+    # the settings IKL uses, and no γ (a disabled control) in the table
+    assert set(row) & set(widgets.LOSS_HPARAMS) == {"temperature", "alpha", "beta", "weight_temperature", "gi"}
+
+
+def test_a_stopped_session_runs_its_next_run_to_the_end(monkeypatch):
+    from dkl_lib import experiments
+
+    calls, finished = [], []
+    monkeypatch.setattr(experiments, "run_grid", _fake_run_grid(calls))
+    session = widgets.TrainingSession(on_finish=finished.append)
+    session.on_epoch = lambda history: session.stop() if len(history) == 1 else None
+    assert session.start(dict(VALUES, epochs=3)) and session.wait(30)
+    assert finished[-1]["stopped"] and finished[-1]["epochs_run"] == 1
+    session.on_epoch = None
+    assert session.start(dict(VALUES, epochs=3)) and session.wait(30)  # Stop, then Run again
+    assert not finished[-1]["stopped"] and finished[-1]["epochs_run"] == 3
+
+
+def test_dashboard_shows_test_accuracy_best_and_last_and_the_stop_button_stops(monkeypatch):
+    from dkl_lib import experiments
+
+    calls = []
+    monkeypatch.setattr(experiments, "run_grid", _fake_run_grid(calls))
+    dash = widgets.training_dashboard()
+    status, buttons, session = dash.state["status"], dash.state["buttons"], dash.state["session"]
+    dash.controls["gi"].value, dash.controls["epochs"].value = False, 3
+    buttons["run"].click()
+    assert session.wait(30) and session.error is None
+    acc = [r["test_acc"] for r in session.history]
+    assert list(dash.figure.data[0].y) == acc  # the axis says test accuracy
+    assert dash.figure.data[0].name == f"#1 {widgets.plots.label('ikl')} (no GI) seed 0"
+    assert f"best {max(acc):.2f}%" in status.value and f"last {acc[-1]:.2f}%" in status.value
+    shown = session.on_epoch  # the dashboard's own epoch handler
+    session.on_epoch = lambda history: (shown(history), buttons["stop"].click() if len(history) == 1 else None)
+    buttons["run"].click()
+    assert session.wait(30) and session.error is None
+    assert session.results()["stopped"].tolist() == [False, True] and session.results()["epochs_run"].tolist() == [3, 1]
+    assert "stopped early" in status.value
+
+
+def test_t_w_follows_t_only_where_the_preset_ties_them():
+    dash = widgets.training_dashboard()
+    c = dash.controls
+    c["preset"].value, c["loss"].value = "gpu-short", "gkl"
+    own = widgets.loss_settings("gpu-short", "gkl", temperature=-1.0)["weight_temperature"]
+    assert own != -1.0 and c["weight_temperature"].value == own  # this preset sets T_w itself
+    c["temperature"].value = own / 2
+    assert c["weight_temperature"].value == own
+
+
+def test_loss_settings_agree_with_what_a_run_uses(monkeypatch):
+    """The sliders show what a run would use: the per-loss section of a preset wins over its distill
+    section, as in the run's own configuration (checked on every preset and on one where they disagree)."""
+    import copy
+
+    from dkl_lib import experiments, train
+
+    clash = copy.deepcopy(experiments.PRESETS["cpu-quick"])
+    clash["distill"].update(alpha=3.0, weight_temperature=6.0)
+    clash["losses"].update(kl={"temperature": 2.0}, ikl={"gi": True, "alpha": 5.0, "weight_temperature": 1.5})
+    monkeypatch.setitem(experiments.PRESETS, "clash", clash)
+    for preset in experiments.PRESETS:
+        for loss in ("kl", "dkl", "ikl", "gkl", "dkd"):
+            run = experiments._run_config(experiments.resolve_config(preset), loss, 0, "t")["distill"]
+            alpha, beta = train._DEFAULT_ALPHA_BETA.get(loss, (None, None))
+            defaults = {"alpha": alpha, "beta": beta, "weight_temperature": run["temperature"], "gamma": 1.0}
+            for key, value in widgets.loss_settings(preset, loss).items():
+                assert value == run.get(key, defaults.get(key)), (preset, loss, key)
+    assert widgets.loss_settings("clash", "kl") == {"temperature": 2.0}
+    assert widgets.loss_settings("clash", "ikl")["alpha"] == 5.0
