@@ -1146,7 +1146,7 @@ _ADV_TRAIN_CHECKS = {**_SGD_CHECKS, "lr_schedule": _one_of(("multistep", "cosine
                      "epsilon_schedule": _one_of(("constant", "increasing")), "attack_steps": _nonneg_int,
                      "attack_step_fraction": _nonneg, "eval_steps": _nonneg_int, "eval_samples": _optional(_nonneg_int),
                      "awp_gamma": _nonneg, "awp_warmup": _nonneg_int, "weight_average": _optional(_below_one),
-                     "weight_average_from": _positive_int}
+                     "weight_average_from": _positive_int, "weight_average_every": _one_of(("step", "epoch"))}
 _ADV_LOSS_CHECKS = {"trades": {"beta": _optional(_nonneg)},
                     "ikl": {"alpha": _optional(_nonneg), "beta": _optional(_nonneg),
                             "temperature": _optional(_positive), "weight_temperature": _optional(_positive),
@@ -1206,16 +1206,21 @@ ADV_PRESETS: Dict[str, dict] = {
     },
     "paper": {
         "description": ("CIFAR-10 WRN-34-10, eps = 8/255: the official IKL-AT recipe (200 epochs, cosine lr 0.2, "
-                        "increasing eps, 5 steps of eps/2, AWP 0.005 from epoch 10, weight average 0.9996 from "
-                        "epoch 150) for both losses"),
+                        "increasing eps, 5 steps of eps/2, AWP 0.005 from epoch 10, the per-epoch weight average "
+                        "0.9 from epoch 1 that the official scripts evaluate) for both losses"),
         "data": {"name": "cifar10"},
         "model": {"name": "wrn_34_10", "model_kw": {}},
         "train": {"epochs": 200, "lr": 0.2, "momentum": 0.9, "weight_decay": 5e-4, "milestones": [],
                   "lr_decay": 0.1, "lr_schedule": "cosine", "batch_size": 128, "epsilon": 8 / 255,
                   "epsilon_schedule": "increasing", "attack_steps": 5, "attack_step_fraction": 0.5,
                   "eval_steps": 10, "eval_samples": 1000,
-                  # the official script's AWP and in-loop exponential weight average
-                  "awp_gamma": 0.005, "awp_warmup": 10, "weight_average": 0.9996, "weight_average_from": 150},
+                  # the official script's AWP; the weight average its sh scripts evaluate: swa.py DIR 0.9 1 200
+                  # (jiequancui/DKL DKLv1/Adv-training-dkl/swa.py, DKLv2/Adv-training-dkl/sh/train_dkl_cifar10.sh),
+                  # a <- 0.9 a + 0.1 w over the weights saved at the end of epochs 1..200. (The training script's
+                  # own in-loop average, tau 0.9996 per step after epoch 150, is computed but never saved:
+                  # weight_average 0.9996, weight_average_from 150, weight_average_every "step" runs it.)
+                  "awp_gamma": 0.005, "awp_warmup": 10, "weight_average": 0.9, "weight_average_from": 1,
+                  "weight_average_every": "epoch"},
         "losses": copy.deepcopy(train_mod.ADV_DEFAULTS),
         "eval": {"epsilon": 8 / 255, "samples": None, "pgd_steps": [20, 50], "pgd_restarts": 1, "ensemble": True,
                  "ensemble_attacks": ["apgd-ce", "apgd-dlr", "square"], "apgd_iters": 100,

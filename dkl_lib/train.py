@@ -909,21 +909,27 @@ class AdversarialWeightPerturbation:
 class WeightAverage:
     """An exponential moving average of a model's weights (and float buffers), for evaluation.
 
-    ``update(model, epoch)`` after every optimizer step: a ← w up to the end of epoch ``start``
-    (1-based), then a ← τ·a + (1 − τ)·w after every step of the later epochs, as the in-loop
-    average of the official IKL-AT training script (τ = 0.9996, start = 150 of 200 epochs).
-    BatchNorm running statistics are averaged the same way; integer buffers are copied.
+    ``update(model, epoch)`` after every optimizer step (``every="step"``) or once at the end of
+    every epoch (``every="epoch"``; the caller decides, :func:`adversarial_train` does both): a ← w
+    up to the end of epoch ``start`` (1-based), then a ← τ·a + (1 − τ)·w at each later update.
+    Per step it is the in-loop average of the official IKL-AT training script (τ = 0.9996,
+    start = 150 of 200 epochs), which that script computes but never saves; per epoch with
+    τ = 0.9, start = 1 it is what the official shell scripts evaluate (``swa.py DIR 0.9 1 200``
+    over the 200 saved epoch weights). BatchNorm running statistics are averaged the same way;
+    integer buffers are copied.
 
     Args:
         model: the model being trained (deep-copied; the average is ``self.module``, eval mode).
         decay: τ in [0, 1). start: the 1-based epoch after which averaging begins (>= 1).
+        every: "step" or "epoch": how often the caller folds the weights in (recorded here).
     """
 
-    def __init__(self, model: nn.Module, *, decay: float, start: int = 1):
+    def __init__(self, model: nn.Module, *, decay: float, start: int = 1, every: str = "step"):
         import copy
 
         self.decay = _number("weight_average", decay, low=0.0, high=1.0, high_open=True)
         self.start = _positive_int("weight_average_from", start)
+        self.every = _weight_average_every(every)
         self.module = copy.deepcopy(model)
         self.module.eval()
         self.module.requires_grad_(False)
@@ -937,6 +943,12 @@ class WeightAverage:
                 avg.mul_(tau).add_(cur.detach(), alpha=1.0 - tau)
             else:
                 avg.copy_(cur)
+
+
+def _weight_average_every(value) -> str:
+    if value not in ("step", "epoch"):
+        raise ValueError(f"weight_average_every must be 'step' or 'epoch', got {value!r}")
+    return value
 
 
 __all__ += ["AdversarialWeightPerturbation", "WeightAverage"]
@@ -1024,7 +1036,7 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
                       callback: Optional[Callback] = None, desc: Optional[str] = None, checkpoint_dir=None,
                       checkpoint_every: int = 1, keep_checkpoints: int = 2, awp_gamma: float = 0.0,
                       awp_warmup: int = 0, weight_average: Optional[float] = None,
-                      weight_average_from: int = 1) -> TrainResult:
+                      weight_average_from: int = 1, weight_average_every: str = "step") -> TrainResult:
     """Adversarial training (L∞) with the TRADES or IKL-AT outer loss.
 
     Per batch (x, y), images in [0, 1]:
@@ -1067,6 +1079,8 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
             (:class:`WeightAverage`, None = off) that starts after epoch ``weight_average_from``; the
             per-epoch test accuracies are then those of the averaged weights (``test_acc_raw``:
             the trained weights), and the returned model holds the averaged weights.
+        weight_average_every: "step" (the official script's in-loop average, default) or "epoch"
+            (once at the end of each epoch, as the official ``swa.py`` over the saved epochs).
         device, amp, channels_last, progress, callback, class_prior, desc, checkpoint_dir,
             checkpoint_every, keep_checkpoints: as in :func:`distill` (resume from the newest
             checkpoint; the attack's random-start generator is part of it).
@@ -1128,9 +1142,12 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
         if loss == "ce":
             raise ValueError("awp_gamma > 0 needs an adversarial loss ('trades' or 'ikl'), not natural training")
         config.update(awp_gamma=awp_gamma, awp_warmup=_nonneg_int("awp_warmup", awp_warmup))
+    weight_average_every = _weight_average_every(weight_average_every)
     if weight_average is not None:
         config.update(weight_average=_number("weight_average", weight_average, low=0.0, high=1.0, high_open=True),
                       weight_average_from=_positive_int("weight_average_from", weight_average_from))
+        if weight_average_every != "step":  # recorded only when not the default: older configs keep their keys
+            config["weight_average_every"] = weight_average_every
 
     start = time.perf_counter()
     par, device, amp, channels_last, _, _, data, config, checkpoints = _start_run(
@@ -1161,7 +1178,8 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
     awp = AdversarialWeightPerturbation(model, gamma=awp_gamma) if awp_gamma > 0 else None
     averaged = None
     if weight_average is not None:
-        averaged = WeightAverage(model, decay=config["weight_average"], start=config["weight_average_from"])
+        averaged = WeightAverage(model, decay=config["weight_average"], start=config["weight_average_from"],
+                                 every=weight_average_every)
     extra = {"weight_average": averaged.module} if averaged is not None else None
     eval_model = averaged.module if averaged is not None else model
 
@@ -1220,7 +1238,7 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
                 if v is not None:
                     awp.apply(v, -1.0)
                 dist.broadcast_buffers(model)  # rank 0's BatchNorm statistics to every rank
-                if averaged is not None:
+                if averaged is not None and averaged.every == "step":
                     averaged.update(model, epoch)
                 if prior is not None:
                     prior.update(nat_logits.detach(), y, weight_temperature=loss_kw["weight_temperature"])
@@ -1233,6 +1251,8 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
                 if adv_logits is not None:
                     correct_adv += (adv_logits.detach().argmax(dim=1) == y).sum()
                 bars.step()
+            if averaged is not None and averaged.every == "epoch":
+                averaged.update(model, epoch)
             totals = par.epoch_totals(sums, correct=correct, correct_adv=correct_adv, seen=seen)
             seen, correct, correct_adv = totals.pop("seen"), totals.pop("correct"), totals.pop("correct_adv")
             if not math.isfinite(totals["loss"]):

@@ -210,6 +210,7 @@ def test_adv_presets():
     ({"train.lr_schedule": "linear"}, "train.lr_schedule must be one of"),
     ({"train.epsilon": float("inf")}, "train.epsilon must be a finite number"),
     ({"train.weight_average": 1.5}, "train.weight_average must be < 1"),
+    ({"train.weight_average_every": "batch"}, "train.weight_average_every must be one of"),
     ({"losses.ikl.temperature": 0}, "losses.ikl.temperature must be > 0"),
     ({"losses.ikl.gi": "yes"}, "losses.ikl.gi must be true or false"),
     ({"eval.samples": 0}, "eval.samples must be a positive integer"),

@@ -154,6 +154,7 @@ def test_adversarial_train_evaluates_and_returns_the_averaged_weights():
     ({"awp_gamma": 0.01, "awp_warmup": -1}, "awp_warmup"),
     ({"weight_average": 1.0}, "weight_average"),
     ({"weight_average": 0.9, "weight_average_from": 0}, "weight_average_from"),
+    ({"weight_average": 0.9, "weight_average_every": "batch"}, "weight_average_every must be 'step' or 'epoch'"),
 ])
 def test_bad_awp_and_weight_average_settings(kw, match):
     d = tiny()
@@ -178,3 +179,26 @@ def test_the_epoch_accuracies_are_those_of_the_averaged_weights():
     raw = T.adversarial_train(mlp(d), d, epochs=3, **kw).history[-1]
     assert row["test_acc_raw"] == raw["test_acc"] != row["test_acc"]
     assert raw["test_robust_acc"] != row["test_robust_acc"]
+
+
+def test_per_epoch_weight_average_is_the_official_swa_over_the_epoch_end_weights():
+    """weight_average_every="epoch" (the average the official sh scripts evaluate, swa.py DIR τ 1 E):
+    a = w_1 after epoch 1, then a ← τ·a + (1 − τ)·w_e with w_e the weights at the end of epoch e. The
+    epoch-end weights come from runs of 1, 2, 3 epochs (constant lr and ε: the same trajectory)."""
+    d = tiny(n_train=48)
+    kw = dict(loss="trades", epsilon=0.1, attack_steps=2, batch_size=12, lr=0.1, eval_samples=10, seed=1,
+              progress=False, device="cpu")
+    ends = [T.adversarial_train(mlp(d), d, epochs=e, **kw).model.state_dict() for e in (1, 2, 3)]
+    res = T.adversarial_train(mlp(d), d, epochs=3, weight_average=0.7, weight_average_from=1,
+                              weight_average_every="epoch", **kw)
+    for key, got in res.model.state_dict().items():
+        want = 0.7 * (0.7 * ends[0][key] + 0.3 * ends[1][key]) + 0.3 * ends[2][key]
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=key)
+    assert res.config["weight_average_every"] == "epoch"
+    # the epoch-1 accuracy is that of w_1 itself; later ones are of the average, not of the raw weights
+    assert res.history[0]["test_acc"] == res.history[0]["test_acc_raw"]
+    per_step = T.adversarial_train(mlp(d), d, epochs=3, weight_average=0.7, weight_average_from=1, **kw)
+    assert "weight_average_every" not in per_step.config     # the default keeps older configs' keys
+    gap = max((a - b).abs().max().item() for a, b in zip(per_step.model.parameters(), res.model.parameters()))
+    assert gap > 1e-6
+

@@ -113,6 +113,19 @@ def test_adversarial_train_resumes_exactly(tmp_path):
     assert torch.equal(torch.stack(full.priors), torch.stack(rest.priors))
 
 
+def test_adversarial_train_resumes_a_per_epoch_weight_average_exactly(tmp_path):
+    d = tiny()
+    kw = dict(loss="trades", epsilon=0.1, epochs=3, attack_steps=2, batch_size=16, lr=0.05, eval_samples=8,
+              seed=2, progress=False, device="cpu", weight_average=0.8, weight_average_from=1,
+              weight_average_every="epoch")
+    full = T.adversarial_train(A.normalized(mlp(5), d), d, **kw)
+    part = T.adversarial_train(A.normalized(mlp(5), d), d, checkpoint_dir=tmp_path, callback=stop_after(2), **kw)
+    assert part.epochs_run == 2
+    rest = T.adversarial_train(A.normalized(mlp(5), d), d, checkpoint_dir=tmp_path, **kw)
+    assert rest.resumed_from == 2
+    assert_same_model(full.model, rest.model)
+    assert_same_history(full.history, rest.history)
+
 def test_a_checkpoint_of_other_settings_is_refused(teacher, tmp_path):
     d = tiny()
     T.distill(mlp(1), teacher, d, loss="kl", epochs=2, seed=0, checkpoint_dir=tmp_path, **FAST)

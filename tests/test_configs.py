@@ -139,6 +139,10 @@ def test_adversarial_configs_describe_the_official_ikl_at_recipe(stem, data):
     assert r["losses"]["trades"]["beta"] == 6.0
     assert r["losses"]["ikl"] == {"alpha": 20.0, "beta": 4.0, "temperature": 1.0, "weight_temperature": 4.0,
                                   "gi": True}
+    # AWP as the training script; the average the official sh scripts evaluate (swa.py DIR 0.9 1 200)
+    assert (t["awp_gamma"], t["awp_warmup"]) == (0.005, 10)
+    assert (t["weight_average"], t["weight_average_from"], t["weight_average_every"]) == (0.9, 1, "epoch")
+    assert E.config_hash(r["train"]) == E.config_hash(E.adv_preset("paper")["train"])
 
 
 GOOD = """\
