@@ -1989,8 +1989,7 @@ def _unwritable_folders(args) -> Optional[str]:
     again; the command creates it when it writes)."""
     folders = [("--out folder", Path(args.out).expanduser().absolute())]
     if not args.no_cache:
-        cache = Path(args.cache_dir).expanduser() if args.cache_dir is not None else default_runs_dir()
-        folders.append(("cache folder", cache.absolute()))
+        folders.append(("cache folder", RunCache(args.cache_dir).root.absolute()))
     for what, folder in folders:
         created = []
         parent = folder
