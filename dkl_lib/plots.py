@@ -363,14 +363,15 @@ def _mean_std(part, column):
     return stats
 
 
-def _band(fig, stats, *, loss, row, col):
-    """A filled mean ± std band (one closed polygon) in the loss's colour; hover off."""
+def _band(fig, stats, *, loss, name, row, col):
+    """A filled mean ± std band (one closed polygon) in the loss's colour, from a frame with columns
+    epoch, mean, std; hover off. ``name``: the loss's display name (the band is "<name> ± std")."""
     x = stats["epoch"].tolist()
     upper = (stats["mean"] + stats["std"]).tolist()
     lower = (stats["mean"] - stats["std"]).tolist()
     fig.add_scatter(x=x + x[::-1], y=upper + lower[::-1], mode="lines", fill="toself", fillcolor=color(loss),
                     opacity=0.18, line=dict(width=0), hoverinfo="skip", showlegend=False,
-                    legendgroup=loss, name=f"{label(loss)} ± std", meta={"loss": loss, "kind": "band"},
+                    legendgroup=loss, name=f"{name} ± std", meta={"loss": loss, "kind": "band"},
                     row=row, col=col)
 
 
@@ -419,7 +420,7 @@ def learning_curves(histories, *, terms=None, metric: str = "test_acc", band: bo
                 continue
             stats = _mean_std(part, panel)
             if band:
-                _band(fig, stats, loss=loss, row=row, col=col)
+                _band(fig, stats, loss=loss, name=label(loss), row=row, col=col)
             fig.add_scatter(x=stats["epoch"].tolist(), y=stats["mean"].tolist(), mode="lines",
                             name=label(loss), legendgroup=loss, showlegend=(i == 0),
                             line=dict(color=color(loss), width=2,
@@ -682,15 +683,6 @@ def adv_label(loss: str) -> str:
     return ADV_LOSS_LABELS.get(loss, label(loss))
 
 
-def _adv_band(fig, x, mean, std, *, loss, row=None, col=None):
-    upper = [m + s for m, s in zip(mean, std)]
-    lower = [m - s for m, s in zip(mean, std)]
-    kw = {} if row is None else {"row": row, "col": col}
-    fig.add_scatter(x=list(x) + list(x)[::-1], y=upper + lower[::-1], mode="lines", fill="toself",
-                    fillcolor=color(loss), opacity=0.18, line=dict(width=0), hoverinfo="skip", showlegend=False,
-                    legendgroup=loss, name=f"{adv_label(loss)} ± std", meta={"loss": loss, "kind": "band"}, **kw)
-
-
 def adversarial_examples(x, x_adv, y, pred_clean, pred_adv, *, n: int = 8, epsilon: Optional[float] = None,
                          title: str = "Adversarial examples: clean image, perturbation, adversarial image"):
     """A 3 × n grid of grey images: clean inputs (top), the perturbation x′ − x (middle, on a
@@ -756,8 +748,7 @@ def adversarial_curves(histories, *, metrics=("test_acc", "test_robust_acc"), ba
             stats = part.groupby("epoch")[metric].agg(["mean", "std"]).reset_index()
             stats["std"] = stats["std"].fillna(0.0)
             if band and part["seed"].nunique() > 1:
-                _adv_band(fig, stats["epoch"], stats["mean"].tolist(), stats["std"].tolist(), loss=loss,
-                          row=1, col=col)
+                _band(fig, stats, loss=loss, name=adv_label(loss), row=1, col=col)
             fig.add_scatter(x=stats["epoch"], y=stats["mean"], mode="lines+markers", name=adv_label(loss),
                             line=dict(color=color(loss)), legendgroup=loss, showlegend=(col == 1),
                             meta={"loss": loss, "metric": metric, "kind": "mean"}, row=1, col=col)
