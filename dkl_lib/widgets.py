@@ -255,27 +255,28 @@ def loss_settings(preset: str, loss: str, temperature: Optional[float] = None) -
     preset's distill section, its per-loss section, then the loss's defaults), for the controls the
     loss has. A preset without a weight temperature uses T: pass the current ``temperature`` to get
     that (default: the preset's T)."""
-    from . import experiments, train
+    from . import train
 
-    used = enabled_controls(loss)
-    cfg = experiments.preset(preset)
-    merged = {**cfg["distill"], **cfg.get("losses", {}).get(loss, {})}
-    out = {}
-    if "temperature" in used:
-        out["temperature"] = float(merged["temperature"])
-    if "alpha" in used:
-        default_alpha, default_beta = train._DEFAULT_ALPHA_BETA[loss]
-        out["alpha"] = float(default_alpha if merged.get("alpha") is None else merged["alpha"])
-        out["beta"] = float(default_beta if merged.get("beta") is None else merged["beta"])
-    if "weight_temperature" in used:
-        t_w = merged.get("weight_temperature")
-        out["weight_temperature"] = float(t_w if t_w is not None else
-                                          temperature if temperature is not None else out["temperature"])
-    if "gamma" in used:
-        out["gamma"] = float(merged.get("gamma", 1.0))
-    if "gi" in used:
-        out["gi"] = bool(merged.get("gi", False))
+    if loss == "ce":
+        return {}
+    merged = _preset_settings(preset, loss)
+    t_w = merged.get("weight_temperature")
+    # the defaults a run fills in (dkl_lib.train's own resolution of the loss's hyper-parameters)
+    hp = train._loss_hparams(loss, temperature=merged["temperature"], alpha=merged.get("alpha"),
+                             beta=merged.get("beta"), gamma=merged.get("gamma", 1.0),
+                             weight_temperature=t_w if t_w is not None else temperature)
+    out = {key: float(value) for key, value in hp.items()}
+    if "gi" in enabled_controls(loss):
+        out["gi"] = bool(merged["gi"])
     return out
+
+
+def _preset_settings(preset: str, loss: str) -> dict:
+    """The distillation settings a run of ``loss`` under ``preset`` gets from the preset (its distill
+    section, then its per-loss section; only what the loss uses), as the run's own config has them."""
+    from . import experiments
+
+    return experiments._run_config(experiments.preset(preset), loss, 0, None)["distill"]
 
 
 def run_request(values: dict):
@@ -470,7 +471,7 @@ def training_dashboard(*, preset: str = "cpu-quick", cache_dir=None, device=None
         loss = controls["loss"].value
         if "weight_temperature" not in enabled_controls(loss):
             return
-        inherits = loss_settings(controls["preset"].value, loss, temperature=-1.0)["weight_temperature"] == -1.0
+        inherits = _preset_settings(controls["preset"].value, loss).get("weight_temperature") is None
         if inherits and controls["weight_temperature"].value == change["old"]:
             controls["weight_temperature"].value = change["new"]
 
