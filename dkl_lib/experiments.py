@@ -793,12 +793,8 @@ def _run_config(cfg: dict, loss_spec: str, seed: int, teacher_key: str) -> dict:
     else:
         settings["gi"] = bool(settings.get("gi", False))
     # keep only what this loss uses, so that e.g. dkd's beta never changes kl's hash
-    used = {"ce": set(), "kl": {"temperature"}, "dkl": {"temperature", "alpha", "beta"},
-            "dkd": {"temperature", "alpha", "beta"},
-            "ikl": {"temperature", "alpha", "beta", "weight_temperature", "gi"},
-            "gkl": {"temperature", "alpha", "beta", "gamma", "weight_temperature", "gi"}}[name]
-    loss_keys = {"temperature", "alpha", "beta", "gamma", "weight_temperature", "gi"}
-    settings = {k: v for k, v in settings.items() if k not in loss_keys or k in used}
+    used = train_mod.LOSS_SETTINGS[name]
+    settings = {k: v for k, v in settings.items() if k not in train_mod.LOSS_HPARAMS or k in used}
     if name == "ce":  # the CE baseline depends on neither the teacher nor the KD weights
         for k in ("ce_weight", "kd_weight", "warmup_epochs"):
             settings.pop(k, None)

@@ -52,6 +52,8 @@ from .prior import ClassPrior
 
 __all__ = [
     "LOSSES",
+    "LOSS_HPARAMS",
+    "LOSS_SETTINGS",
     "select_device",
     "StopTraining",
     "TrainResult",
@@ -63,6 +65,18 @@ __all__ = [
 
 #: Loss names accepted by :func:`distill`; "ce" means no KD term (the CE-only baseline).
 LOSSES = ("ce", "kl", "dkl", "ikl", "gkl", "dkd")
+#: The loss hyper-parameters :func:`distill` takes (``gi`` switches IKL/GKL's global information).
+LOSS_HPARAMS = ("temperature", "alpha", "beta", "weight_temperature", "gi", "gamma")
+#: Which of :data:`LOSS_HPARAMS` each loss uses (the others have no effect on it): a run's cache
+#: key keeps only these, and the training dashboard disables the other controls.
+LOSS_SETTINGS = {
+    "ce": frozenset(),
+    "kl": frozenset({"temperature"}),
+    "dkl": frozenset({"temperature", "alpha", "beta"}),
+    "dkd": frozenset({"temperature", "alpha", "beta"}),
+    "ikl": frozenset({"temperature", "alpha", "beta", "weight_temperature", "gi"}),
+    "gkl": frozenset({"temperature", "alpha", "beta", "weight_temperature", "gi", "gamma"}),
+}
 _DEFAULT_ALPHA_BETA = {"dkl": (1.0, 1.0), "ikl": (1.0, 1.0), "gkl": (1.0, 1.0), "dkd": (1.0, 8.0)}
 
 Callback = Callable[[List[dict]], Optional[bool]]

@@ -18,7 +18,7 @@ from typing import Callable, Dict, Optional, Sequence
 import ipywidgets as W
 import torch
 
-from . import grads, plots
+from . import grads, plots, train
 
 __all__ = [
     "Dashboard",
@@ -231,16 +231,10 @@ def weights_dashboard(target_logits: Optional[torch.Tensor] = None, targets: Opt
 
 
 # ------------------------------------------------------------------------- training dashboard
-#: which controls mean something for which loss (the others are disabled in the UI)
-LOSS_CONTROLS = {
-    "ce": set(),
-    "kl": {"temperature"},
-    "dkl": {"temperature", "alpha", "beta"},
-    "dkd": {"temperature", "alpha", "beta"},
-    "ikl": {"temperature", "alpha", "beta", "weight_temperature", "gi"},
-    "gkl": {"temperature", "alpha", "beta", "weight_temperature", "gi", "gamma"},
-}
-LOSS_HPARAMS = ("temperature", "alpha", "beta", "weight_temperature", "gi", "gamma")
+#: which controls mean something for which loss (the others are disabled in the UI): the table a
+#: run's cache key uses too (:data:`dkl_lib.train.LOSS_SETTINGS`)
+LOSS_CONTROLS = train.LOSS_SETTINGS
+LOSS_HPARAMS = train.LOSS_HPARAMS
 
 
 def enabled_controls(loss: str) -> set:
@@ -255,8 +249,6 @@ def loss_settings(preset: str, loss: str, temperature: Optional[float] = None) -
     preset's distill section, its per-loss section, then the loss's defaults), for the controls the
     loss has. A preset without a weight temperature uses T: pass the current ``temperature`` to get
     that (default: the preset's T)."""
-    from . import train
-
     if loss == "ce":
         return {}
     merged = _preset_settings(preset, loss)
