@@ -49,6 +49,7 @@ import hashlib
 import os
 import re
 import tempfile
+import time
 import warnings
 import zlib
 from pathlib import Path
@@ -81,6 +82,8 @@ __all__ = [
     "checkpoint_path",
     "list_checkpoints",
     "save_checkpoint",
+    "write_atomic",
+    "STALE_TMP_SECONDS",
     "load_latest_checkpoint",
     "state_digest",
     "CHECKSUM_KEY",
@@ -545,15 +548,34 @@ def save_checkpoint(path, state: dict) -> Optional[Path]:
     if not is_main():
         return None
     state = {**state, CHECKSUM_KEY: state_digest(state)}
+    return write_atomic(path, lambda fh: torch.save(state, fh))
+
+
+#: a temporary file of :func:`write_atomic` older than this (seconds) was left by a killed writer
+STALE_TMP_SECONDS = 3600.0
+
+
+def write_atomic(path, write: Callable) -> Path:
+    """Write a file so that a reader or a crash sees the old file or the new one, never half of one.
+
+    ``write(fh)`` fills a temporary file in the same folder (binary mode), which is flushed,
+    fsynced, given the mode ``open()`` would give (``mkstemp`` creates 0600 files, which other
+    users of a shared results folder could not read), then renamed over ``path``. A writer killed
+    before the rename (SIGKILL, power loss) leaves its temporary ``.<name>.*.tmp``; those older than
+    :data:`STALE_TMP_SECONDS` are removed at the next write of the same file, so repeated kills do
+    not fill the disk with dead copies of a model. Used by the run cache, ``--out`` results and
+    checkpoints. Returns ``path`` as a Path.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-            with contextlib.suppress(AttributeError, OSError):  # mkstemp creates 0600
+            with contextlib.suppress(AttributeError, OSError):  # os.fchmod does not exist on Windows
                 os.fchmod(fh.fileno(), _new_file_mode())
         os.replace(tmp, path)
     except BaseException:
@@ -568,6 +590,19 @@ def save_checkpoint(path, state: dict) -> Optional[Path]:
             os.close(dir_fd)
     return path
 
+
+
+def _remove_stale_tmp(path: Path) -> None:
+    """Delete the temporary files of earlier writes of ``path`` older than STALE_TMP_SECONDS (a
+    younger one may belong to a writer still at work, e.g. another process saving the same entry)."""
+    prefix, cutoff = "." + path.name + ".", time.time() - STALE_TMP_SECONDS
+    with contextlib.suppress(OSError):
+        for other in path.parent.iterdir():
+            name = other.name
+            if name.startswith(prefix) and name.endswith(".tmp") and re.fullmatch(r"\w+", name[len(prefix):-4]):
+                with contextlib.suppress(OSError):
+                    if other.stat().st_mtime < cutoff:
+                        other.unlink()
 
 def load_latest_checkpoint(folder, *, map_location="cpu", weights_only: bool = True) -> Optional[Checkpoint]:
     """The newest readable ``checkpoint-<epoch>.pt`` of ``folder`` as ``Checkpoint(path, state)``,

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -754,3 +755,48 @@ def test_cli_unwritable_out_or_cache_folder_fails_before_training(tmp_path, monk
     what = "--out folder" if which == "--out" else "cache folder"
     assert err.startswith(f"error: cannot write to the {what} {blocker / 'sub'} (") and err.count("\n") == 1
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_cli_results_and_cache_files_get_the_mode_open_would_give(tmp_path):
+    """mkstemp creates 0600 files: results.json/.csv and the cache entries were unreadable by the other
+    users of a shared folder. Every file written atomically now gets 0666 minus the umask."""
+    import stat
+
+    argv = ["kd", "--preset", "cpu-quick", "--losses", "kl", "--seeds", "0", "--out", str(tmp_path / "out"),
+            "--cache-dir", str(tmp_path / "runs"), "--device", "cpu", "--epochs", "1", "--quiet"]
+    for key, value in TINY.items():
+        if "epochs" not in key:
+            argv += ["--override", f"{key}={value}"]
+    old = os.umask(0o022)
+    try:
+        assert E.main(argv) == 0
+    finally:
+        os.umask(old)
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {"results.json", "results.csv", "entry.json", "model.pt"} <= {p.name for p in written}
+    assert [(str(p), oct(stat.S_IMODE(p.stat().st_mode))) for p in written] == [(str(p), oct(0o644)) for p in written]
+
+
+def test_atomic_writes_remove_the_temporary_files_of_killed_writers(tmp_path):
+    """A writer killed before its rename leaves `.<name>.<random>.tmp` (a whole model for a cache entry);
+    the next write of the same file removes those older than STALE_TMP_SECONDS, keeps younger ones (a
+    writer may still be at work) and never touches other files."""
+    from dkl_lib import distributed as dist
+
+    target = tmp_path / "model.pt"
+    old_tmp, young_tmp = tmp_path / ".model.pt.ab_c12.tmp", tmp_path / ".model.pt.zz9.tmp"
+    others = [tmp_path / ".other.pt.ab_c12.tmp", tmp_path / ".model.pt.x.ab1.tmp", tmp_path / "notes.tmp"]
+    for path in [old_tmp, young_tmp, *others]:
+        path.write_bytes(b"partial")
+    long_ago = time.time() - dist.STALE_TMP_SECONDS - 60
+    for path in [old_tmp, *others]:
+        os.utime(path, (long_ago, long_ago))
+    E.RunCache(tmp_path / "cache")  # unrelated folder: nothing happens there
+    dist.write_atomic(target, lambda fh: fh.write(b"new"))
+    assert target.read_bytes() == b"new"
+    assert not old_tmp.exists() and young_tmp.exists() and all(p.exists() for p in others)
+    # a failing writer leaves nothing behind and keeps the old file
+    with pytest.raises(RuntimeError):
+        dist.write_atomic(target, lambda fh: (_ for _ in ()).throw(RuntimeError("disk full")))
+    assert target.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.glob(".model.pt.*.tmp")) == [".model.pt.x.ab1.tmp", young_tmp.name]
