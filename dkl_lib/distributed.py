@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import functools
 import gc
 import hashlib
@@ -570,17 +571,25 @@ def write_atomic(path, write: Callable) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
+    fh = None
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with os.fdopen(fd, "wb") as raw:
+            fh = _WriteErrors(raw)
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
             with contextlib.suppress(AttributeError, OSError):  # os.fchmod does not exist on Windows
                 os.fchmod(fh.fileno(), _new_file_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        # torch.save reports a failed write as "unexpected pos 704 vs 598": say what happened
+        cause = err if isinstance(err, OSError) else getattr(fh, "error", None)
+        if isinstance(err, Exception) and cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(cause.errno, f"no space left to write {path} ({cause.strerror}); free some space "
+                          "(old entries of the run cache, old checkpoints) or write elsewhere (--out, "
+                          "--cache-dir or DKL_RUNS_DIR)") from err
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable (best effort)
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -591,6 +600,23 @@ def write_atomic(path, write: Callable) -> Path:
     return path
 
 
+
+
+class _WriteErrors:
+    """A binary file that remembers the OSError of a failed write (torch.save swallows it)."""
+
+    def __init__(self, fh):
+        self._fh, self.error = fh, None
+
+    def write(self, data):
+        try:
+            return self._fh.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
 
 def _remove_stale_tmp(path: Path) -> None:
     """Delete the temporary files of earlier writes of ``path`` older than STALE_TMP_SECONDS (a

@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import errno
 import hashlib
 import inspect
 import io
@@ -1948,6 +1949,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 status = args.handler(args)
         except KeyboardInterrupt as err:  # Ctrl-C while the teacher trained (the grid catches its own)
             status, why = 130, str(err)
+        except OSError as err:  # a full disk: one line saying where (dist_mod.write_atomic), no traceback
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            print(f"error: {err}", file=sys.stderr)
+            return 1
         else:
             why = ""
         if status == 130:

@@ -800,3 +800,62 @@ def test_atomic_writes_remove_the_temporary_files_of_killed_writers(tmp_path):
         dist.write_atomic(target, lambda fh: (_ for _ in ()).throw(RuntimeError("disk full")))
     assert target.read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.glob(".model.pt.*.tmp")) == [".model.pt.x.ab1.tmp", young_tmp.name]
+
+
+_REAL_FDOPEN = os.fdopen
+
+
+class _FullDisk:
+    """A binary file on a disk that fills up after ``room`` bytes (os.fdopen's stand-in)."""
+
+    def __init__(self, fd, mode, room=100):
+        self._raw, self._room = _REAL_FDOPEN(fd, mode), room
+
+    def write(self, data):
+        if len(data) > self._room:
+            raise OSError(28, "No space left on device")
+        self._room -= len(data)
+        return self._raw.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._raw, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._raw.close()
+
+
+@pytest.mark.parametrize("write", [lambda fh: torch.save({"w": torch.zeros(1000)}, fh),
+                                   lambda fh: fh.write(b"x" * 1000)], ids=["torch.save", "bytes"])
+def test_a_full_disk_is_named_as_such(tmp_path, monkeypatch, write):
+    """torch.save turns the OSError of a full disk into "unexpected pos 704 vs 598"; the writer says what
+    happened and where, removes its temporary file and keeps the previous file."""
+    from dkl_lib import distributed as dist
+
+    target = tmp_path / "model.pt"
+    target.write_bytes(b"previous")
+    monkeypatch.setattr(dist.os, "fdopen", _FullDisk)
+    with pytest.raises(OSError, match=r"no space left to write .*model\.pt.*--cache-dir") as info:
+        dist.write_atomic(target, write)
+    assert info.value.errno == 28
+    assert target.read_bytes() == b"previous" and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+    # other failures pass through unchanged
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="bad state"):
+        dist.write_atomic(target, lambda fh: (_ for _ in ()).throw(ValueError("bad state")))
+
+
+def test_cli_full_disk_is_one_error_line(tmp_path, monkeypatch, capsys):
+    from dkl_lib import distributed as dist
+
+    monkeypatch.setattr(dist.os, "fdopen", _FullDisk)
+    argv = ["kd", "--preset", "cpu-quick", "--losses", "kl", "--seeds", "0", "--out", str(tmp_path / "out"),
+            "--cache-dir", str(tmp_path / "runs"), "--device", "cpu", "--epochs", "1", "--quiet"]
+    for key, value in TINY.items():
+        if "epochs" not in key:
+            argv += ["--override", f"{key}={value}"]
+    assert E.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: [Errno 28] no space left to write ") and "Traceback" not in "\n".join(err)
