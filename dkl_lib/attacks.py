@@ -518,13 +518,14 @@ def ensemble_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epsil
     samples per forward pass. Returns an :class:`EnsembleResult` (accuracy in percent).
 
     Raises:
-        ValueError: epsilon <= 0 (ART refuses ε = 0; check ε = 0 with :func:`pgd`), an unknown
-            attack name, or DLR with fewer than 3 classes.
+        ValueError: x not finite or outside [0, 1], epsilon <= 0 (ART refuses ε = 0; check ε = 0
+            with :func:`pgd`), an unknown attack name, or DLR with fewer than 3 classes.
         EnsembleUnavailableError: (an ``ImportError``) ART (``adversarial-robustness-toolbox``) or
             ``multiprocess`` is missing.
     """
     _check_model(model)
     _check_xy(x, y)
+    check_unit_range("x", x)  # ART would clip the inputs to (0, 1) silently and attack other images
     epsilon = _number("epsilon", epsilon, low=0.0)
     if epsilon <= 0:
         raise ValueError("epsilon must be > 0 for the ART ensemble (ART refuses ε = 0; use pgd for ε = 0)")

@@ -511,3 +511,17 @@ def test_the_ensemble_is_fixed_by_its_seed_not_by_numpys_global_state(trained):
         np.random.seed(global_seed)
         runs.append(A.ensemble_attack(net, x, y, epsilon=0.3, apgd_iters=3, square_queries=10, seed=3).x_adv)
     assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("bad", [-0.5, 1.5, float("nan")])
+def test_ensemble_refuses_inputs_outside_the_unit_range(bad):
+    """ART clips its inputs to (0, 1) without a word, so normalised images would be attacked as other
+    images; the ensemble refuses them as pgd does, before ART is even imported."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    x = torch.rand(5, 1, 2, 2)
+    x[2, 0, 1, 1] = bad
+    y = torch.zeros(5, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"non-finite|\[0, 1\]"):
+        A.ensemble_attack(model, x, y, epsilon=0.1)
+    with pytest.raises(ValueError, match=r"non-finite|\[0, 1\]"):
+        A.pgd(model, x, y, epsilon=0.1, steps=1)
