@@ -12,6 +12,7 @@ setup: $(STAMP)
 
 # (Re)install when requirements or packaging change; the venv is created only when missing.
 $(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "dkl_lib needs Python >= 3.10, but $(PYTHON) is " + sys.version.split()[0] + ": run make again with PYTHON=python3.1x (a newer interpreter)")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps -e .
