@@ -307,7 +307,7 @@ def _pack(metrics: Mapping[str, object]):
     for key in keys:
         value = metrics[key]
         if isinstance(value, torch.Tensor):
-            t = value.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+            t = value.detach().cpu().to(torch.float64).reshape(-1)  # cast on the CPU: MPS has no float64
             layout.append((key, tuple(value.shape), value.device))
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             t = torch.tensor([float(value)], dtype=torch.float64)

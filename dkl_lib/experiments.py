@@ -618,6 +618,14 @@ def _model_kw(spec: dict) -> dict:
     return kw
 
 
+def _widest_dtype(cfg: dict) -> torch.dtype:
+    """float64 when a model section of the config asks for it, else float32: device selection
+    keeps float64 runs off devices without float64 (Apple MPS)."""
+    names = [(cfg.get(key) or {}).get("dtype") for key in ("teacher", "student", "model")
+             if isinstance(cfg.get(key), dict)]
+    return torch.float64 if "float64" in names else torch.float32
+
+
 def _build(spec: dict, data: data_mod.TensorData, seed: int):
     kw = _model_kw(spec)
     if spec["model"] == "mlp":
@@ -724,7 +732,7 @@ def get_teacher(cfg: dict, data: Callable[[], data_mod.TensorData], *, cache: Ru
         return model, {**result, "source": "cache", "config_hash": key}
     if checkpoint is not None:
         models_mod.load_teacher_checkpoint(checkpoint, model)
-        dev = train_mod.select_device(device)
+        dev = train_mod.select_device(device, dtype=attacks_mod._model_dtype(model))
         acc = train_mod.evaluate(model.to(dev), d.to(dev))
         model.cpu()
         result = {"acc": acc, "history": [], "seconds": 0.0, "origin": "checkpoint",
@@ -1015,7 +1023,7 @@ def run_grid(losses: Sequence[str] = ("ce", "kl", "dkl", "ikl", "gkl", "dkd"),
     seeds = check_seeds("seeds", seeds)
     cfg = resolve_config(preset, overrides)
     cache = RunCache(cache_dir, enabled=use_cache)
-    dev = train_mod.select_device(device)
+    dev = train_mod.select_device(device, dtype=_widest_dtype(cfg))
     progress = progress and dist_mod.is_main()
 
     loaded: Dict[str, data_mod.TensorData] = {}
@@ -1397,7 +1405,7 @@ class AdvGridResult:
 
         from .attacks import accuracy_vs_epsilon
 
-        dev = train_mod.select_device(device)
+        dev = train_mod.select_device(device, dtype=_widest_dtype(self.config))
         d = load_data(self.config["data"], device=dev, download=download)
         n = samples if samples is not None else self.config.get("eval", {}).get("samples")
         n = d.n_test if n is None else min(int(n), d.n_test)
@@ -1534,7 +1542,7 @@ def run_adv_grid(losses: Sequence[str] = ("trades", "ikl"), seeds: Sequence[int]
         raise ValueError(f"the ART ensemble evaluates float32 models only; with model.dtype={cfg['model']['dtype']!r} "
                          "set eval.ensemble=false (PGD still runs)")
     cache = RunCache(cache_dir, enabled=use_cache)
-    dev = train_mod.select_device(device)
+    dev = train_mod.select_device(device, dtype=_widest_dtype(cfg))
     progress = progress and dist_mod.is_main()
     ev = cfg["eval"]
     loaded: Dict[str, data_mod.TensorData] = {}
