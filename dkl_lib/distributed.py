@@ -520,7 +520,7 @@ def _new_file_mode() -> int:
     """0o666 minus the process umask (what open() would give), read without changing the umask
     (os.umask would race with other threads); 0o644 where /proc is not available."""
     try:
-        with open("/proc/self/status") as fh:
+        with open("/proc/self/status", encoding="ascii") as fh:
             for line in fh:
                 if line.startswith("Umask:"):
                     return 0o666 & ~int(line.split()[1], 8)

@@ -78,7 +78,7 @@ from . import data as data_mod
 from . import distributed as dist_mod
 from . import models as models_mod
 from . import train as train_mod
-from ._checks import check_seeds, env_positive_int
+from ._checks import check_seeds, env_positive_int, tolerant_console
 
 __all__ = [
     "PRESETS",
@@ -1114,7 +1114,7 @@ def paper_results(*, as_frame: bool = True, task: str = "kd"):
     path = _paper_file()
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; it ships with the repository (data/paper_results.json)")
-    raw = json.loads(path.read_text())
+    raw = json.loads(path.read_text(encoding="utf-8"))
     if not as_frame:
         return raw
     import pandas as pd
@@ -1938,6 +1938,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     group (:func:`dkl_lib.distributed.init_from_env`), each run trains DDP-wrapped on its share of
     every global batch, and rank 0 alone writes the cache, checkpoints and results. The torch thread
     count (``--threads``, see the module docstring) is restored on return."""
+    tolerant_console()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(_expand_config(argv))
     if args.out is None:

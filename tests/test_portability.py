@@ -257,3 +257,82 @@ def test_float64_helpers_accept_mps_tensors(fake_mps):
     assert A.class_separation(x.to("mps"), torch.arange(8).remainder(4).to("mps")) == \
         A.class_separation(x, torch.arange(8).remainder(4))
     assert fake_mps.float64_refused == 0
+
+
+# ------------------------------------------------------------------- Windows: text files and consoles
+import ast  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _text_io_without_encoding(path: Path):
+    """(line, call) of every text-mode open()/read_text()/write_text() that leaves the encoding to
+    the locale (cp1252 on Windows, where a "±" or "ε" then raises or turns into mojibake)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(node, ast.Call) or any(k.arg == "encoding" for k in node.keywords):
+            continue
+        func = node.func
+        name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
+        owner = func.value.id if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) else None
+        if name in ("read_text", "write_text") and isinstance(func, ast.Attribute):
+            found.append((node.lineno, name))
+        elif name in ("open", "fdopen") and owner not in ("Image", "tarfile", "zipfile", "gzip") and \
+                not (owner == "os" and name == "open"):  # os.open: a descriptor
+            builtin = isinstance(func, ast.Name) or owner in ("io", "builtins", "os")
+            pos = 1 if builtin else 0  # Path.open(mode)
+            mode = node.args[pos].value if len(node.args) > pos and isinstance(node.args[pos], ast.Constant) else "r"
+            mode = next((k.value.value for k in node.keywords if k.arg == "mode" and isinstance(k.value, ast.Constant)),
+                        mode)
+            if "b" not in str(mode):
+                found.append((node.lineno, f"{name}({mode!r})"))
+    return found
+
+
+def test_scanner_finds_a_missing_encoding(tmp_path):
+    src = tmp_path / "x.py"
+    src.write_text('open(p, "w")\nopen(p, "rb")\nPath(p).read_text()\nPath(p).write_text(s, encoding="utf-8")\n'
+                   'os.fdopen(fd, "wb")\nos.open(p, 0)\nwith open(p) as fh: pass\n', encoding="utf-8")
+    assert [line for line, _ in _text_io_without_encoding(src)] == [1, 3, 7]
+
+
+@pytest.mark.parametrize("folder", ["dkl_lib", "benchmarks"])
+def test_every_text_file_names_its_encoding(folder):
+    """Every file the library and the benchmarks read or write as text names its encoding (the
+    configs and data/paper_results.json hold ε, ±, T², →)."""
+    missing = [f"{path.relative_to(REPO)}:{line}: {call}" for path in sorted((REPO / folder).glob("*.py"))
+               for line, call in _text_io_without_encoding(path)]
+    assert not missing, "text I/O without encoding=:\n" + "\n".join(missing)
+
+
+def _python(code: str, *flags: str, env=None, timeout=120):
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
+    env.pop("PYTHONUTF8", None)
+    return subprocess.run([sys.executable, *flags, *code], capture_output=True, text=True, encoding="utf-8",
+                          errors="replace", env=env, timeout=timeout, cwd=REPO)
+
+
+def test_configs_and_paper_numbers_read_without_the_locale_encoding():
+    """Every shipped config file and the paper's numbers load with the locale's encoding out of the
+    picture (-X warn_default_encoding + EncodingWarning as an error: what runs on Windows)."""
+    code = ("import warnings; import dkl_lib as dkl; from dkl_lib import configs, experiments; "
+            "warnings.simplefilter('error', EncodingWarning); "
+            "cfgs = [configs.load_config(p) for p in configs.list_configs()]; "
+            "assert len(experiments.paper_results(as_frame=False)['results']) > 0; print('ok', len(cfgs))")
+    assert not all(p.read_bytes().isascii() for p in (REPO / "configs").glob("*.yaml"))  # so it can fail
+    done = _python(["-c", code], "-X", "warn_default_encoding")
+    assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr[-2000:]
+
+
+def test_command_line_prints_to_a_cp1252_console(tmp_path):
+    """Windows with output redirected (a file, a pipe, CI logs) encodes stdout in cp1252, which has
+    no ε: the command line writes an escape instead of dying with UnicodeEncodeError."""
+    out = tmp_path / "\u03b5-runs"
+    done = _python(["-m", "dkl_lib.configs", str(REPO / "configs" / "kd_cifar100_resnet32x4_resnet8x4.yaml"),
+                    "--out", str(out)], env={"PYTHONIOENCODING": "cp1252"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "\\u03b5-runs" in done.stdout and "dkl_lib.experiments" in done.stdout
