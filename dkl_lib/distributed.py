@@ -49,6 +49,7 @@ import hashlib
 import os
 import re
 import tempfile
+import time
 import warnings
 import zlib
 from pathlib import Path
@@ -529,6 +530,28 @@ def _new_file_mode() -> int:
     return 0o644
 
 
+#: Retry a rename that another process blocks: on Windows ``os.replace`` fails while any program holds
+#: the target (or the new file) open, e.g. a results.csv open in Excel or a virus scanner reading it.
+_RETRY_REPLACE = os.name == "nt"
+
+
+def _replace_file(tmp, path, *, attempts: int = 10, wait: float = 0.05) -> None:
+    """``os.replace(tmp, path)``; on Windows retried for about 2 s on ``PermissionError`` (a scanner or
+    reader usually lets go at once), then a ``PermissionError`` that names the file and the remedy."""
+    for attempt in range(attempts if _RETRY_REPLACE else 1):
+        try:
+            os.replace(tmp, path)
+            return
+        except PermissionError as err:
+            if not _RETRY_REPLACE:
+                raise
+            last = err
+            time.sleep(wait * (attempt + 1))
+    raise PermissionError(last.errno, f"cannot replace {path}: another program keeps it open (close it, "
+                          "e.g. the file in a spreadsheet or editor, and run the same command again)",
+                          str(path)) from last
+
+
 def save_checkpoint(path, state: dict) -> Optional[Path]:
     """Write ``state`` to ``path`` with ``torch.save``, on rank 0 only, atomically.
 
@@ -555,7 +578,7 @@ def save_checkpoint(path, state: dict) -> Optional[Path]:
             os.fsync(fh.fileno())
             with contextlib.suppress(AttributeError, OSError):  # mkstemp creates 0600
                 os.fchmod(fh.fileno(), _new_file_mode())
-        os.replace(tmp, path)
+        _replace_file(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

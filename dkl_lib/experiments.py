@@ -487,7 +487,7 @@ def _atomic_write(path: Path, blob: bytes) -> None:
             fh.write(blob)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        dist_mod._replace_file(tmp, path)  # retried on Windows while another program holds path open
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -1753,8 +1753,12 @@ def _cmd_kd(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     payload = grid.to_json()
-    _atomic_write(out / "results.json", json.dumps(payload, indent=2, allow_nan=False).encode())
-    _atomic_write(out / "results.csv", _results_csv(grid).encode())
+    try:
+        _atomic_write(out / "results.json", json.dumps(payload, indent=2, allow_nan=False).encode())
+        _atomic_write(out / "results.csv", _results_csv(grid).encode())
+    except PermissionError as err:  # Windows: the file is open in another program
+        print(f"error: {err}; the runs are cached, so the same command writes the results in seconds", file=sys.stderr)
+        return 2
     if not args.quiet and len(grid.summary):
         cols = [c for c in ("loss", "n", "best", "last", "paper_top1") if c in grid.summary]
         print(f"teacher accuracy: {grid.teacher['acc']:.2f} ({grid.teacher['source']})")
@@ -1782,8 +1786,12 @@ def _cmd_adv(args) -> int:
         return 3 if failed is not None else 130 if grid.interrupted else 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "results.json", json.dumps(grid.to_json(), indent=2, allow_nan=False).encode())
-    _atomic_write(out / "results.csv", grid.runs.to_csv(index=False, float_format="%.4f").encode())
+    try:
+        _atomic_write(out / "results.json", json.dumps(grid.to_json(), indent=2, allow_nan=False).encode())
+        _atomic_write(out / "results.csv", grid.runs.to_csv(index=False, float_format="%.4f").encode())
+    except PermissionError as err:  # Windows: the file is open in another program
+        print(f"error: {err}; the runs are cached, so the same command writes the results in seconds", file=sys.stderr)
+        return 2
     if not args.quiet and len(grid.summary):
         pgd = sorted((c for c in grid.summary if re.fullmatch(r"pgd\d+", c)), key=lambda c: int(c[3:]))
         cols = [c for c in ("loss", "n", "clean", *pgd, "ensemble", "robust", "paper_clean", "paper_robust")

@@ -336,3 +336,48 @@ def test_command_line_prints_to_a_cp1252_console(tmp_path):
                     "--out", str(out)], env={"PYTHONIOENCODING": "cp1252"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "\\u03b5-runs" in done.stdout and "dkl_lib.experiments" in done.stdout
+
+
+# ------------------------------------------------------------------ Windows: replacing an open file
+def _flaky_replace(monkeypatch, failures: int):
+    """os.replace failing ``failures`` times with PermissionError (Windows while another program
+    holds the file open), then renaming; returns the list of attempts."""
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) <= failures:
+            raise PermissionError(13, "Access is denied", str(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    return calls
+
+
+def test_atomic_writes_wait_for_a_file_held_open_on_windows(tmp_path, monkeypatch):
+    from dkl_lib import distributed, experiments
+
+    monkeypatch.setattr(distributed, "_RETRY_REPLACE", True)
+    calls = _flaky_replace(monkeypatch, 2)
+    experiments._atomic_write(tmp_path / "results.json", b'{"a": 1}')
+    assert (tmp_path / "results.json").read_bytes() == b'{"a": 1}' and len(calls) == 3
+    calls = _flaky_replace(monkeypatch, 2)
+    distributed.save_checkpoint(tmp_path / "checkpoint-1.pt", {"x": torch.ones(2)})
+    assert distributed.load_latest_checkpoint(tmp_path).state["x"].tolist() == [1.0, 1.0] and len(calls) == 3
+    # held open for good: a PermissionError that says what to do, and no temporary file left behind
+    _flaky_replace(monkeypatch, 10 ** 6)
+    monkeypatch.setattr(distributed.time, "sleep", lambda s: None)
+    with pytest.raises(PermissionError, match="another program keeps it open"):
+        experiments._atomic_write(tmp_path / "results.csv", b"loss\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1.pt", "results.json"]
+
+
+def test_atomic_writes_do_not_retry_elsewhere(tmp_path, monkeypatch):
+    """On Linux and macOS a PermissionError of a rename is the folder's, and is raised at once."""
+    from dkl_lib import distributed, experiments
+
+    monkeypatch.setattr(distributed, "_RETRY_REPLACE", False)
+    calls = _flaky_replace(monkeypatch, 1)
+    with pytest.raises(PermissionError, match="Access is denied"):
+        experiments._atomic_write(tmp_path / "results.json", b"{}")
+    assert len(calls) == 1
