@@ -323,6 +323,8 @@ def _start_run(model: nn.Module, data: TensorData, *, device, amp: Optional[bool
     par = _Parallel()
     device = select_device(device, dtype=_model_dtype(model))
     amp = (device.type == "cuda") if amp is None else bool(amp)
+    if amp and device.type not in ("cuda", "cpu"):  # bf16_autocast would silently do nothing there
+        raise ValueError(f"amp (bf16 autocast) runs on CUDA and the CPU, not on {device.type}; use amp=False")
     channels_last = (device.type == "cuda") if channels_last is None else bool(channels_last)
     memory_format = torch.channels_last if channels_last else torch.preserve_format
     model.to(device=device, memory_format=memory_format)

@@ -381,3 +381,14 @@ def test_atomic_writes_do_not_retry_elsewhere(tmp_path, monkeypatch):
     with pytest.raises(PermissionError, match="Access is denied"):
         experiments._atomic_write(tmp_path / "results.json", b"{}")
     assert len(calls) == 1
+
+
+def test_amp_on_mps_is_refused_not_silently_ignored(fake_mps):
+    """bf16 autocast runs on CUDA and the CPU here; on MPS amp=True used to train in float32 while the
+    run's config said amp=True. Off by default on MPS, an error when asked for."""
+    d = _tiny()
+    model = M.build_model("mlp", 4, seed=0, in_shape=(1, 6, 6), hidden=(8,))
+    with pytest.raises(ValueError, match="amp"):
+        T.train_teacher(model, d, epochs=1, batch_size=16, progress=False, amp=True)
+    res = T.train_teacher(model, d, epochs=1, batch_size=16, progress=False)
+    assert res.config["device"] == "mps" and res.config["amp"] is False
