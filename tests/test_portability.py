@@ -196,13 +196,13 @@ def test_mps_run_numbers_match_the_cpu_run(fake_mps):
 
 
 def test_adversarial_training_and_evaluation_on_mps(fake_mps):
-    """IKL-AT with GI, then the robustness evaluation with the ART ensemble: ART runs on CUDA or the
-    CPU only and moves the model it is given, so on MPS it gets a CPU copy and the caller's model
-    stays on MPS."""
+    """IKL-AT with GI, AWP and the weight average, then the robustness evaluation with the ART
+    ensemble: ART runs on CUDA or the CPU only and moves the model it is given, so on MPS it gets a
+    CPU copy and the caller's model stays on MPS."""
     d = _tiny()
     model = A.normalized(M.build_model("small_cnn", 4, seed=0, width=4), d)
     res = T.adversarial_train(model, d, loss="ikl", epsilon=0.1, epochs=1, batch_size=16, attack_steps=2,
-                              eval_samples=12, eval_steps=2, progress=False)
+                              eval_samples=12, eval_steps=2, progress=False, awp_gamma=0.005, weight_average=0.9)
     assert res.config["device"] == "mps" and _on_mps(model)
     assert math.isfinite(res.history[-1]["test_robust_acc"])
     x, y = d.x_test[:12].to("mps"), d.y_test[:12].to("mps")
