@@ -81,7 +81,8 @@ def main(out, device, seconds):
     name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU (dry run)"
     print(f"\n## gpu_check: {name}; torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}\n")
 
-    step_log = [line.rstrip("\n").split("|", 1) for line in open(os.path.join(out, "steps.txt"), encoding="utf-8") if "|" in line]
+    with open(os.path.join(out, "steps.txt"), encoding="utf-8") as fh:
+        step_log = [line.rstrip("\n").split("|", 1) for line in fh if "|" in line]
     not_ok = [(status, text) for status, text in step_log if status != "ok"]
     print(f"Steps: {len(step_log) - len(not_ok)} of {len(step_log)} ran" + ("" if not not_ok else "; NOT RUN: " + "; ".join(
         f"{text.split(' (')[0]} [{status}]" for status, text in not_ok)) + "\n")
