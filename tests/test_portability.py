@@ -92,6 +92,8 @@ class FakeMPS(TorchFunctionMode):
             target = "cpu"
         elif "device" in kwargs and kwargs["device"] is not None:
             if _is_mps(kwargs["device"]):
+                if isinstance(kwargs.get("generator"), torch.Generator):  # a CPU generator, as on a Mac
+                    raise RuntimeError("Expected a 'mps' device type for generator but found 'cpu'")
                 target, kwargs["device"] = "mps", "cpu"
             elif _is_cpu(kwargs["device"]):
                 target = "cpu"
@@ -141,6 +143,8 @@ def test_fake_mps_behaves_like_mps(fake_mps):
         torch.nn.Linear(2, 2).double().to("mps")
     with pytest.raises(TypeError, match="numpy"):
         x.numpy()
+    with pytest.raises(RuntimeError, match="generator"):
+        torch.rand(2, generator=torch.Generator(), device="mps")
     # allowed: a CPU float64 tensor cast on the way (MPS casts on the host first), and the way back
     y = torch.ones(2, dtype=torch.float64).to("mps", torch.float32)
     assert y.device.type == "mps" and y.dtype == torch.float32
