@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -289,9 +291,15 @@ def config_to_cli(cfg: dict, *, out=None) -> List[str]:
     return args
 
 
+#: Quote printed commands for Windows (cmd.exe and PowerShell take "double quotes", not 'single' ones).
+_WINDOWS = os.name == "nt"
+
+
 def config_command(cfg: dict, *, out=None, python: str = "python") -> str:
-    """The whole command as one shell-quoted string: ``python -m dkl_lib.experiments ...``."""
-    return shlex.join([python, "-m", "dkl_lib.experiments", *config_to_cli(cfg, out=out)])
+    """The whole command as one shell-quoted string: ``python -m dkl_lib.experiments ...`` (POSIX shell
+    quoting; on Windows the double quotes of its command lines)."""
+    args = [python, "-m", "dkl_lib.experiments", *config_to_cli(cfg, out=out)]
+    return subprocess.list2cmdline(args) if _WINDOWS else shlex.join(args)
 
 
 def _default_out(cfg: dict) -> Path:

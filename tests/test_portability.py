@@ -396,3 +396,20 @@ def test_amp_on_mps_is_refused_not_silently_ignored(fake_mps):
         T.train_teacher(model, d, epochs=1, batch_size=16, progress=False, amp=True)
     res = T.train_teacher(model, d, epochs=1, batch_size=16, progress=False)
     assert res.config["device"] == "mps" and res.config["amp"] is False
+
+
+def test_printed_commands_use_windows_quoting_on_windows(monkeypatch):
+    """`python -m dkl_lib.configs FILE` prints a command to paste: cmd.exe keeps 'single quotes' as part
+    of the argument (and splits "[150, 180, 210]" at the spaces), so on Windows it is double-quoted."""
+    from dkl_lib import configs
+
+    cfg = configs.load_config(REPO / "configs" / "kd_cifar100_resnet32x4_resnet8x4.yaml")
+    posix = configs.config_command(cfg, out="/tmp/runs/kd")
+    assert "'distill.milestones=[150, 180, 210]'" in posix
+    monkeypatch.setattr(configs, "_WINDOWS", True)
+    windows = configs.config_command(cfg, out="C:\\Users\\me\\runs\\kd")
+    assert '"distill.milestones=[150, 180, 210]"' in windows and "'" not in windows
+    assert windows.endswith("--out C:\\Users\\me\\runs\\kd")
+    assert windows.replace('"distill.milestones=[150, 180, 210]"', "X").split() == \
+        [a if a != "distill.milestones=[150, 180, 210]" else "X"
+         for a in ["python", "-m", "dkl_lib.experiments", *configs.config_to_cli(cfg, out="C:\\Users\\me\\runs\\kd")]]
