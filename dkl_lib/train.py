@@ -316,12 +316,14 @@ def _prefetched(items, fetch):
 
 
 def _start_run(model: nn.Module, data: TensorData, *, device, amp: Optional[bool], channels_last: Optional[bool],
-               config: dict, checkpoint_dir, checkpoint_every: int, keep_checkpoints: int) -> _Run:
+               config: dict, checkpoint_dir, checkpoint_every: int, keep_checkpoints: int,
+               teacher: Optional[nn.Module] = None) -> _Run:
     """What both trainers set up first: the device (this rank's under torchrun), bf16 autocast and
     channels_last (default: on for CUDA), the model and data moved there (data in the model's
     dtype), the config completed with those choices, and the run's checkpoints."""
     par = _Parallel()
-    device = select_device(device, dtype=_model_dtype(model))
+    dtypes = {_model_dtype(m) for m in (model, teacher) if m is not None}  # float64 keeps a run off MPS
+    device = select_device(device, dtype=torch.float64 if torch.float64 in dtypes else _model_dtype(model))
     amp = (device.type == "cuda") if amp is None else bool(amp)
     if amp and device.type not in ("cuda", "cpu"):  # bf16_autocast would silently do nothing there
         raise ValueError(f"amp (bf16 autocast) runs on CUDA and the CPU, not on {device.type}; use amp=False")
@@ -562,16 +564,14 @@ def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], lo
     start = time.perf_counter()
     par, device, amp, channels_last, memory_format, dtype, data, config, checkpoints = _start_run(
         model, data, device=device, amp=amp, channels_last=channels_last, config=config,
-        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints)
+        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+        teacher=teacher)
     augment = data.augment
 
     teacher_flags = None
     teacher_acc = None
     cached_teacher_logits = None
     if teacher is not None:
-        if _model_dtype(teacher) == torch.float64 and not supports_float64(device):
-            raise ValueError(f"the teacher is float64, which {device.type} cannot hold; distil with device='cpu' "
-                             "or a float32 teacher")
         teacher.to(device=device, memory_format=memory_format)
         teacher_was_training = teacher.training
         teacher.eval()

@@ -232,9 +232,12 @@ def test_float64_models_stay_off_mps(fake_mps):
     assert res.config["device"] == "cpu" and res.config["dtype"] == "float64"
     with pytest.raises(ValueError, match="float64"):
         T.train_teacher(model, d, epochs=1, batch_size=16, progress=False, device="mps")
-    student = M.build_model("mlp", 4, seed=1, in_shape=(1, 6, 6), hidden=(8,))
-    with pytest.raises(ValueError, match="teacher is float64"):
+    student = M.build_model("mlp", 4, seed=1, in_shape=(1, 6, 6), hidden=(8,))  # float32, teacher float64
+    with pytest.raises(ValueError, match="float64"):
         T.distill(student, model, d, loss="kl", epochs=1, batch_size=16, progress=False, device="mps")
+    with pytest.warns(UserWarning, match="float64"):
+        res = T.distill(student, model, d, loss="kl", epochs=1, batch_size=16, progress=False)
+    assert res.config["device"] == "cpu" and not _on_mps(student)
     from dkl_lib import experiments as E
     cfg = E.resolve_config("cpu-quick", {"student.dtype": "float64", "teacher.dtype": "float64"})
     assert E._widest_dtype(cfg) == torch.float64
