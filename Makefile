@@ -1,7 +1,15 @@
 # Two commands do all the set-up: `make lab` and `make test` (see README.md).
-PYTHON ?= python3
 VENV   := .venv
-PY     := $(VENV)/bin/python
+# Windows (make from Git Bash, MSYS2 or Chocolatey): the venv keeps its programs in Scripts/, and
+# python3 is often the Microsoft Store stub there
+ifeq ($(OS),Windows_NT)
+PYTHON ?= python
+BIN    := $(VENV)/Scripts
+else
+PYTHON ?= python3
+BIN    := $(VENV)/bin
+endif
+PY     := $(BIN)/python
 STAMP  := $(VENV)/.installed
 KERNEL := dkl-lib
 PYTEST_ARGS ?=
@@ -20,7 +28,7 @@ $(STAMP): requirements.txt pyproject.toml
 	@touch $(STAMP)
 
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+	$(BIN)/jupyter lab --notebook-dir=notebooks
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -33,7 +41,7 @@ test-browser: $(STAMP)
 # PLOTLY_RENDERER embeds plotly.js in the outputs, so the figures show in the offline HTML.
 report: $(STAMP)
 	@mkdir -p reports
-	PLOTLY_RENDERER=plotly_mimetype+notebook $(VENV)/bin/jupyter nbconvert --to html --execute \
+	PLOTLY_RENDERER=plotly_mimetype+notebook $(BIN)/jupyter nbconvert --to html --execute \
 		--ExecutePreprocessor.timeout=3600 --output-dir reports notebooks/[0-9][0-9]_*.ipynb
 
 bench: $(STAMP)

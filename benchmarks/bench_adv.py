@@ -56,6 +56,8 @@ def _hparams(loss):
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":  # MPS runs asynchronously too
+        torch.mps.synchronize()
 
 
 class Step:
@@ -224,7 +226,7 @@ def main(argv=None):
             print(f"| {r['device']} | {r['setting']} | {r['trades_awp_ms']:.1f} ms | {r['ikl_awp_ms']:.1f} ms | "
                   f"{r['awp_ratio']:.3f}x | {r['awp_overhead']:.2f}x |")
     if args.json:
-        with open(args.json, "w") as fh:
+        with open(args.json, "w", encoding="utf-8") as fh:
             json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, fh, indent=2)
     return rows
 

@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     for w in workers:
         print(f"| {w} | {by[(w, 'train')]:.0f} | {by[(w, 'val')]:.0f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"file_kib": kib, "results": result}, indent=2))
+        Path(args.json).write_text(json.dumps({"file_kib": kib, "results": result}, indent=2), encoding="utf-8")
     return 0
 
 

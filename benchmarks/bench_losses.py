@@ -51,6 +51,8 @@ def step(method, a, b):
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":  # MPS runs asynchronously too
+        torch.mps.synchronize()
 
 
 def time_config(batch, classes, device, reps, budget_s):
@@ -93,7 +95,7 @@ def cuda_peak(batch, classes, device):
 
 
 def _proc_kib(field):
-    with open("/proc/self/status") as fh:
+    with open("/proc/self/status", encoding="ascii") as fh:
         for line in fh:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
@@ -109,7 +111,7 @@ def cpu_peak_worker(configs):
             a, b = make_inputs(batch, classes, torch.device("cpu"))
             step(m, a, b)
             a.grad = b.grad = None
-            with open("/proc/self/clear_refs", "w") as fh:
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
                 fh.write("5")  # reset VmHWM to the current resident set
             base = _proc_kib("VmRSS")
             step(m, a, b)
@@ -193,7 +195,7 @@ def main(argv=None):
                   f"{t['pairwise'] / t['ikl']:.0f}x | {fmt_bytes(peak['kl'])} | {fmt_bytes(peak['ikl'])} "
                   f"| {fmt_bytes(peak['pairwise'])} |", flush=True)
     if args.json:
-        with open(args.json, "w") as fh:
+        with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(results, fh, indent=2)
 
 

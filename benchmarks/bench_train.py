@@ -49,6 +49,8 @@ HPARAMS = {
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":  # MPS runs asynchronously too
+        torch.mps.synchronize()
 
 
 def resolve_settings(device, amp="auto", channels_last="auto"):
@@ -161,7 +163,7 @@ def main(argv=None):
         medians = bench.time(reps, warmup=args.warmup)
         results[name] = medians
         settings[name] = {**bench.settings, "cudnn_benchmark": device.type == "cuda", "reps": reps}
-        label = name if device.type == "cpu" else torch.cuda.get_device_name(device)
+        label = torch.cuda.get_device_name(device) if device.type == "cuda" else name
         if device.type == "cpu":
             label += f" ({torch.get_num_threads()} threads)"
         for loss in losses:
@@ -174,7 +176,7 @@ def main(argv=None):
               f"cudnn.benchmark {'on' if s['cudnn_benchmark'] else 'off'}, {s['reps']} timed rounds")
     print("\n".join(lines))
     if args.json:
-        with open(args.json, "w") as fh:
+        with open(args.json, "w", encoding="utf-8") as fh:
             json.dump({"batch": args.batch, "seconds_per_step": results, "settings": settings}, fh, indent=2)
 
 

@@ -22,7 +22,7 @@ N_TRAIN = 50000  # CIFAR-10/100 training images
 
 
 def _load(path):
-    return json.load(open(path)) if os.path.exists(path) else None
+    return json.load(open(path, encoding="utf-8")) if os.path.exists(path) else None
 
 
 def _mem(n):
@@ -81,7 +81,8 @@ def main(out, device, seconds):
     name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU (dry run)"
     print(f"\n## gpu_check: {name}; torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}\n")
 
-    step_log = [line.rstrip("\n").split("|", 1) for line in open(os.path.join(out, "steps.txt")) if "|" in line]
+    with open(os.path.join(out, "steps.txt"), encoding="utf-8") as fh:
+        step_log = [line.rstrip("\n").split("|", 1) for line in fh if "|" in line]
     not_ok = [(status, text) for status, text in step_log if status != "ok"]
     print(f"Steps: {len(step_log) - len(not_ok)} of {len(step_log)} ran" + ("" if not not_ok else "; NOT RUN: " + "; ".join(
         f"{text.split(' (')[0]} [{status}]" for status, text in not_ok)) + "\n")
@@ -105,7 +106,7 @@ def main(out, device, seconds):
     print("| batch | loss | ms / step | images / s | time / KL step |")
     print("|---|---|---|---|---|")
     settings = None
-    train_runs = sorted((json.load(open(p)) for p in glob.glob(os.path.join(out, "train_b*.json"))),
+    train_runs = sorted((json.load(open(p, encoding="utf-8")) for p in glob.glob(os.path.join(out, "train_b*.json"))),
                         key=lambda run: run["batch"])
     kd_times = {}  # batch -> {loss: seconds per step}, for the estimates below
     for run in train_runs:
@@ -178,15 +179,15 @@ def main(out, device, seconds):
 
     launch = os.path.join(out, "torchrun", "launch.txt")
     if os.path.exists(launch):
-        nproc, secs = open(launch).read().split()
-        res = json.load(open(os.path.join(out, "torchrun", "results.json")))
+        nproc, secs = open(launch, encoding="utf-8").read().split()
+        res = json.load(open(os.path.join(out, "torchrun", "results.json"), encoding="utf-8"))
         runs = ", ".join(f"{r['loss']} {r['last_acc']:.1f} %" for r in res["runs"])
         print(f"\ntorchrun entry point: {nproc} process(es), kd kl + ikl, 1 epoch on random CIFAR-shaped data, "
               f"{secs} s with start-up; last-epoch test accuracy (synthetic data, 1 epoch: a smoke test, not a result): {runs}")
     launch = os.path.join(out, "torchrun_adv", "launch.txt")
     if os.path.exists(launch):
-        nproc, secs = open(launch).read().split()
-        res = json.load(open(os.path.join(out, "torchrun_adv", "results.json")))
+        nproc, secs = open(launch, encoding="utf-8").read().split()
+        res = json.load(open(os.path.join(out, "torchrun_adv", "results.json"), encoding="utf-8"))
         runs = "; ".join(f"{r['loss']} clean {r['clean_acc']:.1f} / PGD-20 {r['pgd20_acc']:.1f} / ensemble "
                          f"{r['ensemble_acc']:.1f} %" for r in res["runs"])
         print(f"\ntorchrun adversarial entry point: {nproc} process(es), trades + ikl with AWP and weight average, "
@@ -205,7 +206,7 @@ def main(out, device, seconds):
               "adv_torchrun": _load(os.path.join(out, "torchrun_adv", "results.json")),
               "adv_steps": adv_rows, "estimates": estimates,
               "targets": [{"target": t, "met": bool(ok), "value": v} for t, ok, v in targets]}
-    with open(os.path.join(out, "gpu_check.json"), "w") as f:
+    with open(os.path.join(out, "gpu_check.json"), "w", encoding="utf-8") as f:
         json.dump(bundle, f, indent=1)
 
 

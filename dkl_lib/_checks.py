@@ -232,3 +232,38 @@ def check_seeds(name: str, seeds) -> list[int]:
         raise ValueError(f"{name} lists a seed twice ({', '.join(map(str, repeated))} in {items}); each seed is "
                          f"one run, and a repeated run would be counted twice in the mean ± std")
     return items
+
+
+#: Device types that have no float64 (Apple's Metal, "mps": a float64 tensor there raises TypeError).
+NO_FLOAT64_DEVICE_TYPES = ("mps",)
+
+
+def supports_float64(device) -> bool:
+    """Can ``device`` hold float64 tensors? False for Apple MPS, True for the CPU and CUDA."""
+    return torch.device(device).type not in NO_FLOAT64_DEVICE_TYPES
+
+
+def wide_dtype(device) -> torch.dtype:
+    """The dtype for sums accumulated on ``device`` (epoch totals, class-prior sums): float64, or
+    float32 where the device has no float64 (MPS)."""
+    return torch.float64 if supports_float64(device) else torch.float32
+
+
+def tolerant_console() -> None:
+    """Let the command lines print ε, ±, ≤ and → on any console: where stdout or stderr cannot
+    encode them (Windows with output redirected to a file or pipe writes in the locale's code page,
+    e.g. cp1252), such characters are written as backslash escapes instead of raising
+    UnicodeEncodeError after the work is done. UTF-8 streams are left alone."""
+    import codecs
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        encoding = getattr(stream, "encoding", None)
+        if not encoding or not hasattr(stream, "reconfigure") or getattr(stream, "errors", "strict") != "strict":
+            continue
+        try:
+            if codecs.lookup(encoding).name == "utf-8":
+                continue
+            stream.reconfigure(errors="backslashreplace")
+        except (LookupError, ValueError, OSError):  # an unknown codec, a closed or detached stream
+            continue

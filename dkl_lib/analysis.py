@@ -73,7 +73,7 @@ def probe_runs(loss_specs: Sequence[str], seeds: Sequence[int], *, preset: str =
 
     cfg = experiments.resolve_config(preset, overrides)
     cache = experiments.RunCache(cache_dir)
-    dev = train.select_device(device)
+    dev = train.select_device(device, dtype=dtype)  # float64: the CPU when the best device is MPS
     data = experiments.load_data(cfg["data"], device=dev)
     teacher, tinfo = experiments.get_teacher(cfg, lambda: data, cache=cache, device=dev, progress=progress)
     if dtype is not None:
@@ -171,10 +171,14 @@ def _check_probs(probs, labels):
     if low < -tol or high > 1 + tol:
         raise ValueError(f"probs must lie in [0, 1], got min {low:.4g}, max {high:.4g}; pass "
                          "probabilities (e.g. softmax of the logits), not logits")
-    off = float((probs.double().sum(dim=1) - 1).abs().max())
+    off = float((probs.detach().cpu().double().sum(dim=1) - 1).abs().max())
     if off > tol:
         raise ValueError(f"rows of probs must sum to 1 (within {tol:.3g}), but one is off by {off:.3g}; "
                          "pass probabilities (e.g. softmax of the logits)")
+
+
+def _on_cpu(probs: torch.Tensor, labels: torch.Tensor):
+    return probs.detach().cpu(), labels.cpu()
 
 
 def reliability_table(probs: torch.Tensor, labels: torch.Tensor, *, n_bins: int = 10):
@@ -187,6 +191,7 @@ def reliability_table(probs: torch.Tensor, labels: torch.Tensor, *, n_bins: int 
     import pandas as pd
 
     _check_probs(probs, labels)
+    probs, labels = _on_cpu(probs, labels)  # the float64 sums below: MPS has no float64
     if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
         raise ValueError(f"n_bins must be a positive int, got {n_bins}")
     conf, pred = probs.max(dim=1)
@@ -213,6 +218,7 @@ def intra_class_spread(probs: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean, over classes, of the mean squared distance of a sample's probability vector to its
     class's mean vector: how consistently the model predicts within a class (0 = identical)."""
     _check_probs(probs, labels)
+    probs, labels = _on_cpu(probs, labels)
     spreads = []
     for y in labels.unique():
         p = probs[labels == y].double()
@@ -231,7 +237,7 @@ def prediction_metrics(result: ProbeResult, *, n_bins: int = 10):
     rows = []
     labels = result.data.y_test.cpu()
     for (loss, seed), model in result.models.items():
-        probs = torch.softmax(train.predict_logits(model, result.data.x_test, result.data).double(), 1).cpu()
+        probs = torch.softmax(train.predict_logits(model, result.data.x_test, result.data).cpu().double(), 1)
         rows.append({"loss": loss, "seed": seed,
                      "accuracy": 100.0 * float((probs.argmax(1) == labels).double().mean()),
                      "ece": expected_calibration_error(probs, labels, n_bins=n_bins),

@@ -26,6 +26,7 @@ parameters' ``.grad``, which ART fills), and never changes the model's weights o
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import numbers
 import time
@@ -194,6 +195,13 @@ def bf16_autocast(device, enabled: bool):
     return contextlib.nullcontext()
 
 
+def _mean_percent(mask: torch.Tensor) -> float:
+    """100 × the fraction of True in a bool tensor (NaN when empty), counted on its device and
+    divided in Python: the float64 mean, bit for bit, on devices without float64 too (MPS)."""
+    n = mask.numel()
+    return 100.0 * (int(mask.sum()) / n) if n else math.nan
+
+
 def _random_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
@@ -249,7 +257,7 @@ class PGDResult:
     @property
     def accuracy(self) -> float:
         """Percentage of samples that resisted the attack."""
-        return 100.0 * self.correct.double().mean().item()
+        return _mean_percent(self.correct)
 
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epsilon: float, steps: int = 20,
@@ -437,7 +445,7 @@ class EnsembleResult:
 
     @property
     def accuracy(self) -> float:
-        return 100.0 * self.correct.double().mean().item()
+        return _mean_percent(self.correct)
 
     def broken_counts(self) -> Dict[str, int]:
         """{attack name: samples it broke first}, plus "robust" and "clean misclassified"."""
@@ -550,9 +558,12 @@ def ensemble_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epsil
     grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()]
     np_state = np.random.get_state()
     try:
-        with _eval_mode(model):
+        # ART runs a model on CUDA or on the CPU, and moves it there in place: on another device (Apple
+        # MPS) it attacks a CPU copy, so the caller's model stays where it is
+        art_model = model if x.device.type in ("cuda", "cpu") else copy.deepcopy(model).cpu()
+        with _eval_mode(model), _eval_mode(art_model):
             classifier = PyTorchClassifier(
-                model=model, loss=nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]),
+                model=art_model, loss=nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]),
                 nb_classes=num_classes, clip_values=(0.0, 1.0),
                 device_type="gpu" if x.device.type == "cuda" else "cpu")
             x_np = x.detach().to(torch.float32).cpu().numpy().astype(np.float32)
@@ -777,7 +788,7 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
         t0 = time.perf_counter()
         clean = clean_correct(model, x, y, batch_size=batch_size)
         seconds["clean"] = time.perf_counter() - t0
-        clean_acc = 100.0 * clean.double().mean().item()
+        clean_acc = _mean_percent(clean)
         zero = _pgd(model, x, y, epsilon=0.0, steps=steps[0], step_size=config["pgd_step_size"],
                     restarts=1, random_start=True, seed=seed, batch_size=batch_size)
         seconds["pgd_eps0"] = zero.seconds
@@ -818,7 +829,7 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
                          f"PGD-{steps[0]} at ε = 0: {zero_acc:.2f}% vs clean {clean_acc:.2f}%"
                          + ("" if same_x else "; the inputs were changed")))
 
-    pgd_acc = {k: 100.0 * (clean & r.correct).double().mean().item() for k, r in runs.items()}
+    pgd_acc = {k: _mean_percent(clean & r.correct) for k, r in runs.items()}
     accs = [pgd_acc[k] for k in steps]
     mono = all(b <= a for a, b in zip(accs, accs[1:]))
     checks.append(_check("more_steps_not_higher", mono, accs,
@@ -832,7 +843,7 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
     counts: Dict[str, int] = {}
     if ens is not None:
         ens_correct = clean & ens.correct
-        ensemble_acc = 100.0 * ens_correct.double().mean().item()
+        ensemble_acc = _mean_percent(ens_correct)
         robust &= ens.correct
         counts = ens.broken_counts()
         checks.append(_check("ensemble_not_above_pgd", ensemble_acc <= pgd_min + ensemble_tolerance,
@@ -855,7 +866,7 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
                              f"(gradient-free) broke {blackbox:.2f}% that the gradient attacks missed (flag "
                              f"above {blackbox_gap:g}); samples PGD missed, by the attack that broke them: {by}",
                              soft=True))
-    robust_acc = 100.0 * robust.double().mean().item()
+    robust_acc = _mean_percent(robust)
     report = RobustnessReport(epsilon=epsilon, n=n, clean_acc=clean_acc, pgd_acc=pgd_acc,
                               ensemble_acc=ensemble_acc, robust_acc=robust_acc, ensemble_counts=counts,
                               checks=checks, config=config, seconds=seconds)
@@ -893,7 +904,7 @@ def accuracy_vs_epsilon(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsi
         eps = _number("epsilons entries", eps, low=0.0)
         r = _pgd(model, x, y, epsilon=eps, steps=steps, step_size=None, restarts=restarts, random_start=True,
                  seed=seed, batch_size=batch_size)
-        rows.append({"epsilon": eps, "accuracy": 100.0 * (clean & r.correct).double().mean().item(),
+        rows.append({"epsilon": eps, "accuracy": _mean_percent(clean & r.correct),
                      "steps": steps})
     return pd.DataFrame(rows)
 
@@ -907,7 +918,8 @@ def class_separation(x: torch.Tensor, y: torch.Tensor, *, chunk: int = 256) -> f
     justify the ε of the digits data).
     """
     _check_xy(x, y)
-    flat = x.flatten(1).to(torch.float64)
+    flat = x.detach().flatten(1).cpu().to(torch.float64)  # on the CPU: MPS has no float64
+    y = y.cpu()
     best = math.inf
     for start in range(0, flat.shape[0], chunk):
         d = torch.cdist(flat[start:start + chunk], flat, p=math.inf)

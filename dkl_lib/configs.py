@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from ._checks import check_seeds
+from ._checks import check_seeds, tolerant_console
 
 __all__ = [
     "TASKS",
@@ -75,7 +77,7 @@ def _read_yaml(path: Path):
     except ImportError as err:  # pragma: no cover - pyyaml ships with jupyter
         raise ImportError("reading config files needs PyYAML: pip install pyyaml") from err
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")  # not the locale's (cp1252 on Windows): the files hold ε, ±, T²
     except FileNotFoundError:
         raise FileNotFoundError(f"no config file at {path}") from None
     try:
@@ -289,9 +291,15 @@ def config_to_cli(cfg: dict, *, out=None) -> List[str]:
     return args
 
 
+#: Quote printed commands for Windows (cmd.exe and PowerShell take "double quotes", not 'single' ones).
+_WINDOWS = os.name == "nt"
+
+
 def config_command(cfg: dict, *, out=None, python: str = "python") -> str:
-    """The whole command as one shell-quoted string: ``python -m dkl_lib.experiments ...``."""
-    return shlex.join([python, "-m", "dkl_lib.experiments", *config_to_cli(cfg, out=out)])
+    """The whole command as one shell-quoted string: ``python -m dkl_lib.experiments ...`` (POSIX shell
+    quoting; on Windows the double quotes of its command lines)."""
+    args = [python, "-m", "dkl_lib.experiments", *config_to_cli(cfg, out=out)]
+    return subprocess.list2cmdline(args) if _WINDOWS else shlex.join(args)
 
 
 def _default_out(cfg: dict) -> Path:
@@ -313,6 +321,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="results folder to put in the command (--out; default: the absolute path of the "
                              "folder `--config FILE` writes to, $DKL_RUNS_DIR/<name> or <repository>/runs/<name>)")
     parser.add_argument("--check", action="store_true", help="only validate; print one line per file")
+    tolerant_console()
     args = parser.parse_args(argv)
     files = [Path(f) for f in args.files] or list_configs()
     status = 0

@@ -84,6 +84,7 @@ __all__ = [
     "list_checkpoints",
     "save_checkpoint",
     "write_atomic",
+    "FileInUseError",
     "STALE_TMP_SECONDS",
     "load_latest_checkpoint",
     "state_digest",
@@ -311,7 +312,7 @@ def _pack(metrics: Mapping[str, object]):
     for key in keys:
         value = metrics[key]
         if isinstance(value, torch.Tensor):
-            t = value.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+            t = value.detach().cpu().to(torch.float64).reshape(-1)  # cast on the CPU: MPS has no float64
             layout.append((key, tuple(value.shape), value.device))
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             t = torch.tensor([float(value)], dtype=torch.float64)
@@ -524,13 +525,39 @@ def _new_file_mode() -> int:
     """0o666 minus the process umask (what open() would give), read without changing the umask
     (os.umask would race with other threads); 0o644 where /proc is not available."""
     try:
-        with open("/proc/self/status") as fh:
+        with open("/proc/self/status", encoding="ascii") as fh:
             for line in fh:
                 if line.startswith("Umask:"):
                     return 0o666 & ~int(line.split()[1], 8)
     except OSError:
         pass
     return 0o644
+
+
+#: Retry a rename that another process blocks: on Windows ``os.replace`` fails while any program holds
+#: the target (or the new file) open, e.g. a results.csv open in Excel or a virus scanner reading it.
+_RETRY_REPLACE = os.name == "nt"
+
+
+class FileInUseError(PermissionError):
+    """On Windows: a file could not be replaced because another program keeps it open."""
+
+
+def _replace_file(tmp, path, *, attempts: int = 10, wait: float = 0.05) -> None:
+    """``os.replace(tmp, path)``; on Windows retried for about 2 s on ``PermissionError`` (a scanner or
+    reader usually lets go at once), then a :class:`FileInUseError` naming the file and the remedy."""
+    for attempt in range(attempts if _RETRY_REPLACE else 1):
+        try:
+            os.replace(tmp, path)
+            return
+        except PermissionError as err:
+            if not _RETRY_REPLACE:
+                raise
+            last = err
+            time.sleep(wait * (attempt + 1))
+    raise FileInUseError(last.errno, f"cannot replace {path}: another program keeps it open (close it, "
+                          "e.g. the file in a spreadsheet or editor, and run the same command again)",
+                          str(path)) from last
 
 
 def save_checkpoint(path, state: dict) -> Optional[Path]:
@@ -580,7 +607,7 @@ def write_atomic(path, write: Callable) -> Path:
             os.fsync(fh.fileno())
             with contextlib.suppress(AttributeError, OSError):  # os.fchmod does not exist on Windows
                 os.fchmod(fh.fileno(), _new_file_mode())
-        os.replace(tmp, path)
+        _replace_file(tmp, path)
     except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

@@ -79,7 +79,7 @@ from . import data as data_mod
 from . import distributed as dist_mod
 from . import models as models_mod
 from . import train as train_mod
-from ._checks import check_seeds, env_positive_int
+from ._checks import check_seeds, env_positive_int, tolerant_console
 
 __all__ = [
     "PRESETS",
@@ -608,6 +608,14 @@ def _model_kw(spec: dict) -> dict:
     return kw
 
 
+def _widest_dtype(cfg: dict) -> torch.dtype:
+    """float64 when a model section of the config asks for it, else float32: device selection
+    keeps float64 runs off devices without float64 (Apple MPS)."""
+    names = [(cfg.get(key) or {}).get("dtype") for key in ("teacher", "student", "model")
+             if isinstance(cfg.get(key), dict)]
+    return torch.float64 if "float64" in names else torch.float32
+
+
 def _build(spec: dict, data: data_mod.TensorData, seed: int):
     kw = _model_kw(spec)
     if spec["model"] == "mlp":
@@ -714,7 +722,7 @@ def get_teacher(cfg: dict, data: Callable[[], data_mod.TensorData], *, cache: Ru
         return model, {**result, "source": "cache", "config_hash": key}
     if checkpoint is not None:
         models_mod.load_teacher_checkpoint(checkpoint, model)
-        dev = train_mod.select_device(device)
+        dev = train_mod.select_device(device, dtype=attacks_mod._model_dtype(model))
         acc = train_mod.evaluate(model.to(dev), d.to(dev))
         model.cpu()
         result = {"acc": acc, "history": [], "seconds": 0.0, "origin": "checkpoint",
@@ -1001,7 +1009,7 @@ def run_grid(losses: Sequence[str] = ("ce", "kl", "dkl", "ikl", "gkl", "dkd"),
     seeds = check_seeds("seeds", seeds)
     cfg = resolve_config(preset, overrides)
     cache = RunCache(cache_dir, enabled=use_cache)
-    dev = train_mod.select_device(device)
+    dev = train_mod.select_device(device, dtype=_widest_dtype(cfg))
     progress = progress and dist_mod.is_main()
 
     loaded: Dict[str, data_mod.TensorData] = {}
@@ -1092,7 +1100,7 @@ def paper_results(*, as_frame: bool = True, task: str = "kd"):
     path = _paper_file()
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; it ships with the repository (data/paper_results.json)")
-    raw = json.loads(path.read_text())
+    raw = json.loads(path.read_text(encoding="utf-8"))
     if not as_frame:
         return raw
     import pandas as pd
@@ -1383,7 +1391,7 @@ class AdvGridResult:
 
         from .attacks import accuracy_vs_epsilon
 
-        dev = train_mod.select_device(device)
+        dev = train_mod.select_device(device, dtype=_widest_dtype(self.config))
         d = load_data(self.config["data"], device=dev, download=download)
         n = samples if samples is not None else self.config.get("eval", {}).get("samples")
         n = d.n_test if n is None else min(int(n), d.n_test)
@@ -1520,7 +1528,7 @@ def run_adv_grid(losses: Sequence[str] = ("trades", "ikl"), seeds: Sequence[int]
         raise ValueError(f"the ART ensemble evaluates float32 models only; with model.dtype={cfg['model']['dtype']!r} "
                          "set eval.ensemble=false (PGD still runs)")
     cache = RunCache(cache_dir, enabled=use_cache)
-    dev = train_mod.select_device(device)
+    dev = train_mod.select_device(device, dtype=_widest_dtype(cfg))
     progress = progress and dist_mod.is_main()
     ev = cfg["eval"]
     loaded: Dict[str, data_mod.TensorData] = {}
@@ -1916,6 +1924,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     group (:func:`dkl_lib.distributed.init_from_env`), each run trains DDP-wrapped on its share of
     every global batch, and rank 0 alone writes the cache, checkpoints and results. The torch thread
     count (``--threads``, see the module docstring) is restored on return."""
+    tolerant_console()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(_expand_config(argv))
     if args.out is None:
@@ -1949,10 +1958,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 status = args.handler(args)
         except KeyboardInterrupt as err:  # Ctrl-C while the teacher trained (the grid catches its own)
             status, why = 130, str(err)
-        except OSError as err:  # a full disk: one line saying where (dist_mod.write_atomic), no traceback
-            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        except OSError as err:  # a full disk, a file held open (Windows): one line from write_atomic, no traceback
+            if not isinstance(err, dist_mod.FileInUseError) and err.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {err}; the runs finished before are cached: the same command goes on from there",
+                  file=sys.stderr)
             return 1
         else:
             why = ""

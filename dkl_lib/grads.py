@@ -114,8 +114,9 @@ def check_kl_dkl_equivalence(logits, target_logits, *, temperature: float = 1.0)
     digits when s_m is nearly one-hot (it is then a tiny difference of large terms); that is why
     the scale is shared rather than per side.
     """
-    o_n = logits.detach().double() if isinstance(logits, torch.Tensor) else logits
-    o_m = target_logits.detach().double() if isinstance(target_logits, torch.Tensor) else target_logits
+    # float64 on the CPU (Apple MPS has no float64)
+    o_n = logits.detach().cpu().double() if isinstance(logits, torch.Tensor) else logits
+    o_m = target_logits.detach().cpu().double() if isinstance(target_logits, torch.Tensor) else target_logits
     kl = loss_grads("kl", o_n, o_m, temperature=temperature)
     dkl = loss_grads("dkl", o_n, o_m, temperature=temperature, alpha=1.0, beta=1.0)
     scale = max(kl[0].abs().max().item(), kl[1].abs().max().item())
@@ -186,8 +187,8 @@ def stop_gradient_ablation(logits, target_logits, *, temperature: float = 1.0):
     """
     import pandas as pd
 
-    o_n = logits.detach().double().requires_grad_(True)
-    o_m = target_logits.detach().double().requires_grad_(True)
+    o_n = logits.detach().cpu().double().requires_grad_(True)  # float64 on the CPU (MPS has none)
+    o_m = target_logits.detach().cpu().double().requires_grad_(True)
     kl = torch.autograd.grad(losses.kl_loss(o_n, o_m, temperature=temperature), (o_n, o_m))
     scale = max(kl[0].abs().max().item(), kl[1].abs().max().item())
     rows = []
@@ -420,9 +421,10 @@ def weight_matrices(target_logits, targets, *, weight_temperature: float = 1.0, 
         raise ValueError(f"sample must be in [0, {batch - 1}], got {sample}")
     from .prior import ClassPrior
 
-    p = torch.softmax(target_logits.detach().double() / t, dim=1)
+    target_logits, targets = target_logits.detach().cpu().double(), targets.cpu()  # MPS has no float64
+    p = torch.softmax(target_logits / t, dim=1)
     gi = ClassPrior(classes, dtype=torch.float64, keep_history=False)
-    gi.update(target_logits.detach().double(), targets, weight_temperature=t)
+    gi.update(target_logits, targets, weight_temperature=t)
     gi.end_epoch()
     y = int(targets[sample])
     p_class = gi.prior[y]

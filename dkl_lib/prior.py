@@ -24,7 +24,7 @@ from typing import List, Mapping
 
 import torch
 
-from ._checks import check_positive, check_targets
+from ._checks import check_positive, check_targets, wide_dtype
 
 __all__ = ["ClassPrior"]
 
@@ -37,7 +37,7 @@ class ClassPrior:
         device: where the prior and the accumulators live (default CPU). :meth:`update` moves them
             to the device of its inputs when they differ, so this rarely needs setting.
         dtype: floating-point ``torch.dtype`` of :attr:`prior` (float32 by default); sums are
-            accumulated in float64.
+            accumulated in float64 (in float32 on Apple MPS, which has no float64).
         keep_history: keep a CPU snapshot of the prior of every epoch in :attr:`history`.
 
     Attributes:
@@ -76,8 +76,8 @@ class ClassPrior:
         self.keep_history = keep_history
         device = torch.device(device) if device is not None else torch.device("cpu")
         self.prior = torch.full((num_classes, num_classes), 1.0 / num_classes, dtype=dtype, device=device)
-        self._sums = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
-        self._counts = torch.zeros(num_classes, dtype=torch.float64, device=device)
+        self._sums = torch.zeros(num_classes, num_classes, dtype=wide_dtype(device), device=device)
+        self._counts = torch.zeros(num_classes, dtype=wide_dtype(device), device=device)
         self.epochs = 0
         self.history: List[torch.Tensor] = [self.prior.detach().cpu().clone()] if keep_history else []
 
@@ -90,13 +90,13 @@ class ClassPrior:
         """Move the prior and the accumulators to ``device`` (in place); returns self."""
         device = torch.device(device)
         self.prior = self.prior.to(device)
-        self._sums = self._sums.to(device)
-        self._counts = self._counts.to(device)
+        self._sums = self._sums.to(device, wide_dtype(device))
+        self._counts = self._counts.to(device, wide_dtype(device))
         return self
 
     @property
     def counts(self) -> torch.Tensor:
-        """Samples accumulated per class in the current epoch (float64, shape (C,))."""
+        """Samples accumulated per class in the current epoch (float64; float32 on MPS; shape (C,))."""
         return self._counts
 
     @torch.no_grad()
@@ -125,16 +125,16 @@ class ClassPrior:
         if target_logits.device != self.device:
             self.to(target_logits.device)
         targets = check_targets(targets, target_logits.shape[0], self.num_classes, target_logits.device)
-        logits = target_logits.detach().to(torch.float64)
+        logits = target_logits.detach().to(self._sums.dtype)
         probs = torch.softmax(logits / t_w, dim=1)
         # one sync: non-finite logits (softmax maps -inf to a finite 0), or logits / T_w overflowing
         if not bool(torch.isfinite(logits).all() & torch.isfinite(probs).all()):
             if not bool(torch.isfinite(logits).all()):
                 raise ValueError("target_logits contain non-finite values (nan or inf)")
-            raise ValueError(f"target_logits / weight_temperature overflows float64 "
+            raise ValueError(f"target_logits / weight_temperature overflows {self._sums.dtype} "
                              f"(weight_temperature = {t_w:g}); use a larger weight_temperature")
         self._sums.index_add_(0, targets, probs)
-        self._counts += torch.bincount(targets, minlength=self.num_classes).to(torch.float64)
+        self._counts += torch.bincount(targets, minlength=self.num_classes).to(self._counts.dtype)
 
     @torch.no_grad()
     def end_epoch(self) -> torch.Tensor:
@@ -152,8 +152,8 @@ class ClassPrior:
             sums, counts = packed[:, :-1], packed[:, -1]
         seen = counts > 0
         totals = sums.sum(dim=1, keepdim=True)
-        new = torch.where(seen[:, None], sums / totals.clamp_min(torch.finfo(torch.float64).tiny),
-                          self.prior.to(torch.float64))
+        new = torch.where(seen[:, None], sums / totals.clamp_min(torch.finfo(sums.dtype).tiny),
+                          self.prior.to(sums.dtype))
         self.prior = new.to(self.dtype)
         self._sums.zero_()
         self._counts.zero_()
@@ -191,8 +191,8 @@ class ClassPrior:
                 raise ValueError(f"state[{key!r}] has shape {tuple(value.shape)}, expected {shape} "
                                  f"for num_classes = {classes}")
         self.prior = state["prior"].to(self.device, self.dtype).clone()
-        self._sums = state["sums"].to(self.device, torch.float64).clone()
-        self._counts = state["counts"].to(self.device, torch.float64).clone()
+        self._sums = state["sums"].to(self.device, wide_dtype(self.device)).clone()
+        self._counts = state["counts"].to(self.device, wide_dtype(self.device)).clone()
         self.epochs = int(state["epochs"])
 
     def __repr__(self) -> str:

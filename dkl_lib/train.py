@@ -35,6 +35,7 @@ import functools
 import math
 import numbers
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
@@ -44,7 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as dist
-from .attacks import _model_dtype, clean_correct, pgd, trades_perturb
+from ._checks import supports_float64, wide_dtype
+from .attacks import _mean_percent, _model_dtype, clean_correct, pgd, trades_perturb
 from .attacks import bf16_autocast as _autocast
 from .data import TensorData, augment_crop_flip, batch_indices
 from .losses import loss_terms
@@ -328,13 +330,17 @@ def _prefetched(items, fetch):
 
 
 def _start_run(model: nn.Module, data: TensorData, *, device, amp: Optional[bool], channels_last: Optional[bool],
-               config: dict, checkpoint_dir, checkpoint_every: int, keep_checkpoints: int) -> _Run:
+               config: dict, checkpoint_dir, checkpoint_every: int, keep_checkpoints: int,
+               teacher: Optional[nn.Module] = None) -> _Run:
     """What both trainers set up first: the device (this rank's under torchrun), bf16 autocast and
     channels_last (default: on for CUDA), the model and data moved there (data in the model's
     dtype), the config completed with those choices, and the run's checkpoints."""
     par = _Parallel()
-    device = select_device(device)
+    dtypes = {_model_dtype(m) for m in (model, teacher) if m is not None}  # float64 keeps a run off MPS
+    device = select_device(device, dtype=torch.float64 if torch.float64 in dtypes else _model_dtype(model))
     amp = (device.type == "cuda") if amp is None else bool(amp)
+    if amp and device.type not in ("cuda", "cpu"):  # bf16_autocast would silently do nothing there
+        raise ValueError(f"amp (bf16 autocast) runs on CUDA and the CPU, not on {device.type}; use amp=False")
     channels_last = (device.type == "cuda") if channels_last is None else bool(channels_last)
     memory_format = torch.channels_last if channels_last else torch.preserve_format
     model.to(device=device, memory_format=memory_format)
@@ -346,11 +352,15 @@ def _start_run(model: nn.Module, data: TensorData, *, device, amp: Optional[bool
     return _Run(par, device, amp, channels_last, memory_format, dtype, data.to(device, dtype), config, checkpoints)
 
 
-def select_device(device=None) -> torch.device:
+def select_device(device=None, *, dtype: Optional[torch.dtype] = None) -> torch.device:
     """The device to train on: ``device`` if given (a name or torch.device, "auto" = None), else
     CUDA when available, then Apple MPS, then the CPU. Asking for an unavailable CUDA/MPS device
     raises ``ValueError``. Under torchrun (an initialised process group of several ranks) "cuda"
-    without an index means this rank's GPU, ``cuda:LOCAL_RANK``."""
+    without an index means this rank's GPU, ``cuda:LOCAL_RANK``.
+
+    ``dtype``: the dtype of the models that will run there. MPS has no float64, so for
+    ``dtype=torch.float64`` the automatic choice skips MPS for the CPU (with a warning: the
+    float64 checks of the notebooks are small), and an explicit "mps" raises ``ValueError``."""
     info = dist.dist_info()
     local_rank = info.local_rank if info.world_size > 1 else None
     if device is not None and not (isinstance(device, str) and device == "auto"):
@@ -362,13 +372,19 @@ def select_device(device=None) -> torch.device:
             raise ValueError("device 'cuda' was requested but CUDA is not available")
         if device.type == "mps" and not (torch.backends.mps.is_available()):
             raise ValueError("device 'mps' was requested but MPS is not available")
+        if dtype == torch.float64 and not supports_float64(device):
+            raise ValueError(f"device {str(device)!r} has no float64 (Apple MPS computes in float32 at most); "
+                             "run float64 models with device='cpu', or use float32")
         if device.type == "cuda" and device.index is None and local_rank is not None:
             return torch.device("cuda", local_rank)
         return device
     if torch.cuda.is_available():
         return torch.device("cuda") if local_rank is None else torch.device("cuda", local_rank)
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
+        if dtype != torch.float64:
+            return torch.device("mps")
+        warnings.warn("float64 model: running on the CPU, since Apple MPS has no float64 "
+                      "(pass device='cpu' to silence this)", stacklevel=2)
     return torch.device("cpu")
 
 
@@ -562,7 +578,8 @@ def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], lo
     start = time.perf_counter()
     par, device, amp, channels_last, memory_format, dtype, data, config, checkpoints = _start_run(
         model, data, device=device, amp=amp, channels_last=channels_last, config=config,
-        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints)
+        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+        teacher=teacher)
     augment = data.augment
 
     teacher_flags = None
@@ -611,7 +628,7 @@ def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], lo
             factor = min(1.0, (epoch + 1) / warmup_epochs) if warmup_epochs > 0 else 1.0
             lr_now = optimizer.param_groups[0]["lr"]
             sums: Dict[str, torch.Tensor] = {}
-            correct = torch.zeros((), device=device, dtype=torch.float64)
+            correct = torch.zeros((), device=device, dtype=torch.int64)
             seen = 0
             bars.start_epoch()
             batches = par.batches(data.n_train, batch_size=batch_size, generator=shuffle_gen,
@@ -649,7 +666,7 @@ def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], lo
                 n = y.shape[0]
                 seen += n
                 for name, value in (("loss", total), ("ce", ce), *terms.items()):
-                    v = value.detach().to(torch.float64) * n
+                    v = value.detach().to(wide_dtype(device)) * n  # float32 on MPS (no float64)
                     sums[name] = sums[name] + v if name in sums else v
                 correct += (logits.detach().argmax(dim=1) == y).sum()
                 bars.step()
@@ -843,8 +860,9 @@ def distill(student: nn.Module, teacher: Optional[nn.Module], data: TensorData, 
                   config=config, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                   keep_checkpoints=keep_checkpoints, **cfg)
     if loss == "ce" and teacher is not None:  # report the teacher's accuracy beside the baseline
-        result.teacher_acc = evaluate(teacher.to(select_device(device)),
-                                      data.to(select_device(device), _model_dtype(teacher)))
+        dev = torch.device(result.config["device"])  # where the student ran; a float64 teacher: the CPU on MPS
+        dev = dev if supports_float64(dev) or _model_dtype(teacher) != torch.float64 else torch.device("cpu")
+        result.teacher_acc = evaluate(teacher.to(dev), data.to(dev, _model_dtype(teacher)))
     return result
 
 
@@ -1211,8 +1229,8 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
             eps_now = epsilon_at(epoch, epsilon=epsilon, epochs=epochs, schedule=epsilon_schedule)
             lr_now = optimizer.param_groups[0]["lr"]
             sums: Dict[str, torch.Tensor] = {}
-            correct = torch.zeros((), device=device, dtype=torch.float64)
-            correct_adv = torch.zeros((), device=device, dtype=torch.float64)
+            correct = torch.zeros((), device=device, dtype=torch.int64)
+            correct_adv = torch.zeros((), device=device, dtype=torch.int64)
             seen = 0
             bars.start_epoch()
             model.train()
@@ -1259,7 +1277,7 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
                 n = y.shape[0]
                 seen += n
                 for name, value in (("loss", total), *terms.items()):
-                    v = value.detach().to(torch.float64) * n
+                    v = value.detach().to(wide_dtype(device)) * n  # float32 on MPS (no float64)
                     sums[name] = sums[name] + v if name in sums else v
                 correct += (nat_logits.detach().argmax(dim=1) == y).sum()
                 if adv_logits is not None:
@@ -1286,7 +1304,7 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
                 res = pgd(eval_model, x_eval, y_eval, epsilon=eval_epsilon, steps=eval_steps, restarts=1,
                           seed=cfg["seed"])
                 clean_ok = _clean_correct(eval_model, x_eval, y_eval)
-                row["test_robust_acc"] = 100.0 * (clean_ok & res.correct).double().mean().item()
+                row["test_robust_acc"] = _mean_percent(clean_ok & res.correct)
             else:
                 row["test_robust_acc"] = math.nan
             row["seconds"] = time.perf_counter() - t0
@@ -1315,4 +1333,4 @@ def _clean_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.
 
 
 def _clean_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    return 100.0 * _clean_correct(model, x, y).double().mean().item()
+    return _mean_percent(_clean_correct(model, x, y))
