@@ -2,6 +2,7 @@
 import json
 import os
 import pathlib
+import re
 import time
 
 import nbformat
@@ -61,3 +62,17 @@ def test_notebook_executes_with_fast(path, monkeypatch, tmp_path, runs_dir):
     assert not errors
     print(f"{path.name}: {elapsed:.1f} s with FAST=1")
     assert os.environ["FAST"] == "1"
+
+
+MEAN_PLUS_MINUS_STD = re.compile(r"\d[\d.]*\s*±\s*\d")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_markdown_quotes_no_measured_mean_and_std(path):
+    """A "mean ± std" is the result of one run: quoted in a markdown cell it is true for the FAST run or for the
+    full run, not both, and goes stale when a preset changes. A notebook prints or displays its results from a
+    code cell (a generated Markdown sentence where prose is wanted), and its markdown refers to them."""
+    nb = nbformat.read(path, as_version=4)
+    quoted = [(i, m.group(0)) for i, c in enumerate(nb.cells) if c.cell_type == "markdown"
+              for m in MEAN_PLUS_MINUS_STD.finditer(c.source)]
+    assert not quoted, f"{path.name}: markdown cells quote measured mean ± std values {quoted}"
