@@ -44,8 +44,10 @@ __all__ = [
 
 LOSS_LABELS = {"ce": "CE only", "kl": "KL", "dkl": "DKL", "ikl": "IKL", "gkl": "GKL", "dkd": "DKD",
                "trades": "TRADES (KL)", "ikl-nogi": "IKL (no GI)", "gkl-nogi": "GKL (no GI)"}
-LOSS_COLORS = {"ce": "#7f7f7f", "kl": "#1f77b4", "dkl": "#17becf", "ikl": "#d62728", "gkl": "#9467bd",
-               "dkd": "#2ca02c", "trades": "#1f77b4", "ikl-nogi": "#f4a582", "gkl-nogi": "#c5b0d5"}
+# Okabe & Ito's colour-blind-safe colours (tests/test_plots_widgets.py checks every pair under simulated
+# deuteranopia, protanopia and tritanopia)
+LOSS_COLORS = {"ce": "#555555", "kl": "#0072b2", "dkl": "#56b4e9", "ikl": "#d55e00", "gkl": "#cc79a7",
+               "dkd": "#009e73", "trades": "#0072b2", "ikl-nogi": "#e69f00", "gkl-nogi": "#c5b0d5"}
 TERM_LABELS = {"wmse": "wMSE", "soft_ce": "soft-label CE", "kl": "KL", "tckd": "TCKD", "nckd": "NCKD",
                "ce": "CE", "total": "total"}
 # terms of one loss share its colour; the pattern tells them apart
@@ -125,7 +127,7 @@ def simplex_quiver(df, *, teacher_xy=None, widget: bool = False,
         fig.add_scatter(**outline, mode="lines", line=dict(color="#999", width=1), showlegend=False,
                         hoverinfo="skip", row=1, col=i)
         fig.add_scatter(x=xs, y=ys, mode="lines+markers", name=TERM_LABELS.get(term, term), showlegend=False,
-                        line=dict(width=1.5, color="#d62728" if term == "wmse" else "#1f77b4"),
+                        line=dict(width=1.5, color="#d55e00" if term == "wmse" else "#0072b2"),
                         marker=dict(symbol="arrow", size=[0, 8, 0] * (len(xs) // 3), angleref="previous"),
                         row=1, col=i)
         tx, ty = teacher_xy if teacher_xy is not None else (None, None)
@@ -219,7 +221,7 @@ def equivalence_heatmap(df, *, title: str = "KL vs DKL: largest gradient error (
 def cost_lines(df, *, title: str = "wMSE cost: closed form vs literal pairwise sum"):
     """Time and largest tensor against C, log-log, one line per method (from ``wmse_cost``)."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("forward + backward time (s)", "largest tensor (bytes)"))
-    palette = {"closed form": "#d62728", "pairwise": "#7f7f7f"}
+    palette = {"closed form": "#d55e00", "pairwise": "#555555"}
     for method in dict.fromkeys(df["method"]):
         part = df[df["method"] == method]
         for col, key in ((1, "seconds"), (2, "largest_tensor_bytes")):
@@ -671,7 +673,7 @@ def paper_comparison(summary, *, config: Optional[dict] = None, teacher_acc: Opt
 #: Legend names of the adversarial-training runs (the loss keys of dkl_lib.train.ADV_LOSSES).
 ADV_LOSS_LABELS = {"ce": "natural training (CE)", "trades": "TRADES (KL)", "ikl": "IKL-AT"}
 #: Colours of the sanity-check outcomes.
-CHECK_STATUS_COLORS = {"pass": "#2ca02c", "warn": "#ff7f0e", "fail": "#d62728"}
+CHECK_STATUS_COLORS = {"pass": "#009e73", "warn": "#e69f00", "fail": "#d55e00"}  # Okabe & Ito
 _ADV_METRICS = {"test_acc": "clean accuracy (%)", "test_robust_acc": "robust accuracy, PGD (%)",
                 "train_acc": "train accuracy, clean (%)", "train_adv_acc": "train accuracy, adversarial (%)"}
 __all__ += ["ADV_LOSS_LABELS", "CHECK_STATUS_COLORS", "adv_label", "adversarial_examples", "adversarial_curves",

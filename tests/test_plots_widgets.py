@@ -391,3 +391,43 @@ def test_equivalence_heatmap_and_confidence_lines_carry_their_data():
         part = sweep[(sweep["loss"] == loss) & (sweep["term"] == term)]
         assert t.name == plots.label(loss, term)
         assert list(t.x) == part["confidence"].tolist() and list(t.y) == part["grad_norm"].tolist()
+
+
+def _cvd_lab(hex_colour, matrix):
+    """CIE L*a*b* of ``hex_colour`` as seen through a colour-vision simulation ``matrix`` (linear RGB)."""
+    import numpy as np
+
+    c = np.array([int(hex_colour[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+    rgb = np.clip(np.asarray(matrix) @ np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4), 0, 1)
+    xyz = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]) @ rgb
+    xyz = xyz / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > 0.008856, np.cbrt(xyz), 7.787 * xyz + 16 / 116)
+    return np.array([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
+
+
+@pytest.mark.parametrize("group", [("ce", "kl", "dkl", "ikl", "ikl-nogi", "gkl", "gkl-nogi", "dkd"),
+                                   ("ce", "trades", "ikl"), ("pass", "warn", "fail")])
+def test_colours_that_share_a_figure_stay_apart_for_colour_blind_readers(group):
+    """About one man in twelve has a red-green deficiency: the old palette drew IKL red beside DKD green
+    (ΔE 7 under deuteranopia) and KL blue beside GKL purple (ΔE 6). Every pair of colours that can share a
+    figure must keep a CIE76 ΔE of at least 10 for normal vision and under the full-severity deuteranopia,
+    protanopia and tritanopia simulations of Machado, Oliveira & Fernandes (2009)."""
+    import itertools
+
+    import numpy as np
+
+    vision = {"normal": np.eye(3),
+              "deuteranopia": [[0.367322, 0.860646, -0.227968], [0.280085, 0.672501, 0.047413],
+                               [-0.011820, 0.042940, 0.968881]],
+              "protanopia": [[0.152286, 1.052583, -0.204868], [0.114503, 0.786281, 0.099216],
+                             [-0.003882, -0.048116, 1.051998]],
+              "tritanopia": [[1.255528, -0.076749, -0.178779], [-0.078411, 0.930809, 0.147602],
+                             [0.004733, 0.691367, 0.303900]]}
+    colours = {**plots.LOSS_COLORS, **plots.CHECK_STATUS_COLORS}
+    close = [(a, b, name, round(float(np.linalg.norm(_cvd_lab(colours[a], m) - _cvd_lab(colours[b], m))), 1))
+             for a, b in itertools.combinations(group, 2) for name, m in vision.items()]
+    assert [c for c in close if c[3] < 10] == []
+    # the simulation itself: red and green merge under deuteranopia, not for normal vision
+    red_green = [float(np.linalg.norm(_cvd_lab("#d62728", vision[v]) - _cvd_lab("#2ca02c", vision[v])))
+                 for v in ("normal", "deuteranopia")]
+    assert red_green[0] > 50 > 10 > red_green[1]
