@@ -38,6 +38,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from . import _paths
 from ._checks import check_seeds, tolerant_console
 
 __all__ = [
@@ -57,8 +58,9 @@ _OPTIONAL = ("name", "description", "overrides", "sources", "unverified", "notes
 
 
 def config_dir() -> Path:
-    """The repository's ``configs/`` folder (found from this file, like ``default_runs_dir``)."""
-    return Path(__file__).resolve().parent.parent / "configs"
+    """The repository's ``configs/`` folder (found from this file, like ``default_runs_dir``; for a
+    package installed outside a clone, ``configs/`` of the working directory)."""
+    return _paths.home() / "configs"
 
 
 def list_configs(folder=None) -> List[Path]:

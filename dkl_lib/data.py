@@ -30,6 +30,7 @@ from typing import ClassVar, Iterator, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from . import _paths
 from ._checks import env_positive_int
 
 __all__ = [
@@ -185,11 +186,12 @@ def default_data_root() -> Path:
 
     The repository path is found from this file, so notebooks (whose working directory is
     ``notebooks/``) and the command line agree on one folder. ``data/downloads/`` is git-ignored.
+    A package installed outside a clone uses ``data/downloads`` of the working directory.
     """
     env = os.environ.get("DKL_DATA_DIR")
     if env:
         return Path(env).expanduser()
-    return Path(__file__).resolve().parent.parent / "data" / "downloads"
+    return _paths.home() / "data" / "downloads"
 
 
 # ------------------------------------------------------------------------------------------ digits

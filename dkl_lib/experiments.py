@@ -74,6 +74,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import _paths
 from . import attacks as attacks_mod
 from . import data as data_mod
 from . import distributed as dist_mod
@@ -450,11 +451,12 @@ def config_hash(config: dict) -> str:
 
 
 def default_runs_dir() -> Path:
-    """``$DKL_RUNS_DIR`` if set, else ``<repository>/runs`` (git-ignored), for notebooks and CLI."""
+    """``$DKL_RUNS_DIR`` if set, else ``<repository>/runs`` (git-ignored), for notebooks and CLI
+    (for a package installed outside a clone: ``runs/`` of the working directory)."""
     env = os.environ.get("DKL_RUNS_DIR")
     if env:
         return Path(env).expanduser()
-    return Path(__file__).resolve().parent.parent / "runs"
+    return _paths.home() / "runs"
 
 
 def default_workers(cap: int = 4, device=None) -> int:
@@ -1084,7 +1086,7 @@ def run_grid(losses: Sequence[str] = ("ce", "kl", "dkl", "ikl", "gkl", "dkd"),
 
 # ------------------------------------------------------------------------------------ paper numbers
 def _paper_file() -> Path:
-    return Path(__file__).resolve().parent.parent / "data" / "paper_results.json"
+    return _paths.paper_results_file()
 
 
 def paper_results(*, as_frame: bool = True, task: str = "kd"):
@@ -1099,7 +1101,8 @@ def paper_results(*, as_frame: bool = True, task: str = "kd"):
         raise ValueError(f"task must be 'kd' or 'adversarial', got {task!r}")
     path = _paper_file()
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; it ships with the repository (data/paper_results.json)")
+        raise FileNotFoundError(f"{path} is missing; it ships with the repository (data/paper_results.json) "
+                                "and inside the package built from it")
     raw = json.loads(path.read_text(encoding="utf-8"))
     if not as_frame:
         return raw

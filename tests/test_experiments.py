@@ -859,3 +859,38 @@ def test_cli_full_disk_is_one_error_line(tmp_path, monkeypatch, capsys):
     assert E.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: [Errno 28] no space left to write ") and "Traceback" not in "\n".join(err)
+
+
+def test_a_wheel_installed_outside_the_clone_has_the_paper_numbers_and_writes_to_the_working_directory(tmp_path):
+    """`pip install git+...` puts the package in site-packages: the published numbers used to be looked for
+    beside it (FileNotFoundError in every paper comparison), and runs/ and data/downloads/ were put inside
+    site-packages. The wheel now carries data/paper_results.json, and runs and downloads go to the working
+    directory. Built offline from this checkout (no build isolation, no dependencies)."""
+    import shutil
+
+    wheels, target, work, src = tmp_path / "wheels", tmp_path / "site", tmp_path / "work", tmp_path / "src"
+    work.mkdir()
+    for name in ("pyproject.toml", "README.md", "data/paper_results.json"):  # a copy: the build writes build/
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, src / name)
+    shutil.copytree(REPO / "dkl_lib", src / "dkl_lib", ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(wheels), str(src)],
+                   check=True, capture_output=True, timeout=300, cwd=tmp_path)
+    subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(target), *map(str, wheels.glob("*.whl"))],
+                   check=True, capture_output=True, timeout=300)
+    probe = ("import json, dkl_lib as dkl; from dkl_lib import configs, data, experiments; "
+             "print(json.dumps([dkl.__file__, str(experiments.default_runs_dir()), str(data.default_data_root()), "
+             "str(configs.config_dir()), dkl.paper_results(as_frame=False)]))")
+    env = {k: v for k, v in os.environ.items() if k not in ("DKL_RUNS_DIR", "DKL_DATA_DIR")}
+    env["PYTHONPATH"] = str(target)
+    done = subprocess.run([sys.executable, "-c", probe], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    where, runs, downloads, configs_dir, published = json.loads(done.stdout)
+    assert Path(where).is_relative_to(target)
+    assert (Path(runs), Path(downloads), Path(configs_dir)) == (work / "runs", work / "data" / "downloads", work / "configs")
+    assert published == json.loads((REPO / "data" / "paper_results.json").read_text(encoding="utf-8"))
+    # and in this clone, the clone's folders, wherever the process runs
+    from dkl_lib import _paths
+
+    assert _paths.repository() == REPO and _paths.paper_results_file() == REPO / "data" / "paper_results.json"
