@@ -70,3 +70,21 @@ def test_make_refuses_a_too_old_python_before_installing_anything(tmp_path):
     # the same check lets a good interpreter through, to the venv step (stopped there by the fake)
     proc = setup(fake_python("3.12.1"))
     assert "needs Python" not in proc.stderr and "venv step reached" in proc.stderr
+
+
+
+def test_the_package_metadata_asks_for_what_requirements_txt_asks_for():
+    """pip install of the library alone reads pyproject.toml; make reads requirements.txt. Every
+    dependency the package declares (extras included) must carry the same lower bound as there, and the
+    core ones must be what `import dkl_lib` and training need."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    project = (root / "pyproject.toml").read_text(encoding="utf-8")
+    declared = dict(re.findall(r'"([A-Za-z0-9_.-]+)(>=[0-9.]+)"', project.split("[project]", 1)[1].split("[tool.", 1)[0]))
+    required = dict(re.findall(r"^([A-Za-z0-9_.-]+)(>=[0-9.]+)\s*$", (root / "requirements.txt").read_text(encoding="utf-8"),
+                               re.M))
+    assert {"torch", "torchvision", "numpy", "pandas", "scikit-learn", "tqdm", "pyyaml",
+            "adversarial-robustness-toolbox", "multiprocess", "plotly", "ipywidgets"} <= set(declared)
+    assert {name: bound for name, bound in declared.items()} == {name: required.get(name) for name in declared}
