@@ -762,11 +762,7 @@ def test_cli_results_and_cache_files_get_the_mode_open_would_give(tmp_path):
     users of a shared folder. Every file written atomically now gets 0666 minus the umask."""
     import stat
 
-    argv = ["kd", "--preset", "cpu-quick", "--losses", "kl", "--seeds", "0", "--out", str(tmp_path / "out"),
-            "--cache-dir", str(tmp_path / "runs"), "--device", "cpu", "--epochs", "1", "--quiet"]
-    for key, value in TINY.items():
-        if "epochs" not in key:
-            argv += ["--override", f"{key}={value}"]
+    argv = _tiny_cli(tmp_path)
     old = os.umask(0o022)
     try:
         assert E.main(argv) == 0
@@ -851,11 +847,7 @@ def test_cli_full_disk_is_one_error_line(tmp_path, monkeypatch, capsys):
     from dkl_lib import distributed as dist
 
     monkeypatch.setattr(dist.os, "fdopen", _FullDisk)
-    argv = ["kd", "--preset", "cpu-quick", "--losses", "kl", "--seeds", "0", "--out", str(tmp_path / "out"),
-            "--cache-dir", str(tmp_path / "runs"), "--device", "cpu", "--epochs", "1", "--quiet"]
-    for key, value in TINY.items():
-        if "epochs" not in key:
-            argv += ["--override", f"{key}={value}"]
+    argv = _tiny_cli(tmp_path)
     assert E.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: [Errno 28] no space left to write ") and "Traceback" not in "\n".join(err)
