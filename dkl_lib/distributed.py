@@ -579,6 +579,7 @@ def save_checkpoint(path, state: dict) -> Optional[Path]:
     return write_atomic(path, lambda fh: torch.save(state, fh))
 
 
+_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # EDQUOT: over a disk quota (POSIX)
 #: a temporary file of :func:`write_atomic` older than this (seconds) was left by a killed writer
 STALE_TMP_SECONDS = 3600.0
 
@@ -613,7 +614,7 @@ def write_atomic(path, write: Callable) -> Path:
             os.unlink(tmp)
         # torch.save reports a failed write as "unexpected pos 704 vs 598": say what happened
         cause = err if isinstance(err, OSError) else getattr(fh, "error", None)
-        if isinstance(err, Exception) and cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(err, Exception) and cause is not None and cause.errno in _DISK_FULL:
             raise OSError(cause.errno, f"no space left to write {path} ({cause.strerror}); free some space "
                           "(old entries of the run cache, old checkpoints) or write elsewhere (--out, "
                           "--cache-dir or DKL_RUNS_DIR)") from err
@@ -625,8 +626,6 @@ def write_atomic(path, write: Callable) -> Path:
         finally:
             os.close(dir_fd)
     return path
-
-
 
 
 class _WriteErrors:

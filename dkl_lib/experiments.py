@@ -56,7 +56,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import errno
 import hashlib
 import inspect
 import io
@@ -1962,7 +1961,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except KeyboardInterrupt as err:  # Ctrl-C while the teacher trained (the grid catches its own)
             status, why = 130, str(err)
         except OSError as err:  # a full disk, a file held open (Windows): one line from write_atomic, no traceback
-            if not isinstance(err, dist_mod.FileInUseError) and err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if not isinstance(err, dist_mod.FileInUseError) and err.errno not in dist_mod._DISK_FULL:
                 raise
             print(f"error: {err}; the runs finished before are cached: the same command goes on from there",
                   file=sys.stderr)
