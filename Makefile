@@ -14,7 +14,7 @@ STAMP  := $(VENV)/.installed
 KERNEL := dkl-lib
 PYTEST_ARGS ?=
 
-.PHONY: lab test test-browser report bench setup clean
+.PHONY: lab test test-browser test-min report bench setup clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,23 @@ test: $(STAMP)
 # Only the real-browser tests (JupyterLab + headless Chromium; installs Chromium with apt-get if missing).
 test-browser: $(STAMP)
 	$(PY) -m pytest -m browser $(PYTEST_ARGS)
+
+# The suite (less the browser tests) on the OLDEST releases requirements.txt admits, pinned in
+# tests/min_versions.txt, on Python 3.10 (pyproject's lowest), in its own .venv-min. Not part of
+# `make test`: the first run downloads torch 2.4.0 with ~2.5 GB of CUDA wheels. JUPYTER_PATH puts the
+# min venv's own python3 kernel first, so the notebook tests run there too.
+# The first Python 3.10 that runs: python3.10 on PATH, else a pyenv-installed 3.10 (or: make test-min MIN_PYTHON=...).
+MIN_PYTHON ?= $(shell for p in python3.10 $(HOME)/.pyenv/versions/3.10*/bin/python3.10; do \
+                $$p -c '' 2>/dev/null && { echo $$p; break; }; done)
+MIN_VENV   := .venv-min
+test-min:
+	@test -x $(MIN_VENV)/bin/python || test -n "$(MIN_PYTHON)" || \
+		{ echo "test-min needs Python 3.10: install it or set MIN_PYTHON=/path/to/python3.10" >&2; exit 1; }
+	@test -x $(MIN_VENV)/bin/python || $(MIN_PYTHON) -m venv $(MIN_VENV)
+	@$(MIN_VENV)/bin/python -c 'import sys; assert sys.version_info[:2] == (3, 10), "$(MIN_VENV) is not Python 3.10: remove it, set MIN_PYTHON"'
+	$(MIN_VENV)/bin/python -m pip install --disable-pip-version-check -q -r requirements.txt -c tests/min_versions.txt
+	$(MIN_VENV)/bin/python -m pip install --disable-pip-version-check -q --no-deps -e .
+	JUPYTER_PATH=$(CURDIR)/$(MIN_VENV)/share/jupyter $(MIN_VENV)/bin/python -m pytest -m "not browser" $(PYTEST_ARGS)
 
 # Execute every notebook in full (no FAST) and write HTML copies to reports/ (git-ignored).
 # PLOTLY_RENDERER embeds plotly.js in the outputs, so the figures show in the offline HTML.

@@ -1,6 +1,7 @@
 """dkl_lib.prior.ClassPrior: exactly the semantics of its module docstring, also under torch.distributed."""
 import datetime
 import os
+import time
 
 import pytest
 import torch
@@ -210,9 +211,34 @@ def _worker(rank, world, init_file, logits, targets, out_dir):
         mine = torch.arange(rank, logits.shape[0], world)
         gi.update(logits[mine], targets[mine], weight_temperature=3.0)
         gi.end_epoch()
-        torch.save(gi.prior, os.path.join(out_dir, f"prior{rank}.pt"))
+        part = os.path.join(out_dir, f"prior{rank}.part")
+        torch.save(gi.prior, part)
+        os.replace(part, os.path.join(out_dir, f"prior{rank}.pt"))  # whole or absent
     finally:
         torch.distributed.destroy_process_group()
+
+
+def _spawn_and_collect(worker, args, paths, *, grace_s=30.0, deadline_s=180.0):
+    """Run ``worker`` on 2 spawned ranks until both have written their file. A worker error fails at
+    once (join raises). A rank still in gloo's teardown ``grace_s`` after both files exist is
+    terminated: torch 2.4's destroy_process_group now and then hangs there under CPU load, after the
+    result is saved (the teardown itself is tested under torchrun in test_distributed.py)."""
+    ctx = torch.multiprocessing.spawn(worker, args=args, nprocs=2, join=False)
+    start, saved = time.monotonic(), None
+    try:
+        while not ctx.join(timeout=1):
+            now = time.monotonic()
+            if saved is None and all(p.exists() for p in paths):
+                saved = now
+            if saved is not None and now - saved > grace_s:
+                break
+            if saved is None and now - start > deadline_s:
+                pytest.fail(f"the ranks wrote no result in {deadline_s:.0f} s")
+    finally:
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.terminate()
+            proc.join()
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
@@ -220,12 +246,12 @@ def test_all_reduced_prior_equals_the_single_process_prior(tmp_path):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(9, 6, generator=g, dtype=torch.float64) * 2
     targets = torch.tensor([0, 4, 1, 0, 2, 4, 3, 1, 2])  # the 4s sit at odd positions: rank 1
-    torch.multiprocessing.spawn(_worker, args=(2, str(tmp_path / "init"), logits, targets, str(tmp_path)),
-                                nprocs=2, join=True)
+    paths = [tmp_path / f"prior{r}.pt" for r in (0, 1)]
+    _spawn_and_collect(_worker, (2, str(tmp_path / "init"), logits, targets, str(tmp_path)), paths)
     single = ClassPrior(6, dtype=torch.float64)
     single.update(logits, targets, weight_temperature=3.0)
     single.end_epoch()
-    p0, p1 = (torch.load(tmp_path / f"prior{r}.pt") for r in (0, 1))
+    p0, p1 = (torch.load(path, weights_only=True) for path in paths)
     assert torch.equal(p0, p1)
     assert torch.allclose(p0, single.prior, atol=1e-15)
     assert torch.equal(p0[5], torch.full((6,), 1 / 6, dtype=torch.float64))  # class 5: nobody saw it

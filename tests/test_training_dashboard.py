@@ -1,4 +1,5 @@
 """The training dashboard's logic without a browser: allowed controls, run requests, background runs."""
+import pathlib
 import time
 
 import pytest
@@ -125,7 +126,7 @@ def test_session_runs_in_the_background_caches_and_exports(cache, tmp_path):
     table = session.results()
     assert len(table) == 2 and {"loss", "alpha", "gi", "seed", "best_acc", "last_acc", "cached"} <= set(table)
     path = session.export_csv(tmp_path / "runs.csv")
-    assert len(open(path).read().strip().splitlines()) == 3
+    assert len(pathlib.Path(path).read_text().strip().splitlines()) == 3
 
 
 def test_session_stop_ends_a_run_cleanly(cache):
