@@ -151,10 +151,11 @@ def parameter_drift(result: ProbeResult, loss_a: str, loss_b: str, seed: int):
 
 
 # ------------------------------------------------------------------------ prediction metrics
-def _check_probs(probs, labels):
+def _checked_probs(probs, labels):
     """probs: (N, C) float, N >= 1, entries finite and in [0, 1], rows summing to 1, both within
     max(1e-3, sqrt(eps)) of their dtype (raw logits are not probabilities: apply softmax first);
-    labels: (N,) integer classes in [0, C), on the same device."""
+    labels: (N,) integer classes in [0, C), on the same device. Returns both on the CPU (the metrics
+    sum in float64, which Apple MPS does not have)."""
     if not isinstance(probs, torch.Tensor) or probs.dim() != 2:
         raise ValueError("probs must be a (N, C) tensor of probabilities")
     if not probs.is_floating_point():
@@ -171,14 +172,12 @@ def _check_probs(probs, labels):
     if low < -tol or high > 1 + tol:
         raise ValueError(f"probs must lie in [0, 1], got min {low:.4g}, max {high:.4g}; pass "
                          "probabilities (e.g. softmax of the logits), not logits")
-    off = float((probs.detach().cpu().double().sum(dim=1) - 1).abs().max())
+    probs, labels = probs.detach().cpu(), labels.cpu()
+    off = float((probs.double().sum(dim=1) - 1).abs().max())
     if off > tol:
         raise ValueError(f"rows of probs must sum to 1 (within {tol:.3g}), but one is off by {off:.3g}; "
                          "pass probabilities (e.g. softmax of the logits)")
-
-
-def _on_cpu(probs: torch.Tensor, labels: torch.Tensor):
-    return probs.detach().cpu(), labels.cpu()
+    return probs, labels
 
 
 def reliability_table(probs: torch.Tensor, labels: torch.Tensor, *, n_bins: int = 10):
@@ -190,8 +189,7 @@ def reliability_table(probs: torch.Tensor, labels: torch.Tensor, *, n_bins: int 
     """
     import pandas as pd
 
-    _check_probs(probs, labels)
-    probs, labels = _on_cpu(probs, labels)  # the float64 sums below: MPS has no float64
+    probs, labels = _checked_probs(probs, labels)
     if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
         raise ValueError(f"n_bins must be a positive int, got {n_bins}")
     conf, pred = probs.max(dim=1)
@@ -217,8 +215,7 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, *, n_b
 def intra_class_spread(probs: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean, over classes, of the mean squared distance of a sample's probability vector to its
     class's mean vector: how consistently the model predicts within a class (0 = identical)."""
-    _check_probs(probs, labels)
-    probs, labels = _on_cpu(probs, labels)
+    probs, labels = _checked_probs(probs, labels)
     spreads = []
     for y in labels.unique():
         p = probs[labels == y].double()
