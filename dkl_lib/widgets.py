@@ -398,14 +398,23 @@ class TrainingSession:
         return os.path.abspath(path)
 
 
-def _curve_figure():
+def _curve_figure(epochs: int = 10):
     import plotly.graph_objects as go
 
     fig = go.FigureWidget()
+    # before the first run: epochs 1..N and 0-100 %, not plotly's empty -1..6 by -1..4 (a negative accuracy
+    # axis); the first epoch drawn switches both axes to autorange (see _autorange)
     fig.update_layout(title="test accuracy per epoch (this run in colour, earlier runs in grey)",
-                      xaxis_title="epoch", yaxis_title="test accuracy (%)", template="plotly_white",
+                      xaxis=dict(title="epoch", range=[0.5, epochs + 0.5]),
+                      yaxis=dict(title="test accuracy (%)", range=[0, 100]), template="plotly_white",
                       height=360, showlegend=True)
     return fig
+
+
+def _autorange(fig) -> None:
+    """Let plotly fit both axes to the curves drawn (the fixed ranges of :func:`_curve_figure` are for the empty plot)."""
+    fig.layout.xaxis.autorange = True
+    fig.layout.yaxis.autorange = True
 
 
 def training_dashboard(*, preset: str = "cpu-quick", cache_dir=None, device=None, base_overrides=None) -> Dashboard:
@@ -443,7 +452,7 @@ def training_dashboard(*, preset: str = "cpu-quick", cache_dir=None, device=None
     progress = W.IntProgress(value=0, min=0, max=controls["epochs"].value, description="epochs")
     status = W.HTML("ready")
     table = W.HTML()
-    figure = _curve_figure()
+    figure = _curve_figure(controls["epochs"].value)
 
     def set_enabled(_change=None):
         """Enable the loss's controls and set them to what its preset uses (a loss or preset change)."""
@@ -472,6 +481,7 @@ def training_dashboard(*, preset: str = "cpu-quick", cache_dir=None, device=None
         ys = [r["test_acc"] for r in history]
         with figure.batch_update():
             figure.data[-1].x, figure.data[-1].y = xs, ys
+            _autorange(figure)
             figure.layout.xaxis.dtick = max(1, -(-len(xs) // 10))  # whole epochs, about ten ticks
         progress.value = min(len(history), progress.max)
 

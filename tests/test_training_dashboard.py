@@ -291,3 +291,19 @@ def test_loss_settings_agree_with_what_a_run_uses(monkeypatch):
                 assert value == run.get(key, defaults.get(key)), (preset, loss, key)
     assert widgets.loss_settings("clash", "kl") == {"temperature": 2.0}
     assert widgets.loss_settings("clash", "ikl")["alpha"] == 5.0
+
+
+def test_the_empty_curve_plot_shows_epochs_and_0_to_100_percent_then_fits_the_curves(monkeypatch):
+    """Before the first run plotly drew its empty default axes, -1 to 6 by -1 to 4: a 'test accuracy (%)' axis
+    with negative values. The empty plot now spans the epochs and 0-100 %; the first curve switches to autorange."""
+    from dkl_lib import experiments
+
+    monkeypatch.setattr(experiments, "run_grid", _fake_run_grid([]))
+    dash = widgets.training_dashboard()
+    layout = dash.figure.layout
+    assert tuple(layout.yaxis.range) == (0, 100) and layout.yaxis.autorange is not True
+    assert tuple(layout.xaxis.range) == (0.5, dash.controls["epochs"].value + 0.5)
+    dash.controls["epochs"].value = 3
+    dash.state["buttons"]["run"].click()
+    assert dash.state["session"].wait(30) and dash.state["session"].error is None
+    assert layout.xaxis.autorange is True and layout.yaxis.autorange is True  # fitted to the curve now
