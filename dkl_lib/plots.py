@@ -790,7 +790,7 @@ def robustness_vs_epsilon(frame, *, train_epsilon: Optional[float] = None,
     return fig
 
 
-def sanity_check_table(checks, *, title: str = "Sanity checks of every evaluation (green pass, orange flag, red FAIL)"):
+def sanity_check_table(checks, *, title: str = "Sanity checks of every evaluation (green PASS, orange WARN: a flag, red FAIL)"):
     """A coloured grid: one row per run (loss, seed), one column per check, cell = its status;
     hovering shows the check's detail.
 
