@@ -462,7 +462,10 @@ def training_dashboard(*, preset: str = "cpu-quick", cache_dir=None, device=None
             controls[key].disabled = key not in allowed
         for key, value in loss_settings(controls["preset"].value, loss).items():
             control = controls[key]
-            control.value = value if isinstance(value, bool) else min(max(value, control.min), control.max)
+            if not isinstance(value, bool):  # widen a slider rather than clip a preset's value (T_w = 100 on
+                control.max = max(control.max, value)  # gpu-short/paper): a clipped value is another run
+                control.min = min(control.min, value)
+            control.value = value
         dkd = loss == "dkd"  # DKD's two weights sit on the same sliders
         controls["alpha"].description = "α (TCKD)" if dkd else "α (wMSE)"
         controls["beta"].description = "β (NCKD)" if dkd else "β (soft CE)"
