@@ -426,7 +426,9 @@ def training_dashboard(*, preset: str = "cpu-quick", cache_dir=None, device=None
     **Export CSV** writes that table to ``dkl_dashboard_results.csv`` in the working directory (the
     status shows the full path, or why it failed). Choosing a loss or a preset sets the sliders to
     what that preset uses for that loss (:func:`loss_settings`; T_w follows T where the preset ties
-    them), so an untouched run is the preset's own, and runs already in the cache return at once.
+    them; a slider widens to a preset value beyond its range), so an untouched run with the preset's
+    number of epochs (the epochs slider starts at 10, not at the preset's) is the preset's own, and
+    runs already in the cache return at once.
     Controls a loss does not use are disabled. The logic is :class:`TrainingSession`, reachable as
     ``dashboard.state["session"]``.
     """
