@@ -254,10 +254,13 @@ def sensitivity(loss_spec: str, grid: Dict[str, Sequence[float]], seeds: Sequenc
     cell with n, mean and std of the best and last accuracy, and ``collapsed``: how many of the
     cell's runs ended more than ``collapse_points`` below their own best epoch (a run that
     diverges after a good start; cell means can hide one such seed).
+
+    ``progress``: one tqdm bar over the cells (not one bar per cell's :func:`run_grid`).
     """
     import itertools
 
     import pandas as pd
+    from tqdm.auto import tqdm
 
     collapse_points = check_nonnegative("collapse_points", collapse_points)
     name = experiments._parse_loss(loss_spec)[0]
@@ -265,13 +268,14 @@ def sensitivity(loss_spec: str, grid: Dict[str, Sequence[float]], seeds: Sequenc
     if not names:
         raise ValueError("grid is empty")
     frames = []
-    for values in itertools.product(*(grid[n] for n in names)):
+    cells = list(itertools.product(*(grid[n] for n in names)))
+    for values in tqdm(cells, desc=f"{loss_spec} sensitivity", unit="cell", disable=not progress):
         cell = dict(zip(names, values))
         extra = dict(overrides or {})
         for key, value in cell.items():
             extra["distill.temperature" if key == "temperature" else f"losses.{name}.{key}"] = value
         res = experiments.run_grid([loss_spec], list(seeds), preset=preset, overrides=extra,
-                                   cache_dir=cache_dir, progress=progress)
+                                   cache_dir=cache_dir, progress=False)
         frames.append(res.runs.assign(**cell))
     runs = pd.concat(frames, ignore_index=True)
     runs["drop"] = runs["best_acc"] - runs["last_acc"]

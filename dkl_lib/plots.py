@@ -158,10 +158,15 @@ def update_simplex_quiver(fig, df, *, teacher_xy=None) -> None:
 
 
 # ------------------------------------------------------------------------------ weight heatmaps
+def _weights_title(mats) -> str:
+    return f"wMSE weights w = p pᵀ for a sample of class {mats['target']}"
+
+
 def weight_heatmaps(mats, *, widget: bool = False):
     """Side-by-side heatmaps of w = p pᵀ: sample-wise and class-wise (from ``weight_matrices``)."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("sample-wise  w = p pᵀ, p = softmax(o_m/T_w)",
-                                                        "class-wise (GI)  p = mean over the class"))
+    # two short lines per panel title: on one line the two titles overlap in a dashboard-width figure
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("sample-wise<br>p = softmax(o_m / T_w)",
+                                                        "class-wise (GI)<br>p = mean over the class"))
     zmax = float(max(mats["sample"].max(), mats["classwise"].max()))
     for col, key in ((1, "sample"), (2, "classwise")):
         fig.add_heatmap(z=mats[key].tolist(), coloraxis="coloraxis", row=1, col=col)
@@ -169,7 +174,7 @@ def weight_heatmaps(mats, *, widget: bool = False):
         fig.update_xaxes(title_text="class k", dtick=1, row=1, col=col)
     fig.update_layout(coloraxis=dict(colorscale="Viridis", cmin=0, cmax=zmax, colorbar=dict(title="w_jk")),
                       template="plotly_white",
-                      height=400, title=f"wMSE weights for a sample of class {mats['target']}")
+                      height=420, margin=dict(t=110), title=_weights_title(mats))
     return _figure(widget, fig)
 
 
@@ -180,7 +185,7 @@ def update_weight_heatmaps(fig, mats) -> None:
         fig.data[0].z = mats["sample"].tolist()
         fig.data[1].z = mats["classwise"].tolist()
         fig.layout.coloraxis.cmax = float(max(mats["sample"].max(), mats["classwise"].max()))
-        fig.layout.title.text = f"wMSE weights for a sample of class {mats['target']}"
+        fig.layout.title.text = _weights_title(mats)
 
 
 # ------------------------------------------------------------------------------ lines
@@ -785,7 +790,7 @@ def robustness_vs_epsilon(frame, *, train_epsilon: Optional[float] = None,
     return fig
 
 
-def sanity_check_table(checks, *, title: str = "Sanity checks of every evaluation (green pass, orange flag, red FAIL)"):
+def sanity_check_table(checks, *, title: str = "Sanity checks of every evaluation (green PASS, orange WARN: a flag, red FAIL)"):
     """A coloured grid: one row per run (loss, seed), one column per check, cell = its status;
     hovering shows the check's detail.
 

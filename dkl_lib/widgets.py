@@ -398,14 +398,23 @@ class TrainingSession:
         return os.path.abspath(path)
 
 
-def _curve_figure():
+def _curve_figure(epochs: int = 10):
     import plotly.graph_objects as go
 
     fig = go.FigureWidget()
+    # before the first run: epochs 1..N and 0-100 %, not plotly's empty -1..6 by -1..4 (a negative accuracy
+    # axis); the first epoch drawn switches both axes to autorange (see _autorange)
     fig.update_layout(title="test accuracy per epoch (this run in colour, earlier runs in grey)",
-                      xaxis_title="epoch", yaxis_title="test accuracy (%)", template="plotly_white",
+                      xaxis=dict(title="epoch", range=[0.5, epochs + 0.5]),
+                      yaxis=dict(title="test accuracy (%)", range=[0, 100]), template="plotly_white",
                       height=360, showlegend=True)
     return fig
+
+
+def _autorange(fig) -> None:
+    """Let plotly fit both axes to the curves drawn (the fixed ranges of :func:`_curve_figure` are for the empty plot)."""
+    fig.layout.xaxis.autorange = True
+    fig.layout.yaxis.autorange = True
 
 
 def training_dashboard(*, preset: str = "cpu-quick", cache_dir=None, device=None, base_overrides=None) -> Dashboard:
@@ -417,7 +426,9 @@ def training_dashboard(*, preset: str = "cpu-quick", cache_dir=None, device=None
     **Export CSV** writes that table to ``dkl_dashboard_results.csv`` in the working directory (the
     status shows the full path, or why it failed). Choosing a loss or a preset sets the sliders to
     what that preset uses for that loss (:func:`loss_settings`; T_w follows T where the preset ties
-    them), so an untouched run is the preset's own, and runs already in the cache return at once.
+    them; a slider widens to a preset value beyond its range), so an untouched run with the preset's
+    number of epochs (the epochs slider starts at 10, not at the preset's) is the preset's own, and
+    runs already in the cache return at once.
     Controls a loss does not use are disabled. The logic is :class:`TrainingSession`, reachable as
     ``dashboard.state["session"]``.
     """
@@ -443,7 +454,7 @@ def training_dashboard(*, preset: str = "cpu-quick", cache_dir=None, device=None
     progress = W.IntProgress(value=0, min=0, max=controls["epochs"].value, description="epochs")
     status = W.HTML("ready")
     table = W.HTML()
-    figure = _curve_figure()
+    figure = _curve_figure(controls["epochs"].value)
 
     def set_enabled(_change=None):
         """Enable the loss's controls and set them to what its preset uses (a loss or preset change)."""
@@ -453,7 +464,10 @@ def training_dashboard(*, preset: str = "cpu-quick", cache_dir=None, device=None
             controls[key].disabled = key not in allowed
         for key, value in loss_settings(controls["preset"].value, loss).items():
             control = controls[key]
-            control.value = value if isinstance(value, bool) else min(max(value, control.min), control.max)
+            if not isinstance(value, bool):  # widen a slider rather than clip a preset's value (T_w = 100 on
+                control.max = max(control.max, value)  # gpu-short/paper): a clipped value is another run
+                control.min = min(control.min, value)
+            control.value = value
         dkd = loss == "dkd"  # DKD's two weights sit on the same sliders
         controls["alpha"].description = "α (TCKD)" if dkd else "α (wMSE)"
         controls["beta"].description = "β (NCKD)" if dkd else "β (soft CE)"
@@ -472,6 +486,7 @@ def training_dashboard(*, preset: str = "cpu-quick", cache_dir=None, device=None
         ys = [r["test_acc"] for r in history]
         with figure.batch_update():
             figure.data[-1].x, figure.data[-1].y = xs, ys
+            _autorange(figure)
             figure.layout.xaxis.dtick = max(1, -(-len(xs) // 10))  # whole epochs, about ten ticks
         progress.value = min(len(history), progress.max)
 

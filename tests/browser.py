@@ -181,3 +181,25 @@ def plot_signature(page, plot_index: int = 0) -> list:
                     return [...p.querySelectorAll('g.trace.bars g.point > path, g.trace.scatter path.js-line')]
                            .map(e => { const b = e.getBBox(); return [b.x, b.y, b.width, b.height].map(v => +v.toFixed(2)); }); }""",
         plot_index)
+
+
+def text_overlaps(page, plot_index: int = 0) -> list:
+    """Pairs of texts (figure title, subplot titles, annotations) whose boxes overlap in the n-th plotly plot."""
+    return page.evaluate(
+        """(i) => { const p = document.querySelectorAll('.js-plotly-plot')[i]; if (!p) return null;
+                    const boxes = [...p.querySelectorAll('g.annotation-text-g, g.g-gtitle')]
+                        .map(e => [e.textContent, e.getBoundingClientRect()]).filter(([t, b]) => t && b.width > 0);
+                    const out = [];
+                    for (let a = 0; a < boxes.length; a++) for (let b = a + 1; b < boxes.length; b++) {
+                        const [ta, ra] = boxes[a], [tb, rb] = boxes[b];
+                        if (ra.left < rb.right && rb.left < ra.right && ra.top < rb.bottom && rb.top < ra.bottom)
+                            out.push([ta, tb]); }
+                    return out; }""",
+        plot_index)
+
+
+def show_figure(page, fig, path: pathlib.Path, width_px: int) -> None:
+    """Render a plotly figure alone in ``page`` (plotly.js inlined from the installed package: no network)."""
+    fig.write_html(str(path), include_plotlyjs=True, full_html=True, default_width=f"{width_px}px")
+    page.goto(path.as_uri())
+    page.wait_for_selector(".js-plotly-plot g.g-gtitle")

@@ -191,3 +191,24 @@ def test_logit_difference_probe_uses_the_runs_temperature():
         assert got == pytest.approx(float(losses.wmse_pairwise(logits, teacher, temperature=t)), rel=1e-12)
     assert analysis.logit_difference_probe(student, data, teacher, {})["logit_gap"] == pytest.approx(
         float(losses.wmse_pairwise(logits, teacher, temperature=1.0)), rel=1e-12)
+
+
+def test_sensitivity_shows_one_progress_bar_over_its_cells(monkeypatch, capsys):
+    """progress=True drew one run_grid bar per cell (20 bars stacked for notebook 05's α × T grid); now one bar
+    counts the cells and the runs inside a cell stay quiet."""
+    import pandas as pd
+    from types import SimpleNamespace
+
+    calls = []
+
+    def fake_grid(losses, seeds, *, progress, **_):
+        calls.append(progress)
+        return SimpleNamespace(runs=pd.DataFrame({"loss": "ikl", "seed": seeds, "best_acc": 90.0, "last_acc": 89.0}))
+
+    monkeypatch.setattr(analysis.experiments, "run_grid", fake_grid)
+    analysis.sensitivity("ikl", {"alpha": [0.5, 1.0], "temperature": [2.0, 4.0]}, [0, 1], progress=True)
+    err = capsys.readouterr().err
+    assert calls == [False] * 4
+    assert "ikl sensitivity" in err and "4/4" in err
+    analysis.sensitivity("ikl", {"alpha": [0.5]}, [0], progress=False)
+    assert capsys.readouterr().err == ""

@@ -99,3 +99,21 @@ def test_notebook_05_dashboard_trains_in_the_background(lab, tmp_path):
         assert "finished" in page.locator(".widget-html", has_text="finished").first.inner_text()
         page.screenshot(path=str(SCREENSHOTS / "05_dashboard_finished.png"))
         assert browser.error_outputs(page) == []
+
+
+@pytest.mark.parametrize("width_px", [600, 700, 900])
+def test_weight_heatmaps_titles_do_not_overlap_when_drawn(tmp_path, width_px):
+    """Notebook 02's weights dashboard draws its figure about 700 px wide: the two panel titles (one line each,
+    "sample-wise  w = p pᵀ, p = softmax(o_m/T_w)") ran into each other there. Drawn by plotly.js in Chromium."""
+    import torch
+
+    from dkl_lib import grads, plots
+
+    targets = torch.arange(48) % 6
+    logits = torch.randn(48, 6, generator=torch.Generator().manual_seed(0)) * 1.5
+    logits[torch.arange(48), targets] += 3.0
+    fig = plots.weight_heatmaps(grads.weight_matrices(logits, targets, weight_temperature=2.0, sample=0))
+    with browser.chromium_page(browser.ensure_chromium()) as page:
+        browser.show_figure(page, fig, tmp_path / "weights.html", width_px)
+        assert len(page.locator("g.annotation-text-g").all()) >= 2  # the two panel titles are drawn
+        assert browser.text_overlaps(page) == []

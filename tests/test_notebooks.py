@@ -76,3 +76,21 @@ def test_markdown_quotes_no_measured_mean_and_std(path):
     quoted = [(i, m.group(0)) for i, c in enumerate(nb.cells) if c.cell_type == "markdown"
               for m in MEAN_PLUS_MINUS_STD.finditer(c.source)]
     assert not quoted, f"{path.name}: markdown cells quote measured mean ± std values {quoted}"
+
+
+def test_a_dashboard_cell_says_why_it_is_empty_with_fast(monkeypatch, tmp_path):
+    """With FAST=1 the dashboards are skipped; their cells were silent below prose that says "the dashboard
+    below has a slider for every logit", so a reader saw nothing and no reason. Each now prints how to show it."""
+    monkeypatch.setenv("FAST", "1")
+    monkeypatch.delenv("DKL_WIDGETS", raising=False)
+    monkeypatch.setenv("PYTHONWARNINGS", "ignore")
+    monkeypatch.chdir(tmp_path)
+    path = NOTEBOOK_DIR / "02_gradient_anatomy.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
+                   resources={"metadata": {"path": str(NOTEBOOK_DIR)}}).execute()
+    dashboards = [c for c in nb.cells if c.cell_type == "code" and re.search(r"dkl\.widgets\.\w+_dashboard\(", c.source)]
+    assert len(dashboards) == 3
+    for cell in dashboards:
+        text = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+        assert "DKL_WIDGETS=1" in text, cell.source

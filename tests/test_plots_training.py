@@ -422,3 +422,12 @@ def test_final_accuracy_chart_draws_each_loss_in_its_colour():
             assert [matplotlib.colors.to_hex(line.get_color()) for line in means] == [plots.color(loss)]
             dots = [c for c in ax.collections if len(c.get_offsets()) and np.allclose(np.round(c.get_offsets()[:, 0]), x)]
             assert [matplotlib.colors.to_hex(c.get_facecolors()[0]) for c in dots] == [plots.color(loss)]
+
+
+def test_sanity_check_table_title_names_the_words_in_its_cells():
+    """The cells read PASS, WARN and FAIL; the default title's key said 'orange flag', a word no cell shows."""
+    checks = pd.DataFrame([{"loss": "ikl", "seed": 0, "check": c, "status": s, "detail": ""}
+                           for c, s in (("a", "pass"), ("b", "warn"), ("c", "fail"))])
+    fig = plots.sanity_check_table(checks)
+    for word in sorted({t for row in fig.data[0].text for t in row if t}):
+        assert word in fig.layout.title.text, word

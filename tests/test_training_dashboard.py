@@ -291,3 +291,35 @@ def test_loss_settings_agree_with_what_a_run_uses(monkeypatch):
                 assert value == run.get(key, defaults.get(key)), (preset, loss, key)
     assert widgets.loss_settings("clash", "kl") == {"temperature": 2.0}
     assert widgets.loss_settings("clash", "ikl")["alpha"] == 5.0
+
+
+def test_the_empty_curve_plot_shows_epochs_and_0_to_100_percent_then_fits_the_curves(monkeypatch):
+    """Before the first run plotly drew its empty default axes, -1 to 6 by -1 to 4: a 'test accuracy (%)' axis
+    with negative values. The empty plot now spans the epochs and 0-100 %; the first curve switches to autorange."""
+    from dkl_lib import experiments
+
+    monkeypatch.setattr(experiments, "run_grid", _fake_run_grid([]))
+    dash = widgets.training_dashboard()
+    layout = dash.figure.layout
+    assert tuple(layout.yaxis.range) == (0, 100) and layout.yaxis.autorange is not True
+    assert tuple(layout.xaxis.range) == (0.5, dash.controls["epochs"].value + 0.5)
+    dash.controls["epochs"].value = 3
+    dash.state["buttons"]["run"].click()
+    assert dash.state["session"].wait(30) and dash.state["session"].error is None
+    assert layout.xaxis.autorange is True and layout.yaxis.autorange is True  # fitted to the curve now
+
+
+def test_choosing_a_preset_shows_its_values_unclipped_so_an_untouched_run_is_the_presets():
+    """gpu-short and paper give IKL T_w = 100; the T_w slider ends at 10 and clipped it, so the dashboard showed 10
+    and an untouched run sent losses.ikl.weight_temperature = 10: silently another run than the preset's."""
+    from dkl_lib import experiments
+
+    dash = widgets.training_dashboard()
+    c = dash.controls
+    for preset in experiments.PRESETS:
+        for loss in ("kl", "dkl", "ikl", "gkl", "dkd"):
+            c["preset"].value, c["loss"].value = preset, loss
+            settings = widgets.loss_settings(preset, loss)
+            assert {key: c[key].value for key in settings} == settings, (preset, loss)
+            values = {key: control.value for key, control in c.items()}
+            assert widgets.run_request(values)[3] == {"distill.epochs": values["epochs"]}, (preset, loss)
