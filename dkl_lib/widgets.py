@@ -426,9 +426,10 @@ def training_dashboard(*, preset: str = "cpu-quick", cache_dir=None, device=None
     **Export CSV** writes that table to ``dkl_dashboard_results.csv`` in the working directory (the
     status shows the full path, or why it failed). Choosing a loss or a preset sets the sliders to
     what that preset uses for that loss (:func:`loss_settings`; T_w follows T where the preset ties
-    them; a slider widens to a preset value beyond its range), so an untouched run with the preset's
-    number of epochs (the epochs slider starts at 10, not at the preset's) is the preset's own, and
-    runs already in the cache return at once.
+    them; a slider widens to a preset value beyond its range), and choosing a preset sets the epochs
+    slider to the preset's number of epochs, so an untouched run is the preset's own (its learning-rate
+    schedule included), and runs already in the cache return at once. A shorter run is a choice: move
+    the epochs slider.
     Controls a loss does not use are disabled. The logic is :class:`TrainingSession`, reachable as
     ``dashboard.state["session"]``.
     """
@@ -471,6 +472,15 @@ def training_dashboard(*, preset: str = "cpu-quick", cache_dir=None, device=None
         dkd = loss == "dkd"  # DKD's two weights sit on the same sliders
         controls["alpha"].description = "α (TCKD)" if dkd else "α (wMSE)"
         controls["beta"].description = "β (NCKD)" if dkd else "β (soft CE)"
+
+    def set_epochs(_change=None):
+        """The preset's number of epochs: a shorter run of a preset never reaches its learning-rate drops."""
+        epochs = int(_preset_settings(controls["preset"].value, controls["loss"].value)["epochs"])
+        control = controls["epochs"]
+        control.max = max(control.max, epochs)
+        control.value = epochs
+        if not figure.data:  # the empty plot's epoch axis follows
+            figure.layout.xaxis.range = [0.5, epochs + 0.5]
 
     def follow_temperature(change):
         """A preset without a weight temperature uses T: T_w follows T until it is moved by hand."""
@@ -542,8 +552,10 @@ def training_dashboard(*, preset: str = "cpu-quick", cache_dir=None, device=None
     export_button.on_click(export)
     controls["loss"].observe(set_enabled, names="value")
     controls["preset"].observe(set_enabled, names="value")
+    controls["preset"].observe(set_epochs, names="value")
     controls["temperature"].observe(follow_temperature, names="value")
     set_enabled()
+    set_epochs()
     panel = _columns([controls[k] for k in ("loss", "preset", "epochs", "seed")],
                      [controls[k] for k in ("temperature", "alpha", "beta")],
                      [controls[k] for k in ("weight_temperature", "gi", "gamma")])

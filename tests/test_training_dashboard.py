@@ -323,3 +323,25 @@ def test_choosing_a_preset_shows_its_values_unclipped_so_an_untouched_run_is_the
             assert {key: c[key].value for key in settings} == settings, (preset, loss)
             values = {key: control.value for key, control in c.items()}
             assert widgets.run_request(values)[3] == {"distill.epochs": values["epochs"]}, (preset, loss)
+
+
+def test_the_epochs_slider_follows_the_preset_so_an_untouched_run_is_the_presets_own(monkeypatch):
+    """The slider started at 10 epochs for every preset: an untouched cpu-quick run stopped before the
+    preset's learning-rate drops (epochs 18 and 25 of 30) and was not the preset's run (another cache key,
+    a lower accuracy than notebook 03's). It now shows the preset's epochs, widening for paper's 240."""
+    from dkl_lib import experiments
+
+    calls = []
+    monkeypatch.setattr(experiments, "run_grid", _fake_run_grid(calls))
+    dash = widgets.training_dashboard()
+    c = dash.controls
+    for preset in ("cpu-quick", "paper", "gpu-short"):
+        c["preset"].value = preset
+        epochs = experiments.resolve_config(preset)["distill"]["epochs"]
+        assert c["epochs"].value == epochs and c["epochs"].max >= epochs, preset
+        assert widgets.run_request({k: w.value for k, w in c.items()})[3] == {"distill.epochs": epochs}
+    c["preset"].value = "cpu-quick"
+    assert tuple(dash.figure.layout.xaxis.range) == (0.5, c["epochs"].value + 0.5)
+    c["epochs"].value = 5  # a choice the user makes stays until the preset changes
+    c["loss"].value = "kl"
+    assert c["epochs"].value == 5
