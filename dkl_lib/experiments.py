@@ -1741,6 +1741,8 @@ def _cmd_kd(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     payload = grid.to_json()
+    if args.config:
+        payload["config_file"] = _config_file_record(args)
     _atomic_write(out / "results.json", json.dumps(payload, indent=2, allow_nan=False).encode())
     _atomic_write(out / "results.csv", _results_csv(grid).encode())
     if not args.quiet and len(grid.summary):
@@ -1770,7 +1772,10 @@ def _cmd_adv(args) -> int:
         return 3 if failed is not None else 130 if grid.interrupted else 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "results.json", json.dumps(grid.to_json(), indent=2, allow_nan=False).encode())
+    payload = grid.to_json()
+    if args.config:
+        payload["config_file"] = _config_file_record(args)
+    _atomic_write(out / "results.json", json.dumps(payload, indent=2, allow_nan=False).encode())
     _atomic_write(out / "results.csv", grid.runs.to_csv(index=False, float_format="%.4f").encode())
     if not args.quiet and len(grid.summary):
         pgd = sorted((c for c in grid.summary if re.fullmatch(r"pgd\d+", c)), key=lambda c: int(c[3:]))
@@ -1916,7 +1921,20 @@ def _expand_config(argv: List[str]) -> List[str]:
         # --epochs typed here beats the file's epoch settings (an explicit --override here still wins)
         keys = _EPOCH_KEYS[cfg["task"]]
         cfg = {**cfg, "overrides": {k: v for k, v in cfg["overrides"].items() if k not in keys}}
-    return config_to_cli(cfg, out=out) + rest[1:]
+    # --config itself goes on (after the file's arguments): the results name the file they came from
+    return config_to_cli(cfg, out=out) + rest[1:] + ["--config", str(path)]
+
+
+def _config_file_record(args) -> Optional[dict]:
+    """What results.json says about the ``--config`` file of the command (None without one): its
+    absolute path, name and description. The resolved ``config`` beside it keeps the preset's own
+    description, which names the preset's models and data set, not necessarily the file's."""
+    if not getattr(args, "config", None):
+        return None
+    from .configs import load_config
+
+    cfg = load_config(args.config)
+    return {"path": str(Path(cfg["path"]).absolute()), "name": cfg["name"], "description": cfg["description"]}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
