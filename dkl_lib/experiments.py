@@ -1315,7 +1315,7 @@ class AdvGridResult:
             robust_acc (worst case over all attacks), the per-epoch curve's best/last clean and
             robust accuracy (PGD-``eval_steps`` on a test subset; ``curve_*``) with the best epoch,
             epochs, checks_passed, failed, flags, seconds (training), eval_seconds, cached, stopped,
-            config_hash.
+            resumed_from (the epoch of the checkpoint the training continued from, else None), config_hash.
         summary: DataFrame, one row per loss: mean ± std over seeds of every accuracy (``*_mean``,
             ``*_std`` and a "mean ± std" text column) and the paper's numbers where it has the
             setting (``paper_clean``, ``paper_robust``, ``paper_source``; WRN-34-10, AutoAttack).
@@ -1621,7 +1621,8 @@ def run_adv_grid(losses: Sequence[str] = ("trades", "ikl"), seeds: Sequence[int]
             row.update({"epochs": result["epochs"], "checks_passed": report.passed,
                         "failed": ", ".join(report.failed), "flags": ", ".join(report.warnings),
                         "seconds": result["seconds"], "eval_seconds": float(sum(report.seconds.values())),
-                        "cached": cached, "stopped": result.get("stopped"), "config_hash": key[:16]})
+                        "cached": cached, "stopped": result.get("stopped"),
+                        "resumed_from": result.get("resumed_from"), "config_hash": key[:16]})
             rows.append(row)
             histories[(loss, seed)] = pd.DataFrame(result["history"])
             reports[(loss, seed)] = report
