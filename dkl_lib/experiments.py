@@ -735,6 +735,7 @@ def get_teacher(cfg: dict, data: Callable[[], data_mod.TensorData], *, cache: Ru
                           f"{spec['train']['epochs']} epochs instead (put the released file there to skip "
                           f"this: README, 'Teacher checkpoints')", stacklevel=2)
         ckpt = _checkpointing(cfg, cache, "teacher", tcfg)
+        _announce_resume(ckpt, f"teacher {spec['model']}", progress)
         res = train_mod.train_teacher(model, d, seed=int(spec.get("seed", 0)), device=device,
                                       progress=progress, desc=f"teacher {spec['model']}", **ckpt, **spec["train"])
         if res.stopped:
@@ -753,6 +754,22 @@ def get_teacher(cfg: dict, data: Callable[[], data_mod.TensorData], *, cache: Ru
 
 
 # --------------------------------------------------------------------------------------------- grid
+def _announce_resume(ckpt: dict, what: str, progress: bool) -> None:
+    """One line (stderr, above the progress bars) when ``what`` is about to continue from a checkpoint
+    that an interrupted command left in ``ckpt["checkpoint_dir"]``: rerunning a command resumes, and
+    says so before the first resumed epoch ends. Rank 0 only; nothing with ``progress`` off."""
+    folder = ckpt.get("checkpoint_dir")
+    if not progress or folder is None or not dist_mod.is_main():
+        return
+    found = sorted(Path(folder).glob("checkpoint-*.pt"))  # zero-padded epochs: the newest is last
+    if not found:
+        return
+    from tqdm.auto import tqdm
+
+    epoch = found[-1].stem.split("-")[-1].lstrip("0") or "0"
+    tqdm.write(f"{what}: resuming after epoch {epoch} from the checkpoint {found[-1]}", file=sys.stderr)
+
+
 def _epoch_callback(bar, label: str, seed: int, epochs: int, callback):
     """The per-epoch callback a grid gives its trainer: the runs bar shows the running run's epoch and
     test accuracy (a long run is not silent for hours), then the user's ``callback(label, seed,
@@ -1050,6 +1067,7 @@ def run_grid(losses: Sequence[str] = ("ce", "kl", "dkl", "ikl", "gkl", "dkd"),
                 settings = dict(rcfg["distill"])
                 epoch_cb = _epoch_callback(bar, label, seed, settings["epochs"], callback)
                 ckpt = _checkpointing(cfg, cache, "student", rcfg)
+                _announce_resume(ckpt, f"{label} seed {seed}", progress and workers == 1)
                 res = train_mod.distill(student, teacher if rcfg["loss"] != "ce" else None, d,
                                         loss=rcfg["loss"], seed=seed, device=dev, progress=False,
                                         callback=epoch_cb, **ckpt, **settings)
@@ -1573,6 +1591,7 @@ def run_adv_grid(losses: Sequence[str] = ("trades", "ikl"), seeds: Sequence[int]
                 train = dict(rcfg["train"])
                 epoch_cb = _epoch_callback(bar, loss, seed, train["epochs"], callback)
                 ckpt = _checkpointing(cfg, cache, "adv", rcfg)
+                _announce_resume(ckpt, f"{loss} seed {seed}", progress and workers == 1)
                 res = train_mod.adversarial_train(model, d, loss=loss, seed=seed, device=dev, progress=False,
                                                   callback=epoch_cb, **ckpt, **train, **rcfg["loss_settings"])
                 if res.stopped == "interrupted":
