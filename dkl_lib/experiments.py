@@ -1847,6 +1847,9 @@ def _results_csv(grid: GridResult) -> str:
                           "best_acc": s[f"best_acc_{stat}"], "last_acc": s[f"last_acc_{stat}"],
                           "teacher_acc": teacher[stat]})
     table = pd.concat([runs, pd.DataFrame(extra)], ignore_index=True)
+    for col in ("best_epoch", "epochs", "resumed_from", "n"):  # counts: "12", not "12.0000" (the blanks of the
+        if col in table:                                        # other rows made them float columns)
+            table[col] = pd.to_numeric(table[col], errors="coerce").round().astype("Int64")
     return table.to_csv(index=False, float_format="%.4f")
 
 
