@@ -729,7 +729,7 @@ def get_teacher(cfg: dict, data: Callable[[], data_mod.TensorData], *, cache: Ru
         result = {"acc": acc, "history": [], "seconds": 0.0, "origin": "checkpoint",
                   "checkpoint": str(checkpoint)}
     else:
-        if cfg["teacher"].get("checkpoint"):
+        if cfg["teacher"].get("checkpoint") and dist_mod.is_main():  # once, not once per torchrun process
             warnings.warn(f"teacher checkpoint {cfg['teacher']['checkpoint']} not found under "
                           f"{data_mod.default_data_root()}; training a teacher for "
                           f"{spec['train']['epochs']} epochs instead (put the released file there to skip "
