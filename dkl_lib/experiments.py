@@ -1614,6 +1614,10 @@ def run_adv_grid(losses: Sequence[str] = ("trades", "ikl"), seeds: Sequence[int]
             else:
                 model.to(dev)
                 n_eval = d.n_test if ev.get("samples") is None else min(int(ev["samples"]), d.n_test)
+                attacks = [f"PGD-{k}" for k in ev["pgd_steps"]] + (["ensemble"] if ev.get("ensemble", True) else [])
+                # the evaluation can take as long as training (the paper's: the whole test set, 5000 Square
+                # queries): the bar says it is running, not the last epoch's numbers
+                bar.set_postfix(loss=loss, seed=seed, evaluating=f"{n_eval} images, {', '.join(attacks)}")
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", attacks_mod.GradientMaskingWarning)
                     report = attacks_mod.evaluate_robustness(
