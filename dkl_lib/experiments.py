@@ -729,12 +729,13 @@ def get_teacher(cfg: dict, data: Callable[[], data_mod.TensorData], *, cache: Ru
         result = {"acc": acc, "history": [], "seconds": 0.0, "origin": "checkpoint",
                   "checkpoint": str(checkpoint)}
     else:
-        if cfg["teacher"].get("checkpoint"):
+        if cfg["teacher"].get("checkpoint") and dist_mod.is_main():  # once, not once per torchrun process
             warnings.warn(f"teacher checkpoint {cfg['teacher']['checkpoint']} not found under "
                           f"{data_mod.default_data_root()}; training a teacher for "
                           f"{spec['train']['epochs']} epochs instead (put the released file there to skip "
                           f"this: README, 'Teacher checkpoints')", stacklevel=2)
         ckpt = _checkpointing(cfg, cache, "teacher", tcfg)
+        _announce_resume(ckpt, f"teacher {spec['model']}", progress)
         res = train_mod.train_teacher(model, d, seed=int(spec.get("seed", 0)), device=device,
                                       progress=progress, desc=f"teacher {spec['model']}", **ckpt, **spec["train"])
         if res.stopped:
@@ -753,6 +754,22 @@ def get_teacher(cfg: dict, data: Callable[[], data_mod.TensorData], *, cache: Ru
 
 
 # --------------------------------------------------------------------------------------------- grid
+def _announce_resume(ckpt: dict, what: str, progress: bool) -> None:
+    """One line (stderr, above the progress bars) when ``what`` is about to continue from a checkpoint
+    that an interrupted command left in ``ckpt["checkpoint_dir"]``: rerunning a command resumes, and
+    says so before the first resumed epoch ends. Rank 0 only; nothing with ``progress`` off."""
+    folder = ckpt.get("checkpoint_dir")
+    if not progress or folder is None or not dist_mod.is_main():
+        return
+    found = sorted(Path(folder).glob("checkpoint-*.pt"))  # zero-padded epochs: the newest is last
+    if not found:
+        return
+    from tqdm.auto import tqdm
+
+    epoch = found[-1].stem.split("-")[-1].lstrip("0") or "0"
+    tqdm.write(f"{what}: resuming after epoch {epoch} from the checkpoint {found[-1]}", file=sys.stderr)
+
+
 def _epoch_callback(bar, label: str, seed: int, epochs: int, callback):
     """The per-epoch callback a grid gives its trainer: the runs bar shows the running run's epoch and
     test accuracy (a long run is not silent for hours), then the user's ``callback(label, seed,
@@ -1050,6 +1067,7 @@ def run_grid(losses: Sequence[str] = ("ce", "kl", "dkl", "ikl", "gkl", "dkd"),
                 settings = dict(rcfg["distill"])
                 epoch_cb = _epoch_callback(bar, label, seed, settings["epochs"], callback)
                 ckpt = _checkpointing(cfg, cache, "student", rcfg)
+                _announce_resume(ckpt, f"{label} seed {seed}", progress and workers == 1)
                 res = train_mod.distill(student, teacher if rcfg["loss"] != "ce" else None, d,
                                         loss=rcfg["loss"], seed=seed, device=dev, progress=False,
                                         callback=epoch_cb, **ckpt, **settings)
@@ -1315,7 +1333,7 @@ class AdvGridResult:
             robust_acc (worst case over all attacks), the per-epoch curve's best/last clean and
             robust accuracy (PGD-``eval_steps`` on a test subset; ``curve_*``) with the best epoch,
             epochs, checks_passed, failed, flags, seconds (training), eval_seconds, cached, stopped,
-            config_hash.
+            resumed_from (the epoch of the checkpoint the training continued from, else None), config_hash.
         summary: DataFrame, one row per loss: mean ± std over seeds of every accuracy (``*_mean``,
             ``*_std`` and a "mean ± std" text column) and the paper's numbers where it has the
             setting (``paper_clean``, ``paper_robust``, ``paper_source``; WRN-34-10, AutoAttack).
@@ -1573,6 +1591,7 @@ def run_adv_grid(losses: Sequence[str] = ("trades", "ikl"), seeds: Sequence[int]
                 train = dict(rcfg["train"])
                 epoch_cb = _epoch_callback(bar, loss, seed, train["epochs"], callback)
                 ckpt = _checkpointing(cfg, cache, "adv", rcfg)
+                _announce_resume(ckpt, f"{loss} seed {seed}", progress and workers == 1)
                 res = train_mod.adversarial_train(model, d, loss=loss, seed=seed, device=dev, progress=False,
                                                   callback=epoch_cb, **ckpt, **train, **rcfg["loss_settings"])
                 if res.stopped == "interrupted":
@@ -1595,6 +1614,10 @@ def run_adv_grid(losses: Sequence[str] = ("trades", "ikl"), seeds: Sequence[int]
             else:
                 model.to(dev)
                 n_eval = d.n_test if ev.get("samples") is None else min(int(ev["samples"]), d.n_test)
+                attacks = [f"PGD-{k}" for k in ev["pgd_steps"]] + (["ensemble"] if ev.get("ensemble", True) else [])
+                # the evaluation can take as long as training (the paper's: the whole test set, 5000 Square
+                # queries): the bar says it is running, not the last epoch's numbers
+                bar.set_postfix(loss=loss, seed=seed, evaluating=f"{n_eval} images, {', '.join(attacks)}")
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", attacks_mod.GradientMaskingWarning)
                     report = attacks_mod.evaluate_robustness(
@@ -1621,7 +1644,8 @@ def run_adv_grid(losses: Sequence[str] = ("trades", "ikl"), seeds: Sequence[int]
             row.update({"epochs": result["epochs"], "checks_passed": report.passed,
                         "failed": ", ".join(report.failed), "flags": ", ".join(report.warnings),
                         "seconds": result["seconds"], "eval_seconds": float(sum(report.seconds.values())),
-                        "cached": cached, "stopped": result.get("stopped"), "config_hash": key[:16]})
+                        "cached": cached, "stopped": result.get("stopped"),
+                        "resumed_from": result.get("resumed_from"), "config_hash": key[:16]})
             rows.append(row)
             histories[(loss, seed)] = pd.DataFrame(result["history"])
             reports[(loss, seed)] = report
@@ -1741,6 +1765,8 @@ def _cmd_kd(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     payload = grid.to_json()
+    if args.config:
+        payload["config_file"] = _config_file_record(args)
     _atomic_write(out / "results.json", json.dumps(payload, indent=2, allow_nan=False).encode())
     _atomic_write(out / "results.csv", _results_csv(grid).encode())
     if not args.quiet and len(grid.summary):
@@ -1770,7 +1796,10 @@ def _cmd_adv(args) -> int:
         return 3 if failed is not None else 130 if grid.interrupted else 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "results.json", json.dumps(grid.to_json(), indent=2, allow_nan=False).encode())
+    payload = grid.to_json()
+    if args.config:
+        payload["config_file"] = _config_file_record(args)
+    _atomic_write(out / "results.json", json.dumps(payload, indent=2, allow_nan=False).encode())
     _atomic_write(out / "results.csv", grid.runs.to_csv(index=False, float_format="%.4f").encode())
     if not args.quiet and len(grid.summary):
         pgd = sorted((c for c in grid.summary if re.fullmatch(r"pgd\d+", c)), key=lambda c: int(c[3:]))
@@ -1822,6 +1851,9 @@ def _results_csv(grid: GridResult) -> str:
                           "best_acc": s[f"best_acc_{stat}"], "last_acc": s[f"last_acc_{stat}"],
                           "teacher_acc": teacher[stat]})
     table = pd.concat([runs, pd.DataFrame(extra)], ignore_index=True)
+    for col in ("best_epoch", "epochs", "resumed_from", "n"):  # counts: "12", not "12.0000" (the blanks of the
+        if col in table:                                        # other rows made them float columns)
+            table[col] = pd.to_numeric(table[col], errors="coerce").round().astype("Int64")
     return table.to_csv(index=False, float_format="%.4f")
 
 
@@ -1916,7 +1948,20 @@ def _expand_config(argv: List[str]) -> List[str]:
         # --epochs typed here beats the file's epoch settings (an explicit --override here still wins)
         keys = _EPOCH_KEYS[cfg["task"]]
         cfg = {**cfg, "overrides": {k: v for k, v in cfg["overrides"].items() if k not in keys}}
-    return config_to_cli(cfg, out=out) + rest[1:]
+    # --config itself goes on (after the file's arguments): the results name the file they came from
+    return config_to_cli(cfg, out=out) + rest[1:] + ["--config", str(path)]
+
+
+def _config_file_record(args) -> Optional[dict]:
+    """What results.json says about the ``--config`` file of the command (None without one): its
+    absolute path, name and description. The resolved ``config`` beside it keeps the preset's own
+    description, which names the preset's models and data set, not necessarily the file's."""
+    if not getattr(args, "config", None):
+        return None
+    from .configs import load_config
+
+    cfg = load_config(args.config)
+    return {"path": str(Path(cfg["path"]).absolute()), "name": cfg["name"], "description": cfg["description"]}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -591,15 +591,43 @@ def load_teacher_checkpoint(checkpoint, model: nn.Module, *, map_location="cpu",
         path = Path(checkpoint).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"no checkpoint file at {path}")
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        # torch.save writes a zip archive ("PK\x03\x04"); files of torch < 1.6 are a pickle ("\x80")
+        if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+            raise CheckpointMismatchError(
+                f"{path} is not a PyTorch checkpoint (it starts with {head!r}; a web page or error message saved "
+                "in its place by a failed download?): fetch the file again")
         try:
             obj = torch.load(path, map_location=map_location, weights_only=not trusted)
         except pickle.UnpicklingError as err:
             raise CheckpointMismatchError(
-                f"{path} holds objects that weights_only loading refuses ({err}); if you trust "
-                "the file, pass trusted=True") from err
+                f"{path} holds objects that weights_only loading refuses ({err}); if you trust the file, pass "
+                "trusted=True in Python, or (for the command line) save its state_dict alone once, read with "
+                "torch.load(..., weights_only=False), over the file") from err
+        except (RuntimeError, EOFError) as err:  # a truncated or damaged archive (an interrupted download)
+            raise CheckpointMismatchError(
+                f"{path} cannot be read as a PyTorch checkpoint, it is truncated or damaged ({err}): fetch the "
+                "file again") from err
     else:
         obj = checkpoint
-    state = _strip_prefix(dict(_extract_state_dict(obj)), "module.")
+    try:
+        state = _strip_prefix(dict(_extract_state_dict(obj)), "module.")
+        _check_state_dict(state, model)
+    except CheckpointMismatchError as err:
+        if isinstance(checkpoint, (str, Path)):  # say which file (a run may look in several places)
+            raise CheckpointMismatchError(f"{Path(checkpoint).expanduser()}: {err}") from None
+        raise
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    for k in missing:  # only num_batches_tracked here
+        state[k] = own[k]
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _check_state_dict(state: dict, model: nn.Module) -> None:
+    """Raise CheckpointMismatchError listing the missing, unexpected and misshapen keys of ``state``."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]  # in the model's order: the first layer first
     unexpected = [k for k in state if k not in own]
@@ -616,7 +644,3 @@ def load_teacher_checkpoint(checkpoint, model: nn.Module, *, map_location="cpu",
                 parts.append(f"{label} ({len(items)}): {', '.join(items[:8])}{more}")
         raise CheckpointMismatchError(
             f"checkpoint does not match {type(model).__name__}: " + "; ".join(parts))
-    for k in missing:  # only num_batches_tracked here
-        state[k] = own[k]
-    model.load_state_dict(state, strict=True)
-    return model

@@ -536,3 +536,12 @@ def test_a_diverging_adversarial_run_stops_with_an_error_naming_the_epoch():
     with pytest.raises(FloatingPointError, match="non-finite in epoch 1"):
         T.adversarial_train(model, d, loss="ce", epsilon=0.1, epochs=2, batch_size=16, lr=1e30, eval_samples=0,
                             progress=False, device="cpu")
+
+
+def test_the_progress_bar_says_when_a_run_is_being_evaluated(tmp_path, capsys):
+    """After training, the robustness evaluation (as long as training in the paper's setting) shows on
+    the runs bar, instead of the last epoch's numbers standing still."""
+    E.run_adv_grid(["trades"], [0], overrides={**TINY, "eval.ensemble": False}, cache_dir=tmp_path, device="cpu",
+                   progress=True)
+    err = capsys.readouterr().err
+    assert "evaluating=" in err and "PGD-" in err and "ensemble" not in err.split("evaluating=")[1].split("]")[0]

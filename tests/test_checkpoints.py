@@ -245,3 +245,41 @@ def test_cli_checkpoint_every_flag(tmp_path, capsys):
     assert E.main(args + ["--checkpoint-every", "1"]) == 0
     runs = json.loads((tmp_path / "o" / "results.json").read_text())
     assert runs["config"]["checkpoint_every"] == 1 and runs["runs"][0]["resumed_from"] is None
+
+
+def test_run_adv_grid_reports_the_epoch_a_run_resumed_from(tmp_path):
+    """As run_grid's table (and results.csv) do for KD: the resumed adversarial run says so in its row,
+    since its `seconds` then count only the epochs after the checkpoint."""
+    overrides = {"data.n_train": 120, "model.model_kw.width": 4, "train.epochs": 2, "train.eval_samples": 20,
+                 "eval.samples": 30, "eval.ensemble": False, "checkpoint_every": 1}
+    E.run_adv_grid(["trades"], [0], overrides=overrides, cache_dir=tmp_path, progress=False,
+                   callback=lambda loss, seed, h: False)
+    resumed = E.run_adv_grid(["trades"], [0], overrides=overrides, cache_dir=tmp_path, progress=False)
+    assert resumed.runs.iloc[0]["resumed_from"] == 1 and not resumed.runs.iloc[0]["cached"]
+    again = E.run_adv_grid(["trades"], [0], overrides=overrides, cache_dir=tmp_path, progress=False)
+    assert again.runs.iloc[0]["cached"] and again.runs.iloc[0]["resumed_from"] == 1  # from the cache entry
+    fresh = E.run_adv_grid(["trades"], [0], overrides=overrides, cache_dir=tmp_path / "fresh", progress=False)
+    assert "resumed_from" in fresh.runs.columns and fresh.runs.iloc[0]["resumed_from"] is None
+
+
+def test_a_grid_says_when_a_run_resumes_from_a_checkpoint(tmp_path, capsys):
+    """Rerunning an interrupted command resumes; the console says so (run, epoch, file) before the
+    first resumed epoch ends, instead of only a `resumed_from` column in the results afterwards."""
+    overrides = {**TINY, "checkpoint_every": 1}
+    E.run_grid(["kl"], [0], preset="cpu-quick", overrides=overrides, cache_dir=tmp_path, progress=True,
+               callback=lambda loss, seed, h: len(h) < 2)
+    assert "resuming" not in capsys.readouterr().err
+    said = []
+    E.run_grid(["kl"], [0], preset="cpu-quick", overrides=overrides, cache_dir=tmp_path, progress=True,
+               callback=lambda loss, seed, h: said.append(capsys.readouterr().err))
+    assert "kl seed 0: resuming after epoch 2 from the checkpoint " in said[0]
+    assert "checkpoint-000002.pt" in said[0]
+    adv = {"data.n_train": 120, "model.model_kw.width": 4, "train.epochs": 2, "train.eval_samples": 20,
+           "eval.samples": 30, "eval.ensemble": False, "checkpoint_every": 1}
+    E.run_adv_grid(["trades"], [0], overrides=adv, cache_dir=tmp_path, progress=True,
+                   callback=lambda loss, seed, h: False)
+    capsys.readouterr()
+    E.run_adv_grid(["trades"], [0], overrides=adv, cache_dir=tmp_path, progress=True)
+    assert "trades seed 0: resuming after epoch 1 from the checkpoint " in capsys.readouterr().err
+    E.run_adv_grid(["trades"], [0], overrides=adv, cache_dir=tmp_path, progress=True)  # from the cache: silent
+    assert "resuming" not in capsys.readouterr().err

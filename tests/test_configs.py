@@ -381,3 +381,23 @@ def test_scalar_seeds_comma_separated_losses_and_a_single_source_are_accepted(tm
             + "sources: the official repository\n")
     cfg = C.load_config(_write(tmp_path, text))
     assert cfg["seeds"] == [3] and cfg["losses"] == ["kl", "ikl"] and cfg["sources"] == ["the official repository"]
+
+
+def test_results_of_a_config_run_name_the_file_and_its_description(tmp_path, monkeypatch):
+    """results.json of `kd --config FILE` says which file it came from: the resolved config alone
+    carries the preset's description, which names the preset's models (e.g. `paper`'s resnet32x4 ->
+    resnet8x4 for a resnet56 -> resnet20 config), not the file's."""
+    import json
+
+    from dkl_lib import experiments as E
+
+    monkeypatch.setenv("DKL_RUNS_DIR", str(tmp_path / "runs"))
+    path = _tiny_config(tmp_path)
+    assert E.main(["kd", "--config", str(path), "--quiet", "--device", "cpu"]) == 0
+    res = json.loads((tmp_path / "runs" / "tiny_kd" / "results.json").read_text())
+    assert res["config_file"] == {"path": str(path.absolute()), "name": "tiny_kd",
+                                  "description": "a tiny digits run for the tests"}
+    assert E.main(["kd", "--preset", "cpu-quick", "--losses", "kl", "--seeds", "0", "--quiet", "--device", "cpu",
+                   "--override", "data.n_train=100", "--override", "teacher.model_kw.width=4", "--epochs", "1",
+                   "--out", str(tmp_path / "plain")]) == 0
+    assert "config_file" not in json.loads((tmp_path / "plain" / "results.json").read_text())

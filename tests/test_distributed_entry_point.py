@@ -233,3 +233,13 @@ def test_distributed_ctrl_c_in_one_process_ends_the_command_instead_of_hanging(t
                         os.kill(pid, signal.SIGKILL)
             proc.kill()
             proc.wait()
+
+
+def test_distributed_missing_teacher_file_is_reported_once_not_once_per_process(tmp_path, monkeypatch):
+    """A config's released-teacher file that is not there: the warning that a teacher is trained instead
+    comes once under torchrun (rank 0), not once per process (8 copies on an 8-GPU machine)."""
+    monkeypatch.setenv("DKL_DATA_DIR", str(tmp_path / "data"))
+    overrides = {**KD_OVERRIDES, "teacher.checkpoint": "teachers/not_here.pth", "teacher.train.epochs": 1,
+                 "distill.epochs": 1}
+    done = _run(_cli_args("kd", overrides, "kl", "0", tmp_path / "cache", tmp_path / "out"), nproc=2)
+    assert done.stderr.count("teachers/not_here.pth not found under") == 1, done.stderr[-3000:]

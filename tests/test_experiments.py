@@ -886,3 +886,19 @@ def test_a_wheel_installed_outside_the_clone_has_the_paper_numbers_and_writes_to
     from dkl_lib import _paths
 
     assert _paths.repository() == REPO and _paths.paper_results_file() == REPO / "data" / "paper_results.json"
+
+
+def test_results_csv_writes_epochs_and_counts_as_integers():
+    """best_epoch, epochs, resumed_from and n are counts: `12` in results.csv, not `12.0000` (the mean and
+    std rows, blank there, had turned them into float columns); accuracies keep their 4 decimals."""
+    import pandas as pd
+
+    runs = pd.DataFrame({"loss": ["kl", "kl"], "seed": [0, 1], "best_acc": [80.0, 82.0], "best_epoch": [12, 240],
+                         "last_acc": [79.0, 81.0], "teacher_acc": [98.0, 98.0], "epochs": [240, 240],
+                         "seconds": [1.5, 2.0], "resumed_from": [None, 117]})
+    grid = E.GridResult(runs=runs, summary=E.summarize(runs), teacher={"acc": 98.0})
+    rows = list(csv.DictReader(E._results_csv(grid).splitlines()))
+    assert [(r["best_epoch"], r["epochs"], r["resumed_from"]) for r in rows[:2]] == [("12", "240", ""),
+                                                                                   ("240", "240", "117")]
+    assert rows[2]["row_type"] == "mean" and rows[2]["n"] == "2" and rows[2]["best_epoch"] == ""
+    assert rows[0]["best_acc"] == "80.0000" and rows[0]["seconds"] == "1.5000"

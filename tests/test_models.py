@@ -329,3 +329,22 @@ def test_count_parameters_trainable_only_skips_frozen_parameters():
         p.requires_grad_(False)
     assert M.count_parameters(model) == total
     assert M.count_parameters(model, trainable_only=True) == total - (16 * 10 + 10)
+
+
+def test_a_teacher_file_that_is_no_checkpoint_or_cut_short_is_named_with_what_to_do(tmp_path):
+    """What a failed or interrupted download leaves: a web page saved as the .pth, or half an archive.
+    Both are a CheckpointMismatchError (the command line's one `error:` line, not a traceback, nor
+    advice to pass trusted=True) naming the file; a mismatching file is named too."""
+    page = tmp_path / "page.pth"
+    page.write_text("<html>404 Not Found</html>")
+    with pytest.raises(M.CheckpointMismatchError, match=r"page\.pth is not a PyTorch checkpoint.*fetch the file again"):
+        M.load_teacher_checkpoint(page, M.resnet8x4())
+    full = tmp_path / "full.pth"
+    torch.save({"model": M.resnet8x4().state_dict()}, full)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    with pytest.raises(M.CheckpointMismatchError, match=r"cut\.pth cannot be read.*truncated or damaged"):
+        M.load_teacher_checkpoint(cut, M.resnet8x4())
+    with pytest.raises(M.CheckpointMismatchError, match=r"full\.pth: checkpoint does not match CifarResNet"):
+        M.load_teacher_checkpoint(full, M.resnet32x4())
+    M.load_teacher_checkpoint(full, M.resnet8x4())  # the whole file still loads
