@@ -221,3 +221,73 @@ def test_wmse_refuses_non_finite_weights(fn, bad):
     weights[1, 2] = bad
     with pytest.raises(ValueError, match="finite"):
         fn(GOOD, GOOD, weights=weights)
+
+
+# ----------------------------------------------- loss VALUES beyond float32 for finite, accepted logits
+def _big_pair(magnitude, dtype=torch.float32):
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(8, 10, generator=g, dtype=torch.float64) * magnitude
+    b = torch.randn(8, 10, generator=g, dtype=torch.float64) * magnitude
+    return a.to(dtype).requires_grad_(), b.to(dtype).requires_grad_()
+
+
+Y8 = torch.arange(8)
+PRIOR10 = torch.full((10, 10), 0.1)
+OVERFLOW_CASES = [
+    # (loss, magnitude of the logits, kwargs, the term that overflows): before the check these
+    # returned inf silently (and kl also an inf/nan gradient)
+    ("ikl", 1e20, dict(temperature=1.0, class_prior=PRIOR10), "wmse"),
+    ("ikl", 1e25, dict(temperature=1.0, weight_temperature=1e25), "wmse"),
+    ("dkl", 1e20, dict(temperature=3e18), "wmse"),
+    ("gkl", 1e20, dict(temperature=3e18, gamma=0.5), "wmse"),
+    ("kl", 1e35, dict(temperature=1e4), "kl"),
+    ("dkl", 1e35, dict(temperature=1e4), "soft_ce"),
+    ("dkd", 1e35, dict(temperature=1e4), "nckd"),
+]
+
+
+@pytest.mark.parametrize("name,magnitude,kw,term", OVERFLOW_CASES,
+                         ids=[f"{c[0]}-{c[1]:g}-{c[3]}" for c in OVERFLOW_CASES])
+def test_loss_value_beyond_float32_raises_and_float64_gives_it(name, magnitude, kw, term):
+    """Finite logits of ~1e19 and more pass the range checks, but the loss VALUE (the wMSE grows like
+    max |o_m − o_n|², T² KL like T · max |o|) can exceed float32: a clear error naming the term and
+    float64, never a silent inf. The same logits in float64 give a finite value and gradient."""
+    logits, target_logits = _big_pair(magnitude)
+    with pytest.raises(ValueError, match=f"{name}: the .*{term}.* overflow.*float64"):
+        call(name, logits=logits, target_logits=target_logits, **{"targets": Y8, **kw})
+    logits, target_logits = _big_pair(magnitude, torch.float64)
+    value = sum(call(name, logits=logits, target_logits=target_logits, **{"targets": Y8, **kw}).values())
+    grads = torch.autograd.grad(value, (logits, target_logits), allow_unused=True)
+    assert torch.isfinite(value) and all(g is None or torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("fn", [dkl.wmse, dkl.wmse_pairwise])
+def test_standalone_wmse_value_beyond_float32_raises(fn):
+    logits, target_logits = _big_pair(1e20)
+    with pytest.raises(ValueError, match="wmse.* overflows torch.float32"):
+        fn(logits, target_logits, weights=torch.full((8, 10), 0.1))
+
+
+@pytest.mark.parametrize("magnitude,temperature", [(1e19, 1.0), (1e25, 1e-4), (1e30, 1e4), (1e15, 1e14)])
+def test_dkl_and_kl_gradients_agree_for_huge_float32_logits(magnitude, temperature):
+    """Where the values fit in float32 (here s_m is one-hot, so the wMSE is ~0), nothing is refused
+    and the theorem still holds: ∇ DKL = ∇ KL for both inputs, values finite."""
+    logits, target_logits = _big_pair(magnitude)
+    kl = dkl.kl_loss(logits, target_logits, temperature=temperature)
+    dkl_value = dkl.dkl_loss(logits, target_logits, temperature=temperature)
+    assert torch.isfinite(kl) and torch.isfinite(dkl_value)
+    for g_kl, g_dkl in zip(torch.autograd.grad(kl, (logits, target_logits)),
+                           torch.autograd.grad(dkl_value, (logits, target_logits))):
+        assert torch.isfinite(g_dkl).all()
+        torch.testing.assert_close(g_dkl, g_kl, rtol=1e-4, atol=1e-6 * float(g_kl.abs().max()))
+
+
+@pytest.mark.parametrize("name", DECOUPLED)
+@pytest.mark.parametrize("temperature", [1e-4, 1e4])
+def test_temperature_extremes_give_finite_values_and_gradients(name, temperature):
+    """T = 1e-4 (near one-hot softmax) and T = 1e4 (near uniform) on ordinary logits: finite."""
+    logits, target_logits = _big_pair(5.0)
+    value = sum(call(name, logits=logits, target_logits=target_logits, targets=Y8,
+                     temperature=temperature).values())
+    grads = torch.autograd.grad(value, (logits, target_logits), allow_unused=True)
+    assert torch.isfinite(value) and all(g is None or torch.isfinite(g).all() for g in grads)
