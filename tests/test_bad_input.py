@@ -291,3 +291,116 @@ def test_temperature_extremes_give_finite_values_and_gradients(name, temperature
                      temperature=temperature).values())
     grads = torch.autograd.grad(value, (logits, target_logits), allow_unused=True)
     assert torch.isfinite(value) and all(g is None or torch.isfinite(g).all() for g in grads)
+
+
+# ------------------------------------------------------------------------- data helpers (dkl_lib.data)
+def _tensor_data(**change):
+    from dkl_lib.data import TensorData, synthetic
+
+    d = synthetic(n_train=8, n_test=4, num_classes=4)
+    fields = dict(x_train=d.x_train, y_train=d.y_train, x_test=d.x_test, y_test=d.y_test, num_classes=4,
+                  name="t", mean=(0.5,), std=(0.25,))
+    fields.update(change)
+    return TensorData(**fields)
+
+
+_X8, _Y8 = torch.rand(8, 1, 4, 4), torch.arange(8) % 4
+TENSOR_DATA_CASES = [
+    # before: accepted silently, then "Target 13 is out of bounds" (IndexError) deep in training, a nan
+    # loss, a wrong normalisation, or a TypeError/IndexError later in the run
+    ("labels above num_classes", dict(y_train=_Y8 + 10), ValueError, "y_train out of range.*4 classes"),
+    ("negative test labels", dict(y_test=torch.tensor([0, 1, -1, 2])), ValueError, "y_test out of range"),
+    ("nan images", dict(x_train=torch.full((8, 1, 4, 4), float("nan"))), ValueError, "x_train contains non-finite"),
+    ("empty train split", dict(x_train=_X8[:0], y_train=_Y8[:0]), ValueError, "x_train is empty"),
+    ("num_classes as a string", dict(num_classes="4"), TypeError, "num_classes must be an integer"),
+    ("num_classes 4.5", dict(num_classes=4.5), TypeError, "num_classes must be an integer"),
+    ("num_classes None", dict(num_classes=None), TypeError, "num_classes must be an integer"),
+    ("nan std", dict(std=(float("nan"),)), ValueError, "std must be finite"),
+    ("nan mean", dict(mean=(float("nan"),)), ValueError, "mean must be finite"),
+    ("mean as a string", dict(mean="0.5"), TypeError, "mean must be a sequence of numbers"),
+    ("labels on another device", dict(y_test=torch.tensor([0, 1, 2, 3], device="meta")), ValueError,
+     "x_test and y_test are on different devices"),
+    ("test images on another device", dict(x_test=torch.rand(4, 1, 4, 4, device="meta"),
+                                           y_test=torch.tensor([0, 1, 2, 3], device="meta")), ValueError,
+     "x_train and x_test are on different devices"),
+    ("augment not a dict", dict(augment="yes"), ValueError, "augment must be None or a dict"),
+    ("augment with an unknown key", dict(augment={"pad": 4}), ValueError, "augment must be None or a dict"),
+]
+
+
+@pytest.mark.parametrize("change,exc,match", [c[1:] for c in TENSOR_DATA_CASES],
+                         ids=[c[0] for c in TENSOR_DATA_CASES])
+def test_tensor_data_refuses_bad_fields(change, exc, match):
+    change = {"x_train": _X8, "y_train": _Y8, **change}
+    change.setdefault("x_test", _X8[:4])
+    with pytest.raises(exc, match=match):
+        _tensor_data(**change)
+
+
+SYNTHETIC_CASES = [
+    # before: a TypeError about '<' between str and int, a randperm() signature dump, silently NaN
+    # images (noise=nan), a truncated seed (1.7 ran as 0) or an empty (64, 0, 8, 8) image tensor
+    (dict(n_train="5"), TypeError, "n_train must be an integer"),
+    (dict(n_train=2.5), TypeError, "n_train must be an integer"),
+    (dict(n_test=None), TypeError, "n_test must be an integer"),
+    (dict(num_classes=None), TypeError, "num_classes must be an integer"),
+    (dict(noise=float("nan")), ValueError, "noise must be a finite number >= 0"),
+    (dict(noise=-1.0), ValueError, "noise must be a finite number >= 0"),
+    (dict(seed="a"), TypeError, "seed must be an integer"),
+    (dict(seed=1.7), TypeError, "seed must be an integer"),
+    (dict(image_shape=(0, 8, 8)), ValueError, "image_shape entries must be >= 1"),
+    (dict(image_shape=(1, -1, 8)), ValueError, "image_shape entries must be >= 1"),
+    (dict(dtype=torch.int64), TypeError, "dtype must be a floating-point"),
+]
+
+
+@pytest.mark.parametrize("kw,exc,match", SYNTHETIC_CASES, ids=[repr(c[0]) for c in SYNTHETIC_CASES])
+def test_synthetic_refuses_bad_arguments(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        dkl.data.synthetic(**kw)
+
+
+DIGITS_CASES = [
+    # before: "invalid literal for int() with base 10: 'a'", n_train=100.7 and seed=1.7 silently
+    # truncated, sklearn's "Seed must be between 0 and 2**32 - 1"
+    (dict(seed="a"), TypeError, "seed must be an integer"),
+    (dict(seed=1.7), TypeError, "seed must be an integer"),
+    (dict(seed=-1), ValueError, "seed must lie in"),
+    (dict(n_train="abc"), TypeError, "n_train must be an integer"),
+    (dict(n_train=100.7), TypeError, "n_train must be an integer"),
+    (dict(n_train=None), TypeError, "n_train must be an integer"),
+    (dict(n_test=12.5), TypeError, "n_test must be an integer"),
+    (dict(dtype=torch.int64), TypeError, "dtype must be a floating-point"),
+]
+
+
+@pytest.mark.parametrize("kw,exc,match", DIGITS_CASES, ids=[repr(c[0]) for c in DIGITS_CASES])
+def test_digits_refuses_bad_arguments(kw, exc, match):
+    pytest.importorskip("sklearn")
+    with pytest.raises(exc, match=match):
+        dkl.data.digits(**kw)
+
+
+BATCHING_CASES = [
+    # before: AttributeError "'list' object has no attribute 'shape'", numpy batches returned as if
+    # fine, "tuple index out of range", batches of x and y from two devices, "'<' not supported"
+    (lambda: list(dkl.data.batches([1, 2, 3], torch.arange(3), batch_size=2)), TypeError, "x must be a torch.Tensor"),
+    (lambda: list(dkl.data.batches(torch.zeros(3).numpy(), torch.arange(3), batch_size=2)), TypeError,
+     "x must be a torch.Tensor"),
+    (lambda: list(dkl.data.batches(torch.zeros(3), [0, 1, 2], batch_size=2)), TypeError, "y must be a torch.Tensor"),
+    (lambda: list(dkl.data.batches(torch.tensor(1.0), torch.tensor(1), batch_size=2)), ValueError,
+     "x must have at least 1 dimension"),
+    (lambda: list(dkl.data.batches(torch.zeros(3), torch.arange(3, device="meta"), batch_size=2)), ValueError,
+     "different devices"),
+    (lambda: list(dkl.data.batch_indices("3", batch_size=2)), TypeError, "n must be an integer"),
+    (lambda: list(dkl.data.batch_indices(2.5, batch_size=2)), TypeError, "n must be an integer"),
+    (lambda: dkl.data.augment_crop_flip(torch.zeros(2, 1, 8, 8).numpy()), TypeError, "x must be a torch.Tensor"),
+    (lambda: dkl.data.augment_crop_flip(torch.zeros(2, 1, 8, 8), generator="x"), TypeError,
+     "generator must be a torch.Generator"),
+]
+
+
+@pytest.mark.parametrize("fn,exc,match", BATCHING_CASES, ids=[f"case{i}" for i in range(len(BATCHING_CASES))])
+def test_batching_helpers_refuse_bad_input(fn, exc, match):
+    with pytest.raises(exc, match=match):
+        fn()
