@@ -309,3 +309,13 @@ def tolerant_console() -> None:
             stream.reconfigure(errors="backslashreplace")
         except (LookupError, ValueError, OSError):  # an unknown codec, a closed or detached stream
             continue
+
+
+def check_model_output(name: str, out, num_classes: Optional[int] = None, *, source: str = "the data") -> None:
+    """``out``, what the model ``name`` returned, is a (B, num_classes) logit tensor (2-D only,
+    when ``num_classes`` is None). A shape check: no device sync, cheap enough for every batch."""
+    if isinstance(out, torch.Tensor) and out.dim() == 2 and (num_classes is None or out.shape[1] == num_classes):
+        return
+    got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+    want = "(B, classes)" if num_classes is None else f"(B, {num_classes}) for the {num_classes} classes of {source}"
+    raise ValueError(f"{name} must return logits of shape {want}, got {got}")

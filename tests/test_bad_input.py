@@ -404,3 +404,117 @@ BATCHING_CASES = [
 def test_batching_helpers_refuse_bad_input(fn, exc, match):
     with pytest.raises(exc, match=match):
         fn()
+
+
+# ----------------------------------------------------------- trainers and attacks: model versus data
+def _linear(classes, side=4):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(side * side, classes))
+
+
+def _squeezed_output():
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 1), torch.nn.Flatten(0))
+
+
+_TRAIN = dict(epochs=1, batch_size=4, progress=False)
+MODEL_MISMATCH_CASES = [
+    # before: "Target 3 is out of bounds" (IndexError) from cross_entropy, a run that trained and
+    # reported accuracies for a 10-output model on 4 classes, "mat1 and mat2 shapes cannot be
+    # multiplied", or a CE error about class probabilities for a 1-D output
+    ("teacher, 3 outputs", lambda d: dkl.train_teacher(_linear(3), d, **_TRAIN), "model must return logits of shape \\(B, 4\\)"),
+    ("teacher, 10 outputs", lambda d: dkl.train_teacher(_linear(10), d, **_TRAIN), "model must return logits of shape \\(B, 4\\)"),
+    ("teacher, 1-D output", lambda d: dkl.train_teacher(_squeezed_output(), d, **_TRAIN), "got shape \\(1,\\)"),
+    ("teacher, wrong input size", lambda d: dkl.train_teacher(_linear(4, side=3), d, **_TRAIN),
+     "model cannot take the data's images.*mat1 and mat2"),
+    ("distill, teacher 5 outputs", lambda d: dkl.distill(_linear(4), _linear(5), d, **_TRAIN), "teacher must return"),
+    ("distill, student 3 outputs", lambda d: dkl.distill(_linear(3), _linear(4), d, loss="ce", **_TRAIN),
+     "model must return"),
+    ("distill, teacher wrong input", lambda d: dkl.distill(_linear(4), _linear(4, side=3), d, **_TRAIN),
+     "teacher cannot take the data's images"),
+    ("adversarial, 3 outputs", lambda d: dkl.adversarial_train(_linear(3), d, epsilon=0.1, **_TRAIN),
+     "model must return logits of shape \\(B, 4\\)"),
+    ("adversarial, 10 outputs", lambda d: dkl.adversarial_train(_linear(10), d, epsilon=0.1, **_TRAIN),
+     "model must return logits of shape \\(B, 4\\)"),
+    ("evaluate, 3 outputs", lambda d: dkl.train.evaluate(_linear(3), d), "model must return"),
+    ("predict_logits, 5 outputs", lambda d: dkl.train.predict_logits(_linear(5), d.x_test, d), "model must return"),
+]
+
+
+@pytest.mark.parametrize("fn,match", [c[1:] for c in MODEL_MISMATCH_CASES], ids=[c[0] for c in MODEL_MISMATCH_CASES])
+def test_model_that_does_not_fit_the_data_is_named(fn, match):
+    d = dkl.data.synthetic(n_train=8, n_test=4, num_classes=4, image_shape=(1, 4, 4))
+    with pytest.raises(ValueError, match=match):
+        fn(d)
+
+
+def test_fit_check_leaves_the_model_unchanged():
+    """The once-per-run probe is an eval-mode forward without gradient: the mode, the BatchNorm
+    statistics and the parameters' gradients are as before."""
+    from dkl_lib.train import _check_fits
+
+    d = dkl.data.synthetic(n_train=8, n_test=4, num_classes=4, image_shape=(1, 4, 4))
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 4)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _check_fits("model", model, d, normalize=True)
+    assert model.training and all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_callback_that_is_not_callable_is_refused_before_training():
+    """Before: "'int' object is not callable" after the first epoch had trained."""
+    d = dkl.data.synthetic(n_train=8, n_test=4, num_classes=4, image_shape=(1, 4, 4))
+    with pytest.raises(TypeError, match="callback must be a function"):
+        dkl.train_teacher(_linear(4), d, callback=5, **_TRAIN)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(epoch=1, epochs=0), "epochs must be a positive integer"),       # before: ZeroDivisionError
+    (dict(epoch=-1, epochs=3), "epoch must be an integer in \\[1, epochs"),  # before: ε = -0.033
+    (dict(epoch=4, epochs=3), "epoch must be an integer in \\[1, epochs"),   # before: ε = 1.33 ε
+    (dict(epoch=1, epochs=3, epsilon=float("nan")), "epsilon must be finite"),
+])
+def test_epsilon_at_refuses_bad_epochs(kw, match):
+    kw = {"epsilon": 0.1, **kw}
+    with pytest.raises(ValueError, match=match):
+        dkl.train.epsilon_at(kw.pop("epoch"), schedule="increasing", **kw)
+
+
+_XA, _YA = torch.rand(8, 1, 4, 4), torch.arange(8) % 4
+ATTACK_CASES = [
+    # before: all-False results (labels beyond the model's classes), "range() arg 3 must not be zero",
+    # "torch.cat(): expected a non-empty list", "tuple index out of range", numpy's "index 12 is out of
+    # bounds for axis 1", 0.0 for NaN images, an empty DataFrame, broadcasting
+    # a 1-channel image to 3 channels, "too many dimensions 'str'"
+    ("clean_correct labels beyond the model", lambda: dkl.attacks.clean_correct(_linear(4), _XA, _YA + 10),
+     ValueError, "y out of range"),
+    ("clean_correct batch_size 0", lambda: dkl.attacks.clean_correct(_linear(4), _XA, _YA, batch_size=0),
+     ValueError, "batch_size must be an integer >= 1"),
+    ("predict batch_size -1", lambda: dkl.attacks.predict(_linear(4), _XA, batch_size=-1), ValueError,
+     "batch_size must be an integer >= 1"),
+    ("pgd 1-D model output", lambda: dkl.pgd(_squeezed_output(), _XA, _YA, epsilon=0.1), ValueError,
+     "model must return logits of shape \\(B, classes\\)"),
+    ("class_separation nan images", lambda: dkl.attacks.class_separation(_XA * float("nan"), _YA), ValueError,
+     "x contains non-finite"),
+    ("class_separation chunk 0", lambda: dkl.attacks.class_separation(_XA, _YA, chunk=0), ValueError,
+     "chunk must be an integer >= 1"),
+    ("accuracy_vs_epsilon no epsilons", lambda: dkl.attacks.accuracy_vs_epsilon(_linear(4), _XA, _YA, []),
+     ValueError, "epsilons is empty"),
+    ("Normalized channel mismatch", lambda: dkl.Normalized(_linear(4), [0.5] * 3, [0.2] * 3)(_XA), ValueError,
+     "3 channel"),
+    ("Normalized mean as a string", lambda: dkl.Normalized(_linear(4), "a", [1.0]), TypeError,
+     "mean and std must be sequences of numbers"),
+]
+
+
+@pytest.mark.parametrize("fn,exc,match", [c[1:] for c in ATTACK_CASES], ids=[c[0] for c in ATTACK_CASES])
+def test_attack_helpers_refuse_bad_input(fn, exc, match):
+    with pytest.raises(exc, match=match):
+        fn()
+
+
+def test_ensemble_refuses_labels_beyond_the_model_before_art():
+    """Before: numpy's "index 12 is out of bounds for axis 1 with size 4" from inside ART."""
+    pytest.importorskip("art")
+    with pytest.raises(ValueError, match="y out of range"):
+        dkl.attacks.ensemble_attack(_linear(4), _XA, _YA + 10, epsilon=0.1)
+
