@@ -778,6 +778,19 @@ def _parse_loss(spec: str) -> Tuple[str, Optional[bool]]:
     return name, gi
 
 
+def _loss_specs(losses) -> List[str]:
+    """The loss specs of a grid ("kl", "ikl-nogi", ...; a comma-separated string is split), each
+    checked by :func:`_parse_loss`; ValueError when there are none."""
+    if isinstance(losses, str):
+        losses = [s for s in losses.split(",") if s.strip()]
+    losses = list(losses)
+    if not losses:
+        raise ValueError("losses is empty; pass at least one of " + ", ".join(GRID_LOSSES))
+    for spec in losses:
+        _parse_loss(spec)
+    return losses
+
+
 def _run_config(cfg: dict, loss_spec: str, seed: int, teacher_key: str) -> dict:
     name, gi = _parse_loss(loss_spec)
     settings = dict(cfg["distill"])
@@ -1000,13 +1013,7 @@ def run_grid(losses: Sequence[str] = ("ce", "kl", "dkl", "ikl", "gkl", "dkd"),
     import pandas as pd
     from tqdm.auto import tqdm
 
-    if isinstance(losses, str):
-        losses = [s for s in losses.split(",") if s.strip()]
-    losses = list(losses)
-    if not losses:
-        raise ValueError("losses is empty; pass at least one of " + ", ".join(GRID_LOSSES))
-    for spec in losses:
-        _parse_loss(spec)
+    losses = _loss_specs(losses)
     seeds = check_seeds("seeds", seeds)
     cfg = resolve_config(preset, overrides)
     cache = RunCache(cache_dir, enabled=use_cache)

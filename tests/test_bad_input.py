@@ -518,3 +518,47 @@ def test_ensemble_refuses_labels_beyond_the_model_before_art():
     with pytest.raises(ValueError, match="y out of range"):
         dkl.attacks.ensemble_attack(_linear(4), _XA, _YA + 10, epsilon=0.1)
 
+
+# ------------------------------------------------------------- analysis and gradient helpers
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(loss_specs=["foo"]), ValueError, "unknown loss 'foo'"),
+    (dict(seeds="a"), ValueError, "seeds must be a non-empty list"),
+    (dict(seeds=[]), ValueError, "seeds must be a non-empty list"),
+    (dict(loss_specs=[]), ValueError, "losses is empty"),
+    (dict(probe=5), TypeError, "probe must be a function"),
+])
+def test_probe_runs_checks_its_arguments_before_training_the_teacher(monkeypatch, tmp_path, kw, exc, match):
+    """Before: the teacher trained first (minutes on the CPU), then the bad spec or seed failed."""
+    from dkl_lib import analysis, experiments
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the arguments must be checked before the teacher is trained")
+
+    monkeypatch.setattr(experiments, "get_teacher", no_teacher)
+    args = {"loss_specs": ["kl"], "seeds": [0], **kw}
+    with pytest.raises(exc, match=match):
+        analysis.probe_runs(args.pop("loss_specs"), args.pop("seeds"), cache_dir=tmp_path, progress=False, **args)
+
+
+@pytest.mark.parametrize("grid,exc,match", [
+    ({"temperature": []}, ValueError, "grid\\['temperature'\\] is empty"),   # before: pandas' "No objects to concatenate"
+    ({"temperature": 4.0}, TypeError, "grid\\['temperature'\\] must be a list"),
+    ([("temperature", [4.0])], TypeError, "grid must be a dict"),
+])
+def test_sensitivity_refuses_a_malformed_grid(monkeypatch, grid, exc, match):
+    from dkl_lib import analysis, experiments
+
+    monkeypatch.setattr(experiments, "run_grid", lambda *a, **k: pytest.fail("no run may start"))
+    with pytest.raises(exc, match=match):
+        analysis.sensitivity("kl", grid, [0])
+
+
+@pytest.mark.parametrize("fn,exc,match", [
+    # before: torch's "The size of tensor a (3) must match ..." and "mat1 and mat2 shapes cannot be multiplied"
+    (lambda: dkl.grads.relative_error(torch.ones(3), torch.ones(4)), ValueError, "value and reference must have the same shape"),
+    (lambda: dkl.grads.relative_error(torch.ones(3).numpy(), torch.ones(3)), TypeError, "value must be a torch.Tensor"),
+    (lambda: dkl.grads.simplex_xy(torch.rand(4, 4)), ValueError, "probs must be a float tensor of shape \\(N, 3\\)"),
+])
+def test_gradient_helpers_name_the_bad_argument(fn, exc, match):
+    with pytest.raises(exc, match=match):
+        fn()
