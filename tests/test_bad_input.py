@@ -562,3 +562,22 @@ def test_sensitivity_refuses_a_malformed_grid(monkeypatch, grid, exc, match):
 def test_gradient_helpers_name_the_bad_argument(fn, exc, match):
     with pytest.raises(exc, match=match):
         fn()
+
+
+# ------------------------------------------------------------------------- ClassPrior state
+@pytest.mark.parametrize("key,value,match", [
+    # before: all accepted; a nan prior then made every IKL-GI loss refuse its class_prior at the next step
+    ("prior", torch.full((4, 4), float("nan")), "state\\['prior'\\] must hold finite, non-negative"),
+    ("prior", -torch.full((4, 4), 0.25), "state\\['prior'\\] must hold finite, non-negative"),
+    ("prior", torch.zeros(4, 4), "state\\['prior'\\] has a row that sums to zero"),
+    ("sums", torch.full((4, 4), float("inf")), "state\\['sums'\\] must hold finite"),
+    ("counts", -torch.ones(4), "state\\['counts'\\] must hold finite, non-negative"),
+    ("epochs", "3", "state\\['epochs'\\] must be a non-negative integer"),
+    ("epochs", -1, "state\\['epochs'\\] must be a non-negative integer"),
+])
+def test_class_prior_refuses_a_corrupt_state(key, value, match):
+    prior = dkl.ClassPrior(4)
+    state = {**prior.state_dict(), key: value}
+    with pytest.raises(ValueError, match=match):
+        prior.load_state_dict(state)
+    torch.testing.assert_close(prior.prior, torch.full((4, 4), 0.25))  # nothing changed
