@@ -582,14 +582,16 @@ def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], lo
         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
         teacher=teacher)
     augment = data.augment
-    _check_fits("student" if teacher is not None else "model", model, data, normalize=True)
+    _check_fits("student" if teacher is not None else "model", model, data, normalize=True, amp=amp,
+                channels_last=channels_last)
 
     teacher_flags = None
     teacher_acc = None
     cached_teacher_logits = None
     if teacher is not None:
         teacher.to(device=device, memory_format=memory_format)
-        _check_fits("teacher", teacher, data.to(dtype=_model_dtype(teacher)), normalize=True)
+        _check_fits("teacher", teacher, data.to(dtype=_model_dtype(teacher)), normalize=True, amp=amp,
+                    channels_last=channels_last)
         teacher_was_training = teacher.training
         teacher.eval()
         teacher_flags = [p.requires_grad for p in teacher.parameters()]
@@ -747,18 +749,23 @@ def _check_callback(callback) -> None:
 
 
 @torch.no_grad()
-def _check_fits(name: str, model: nn.Module, data: TensorData, *, normalize: bool) -> None:
+def _check_fits(name: str, model: nn.Module, data: TensorData, *, normalize: bool, amp: bool = False,
+                channels_last: bool = False) -> None:
     """Once per run, before training: ``model`` takes the data's images and returns logits of shape
-    (B, data.num_classes). One eval-mode forward of one image without gradient (mode restored, so
-    no BatchNorm statistics or random draws change): a wrong last layer or input size is named here,
-    not found as "Target 3 is out of bounds" or a silently wrong accuracy later."""
-    x = (data.x_test if data.n_test else data.x_train)[:1].to(_model_dtype(model))
+    (B, data.num_classes). One eval-mode forward of one black image of the data's shape without
+    gradient (mode restored; no BatchNorm statistics, random draws or lazily decoded images change):
+    a wrong last layer or input size is named here, not found as "Target 3 is out of bounds" or a
+    silently wrong accuracy later. ``amp``, ``channels_last``: as the run's forwards (the same kernels)."""
+    x = torch.zeros((1, *data.image_shape), dtype=_model_dtype(model), device=data.device)
     if normalize:
         x = data.normalize(x)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     was_training = model.training
     model.eval()
     try:
-        out = model(x)
+        with _autocast(data.device, amp):
+            out = model(x)
     except RuntimeError as err:  # e.g. "mat1 and mat2 shapes cannot be multiplied"
         raise ValueError(f"{name} cannot take the data's images (one batch of shape {tuple(x.shape)}): "
                          f"{err}") from err
@@ -1221,7 +1228,7 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
     par, device, amp, channels_last, _, _, data, config, checkpoints = _start_run(
         model, data, device=device, amp=amp, channels_last=channels_last, config=config,
         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints)
-    _check_fits("model", model, data, normalize=False)
+    _check_fits("model", model, data, normalize=False, amp=amp, channels_last=channels_last)
     gi_on = loss == "ikl" and bool(hp.get("gi"))
     prior = None
     if gi_on:
