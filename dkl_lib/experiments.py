@@ -583,6 +583,8 @@ def load_data(spec: dict, *, device=None, download: bool = False) -> data_mod.Te
     "cifar10"|"imagenet"|"synthetic", ...other arguments of that loader}), on ``device``.
     ``download`` lets CIFAR be downloaded (ImageNet never is: ``ValueError``); an unknown name
     raises ``ValueError``, a missing data set :class:`dkl_lib.data.DatasetNotFoundError`."""
+    if not isinstance(spec, dict):
+        raise TypeError(f"spec must be a dict such as {{'name': 'digits'}} (a preset's data section), got {spec!r}")
     spec = dict(spec)
     name = spec.pop("name", None)
     if name == "digits":
@@ -877,6 +879,10 @@ def summarize(runs, *, paper: Optional[Dict[str, float]] = None):
     order the losses first appear; ``paper`` maps loss → published top-1 for a paper_top1 column."""
     import pandas as pd
 
+    need = ("loss", "best_acc", "last_acc")
+    if not isinstance(runs, pd.DataFrame) or not set(need) <= set(runs.columns):
+        have = sorted(map(str, runs.columns)) if isinstance(runs, pd.DataFrame) else type(runs).__name__
+        raise ValueError(f"runs must be a DataFrame with the columns {list(need)} (GridResult.runs), got {have}")
     rows = []
     for loss in dict.fromkeys(runs["loss"]):
         sub = runs[runs["loss"] == loss]

@@ -581,3 +581,63 @@ def test_class_prior_refuses_a_corrupt_state(key, value, match):
     with pytest.raises(ValueError, match=match):
         prior.load_state_dict(state)
     torch.testing.assert_close(prior.prior, torch.full((4, 4), 0.25))  # nothing changed
+
+
+# ------------------------------------------------------------------- figures, widgets, experiments
+def _images(n=4, channels=1):
+    return torch.rand(n, channels, 8, 8)
+
+
+PLOT_CASES = [
+    # before: numpy's "zero-size array to reduction operation", "operands could not be broadcast",
+    # "cannot reshape array", a ZeroDivisionError, or a figure drawn without complaint (nan ε, too few
+    # class names, labels not matching the images)
+    ("adversarial_examples n=0", lambda P: P.adversarial_examples(_images(), _images(), [0] * 4, [0] * 4, [0] * 4, n=0),
+     "n must be a positive integer"),
+    ("adversarial_examples x/x_adv mismatch", lambda P: P.adversarial_examples(_images(), _images(2), [0] * 4, [0] * 4,
+                                                                                 [0] * 4), "x and x_adv must have the same shape"),
+    ("adversarial_examples 3 channels", lambda P: P.adversarial_examples(_images(4, 3), _images(4, 3), [0] * 4, [0] * 4,
+                                                                          [0] * 4), "x must hold grey images"),
+    ("adversarial_examples labels short", lambda P: P.adversarial_examples(_images(), _images(), [0] * 2, [0] * 4, [0] * 4),
+     "y must hold one class per image"),
+    ("adversarial_examples nan epsilon", lambda P: P.adversarial_examples(_images(), _images(), [0] * 4, [0] * 4, [0] * 4,
+                                                                           epsilon=float("nan")), "epsilon must be a finite"),
+    ("prior_heatmap cols=0", lambda P: P.prior_heatmap([torch.eye(3), torch.eye(3)], layout="grid", cols=0),
+     "cols must be a positive integer"),
+    ("prior_heatmap class_names short", lambda P: P.prior_heatmap([torch.eye(3)], class_names=["a"]),
+     "class_names must give one name per class"),
+]
+
+
+@pytest.mark.parametrize("fn,match", [c[1:] for c in PLOT_CASES], ids=[c[0] for c in PLOT_CASES])
+def test_plots_refuse_bad_input(fn, match):
+    pytest.importorskip("plotly")
+    with pytest.raises(ValueError, match=match):
+        fn(dkl.plots)
+
+
+def test_learning_curves_refuses_zero_columns():
+    pytest.importorskip("plotly")
+    import pandas as pd
+
+    histories = {("kl", 0): pd.DataFrame({"epoch": [1, 2], "test_acc": [50.0, 60.0]})}
+    with pytest.raises(ValueError, match="cols must be a positive integer"):  # before: ZeroDivisionError
+        dkl.plots.learning_curves(histories, cols=0)
+
+
+def test_widgets_name_a_bad_seed_and_preset():
+    pytest.importorskip("ipywidgets")
+    with pytest.raises(TypeError, match="seed must be an integer"):  # before: "manual_seed expected a long"
+        dkl.widgets.weights_dashboard(seed="a")
+    with pytest.raises(ValueError, match="unknown preset 'foo'"):  # before: traitlets' "Invalid selection"
+        dkl.widgets.training_dashboard(preset="foo")
+
+
+@pytest.mark.parametrize("fn,exc,match", [
+    # before: "list indices must be integers or slices, not str" and "dictionary update sequence element #0"
+    (lambda E: E.summarize([]), ValueError, "runs must be a DataFrame with the columns"),
+    (lambda E: E.load_data("digits"), TypeError, "spec must be a dict"),
+])
+def test_experiment_helpers_name_the_bad_argument(fn, exc, match):
+    with pytest.raises(exc, match=match):
+        fn(dkl.experiments)
