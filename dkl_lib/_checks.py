@@ -252,6 +252,16 @@ def check_label_range(name: str, labels: torch.Tensor, num_classes: int, *, owne
                          f"[0, {num_classes - 1}], got min {int(low)}, max {int(high)}")
 
 
+def check_int(name: str, value, low: int) -> int:
+    """An integer >= ``low``: TypeError for anything else (bool, and floats such as 2.5, are refused
+    rather than truncated), ValueError below ``low``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return int(value)
+
+
 def check_seed(name: str, value) -> int:
     """An integer seed (bool and floats such as 1.7 are refused rather than truncated)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

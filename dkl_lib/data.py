@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _paths
-from ._checks import check_label_range, check_seed, env_positive_int, value_range
+from ._checks import check_int, check_label_range, check_seed, env_positive_int, value_range
 
 __all__ = [
     "TensorData",
@@ -122,11 +122,7 @@ class TensorData:
                              f"{self.x_test.device})")
         if self.x_train.shape[0] < 1:
             raise ValueError("x_train is empty (N = 0): training needs at least one image")
-        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, numbers.Integral):
-            raise TypeError(f"num_classes must be an integer, got {self.num_classes!r}")
-        if self.num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
-        self.num_classes = int(self.num_classes)
+        self.num_classes = check_int("num_classes", self.num_classes, 2)
         channels = self.x_train.shape[1]
         self.mean, self.std = _per_channel("mean", self.mean), _per_channel("std", self.std)
         if len(self.mean) != channels or len(self.std) != channels:
@@ -217,15 +213,6 @@ def _per_channel(name: str, values) -> Tuple[float, ...]:
     return out
 
 
-def _int_at_least(name: str, value, low: int) -> int:
-    """An integer >= ``low`` (bool and floats such as 2.5 refused rather than truncated)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return int(value)
-
-
 def _seed(value) -> int:
     """A split seed: an integer in [0, 2**32 - 1] (what scikit-learn and torch.Generator take)."""
     value = check_seed("seed", value)
@@ -289,9 +276,9 @@ def digits(*, seed: int = 0, n_train: int = 500, n_test: Optional[int] = None, d
     from sklearn.model_selection import StratifiedShuffleSplit
 
     seed = _seed(seed)
-    n_train = _int_at_least("n_train", n_train, 0)
+    n_train = check_int("n_train", n_train, 0)
     if n_test is not None:
-        n_test = _int_at_least("n_test", n_test, 0)
+        n_test = check_int("n_test", n_test, 0)
     _check_float_dtype(dtype)
     bunch = load_digits()
     images = torch.as_tensor(bunch.images, dtype=torch.float64) / 16.0  # pixel values 0..16
@@ -643,12 +630,12 @@ def synthetic(*, n_train: int = 64, n_test: int = 32, num_classes: int = 4,
     Returns:
         :class:`TensorData` named "synthetic", mean 0.5 and std 0.25 per channel.
     """
-    n_train = _int_at_least("n_train", n_train, 1)
-    n_test = _int_at_least("n_test", n_test, 1)
-    num_classes = _int_at_least("num_classes", num_classes, 2)
+    n_train = check_int("n_train", n_train, 1)
+    n_test = check_int("n_test", n_test, 1)
+    num_classes = check_int("num_classes", num_classes, 2)
     if isinstance(image_shape, (str, bytes)) or not isinstance(image_shape, Sequence) or len(image_shape) != 3:
         raise ValueError(f"image_shape must be (C, H, W), got {image_shape!r}")
-    shape = tuple(_int_at_least("image_shape entries", s, 1) for s in image_shape)
+    shape = tuple(check_int("image_shape entries", s, 1) for s in image_shape)
     if isinstance(noise, bool) or not isinstance(noise, numbers.Real) or not math.isfinite(noise) or noise < 0:
         raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
     seed = _seed(seed)
@@ -685,7 +672,7 @@ def batch_indices(n: int, *, batch_size: int, shuffle: bool = False,
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    n = _int_at_least("n", n, 0)
+    n = check_int("n", n, 0)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     if device is not None:
         order = order.to(device)

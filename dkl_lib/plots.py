@@ -16,6 +16,8 @@ from typing import Optional
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ._checks import check_int
+
 __all__ = [
     "LOSS_COLORS",
     "LOSS_LABELS",
@@ -411,7 +413,7 @@ def learning_curves(histories, *, terms=None, metric: str = "test_acc", band: bo
         if unknown:
             raise ValueError(f"terms {unknown} are not history columns; have {sorted(long.columns)}")
     panels = [metric] + terms
-    cols = _positive_cols(cols)
+    cols = check_int("cols", cols, 1)
     rows = math.ceil(len(panels) / cols)
     names = [_METRIC_LABELS.get(metric, metric)] + [f"{TERM_LABELS.get(t, t)} term" for t in terms]
     fig = make_subplots(rows=rows, cols=min(cols, len(panels)), subplot_titles=names,
@@ -560,7 +562,7 @@ def prior_heatmap(priors, *, epochs=None, layout: str = "slider", diagonal: bool
         return f"after {e} epoch{'s' if e != 1 else ''}" + (" (uniform start)" if e == 0 else "")
 
     if layout == "grid":
-        cols = _positive_cols(cols)
+        cols = check_int("cols", cols, 1)
         rows = -(-len(epochs) // cols)
         fig = make_subplots(rows=rows, cols=min(cols, len(epochs)), subplot_titles=[caption(e) for e in epochs],
                             horizontal_spacing=0.04, vertical_spacing=0.12)
@@ -691,12 +693,6 @@ def adv_label(loss: str) -> str:
     return ADV_LOSS_LABELS.get(loss, label(loss))
 
 
-def _positive_cols(cols) -> int:
-    if isinstance(cols, bool) or not isinstance(cols, numbers.Integral) or cols < 1:
-        raise ValueError(f"cols must be a positive integer (panels per row), got {cols!r}")
-    return int(cols)
-
-
 def adversarial_examples(x, x_adv, y, pred_clean, pred_adv, *, n: int = 8, epsilon: Optional[float] = None,
                          title: str = "Adversarial examples: clean image, perturbation, adversarial image"):
     """A 3 × n grid of grey images: clean inputs (top), the perturbation x′ − x (middle, on a
@@ -710,8 +706,7 @@ def adversarial_examples(x, x_adv, y, pred_clean, pred_adv, *, n: int = 8, epsil
     """
     import numpy as np
 
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise ValueError(f"n must be a positive integer (images to draw), got {n!r}")
+    n = check_int("n", n, 1)
     if epsilon is not None and (isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real)
                                 or not math.isfinite(epsilon) or epsilon < 0):
         raise ValueError(f"epsilon must be a finite number >= 0 or None, got {epsilon!r}")

@@ -593,7 +593,7 @@ PLOT_CASES = [
     # "cannot reshape array", a ZeroDivisionError, or a figure drawn without complaint (nan ε, too few
     # class names, labels not matching the images)
     ("adversarial_examples n=0", lambda P: P.adversarial_examples(_images(), _images(), [0] * 4, [0] * 4, [0] * 4, n=0),
-     "n must be a positive integer"),
+     "n must be >= 1"),
     ("adversarial_examples x/x_adv mismatch", lambda P: P.adversarial_examples(_images(), _images(2), [0] * 4, [0] * 4,
                                                                                  [0] * 4), "x and x_adv must have the same shape"),
     ("adversarial_examples 3 channels", lambda P: P.adversarial_examples(_images(4, 3), _images(4, 3), [0] * 4, [0] * 4,
@@ -603,7 +603,7 @@ PLOT_CASES = [
     ("adversarial_examples nan epsilon", lambda P: P.adversarial_examples(_images(), _images(), [0] * 4, [0] * 4, [0] * 4,
                                                                            epsilon=float("nan")), "epsilon must be a finite"),
     ("prior_heatmap cols=0", lambda P: P.prior_heatmap([torch.eye(3), torch.eye(3)], layout="grid", cols=0),
-     "cols must be a positive integer"),
+     "cols must be >= 1"),
     ("prior_heatmap class_names short", lambda P: P.prior_heatmap([torch.eye(3)], class_names=["a"]),
      "class_names must give one name per class"),
 ]
@@ -621,7 +621,7 @@ def test_learning_curves_refuses_zero_columns():
     import pandas as pd
 
     histories = {("kl", 0): pd.DataFrame({"epoch": [1, 2], "test_acc": [50.0, 60.0]})}
-    with pytest.raises(ValueError, match="cols must be a positive integer"):  # before: ZeroDivisionError
+    with pytest.raises(ValueError, match="cols must be >= 1"):  # before: ZeroDivisionError
         dkl.plots.learning_curves(histories, cols=0)
 
 
