@@ -19,6 +19,7 @@ __all__ = [
     "check_nonnegative",
     "check_targets",
     "check_class_prior",
+    "check_finite_terms",
     "compute_dtype",
     "env_positive_int",
 ]
@@ -53,7 +54,7 @@ def _check_temperature_range(name: str, value: float, dtype: torch.dtype,
 
 def check_logits_pair(logits, target_logits, *, temperature: Optional[float] = None,
                       weight_temperature: Optional[float] = None, squared_weight: float = 1.0,
-                      weight_temperature_name: str = "weight_temperature") -> None:
+                      weight_temperature_name: str = "weight_temperature") -> tuple[float, float]:
     """Both logit tensors are finite, float, of shape (B, C) with C >= 2, and of the same shape.
 
     With ``temperature`` T (already checked to be > 0), also 1/T and w T² are finite in the
@@ -62,6 +63,9 @@ def check_logits_pair(logits, target_logits, *, temperature: Optional[float] = N
     largest value for both tensors, so the scaled logits and their differences are finite;
     ``weight_temperature`` T_w (target side only, no T²; named ``weight_temperature_name`` in the
     messages) likewise. One pass over each tensor and one device-to-host copy for both.
+
+    Returns (max |logits|, max |target_logits|), read in that same copy, for
+    :func:`check_finite_terms`.
     """
     _check_logits("logits", logits)
     _check_logits("target_logits", target_logits)
@@ -85,10 +89,12 @@ def check_logits_pair(logits, target_logits, *, temperature: Optional[float] = N
     low_n, high_n, low_m, high_m = extremes.tolist()
     limit = torch.finfo(dtype).max / 4
     scales = {"temperature": temperature}
+    largest_of = []
     for name, low, high in (("logits", low_n, high_n), ("target_logits", low_m, high_m)):
         if not (math.isfinite(low) and math.isfinite(high)):
             raise ValueError(f"{name} contains non-finite values (nan or inf)")
         largest = max(-low, high)
+        largest_of.append(largest)
         if name == "target_logits":
             scales[weight_temperature_name] = weight_temperature
         for scale_name, scale in scales.items():
@@ -98,6 +104,36 @@ def check_logits_pair(logits, target_logits, *, temperature: Optional[float] = N
                     f"{scale_name} = {scale:g}, but max |{name}| / {scale_name} must stay below "
                     f"{limit:.3g} (a quarter of the largest {dtype})"
                 )
+    return largest_of[0], largest_of[1]
+
+
+def check_finite_terms(loss: str, terms: dict, *, bound: float, largest: tuple[float, float],
+                       temperature: Optional[float] = None) -> None:
+    """The loss values in ``terms`` (name -> scalar tensor) are finite.
+
+    Finite logits that pass :func:`check_logits_pair` can still give a loss VALUE beyond the
+    compute dtype: the wMSE grows like (max |o_m - o_n|)², T² KL like T · max |o|, so logits of
+    ~1e19 and more overflow float32 (the gradients stay finite). ``bound`` is an upper bound of
+    the largest |term| computed from the magnitudes the range check already read: only when it
+    comes near the dtype's maximum are the values read back (one device sync), so ordinary
+    batches pay nothing. ``largest`` = (max |logits|, max |target_logits|) for the message.
+    """
+    if not terms:
+        return
+    value = next(iter(terms.values()))
+    fmax = torch.finfo(value.dtype).max
+    if bound <= fmax / 64:  # margin for the rounding of the bound itself
+        return
+    finite = torch.isfinite(torch.stack([v.detach() for v in terms.values()])).tolist()
+    bad = [name for name, ok in zip(terms, finite) if not ok]
+    if bad:
+        at = "" if temperature is None else f" and temperature = {temperature:g}"
+        raise ValueError(
+            f"{loss}: the {' and '.join(bad)} term{'s' if len(bad) > 1 else ''} overflow{'' if len(bad) > 1 else 's'} "
+            f"{value.dtype} (the value, or a partial sum of it, exceeds {fmax:.3g}) for logits this large: "
+            f"max |logits| = {largest[0]:.3g}, max |target_logits| = {largest[1]:.3g}{at}; the inputs are finite "
+            f"but the loss is not computable in {value.dtype}: pass float64 logits, or smaller logits"
+        )
 
 
 def _check_number(name: str, value) -> float:
@@ -141,8 +177,9 @@ def check_targets(targets, batch_size: int, num_classes: int, device, *, name: s
     return targets.long()
 
 
-def check_class_prior(class_prior, num_classes: int, device) -> None:
-    """A (C, C) tensor whose rows are non-negative, finite and not all zero."""
+def check_class_prior(class_prior, num_classes: int, device) -> float:
+    """A (C, C) tensor whose rows are non-negative, finite and not all zero; returns the largest
+    row sum (for :func:`check_finite_terms`). One device sync for valid priors."""
     if not isinstance(class_prior, torch.Tensor):
         raise TypeError(f"class_prior must be a torch.Tensor, got {type(class_prior).__name__}")
     if not class_prior.is_floating_point():
@@ -154,14 +191,19 @@ def check_class_prior(class_prior, num_classes: int, device) -> None:
         )
     if class_prior.device != device:
         raise ValueError(f"class_prior is on {class_prior.device} but the logits are on {device}")
-    if not bool(torch.isfinite(class_prior).all()):
+    sums = class_prior.detach().sum(dim=1)
+    finite, low, low_sum, high_sum = torch.stack([
+        torch.isfinite(class_prior).all().to(sums.dtype), class_prior.detach().amin(), sums.amin(), sums.amax(),
+    ]).tolist()
+    if not finite:
         raise ValueError("class_prior contains non-finite values (nan or inf)")
-    if bool((class_prior < 0).any()):
+    if low < 0:
         bad = sorted(set(torch.nonzero(class_prior < 0)[:, 0].tolist()))[:5]
         raise ValueError(f"class_prior has negative entries in rows {bad}; rows must be probability vectors")
-    if bool((class_prior.sum(dim=1) <= 0).any()):
-        bad = torch.nonzero(class_prior.sum(dim=1) <= 0)[:5, 0].tolist()
+    if low_sum <= 0:
+        bad = torch.nonzero(sums <= 0)[:5, 0].tolist()
         raise ValueError(f"class_prior rows {bad} sum to zero; rows must be probability vectors")
+    return high_sum
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -208,6 +250,16 @@ def check_label_range(name: str, labels: torch.Tensor, num_classes: int, *, owne
     if low < 0 or high >= num_classes:
         raise ValueError(f"{name} out of range: {owner} {num_classes} classes, so {name} must lie in "
                          f"[0, {num_classes - 1}], got min {int(low)}, max {int(high)}")
+
+
+def check_int(name: str, value, low: int) -> int:
+    """An integer >= ``low``: TypeError for anything else (bool, and floats such as 2.5, are refused
+    rather than truncated), ValueError below ``low``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return int(value)
 
 
 def check_seed(name: str, value) -> int:
@@ -267,3 +319,13 @@ def tolerant_console() -> None:
             stream.reconfigure(errors="backslashreplace")
         except (LookupError, ValueError, OSError):  # an unknown codec, a closed or detached stream
             continue
+
+
+def check_model_output(name: str, out, num_classes: Optional[int] = None, *, source: str = "the data") -> None:
+    """``out``, what the model ``name`` returned, is a (B, num_classes) logit tensor (2-D only,
+    when ``num_classes`` is None). A shape check: no device sync, cheap enough for every batch."""
+    if isinstance(out, torch.Tensor) and out.dim() == 2 and (num_classes is None or out.shape[1] == num_classes):
+        return
+    got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+    want = "(B, classes)" if num_classes is None else f"(B, {num_classes}) for the {num_classes} classes of {source}"
+    raise ValueError(f"{name} must return logits of shape {want}, got {got}")

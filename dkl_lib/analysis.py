@@ -18,7 +18,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 
 from . import experiments, losses, train
-from ._checks import check_nonnegative, check_targets, value_range
+from ._checks import check_nonnegative, check_seeds, check_targets, value_range
 
 __all__ = [
     "ProbeResult",
@@ -71,6 +71,12 @@ def probe_runs(loss_specs: Sequence[str], seeds: Sequence[int], *, preset: str =
     import pandas as pd
     from tqdm.auto import tqdm
 
+    # the arguments first: the teacher below may take minutes to train
+    loss_specs = experiments._loss_specs(loss_specs)
+    seeds = check_seeds("seeds", seeds)
+    if probe is not None and not callable(probe):
+        raise TypeError(f"probe must be a function (student, data, teacher_logits, settings) or None, "
+                        f"got {type(probe).__name__}")
     cfg = experiments.resolve_config(preset, overrides)
     cache = experiments.RunCache(cache_dir)
     dev = train.select_device(device, dtype=dtype)  # float64: the CPU when the best device is MPS
@@ -264,11 +270,23 @@ def sensitivity(loss_spec: str, grid: Dict[str, Sequence[float]], seeds: Sequenc
 
     collapse_points = check_nonnegative("collapse_points", collapse_points)
     name = experiments._parse_loss(loss_spec)[0]
+    if not isinstance(grid, dict):
+        raise TypeError(f"grid must be a dict of setting name to a list of values, got {type(grid).__name__}")
     names = list(grid)
     if not names:
         raise ValueError("grid is empty")
+    axes = []
+    for n in names:
+        values = grid[n]
+        if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+            raise TypeError(f"grid[{n!r}] must be a list of values, got {values!r}")
+        values = list(values)
+        if not values:
+            raise ValueError(f"grid[{n!r}] is empty; give at least one value")
+        axes.append(values)
+    seeds = check_seeds("seeds", seeds)
     frames = []
-    cells = list(itertools.product(*(grid[n] for n in names)))
+    cells = list(itertools.product(*axes))
     for values in tqdm(cells, desc=f"{loss_spec} sensitivity", unit="cell", disable=not progress):
         cell = dict(zip(names, values))
         extra = dict(overrides or {})

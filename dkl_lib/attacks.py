@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_label_range, check_seed, check_unit_range, value_range
+from ._checks import check_label_range, check_model_output, check_seed, check_unit_range, value_range
 from .losses import kl_loss
 
 __all__ = [
@@ -107,6 +107,14 @@ def _check_model(model) -> None:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
+def _check_logits(logits, y: Optional[torch.Tensor] = None) -> None:
+    """The model returned (B, classes) logits, and every label of ``y`` is one of those classes
+    (first batch only: the label check reads back one min/max)."""
+    check_model_output("model", logits)
+    if y is not None:
+        check_label_range("y", y, logits.shape[1])
+
+
 def _check_xy(x, y=None) -> None:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
         raise TypeError("x must be a floating-point tensor of shape (N, ...) (images in [0, 1])")
@@ -137,8 +145,14 @@ class Normalized(nn.Module):
     def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
         _check_model(model)
-        mean = torch.as_tensor(list(mean), dtype=torch.float32)
-        std = torch.as_tensor(list(std), dtype=torch.float32)
+        try:
+            if isinstance(mean, (str, bytes)) or isinstance(std, (str, bytes)):
+                raise TypeError
+            mean = torch.as_tensor([float(v) for v in mean], dtype=torch.float32)
+            std = torch.as_tensor([float(v) for v in std], dtype=torch.float32)
+        except (TypeError, ValueError):
+            raise TypeError(f"mean and std must be sequences of numbers (one per channel), got {mean!r} and "
+                            f"{std!r}") from None
         if mean.dim() != 1 or mean.shape != std.shape or mean.numel() == 0:
             raise ValueError(f"mean and std need one value per channel, got {tuple(mean.shape)} and "
                              f"{tuple(std.shape)}")
@@ -149,6 +163,9 @@ class Normalized(nn.Module):
         self.register_buffer("std", std.view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.mean.shape[1]:  # a shape check, free: broadcasting would hide it
+            raise ValueError(f"Normalized has {self.mean.shape[1]} channel(s) of mean/std, but x has shape "
+                             f"{tuple(x.shape)}; expected (N, {self.mean.shape[1]}, H, W)")
         mean, std = self.mean.to(x.dtype), self.std.to(x.dtype)
         return self.model((x - mean) / std)
 
@@ -216,10 +233,13 @@ def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 500) -> torc
     """Predicted classes (N,) int64 of the model in eval mode (its mode restored)."""
     _check_model(model)
     _check_xy(x)
+    batch_size = _int("batch_size", batch_size, 1)
     out = []
     with _eval_mode(model):
         for start in range(0, x.shape[0], batch_size):
-            out.append(model(x[start:start + batch_size].to(_model_dtype(model))).argmax(dim=1))
+            logits = model(x[start:start + batch_size].to(_model_dtype(model)))
+            check_model_output("model", logits)
+            out.append(logits.argmax(dim=1))
     return torch.cat(out)
 
 
@@ -228,11 +248,15 @@ def clean_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_s
     """Bool tensor (N,): is each sample classified correctly (model in eval mode, mode restored)?"""
     _check_model(model)
     _check_xy(x, y)
+    batch_size = _int("batch_size", batch_size, 1)
     out = []
     dtype = _model_dtype(model)
     with _eval_mode(model):
         for start in range(0, x.shape[0], batch_size):
-            out.append(model(x[start:start + batch_size].to(dtype)).argmax(dim=1) == y[start:start + batch_size])
+            logits = model(x[start:start + batch_size].to(dtype))
+            if start == 0:  # labels beyond the model's classes would count as silently wrong
+                _check_logits(logits, y)
+            out.append(logits.argmax(dim=1) == y[start:start + batch_size])
     return torch.cat(out)
 
 
@@ -335,7 +359,7 @@ def _pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epsilon, steps, 
                     xa = xa.detach().requires_grad_(t < steps)
                     logits = model(xa.to(dtype))
                     if not labels_checked:  # the first forward tells the number of classes
-                        check_label_range("y", y, logits.shape[1])
+                        _check_logits(logits, y)
                         labels_checked = True
                     wrong = (logits.argmax(dim=1) != y0) & alive
                     if bool(wrong.any()):
@@ -543,6 +567,7 @@ def ensemble_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epsil
     apgd_iters = _int("apgd_iters", apgd_iters, 1)
     square_queries = _int("square_queries", square_queries, 1)
     batch_size = _int("batch_size", batch_size, 1)
+    seed = check_seed("seed", seed)
     import numpy as np
     AutoAttack, PyTorchClassifier = require_ensemble()
 
@@ -552,7 +577,8 @@ def ensemble_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epsil
         with _eval_mode(model):
             for b0 in range(0, x.shape[0], batch_size):
                 logits.append(model(x[b0:b0 + batch_size].to(_model_dtype(model))))
-        num_classes = torch.cat(logits).shape[1]
+        _check_logits(logits[0], y)
+        num_classes = logits[0].shape[1]
     if "apgd-dlr" in attacks and num_classes < 3:
         raise ValueError("APGD-DLR needs at least 3 classes")
     grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()]
@@ -897,6 +923,11 @@ def accuracy_vs_epsilon(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsi
     pandas DataFrame with columns epsilon, accuracy, steps. ε = 0 gives the clean accuracy."""
     import pandas as pd
 
+    if isinstance(epsilons, (str, bytes)):
+        raise TypeError(f"epsilons must be a sequence of numbers, got {epsilons!r}")
+    epsilons = list(epsilons)
+    if not epsilons:
+        raise ValueError("epsilons is empty; pass at least one ε (0 gives the clean accuracy)")
     clean = clean_correct(model, x, y, batch_size=batch_size)
     check_unit_range("x", x)  # once, not once per ε
     rows = []
@@ -918,6 +949,10 @@ def class_separation(x: torch.Tensor, y: torch.Tensor, *, chunk: int = 256) -> f
     justify the ε of the digits data).
     """
     _check_xy(x, y)
+    chunk = _int("chunk", chunk, 1)
+    low, high = value_range(x)
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError("x contains non-finite values (nan or inf)")
     flat = x.detach().flatten(1).cpu().to(torch.float64)  # on the CPU: MPS has no float64
     y = y.cpu()
     best = math.inf

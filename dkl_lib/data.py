@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _paths
-from ._checks import env_positive_int
+from ._checks import check_int, check_label_range, check_seed, env_positive_int, value_range
 
 __all__ = [
     "TensorData",
@@ -111,18 +112,37 @@ class TensorData:
             if y.dtype != torch.int64 or y.shape != (x.shape[0],):
                 raise ValueError(f"y_{split} must be int64 of shape ({x.shape[0]},), got {y.dtype} "
                                  f"of shape {tuple(y.shape)}")
+            if y.device != x.device:
+                raise ValueError(f"x_{split} and y_{split} are on different devices ({x.device} and {y.device})")
         if self.x_train.shape[1:] != self.x_test.shape[1:]:
             raise ValueError(f"train and test images differ in shape: {tuple(self.x_train.shape[1:])} "
                              f"and {tuple(self.x_test.shape[1:])}")
-        if int(self.num_classes) < 2:
-            raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
+        if self.x_train.device != self.x_test.device:
+            raise ValueError(f"x_train and x_test are on different devices ({self.x_train.device} and "
+                             f"{self.x_test.device})")
+        if self.x_train.shape[0] < 1:
+            raise ValueError("x_train is empty (N = 0): training needs at least one image")
+        self.num_classes = check_int("num_classes", self.num_classes, 2)
         channels = self.x_train.shape[1]
-        self.mean, self.std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
+        self.mean, self.std = _per_channel("mean", self.mean), _per_channel("std", self.std)
         if len(self.mean) != channels or len(self.std) != channels:
             raise ValueError(f"mean and std need one value per channel ({channels}), got "
                              f"{len(self.mean)} and {len(self.std)}")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"std must be positive, got {self.std}")
+        if self.augment is not None:
+            if not isinstance(self.augment, dict) or not set(self.augment) <= _AUGMENT_KEYS:
+                raise ValueError(f"augment must be None or a dict of augment_crop_flip arguments (keys "
+                                 f"{sorted(_AUGMENT_KEYS)}), got {self.augment!r}")
+        # the values, once per construction (one pass and one device sync per tensor, never per batch)
+        for split in ("train", "test"):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if y.shape[0]:
+                check_label_range(f"y_{split}", y, self.num_classes, owner="num_classes says the data has")
+            if not self.lazy and x.shape[0] and x.numel():
+                low, high = value_range(x)
+                if not (math.isfinite(low) and math.isfinite(high)):
+                    raise ValueError(f"x_{split} contains non-finite values (nan or inf)")
 
     @property
     def device(self) -> torch.device:
@@ -177,6 +197,42 @@ class TensorData:
         }
 
 
+_AUGMENT_KEYS = {"padding", "flip"}
+
+
+def _per_channel(name: str, values) -> Tuple[float, ...]:
+    """A tuple of finite floats (one per channel) from a sequence of real numbers."""
+    try:
+        if isinstance(values, (str, bytes)) or any(isinstance(v, (bool, str, bytes)) for v in values):
+            raise TypeError
+        out = tuple(float(v) for v in values)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a sequence of numbers (one per channel), got {values!r}") from None
+    if not all(math.isfinite(v) for v in out):
+        raise ValueError(f"{name} must be finite, got {out}")
+    return out
+
+
+def _seed(value) -> int:
+    """A split seed: an integer in [0, 2**32 - 1] (what scikit-learn and torch.Generator take)."""
+    value = check_seed("seed", value)
+    if not 0 <= value < 2**32:
+        raise ValueError(f"seed must lie in [0, 2**32 - 1], got {value}")
+    return value
+
+
+def _check_float_dtype(dtype) -> None:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+
+
+def _check_tensor(name: str, x, *, min_dim: int = 1) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dimension(s), got shape {tuple(x.shape)}")
+
+
 def _resolve_device(device) -> torch.device:
     return torch.device(device) if device is not None else torch.device("cpu")
 
@@ -219,19 +275,23 @@ def digits(*, seed: int = 0, n_train: int = 500, n_test: Optional[int] = None, d
     from sklearn.datasets import load_digits
     from sklearn.model_selection import StratifiedShuffleSplit
 
+    seed = _seed(seed)
+    n_train = check_int("n_train", n_train, 0)
+    if n_test is not None:
+        n_test = check_int("n_test", n_test, 0)
+    _check_float_dtype(dtype)
     bunch = load_digits()
     images = torch.as_tensor(bunch.images, dtype=torch.float64) / 16.0  # pixel values 0..16
     labels = torch.as_tensor(bunch.target, dtype=torch.int64)
     total = labels.shape[0]
-    n_train = int(n_train)
     if not 20 <= n_train <= total - 10:
         raise ValueError(f"n_train must lie in [20, {total - 10}], got {n_train}")
     rest = total - n_train
-    n_test = rest if n_test is None else int(n_test)
+    n_test = rest if n_test is None else n_test
     if not 10 <= n_test <= rest:
         raise ValueError(f"n_test must lie in [10, {rest}] for n_train={n_train}, got {n_test}")
     split = StratifiedShuffleSplit(n_splits=1, train_size=n_train, test_size=n_test,
-                                   random_state=int(seed))
+                                   random_state=seed)
     train_idx, test_idx = next(split.split(bunch.data, bunch.target))
     train_idx, test_idx = torch.as_tensor(train_idx), torch.as_tensor(test_idx)
     x = images.unsqueeze(1)
@@ -570,14 +630,17 @@ def synthetic(*, n_train: int = 64, n_test: int = 32, num_classes: int = 4,
     Returns:
         :class:`TensorData` named "synthetic", mean 0.5 and std 0.25 per channel.
     """
-    if n_train < 1 or n_test < 1:
-        raise ValueError(f"n_train and n_test must be >= 1, got {n_train} and {n_test}")
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    shape = tuple(int(s) for s in image_shape)
-    if len(shape) != 3:
-        raise ValueError(f"image_shape must be (C, H, W), got {image_shape}")
-    g = torch.Generator().manual_seed(int(seed))
+    n_train = check_int("n_train", n_train, 1)
+    n_test = check_int("n_test", n_test, 1)
+    num_classes = check_int("num_classes", num_classes, 2)
+    if isinstance(image_shape, (str, bytes)) or not isinstance(image_shape, Sequence) or len(image_shape) != 3:
+        raise ValueError(f"image_shape must be (C, H, W), got {image_shape!r}")
+    shape = tuple(check_int("image_shape entries", s, 1) for s in image_shape)
+    if isinstance(noise, bool) or not isinstance(noise, numbers.Real) or not math.isfinite(noise) or noise < 0:
+        raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
+    seed = _seed(seed)
+    _check_float_dtype(dtype)
+    g = torch.Generator().manual_seed(seed)
     prototypes = torch.rand((num_classes, *shape), generator=g)
 
     def make(n):
@@ -594,7 +657,7 @@ def synthetic(*, n_train: int = 64, n_test: int = 32, num_classes: int = 4,
         x_train=x_train.to(device, dtype), y_train=y_train.to(device),
         x_test=x_test.to(device, dtype), y_test=y_test.to(device), num_classes=num_classes,
         name="synthetic", mean=(0.5,) * channels, std=(0.25,) * channels, augment=augment,
-        info={"seed": int(seed), "noise": float(noise)},
+        info={"seed": seed, "noise": float(noise)},
     )
 
 
@@ -609,8 +672,7 @@ def batch_indices(n: int, *, batch_size: int, shuffle: bool = False,
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+    n = check_int("n", n, 0)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     if device is not None:
         order = order.to(device)
@@ -624,8 +686,12 @@ def batches(x: torch.Tensor, y: torch.Tensor, *, batch_size: int, shuffle: bool 
             drop_last: bool = False) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     """(x_batch, y_batch) pairs over two tensors with the same first dimension (see
     :func:`batch_indices`); batches stay on the tensors' device."""
+    _check_tensor("x", x)
+    _check_tensor("y", y)
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y differ in length: {x.shape[0]} and {y.shape[0]}")
+    if x.device != y.device:
+        raise ValueError(f"x and y are on different devices ({x.device} and {y.device})")
     for idx in batch_indices(x.shape[0], batch_size=batch_size, shuffle=shuffle,
                              generator=generator, drop_last=drop_last, device=x.device):
         yield x[idx], y[idx]
@@ -641,8 +707,11 @@ def augment_crop_flip(x: torch.Tensor, *, padding: int = 4, flip: bool = True,
     x's device, so a seed gives the same augmentation on CPU and GPU. The output has x's shape,
     dtype and device, and its values are pixels of x or 0 (so [0, 1] stays [0, 1]).
     """
+    _check_tensor("x", x)
     if x.dim() != 4:
         raise ValueError(f"x must have shape (B, C, H, W), got {tuple(x.shape)}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator (on the CPU) or None, got {type(generator).__name__}")
     if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
         raise ValueError(f"padding must be a non-negative integer, got {padding!r}")
     batch, _, height, width = x.shape

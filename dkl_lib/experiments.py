@@ -583,6 +583,8 @@ def load_data(spec: dict, *, device=None, download: bool = False) -> data_mod.Te
     "cifar10"|"imagenet"|"synthetic", ...other arguments of that loader}), on ``device``.
     ``download`` lets CIFAR be downloaded (ImageNet never is: ``ValueError``); an unknown name
     raises ``ValueError``, a missing data set :class:`dkl_lib.data.DatasetNotFoundError`."""
+    if not isinstance(spec, dict):
+        raise TypeError(f"spec must be a dict such as {{'name': 'digits'}} (a preset's data section), got {spec!r}")
     spec = dict(spec)
     name = spec.pop("name", None)
     if name == "digits":
@@ -795,6 +797,19 @@ def _parse_loss(spec: str) -> Tuple[str, Optional[bool]]:
     return name, gi
 
 
+def _loss_specs(losses) -> List[str]:
+    """The loss specs of a grid ("kl", "ikl-nogi", ...; a comma-separated string is split), each
+    checked by :func:`_parse_loss`; ValueError when there are none."""
+    if isinstance(losses, str):
+        losses = [s for s in losses.split(",") if s.strip()]
+    losses = list(losses)
+    if not losses:
+        raise ValueError("losses is empty; pass at least one of " + ", ".join(GRID_LOSSES))
+    for spec in losses:
+        _parse_loss(spec)
+    return losses
+
+
 def _run_config(cfg: dict, loss_spec: str, seed: int, teacher_key: str) -> dict:
     name, gi = _parse_loss(loss_spec)
     settings = dict(cfg["distill"])
@@ -881,6 +896,10 @@ def summarize(runs, *, paper: Optional[Dict[str, float]] = None):
     order the losses first appear; ``paper`` maps loss → published top-1 for a paper_top1 column."""
     import pandas as pd
 
+    need = ("loss", "best_acc", "last_acc")
+    if not isinstance(runs, pd.DataFrame) or not set(need) <= set(runs.columns):
+        have = sorted(map(str, runs.columns)) if isinstance(runs, pd.DataFrame) else type(runs).__name__
+        raise ValueError(f"runs must be a DataFrame with the columns {list(need)} (GridResult.runs), got {have}")
     rows = []
     for loss in dict.fromkeys(runs["loss"]):
         sub = runs[runs["loss"] == loss]
@@ -1017,13 +1036,7 @@ def run_grid(losses: Sequence[str] = ("ce", "kl", "dkl", "ikl", "gkl", "dkd"),
     import pandas as pd
     from tqdm.auto import tqdm
 
-    if isinstance(losses, str):
-        losses = [s for s in losses.split(",") if s.strip()]
-    losses = list(losses)
-    if not losses:
-        raise ValueError("losses is empty; pass at least one of " + ", ".join(GRID_LOSSES))
-    for spec in losses:
-        _parse_loss(spec)
+    losses = _loss_specs(losses)
     seeds = check_seeds("seeds", seeds)
     cfg = resolve_config(preset, overrides)
     cache = RunCache(cache_dir, enabled=use_cache)

@@ -98,6 +98,12 @@ def loss_grads(name: str, logits, target_logits, targets=None, **hparams) -> Gra
 
 def relative_error(value: torch.Tensor, reference: torch.Tensor, scale: float | None = None) -> float:
     """max |value − reference| / scale, scale = max |reference| unless given (absolute error at 0)."""
+    for name, t in (("value", value), ("reference", reference)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if value.shape != reference.shape:
+        raise ValueError(f"value and reference must have the same shape, got {tuple(value.shape)} and "
+                         f"{tuple(reference.shape)}")
     if scale is None:
         scale = reference.abs().max().item()
     err = (value - reference).abs().max().item()
@@ -332,7 +338,10 @@ SIMPLEX_CORNERS = ((0.0, 0.0), (1.0, 0.0), (0.5, 3**0.5 / 2))
 
 def simplex_xy(probs: torch.Tensor) -> torch.Tensor:
     """2-D coordinates of points of the 3-class probability simplex (shape (N, 3) -> (N, 2))."""
-    corners = torch.tensor(SIMPLEX_CORNERS, dtype=probs.dtype)
+    if not isinstance(probs, torch.Tensor) or not probs.is_floating_point() or probs.dim() != 2 or probs.shape[1] != 3:
+        got = f"{probs.dtype} of shape {tuple(probs.shape)}" if isinstance(probs, torch.Tensor) else type(probs).__name__
+        raise ValueError(f"probs must be a float tensor of shape (N, 3) (points of the 3-class simplex), got {got}")
+    corners = torch.tensor(SIMPLEX_CORNERS, dtype=probs.dtype, device=probs.device)
     return probs @ corners
 
 

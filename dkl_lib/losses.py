@@ -35,12 +35,14 @@ Notebook 01 derives these losses step by step; notebook 02 plots the gradient of
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, Dict, Optional
 
 import torch
 
 from ._checks import (
     check_class_prior,
+    check_finite_terms,
     check_logits_pair,
     check_nonnegative,
     check_positive,
@@ -85,13 +87,14 @@ def _prepare(logits, target_logits, temperature=None, weight_temperature=None, s
 
     ``temperature`` / ``weight_temperature``: the divisors of the logits; ``squared_weight``: the
     largest weight multiplying T² (see :func:`~dkl_lib._checks.check_logits_pair`: 1/T, that
-    weight times T², and logits / T must be finite).
+    weight times T², and logits / T must be finite). Returns the two cast tensors and
+    (max |logits|, max |target_logits|) for :func:`~dkl_lib._checks.check_finite_terms`.
     """
-    check_logits_pair(logits, target_logits, temperature=temperature,
+    largest = check_logits_pair(logits, target_logits, temperature=temperature,
                       weight_temperature=weight_temperature, squared_weight=squared_weight,
                       weight_temperature_name=weight_temperature_name)
     dtype = compute_dtype(logits, target_logits)
-    return logits.to(dtype), target_logits.to(dtype)
+    return logits.to(dtype), target_logits.to(dtype), largest
 
 
 def _rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -123,7 +126,8 @@ def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def _weights(target_logits, *, weight_temperature, targets, class_prior, gamma=1.0, scale_free=False):
-    """The detached weight vectors p (B, C) of w = p pᵀ, or ``None`` for p = softmax(o_m / T).
+    """The detached weight vectors p (B, C) of w = p pᵀ, or ``None`` for p = softmax(o_m / T), and
+    an upper bound of the row sums Σ_j p_j (1 for softmax weights; the largest row sum of a prior).
 
     Class-wise global information: p = class_prior[targets] when a prior is given; otherwise
     p = softmax(o_m / T_w). ``targets`` are validated whenever given, also when unused.
@@ -133,11 +137,12 @@ def _weights(target_logits, *, weight_temperature, targets, class_prior, gamma=1
     ratio, and it keeps p**gamma and Σw from underflowing to 0/0 (large gamma, tiny priors).
     """
     batch, classes = target_logits.shape
+    prior_mass = 1.0
     if class_prior is not None:
         if targets is None:
             raise ValueError("class_prior was given without targets: the prior row of each sample "
                              "is class_prior[targets]")
-        check_class_prior(class_prior, classes, target_logits.device)
+        prior_mass = check_class_prior(class_prior, classes, target_logits.device)
     if targets is not None:
         targets = check_targets(targets, batch, classes, target_logits.device)
     if class_prior is not None:
@@ -157,7 +162,8 @@ def _weights(target_logits, *, weight_temperature, targets, class_prior, gamma=1
         if p is None:
             raise AssertionError("caller computes p before applying gamma")
         p = p.pow(gamma)
-    return p
+    # GKL divides by Σ_b (Σ_j p_j)², which cancels the row sums: its bound is that of rows summing to 1
+    return p, (prior_mass if class_prior is not None and not scale_free else 1.0)
 
 
 class _DecoupledKL(torch.autograd.Function):
@@ -196,7 +202,8 @@ class _DecoupledKL(torch.autograd.Function):
         if mass is not None:
             row = row * mass.squeeze(1)
         norm = float(batch) if wmse_norm is None else wmse_norm
-        wmse = row.sum() * (0.5 * alpha) / norm
+        # scaled per row, then summed, like soft_ce below: the sum of B rows may overflow before 1/N
+        wmse = (row * (0.5 * alpha / norm)).sum()
         # per row, scaled, then summed: a row is at most max |o| / T in size (finite by the range check),
         # but the sum of B such rows may overflow before T² brings it back (inf, or nan once T² is 0)
         soft_ce = torch.linalg.vecdot(s_m, log_s_n).mul(-beta * temperature**2 / batch).sum()
@@ -246,28 +253,35 @@ class _DecoupledKL(torch.autograd.Function):
 
 
 def _decoupled_terms(logits, target_logits, *, temperature, alpha, beta, weight_temperature,
-                     targets, class_prior, gamma, gkl_norm, stop_logits) -> Terms:
+                     targets, class_prior, gamma, gkl_norm, stop_logits, loss_name) -> Terms:
     temperature = check_positive("temperature", temperature)
     alpha = check_nonnegative("alpha", alpha)
     beta = check_nonnegative("beta", beta)
     gamma = check_positive("gamma", gamma)
     if weight_temperature is not None:
         weight_temperature = check_positive("weight_temperature", weight_temperature)
-    logits, target_logits = _prepare(logits, target_logits, temperature,
-                                     weight_temperature if class_prior is None else None, beta)
+    logits, target_logits, largest = _prepare(logits, target_logits, temperature,
+                                              weight_temperature if class_prior is None else None, beta)
     with _no_autocast(logits.device):
         if gamma != 1.0 and class_prior is None and weight_temperature is None:
             weight_temperature = temperature  # p must exist before it is raised to gamma
         if weight_temperature == temperature and gamma == 1.0 and class_prior is None:
             weight_temperature = None  # p = s_m, computed once inside the kernel
-        p = _weights(target_logits, weight_temperature=weight_temperature, targets=targets,
-                     class_prior=class_prior, gamma=gamma, scale_free=gkl_norm)
+        p, mass = _weights(target_logits, weight_temperature=weight_temperature, targets=targets,
+                           class_prior=class_prior, gamma=gamma, scale_free=gkl_norm)
         norm = None
         if gkl_norm:  # Σ_b Σ_jk w_jk = Σ_b (Σ_j p_j)², which is B when the rows of p sum to 1
             norm = float(logits.shape[0]) if p is None else (p.sum(dim=1) ** 2).sum()
         wmse_term, soft_ce = _DecoupledKL.apply(logits, target_logits, p, temperature, alpha, beta,
                                                 norm, stop_logits)
-    return {"wmse": wmse_term, "soft_ce": soft_ce}
+    terms = {"wmse": wmse_term, "soft_ce": soft_ce}
+    # |wmse| <= (α/8) P² (max_j d - min_j d)² <= (α/2) P² (|o_n| + |o_m|)²; |soft_ce| <= β T² max |log s_n|
+    spread = largest[0] + largest[1]
+    check_finite_terms(loss_name, terms, temperature=temperature, largest=largest,
+                       bound=max(0.5 * alpha * mass * mass * spread * spread,
+                                 beta * (2.0 * temperature * largest[0]
+                                         + temperature * temperature * math.log(logits.shape[1]))))
+    return terms
 
 
 def _total(terms: Terms) -> torch.Tensor:
@@ -280,12 +294,15 @@ def _total(terms: Terms) -> torch.Tensor:
 def kl_terms(logits, target_logits, *, temperature: float = 1.0) -> Terms:
     """``{"kl": kl_loss(...)}``; see :func:`kl_loss`."""
     temperature = check_positive("temperature", temperature)
-    logits, target_logits = _prepare(logits, target_logits, temperature)
+    logits, target_logits, largest = _prepare(logits, target_logits, temperature)
     with _no_autocast(logits.device):
         log_s_n = torch.log_softmax(logits / temperature, dim=1)
         log_s_m = torch.log_softmax(target_logits / temperature, dim=1)
         # per row, scaled, then summed (see _DecoupledKL.forward: the unscaled sum may overflow)
         kl = (log_s_m.exp() * (log_s_m - log_s_n)).sum(dim=1).mul(temperature**2 / logits.shape[0]).sum()
+    # KL(s_m ‖ s_n) <= max_j |log s_m,j - log s_n,j| <= 2 max |o_m - o_n| / T
+    check_finite_terms("kl", {"kl": kl}, temperature=temperature, largest=largest,
+                       bound=2.0 * temperature * (largest[0] + largest[1]))
     return {"kl": kl}
 
 
@@ -320,7 +337,7 @@ def dkl_terms(logits, target_logits, *, temperature: float = 1.0, alpha: float =
     """``{"wmse": ..., "soft_ce": ...}`` of :func:`dkl_loss`; the loss is their sum."""
     return _decoupled_terms(logits, target_logits, temperature=temperature, alpha=alpha, beta=beta,
                             weight_temperature=None, targets=None, class_prior=None, gamma=1.0,
-                            gkl_norm=False, stop_logits=True)
+                            gkl_norm=False, stop_logits=True, loss_name="dkl")
 
 
 def dkl_loss(logits, target_logits, *, temperature: float = 1.0, alpha: float = 1.0,
@@ -364,7 +381,8 @@ def ikl_terms(logits, target_logits, *, temperature: float = 1.0, alpha: float =
     """``{"wmse": ..., "soft_ce": ...}`` of :func:`ikl_loss`; the loss is their sum."""
     return _decoupled_terms(logits, target_logits, temperature=temperature, alpha=alpha, beta=beta,
                             weight_temperature=weight_temperature, targets=targets,
-                            class_prior=class_prior, gamma=1.0, gkl_norm=False, stop_logits=False)
+                            class_prior=class_prior, gamma=1.0, gkl_norm=False, stop_logits=False,
+                            loss_name="ikl")
 
 
 def ikl_loss(logits, target_logits, *, temperature: float = 1.0, alpha: float = 1.0,
@@ -408,7 +426,8 @@ def gkl_terms(logits, target_logits, *, temperature: float = 1.0, alpha: float =
     """``{"wmse": ..., "soft_ce": ...}`` of :func:`gkl_loss`; the loss is their sum."""
     return _decoupled_terms(logits, target_logits, temperature=temperature, alpha=alpha, beta=beta,
                             weight_temperature=weight_temperature, targets=targets,
-                            class_prior=class_prior, gamma=gamma, gkl_norm=True, stop_logits=False)
+                            class_prior=class_prior, gamma=gamma, gkl_norm=True, stop_logits=False,
+                            loss_name="gkl")
 
 
 def gkl_loss(logits, target_logits, *, temperature: float = 1.0, alpha: float = 1.0,
@@ -453,7 +472,7 @@ def dkd_terms(logits, target_logits, targets, *, temperature: float = 1.0, alpha
     temperature = check_positive("temperature", temperature)
     alpha = check_nonnegative("alpha", alpha)
     beta = check_nonnegative("beta", beta)
-    logits, target_logits = _prepare(logits, target_logits, temperature, squared_weight=max(alpha, beta))
+    logits, target_logits, largest = _prepare(logits, target_logits, temperature, squared_weight=max(alpha, beta))
     targets = check_targets(targets, *logits.shape, logits.device)
     scale = temperature**2 / logits.shape[0]
     with _no_autocast(logits.device):
@@ -462,7 +481,11 @@ def dkd_terms(logits, target_logits, targets, *, temperature: float = 1.0, alpha
         # per row, scaled, then summed (see _DecoupledKL.forward: the unscaled sum may overflow)
         tckd = (lb_m.exp() * (lb_m - lb_n)).sum(dim=1).mul(alpha * scale).sum()
         nckd = (lh_m.exp() * (lh_m - lh_n)).sum(dim=1).mul(beta * scale).sum()
-    return {"tckd": tckd, "nckd": nckd}
+    terms = {"tckd": tckd, "nckd": nckd}
+    # each KL <= max |log-ratio| <= 4 max |o_m - o_n| / T (the non-target and binary splits)
+    check_finite_terms("dkd", terms, temperature=temperature, largest=largest,
+                       bound=4.0 * (alpha + beta) * temperature * (largest[0] + largest[1]))
+    return terms
 
 
 def dkd_loss(logits, target_logits, targets, *, temperature: float = 1.0, alpha: float = 1.0,
@@ -498,6 +521,14 @@ def _wmse_weights(target_logits, weights, temperature):
     return weights.detach().to(target_logits.dtype)
 
 
+def _check_wmse_value(name, value, weights, mass, largest) -> None:
+    """The wMSE value is finite (see :func:`~dkl_lib._checks.check_finite_terms`; bound
+    (1/2) P² (|o_n| + |o_m|)², P = the largest row sum of the weights, 1 for softmax weights)."""
+    top = 1.0 if weights is None else float(mass.max())
+    spread = largest[0] + largest[1]
+    check_finite_terms(name, {"wmse": value}, largest=largest, bound=0.5 * top * top * spread * spread)
+
+
 def wmse(logits, target_logits, *, weights: Optional[torch.Tensor] = None,
          temperature: float = 1.0, detach_logits: bool = False) -> torch.Tensor:
     r"""Weighted MSE of pairwise logit differences, closed form, O(B·C).
@@ -510,13 +541,15 @@ def wmse(logits, target_logits, *, weights: Optional[torch.Tensor] = None,
     as :func:`wmse_pairwise`, without its B×C×C tensor; a row whose weights are all zero adds 0.
     """
     temperature = check_positive("temperature", temperature)
-    logits, target_logits = _prepare(logits, target_logits, weight_temperature=temperature if weights is None
-                                     else None, weight_temperature_name="temperature")
+    logits, target_logits, largest = _prepare(logits, target_logits, weight_temperature=temperature if weights
+                                              is None else None, weight_temperature_name="temperature")
     with _no_autocast(logits.device):
         p = _wmse_weights(target_logits, weights, temperature)
         mass = p.sum(dim=1, keepdim=True)
         dev = _centered(p, target_logits - (logits.detach() if detach_logits else logits), mass)
-        return 0.5 * (mass.squeeze(1) * (p * dev * dev).sum(dim=1)).mean()
+        value = 0.5 * (mass.squeeze(1) * (p * dev * dev).sum(dim=1)).mean()
+    _check_wmse_value("wmse", value, weights, mass, largest)
+    return value
 
 
 def wmse_pairwise(logits, target_logits, *, weights: Optional[torch.Tensor] = None,
@@ -529,15 +562,17 @@ def wmse_pairwise(logits, target_logits, *, weights: Optional[torch.Tensor] = No
     Builds the B×C×C tensors Δ(o_m), Δ(o_n) and w explicitly. Arguments as :func:`wmse`.
     """
     temperature = check_positive("temperature", temperature)
-    logits, target_logits = _prepare(logits, target_logits, weight_temperature=temperature if weights is None
-                                     else None, weight_temperature_name="temperature")
+    logits, target_logits, largest = _prepare(logits, target_logits, weight_temperature=temperature if weights
+                                              is None else None, weight_temperature_name="temperature")
     with _no_autocast(logits.device):
         p = _wmse_weights(target_logits, weights, temperature)
         student = logits.detach() if detach_logits else logits
         delta_m = target_logits[:, :, None] - target_logits[:, None, :]
         delta_n = student[:, :, None] - student[:, None, :]
         w = p[:, :, None] * p[:, None, :]
-        return (w * (delta_m - delta_n) ** 2).sum() / (4 * logits.shape[0])
+        value = (w * (delta_m - delta_n) ** 2).sum() / (4 * logits.shape[0])
+    _check_wmse_value("wmse_pairwise", value, weights, p.sum(dim=1), largest)
+    return value
 
 
 # --------------------------------------------------------------------------------------------

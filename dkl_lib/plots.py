@@ -9,10 +9,14 @@ This module is the one place that owns the colours and the display names of loss
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+
+from ._checks import check_int
 
 __all__ = [
     "LOSS_COLORS",
@@ -414,6 +418,7 @@ def learning_curves(histories, *, terms=None, metric: str = "test_acc", band: bo
         if unknown:
             raise ValueError(f"terms {unknown} are not history columns; have {sorted(long.columns)}")
     panels = [metric] + terms
+    cols = check_int("cols", cols, 1)
     rows = math.ceil(len(panels) / cols)
     names = [_METRIC_LABELS.get(metric, metric)] + [f"{TERM_LABELS.get(t, t)} term" for t in terms]
     fig = make_subplots(rows=rows, cols=min(cols, len(panels)), subplot_titles=names,
@@ -548,6 +553,8 @@ def prior_heatmap(priors, *, epochs=None, layout: str = "slider", diagonal: bool
         arr = arr.copy()
         arr[:, np.arange(classes), np.arange(classes)] = np.nan
     names = [str(c) for c in (class_names if class_names is not None else range(classes))]
+    if len(names) != classes:
+        raise ValueError(f"class_names must give one name per class ({classes}), got {len(names)}")
     zmax = float(np.nanmax(arr[epochs])) if np.isfinite(arr[epochs]).any() else 1.0
     scale = dict(colorscale="Viridis", zmin=0.0, zmax=zmax)
 
@@ -560,6 +567,7 @@ def prior_heatmap(priors, *, epochs=None, layout: str = "slider", diagonal: bool
         return f"after {e} epoch{'s' if e != 1 else ''}" + (" (uniform start)" if e == 0 else "")
 
     if layout == "grid":
+        cols = check_int("cols", cols, 1)
         rows = -(-len(epochs) // cols)
         fig = make_subplots(rows=rows, cols=min(cols, len(epochs)), subplot_titles=[caption(e) for e in epochs],
                             horizontal_spacing=0.04, vertical_spacing=0.12)
@@ -703,12 +711,30 @@ def adversarial_examples(x, x_adv, y, pred_clean, pred_adv, *, n: int = 8, epsil
     """
     import numpy as np
 
-    def arr(a):
-        a = a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
-        return a.reshape(a.shape[0], a.shape[-2], a.shape[-1]) if a.ndim == 4 else a
+    n = check_int("n", n, 1)
+    if epsilon is not None and (isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real)
+                                or not math.isfinite(epsilon) or epsilon < 0):
+        raise ValueError(f"epsilon must be a finite number >= 0 or None, got {epsilon!r}")
 
-    x, x_adv = arr(x)[:n], arr(x_adv)[:n]
-    y, pc, pa = (np.asarray(arr(v)).reshape(-1)[:n] for v in (y, pred_clean, pred_adv))
+    def arr(name, a):
+        a = a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
+        if a.ndim == 4 and a.shape[1] == 1:
+            a = a[:, 0]
+        if a.ndim != 3 or a.shape[0] == 0:
+            raise ValueError(f"{name} must hold grey images of shape (N, 1, H, W) or (N, H, W) with N >= 1, "
+                             f"got shape {a.shape}")
+        return a
+
+    x, x_adv = arr("x", x), arr("x_adv", x_adv)
+    if x.shape != x_adv.shape:
+        raise ValueError(f"x and x_adv must have the same shape, got {x.shape} and {x_adv.shape}")
+    labels = {}
+    for name, v in (("y", y), ("pred_clean", pred_clean), ("pred_adv", pred_adv)):
+        labels[name] = np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v).reshape(-1)
+        if labels[name].shape[0] != x.shape[0]:
+            raise ValueError(f"{name} must hold one class per image ({x.shape[0]}), got {labels[name].shape[0]}")
+    x, x_adv = x[:n], x_adv[:n]
+    y, pc, pa = (labels[k][:n] for k in ("y", "pred_clean", "pred_adv"))
     n = x.shape[0]
     delta = x_adv - x
     scale = float(epsilon) if epsilon else float(np.abs(delta).max() or 1.0)

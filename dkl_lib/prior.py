@@ -19,6 +19,7 @@ row y of the (C, C) prior is the mean of softmax(o_m / T_w) over the training sa
 """
 from __future__ import annotations
 
+import numbers
 import operator
 from typing import List, Mapping
 
@@ -190,10 +191,18 @@ class ClassPrior:
             if tuple(value.shape) != shape:
                 raise ValueError(f"state[{key!r}] has shape {tuple(value.shape)}, expected {shape} "
                                  f"for num_classes = {classes}")
+            if not value.is_floating_point() or not bool(torch.isfinite(value).all()) or bool((value < 0).any()):
+                raise ValueError(f"state[{key!r}] must hold finite, non-negative floats (a prior, class sums "
+                                 f"or counts), got {value.dtype} with a nan, inf or negative entry")
+        if bool((state["prior"].sum(dim=1) <= 0).any()):
+            raise ValueError("state['prior'] has a row that sums to zero; its rows must be probability vectors")
+        epochs = state["epochs"]
+        if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 0:
+            raise ValueError(f"state['epochs'] must be a non-negative integer, got {epochs!r}")
         self.prior = state["prior"].to(self.device, self.dtype).clone()
         self._sums = state["sums"].to(self.device, wide_dtype(self.device)).clone()
         self._counts = state["counts"].to(self.device, wide_dtype(self.device)).clone()
-        self.epochs = int(state["epochs"])
+        self.epochs = int(epochs)
 
     def __repr__(self) -> str:
         return (f"ClassPrior(num_classes={self.num_classes}, epochs={self.epochs}, "

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as dist
-from ._checks import supports_float64, wide_dtype
+from ._checks import check_model_output, supports_float64, wide_dtype
 from .attacks import _mean_percent, _model_dtype, clean_correct, pgd, trades_perturb
 from .attacks import bf16_autocast as _autocast
 from .data import TensorData, augment_crop_flip, batch_indices
@@ -474,6 +474,7 @@ def predict_logits(model: nn.Module, x: torch.Tensor, data: TensorData, *, batch
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with _autocast(x.device, amp):
                 logits = model(xb)
+            check_model_output("model", logits, data.num_classes)  # a shape check, no sync
             out.append(logits.to(torch.float64 if dtype == torch.float64 else torch.float32))
     finally:
         model.train(was_training)
@@ -581,12 +582,16 @@ def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], lo
         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
         teacher=teacher)
     augment = data.augment
+    _check_fits("student" if teacher is not None else "model", model, data, normalize=True, amp=amp,
+                channels_last=channels_last)
 
     teacher_flags = None
     teacher_acc = None
     cached_teacher_logits = None
     if teacher is not None:
         teacher.to(device=device, memory_format=memory_format)
+        _check_fits("teacher", teacher, data.to(dtype=_model_dtype(teacher)), normalize=True, amp=amp,
+                    channels_last=channels_last)
         teacher_was_training = teacher.training
         teacher.eval()
         teacher_flags = [p.requires_grad for p in teacher.parameters()]
@@ -738,6 +743,37 @@ def _check_data(data) -> None:
         raise TypeError(f"data must be a dkl_lib.data.TensorData, got {type(data).__name__}")
 
 
+def _check_callback(callback) -> None:
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be a function of the history (or None), got {type(callback).__name__}")
+
+
+@torch.no_grad()
+def _check_fits(name: str, model: nn.Module, data: TensorData, *, normalize: bool, amp: bool = False,
+                channels_last: bool = False) -> None:
+    """Once per run, before training: ``model`` takes the data's images and returns logits of shape
+    (B, data.num_classes). One eval-mode forward of one black image of the data's shape without
+    gradient (mode restored; no BatchNorm statistics, random draws or lazily decoded images change):
+    a wrong last layer or input size is named here, not found as "Target 3 is out of bounds" or a
+    silently wrong accuracy later. ``amp``, ``channels_last``: as the run's forwards (the same kernels)."""
+    x = torch.zeros((1, *data.image_shape), dtype=_model_dtype(model), device=data.device)
+    if normalize:
+        x = data.normalize(x)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    was_training = model.training
+    model.eval()
+    try:
+        with _autocast(data.device, amp):
+            out = model(x)
+    except RuntimeError as err:  # e.g. "mat1 and mat2 shapes cannot be multiplied"
+        raise ValueError(f"{name} cannot take the data's images (one batch of shape {tuple(x.shape)}): "
+                         f"{err}") from err
+    finally:
+        model.train(was_training)
+    check_model_output(name, out, data.num_classes)
+
+
 def train_teacher(model: nn.Module, data: TensorData, *, epochs: int, lr: float = 0.05,
                   momentum: float = 0.9, weight_decay: float = 5e-4,
                   milestones: Optional[Sequence[int]] = None, lr_decay: float = 0.1,
@@ -756,6 +792,7 @@ def train_teacher(model: nn.Module, data: TensorData, *, epochs: int, lr: float 
     """
     _check_model("model", model)
     _check_data(data)
+    _check_callback(callback)
     cfg = _common_config(epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
                          milestones=milestones, lr_decay=lr_decay, nesterov=nesterov,
                          batch_size=batch_size, drop_last=drop_last, seed=seed)
@@ -836,6 +873,7 @@ def distill(student: nn.Module, teacher: Optional[nn.Module], data: TensorData, 
         raise ValueError(f"gi=True (class-wise global information) applies to ikl and gkl only, not {loss!r}")
     _check_model("student", student)
     _check_data(data)
+    _check_callback(callback)
     if teacher is None:
         if loss != "ce":
             raise ValueError(f"loss {loss!r} needs a teacher (only 'ce' trains without one)")
@@ -1037,10 +1075,14 @@ def adversarial_loss_terms(loss: str, logits: Optional[torch.Tensor], target_log
 def epsilon_at(epoch: int, *, epsilon: float, epochs: int, schedule: str = "constant") -> float:
     """The training ε of a 1-based ``epoch``: ε ("constant"), or ε · epoch / epochs ("increasing",
     the schedule of the official IKL-AT code, which follows LBGAT / improved TRADES)."""
+    epsilon = _number("epsilon", epsilon, low=0.0)
     if schedule == "constant":
-        return float(epsilon)
+        return epsilon
     if schedule == "increasing":
-        return float(epsilon) * epoch / epochs
+        epochs = _positive_int("epochs", epochs)
+        if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or not 1 <= epoch <= epochs:
+            raise ValueError(f"epoch must be an integer in [1, epochs = {epochs}] (1-based), got {epoch!r}")
+        return epsilon * epoch / epochs
     raise ValueError(f"unknown epsilon schedule {schedule!r}; choose 'constant' or 'increasing'")
 
 
@@ -1133,6 +1175,7 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
         raise ValueError(f"unknown adversarial loss {loss!r}; choose one of {list(ADV_LOSSES)}")
     _check_model("model", model)
     _check_data(data)
+    _check_callback(callback)
     if data.lazy:
         raise ValueError(f"adversarial training needs an in-memory data set (TensorData); {data.name!r} is "
                          "decoded per batch (FolderData), which the attacks and evaluation do not take")
@@ -1185,6 +1228,7 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
     par, device, amp, channels_last, _, _, data, config, checkpoints = _start_run(
         model, data, device=device, amp=amp, channels_last=channels_last, config=config,
         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints)
+    _check_fits("model", model, data, normalize=False, amp=amp, channels_last=channels_last)
     gi_on = loss == "ikl" and bool(hp.get("gi"))
     prior = None
     if gi_on:

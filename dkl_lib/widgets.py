@@ -19,6 +19,7 @@ import ipywidgets as W
 import torch
 
 from . import grads, plots, train
+from ._checks import check_seed
 
 __all__ = [
     "Dashboard",
@@ -214,7 +215,7 @@ def weights_dashboard(target_logits: Optional[torch.Tensor] = None, targets: Opt
         raise ValueError("targets were given without target_logits: pass both (the teacher's logits and the "
                          "class of each row), or neither for the synthetic batch")
     if target_logits is None:
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(check_seed("seed", seed))
         targets = torch.arange(48) % 6
         target_logits = torch.randn(48, 6, generator=g) * 1.5
         target_logits[torch.arange(48), targets] += 3.0
@@ -435,6 +436,7 @@ def training_dashboard(*, preset: str = "cpu-quick", cache_dir=None, device=None
     """
     from . import experiments
 
+    experiments.preset(preset)  # an unknown name: ValueError listing the presets (not a widget TraitError)
     controls = {
         "loss": W.Dropdown(options=["kl", "dkl", "ikl", "gkl", "dkd", "ce"], value="ikl", description="loss"),
         # wide ranges and fine steps: the presets use α up to 16 and β = 1/16 (the official IKL/GKL weights)
