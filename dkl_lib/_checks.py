@@ -252,7 +252,7 @@ def check_label_range(name: str, labels: torch.Tensor, num_classes: int, *, owne
                          f"[0, {num_classes - 1}], got min {int(low)}, max {int(high)}")
 
 
-def check_int(name: str, value, low: int) -> int:
+def check_int(name: str, value, low: int = 1) -> int:
     """An integer >= ``low``: TypeError for anything else (bool, and floats such as 2.5, are refused
     rather than truncated), ValueError below ``low``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

@@ -11,8 +11,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from . import losses
-from ._checks import check_logits_pair, check_positive, compute_dtype
-from .models import _check_int
+from ._checks import check_int, check_logits_pair, check_positive, compute_dtype
 
 __all__ = [
     "kl_grad_logits",
@@ -263,7 +262,7 @@ def wmse_cost(classes=(10, 100, 300, 1000), *, batch: int = 64, repeats: int = 3
     if threads is None:
         return _wmse_cost(classes, batch, repeats, seed)
     previous = torch.get_num_threads()
-    torch.set_num_threads(_check_int("threads", threads))
+    torch.set_num_threads(check_int("threads", threads))
     try:
         return _wmse_cost(classes, batch, repeats, seed)
     finally:

@@ -27,6 +27,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ._checks import check_int
+
 __all__ = [
     "MLP",
     "SmallCNN",
@@ -63,12 +65,6 @@ __all__ = [
 ]
 
 
-def _check_int(name: str, value, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
-
-
 # ------------------------------------------------------------------------------ small digits models
 class MLP(nn.Module):
     """Flatten, then Linear-ReLU layers of the given ``hidden`` widths, then a Linear classifier.
@@ -82,13 +78,13 @@ class MLP(nn.Module):
     def __init__(self, *, in_shape: Sequence[int] = (1, 8, 8), hidden: Sequence[int] = (32,),
                  num_classes: int = 10):
         super().__init__()
-        _check_int("num_classes", num_classes, 2)
+        check_int("num_classes", num_classes, 2)
         features = 1
         for s in in_shape:
-            features *= _check_int("in_shape entries", int(s))
+            features *= check_int("in_shape entries", int(s))
         layers = []
         for width in hidden:
-            layers += [nn.Linear(features, _check_int("hidden width", int(width))), nn.ReLU(inplace=True)]
+            layers += [nn.Linear(features, check_int("hidden width", int(width))), nn.ReLU(inplace=True)]
             features = int(width)
         self.body = nn.Sequential(nn.Flatten(), *layers)
         self.fc = nn.Linear(features, num_classes)
@@ -106,9 +102,9 @@ class SmallCNN(nn.Module):
 
     def __init__(self, *, in_channels: int = 1, width: int = 16, num_classes: int = 10):
         super().__init__()
-        _check_int("in_channels", in_channels)
-        _check_int("width", width)
-        _check_int("num_classes", num_classes, 2)
+        check_int("in_channels", in_channels)
+        check_int("width", width)
+        check_int("num_classes", num_classes, 2)
 
         def unit(cin, cout):
             return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
@@ -166,12 +162,12 @@ class CifarResNet(nn.Module):
     def __init__(self, *, depth: int, widths: Sequence[int] = (16, 16, 32, 64), num_classes: int = 100,
                  in_channels: int = 3):
         super().__init__()
-        _check_int("depth", depth, 8)
+        check_int("depth", depth, 8)
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n + 2 (8, 14, 20, 32, 44, 56, 110), got {depth}")
         if len(widths) != 4:
             raise ValueError(f"widths must hold 4 numbers (stem and three stages), got {widths}")
-        _check_int("num_classes", num_classes, 2)
+        check_int("num_classes", num_classes, 2)
         blocks = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, widths[0], kernel_size=3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
@@ -241,11 +237,11 @@ class WideResNet(nn.Module):
 
     def __init__(self, *, depth: int, widen_factor: int = 1, num_classes: int = 100, in_channels: int = 3):
         super().__init__()
-        _check_int("depth", depth, 10)
+        check_int("depth", depth, 10)
         if (depth - 4) % 6:
             raise ValueError(f"Wide ResNet depth must be 6n + 4 (10, 16, 22, 28, 40), got {depth}")
-        _check_int("widen_factor", widen_factor)
-        _check_int("num_classes", num_classes, 2)
+        check_int("widen_factor", widen_factor)
+        check_int("num_classes", num_classes, 2)
         blocks = (depth - 4) // 6
         widths = (16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
         self.conv1 = nn.Conv2d(in_channels, widths[0], kernel_size=3, padding=1, bias=False)
@@ -304,12 +300,12 @@ class PreActResNet(nn.Module):
         super().__init__()
         if len(blocks) != 4:
             raise ValueError(f"blocks must hold 4 numbers (one per stage), got {blocks}")
-        _check_int("num_classes", num_classes, 2)
+        check_int("num_classes", num_classes, 2)
         self.conv1 = _conv3x3(in_channels, 64)
         cin = 64
         for stage, (cout, stride, n) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2), blocks), start=1):
             layers = []
-            for i in range(_check_int("blocks entries", int(n))):
+            for i in range(check_int("blocks entries", int(n))):
                 layers.append(_PreActBlock(cin, cout, stride if i == 0 else 1))
                 cin = cout
             setattr(self, f"layer{stage}", nn.Sequential(*layers))
@@ -523,7 +519,7 @@ def build_model(name: str, num_classes: int, *, seed: Optional[int] = None, **kw
     """
     if not isinstance(name, str) or name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-    _check_int("num_classes", num_classes, 2)
+    check_int("num_classes", num_classes, 2)
     allowed = model_arguments(name)
     unknown = sorted(set(kw) - set(allowed))
     if unknown:
