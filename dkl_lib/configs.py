@@ -170,6 +170,8 @@ def load_config(path) -> dict:
         ValueError: anything invalid; the message starts with the file's path and names the
             offending key (for an override the resolver refuses, the resolver's reason follows).
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be the config file's path (str or os.PathLike), got {type(path).__name__}")
     path = Path(path)
     raw = _read_yaml(path)
     if not isinstance(raw, dict):

@@ -670,8 +670,7 @@ def batch_indices(n: int, *, batch_size: int, shuffle: bool = False,
     With ``shuffle`` the order is a permutation drawn from ``generator`` (a CPU generator, so the
     same seed gives the same order on every device). ``drop_last`` drops a final short batch.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batch_size = check_int("batch_size", batch_size, 1)  # numpy integers too, as the trainers take them
     n = check_int("n", n, 0)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     if device is not None:

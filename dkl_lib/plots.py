@@ -243,11 +243,20 @@ def cost_lines(df, *, title: str = "wMSE cost: closed form vs literal pairwise s
 
 
 # ------------------------------------------------------------------------------ notebook 05
+def _check_mapping(name: str, value) -> None:
+    """A non-empty dict of label -> table: an empty one drew an empty figure without a word."""
+    if not isinstance(value, dict):
+        raise TypeError(f"{name} must be a dict of label -> DataFrame, got {type(value).__name__}")
+    if not value:
+        raise ValueError(f"{name} is empty: nothing to draw")
+
+
 def drift_lines(drifts: dict, *, title: str = "KL vs DKL, same seed: how far the two students drift apart"):
     """Largest parameter difference per epoch (log scale), one line per precision.
 
     ``drifts`` maps a label (e.g. "float64") to a DataFrame of :func:`dkl_lib.analysis.parameter_drift`.
     """
+    _check_mapping("drifts", drifts)
     fig = go.Figure()
     for name, df in drifts.items():
         fig.add_scatter(x=df["epoch"], y=df["max_param_diff"].clip(lower=1e-18), mode="lines+markers", name=name)
@@ -282,6 +291,7 @@ def reliability_diagram(tables: dict, *, title: str = "Reliability diagram (test
 
     ``tables`` maps a label to a :func:`dkl_lib.analysis.reliability_table` DataFrame.
     """
+    _check_mapping("tables", tables)
     fig = go.Figure()
     fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(color="#999", dash="dot"), name="perfect")
     biggest = max([int(t["count"].max()) for t in tables.values() if len(t)] + [1])
@@ -515,7 +525,11 @@ def _prior_array(priors):
         arr = np.asarray(priors)
     if arr.ndim != 3 or arr.shape[1] != arr.shape[2] or arr.shape[0] < 1:
         raise ValueError(f"priors must have shape (snapshots, C, C), got {tuple(arr.shape)}")
-    return arr.astype(float)
+    arr = arr.astype(float)
+    if not np.isfinite(arr).all():  # plotly would draw the snapshot blank, without a word
+        bad = sorted(set(np.nonzero(~np.isfinite(arr))[0].tolist()))[:5]
+        raise ValueError(f"priors contain non-finite values (nan or inf) in snapshots {bad}")
+    return arr
 
 
 def prior_heatmap(priors, *, epochs=None, layout: str = "slider", diagonal: bool = True, class_names=None,

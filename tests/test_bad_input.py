@@ -641,3 +641,35 @@ def test_widgets_name_a_bad_seed_and_preset():
 def test_experiment_helpers_name_the_bad_argument(fn, exc, match):
     with pytest.raises(exc, match=match):
         fn(dkl.experiments)
+
+
+# ------------------------------------------------------- second look (session 8): plots, configs, batches
+def test_plots_refuse_nan_priors_and_empty_tables():
+    """A NaN class prior was drawn as a blank heatmap and an empty dict as an empty figure, without a word."""
+    from dkl_lib import plots
+
+    priors = torch.full((3, 4, 4), 0.25)
+    priors[1, 2, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite values \(nan or inf\) in snapshots \[1\]"):
+        plots.prior_heatmap(priors)
+    plots.prior_heatmap(torch.full((3, 4, 4), 0.25))  # the same without the nan draws
+    for draw, name in ((plots.drift_lines, "drifts"), (plots.reliability_diagram, "tables")):
+        with pytest.raises(ValueError, match=f"{name} is empty: nothing to draw"):
+            draw({})
+        with pytest.raises(TypeError, match=f"{name} must be a dict"):
+            draw(None)
+
+
+def test_load_config_names_a_path_that_is_no_path_and_batches_take_numpy_integers():
+    import numpy as np
+
+    from dkl_lib import configs, data
+
+    with pytest.raises(TypeError, match="path must be the config file's path"):
+        configs.load_config(None)
+    batches = list(data.batch_indices(10, batch_size=np.int64(4)))  # as the trainers take it
+    assert [len(b) for b in batches] == [4, 4, 2]
+    with pytest.raises(TypeError, match="batch_size must be an integer"):
+        list(data.batch_indices(10, batch_size=2.5))
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        list(data.batch_indices(10, batch_size=0))
