@@ -26,7 +26,11 @@ from .losses import (
     ikl_terms,
     kl_loss,
     kl_terms,
+    custom_loss,
     loss_terms,
+    register_loss,
+    registered_losses,
+    unregister_loss,
     wmse,
     wmse_pairwise,
 )

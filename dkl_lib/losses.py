@@ -31,12 +31,20 @@ literal O(B·C²) sum as a test oracle and benchmark baseline.
 Each loss has a ``*_terms`` twin that returns its named terms as a dict (``wmse`` and ``soft_ce``
 for the decoupled losses, ``tckd`` and ``nckd`` for DKD, ``kl`` for KL); the loss is their sum.
 Notebook 01 derives these losses step by step; notebook 02 plots the gradient of each term.
+
+Your own loss: :func:`register_loss` adds a named loss (a function returning its named terms) that
+:func:`loss_terms`, :func:`dkl_lib.train.distill` and :func:`dkl_lib.experiments.run_grid` accept
+beside the built-in ones (notebook 05, last section before the dashboard).
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import inspect
 import math
-from typing import Callable, Dict, Optional
+import re
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -65,6 +73,12 @@ __all__ = [
     "wmse_pairwise",
     "loss_terms",
     "LOSS_TERMS",
+    "BUILTIN_NAMES",
+    "CustomLoss",
+    "register_loss",
+    "unregister_loss",
+    "registered_losses",
+    "custom_loss",
 ]
 
 Terms = Dict[str, torch.Tensor]
@@ -588,16 +602,20 @@ LOSS_TERMS: Dict[str, Callable[..., Terms]] = {
 
 
 def loss_terms(name: str, logits, target_logits, targets=None, **hparams) -> Terms:
-    """Named terms of the loss ``name`` (one of ``LOSS_TERMS``); ``targets`` goes where it is used.
+    """Named terms of the loss ``name`` (one of ``LOSS_TERMS``, or a loss added with
+    :func:`register_loss`); ``targets`` goes where it is used.
 
     ``hparams`` are the keyword arguments of that loss's ``*_terms`` function (``temperature``,
-    ``alpha``, ...). An unknown ``name``, or "dkd" without ``targets``, raises ``ValueError``.
+    ``alpha``, ...); a registered loss takes ``temperature`` and ``class_prior`` (see
+    :func:`register_loss`). An unknown ``name``, or "dkd" without ``targets``, raises ``ValueError``.
 
     >>> terms = loss_terms("ikl", student_logits, teacher_logits, targets=y, temperature=4.0)
     >>> total = sum(terms.values())
     """
+    if name in _REGISTRY:
+        return _REGISTRY[name](logits, target_logits, targets=targets, **hparams)
     if name not in LOSS_TERMS:
-        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSS_TERMS)}")
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSS_TERMS) + sorted(_REGISTRY)}")
     if name == "dkd":
         if targets is None:
             raise ValueError("dkd needs targets (the true class of each sample)")
@@ -605,3 +623,219 @@ def loss_terms(name: str, logits, target_logits, targets=None, **hparams) -> Ter
     if name in ("ikl", "gkl"):
         return LOSS_TERMS[name](logits, target_logits, targets=targets, **hparams)
     return LOSS_TERMS[name](logits, target_logits, **hparams)
+
+
+# --------------------------------------------------------------------------------------------
+# your own loss: a registry of named custom losses
+# --------------------------------------------------------------------------------------------
+#: Names a registered loss may not take: the built-in losses of training and of adversarial training.
+BUILTIN_NAMES = frozenset({"ce", "kl", "dkl", "ikl", "gkl", "dkd", "trades"})
+_NAME = re.compile(r"^[a-z][a-z0-9_]*(-[a-z0-9_]+)*$")
+#: History columns a term may not be named after (the trainer logs them beside the terms).
+_RESERVED_TERMS = frozenset({"epoch", "lr", "kd_factor", "loss", "ce", "train_acc", "test_acc", "seconds"})
+_SIMPLE = (bool, int, float, str, type(None))
+
+
+def _fingerprint(fn) -> Optional[str]:
+    """SHA-256 of what defines a plain Python function: its source (:func:`inspect.getsource`), its
+    default arguments and the values it closes over (plain numbers/strings, or functions, by their
+    own fingerprint). None when any of it cannot be read or hashed honestly: no source (a C
+    function, ``functools.partial``, a callable object, code typed where no source is kept), or a
+    closure over another kind of object (a tensor, a module): such a loss is not cached."""
+    if not inspect.isfunction(fn):
+        return None
+    try:
+        source = inspect.getsource(fn)
+    except (OSError, TypeError):
+        return None
+    parts = [source, repr(fn.__defaults__), repr(sorted((fn.__kwdefaults__ or {}).items()))]
+    for value in list(fn.__defaults__ or ()) + list((fn.__kwdefaults__ or {}).values()):
+        if not isinstance(value, _SIMPLE):
+            return None
+    for cell in fn.__closure__ or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell (a name assigned later in the enclosing function)
+            return None
+        if isinstance(value, _SIMPLE):
+            parts.append(repr(value))
+        elif inspect.isfunction(value) and value is not fn:
+            inner = _fingerprint(value)
+            if inner is None:
+                return None
+            parts.append(inner)
+        else:
+            return None
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def _import_path(fn) -> Optional[Tuple[str, str]]:
+    """(module, qualified name) under which a fresh (spawned) process finds ``fn`` itself, or None
+    (defined in ``__main__`` / a notebook, inside another function, a lambda, not a function)."""
+    import importlib
+
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    if not inspect.isfunction(fn) or not module or module == "__main__" or not qualname or "<" in qualname:
+        return None
+    try:
+        obj = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except Exception:  # noqa: BLE001 - any failure means: not importable
+        return None
+    return (module, qualname) if obj is fn else None
+
+
+@dataclass(frozen=True)
+class CustomLoss:
+    """A loss added with :func:`register_loss`.
+
+    Attributes:
+        name: its name in ``loss_terms``, ``distill(loss=...)`` and ``run_grid``.
+        fn: ``fn(logits, target_logits, *, targets, class_prior, temperature) -> {term: scalar}``.
+        uses_prior: whether it takes the GI class prior (``class_prior``; see :func:`register_loss`).
+        description: one line for tables and help.
+        source_sha256: :func:`_fingerprint` of ``fn`` at registration (part of a run's cache key),
+            or None when it cannot be fingerprinted (its runs are then not cached).
+        import_path: (module, qualified name) of ``fn`` for worker processes, or None.
+    """
+
+    name: str
+    fn: Callable[..., Terms]
+    uses_prior: bool = False
+    description: str = ""
+    source_sha256: Optional[str] = None
+    import_path: Optional[Tuple[str, str]] = None
+
+    def __call__(self, logits, target_logits, *, targets=None, class_prior=None, temperature: float = 1.0,
+                 check_finite: bool = True) -> Terms:
+        """The named terms for one batch, checked: a non-empty dict of str → scalar float tensors on
+        the logits' device (``TypeError`` / ``ValueError`` naming the loss and the term); with
+        ``check_finite`` (one device sync) also finite. The trainer checks finiteness on its
+        first batch and per epoch instead of per step."""
+        temperature = check_positive("temperature", temperature)
+        if class_prior is not None and not self.uses_prior:
+            raise ValueError(f"loss {self.name!r} was registered with uses_prior=False; it takes no class_prior")
+        terms = self.fn(logits, target_logits, targets=targets, class_prior=class_prior, temperature=temperature)
+        where = f"custom loss {self.name!r}"
+        if not isinstance(terms, dict) or not terms:
+            raise TypeError(f"{where} must return a non-empty dict of named scalar tensors (like "
+                            f"loss_terms), got {type(terms).__name__ if not isinstance(terms, dict) else 'an empty dict'}")
+        for term, value in terms.items():
+            if not isinstance(term, str) or not term:
+                raise TypeError(f"{where} returned a term named {term!r}; term names must be non-empty strings")
+            if term in _RESERVED_TERMS:
+                raise ValueError(f"{where} returned a term named {term!r}, which the training history uses for "
+                                 f"something else; rename it (reserved: {sorted(_RESERVED_TERMS)})")
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{where}: term {term!r} must be a torch.Tensor, got {type(value).__name__}")
+            if value.dim() != 0:
+                raise ValueError(f"{where}: term {term!r} must be a scalar tensor (the batch mean, e.g. "
+                                 f"`.mean()`), got shape {tuple(value.shape)}")
+            if not value.is_floating_point():
+                raise TypeError(f"{where}: term {term!r} must be a floating-point tensor, got {value.dtype}")
+            if isinstance(logits, torch.Tensor) and value.device != logits.device:
+                raise ValueError(f"{where}: term {term!r} is on {value.device}, the logits on {logits.device}")
+        if check_finite:
+            finite = torch.isfinite(torch.stack([v.detach().float() for v in terms.values()])).tolist()
+            bad = [term for term, ok in zip(terms, finite) if not ok]
+            if bad:
+                raise ValueError(f"{where}: term{'s' if len(bad) > 1 else ''} {', '.join(map(repr, bad))} "
+                                 f"{'are' if len(bad) > 1 else 'is'} not finite for this batch")
+        return terms
+
+
+_REGISTRY: Dict[str, CustomLoss] = {}
+
+
+def register_loss(name: str, fn: Callable[..., Terms], *, uses_prior: bool = False,
+                  description: str = "") -> CustomLoss:
+    """Add your own KD loss under ``name``, for :func:`loss_terms`, :func:`dkl_lib.train.distill`
+    and :func:`dkl_lib.experiments.run_grid`, beside kl/dkl/ikl/...
+
+    ``fn(logits, target_logits, *, targets, class_prior, temperature)`` returns a dict of named
+    scalar tensors (batch means), like :func:`ikl_terms`; the KD loss is their sum and the training
+    history logs each of them per epoch. ``logits`` is the student (o_n), ``target_logits`` the
+    teacher (o_m, detached), ``targets`` the labels (B,), ``temperature`` the run's T, and
+    ``class_prior`` the (C, C) GI prior of :class:`~dkl_lib.prior.ClassPrior` when the loss was
+    registered with ``uses_prior=True`` and the run has GI on (``distill(gi=True)``; ``run_grid``
+    turns it on for such a loss unless its name ends in "-nogi"), else None. A registered loss
+    uses ``temperature`` (and, with ``uses_prior``, ``weight_temperature`` for the prior, and
+    ``gi``); alpha, beta and gamma do not reach it and are ignored, as for ``kl``.
+
+    Registering a name again replaces the earlier loss (re-running a notebook cell). Names are
+    lowercase words joined by "-" (not ending in "-gi" / "-nogi", which ``run_grid`` reads as GI
+    switches) and may not be a built-in name (:data:`BUILTIN_NAMES`): ``ValueError``; a ``fn`` that
+    is not callable with that signature: ``TypeError``.
+
+    Caching: a run's cache key holds the name and :attr:`CustomLoss.source_sha256`, the hash of
+    ``fn``'s source (with its defaults and closed-over values) taken now, so editing the function
+    and registering it again gives new runs. Helpers or globals it calls are not part of the hash:
+    rename the loss (or pass ``use_cache=False``) when only they change. When ``fn`` has no
+    readable source (a C function, ``functools.partial``, a callable object), its runs are
+    computed every time and not cached (``run_grid`` warns once). Worker processes
+    (``run_grid(workers=N)``) import ``fn`` by module and name; a function they cannot import
+    (defined in a notebook or ``__main__``) runs in the parent process instead.
+    The command line (``python -m dkl_lib.experiments``) knows only the built-in losses.
+
+    >>> def sym_kl(logits, target_logits, *, targets, class_prior, temperature):
+    ...     return {"kl_fwd": kl_loss(logits, target_logits, temperature=temperature),
+    ...             "kl_rev": kl_loss(target_logits, logits, temperature=temperature)}
+    >>> register_loss("sym-kl", sym_kl, description="KL(t||s) + KL(s||t)")
+    """
+    if not isinstance(name, str) or not _NAME.match(name) or name.endswith(("-gi", "-nogi")):
+        raise ValueError(f"loss name {name!r} must be lowercase letters, digits and _ in words joined by '-' "
+                         "(e.g. 'ikl-student-weights'), not ending in '-gi' or '-nogi'")
+    if name in BUILTIN_NAMES:
+        raise ValueError(f"{name!r} is a built-in loss; register yours under another name")
+    if not callable(fn):
+        raise TypeError(f"fn of loss {name!r} must be callable, got {type(fn).__name__}")
+    if not isinstance(uses_prior, bool):
+        raise TypeError(f"uses_prior must be True or False, got {uses_prior!r}")
+    if not isinstance(description, str):
+        raise TypeError(f"description must be a string, got {type(description).__name__}")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # no signature to read (some C functions): checked at call time
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(None, None, targets=None, class_prior=None, temperature=1.0)
+        except TypeError as err:
+            raise TypeError(f"fn of loss {name!r} must take (logits, target_logits, *, targets, class_prior, "
+                            f"temperature); its signature is {name}{signature} ({err})") from None
+    record = CustomLoss(name=name, fn=fn, uses_prior=uses_prior, description=description,
+                        source_sha256=_fingerprint(fn), import_path=_import_path(fn))
+    _REGISTRY[name] = record
+    return record
+
+
+def unregister_loss(name: str) -> None:
+    """Remove the registered loss ``name`` (``ValueError`` for a built-in or unknown name)."""
+    if name in BUILTIN_NAMES:
+        raise ValueError(f"{name!r} is a built-in loss and cannot be unregistered")
+    if name not in _REGISTRY:
+        raise ValueError(f"no loss {name!r} is registered; registered: {sorted(_REGISTRY)}")
+    del _REGISTRY[name]
+
+
+def registered_losses() -> Dict[str, CustomLoss]:
+    """The registered losses, name → :class:`CustomLoss` (a copy; change it with
+    :func:`register_loss` / :func:`unregister_loss`)."""
+    return dict(_REGISTRY)
+
+
+@contextlib.contextmanager
+def custom_loss(name: str, fn: Callable[..., Terms], *, uses_prior: bool = False,
+                description: str = "") -> Iterator[CustomLoss]:
+    """:func:`register_loss` for a ``with`` block (tests, one-off comparisons): afterwards the name
+    is unregistered again, or an earlier registration under it restored."""
+    before = _REGISTRY.get(name)
+    record = register_loss(name, fn, uses_prior=uses_prior, description=description)
+    try:
+        yield record
+    finally:
+        if before is not None:
+            _REGISTRY[name] = before
+        else:
+            _REGISTRY.pop(name, None)
