@@ -49,13 +49,14 @@ from ._checks import check_model_output, supports_float64, wide_dtype
 from .attacks import _mean_percent, _model_dtype, clean_correct, pgd, trades_perturb
 from .attacks import bf16_autocast as _autocast
 from .data import TensorData, augment_crop_flip, batch_indices
-from .losses import loss_terms
+from .losses import CustomLoss, loss_terms, registered_losses
 from .prior import ClassPrior
 
 __all__ = [
     "LOSSES",
     "LOSS_HPARAMS",
     "LOSS_SETTINGS",
+    "loss_settings",
     "select_device",
     "StopTraining",
     "TrainResult",
@@ -80,6 +81,23 @@ LOSS_SETTINGS = {
     "gkl": frozenset({"temperature", "alpha", "beta", "weight_temperature", "gi", "gamma"}),
 }
 _DEFAULT_ALPHA_BETA = {"dkl": (1.0, 1.0), "ikl": (1.0, 1.0), "gkl": (1.0, 1.0), "dkd": (1.0, 8.0)}
+
+
+def _custom(loss) -> Optional[CustomLoss]:
+    """The registered loss ``loss`` (:func:`dkl_lib.losses.register_loss`), or None."""
+    return registered_losses().get(loss) if isinstance(loss, str) and loss not in LOSSES else None
+
+
+def loss_settings(loss: str) -> frozenset:
+    """Which of :data:`LOSS_HPARAMS` the loss ``loss`` uses: :data:`LOSS_SETTINGS` for a built-in
+    loss; for a registered one (:func:`dkl_lib.losses.register_loss`) ``temperature``, and with
+    ``uses_prior`` also ``weight_temperature`` (the prior's temperature) and ``gi``."""
+    if loss in LOSS_SETTINGS:
+        return LOSS_SETTINGS[loss]
+    record = _custom(loss)
+    if record is None:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {list(LOSSES) + sorted(registered_losses())}")
+    return frozenset({"temperature", "weight_temperature", "gi"} if record.uses_prior else {"temperature"})
 
 Callback = Callable[[List[dict]], Optional[bool]]
 
@@ -556,6 +574,12 @@ def _loss_hparams(loss: str, *, temperature, alpha, beta, gamma, weight_temperat
     hp = {"temperature": _number("temperature", temperature, low=0.0, low_open=True)}
     if loss == "kl":
         return hp
+    record = _custom(loss)
+    if record is not None:  # alpha, beta, gamma do not reach a registered loss (ignored, as for kl)
+        if record.uses_prior:  # the temperature of the GI prior's softmax, as for ikl
+            hp["weight_temperature"] = (hp["temperature"] if weight_temperature is None else
+                                        _number("weight_temperature", weight_temperature, low=0.0, low_open=True))
+        return hp
     default_alpha, default_beta = _DEFAULT_ALPHA_BETA[loss]
     hp["alpha"] = _number("alpha", default_alpha if alpha is None else alpha, low=0.0)
     hp["beta"] = _number("beta", default_beta if beta is None else beta, low=0.0)
@@ -609,6 +633,8 @@ def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], lo
         if prior.num_classes != data.num_classes:
             raise ValueError(f"class_prior has {prior.num_classes} classes, the data {data.num_classes}")
         prior.to(device)
+    custom = _custom(loss)  # a registered loss: its terms are checked (no device sync) at every step,
+    check_finite = custom is not None  # and for finiteness (one sync) on the first step and per epoch
 
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
                                 weight_decay=weight_decay, nesterov=nesterov)
@@ -659,7 +685,12 @@ def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], lo
                     extra = {}
                     if prior is not None:
                         extra = {"class_prior": prior.prior}
-                    terms = loss_terms(loss, logits, t_logits, targets=y, **hparams, **extra)
+                    if custom is not None:
+                        terms = custom(logits, t_logits, targets=y, temperature=hparams["temperature"],
+                                       check_finite=check_finite, **extra)
+                        check_finite = False
+                    else:
+                        terms = loss_terms(loss, logits, t_logits, targets=y, **hparams, **extra)
                 total = ce_weight * ce
                 if terms:
                     total = total + (factor * kd_weight) * sum(terms.values())
@@ -682,6 +713,11 @@ def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], lo
             dist.broadcast_buffers(model)
             totals = par.epoch_totals(sums, correct=correct, seen=seen)
             seen, correct = totals.pop("seen"), totals.pop("correct")
+            bad = [k for k, v in totals.items() if custom is not None and k not in ("loss", "ce") and not math.isfinite(v)]
+            if bad:
+                raise FloatingPointError(f"custom loss {loss!r}: its term{'s' if len(bad) > 1 else ''} "
+                                         f"{', '.join(map(repr, bad))} became non-finite in epoch {epoch + 1}; "
+                                         "lower the learning rate or check the loss function")
             if not math.isfinite(totals["loss"]):
                 raise FloatingPointError(f"the training loss became non-finite in epoch {epoch + 1}; "
                                          "lower the learning rate or check the data")
@@ -829,8 +865,10 @@ def distill(student: nn.Module, teacher: Optional[nn.Module], data: TensorData, 
             the data has no augmentation its logits are computed once per run.
         data: a :class:`~dkl_lib.data.TensorData`; batches are normalised with its mean/std and,
             when ``data.augment`` is set, augmented on the device (:func:`augment_crop_flip`).
-        loss: one of :data:`LOSSES`: "ce", "kl", "dkl", "ikl", "gkl", "dkd".
-        gi: ikl/gkl only: class-wise global information from a :class:`ClassPrior` fed with the
+        loss: one of :data:`LOSSES`: "ce", "kl", "dkl", "ikl", "gkl", "dkd", or the name of a loss
+            registered with :func:`dkl_lib.losses.register_loss` (its named terms are logged like
+            the built-in ones; it takes ``temperature``, and with ``uses_prior`` the GI prior).
+        gi: ikl/gkl (and registered losses with ``uses_prior``) only: class-wise global information from a :class:`ClassPrior` fed with the
             teacher logits (``class_prior`` lets you pass your own, e.g. to watch it live).
         temperature, alpha, beta, gamma, weight_temperature: the loss's hyper-parameters, passed
             only where the loss takes them (alpha/beta default: 1/1, dkd 1/8).
@@ -865,12 +903,15 @@ def distill(student: nn.Module, teacher: Optional[nn.Module], data: TensorData, 
 
     Notebook: 03_knowledge_distillation (through :func:`dkl_lib.experiments.run_grid`).
     """
-    if not isinstance(loss, str) or loss not in LOSSES:
-        raise ValueError(f"unknown loss {loss!r}; choose one of {list(LOSSES)}")
+    custom = _custom(loss)
+    if not isinstance(loss, str) or (loss not in LOSSES and custom is None):
+        raise ValueError(f"unknown loss {loss!r}; choose one of {list(LOSSES)} or a registered loss "
+                         f"(dkl_lib.losses.register_loss; registered: {sorted(registered_losses())})")
     if not isinstance(gi, bool):
         raise TypeError(f"gi must be True or False, got {gi!r}")
-    if gi and loss not in ("ikl", "gkl"):
-        raise ValueError(f"gi=True (class-wise global information) applies to ikl and gkl only, not {loss!r}")
+    if gi and loss not in ("ikl", "gkl") and not (custom is not None and custom.uses_prior):
+        raise ValueError(f"gi=True (class-wise global information) applies to ikl, gkl and losses registered with "
+                         f"uses_prior=True only, not {loss!r}")
     _check_model("student", student)
     _check_data(data)
     _check_callback(callback)
@@ -891,6 +932,8 @@ def distill(student: nn.Module, teacher: Optional[nn.Module], data: TensorData, 
     warmup_epochs = _nonneg_int("warmup_epochs", warmup_epochs)
     config = {"task": "distill", "loss": loss, "gi": gi, **hparams, "ce_weight": ce_weight,
               "kd_weight": kd_weight, "warmup_epochs": warmup_epochs, **cfg}
+    if custom is not None:  # a checkpoint of another version of the function is not resumed
+        config["loss_source_sha256"] = custom.source_sha256
     result = _fit(student, data, teacher=None if loss == "ce" else teacher, loss=loss, gi=gi,
                   hparams=hparams, ce_weight=ce_weight, kd_weight=kd_weight, warmup_epochs=warmup_epochs,
                   device=device, amp=amp, channels_last=channels_last, progress=progress,
