@@ -57,6 +57,7 @@ import argparse
 import contextlib
 import copy
 import hashlib
+import importlib
 import inspect
 import io
 import json
@@ -77,6 +78,7 @@ from . import _paths
 from . import attacks as attacks_mod
 from . import data as data_mod
 from . import distributed as dist_mod
+from . import losses as losses_mod
 from . import models as models_mod
 from . import train as train_mod
 from ._checks import check_seeds, env_positive_int, tolerant_console
@@ -792,8 +794,11 @@ def _parse_loss(spec: str) -> Tuple[str, Optional[bool]]:
         name, gi = name[:-5], False
     elif name.endswith("-gi"):
         name, gi = name[:-3], True
-    if name not in train_mod.LOSSES or (gi is not None and name not in ("ikl", "gkl")):
-        raise ValueError(f"unknown loss {spec!r}; choose from {list(GRID_LOSSES)}")
+    custom = train_mod._custom(name)
+    takes_gi = name in ("ikl", "gkl") or (custom is not None and custom.uses_prior)
+    if (name not in train_mod.LOSSES and custom is None) or (gi is not None and not takes_gi):
+        raise ValueError(f"unknown loss {spec!r}; choose from {list(GRID_LOSSES)} or a registered loss "
+                         f"(dkl_lib.losses.register_loss; registered: {sorted(losses_mod.registered_losses())})")
     return name, gi
 
 
@@ -817,22 +822,28 @@ def _run_config(cfg: dict, loss_spec: str, seed: int, teacher_key: str) -> dict:
     unknown = set(settings) - _DISTILL_KEYS
     if unknown:
         raise ValueError(f"unknown distillation settings {sorted(unknown)}")
+    custom = train_mod._custom(name)
     if gi is not None:
         settings["gi"] = gi
-    if name not in ("ikl", "gkl"):
-        settings.pop("gi", None)
-    else:
+    if name in ("ikl", "gkl"):
         settings["gi"] = bool(settings.get("gi", False))
+    elif custom is not None and custom.uses_prior:  # a loss that asks for the prior gets it unless "-nogi"
+        settings["gi"] = bool(settings.get("gi", True))
+    else:
+        settings.pop("gi", None)
     # keep only what this loss uses, so that e.g. dkd's beta never changes kl's hash
-    used = train_mod.LOSS_SETTINGS[name]
+    used = train_mod.loss_settings(name)
     settings = {k: v for k, v in settings.items() if k not in train_mod.LOSS_HPARAMS or k in used}
     if name == "ce":  # the CE baseline depends on neither the teacher nor the KD weights
         for k in ("ce_weight", "kd_weight", "warmup_epochs"):
             settings.pop(k, None)
         teacher_key = None
-    return {"kind": "student", "data": cfg["data"], "student": _model_id(cfg["student"]), "teacher_key": teacher_key,
+    rcfg = {"kind": "student", "data": cfg["data"], "student": _model_id(cfg["student"]), "teacher_key": teacher_key,
             "loss": name, "seed": int(seed), "distill": settings, "version": CACHE_FORMAT,
             "library": _library_version()}
+    if custom is not None:  # only for registered losses: the built-in losses keep their keys
+        rcfg["custom_loss"] = {"source_sha256": custom.source_sha256, "uses_prior": custom.uses_prior}
+    return rcfg
 
 
 def _label(loss_spec: str) -> str:
@@ -910,7 +921,8 @@ def summarize(runs, *, paper: Optional[Dict[str, float]] = None):
             row[f"{col}_mean"], row[f"{col}_std"] = mean, std
             row[col.replace("_acc", "")] = f"{mean:.2f} ± {std:.2f}" if len(sub) > 1 else f"{mean:.2f}"
         if paper is not None:
-            row["paper_top1"] = paper.get(loss.split("-")[0], math.nan)
+            base = loss[:-5] if loss.endswith("-nogi") else loss[:-3] if loss.endswith("-gi") else loss
+            row["paper_top1"] = paper.get(base, math.nan)  # a registered "kl-sym" is not KL
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -935,6 +947,11 @@ def _grid_worker(kind: str, common: dict, job: Tuple[str, int]) -> Tuple[str, in
     """One (loss, seed) run of a grid in a worker process; its results land in the shared cache."""
     kw = dict(common)
     torch.set_num_threads(kw.pop("threads"))
+    for name, (module, qualname, uses_prior, description) in kw.pop("custom_losses", {}).items():
+        fn = importlib.import_module(module)  # the parent checked that this finds the registered function
+        for part in qualname.split("."):
+            fn = getattr(fn, part)
+        losses_mod.register_loss(name, fn, uses_prior=uses_prior, description=description)
     loss, seed = job
     if kind == "kd":
         run_grid([loss], [seed], progress=False, **kw)
@@ -995,11 +1012,44 @@ def _prefill_in_workers(kind: str, jobs: List[Tuple[str, int]], is_done: Callabl
     pending = [job for job in jobs if not is_done(job)]
     common = {"preset": preset, "overrides": overrides, "cache_dir": str(cache.root), "device": "cpu",
               "download": download}
+    custom = {name: rec for name, rec in losses_mod.registered_losses().items()
+              if any(_parse_loss(spec)[0] == name for spec, _ in pending)}
+    if custom:  # a worker registers them again, from their modules
+        common["custom_losses"] = {name: (*rec.import_path, rec.uses_prior, rec.description)
+                                   for name, rec in custom.items()}
     fresh, interrupted = _run_in_workers(kind, pending, common, workers, desc=desc, progress=progress)
     if interrupted:
         warnings.warn("interrupted: returning the finished runs", stacklevel=3)
         jobs = [job for job in jobs if job not in pending or job in fresh]
     return jobs, fresh, interrupted
+
+
+_WARNED_UNCACHED: set = set()
+
+
+def _uncacheable_losses(specs: Sequence[str]) -> set:
+    """The registered losses among ``specs`` whose function has no source hash (so no honest cache
+    key): their runs are computed every time and never cached; warned once per registration."""
+    out = set()
+    for spec in specs:
+        record = train_mod._custom(_parse_loss(spec)[0])
+        if record is not None and record.source_sha256 is None:
+            out.add(record.name)
+            if id(record) not in _WARNED_UNCACHED:
+                _WARNED_UNCACHED.add(id(record))
+                warnings.warn(f"loss {record.name!r}: its function has no readable source (a C function, a partial, "
+                              "a callable object, or a closure over a tensor), so its cache key cannot follow changes "
+                              "to it; its runs are computed each time and not cached", CacheWarning, stacklevel=3)
+    return out
+
+
+def _worker_can_run(spec: str, uncached: set) -> bool:
+    """Whether a worker process can compute the grid job of ``spec``: a built-in loss, or a registered
+    one that the worker can import (not defined in ``__main__`` / a notebook) and whose result the
+    cache can hand back."""
+    name = _parse_loss(spec)[0]
+    record = train_mod._custom(name)
+    return record is None or (record.import_path is not None and name not in uncached)
 
 
 def run_grid(losses: Sequence[str] = ("ce", "kl", "dkl", "ikl", "gkl", "dkd"),
@@ -1011,7 +1061,11 @@ def run_grid(losses: Sequence[str] = ("ce", "kl", "dkl", "ikl", "gkl", "dkd"),
     """Distil one student per (loss, seed) from the preset's teacher; cached, interruptible.
 
     Args:
-        losses: loss names (:data:`GRID_LOSSES`): ce, kl, dkl, ikl, gkl, dkd, ikl-nogi, gkl-nogi.
+        losses: loss names (:data:`GRID_LOSSES`): ce, kl, dkl, ikl, gkl, dkd, ikl-nogi, gkl-nogi, and
+            losses registered with :func:`dkl_lib.losses.register_loss` (with ``uses_prior``: GI on,
+            "NAME-nogi" off). They train with the "distill" section of the preset (per-loss
+            overrides ``losses.NAME.*`` are for the built-in losses); their cache key holds the
+            name and the hash of the function's source (no source: not cached, warned once).
         seeds: student seeds (initialisation, batch order, augmentation).
         preset: "cpu-quick", "gpu-short", "paper" or "imagenet" (:data:`PRESETS`). overrides: see
             :func:`resolve_config`.
@@ -1025,7 +1079,9 @@ def run_grid(losses: Sequence[str] = ("ce", "kl", "dkl", "ikl", "gkl", "dkd"),
             teacher), each with 1/workers of this process's torch threads; their results come
             back through the cache, so a run gives the same numbers as with ``workers=1`` and the
             same thread count. Needs the cache, no callback, no torchrun; in a script, call it
-            under ``if __name__ == "__main__":`` (the workers are spawned).
+            under ``if __name__ == "__main__":`` (the workers are spawned). A registered loss whose
+            function a worker cannot import (defined in a notebook or ``__main__``), or whose runs
+            are not cached, runs in this process after the workers' jobs.
 
     Returns:
         :class:`GridResult`. Ctrl-C stops the grid after keeping the finished runs
@@ -1057,11 +1113,15 @@ def run_grid(losses: Sequence[str] = ("ce", "kl", "dkl", "ikl", "gkl", "dkd"),
     rows, histories, priors = [], {}, {}
     jobs = [(spec, seed) for spec in losses for seed in seeds]
     fresh, interrupted = set(), False
-    if workers > 1:
-        jobs, fresh, interrupted = _prefill_in_workers(
-            "kd", jobs, lambda job: cache.exists("student", _run_config(cfg, *job, tinfo["config_hash"])),
+    uncached = _uncacheable_losses(losses) if use_cache else set()
+    if workers > 1:  # a registered loss that a worker cannot import or cache runs here, in the parent
+        here = [job for job in jobs if not _worker_can_run(job[0], uncached)]
+        kept, fresh, interrupted = _prefill_in_workers(
+            "kd", [job for job in jobs if job not in here],
+            lambda job: cache.exists("student", _run_config(cfg, *job, tinfo["config_hash"])),
             workers=workers, preset=preset, overrides=overrides, cache=cache, download=download,
             desc=f"{preset}: runs, {workers} at a time", progress=progress)
+        jobs = [job for job in jobs if job in kept or (job in here and not interrupted)]
     bar = tqdm(jobs, desc=f"{preset}: runs", disable=not progress or workers > 1, unit="run")
     try:
         for spec, seed in bar:
@@ -1069,7 +1129,8 @@ def run_grid(losses: Sequence[str] = ("ce", "kl", "dkl", "ikl", "gkl", "dkd"),
             rcfg = _run_config(cfg, spec, seed, tinfo["config_hash"])
             key = config_hash(rcfg)
             bar.set_postfix(loss=label, seed=seed)
-            hit = cache.load("student", rcfg)
+            run_cache = cache if rcfg["loss"] not in uncached else RunCache(cache.root, enabled=False)
+            hit = run_cache.load("student", rcfg)
             cached = hit is not None and (spec, seed) not in fresh
             if hit is not None:
                 result, files = hit
@@ -1079,7 +1140,7 @@ def run_grid(losses: Sequence[str] = ("ce", "kl", "dkl", "ikl", "gkl", "dkd"),
                 student = _build(cfg["student"], d, seed=seed)
                 settings = dict(rcfg["distill"])
                 epoch_cb = _epoch_callback(bar, label, seed, settings["epochs"], callback)
-                ckpt = _checkpointing(cfg, cache, "student", rcfg)
+                ckpt = _checkpointing(cfg, run_cache, "student", rcfg)
                 _announce_resume(ckpt, f"{label} seed {seed}", progress and workers == 1)
                 res = train_mod.distill(student, teacher if rcfg["loss"] != "ce" else None, d,
                                         loss=rcfg["loss"], seed=seed, device=dev, progress=False,
@@ -1092,7 +1153,7 @@ def run_grid(losses: Sequence[str] = ("ce", "kl", "dkl", "ikl", "gkl", "dkd"),
                     files = {"model.pt": {k: v.cpu() for k, v in student.state_dict().items()}}
                     if prior_tensor is not None:
                         files["priors.pt"] = prior_tensor
-                    cache.save("student", rcfg, result, files)
+                    run_cache.save("student", rcfg, result, files)
                     _drop_checkpoints(ckpt["checkpoint_dir"])
             rows.append({"loss": label, "seed": seed, "best_acc": result["best_acc"],
                          "best_epoch": result["best_epoch"], "last_acc": result["last_acc"],
