@@ -910,8 +910,8 @@ def distill(student: nn.Module, teacher: Optional[nn.Module], data: TensorData, 
     if not isinstance(gi, bool):
         raise TypeError(f"gi must be True or False, got {gi!r}")
     if gi and loss not in ("ikl", "gkl") and not (custom is not None and custom.uses_prior):
-        raise ValueError(f"gi=True (class-wise global information) applies to ikl, gkl and losses registered with "
-                         f"uses_prior=True only, not {loss!r}")
+        raise ValueError(f"gi=True (class-wise global information) applies to ikl and gkl only (and to losses "
+                         f"registered with uses_prior=True), not {loss!r}")
     _check_model("student", student)
     _check_data(data)
     _check_callback(callback)
