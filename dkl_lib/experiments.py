@@ -31,6 +31,8 @@ PyTorch's default for the others; ``--workers N`` share them.
 
 Loss names in a grid: ``ce``, ``kl``, ``dkl``, ``ikl``, ``gkl``, ``dkd``; ``ikl`` and ``gkl`` use
 class-wise global information (GI) as in the papers, and ``ikl-nogi`` / ``gkl-nogi`` turn it off.
+In Python (not on the command line), :func:`run_grid` also takes losses registered with
+:func:`dkl_lib.losses.register_loss`.
 
 Adversarial training (notebook 04) has its own presets (:data:`ADV_PRESETS`, :func:`resolve_adv_config`):
 ``cpu-quick`` (digits, SmallCNN-16, ε = 0.1), ``gpu-short`` (CIFAR-10, PreActResNet-18, ε = 8/255, 10
