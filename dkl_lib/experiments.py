@@ -70,6 +70,7 @@ import sys
 import tempfile
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -1026,7 +1027,7 @@ def _prefill_in_workers(kind: str, jobs: List[Tuple[str, int]], is_done: Callabl
     return jobs, fresh, interrupted
 
 
-_WARNED_UNCACHED: set = set()
+_WARNED_UNCACHED: "weakref.WeakSet" = weakref.WeakSet()  # registrations already warned about
 
 
 def _uncacheable_losses(specs: Sequence[str]) -> set:
@@ -1037,8 +1038,8 @@ def _uncacheable_losses(specs: Sequence[str]) -> set:
         record = train_mod._custom(_parse_loss(spec)[0])
         if record is not None and record.source_sha256 is None:
             out.add(record.name)
-            if id(record) not in _WARNED_UNCACHED:
-                _WARNED_UNCACHED.add(id(record))
+            if record not in _WARNED_UNCACHED:
+                _WARNED_UNCACHED.add(record)
                 warnings.warn(f"loss {record.name!r}: its function has no readable source (a C function, a partial, "
                               "a callable object, or a closure over a tensor), so its cache key cannot follow changes "
                               "to it; its runs are computed each time and not cached", CacheWarning, stacklevel=3)
