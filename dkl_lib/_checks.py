@@ -233,11 +233,17 @@ def value_range(x: torch.Tensor) -> tuple[float, float]:
     return tuple(torch.stack([low, high]).tolist())
 
 
-def check_unit_range(name: str, x: torch.Tensor) -> None:
-    """Every entry of ``x`` is finite and lies in [0, 1] (images; one reduction per call)."""
+def check_finite_values(name: str, x: torch.Tensor) -> tuple[float, float]:
+    """Every entry of ``x`` is finite; returns its (min, max), read in one device sync."""
     low, high = value_range(x)
     if not (math.isfinite(low) and math.isfinite(high)):
         raise ValueError(f"{name} contains non-finite values (nan or inf)")
+    return low, high
+
+
+def check_unit_range(name: str, x: torch.Tensor) -> None:
+    """Every entry of ``x`` is finite and lies in [0, 1] (images; one reduction per call)."""
+    low, high = check_finite_values(name, x)
     if low < 0.0 or high > 1.0:
         raise ValueError(f"{name} must hold images in [0, 1], got values in [{low:.4g}, {high:.4g}]; pass raw "
                          f"images and put the normalisation inside the model (dkl_lib.attacks.Normalized)")

@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_label_range, check_model_output, check_seed, check_unit_range, value_range
+from ._checks import (check_finite_values, check_label_range, check_model_output, check_seed, check_unit_range,
+                      value_range)
 from .losses import kl_loss
 
 __all__ = [
@@ -950,9 +951,7 @@ def class_separation(x: torch.Tensor, y: torch.Tensor, *, chunk: int = 256) -> f
     """
     _check_xy(x, y)
     chunk = _int("chunk", chunk, 1)
-    low, high = value_range(x)
-    if not (math.isfinite(low) and math.isfinite(high)):
-        raise ValueError("x contains non-finite values (nan or inf)")
+    check_finite_values("x", x)
     flat = x.detach().flatten(1).cpu().to(torch.float64)  # on the CPU: MPS has no float64
     y = y.cpu()
     best = math.inf

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _paths
-from ._checks import check_int, check_label_range, check_seed, env_positive_int, value_range
+from ._checks import check_finite_values, check_int, check_label_range, check_seed, env_positive_int
 
 __all__ = [
     "TensorData",
@@ -140,9 +140,7 @@ class TensorData:
             if y.shape[0]:
                 check_label_range(f"y_{split}", y, self.num_classes, owner="num_classes says the data has")
             if not self.lazy and x.shape[0] and x.numel():
-                low, high = value_range(x)
-                if not (math.isfinite(low) and math.isfinite(high)):
-                    raise ValueError(f"x_{split} contains non-finite values (nan or inf)")
+                check_finite_values(f"x_{split}", x)
 
     @property
     def device(self) -> torch.device:
