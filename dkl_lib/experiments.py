@@ -797,9 +797,8 @@ def _parse_loss(spec: str) -> Tuple[str, Optional[bool]]:
         name, gi = name[:-5], False
     elif name.endswith("-gi"):
         name, gi = name[:-3], True
-    custom = train_mod._custom(name)
-    takes_gi = name in ("ikl", "gkl") or (custom is not None and custom.uses_prior)
-    if (name not in train_mod.LOSSES and custom is None) or (gi is not None and not takes_gi):
+    known = name in train_mod.LOSSES or train_mod._custom(name) is not None
+    if not known or (gi is not None and "gi" not in train_mod.loss_settings(name)):
         raise ValueError(f"unknown loss {spec!r}; choose from {list(GRID_LOSSES)} or a registered loss "
                          f"(dkl_lib.losses.register_loss; registered: {sorted(losses_mod.registered_losses())})")
     return name, gi
@@ -828,14 +827,10 @@ def _run_config(cfg: dict, loss_spec: str, seed: int, teacher_key: str) -> dict:
     custom = train_mod._custom(name)
     if gi is not None:
         settings["gi"] = gi
-    if name in ("ikl", "gkl"):
-        settings["gi"] = bool(settings.get("gi", False))
-    elif custom is not None and custom.uses_prior:  # a loss that asks for the prior gets it unless "-nogi"
-        settings["gi"] = bool(settings.get("gi", True))
-    else:
-        settings.pop("gi", None)
-    # keep only what this loss uses, so that e.g. dkd's beta never changes kl's hash
     used = train_mod.loss_settings(name)
+    if "gi" in used:  # ikl/gkl: off unless the preset or "-gi" turns it on; a registered loss that asks
+        settings["gi"] = bool(settings.get("gi", custom is not None))  # for the prior gets it unless "-nogi"
+    # keep only what this loss uses (gi too), so that e.g. dkd's beta never changes kl's hash
     settings = {k: v for k, v in settings.items() if k not in train_mod.LOSS_HPARAMS or k in used}
     if name == "ce":  # the CE baseline depends on neither the teacher nor the KD weights
         for k in ("ce_weight", "kd_weight", "warmup_epochs"):

@@ -713,7 +713,8 @@ def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], lo
             dist.broadcast_buffers(model)
             totals = par.epoch_totals(sums, correct=correct, seen=seen)
             seen, correct = totals.pop("seen"), totals.pop("correct")
-            bad = [k for k, v in totals.items() if custom is not None and k not in ("loss", "ce") and not math.isfinite(v)]
+            bad = [] if custom is None else [k for k, v in totals.items()
+                                             if k not in ("loss", "ce") and not math.isfinite(v)]
             if bad:
                 raise FloatingPointError(f"custom loss {loss!r}: its term{'s' if len(bad) > 1 else ''} "
                                          f"{', '.join(map(repr, bad))} became non-finite in epoch {epoch + 1}; "
@@ -909,7 +910,7 @@ def distill(student: nn.Module, teacher: Optional[nn.Module], data: TensorData, 
                          f"(dkl_lib.losses.register_loss; registered: {sorted(registered_losses())})")
     if not isinstance(gi, bool):
         raise TypeError(f"gi must be True or False, got {gi!r}")
-    if gi and loss not in ("ikl", "gkl") and not (custom is not None and custom.uses_prior):
+    if gi and "gi" not in loss_settings(loss):
         raise ValueError(f"gi=True (class-wise global information) applies to ikl and gkl only (and to losses "
                          f"registered with uses_prior=True), not {loss!r}")
     _check_model("student", student)
