@@ -399,6 +399,14 @@ class TrainingSession:
         return os.path.abspath(path)
 
 
+def _set_widening(slider, value) -> None:
+    """Set ``slider`` to ``value``, widening its range rather than clipping the value: a preset's value
+    clipped to the slider would make an untouched run another run than the preset's."""
+    slider.max = max(slider.max, value)
+    slider.min = min(slider.min, value)
+    slider.value = value
+
+
 def _curve_figure(epochs: int = 10):
     import plotly.graph_objects as go
 
@@ -466,11 +474,10 @@ def training_dashboard(*, preset: str = "cpu-quick", cache_dir=None, device=None
         for key in LOSS_HPARAMS:
             controls[key].disabled = key not in allowed
         for key, value in loss_settings(controls["preset"].value, loss).items():
-            control = controls[key]
-            if not isinstance(value, bool):  # widen a slider rather than clip a preset's value (T_w = 100 on
-                control.max = max(control.max, value)  # gpu-short/paper): a clipped value is another run
-                control.min = min(control.min, value)
-            control.value = value
+            if isinstance(value, bool):
+                controls[key].value = value
+            else:  # T_w = 100 on gpu-short/paper
+                _set_widening(controls[key], value)
         dkd = loss == "dkd"  # DKD's two weights sit on the same sliders
         controls["alpha"].description = "α (TCKD)" if dkd else "α (wMSE)"
         controls["beta"].description = "β (NCKD)" if dkd else "β (soft CE)"
@@ -478,9 +485,7 @@ def training_dashboard(*, preset: str = "cpu-quick", cache_dir=None, device=None
     def set_epochs(_change=None):
         """The preset's number of epochs: a shorter run of a preset never reaches its learning-rate drops."""
         epochs = int(_preset_settings(controls["preset"].value, controls["loss"].value)["epochs"])
-        control = controls["epochs"]
-        control.max = max(control.max, epochs)
-        control.value = epochs
+        _set_widening(controls["epochs"], epochs)  # 240 for paper
         if not figure.data:  # the empty plot's epoch axis follows
             figure.layout.xaxis.range = [0.5, epochs + 0.5]
 
