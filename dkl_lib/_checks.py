@@ -22,7 +22,19 @@ __all__ = [
     "check_finite_terms",
     "compute_dtype",
     "env_positive_int",
+    "compiling",
 ]
+
+
+def compiling() -> bool:
+    """True while ``torch.compile`` traces the calling code.
+
+    The checks that READ tensor values (non-finite logits, overflow bounds, label ranges, prior
+    rows) copy a few numbers to the host: a device sync, and data the compiler cannot trace. While
+    compiling they are skipped; the checks of types, shapes, devices and hyper-parameters stay.
+    Run a step eagerly (uncompiled) to have the values checked too.
+    """
+    return torch.compiler.is_compiling()
 
 
 def _check_logits(name: str, x) -> None:
@@ -84,6 +96,8 @@ def check_logits_pair(logits, target_logits, *, temperature: Optional[float] = N
         _check_temperature_range("temperature", temperature, dtype, max(1.0, squared_weight))
     if weight_temperature is not None:
         _check_temperature_range(weight_temperature_name, weight_temperature, dtype, None)
+    if compiling():  # no value read while torch.compile traces: no bound known
+        return math.inf, math.inf
     # min and max of each tensor (nan propagates): one fast pass each, one sync for both
     extremes = torch.stack([v.to(dtype) for x in (logits, target_logits) for v in torch.aminmax(x)])
     low_n, high_n, low_m, high_m = extremes.tolist()
@@ -118,7 +132,7 @@ def check_finite_terms(loss: str, terms: dict, *, bound: float, largest: tuple[f
     comes near the dtype's maximum are the values read back (one device sync), so ordinary
     batches pay nothing. ``largest`` = (max |logits|, max |target_logits|) for the message.
     """
-    if not terms:
+    if not terms or compiling():
         return
     value = next(iter(terms.values()))
     fmax = torch.finfo(value.dtype).max
@@ -179,7 +193,8 @@ def check_targets(targets, batch_size: int, num_classes: int, device, *, name: s
 
 def check_class_prior(class_prior, num_classes: int, device) -> float:
     """A (C, C) tensor whose rows are non-negative, finite and not all zero; returns the largest
-    row sum (for :func:`check_finite_terms`). One device sync for valid priors."""
+    row sum (for :func:`check_finite_terms`). One device sync for valid priors; while torch.compile
+    traces, only the type, shape and device are checked and the bound is inf."""
     if not isinstance(class_prior, torch.Tensor):
         raise TypeError(f"class_prior must be a torch.Tensor, got {type(class_prior).__name__}")
     if not class_prior.is_floating_point():
@@ -191,6 +206,8 @@ def check_class_prior(class_prior, num_classes: int, device) -> float:
         )
     if class_prior.device != device:
         raise ValueError(f"class_prior is on {class_prior.device} but the logits are on {device}")
+    if compiling():  # values not read while torch.compile traces
+        return math.inf
     sums = class_prior.detach().sum(dim=1)
     finite, low, low_sum, high_sum = torch.stack([
         torch.isfinite(class_prior).all().to(sums.dtype), class_prior.detach().amin(), sums.amin(), sums.amax(),
@@ -251,7 +268,10 @@ def check_unit_range(name: str, x: torch.Tensor) -> None:
 
 def check_label_range(name: str, labels: torch.Tensor, num_classes: int, *, owner: str = "the model has") -> None:
     """Every class index in ``labels`` (non-empty) lies in [0, num_classes); ``owner`` says what has
-    the classes in the message ("the model has", "the logits have")."""
+    the classes in the message ("the model has", "the logits have"). Skipped while torch.compile
+    traces (:func:`compiling`)."""
+    if compiling():
+        return
     low, high = value_range(labels)
     if low < 0 or high >= num_classes:
         raise ValueError(f"{name} out of range: {owner} {num_classes} classes, so {name} must lie in "

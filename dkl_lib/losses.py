@@ -32,6 +32,12 @@ Each loss has a ``*_terms`` twin that returns its named terms as a dict (``wmse`
 for the decoupled losses, ``tckd`` and ``nckd`` for DKD, ``kl`` for KL); the loss is their sum.
 Notebook 01 derives these losses step by step; notebook 02 plots the gradient of each term.
 
+torch.compile: every loss compiles as one graph (``fullgraph=True``) with the eager values and
+gradients, so a compiled training step may call them. While compiling, the checks that read tensor
+values (non-finite logits, overflow bounds, label ranges, prior rows) are skipped, since each is a
+device sync the compiler cannot trace; types, shapes, devices and hyper-parameters are still
+checked. Run one step uncompiled to have the values checked as well.
+
 Your own loss: :func:`register_loss` adds a named loss (a function returning its named terms) that
 :func:`loss_terms`, :func:`dkl_lib.train.distill` and :func:`dkl_lib.experiments.run_grid` accept
 beside the built-in ones (notebook 05, last section before the dashboard).
@@ -55,6 +61,7 @@ from ._checks import (
     check_nonnegative,
     check_positive,
     check_targets,
+    compiling,
     compute_dtype,
 )
 
@@ -228,7 +235,8 @@ class _DecoupledKL(torch.autograd.Function):
         # in-place change of an input, which the first-order gradient (built from the factors above)
         # does not care about. Their versions let the second-order path refuse such a change itself.
         ctx.inputs = (logits, target_logits, weights)
-        ctx.versions = tuple(None if t is None else t._version for t in ctx.inputs)
+        # (torch.compile cannot trace version counters: no in-place check in a compiled step)
+        ctx.versions = None if compiling() else tuple(None if t is None else t._version for t in ctx.inputs)
         ctx.hparams = (temperature, alpha, beta, batch, stop_logits, norm)
         return wmse, soft_ce
 
@@ -239,7 +247,8 @@ class _DecoupledKL(torch.autograd.Function):
         graph = torch.is_grad_enabled()  # create_graph=True: this backward will be differentiated
         if graph:
             logits, target_logits, weights = ctx.inputs
-            if any(t is not None and t._version != v for t, v in zip(ctx.inputs, ctx.versions)):
+            if ctx.versions is not None and any(t is not None and t._version != v
+                                                for t, v in zip(ctx.inputs, ctx.versions)):
                 raise RuntimeError("an input of a decoupled KL loss (dkl/ikl/gkl) was modified in place after "
                                    "the loss was computed; a backward with create_graph=True needs it unchanged")
             log_s_n = torch.log_softmax(_scaled(logits, temperature), dim=1)
@@ -530,7 +539,7 @@ def _wmse_weights(target_logits, weights, temperature):
         raise TypeError(f"weights must be a torch.Tensor, got {type(weights).__name__}")
     if weights.shape != target_logits.shape:
         raise ValueError(f"weights must have shape {tuple(target_logits.shape)}, got {tuple(weights.shape)}")
-    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+    if not compiling() and (not bool(torch.isfinite(weights).all()) or bool((weights < 0).any())):
         raise ValueError("weights must be finite and non-negative")
     return weights.detach().to(target_logits.dtype)
 
@@ -538,6 +547,8 @@ def _wmse_weights(target_logits, weights, temperature):
 def _check_wmse_value(name, value, weights, mass, largest) -> None:
     """The wMSE value is finite (see :func:`~dkl_lib._checks.check_finite_terms`; bound
     (1/2) P² (|o_n| + |o_m|)², P = the largest row sum of the weights, 1 for softmax weights)."""
+    if compiling():
+        return
     top = 1.0 if weights is None else float(mass.max())
     spread = largest[0] + largest[1]
     check_finite_terms(name, {"wmse": value}, largest=largest, bound=0.5 * top * top * spread * spread)
@@ -736,7 +747,7 @@ class CustomLoss:
                 raise TypeError(f"{where}: term {term!r} must be a floating-point tensor, got {value.dtype}")
             if isinstance(logits, torch.Tensor) and value.device != logits.device:
                 raise ValueError(f"{where}: term {term!r} is on {value.device}, the logits on {logits.device}")
-        if check_finite:
+        if check_finite and not compiling():
             finite = torch.isfinite(torch.stack([v.detach().float() for v in terms.values()])).tolist()
             bad = [term for term, ok in zip(terms, finite) if not ok]
             if bad:

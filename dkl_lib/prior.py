@@ -25,7 +25,7 @@ from typing import List, Mapping
 
 import torch
 
-from ._checks import check_positive, check_targets, wide_dtype
+from ._checks import check_positive, check_targets, compiling, wide_dtype
 
 __all__ = ["ClassPrior"]
 
@@ -129,13 +129,14 @@ class ClassPrior:
         logits = target_logits.detach().to(self._sums.dtype)
         probs = torch.softmax(logits / t_w, dim=1)
         # one sync: non-finite logits (softmax maps -inf to a finite 0), or logits / T_w overflowing
-        if not bool(torch.isfinite(logits).all() & torch.isfinite(probs).all()):
+        if not compiling() and not bool(torch.isfinite(logits).all() & torch.isfinite(probs).all()):
             if not bool(torch.isfinite(logits).all()):
                 raise ValueError("target_logits contain non-finite values (nan or inf)")
             raise ValueError(f"target_logits / weight_temperature overflows {self._sums.dtype} "
                              f"(weight_temperature = {t_w:g}); use a larger weight_temperature")
         self._sums.index_add_(0, targets, probs)
-        self._counts += torch.bincount(targets, minlength=self.num_classes).to(self._counts.dtype)
+        # (index_add_, not bincount, whose output size depends on the values: torch.compile on torch 2.4)
+        self._counts.index_add_(0, targets, torch.ones(targets.shape, dtype=self._counts.dtype, device=targets.device))
 
     @torch.no_grad()
     def end_epoch(self) -> torch.Tensor:
