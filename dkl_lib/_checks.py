@@ -22,19 +22,27 @@ __all__ = [
     "check_finite_terms",
     "compute_dtype",
     "env_positive_int",
-    "compiling",
+    "tracing",
+    "transforming",
 ]
 
 
-def compiling() -> bool:
-    """True while ``torch.compile`` traces the calling code.
+def transforming() -> bool:
+    """True inside a ``torch.func`` transform (grad, vmap, jacrev, jvp, hessian, ...), outside
+    ``torch.compile``'s tracing (which cannot trace the question)."""
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
+def tracing() -> bool:
+    """True while ``torch.compile`` traces the calling code or a ``torch.func`` transform runs it.
 
     The checks that READ tensor values (non-finite logits, overflow bounds, label ranges, prior
-    rows) copy a few numbers to the host: a device sync, and data the compiler cannot trace. While
-    compiling they are skipped; the checks of types, shapes, devices and hyper-parameters stay.
-    Run a step eagerly (uncompiled) to have the values checked too.
+    rows) copy a few numbers to the host: a device sync, and data that the compiler cannot trace
+    and that vmap's batched tensors do not have. There they are skipped; the checks of types,
+    shapes, devices and hyper-parameters stay. Call the function eagerly (once, outside compile and
+    torch.func) to have the values checked too.
     """
-    return torch.compiler.is_compiling()
+    return torch.compiler.is_compiling() or transforming()
 
 
 def _check_logits(name: str, x) -> None:
@@ -96,7 +104,7 @@ def check_logits_pair(logits, target_logits, *, temperature: Optional[float] = N
         _check_temperature_range("temperature", temperature, dtype, max(1.0, squared_weight))
     if weight_temperature is not None:
         _check_temperature_range(weight_temperature_name, weight_temperature, dtype, None)
-    if compiling():  # no value read while torch.compile traces: no bound known
+    if tracing():  # no value read under torch.compile / torch.func: no bound known
         return math.inf, math.inf
     # min and max of each tensor (nan propagates): one fast pass each, one sync for both
     extremes = torch.stack([v.to(dtype) for x in (logits, target_logits) for v in torch.aminmax(x)])
@@ -132,7 +140,7 @@ def check_finite_terms(loss: str, terms: dict, *, bound: float, largest: tuple[f
     comes near the dtype's maximum are the values read back (one device sync), so ordinary
     batches pay nothing. ``largest`` = (max |logits|, max |target_logits|) for the message.
     """
-    if not terms or compiling():
+    if not terms or tracing():
         return
     value = next(iter(terms.values()))
     fmax = torch.finfo(value.dtype).max
@@ -193,8 +201,8 @@ def check_targets(targets, batch_size: int, num_classes: int, device, *, name: s
 
 def check_class_prior(class_prior, num_classes: int, device) -> float:
     """A (C, C) tensor whose rows are non-negative, finite and not all zero; returns the largest
-    row sum (for :func:`check_finite_terms`). One device sync for valid priors; while torch.compile
-    traces, only the type, shape and device are checked and the bound is inf."""
+    row sum (for :func:`check_finite_terms`). One device sync for valid priors; under torch.compile
+    or torch.func (:func:`tracing`), only the type, shape and device are checked and the bound is inf."""
     if not isinstance(class_prior, torch.Tensor):
         raise TypeError(f"class_prior must be a torch.Tensor, got {type(class_prior).__name__}")
     if not class_prior.is_floating_point():
@@ -206,7 +214,7 @@ def check_class_prior(class_prior, num_classes: int, device) -> float:
         )
     if class_prior.device != device:
         raise ValueError(f"class_prior is on {class_prior.device} but the logits are on {device}")
-    if compiling():  # values not read while torch.compile traces
+    if tracing():  # values not read under torch.compile / torch.func
         return math.inf
     sums = class_prior.detach().sum(dim=1)
     finite, low, low_sum, high_sum = torch.stack([
@@ -269,8 +277,8 @@ def check_unit_range(name: str, x: torch.Tensor) -> None:
 def check_label_range(name: str, labels: torch.Tensor, num_classes: int, *, owner: str = "the model has") -> None:
     """Every class index in ``labels`` (non-empty) lies in [0, num_classes); ``owner`` says what has
     the classes in the message ("the model has", "the logits have"). Skipped while torch.compile
-    traces (:func:`compiling`)."""
-    if compiling():
+    traces or a torch.func transform runs (:func:`tracing`)."""
+    if tracing():
         return
     low, high = value_range(labels)
     if low < 0 or high >= num_classes:

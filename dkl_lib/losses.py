@@ -32,11 +32,14 @@ Each loss has a ``*_terms`` twin that returns its named terms as a dict (``wmse`
 for the decoupled losses, ``tckd`` and ``nckd`` for DKD, ``kl`` for KL); the loss is their sum.
 Notebook 01 derives these losses step by step; notebook 02 plots the gradient of each term.
 
-torch.compile: every loss compiles as one graph (``fullgraph=True``) with the eager values and
-gradients, so a compiled training step may call them. While compiling, the checks that read tensor
-values (non-finite logits, overflow bounds, label ranges, prior rows) are skipped, since each is a
-device sync the compiler cannot trace; types, shapes, devices and hyper-parameters are still
-checked. Run one step uncompiled to have the values checked as well.
+torch.compile and torch.func: every loss compiles as one graph (``fullgraph=True``) with the eager
+values and gradients, so a compiled training step may call them; and every loss works inside
+``torch.func`` transforms (grad, jacrev, jvp, hessian, vmap for per-sample gradients), where the
+decoupled losses run as plain autograd with their stop-gradients as ``detach`` (same derivatives,
+first and second order, as the analytic backward). In both, the checks that read tensor values
+(non-finite logits, overflow bounds, label ranges, prior rows) are skipped, since each is a device
+sync the compiler cannot trace and vmap's batched tensors cannot answer; types, shapes, devices and
+hyper-parameters are still checked. Call the loss once eagerly to have the values checked as well.
 
 Your own loss: :func:`register_loss` adds a named loss (a function returning its named terms) that
 :func:`loss_terms`, :func:`dkl_lib.train.distill` and :func:`dkl_lib.experiments.run_grid` accept
@@ -61,7 +64,8 @@ from ._checks import (
     check_nonnegative,
     check_positive,
     check_targets,
-    compiling,
+    tracing,
+    transforming,
     compute_dtype,
 )
 
@@ -211,23 +215,8 @@ class _DecoupledKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target_logits, weights, temperature, alpha, beta, wmse_norm, stop_logits):
         batch = logits.shape[0]
-        log_s_n = torch.log_softmax(_scaled(logits, temperature), dim=1)
-        s_m = torch.softmax(_scaled(target_logits, temperature), dim=1)
-        if weights is None:  # p = s_m, whose rows sum to 1
-            p, mass = s_m, None
-        else:
-            p, mass = weights, weights.sum(dim=1, keepdim=True)
-        dev = _centered(p, target_logits - logits, mass if mass is not None else 1.0)
-        p_dev = p * dev
-        row = torch.linalg.vecdot(p_dev, dev)  # Σ_j p_j (d_j − d̄)², shape (B,)
-        if mass is not None:
-            row = row * mass.squeeze(1)
-        norm = float(batch) if wmse_norm is None else wmse_norm
-        # scaled per row, then summed, like soft_ce below: the sum of B rows may overflow before 1/N
-        wmse = (row * (0.5 * alpha / norm)).sum()
-        # per row, scaled, then summed: a row is at most max |o| / T in size (finite by the range check),
-        # but the sum of B such rows may overflow before T² brings it back (inf, or nan once T² is 0)
-        soft_ce = torch.linalg.vecdot(s_m, log_s_n).mul(-beta * temperature**2 / batch).sum()
+        wmse, soft_ce, log_s_n, s_m, p_dev, mass, norm = _decoupled_values(
+            logits, target_logits, weights, temperature, alpha, beta, wmse_norm, stop_logits)
         ctx.set_materialize_grads(False)  # an unused term's gradient arrives as None, not zeros
         ctx.save_for_backward(log_s_n, s_m, p_dev, mass)
         # The inputs serve only a differentiated backward (create_graph=True). They are kept as
@@ -236,7 +225,7 @@ class _DecoupledKL(torch.autograd.Function):
         # does not care about. Their versions let the second-order path refuse such a change itself.
         ctx.inputs = (logits, target_logits, weights)
         # (torch.compile cannot trace version counters: no in-place check in a compiled step)
-        ctx.versions = None if compiling() else tuple(None if t is None else t._version for t in ctx.inputs)
+        ctx.versions = None if tracing() else tuple(None if t is None else t._version for t in ctx.inputs)
         ctx.hparams = (temperature, alpha, beta, batch, stop_logits, norm)
         return wmse, soft_ce
 
@@ -275,6 +264,35 @@ class _DecoupledKL(torch.autograd.Function):
         return grad_logits, grad_target, None, None, None, None, None, None
 
 
+def _decoupled_values(logits, target_logits, weights, temperature, alpha, beta, wmse_norm, stop_logits):
+    """The forward of :class:`_DecoupledKL`: (wmse, soft_ce) and the factors its backward reuses
+    (log s_n, s_m, p (d − d̄), the row sums of p or None, N).
+
+    Written with the stop-gradients as ``detach`` (s_m, and Δ(o_n) when ``stop_logits``; the
+    weights come detached), so that autograd through it gives the analytic backward's gradients:
+    the path used inside torch.func transforms, which an autograd.Function of this form cannot enter.
+    """
+    batch = logits.shape[0]
+    log_s_n = torch.log_softmax(_scaled(logits, temperature), dim=1)
+    s_m = torch.softmax(_scaled(target_logits.detach(), temperature), dim=1)
+    if weights is None:  # p = s_m, whose rows sum to 1
+        p, mass = s_m, None
+    else:
+        p, mass = weights, weights.sum(dim=1, keepdim=True)
+    dev = _centered(p, target_logits - (logits.detach() if stop_logits else logits), mass if mass is not None else 1.0)
+    p_dev = p * dev
+    row = torch.linalg.vecdot(p_dev, dev)  # Σ_j p_j (d_j − d̄)², shape (B,)
+    if mass is not None:
+        row = row * mass.squeeze(1)
+    norm = float(batch) if wmse_norm is None else wmse_norm
+    # scaled per row, then summed, like soft_ce below: the sum of B rows may overflow before 1/N
+    wmse = (row * (0.5 * alpha / norm)).sum()
+    # per row, scaled, then summed: a row is at most max |o| / T in size (finite by the range check),
+    # but the sum of B such rows may overflow before T² brings it back (inf, or nan once T² is 0)
+    soft_ce = torch.linalg.vecdot(s_m, log_s_n).mul(-beta * temperature**2 / batch).sum()
+    return wmse, soft_ce, log_s_n, s_m, p_dev, mass, norm
+
+
 def _decoupled_terms(logits, target_logits, *, temperature, alpha, beta, weight_temperature,
                      targets, class_prior, gamma, gkl_norm, stop_logits, loss_name) -> Terms:
     temperature = check_positive("temperature", temperature)
@@ -295,8 +313,12 @@ def _decoupled_terms(logits, target_logits, *, temperature, alpha, beta, weight_
         norm = None
         if gkl_norm:  # Σ_b Σ_jk w_jk = Σ_b (Σ_j p_j)², which is B when the rows of p sum to 1
             norm = float(logits.shape[0]) if p is None else (p.sum(dim=1) ** 2).sum()
-        wmse_term, soft_ce = _DecoupledKL.apply(logits, target_logits, p, temperature, alpha, beta,
-                                                norm, stop_logits)
+        if transforming():  # torch.func (grad, vmap, jacrev, jvp, hessian): plain autograd, same gradients
+            wmse_term, soft_ce = _decoupled_values(logits, target_logits, p, temperature, alpha, beta, norm,
+                                                   stop_logits)[:2]
+        else:
+            wmse_term, soft_ce = _DecoupledKL.apply(logits, target_logits, p, temperature, alpha, beta,
+                                                    norm, stop_logits)
     terms = {"wmse": wmse_term, "soft_ce": soft_ce}
     # |wmse| <= (α/8) P² (max_j d - min_j d)² <= (α/2) P² (|o_n| + |o_m|)²; |soft_ce| <= β T² max |log s_n|
     spread = largest[0] + largest[1]
@@ -539,7 +561,7 @@ def _wmse_weights(target_logits, weights, temperature):
         raise TypeError(f"weights must be a torch.Tensor, got {type(weights).__name__}")
     if weights.shape != target_logits.shape:
         raise ValueError(f"weights must have shape {tuple(target_logits.shape)}, got {tuple(weights.shape)}")
-    if not compiling() and (not bool(torch.isfinite(weights).all()) or bool((weights < 0).any())):
+    if not tracing() and (not bool(torch.isfinite(weights).all()) or bool((weights < 0).any())):
         raise ValueError("weights must be finite and non-negative")
     return weights.detach().to(target_logits.dtype)
 
@@ -547,7 +569,7 @@ def _wmse_weights(target_logits, weights, temperature):
 def _check_wmse_value(name, value, weights, mass, largest) -> None:
     """The wMSE value is finite (see :func:`~dkl_lib._checks.check_finite_terms`; bound
     (1/2) P² (|o_n| + |o_m|)², P = the largest row sum of the weights, 1 for softmax weights)."""
-    if compiling():
+    if tracing():
         return
     top = 1.0 if weights is None else float(mass.max())
     spread = largest[0] + largest[1]
@@ -747,7 +769,7 @@ class CustomLoss:
                 raise TypeError(f"{where}: term {term!r} must be a floating-point tensor, got {value.dtype}")
             if isinstance(logits, torch.Tensor) and value.device != logits.device:
                 raise ValueError(f"{where}: term {term!r} is on {value.device}, the logits on {logits.device}")
-        if check_finite and not compiling():
+        if check_finite and not tracing():
             finite = torch.isfinite(torch.stack([v.detach().float() for v in terms.values()])).tolist()
             bad = [term for term, ok in zip(terms, finite) if not ok]
             if bad:

@@ -25,7 +25,7 @@ from typing import List, Mapping
 
 import torch
 
-from ._checks import check_positive, check_targets, compiling, wide_dtype
+from ._checks import check_positive, check_targets, tracing, wide_dtype
 
 __all__ = ["ClassPrior"]
 
@@ -129,7 +129,7 @@ class ClassPrior:
         logits = target_logits.detach().to(self._sums.dtype)
         probs = torch.softmax(logits / t_w, dim=1)
         # one sync: non-finite logits (softmax maps -inf to a finite 0), or logits / T_w overflowing
-        if not compiling() and not bool(torch.isfinite(logits).all() & torch.isfinite(probs).all()):
+        if not tracing() and not bool(torch.isfinite(logits).all() & torch.isfinite(probs).all()):
             if not bool(torch.isfinite(logits).all()):
                 raise ValueError("target_logits contain non-finite values (nan or inf)")
             raise ValueError(f"target_logits / weight_temperature overflows {self._sums.dtype} "

@@ -107,7 +107,7 @@ def test_checks_that_read_no_tensor_values_still_raise_under_compile(bad, error,
 
 def test_value_checks_are_eager_only_and_documented():
     """The checks that read tensor values (here: a nan logit) raise eagerly; a compiled call skips
-    them (no device sync in a compiled step), as dkl_lib._checks.compiling documents."""
+    them (no device sync in a compiled step), as dkl_lib._checks.tracing documents."""
     a, b = random_pair(4, 5, generator=torch.Generator().manual_seed(5))
     a = a.detach().clone()
     a[0, 0] = math.nan
@@ -116,7 +116,7 @@ def test_value_checks_are_eager_only_and_documented():
     fast, counter = compiled(lambda x, t: dkl.ikl_loss(x, t))
     assert torch.isnan(fast(a, b))
     assert counter.frame_count == 1
-    assert "torch.compile" in dkl.losses.__doc__ and "skipped" in dkl._checks.compiling.__doc__
+    assert "torch.compile" in dkl.losses.__doc__ and "skipped" in dkl._checks.tracing.__doc__
 
 
 def test_registered_loss_compiles_inside_loss_terms():
