@@ -1,5 +1,7 @@
 """Gradient analysis: analytic gradients of KL, per-term gradients of the decoupled losses, and
-a numerical check of the KL ≡ DKL theorem.
+a numerical check of the theorem that DKL (α = β = 1) has KL's gradients. The equivalence is of
+gradients only: DKL's stop-gradients make it a surrogate whose value is not KL's (nor KL's plus a
+constant).
 
 All gradients are those of the batch-mean losses of :mod:`dkl_lib.losses` (so a row of a
 B-row batch carries a factor 1/B). Notebooks 01 and 02 build on these functions.
@@ -161,8 +163,8 @@ def decoupled_by_autograd(logits, target_logits, *, temperature: float = 1.0, st
     """DKL (α = β = 1) written with plain autograd, each stop-gradient switchable (O(B·C)).
 
     With all three stop-gradients this is :func:`dkl_lib.losses.dkl_loss`; dropping
-    ``stop_logits_delta`` gives IKL without global information. Used to show which stop-gradient
-    the KL ≡ DKL equivalence needs.
+    ``stop_logits_delta`` gives IKL without global information. Used to show which stop-gradients
+    the equivalence of DKL's and KL's gradients needs.
     """
     temperature = check_positive("temperature", temperature)
     check_logits_pair(logits, target_logits)

@@ -212,8 +212,10 @@ def confidence_lines(df, *, title: str = "Gradient magnitude on the student agai
     return fig
 
 
-def equivalence_heatmap(df, *, title: str = "KL vs DKL: largest gradient error (log10)"):
-    """Heatmap of log10(max_error) over classes × temperature (from ``equivalence_table``)."""
+def equivalence_heatmap(df, *, title: str = "KL vs DKL: largest relative gradient error"):
+    """Heatmap of log10(max_error) over classes × temperature (from ``equivalence_table``); each cell
+    shows the error itself, relative to the largest entry of KL's gradient (see
+    :func:`dkl_lib.grads.check_kl_dkl_equivalence`), the colour its log10."""
     import numpy as np
 
     table = df.pivot(index="classes", columns="temperature", values="max_error")

@@ -121,8 +121,8 @@ def gradient_bars_dashboard(teacher_logits: Sequence[float] = (3.0, 1.0, 0.0, -1
                             student_logits: Sequence[float] = (0.0, 1.5, 0.5, 0.0)) -> Dashboard:
     """Sliders for the teacher's and student's logits, T, α, β, T_w and γ; grouped bars per class.
 
-    Shows DKL (= KL's gradient: its wMSE bars are exactly zero because the teacher is frozen), IKL
-    and GKL, each split into its wMSE and soft-label CE terms.
+    Shows DKL (its wMSE bars are exactly zero because the teacher is frozen, and its CE bars are β
+    times KL's gradient), IKL and GKL, each split into its wMSE and soft-label CE terms.
     """
     if len(teacher_logits) != len(student_logits) or not 2 <= len(teacher_logits) <= 8:
         raise ValueError("teacher_logits and student_logits need the same length, between 2 and 8")
@@ -149,8 +149,9 @@ def gradient_bars_dashboard(teacher_logits: Sequence[float] = (3.0, 1.0, 0.0, -1
 
 # ------------------------------------------------------------------------- simplex field (C = 3)
 def _teacher_probs(values):
-    """The teacher's distribution s_m = softmax(o_m / T): T softens the star as it does in distillation
-    (the field itself is drawn over student distributions, which T only rescales)."""
+    """The teacher's distribution s_m = softmax(o_m / T): T softens the star as it does in distillation.
+    For a given star, the arrows do not depend on T: the field is drawn over student distributions
+    (o_n = T log s_n), and both terms' steps on the simplex are then free of T."""
     logits = torch.tensor([values["teacher_0"], values["teacher_1"], values["teacher_2"]], dtype=torch.float64)
     return torch.softmax(logits / values["temperature"], dim=0)
 

@@ -174,3 +174,14 @@ def test_tensor_recorder_counts_bytes_of_created_tensors_and_of_the_backward_pas
     x = torch.randn(100, dtype=torch.float64, requires_grad=True)
     assert largest_tensor(lambda: x.sum(), backward=False).largest_numel == 1
     assert largest_tensor(lambda: x.sum()).largest_numel == x.numel()  # x's gradient, made by backward
+
+
+@pytest.mark.parametrize("loss", ["kl", "dkl", "ikl"])
+def test_simplex_field_does_not_depend_on_the_temperature_for_a_given_teacher_distribution(loss):
+    # the simplex dashboard's docstring: T moves the star (softmax(o_m / T)), not the arrows for a given star
+    teacher = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    base = grads.simplex_field(teacher, loss=loss, temperature=1.0, resolution=6)
+    for temperature in (0.5, 3.0):
+        other = grads.simplex_field(teacher, loss=loss, temperature=temperature, resolution=6)
+        assert (other[["dx", "dy"]] - base[["dx", "dy"]]).abs().to_numpy().max() < 1e-12
+        assert other["dx"].abs().max() > 1e-3
