@@ -158,24 +158,30 @@ def check_finite_terms(loss: str, terms: dict, *, bound: float, largest: tuple[f
         )
 
 
-def _check_number(name: str, value) -> float:
+def check_number(name: str, value, *, low=None, low_open: bool = False, high=None, high_open: bool = False) -> float:
+    """A finite real number (bool refused: TypeError), within [low, high] (``low_open`` /
+    ``high_open``: the bound itself excluded; ValueError naming the bound)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
     return value
 
 
 def check_positive(name: str, value) -> float:
-    value = _check_number(name, value)
+    value = check_number(name, value)
     if value <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")
     return value
 
 
 def check_nonnegative(name: str, value) -> float:
-    value = _check_number(name, value)
+    value = check_number(name, value)
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
     return value

@@ -40,6 +40,7 @@ from torch import nn
 
 from ._checks import (check_finite_values, check_label_range, check_model_output, check_seed, check_unit_range,
                       value_range)
+from ._checks import check_number as _number
 from .losses import kl_loss
 
 __all__ = [
@@ -84,19 +85,6 @@ CHECKS = {
 
 
 # ------------------------------------------------------------------------------------ validation
-def _number(name: str, value, *, low=None, high=None) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if low is not None and value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    if high is not None and value > high:
-        raise ValueError(f"{name} must be <= {high}, got {value}")
-    return value
-
-
 def _int(name: str, value, low: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")

@@ -46,6 +46,7 @@ from torch import nn
 
 from . import distributed as dist
 from ._checks import check_model_output, supports_float64, wide_dtype
+from ._checks import check_number as _number
 from .attacks import _mean_percent, _model_dtype, clean_correct, pgd, trades_perturb
 from .attacks import bf16_autocast as _autocast
 from .data import TensorData, augment_crop_flip, batch_indices
@@ -541,19 +542,6 @@ def _nonneg_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
     return int(value)
-
-
-def _number(name: str, value, *, low=None, low_open=False, high=None, high_open=False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if low is not None and (value < low or (low_open and value == low)):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
-    if high is not None and (value > high or (high_open and value == high)):
-        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
-    return value
 
 
 def _check_milestones(milestones, epochs: int, name: str = "milestones") -> List[int]:
