@@ -4,6 +4,7 @@
     python benchmarks/bench_train.py --devices cpu --batch 16 --reps 3 --threads 2
     python benchmarks/bench_train.py --json out.json
     python benchmarks/bench_train.py --devices cuda --losses ce,kl,ikl --batch 256   # benchmarks/gpu_check.sh
+    python benchmarks/bench_train.py --compile both --losses kl,ikl   # torch.compile'd models vs eager
 
 CIFAR shapes: a resnet32x4 teacher and a resnet8x4 student (100 classes), random 3x32x32 inputs.
 One step = what dkl_lib.train.distill does per batch: the frozen teacher's forward (no gradient),
@@ -16,6 +17,12 @@ CUDA the step runs under bf16 autocast with channels_last, as in training (``--a
 round-robin in one process (one step of each in turn, repeated), so the ratios to the KL step are
 measured side by side; the table reports medians. Target: every KD loss within 1.10x of
 the KL step.
+
+``--compile on`` runs the three models through ``torch.compile`` (default inductor backend), as
+``dkl_lib.train.distill(torch.compile(student), ...)`` would; ``--compile both`` times the compiled
+and the eager steps round-robin in one process (a "time / eager" column), and the table gives the
+compiled step's first call (the compilation) apart. The losses themselves run inside the step
+uncompiled either way, as in training.
 """
 from __future__ import annotations
 
@@ -62,8 +69,10 @@ def resolve_settings(device, amp="auto", channels_last="auto"):
 
 
 class Bench:
-    def __init__(self, device, batch, classes=100, seed=0, losses=LOSSES, amp="auto", channels_last="auto"):
+    def __init__(self, device, batch, classes=100, seed=0, losses=LOSSES, amp="auto", channels_last="auto",
+                 compile=False):
         self.device = device
+        self.compiled = compile
         self.cuda = device.type == "cuda"
         self.losses = tuple(losses)
         self.settings = resolve_settings(device, amp, channels_last)
@@ -79,6 +88,10 @@ class Bench:
         if "teacher" in self.losses:  # a trainable copy of the teacher for its own training step
             self.trainee = models.build_model("resnet32x4", classes, seed=seed).to(device, memory_format=fmt)
             self.trainee_opt = torch.optim.SGD(self.trainee.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        # the forwards: the models themselves, or torch.compile'd wrappers of them (same parameters)
+        wrap = torch.compile if compile else (lambda m: m)
+        self.teacher_fwd, self.student_fwd = wrap(self.teacher), wrap(self.student)
+        self.trainee_fwd = wrap(self.trainee) if "teacher" in self.losses else None
 
     def autocast(self):
         if self.settings["amp"] == "bf16":
@@ -88,16 +101,16 @@ class Bench:
     def step(self, loss):
         if loss == "teacher":
             with self.autocast():
-                logits = self.trainee(self.x)
+                logits = self.trainee_fwd(self.x)
             self.trainee_opt.zero_grad(set_to_none=True)
             F.cross_entropy(logits.float(), self.y).backward()
             self.trainee_opt.step()
             return
         with self.autocast():
-            logits = self.student(self.x)
+            logits = self.student_fwd(self.x)
             if loss != "ce":
                 with torch.no_grad():
-                    t_logits = self.teacher(self.x)
+                    t_logits = self.teacher_fwd(self.x)
         total = F.cross_entropy(logits.float(), self.y)
         if loss != "ce":
             extra = {}
@@ -112,19 +125,36 @@ class Bench:
             self.prior.update(t_logits, self.y, weight_temperature=4.0)
 
     def time(self, reps, warmup=1):
-        for _ in range(warmup):  # warm-up (cuDNN autotuning, allocator)
-            for loss in self.losses:
-                self.step(loss)
-        sync(self.device)
-        samples = {loss: [] for loss in self.losses}
-        for _ in range(reps):
-            for loss in self.losses:
-                sync(self.device)
+        return round_robin([self], reps, warmup)[self]
+
+
+def round_robin(benches, reps, warmup=1):
+    """{bench: {loss: median seconds}} and, under the key "first", {bench: {loss: seconds of the
+    very first step}} (for a compiled bench: the compilation). One step of each loss of each bench
+    in turn, repeated, so that all are measured side by side."""
+    device = benches[0].device
+    first = {b: {} for b in benches}
+    for round_ in range(warmup):  # warm-up (cuDNN autotuning, allocator, compilation)
+        for bench in benches:
+            for loss in bench.losses:
+                sync(device)
                 t0 = time.perf_counter()
-                self.step(loss)
-                sync(self.device)
-                samples[loss].append(time.perf_counter() - t0)
-        return {loss: statistics.median(v) for loss, v in samples.items()}
+                bench.step(loss)
+                sync(device)
+                if round_ == 0:
+                    first[bench][loss] = time.perf_counter() - t0
+    samples = {b: {loss: [] for loss in b.losses} for b in benches}
+    for _ in range(reps):
+        for bench in benches:
+            for loss in bench.losses:
+                sync(device)
+                t0 = time.perf_counter()
+                bench.step(loss)
+                sync(device)
+                samples[bench][loss].append(time.perf_counter() - t0)
+    out = {b: {loss: statistics.median(v) for loss, v in samples[b].items()} for b in benches}
+    out["first"] = first
+    return out
 
 
 def main(argv=None):
@@ -141,6 +171,8 @@ def main(argv=None):
                         help="bf16 autocast (auto: on CUDA only, as in training)")
     parser.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
                         help="channels_last memory format (auto: on CUDA only, as in training)")
+    parser.add_argument("--compile", choices=["off", "on", "both"], default="off",
+                        help="torch.compile the models (both: compiled and eager side by side)")
     parser.add_argument("--json", default=None, help="also write the medians to this file")
     args = parser.parse_args(argv)
     losses = [s.strip() for s in args.losses.split(",") if s.strip()]
@@ -152,32 +184,51 @@ def main(argv=None):
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if args.devices:
         devices = args.devices.split(",")
-    results, settings = {}, {}
-    lines = ["| device | batch | loss | ms / step | samples / s | time / KL step |", "|---|---|---|---|---|---|"]
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    warmup = max(args.warmup, 2) if True in modes else args.warmup  # compilation and the recompile after it
+    results, settings, first_steps = {}, {}, {}
+    both = len(modes) > 1
+    lines = ["| device | batch | loss | compiled | ms / step | samples / s | time / KL step |"
+             + (" time / eager | first step (compile) |" if both else ""),
+             "|---|---|---|---|---|---|---|" + ("---|---|" if both else "")]
     for name in devices:
         device = torch.device(name)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         reps = args.reps or (30 if device.type == "cuda" else 5)
-        bench = Bench(device, args.batch, losses=losses, amp=args.amp, channels_last=args.channels_last)
-        medians = bench.time(reps, warmup=args.warmup)
-        results[name] = medians
-        settings[name] = {**bench.settings, "cudnn_benchmark": device.type == "cuda", "reps": reps}
+        benches = [Bench(device, args.batch, losses=losses, amp=args.amp, channels_last=args.channels_last,
+                         compile=on) for on in modes]
+        timed = round_robin(benches, reps, warmup=warmup)
+        by_mode = {b.compiled: timed[b] for b in benches}
+        firsts = {b.compiled: timed["first"][b] for b in benches}
+        key = lambda on: name + (" compiled" if on else "") if both else name  # noqa: E731
+        for on in modes:
+            results[key(on)] = by_mode[on]
+            first_steps[key(on)] = firsts[on]
+        settings[name] = {**benches[0].settings, "cudnn_benchmark": device.type == "cuda", "reps": reps,
+                          "compile": args.compile, "warmup": warmup}
         label = torch.cuda.get_device_name(device) if device.type == "cuda" else name
         if device.type == "cpu":
             label += f" ({torch.get_num_threads()} threads)"
         for loss in losses:
-            t = medians[loss]
-            ratio = f"{t / medians['kl']:.2f}x" if "kl" in medians else "n/a"
-            lines.append(f"| {label} | {args.batch} | {loss} | {t * 1e3:.1f} | {args.batch / t:.0f} | {ratio} |")
+            for on in modes:
+                medians = by_mode[on]
+                t = medians[loss]
+                ratio = f"{t / medians['kl']:.2f}x" if "kl" in medians else "n/a"
+                row = f"| {label} | {args.batch} | {loss} | {'yes' if on else 'no'} | {t * 1e3:.1f} | {args.batch / t:.0f} | {ratio} |"
+                if both:
+                    row += (f" {t / by_mode[False][loss]:.2f}x | {firsts[on][loss]:.1f} s |" if on else " 1x | |")
+                lines.append(row)
     print(f"torch {torch.__version__}; resnet32x4 -> resnet8x4, CIFAR-100 shapes, medians of round-robin steps")
     for name, s in settings.items():
         print(f"settings on {name}: autocast {s['amp']}, channels_last {'on' if s['channels_last'] else 'off'}, "
-              f"cudnn.benchmark {'on' if s['cudnn_benchmark'] else 'off'}, {s['reps']} timed rounds")
+              f"cudnn.benchmark {'on' if s['cudnn_benchmark'] else 'off'}, torch.compile {s['compile']}, "
+              f"{s['warmup']} untimed and {s['reps']} timed rounds")
     print("\n".join(lines))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump({"batch": args.batch, "seconds_per_step": results, "settings": settings}, fh, indent=2)
+            json.dump({"batch": args.batch, "seconds_per_step": results, "first_step_seconds": first_steps,
+                       "settings": settings}, fh, indent=2)
 
 
 if __name__ == "__main__":

@@ -464,11 +464,17 @@ def broadcast_buffers(model: torch.nn.Module, src: int = 0) -> None:
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside a DDP (or DataParallel) wrapper; the model itself otherwise. Save
-    ``unwrap_model(model).state_dict()`` so checkpoints load without the ``module.`` prefix."""
-    while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-        model = model.module
-    return model
+    """The module inside DDP / DataParallel wrappers and ``torch.compile``'s ``OptimizedModule``, in
+    any nesting; the model itself otherwise. Save ``unwrap_model(model).state_dict()`` so that
+    checkpoints load without the ``module.`` or ``_orig_mod.`` prefix: into the plain model, into a
+    compiled one (through this function), on one process or under torchrun."""
+    while True:
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile(model)
+            model = model._orig_mod
+        else:
+            return model
 
 
 # -------------------------------------------------------------------------------------- checkpoints

@@ -273,7 +273,7 @@ class _Checkpoints:
             raise ValueError(f"{found.path} is a checkpoint of a different run (settings differ: {diff}); "
                              "resume with the same settings, use another checkpoint folder, or delete "
                              f"{self.folder} to start this run afresh")
-        model.load_state_dict(state["model"])
+        dist.unwrap_model(model).load_state_dict(state["model"])  # (a torch.compile'd model: its own module)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         for name, gen in generators.items():
@@ -780,7 +780,9 @@ def _check_fits(name: str, model: nn.Module, data: TensorData, *, normalize: boo
     (B, data.num_classes). One eval-mode forward of one black image of the data's shape without
     gradient (mode restored; no BatchNorm statistics, random draws or lazily decoded images change):
     a wrong last layer or input size is named here, not found as "Target 3 is out of bounds" or a
-    silently wrong accuracy later. ``amp``, ``channels_last``: as the run's forwards (the same kernels)."""
+    silently wrong accuracy later. ``amp``, ``channels_last``: as the run's forwards (the same kernels).
+    A ``torch.compile``'d model is probed through its own module, eagerly: no compilation for this."""
+    model = dist.unwrap_model(model)
     x = torch.zeros((1, *data.image_shape), dtype=_model_dtype(model), device=data.device)
     if normalize:
         x = data.normalize(x)
@@ -877,6 +879,10 @@ def distill(student: nn.Module, teacher: Optional[nn.Module], data: TensorData, 
             result equals an uninterrupted run; a checkpoint of other settings raises ValueError.
             checkpoint_every: save every N epochs (and when a callback stops the run);
             keep_checkpoints: how many of the newest to keep.
+
+    ``torch.compile(student)`` (and a compiled teacher) may be passed as they are: the run is the
+    plain model's (same history), and checkpoints hold the plain parameter names
+    (:func:`dkl_lib.distributed.unwrap_model`), so a compiled run resumes uncompiled and back.
 
     Under torchrun (an initialised process group, :func:`dkl_lib.distributed.init_from_env`) the
     student is wrapped in DistributedDataParallel and each rank trains on its strided share of

@@ -179,3 +179,57 @@ def test_class_prior_update_compiles_as_one_graph_and_sums_as_eagerly():
     assert counter.frame_count == 1
     assert torch.equal(fast_prior.counts, eager.counts)
     assert torch.allclose(fast_prior.end_epoch(), eager.end_epoch(), rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------ trainers with a compiled model
+def _digits_like():
+    data = dkl.data.synthetic(n_train=96, n_test=48, num_classes=4, image_shape=(1, 8, 8), seed=0)
+    make = lambda seed: dkl.models.build_model("small_cnn", 4, seed=seed, in_channels=1, width=8)  # noqa: E731
+    return data, make
+
+
+def test_unwrap_model_reaches_the_module_inside_compile_and_parallel_wrappers():
+    model = torch.nn.Linear(3, 2)
+    assert dkl.distributed.unwrap_model(torch.compile(model)) is model
+    assert dkl.distributed.unwrap_model(torch.compile(torch.nn.DataParallel(model))) is model
+    assert dkl.distributed.unwrap_model(torch.nn.DataParallel(torch.compile(model))) is model
+    assert dkl.distributed.unwrap_model(model) is model
+
+
+def test_distill_takes_a_compiled_student_and_its_checkpoints_resume_either_way(tmp_path):
+    """A torch.compile'd student trains as the plain one (same history), its checkpoints hold the
+    plain parameter names (no ``_orig_mod.``), and a run stopped compiled resumes uncompiled and
+    the other way round, ending where the uninterrupted run ends."""
+    data, make = _digits_like()
+    teacher = make(0)
+    dkl.train.train_teacher(teacher, data, epochs=2, progress=False)
+    settings = dict(loss="ikl", gi=True, epochs=4, progress=False)
+    plain = dkl.train.distill(make(1), teacher, data, **settings)
+    fast = dkl.train.distill(torch.compile(make(1), backend="aot_eager"), teacher, data, **settings)
+    for mine, ref in zip(fast.history, plain.history):
+        assert mine["test_acc"] == ref["test_acc"]
+        assert mine["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+    for first, second in ((True, False), (False, True)):
+        folder = tmp_path / f"from_{'compiled' if first else 'plain'}"
+        wrap = lambda m, on: torch.compile(m, backend="aot_eager") if on else m  # noqa: E731
+        stopped = dkl.train.distill(wrap(make(1), first), teacher, data, checkpoint_dir=folder,
+                                    callback=lambda history: len(history) < 2, **settings)
+        assert stopped.epochs_run == 2
+        saved = torch.load(folder / "checkpoint-000002.pt", weights_only=False)["model"]
+        assert set(saved) == set(make(1).state_dict())  # plain names
+        resumed = dkl.train.distill(wrap(make(1), second), teacher, data, checkpoint_dir=folder, **settings)
+        assert resumed.resumed_from == 2
+        assert [h["test_acc"] for h in resumed.history] == [h["test_acc"] for h in plain.history]
+        assert resumed.history[-1]["loss"] == pytest.approx(plain.history[-1]["loss"], rel=1e-5)
+
+
+def test_adversarial_train_takes_a_compiled_model_with_awp_and_weight_average():
+    data, make = _digits_like()
+    settings = dict(loss="ikl", epsilon=0.1, epochs=2, attack_steps=2, awp_gamma=0.005, awp_warmup=1,
+                    weight_average=0.9, weight_average_from=1, eval_samples=16, progress=False)
+    normalized = lambda: dkl.attacks.Normalized(make(1), data.mean, data.std)  # noqa: E731
+    plain = dkl.train.adversarial_train(normalized(), data, **settings)
+    fast = dkl.train.adversarial_train(torch.compile(normalized(), backend="aot_eager"), data, **settings)
+    for mine, ref in zip(fast.history, plain.history):
+        assert mine["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+        assert mine["test_acc"] == ref["test_acc"]
