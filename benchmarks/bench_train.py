@@ -133,25 +133,26 @@ def round_robin(benches, reps, warmup=1):
     very first step}} (for a compiled bench: the compilation). One step of each loss of each bench
     in turn, repeated, so that all are measured side by side."""
     device = benches[0].device
+
+    def timed(bench, loss):
+        sync(device)
+        t0 = time.perf_counter()
+        bench.step(loss)
+        sync(device)
+        return time.perf_counter() - t0
+
     first = {b: {} for b in benches}
     for round_ in range(warmup):  # warm-up (cuDNN autotuning, allocator, compilation)
         for bench in benches:
             for loss in bench.losses:
-                sync(device)
-                t0 = time.perf_counter()
-                bench.step(loss)
-                sync(device)
+                seconds = timed(bench, loss)
                 if round_ == 0:
-                    first[bench][loss] = time.perf_counter() - t0
+                    first[bench][loss] = seconds
     samples = {b: {loss: [] for loss in b.losses} for b in benches}
     for _ in range(reps):
         for bench in benches:
             for loss in bench.losses:
-                sync(device)
-                t0 = time.perf_counter()
-                bench.step(loss)
-                sync(device)
-                samples[bench][loss].append(time.perf_counter() - t0)
+                samples[bench][loss].append(timed(bench, loss))
     out = {b: {loss: statistics.median(v) for loss, v in samples[b].items()} for b in benches}
     out["first"] = first
     return out
