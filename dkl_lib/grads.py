@@ -8,6 +8,7 @@ B-row batch carries a factor 1/B). Notebooks 01 and 02 build on these functions.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -36,6 +37,8 @@ __all__ = [
     "simplex_field",
     "confidence_sweep",
     "weight_matrices",
+    "student_hessians",
+    "margin_sweep",
 ]
 
 GradPair = Tuple[torch.Tensor, torch.Tensor]
@@ -440,3 +443,74 @@ def weight_matrices(target_logits, targets, *, weight_temperature: float = 1.0, 
     p_class = gi.prior[y]
     return {"sample": torch.outer(p[sample], p[sample]), "classwise": torch.outer(p_class, p_class),
             "p_sample": p[sample], "p_class": p_class, "target": y}
+
+
+# --------------------------------------------------------------------------------------------
+# Notebook 02, section 5: curvature, and a student that is confidently wrong
+# --------------------------------------------------------------------------------------------
+def student_hessians(teacher_logits, student_logits, *, loss: str = "ikl", temperature: float = 1.0,
+                     alpha: float = 1.0, beta: float = 1.0, weight_temperature=None,
+                     gamma: float = 1.0) -> Dict[str, torch.Tensor]:
+    """Hessian of each named term of ``loss`` w.r.t. the student's logits, teacher frozen, one sample.
+
+    ``teacher_logits``, ``student_logits``: length-C vectors. Returns ``{term: (C, C) float64}``,
+    computed by ``torch.func.hessian`` through :func:`dkl_lib.losses.loss_terms`. With p the wMSE
+    weights (softmax(o_m / T_w), rows summing to P = 1) they are, in closed form,
+
+        wMSE (IKL, GKL):  α (P diag(p) − p pᵀ)          (0 for DKL: the stop-gradient on Δ(o_n))
+        soft-label CE:    β (diag(s_n) − s_n s_nᵀ)        (T² and the 1/T² of the softmax cancel)
+
+    so IKL's wMSE is a quadratic in the student's logits (its curvature is the teacher's alone),
+    while the CE term's curvature is the student's softmax covariance, which vanishes as the
+    student saturates.
+    """
+    o_m = _row(teacher_logits, "teacher_logits")
+    o_n = _row(student_logits, "student_logits")
+    if o_m.shape != o_n.shape:
+        raise ValueError(f"teacher_logits and student_logits must have the same length, got {o_m.shape[1]} "
+                         f"and {o_n.shape[1]}")
+    kw = _hparams_for(loss, temperature=temperature, alpha=alpha, beta=beta,
+                      weight_temperature=weight_temperature, gamma=gamma)
+    names = list(losses.loss_terms(loss, o_n, o_m, **kw))  # eagerly once: the value checks (skipped inside torch.func)
+    with warnings.catch_warnings():  # torch's own first torch.func call says torch.jit.script is deprecated
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
+        return {term: torch.func.hessian(lambda x, term=term: losses.loss_terms(loss, x[None], o_m, **kw)[term])(o_n[0])
+                for term in names}
+
+
+def margin_sweep(margins, *, num_classes: int = 10, teacher_confidence: float = 0.9, loss_names=("kl", "ikl"),
+                 temperature: float = 4.0, alpha: float = 1.0, beta: float = 1.0):
+    """Gradient size and curvature of each term for a student that is wrong by a growing margin.
+
+    The teacher puts probability ``teacher_confidence`` on class 0 and the rest evenly on the
+    others (at temperature T, as in :func:`confidence_sweep`); the student's logits are m on class
+    1 and 0 elsewhere, for each margin m in ``margins`` (m = 0: a student that knows nothing; large
+    m: confidently wrong). Returns a DataFrame with columns margin, loss, term, grad_norm (L2 norm of
+    the term's gradient on the student's logits) and curvature (the largest eigenvalue of the term's
+    Hessian there, :func:`student_hessians`).
+    """
+    import pandas as pd
+
+    m = torch.as_tensor(margins, dtype=torch.float64).reshape(-1)
+    if m.numel() == 0 or not bool(torch.isfinite(m).all()) or bool((m < 0).any()):
+        raise ValueError("margins must be a non-empty list of finite numbers >= 0")
+    c = check_int("num_classes", num_classes, 2)
+    conf = float(teacher_confidence)
+    if not 1.0 / c < conf < 1.0:
+        raise ValueError(f"teacher_confidence must lie strictly between 1/C = {1.0 / c:.3g} and 1, got {conf}")
+    probs = torch.full((c,), (1 - conf) / (c - 1), dtype=torch.float64)
+    probs[0] = conf
+    teacher = temperature * probs.log()
+    rows = []
+    for margin in m:
+        student = torch.zeros(c, dtype=torch.float64)
+        student[1] = margin
+        for loss in loss_names:
+            kw = _hparams_for(loss, temperature=temperature, alpha=alpha, beta=beta, weight_temperature=None,
+                              gamma=1.0)
+            grads = term_grads(loss, student[None], teacher[None], **kw)
+            hessians = student_hessians(teacher, student, loss=loss, temperature=temperature, alpha=alpha, beta=beta)
+            for term, (g_n, _) in grads.items():
+                rows.append(dict(margin=float(margin), loss=loss, term=term, grad_norm=float(g_n.norm()),
+                                 curvature=float(torch.linalg.eigvalsh(hessians[term]).max())))
+    return pd.DataFrame(rows)

@@ -31,6 +31,7 @@ __all__ = [
     "weight_heatmaps",
     "update_weight_heatmaps",
     "confidence_lines",
+    "margin_lines",
     "equivalence_heatmap",
     "cost_lines",
     "drift_lines",
@@ -209,6 +210,25 @@ def confidence_lines(df, *, title: str = "Gradient magnitude on the student agai
                         line=dict(color=color(loss), dash=_TERM_DASH.get(term, "solid"), width=width))
     fig.update_layout(title=title, xaxis_title="teacher's probability of the top class",
                       yaxis_title="‖∂ term / ∂ o_n‖₂", template="plotly_white", height=420)
+    return fig
+
+
+def margin_lines(df, *, title: str = "A confidently wrong student: gradient size and curvature of each term"):
+    """Two panels against the student's wrong margin (from :func:`dkl_lib.grads.margin_sweep`): the
+    gradient norm of each (loss, term), and the largest eigenvalue of its Hessian. Coinciding curves
+    (KL and IKL's soft-label CE) stay visible as in :func:`confidence_lines`."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("‖∂ term / ∂ o_n‖₂ (gradient size)",
+                                                        "largest Hessian eigenvalue (curvature)"))
+    losses = list(dict.fromkeys(df["loss"]))
+    for loss, term in _pairs(df):
+        part = df[(df["loss"] == loss) & (df["term"] == term)]
+        width = 2 + 3 * (len(losses) - 1 - losses.index(loss))
+        for col, column in ((1, "grad_norm"), (2, "curvature")):
+            fig.add_scatter(x=part["margin"], y=part[column], mode="lines", name=label(loss, term),
+                            legendgroup=f"{loss}/{term}", showlegend=col == 1, row=1, col=col,
+                            line=dict(color=color(loss), dash=_TERM_DASH.get(term, "solid"), width=width))
+    fig.update_xaxes(title_text="student's logit margin on a wrong class")
+    fig.update_layout(title=title, template="plotly_white", height=420, margin=dict(t=90))
     return fig
 
 

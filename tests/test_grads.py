@@ -185,3 +185,73 @@ def test_simplex_field_does_not_depend_on_the_temperature_for_a_given_teacher_di
         other = grads.simplex_field(teacher, loss=loss, temperature=temperature, resolution=6)
         assert (other[["dx", "dy"]] - base[["dx", "dy"]]).abs().to_numpy().max() < 1e-12
         assert other["dx"].abs().max() > 1e-3
+
+
+# ----------------------------------------------------------------- notebook 02, section 5: curvature
+@pytest.mark.parametrize("loss, settings", [
+    ("kl", {}), ("dkl", {"alpha": 2.0, "beta": 0.5}), ("ikl", {"alpha": 1.5, "weight_temperature": 2.0}),
+    ("gkl", {"gamma": 0.5, "weight_temperature": 3.0}),
+])
+def test_student_hessians_match_the_closed_forms_and_autograd_double_backward(loss, settings):
+    teacher = torch.tensor([2.0, -1.0, 0.5, 3.0, 0.0], dtype=torch.float64)
+    student = torch.tensor([0.3, 1.2, -0.7, 0.0, 2.5], dtype=torch.float64)
+    t = 1.7
+    hessians = grads.student_hessians(teacher, student, loss=loss, temperature=t, **settings)
+    alpha, beta = settings.get("alpha", 1.0), settings.get("beta", 1.0)
+    s_n = torch.softmax(student / t, dim=0)
+    cov = lambda q: torch.diag(q) - torch.outer(q, q)  # noqa: E731
+    if loss == "kl":
+        assert set(hessians) == {"kl"}
+        assert torch.allclose(hessians["kl"], cov(s_n), rtol=1e-12, atol=1e-14)
+    else:
+        assert set(hessians) == {"wmse", "soft_ce"}
+        assert torch.allclose(hessians["soft_ce"], beta * cov(s_n), rtol=1e-12, atol=1e-14)
+        p = torch.softmax(teacher / settings.get("weight_temperature", t), dim=0) ** settings.get("gamma", 1.0)
+        mass = p.sum()
+        expected = {"dkl": torch.zeros(5, 5, dtype=torch.float64),
+                    "ikl": alpha * (mass * torch.diag(p) - torch.outer(p, p)),
+                    "gkl": alpha * (mass * torch.diag(p) - torch.outer(p, p)) / mass**2}[loss]  # GKL: / Σw = P²
+        assert torch.allclose(hessians["wmse"], expected, rtol=1e-12, atol=1e-14)
+    # an independent path: autograd's double backward through the analytic backward of the losses
+    kw = grads._hparams_for(loss, temperature=t, alpha=alpha, beta=beta,
+                            weight_temperature=settings.get("weight_temperature"), gamma=settings.get("gamma", 1.0))
+    for term, hessian in hessians.items():
+        ref = torch.autograd.functional.hessian(
+            lambda x: dkl.loss_terms(loss, x[None], teacher[None], **kw)[term], student)
+        assert torch.allclose(hessian, ref, rtol=1e-12, atol=1e-14), term
+
+
+def test_margin_sweep_kl_saturates_and_ikl_wmse_is_a_quadratic():
+    t, c, conf = 4.0, 10, 0.9
+    margins = [0.0, 10.0, 20.0, 30.0, 40.0, 80.0]
+    df = grads.margin_sweep(margins, num_classes=c, teacher_confidence=conf, temperature=t)
+    col = lambda loss, term, what: df[(df.loss == loss) & (df.term == term)].set_index("margin")[what]  # noqa: E731
+    # KL's gradient is IKL's soft-label CE one, at every margin
+    assert (col("kl", "kl", "grad_norm") - col("ikl", "soft_ce", "grad_norm")).abs().max() < 1e-12
+    # IKL's wMSE: constant curvature (the teacher's alone: the largest eigenvalue of diag(p) − p pᵀ) ...
+    p = torch.full((c,), (1 - conf) / (c - 1), dtype=torch.float64)
+    p[0] = conf
+    top = float(torch.linalg.eigvalsh(torch.diag(p) - torch.outer(p, p)).max())
+    assert (col("ikl", "wmse", "curvature") - top).abs().max() < 1e-12
+    # ... and a gradient affine in the margin: its squared norm is a quadratic, so equal steps give
+    # equal second differences of the squared norm
+    sq = col("ikl", "wmse", "grad_norm") ** 2
+    second = [sq[20.0] - 2 * sq[10.0] + sq[0.0], sq[40.0] - 2 * sq[30.0] + sq[20.0]]
+    assert second[0] > 0 and abs(second[0] - second[1]) < 1e-9 * sq.max()
+    # KL: curvature vanishes and the gradient saturates at T ‖e_1 − p‖ for a confidently wrong student
+    kl_curv = col("kl", "kl", "curvature")
+    assert kl_curv[80.0] < 1e-3 * kl_curv.max()
+    e1 = torch.zeros(c, dtype=torch.float64)
+    e1[1] = 1.0
+    assert abs(col("kl", "kl", "grad_norm")[80.0] - t * float((e1 - p).norm())) < 1e-3
+
+
+def test_margin_sweep_and_student_hessians_validate():
+    with pytest.raises(ValueError, match="margins"):
+        grads.margin_sweep([-1.0])
+    with pytest.raises(ValueError, match="teacher_confidence"):
+        grads.margin_sweep([1.0], num_classes=4, teacher_confidence=0.2)
+    with pytest.raises(ValueError, match="same length"):
+        grads.student_hessians([1.0, 0.0], [0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="non-finite"):
+        grads.student_hessians([float("nan"), 0.0], [0.0, 0.0])  # checked eagerly, before torch.func

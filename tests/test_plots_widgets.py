@@ -431,3 +431,15 @@ def test_colours_that_share_a_figure_stay_apart_for_colour_blind_readers(group):
     red_green = [float(np.linalg.norm(_cvd_lab("#d62728", vision[v]) - _cvd_lab("#2ca02c", vision[v])))
                  for v in ("normal", "deuteranopia")]
     assert red_green[0] > 50 > 10 > red_green[1]
+
+
+def test_margin_lines_draw_each_term_in_both_panels_with_one_legend_entry():
+    sweep = grads.margin_sweep([0.0, 10.0, 20.0], num_classes=4, teacher_confidence=0.7)
+    fig = plots.margin_lines(sweep)
+    pairs = sweep[["loss", "term"]].drop_duplicates()
+    assert len(fig.data) == 2 * len(pairs) == 6
+    assert sum(bool(trace.showlegend) for trace in fig.data) == len(pairs)
+    curvature = [trace for trace in fig.data if trace.xaxis == "x2"]
+    assert sorted(trace.name for trace in curvature) == sorted(plots.label(l, t) for l, t in pairs.itertuples(index=False))
+    wmse = next(trace for trace in curvature if trace.name == plots.label("ikl", "wmse"))
+    assert max(wmse.y) - min(wmse.y) < 1e-12  # the constant curvature, drawn as it is
