@@ -1817,6 +1817,21 @@ def _wrote(out: Path) -> str:
             + (f" (per-epoch log: {log})" if log.exists() else ""))
 
 
+def _nothing_finished(out: Path) -> str:
+    """The ``interrupted:`` line's text when Ctrl-C came before any run finished: nothing was written."""
+    kept = (out / "results.json").exists()
+    return ("no run finished, so " + (f"{out / 'results.json'} and results.csv were left as they were" if kept
+                                      else f"no results were written to {out}")
+            + "; run the same command again to go on (a run with checkpoints resumes from its last finished epoch)")
+
+
+def _stop_if_nothing_finished(grid, out: Path) -> None:
+    """Ctrl-C before any run of the grid finished: no results file is written (an empty one would
+    replace the complete results of an earlier command in ``out``); the ``interrupted:`` line says so."""
+    if grid.interrupted and not len(grid.runs):
+        raise KeyboardInterrupt(_nothing_finished(out))
+
+
 def _epoch_log(args) -> Optional[_EpochLog]:
     if not dist_mod.is_main() or getattr(args, "workers", 1) > 1:  # runs in workers cannot log here
         return None
@@ -1835,6 +1850,7 @@ def _cmd_kd(args) -> int:
     if not dist_mod.is_main():  # under torchrun rank 0 writes the results and prints
         return 130 if grid.interrupted else 0
     out = Path(args.out)
+    _stop_if_nothing_finished(grid, out)
     out.mkdir(parents=True, exist_ok=True)
     payload = grid.to_json()
     if args.config:
@@ -1867,6 +1883,7 @@ def _cmd_adv(args) -> int:
     if not dist_mod.is_main():
         return 3 if failed is not None else 130 if grid.interrupted else 0
     out = Path(args.out)
+    _stop_if_nothing_finished(grid, out)
     out.mkdir(parents=True, exist_ok=True)
     payload = grid.to_json()
     if args.config:
@@ -2075,8 +2092,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             with warnings.catch_warnings():  # the grid's own "interrupted" warning: said below, once
                 warnings.filterwarnings("ignore", message="interrupted: returning")
                 status = args.handler(args)
-        except KeyboardInterrupt as err:  # Ctrl-C while the teacher trained (the grid catches its own)
-            status, why = 130, str(err)
+        except KeyboardInterrupt as err:  # Ctrl-C before any run finished (the grid catches its own), e.g.
+            # while the data loaded or the teacher trained: nothing was written
+            status, why = 130, str(err) or _nothing_finished(Path(args.out))
         except OSError as err:  # a full disk, a file held open (Windows): one line from write_atomic, no traceback
             if not isinstance(err, dist_mod.FileInUseError) and err.errno not in dist_mod._DISK_FULL:
                 raise

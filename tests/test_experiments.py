@@ -697,7 +697,7 @@ def test_cli_exit_status_is_130_after_ctrl_c(tmp_path, monkeypatch, capsys):
             "--device", "cpu", "--quiet"] + [a for k, v in TINY.items() for a in ("--override", f"{k}={v}")]
     assert E.main(argv) == 130
     assert capsys.readouterr().err.startswith("interrupted: ")
-    assert json.loads((tmp_path / "out" / "results.json").read_text())["interrupted"] is True
+    assert not (tmp_path / "out" / "results.json").exists()  # no run finished: nothing to write
 
 
 def _tiny_cli(tmp_path, *extra):
@@ -731,11 +731,13 @@ def test_cli_ctrl_c_in_a_student_run_says_how_to_go_on(tmp_path, monkeypatch, ca
         res.stopped = "interrupted"
         return res
 
+    assert E.main(_tiny_cli(tmp_path)) == 0  # seed 0, into the cache
     monkeypatch.setattr(E.train_mod, "distill", interrupted)
-    assert E.main(_tiny_cli(tmp_path)) == 130
+    assert E.main(_tiny_cli(tmp_path, "--seeds", "0,1")) == 130  # seed 0 comes from the cache, seed 1 stops
     err = capsys.readouterr().err
     assert err.startswith("interrupted: results.json holds the finished runs") and "Warning" not in err
-    assert json.loads((tmp_path / "out" / "results.json").read_text())["interrupted"] is True
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert written["interrupted"] is True and [r["seed"] for r in written["runs"]] == [0]
 
 
 @pytest.mark.parametrize("which", ["--out", "--cache-dir"])
@@ -902,3 +904,59 @@ def test_results_csv_writes_epochs_and_counts_as_integers():
                                                                                    ("240", "240", "117")]
     assert rows[2]["row_type"] == "mean" and rows[2]["n"] == "2" and rows[2]["best_epoch"] == ""
     assert rows[0]["best_acc"] == "80.0000" and rows[0]["seconds"] == "1.5000"
+
+
+@pytest.mark.parametrize("task", ["kd", "adv"])
+def test_cli_ctrl_c_before_any_run_finished_leaves_the_earlier_results_as_they_were(tmp_path, monkeypatch, capsys,
+                                                                                   task):
+    """A complete results.json (and .csv) of an earlier command in --out, then another command into the same
+    folder stopped by Ctrl-C before its first run finished: the earlier files stay byte for byte and the one
+    `interrupted:` line says so. Before the fix they were replaced by an empty results.json ("runs": [],
+    "interrupted": true), the earlier command's results lost (for good with --no-cache), under a line that
+    said "results.json holds the finished runs"."""
+    out = tmp_path / "out"
+    out.mkdir()
+    before = {name: f"complete results of an earlier command ({name})".encode()
+              for name in ("results.json", "results.csv")}
+    for name, blob in before.items():
+        (out / name).write_bytes(blob)
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if task == "kd":
+        monkeypatch.setattr(E.train_mod, "distill", ctrl_c)
+        argv = _tiny_cli(tmp_path, "--losses", "ikl")
+    else:  # the adv grid as it returns from Ctrl-C in its first run (its training is tested in test_adversarial)
+        import pandas as pd
+
+        empty = E.AdvGridResult(runs=pd.DataFrame(), summary=pd.DataFrame(), checks=pd.DataFrame(), interrupted=True)
+        monkeypatch.setattr(E, "run_adv_grid", lambda *a, **k: empty)
+        argv = ["adv", "--losses", "trades", "--seeds", "0", "--out", str(out), "--cache-dir", str(tmp_path / "runs"),
+                "--device", "cpu", "--quiet"]
+    assert E.main(argv) == 130
+    err = capsys.readouterr().err
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert err.count("\n") == 1 and err.startswith(f"interrupted: no run finished, so {out / 'results.json'} and "
+                                                   "results.csv were left as they were; run the same command again")
+    assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.json"]  # no temporary file either
+    # into an empty folder: no results file (there is no finished run to report)
+    for name in before:
+        (out / name).unlink()
+    assert E.main(argv) == 130
+    assert capsys.readouterr().err.startswith(f"interrupted: no run finished, so no results were written to {out};")
+    assert list(out.iterdir()) == []
+
+
+def test_cli_ctrl_c_while_the_data_loads_does_not_claim_results_were_written(tmp_path, monkeypatch, capsys):
+    """Ctrl-C that reaches the command before its grid runs (here: while the data set loads) writes nothing,
+    and its line says so; it used to say "results.json holds the finished runs (all in the cache)"."""
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(E, "load_data", ctrl_c)
+    assert E.main(_tiny_cli(tmp_path)) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"interrupted: no run finished, so no results were written to "
+                                                   f"{tmp_path / 'out'};")
+    assert not (tmp_path / "out" / "results.json").exists()
