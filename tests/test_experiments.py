@@ -273,7 +273,7 @@ def test_the_runs_bar_shows_each_runs_epoch_and_the_callback_still_decides(tmp_p
     grid = E.run_grid(["kl"], [0], preset="cpu-quick", overrides={**TINY, "distill.epochs": 3},
                       cache_dir=tmp_path, device="cpu", progress=True, callback=stop_after_first_epoch)
     err = capsys.readouterr().err
-    assert "epoch=1/3" in err and "test_acc=" in err and "cpu-quick: runs" in err
+    assert "runs: 0/1|" in err and "kl seed 0, epoch 1/3, " in err
     assert seen == [("kl", 0, 1)] and grid.runs["epochs"].tolist() == [1]
 
 
@@ -960,3 +960,42 @@ def test_cli_ctrl_c_while_the_data_loads_does_not_claim_results_were_written(tmp
     assert err.count("\n") == 1 and err.startswith(f"interrupted: no run finished, so no results were written to "
                                                    f"{tmp_path / 'out'};")
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_progress_bars_fit_one_line_of_an_80_column_terminal(tmp_path, capsys, monkeypatch):
+    """The runs bar, the teacher's epoch bar and the trainers' bars hold on one line of 80 columns with all that
+    they say (run, seed, epoch, accuracy), at their natural width: tqdm's default line ran to 100-150 columns, so
+    an 80-column terminal cut it ("... epoch=25/30, loss=ikl-n", the accuracy lost, a bar of one cell) and a
+    console tqdm cannot measure (an IDE's, a pipe into tee) wrapped it onto new lines at every refresh."""
+    import io
+    import re
+
+    monkeypatch.delenv("COLUMNS", raising=False)  # no terminal to measure: every line at its natural width
+    E.run_grid(["gkl-nogi"], [0], preset="cpu-quick", overrides={**TINY, "teacher.train.epochs": 2,
+                                                                   "distill.epochs": 2},
+               cache_dir=tmp_path, device="cpu", progress=True)
+    lines = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "|" in line]
+    assert max(map(len, lines)) < 80, max(lines, key=len)
+    assert any(line.startswith("teacher small_cnn: 2/2|") and ", loss " in line and ", test " in line for line in lines)
+    assert any(line.startswith("runs: 1/1|") and re.search(r", gkl-nogi seed 0, epoch 2/2, \d+\.\d%$", line)
+               for line in lines), lines
+
+    def rendered(desc, total, n, hours, postfix=None, run=None):  # a bar of a long run: hours of times
+        bar = E.train_mod._progress_bar(total=total, desc=desc, unit="run", file=io.StringIO())
+        bar.n, bar.start_t = n, bar.start_t - hours * 3600
+        if run is not None:  # the grid's per-epoch callback writes the run's postfix
+            E._epoch_callback(bar, *run, None)([{"epoch": 123, "test_acc": 77.12}])
+        if postfix is not None:
+            bar.set_postfix_str(postfix)
+        text = str(bar)
+        bar.close()
+        return text
+
+    long_runs = [rendered("runs", 35, 5, 12.6, run=("ikl-nogi", 4, 240)),
+                 rendered("runs", 6, 1, 12.6, run=("trades", 4, 200)),
+                 rendered("runs, 4 at a time", 35, 5, 12.6, "finished gkl-nogi seed 4"),
+                 rendered("runs", 6, 1, 12.6, "trades seed 4: evaluating PGD+ensemble"),
+                 rendered("teacher resnet32x4", 240, 17, 1.2, "loss 0.083, test 95.8%"),
+                 rendered("trades", 200, 17, 1.2, "clean 95.8%, robust 50.1%")]
+    assert long_runs[0].endswith(", ikl-nogi seed 4, epoch 123/240, 77.1%")
+    assert max(map(len, long_runs)) < 80, "\n".join(f"{len(line)} {line}" for line in long_runs)
