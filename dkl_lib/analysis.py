@@ -69,7 +69,6 @@ def probe_runs(loss_specs: Sequence[str], seeds: Sequence[int], *, preset: str =
     ``progress``: tqdm bars over the runs.
     """
     import pandas as pd
-    from tqdm.auto import tqdm
 
     # the arguments first: the teacher below may take minutes to train
     loss_specs = experiments._loss_specs(loss_specs)
@@ -88,7 +87,7 @@ def probe_runs(loss_specs: Sequence[str], seeds: Sequence[int], *, preset: str =
     teacher_logits = train.predict_logits(teacher.to(dev), data.x_test, data)
     out = ProbeResult(data=data, teacher=teacher, teacher_logits=teacher_logits, config=cfg)
     jobs = [(spec, seed) for spec in loss_specs for seed in seeds]
-    for spec, seed in tqdm(jobs, desc="probed runs", disable=not progress, unit="run"):
+    for spec, seed in train._progress_bar(jobs, desc="probed runs", disable=not progress, unit="run"):
         rcfg = experiments._run_config(cfg, spec, seed, tinfo["config_hash"])
         settings = dict(rcfg["distill"])
         student = experiments._build(cfg["student"], data, seed=seed)
@@ -266,7 +265,6 @@ def sensitivity(loss_spec: str, grid: Dict[str, Sequence[float]], seeds: Sequenc
     import itertools
 
     import pandas as pd
-    from tqdm.auto import tqdm
 
     collapse_points = check_nonnegative("collapse_points", collapse_points)
     name = experiments._parse_loss(loss_spec)[0]
@@ -287,7 +285,7 @@ def sensitivity(loss_spec: str, grid: Dict[str, Sequence[float]], seeds: Sequenc
     seeds = check_seeds("seeds", seeds)
     frames = []
     cells = list(itertools.product(*axes))
-    for values in tqdm(cells, desc=f"{loss_spec} sensitivity", unit="cell", disable=not progress):
+    for values in train._progress_bar(cells, desc=f"{loss_spec} sensitivity", unit="cell", disable=not progress):
         cell = dict(zip(names, values))
         extra = dict(overrides or {})
         for key, value in cell.items():

@@ -783,7 +783,7 @@ def _epoch_callback(bar, label: str, seed: int, epochs: int, callback):
     history)`` decides whether to go on."""
     def on_epoch(history):
         row = history[-1]
-        bar.set_postfix(loss=label, seed=seed, epoch=f"{row['epoch']}/{epochs}", test_acc=f"{row['test_acc']:.2f}")
+        bar.set_postfix_str(f"{label} seed {seed}, epoch {row['epoch']}/{epochs}, {row['test_acc']:.1f}%")
         return callback(label, seed, history) if callback is not None else None
     return on_epoch
 
@@ -969,13 +969,11 @@ def _run_in_workers(kind: str, jobs: List[Tuple[str, int]], common: dict, worker
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    from tqdm.auto import tqdm
-
     if not jobs:
         return set(), False
     common = {**common, "threads": max(1, torch.get_num_threads() // workers)}
     done: set = set()
-    bar = tqdm(total=len(jobs), desc=desc, disable=not progress, unit="run")
+    bar = train_mod._progress_bar(total=len(jobs), desc=desc, disable=not progress, unit="run")
     pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"))
 
     def stop_workers():  # a running job is not cancellable: end its process (the cache keeps finished runs)
@@ -987,7 +985,7 @@ def _run_in_workers(kind: str, jobs: List[Tuple[str, int]], common: dict, worker
             job = future.result()
             done.add(job)
             bar.update(1)
-            bar.set_postfix(finished=f"{job[0]} seed {job[1]}")
+            bar.set_postfix_str(f"finished {job[0]} seed {job[1]}")
         return done, False
     except KeyboardInterrupt:
         stop_workers()
@@ -1088,7 +1086,6 @@ def run_grid(losses: Sequence[str] = ("ce", "kl", "dkl", "ikl", "gkl", "dkd"),
     Notebook: 03_knowledge_distillation.
     """
     import pandas as pd
-    from tqdm.auto import tqdm
 
     losses = _loss_specs(losses)
     seeds = check_seeds("seeds", seeds)
@@ -1118,15 +1115,15 @@ def run_grid(losses: Sequence[str] = ("ce", "kl", "dkl", "ikl", "gkl", "dkd"),
             "kd", [job for job in jobs if job not in here],
             lambda job: cache.exists("student", _run_config(cfg, *job, tinfo["config_hash"])),
             workers=workers, preset=preset, overrides=overrides, cache=cache, download=download,
-            desc=f"{preset}: runs, {workers} at a time", progress=progress)
+            desc=f"runs, {workers} at a time", progress=progress)
         jobs = [job for job in jobs if job in kept or (job in here and not interrupted)]
-    bar = tqdm(jobs, desc=f"{preset}: runs", disable=not progress or workers > 1, unit="run")
+    bar = train_mod._progress_bar(jobs, desc="runs", disable=not progress or workers > 1, unit="run")
     try:
         for spec, seed in bar:
             label = _label(spec)
             rcfg = _run_config(cfg, spec, seed, tinfo["config_hash"])
             key = config_hash(rcfg)
-            bar.set_postfix(loss=label, seed=seed)
+            bar.set_postfix_str(f"{label} seed {seed}")
             run_cache = cache if rcfg["loss"] not in uncached else RunCache(cache.root, enabled=False)
             hit = run_cache.load("student", rcfg)
             cached = hit is not None and (spec, seed) not in fresh
@@ -1604,7 +1601,6 @@ def run_adv_grid(losses: Sequence[str] = ("trades", "ikl"), seeds: Sequence[int]
     Notebook: 04_adversarial_training.
     """
     import pandas as pd
-    from tqdm.auto import tqdm
 
     if isinstance(losses, str):
         losses = [s for s in losses.split(",") if s.strip()]
@@ -1642,11 +1638,11 @@ def run_adv_grid(losses: Sequence[str] = ("trades", "ikl"), seeds: Sequence[int]
 
         jobs, fresh, interrupted = _prefill_in_workers(
             "adv", jobs, done, workers=workers, preset=preset, overrides=overrides, cache=cache, download=download,
-            desc=f"{preset}: adversarial runs, {workers} at a time", progress=progress)
-    bar = tqdm(jobs, desc=f"{preset}: adversarial runs", disable=not progress or workers > 1, unit="run")
+            desc=f"runs, {workers} at a time", progress=progress)
+    bar = train_mod._progress_bar(jobs, desc="runs", disable=not progress or workers > 1, unit="run")
     try:
         for loss, seed in bar:
-            bar.set_postfix(loss=loss, seed=seed)
+            bar.set_postfix_str(f"{loss} seed {seed}")
             rcfg = _adv_run_config(cfg, loss, seed)
             key = config_hash(rcfg)
             d = get_data()
@@ -1686,10 +1682,10 @@ def run_adv_grid(losses: Sequence[str] = ("trades", "ikl"), seeds: Sequence[int]
             else:
                 model.to(dev)
                 n_eval = d.n_test if ev.get("samples") is None else min(int(ev["samples"]), d.n_test)
-                attacks = [f"PGD-{k}" for k in ev["pgd_steps"]] + (["ensemble"] if ev.get("ensemble", True) else [])
                 # the evaluation can take as long as training (the paper's: the whole test set, 5000 Square
                 # queries): the bar says it is running, not the last epoch's numbers
-                bar.set_postfix(loss=loss, seed=seed, evaluating=f"{n_eval} images, {', '.join(attacks)}")
+                bar.set_postfix_str(f"{loss} seed {seed}: evaluating PGD"
+                                    + ("+ensemble" if ev.get("ensemble", True) else ""))
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", attacks_mod.GradientMaskingWarning)
                     report = attacks_mod.evaluate_robustness(
@@ -1817,6 +1813,21 @@ def _wrote(out: Path) -> str:
             + (f" (per-epoch log: {log})" if log.exists() else ""))
 
 
+def _nothing_finished(out: Path) -> str:
+    """The ``interrupted:`` line's text when Ctrl-C came before any run finished: nothing was written."""
+    kept = (out / "results.json").exists()
+    return ("no run finished, so " + (f"{out / 'results.json'} and results.csv were left as they were" if kept
+                                      else f"no results were written to {out}")
+            + "; run the same command again to go on (a run with checkpoints resumes from its last finished epoch)")
+
+
+def _stop_if_nothing_finished(grid, out: Path) -> None:
+    """Ctrl-C before any run of the grid finished: no results file is written (an empty one would
+    replace the complete results of an earlier command in ``out``); the ``interrupted:`` line says so."""
+    if grid.interrupted and not len(grid.runs):
+        raise KeyboardInterrupt(_nothing_finished(out))
+
+
 def _epoch_log(args) -> Optional[_EpochLog]:
     if not dist_mod.is_main() or getattr(args, "workers", 1) > 1:  # runs in workers cannot log here
         return None
@@ -1835,6 +1846,7 @@ def _cmd_kd(args) -> int:
     if not dist_mod.is_main():  # under torchrun rank 0 writes the results and prints
         return 130 if grid.interrupted else 0
     out = Path(args.out)
+    _stop_if_nothing_finished(grid, out)
     out.mkdir(parents=True, exist_ok=True)
     payload = grid.to_json()
     if args.config:
@@ -1867,6 +1879,7 @@ def _cmd_adv(args) -> int:
     if not dist_mod.is_main():
         return 3 if failed is not None else 130 if grid.interrupted else 0
     out = Path(args.out)
+    _stop_if_nothing_finished(grid, out)
     out.mkdir(parents=True, exist_ok=True)
     payload = grid.to_json()
     if args.config:
@@ -2075,8 +2088,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             with warnings.catch_warnings():  # the grid's own "interrupted" warning: said below, once
                 warnings.filterwarnings("ignore", message="interrupted: returning")
                 status = args.handler(args)
-        except KeyboardInterrupt as err:  # Ctrl-C while the teacher trained (the grid catches its own)
-            status, why = 130, str(err)
+        except KeyboardInterrupt as err:  # Ctrl-C before any run finished (the grid catches its own), e.g.
+            # while the data loaded or the teacher trained: nothing was written
+            status, why = 130, str(err) or _nothing_finished(Path(args.out))
         except OSError as err:  # a full disk, a file held open (Windows): one line from write_atomic, no traceback
             if not isinstance(err, dist_mod.FileInUseError) and err.errno not in dist_mod._DISK_FULL:
                 raise

@@ -117,6 +117,21 @@ def _callback_stops(callback: Optional[Callback], history: List[dict]) -> bool:
         return True
 
 
+# Every progress bar of the library: one line in an 80-column terminal. tqdm's default line (percentage,
+# rate, key=value postfix) ran to 100-150 columns: an 80-column terminal cut it (loss name and accuracy lost,
+# a bar of one cell) and a console tqdm cannot measure (an IDE's, a pipe into tee) wrapped it onto new lines.
+# Rate and percentage are left out (n/total and the remaining time say as much); dynamic_ncols follows the
+# terminal's width, also after a resize (in a notebook: the widget takes the output's width).
+_BAR_FORMAT = "{desc}: {n_fmt}/{total_fmt}|{bar}| {elapsed}<{remaining}{postfix}"
+
+
+def _progress_bar(iterable=None, **kwargs):
+    """A ``tqdm.auto`` bar in the library's one-line format (postfixes are short texts: set_postfix_str)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, bar_format=_BAR_FORMAT, dynamic_ncols=True, **kwargs)
+
+
 class _RunProgress:
     """Progress bars and cuDNN autotuning for one training run, shared by both trainers.
 
@@ -126,17 +141,15 @@ class _RunProgress:
 
     def __init__(self, *, epochs: int, steps_per_epoch: int, desc: str, progress: bool, device: torch.device,
                  batch_bar_from: int, initial: int = 0):
-        from tqdm.auto import tqdm
-
         self._cudnn_benchmark = torch.backends.cudnn.benchmark
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.steps_per_epoch = steps_per_epoch
-        self.epoch_bar = tqdm(total=epochs, initial=initial, desc=desc, disable=not progress, leave=True,
-                              unit="epoch")
+        self.epoch_bar = _progress_bar(total=epochs, initial=initial, desc=desc, disable=not progress, leave=True,
+                                       unit="epoch")
         self.batch_bar = None
         if progress and steps_per_epoch >= batch_bar_from:
-            self.batch_bar = tqdm(total=steps_per_epoch, desc="  batches", leave=False, unit="batch")
+            self.batch_bar = _progress_bar(total=steps_per_epoch, desc="  batches", leave=False, unit="batch")
 
     def start_epoch(self) -> None:
         if self.batch_bar is not None:
@@ -146,11 +159,11 @@ class _RunProgress:
         if self.batch_bar is not None:
             self.batch_bar.update()
 
-    def end_epoch(self, history: List[dict], row: dict, callback: Optional[Callback], **postfix) -> bool:
+    def end_epoch(self, history: List[dict], row: dict, callback: Optional[Callback], postfix: str) -> bool:
         """Record the epoch's row, advance the bar; True when the callback asks to stop."""
         history.append(row)
         self.epoch_bar.update()
-        self.epoch_bar.set_postfix(**postfix)
+        self.epoch_bar.set_postfix_str(postfix)
         return _callback_stops(callback, history)
 
     def close(self) -> None:
@@ -718,8 +731,7 @@ def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], lo
             row.update({k: v / seen for k, v in totals.items()})
             row.update({"train_acc": 100.0 * correct / seen, "test_acc": test_acc,
                         "seconds": time.perf_counter() - t0})
-            stop = par.any(bars.end_epoch(history, row, callback, loss=f"{row['loss']:.3f}",
-                                          test_acc=f"{test_acc:.2f}"))
+            stop = par.any(bars.end_epoch(history, row, callback, f"loss {row['loss']:.3f}, test {test_acc:.1f}%"))
             checkpoints.save(epoch + 1, model, optimizer, scheduler, generators, prior, history, force=stop)
             if stop:
                 stopped = "callback"
@@ -1390,8 +1402,8 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
             else:
                 row["test_robust_acc"] = math.nan
             row["seconds"] = time.perf_counter() - t0
-            stop = par.any(bars.end_epoch(history, row, callback, loss=f"{row['loss']:.3f}",
-                                          clean=f"{row['test_acc']:.1f}", robust=f"{row['test_robust_acc']:.1f}"))
+            stop = par.any(bars.end_epoch(history, row, callback,  # (the loss: in the history; 80 columns hold these)
+                                          f"clean {row['test_acc']:.1f}%, robust {row['test_robust_acc']:.1f}%"))
             checkpoints.save(epoch, model, optimizer, scheduler, generators, prior, history, force=stop,
                              extra=extra)
             if stop:

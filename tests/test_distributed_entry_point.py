@@ -243,3 +243,44 @@ def test_distributed_missing_teacher_file_is_reported_once_not_once_per_process(
                  "distill.epochs": 1}
     done = _run(_cli_args("kd", overrides, "kl", "0", tmp_path / "cache", tmp_path / "out"), nproc=2)
     assert done.stderr.count("teachers/not_here.pth not found under") == 1, done.stderr[-3000:]
+
+
+def test_distributed_ctrl_c_at_torchrun_gives_one_interrupted_line_and_keeps_the_epochs(tmp_path):
+    """Ctrl-C in the terminal: the signal reaches torchrun (its workers run in sessions of their own), which
+    hands SIGINT on to every rank. Our processes end as one process does: rank 0 alone prints the one
+    `interrupted:` line, no rank prints a traceback, and the finished epochs stay in the checkpoints. What
+    follows is torchrun's own: its launcher (torch.distributed.elastic) re-raises the signal as a
+    SignalException traceback and exits with status 1, outside this library (README, "torchrun")."""
+    import signal
+    import time
+
+    overrides = {**KD_OVERRIDES, "teacher.train.epochs": 1, "distill.epochs": 100000}  # far more than it waits for
+    cache = tmp_path / "cache"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+           "-m", "dkl_lib.experiments", *_cli_args("kd", overrides, "kl", "0", cache, tmp_path / "out")]
+    cmd.remove("--quiet")  # as a user runs it: the progress bars on rank 0
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=Path(__file__).resolve().parent.parent, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(cache.glob("student-*/checkpoints/checkpoint-*.pt")):  # rank 0 finished an epoch
+            assert proc.poll() is None and time.monotonic() < deadline, "the student did not start training"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C: the foreground group, i.e. torchrun
+        try:
+            output, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("Ctrl-C left the command running")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    lines = [line for line in output.replace("\r", "\n").splitlines() if line.startswith("interrupted:")]
+    assert len(lines) == 1 and "no run finished" in lines[0], output[-3000:]
+    traceback = output[output.find("Traceback"):] if "Traceback" in output else ""
+    assert output.count("Traceback") <= 1 and "dkl_lib" not in traceback and "KeyboardInterrupt" not in output
+    assert not traceback or "torch/distributed/elastic" in traceback and "SignalException" in traceback
+    assert list(cache.glob("student-*/checkpoints/checkpoint-*.pt"))  # the finished epochs are kept

@@ -273,7 +273,7 @@ def test_the_runs_bar_shows_each_runs_epoch_and_the_callback_still_decides(tmp_p
     grid = E.run_grid(["kl"], [0], preset="cpu-quick", overrides={**TINY, "distill.epochs": 3},
                       cache_dir=tmp_path, device="cpu", progress=True, callback=stop_after_first_epoch)
     err = capsys.readouterr().err
-    assert "epoch=1/3" in err and "test_acc=" in err and "cpu-quick: runs" in err
+    assert "runs: 0/1|" in err and "kl seed 0, epoch 1/3, " in err
     assert seen == [("kl", 0, 1)] and grid.runs["epochs"].tolist() == [1]
 
 
@@ -697,7 +697,7 @@ def test_cli_exit_status_is_130_after_ctrl_c(tmp_path, monkeypatch, capsys):
             "--device", "cpu", "--quiet"] + [a for k, v in TINY.items() for a in ("--override", f"{k}={v}")]
     assert E.main(argv) == 130
     assert capsys.readouterr().err.startswith("interrupted: ")
-    assert json.loads((tmp_path / "out" / "results.json").read_text())["interrupted"] is True
+    assert not (tmp_path / "out" / "results.json").exists()  # no run finished: nothing to write
 
 
 def _tiny_cli(tmp_path, *extra):
@@ -731,11 +731,13 @@ def test_cli_ctrl_c_in_a_student_run_says_how_to_go_on(tmp_path, monkeypatch, ca
         res.stopped = "interrupted"
         return res
 
+    assert E.main(_tiny_cli(tmp_path)) == 0  # seed 0, into the cache
     monkeypatch.setattr(E.train_mod, "distill", interrupted)
-    assert E.main(_tiny_cli(tmp_path)) == 130
+    assert E.main(_tiny_cli(tmp_path, "--seeds", "0,1")) == 130  # seed 0 comes from the cache, seed 1 stops
     err = capsys.readouterr().err
     assert err.startswith("interrupted: results.json holds the finished runs") and "Warning" not in err
-    assert json.loads((tmp_path / "out" / "results.json").read_text())["interrupted"] is True
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert written["interrupted"] is True and [r["seed"] for r in written["runs"]] == [0]
 
 
 @pytest.mark.parametrize("which", ["--out", "--cache-dir"])
@@ -902,3 +904,98 @@ def test_results_csv_writes_epochs_and_counts_as_integers():
                                                                                    ("240", "240", "117")]
     assert rows[2]["row_type"] == "mean" and rows[2]["n"] == "2" and rows[2]["best_epoch"] == ""
     assert rows[0]["best_acc"] == "80.0000" and rows[0]["seconds"] == "1.5000"
+
+
+@pytest.mark.parametrize("task", ["kd", "adv"])
+def test_cli_ctrl_c_before_any_run_finished_leaves_the_earlier_results_as_they_were(tmp_path, monkeypatch, capsys,
+                                                                                   task):
+    """A complete results.json (and .csv) of an earlier command in --out, then another command into the same
+    folder stopped by Ctrl-C before its first run finished: the earlier files stay byte for byte and the one
+    `interrupted:` line says so. Before the fix they were replaced by an empty results.json ("runs": [],
+    "interrupted": true), the earlier command's results lost (for good with --no-cache), under a line that
+    said "results.json holds the finished runs"."""
+    out = tmp_path / "out"
+    out.mkdir()
+    before = {name: f"complete results of an earlier command ({name})".encode()
+              for name in ("results.json", "results.csv")}
+    for name, blob in before.items():
+        (out / name).write_bytes(blob)
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if task == "kd":
+        monkeypatch.setattr(E.train_mod, "distill", ctrl_c)
+        argv = _tiny_cli(tmp_path, "--losses", "ikl")
+    else:  # the adv grid as it returns from Ctrl-C in its first run (its training is tested in test_adversarial)
+        import pandas as pd
+
+        empty = E.AdvGridResult(runs=pd.DataFrame(), summary=pd.DataFrame(), checks=pd.DataFrame(), interrupted=True)
+        monkeypatch.setattr(E, "run_adv_grid", lambda *a, **k: empty)
+        argv = ["adv", "--losses", "trades", "--seeds", "0", "--out", str(out), "--cache-dir", str(tmp_path / "runs"),
+                "--device", "cpu", "--quiet"]
+    assert E.main(argv) == 130
+    err = capsys.readouterr().err
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert err.count("\n") == 1 and err.startswith(f"interrupted: no run finished, so {out / 'results.json'} and "
+                                                   "results.csv were left as they were; run the same command again")
+    assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.json"]  # no temporary file either
+    # into an empty folder: no results file (there is no finished run to report)
+    for name in before:
+        (out / name).unlink()
+    assert E.main(argv) == 130
+    assert capsys.readouterr().err.startswith(f"interrupted: no run finished, so no results were written to {out};")
+    assert list(out.iterdir()) == []
+
+
+def test_cli_ctrl_c_while_the_data_loads_does_not_claim_results_were_written(tmp_path, monkeypatch, capsys):
+    """Ctrl-C that reaches the command before its grid runs (here: while the data set loads) writes nothing,
+    and its line says so; it used to say "results.json holds the finished runs (all in the cache)"."""
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(E, "load_data", ctrl_c)
+    assert E.main(_tiny_cli(tmp_path)) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"interrupted: no run finished, so no results were written to "
+                                                   f"{tmp_path / 'out'};")
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_progress_bars_fit_one_line_of_an_80_column_terminal(tmp_path, capsys, monkeypatch):
+    """The runs bar, the teacher's epoch bar and the trainers' bars hold on one line of 80 columns with all that
+    they say (run, seed, epoch, accuracy), at their natural width: tqdm's default line ran to 100-150 columns, so
+    an 80-column terminal cut it ("... epoch=25/30, loss=ikl-n", the accuracy lost, a bar of one cell) and a
+    console tqdm cannot measure (an IDE's, a pipe into tee) wrapped it onto new lines at every refresh."""
+    import io
+    import re
+
+    monkeypatch.delenv("COLUMNS", raising=False)  # no terminal to measure: every line at its natural width
+    E.run_grid(["gkl-nogi"], [0], preset="cpu-quick", overrides={**TINY, "teacher.train.epochs": 2,
+                                                                   "distill.epochs": 2},
+               cache_dir=tmp_path, device="cpu", progress=True)
+    lines = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "|" in line]
+    assert max(map(len, lines)) < 80, max(lines, key=len)
+    assert any(line.startswith("teacher small_cnn: 2/2|") and ", loss " in line and ", test " in line for line in lines)
+    assert any(line.startswith("runs: 1/1|") and re.search(r", gkl-nogi seed 0, epoch 2/2, \d+\.\d%$", line)
+               for line in lines), lines
+
+    def rendered(desc, total, n, hours, postfix=None, run=None):  # a bar of a long run: hours of times
+        bar = E.train_mod._progress_bar(total=total, desc=desc, unit="run", file=io.StringIO())
+        bar.n, bar.start_t = n, bar.start_t - hours * 3600
+        if run is not None:  # the grid's per-epoch callback writes the run's postfix
+            E._epoch_callback(bar, *run, None)([{"epoch": 123, "test_acc": 77.12}])
+        if postfix is not None:
+            bar.set_postfix_str(postfix)
+        text = str(bar)
+        bar.close()
+        return text
+
+    long_runs = [rendered("runs", 35, 5, 12.6, run=("ikl-nogi", 4, 240)),
+                 rendered("runs", 6, 1, 12.6, run=("trades", 4, 200)),
+                 rendered("runs, 4 at a time", 35, 5, 12.6, "finished gkl-nogi seed 4"),
+                 rendered("runs", 6, 1, 12.6, "trades seed 4: evaluating PGD+ensemble"),
+                 rendered("teacher resnet32x4", 240, 17, 1.2, "loss 0.083, test 95.8%"),
+                 rendered("trades", 200, 17, 1.2, "clean 95.8%, robust 50.1%")]
+    assert long_runs[0].endswith(", ikl-nogi seed 4, epoch 123/240, 77.1%")
+    assert max(map(len, long_runs)) < 80, "\n".join(f"{len(line)} {line}" for line in long_runs)
