@@ -2101,9 +2101,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             why = ""
         if status == 130:
             if info.is_main:
-                print("interrupted: " + (why or "results.json holds the finished runs (all in the cache); run the "
-                      "same command again to go on (a run with checkpoints resumes from its last finished epoch)"),
-                      file=sys.stderr)
+                go_on = ("(all in the cache); run the same command again to go on (a run with checkpoints resumes "
+                         "from its last finished epoch)") if not args.no_cache else (
+                    "(--no-cache: they were not cached, so the same command would train them again)")
+                print("interrupted: " + (why or f"results.json holds the finished runs {go_on}"), file=sys.stderr)
             # under torchrun another rank may still be inside a collective of the run this one left:
             # no barrier (it would pair with that collective and hang); this process ends, and
             # torchrun then stops the others

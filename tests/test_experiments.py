@@ -999,3 +999,23 @@ def test_progress_bars_fit_one_line_of_an_80_column_terminal(tmp_path, capsys, m
                  rendered("trades", 200, 17, 1.2, "clean 95.8%, robust 50.1%")]
     assert long_runs[0].endswith(", ikl-nogi seed 4, epoch 123/240, 77.1%")
     assert max(map(len, long_runs)) < 80, "\n".join(f"{len(line)} {line}" for line in long_runs)
+
+
+def test_cli_ctrl_c_with_no_cache_does_not_claim_the_runs_are_cached(tmp_path, monkeypatch, capsys):
+    real = E.train_mod.distill
+    calls = []
+
+    def second_interrupted(*args, **kwargs):
+        res = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            res.stopped = "interrupted"
+        return res
+
+    monkeypatch.setattr(E.train_mod, "distill", second_interrupted)
+    assert E.main(_tiny_cli(tmp_path, "--seeds", "0,1", "--no-cache")) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted: results.json holds the finished runs (--no-cache: they were not cached")
+    assert "all in the cache" not in err
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["seed"] for r in written["runs"]] == [0]
