@@ -37,13 +37,13 @@ def test_notebook_02_widgets_update_the_plot_in_the_browser(lab):
         browser.open_notebook(page, url, "02_gradient_anatomy.ipynb")
         browser.run_all(page)
         assert browser.error_outputs(page) == []
-        # 4 static figures + 3 dashboard figures, all rendered by plotly.js
-        assert page.locator(".js-plotly-plot").count() == 7
+        # 5 static figures + 3 dashboard figures, all rendered by plotly.js
+        assert page.locator(".js-plotly-plot").count() == 8
         assert page.locator(".widget-slider").count() >= 17
         page.screenshot(path=str(SCREENSHOTS / "02_gradient_anatomy_run.png"))
 
         # the first dashboard follows the first static figure: plot 1 is its FigureWidget
-        before = [browser.plot_signature(page, i) for i in range(7)]
+        before = [browser.plot_signature(page, i) for i in range(8)]
         assert before[1], "the dashboard's bars are drawn"
         handle = page.locator(".widget-slider .noUi-handle").first
         handle.scroll_into_view_if_needed()
@@ -60,7 +60,7 @@ def test_notebook_02_widgets_update_the_plot_in_the_browser(lab):
                                                   .map(v => +v.toFixed(2)); });
                           return JSON.stringify(now) !== JSON.stringify(old); }""",
             arg=before[1], timeout=30_000)
-        after = [browser.plot_signature(page, i) for i in range(7)]
+        after = [browser.plot_signature(page, i) for i in range(8)]
         assert after[1] != before[1]  # the dashboard redrew its bars in place ...
         assert after[0] == before[0]  # ... and the static figure above it did not change
         assert float(readout.inner_text()) == pytest.approx(float(old_value) + 0.5)
