@@ -233,3 +233,26 @@ def test_adversarial_train_takes_a_compiled_model_with_awp_and_weight_average():
     for mine, ref in zip(fast.history, plain.history):
         assert mine["loss"] == pytest.approx(ref["loss"], rel=1e-5)
         assert mine["test_acc"] == ref["test_acc"]
+
+
+def test_adversarial_train_with_weight_average_resumes_between_compiled_and_plain(tmp_path):
+    """The weight average is a copy of the model it was given, so with a torch.compile'd model its
+    state_dict has '_orig_mod.' names; the checkpoint must hold the plain names for it too, or a run
+    stopped compiled cannot resume uncompiled (and back)."""
+    data, make = _digits_like()
+    settings = dict(loss="ce", epsilon=0.1, epochs=2, weight_average=0.9, weight_average_from=1,
+                    eval_samples=0, progress=False)
+    normalized = lambda: dkl.attacks.Normalized(make(1), data.mean, data.std)  # noqa: E731
+    wrap = lambda m, on: torch.compile(m, backend="aot_eager") if on else m  # noqa: E731
+    plain = dkl.train.adversarial_train(normalized(), data, **settings)
+    for first, second in ((True, False), (False, True)):
+        folder = tmp_path / f"from_{'compiled' if first else 'plain'}"
+        stopped = dkl.train.adversarial_train(wrap(normalized(), first), data, checkpoint_dir=folder,
+                                              callback=lambda history: len(history) < 1, **settings)
+        assert len(stopped.history) == 1
+        saved = torch.load(folder / "checkpoint-000001.pt", weights_only=False)
+        assert set(saved["extra"]["weight_average"]) == set(normalized().state_dict())  # plain names
+        resumed = dkl.train.adversarial_train(wrap(normalized(), second), data, checkpoint_dir=folder, **settings)
+        assert resumed.resumed_from == 1
+        assert [h["test_acc"] for h in resumed.history] == [h["test_acc"] for h in plain.history]
+        assert resumed.history[-1]["loss"] == pytest.approx(plain.history[-1]["loss"], rel=1e-5)
