@@ -333,10 +333,11 @@ def _decoupled_terms(logits, target_logits, *, temperature, alpha, beta, weight_
     terms = {"wmse": wmse_term, "soft_ce": soft_ce}
     # |wmse| <= (α/8) P² (max_j d - min_j d)² <= (α/2) P² (|o_n| + |o_m|)²; |soft_ce| <= β T² max |log s_n|
     spread = largest[0] + largest[1]
-    check_finite_terms(loss_name, terms, temperature=temperature, largest=largest,
-                       bound=max(0.5 * alpha * mass * mass * spread * spread,
-                                 beta * (2.0 * temperature * largest[0]
-                                         + temperature * temperature * math.log(logits.shape[1]))))
+    if not tracing():  # (the bound is not needed there, and log of a symbolic C does not trace on torch 2.4)
+        check_finite_terms(loss_name, terms, temperature=temperature, largest=largest,
+                           bound=max(0.5 * alpha * mass * mass * spread * spread,
+                                     beta * (2.0 * temperature * largest[0]
+                                             + temperature * temperature * math.log(logits.shape[1]))))
     return terms
 
 

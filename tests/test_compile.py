@@ -256,3 +256,25 @@ def test_adversarial_train_with_weight_average_resumes_between_compiled_and_plai
         assert resumed.resumed_from == 1
         assert [h["test_acc"] for h in resumed.history] == [h["test_acc"] for h in plain.history]
         assert resumed.history[-1]["loss"] == pytest.approx(plain.history[-1]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_each_loss_compiles_as_one_graph_with_dynamic_shapes(case):
+    """dynamic=True (symbolic batch sizes, as for a batch size that varies): the
+    hyper-parameters then arrive as symbolic floats and the class count as a symbolic int, which the
+    host-side checks must handle in ways dynamo traces (comparisons, not math.isfinite / math.log)."""
+    classes = 7
+    prior = prior_for(classes)
+    fn = CASES[case]
+    counter = CompileCounterWithBackend("aot_eager")
+    fast = torch.compile(fn, backend=counter, fullgraph=True, dynamic=True)
+    for batch in (6, 5, 9):
+        a, b = random_pair(batch, classes, dtype=torch.float64, generator=torch.Generator().manual_seed(batch))
+        y = torch.randint(0, classes, (batch,), generator=torch.Generator().manual_seed(batch + 1))
+        value, eager = fast(a, b, y, prior), fn(a, b, y, prior)
+        assert torch.allclose(value, eager, rtol=1e-12, atol=1e-12), (case, batch)
+        for mine, ref in zip(torch.autograd.grad(value, (a, b), allow_unused=True),
+                             torch.autograd.grad(eager, (a, b), allow_unused=True)):
+            assert (mine is None) == (ref is None)
+            assert ref is None or torch.allclose(mine, ref, rtol=1e-12, atol=1e-12), (case, batch)
+    assert 1 <= counter.frame_count <= 3  # traced, not run eagerly
