@@ -457,7 +457,9 @@ def student_hessians(teacher_logits, student_logits, *, loss: str = "ikl", tempe
     computed by ``torch.func.hessian`` through :func:`dkl_lib.losses.loss_terms`. With p the wMSE
     weights (softmax(o_m / T_w), rows summing to P = 1) they are, in closed form,
 
-        wMSE (IKL, GKL):  α (P diag(p) − p pᵀ)          (0 for DKL: the stop-gradient on Δ(o_n))
+        wMSE (IKL):       α (P diag(p) − p pᵀ)          (0 for DKL: the stop-gradient on Δ(o_n))
+        wMSE (GKL):       α (P diag(p) − p pᵀ) / P²     with p = softmax(o_m / T_w)**γ, P = Σ p (its wMSE
+                                                        is divided by Σw = P²; = IKL's for γ = 1)
         soft-label CE:    β (diag(s_n) − s_n s_nᵀ)        (T² and the 1/T² of the softmax cancel)
 
     so IKL's wMSE is a quadratic in the student's logits (its curvature is the teacher's alone),

@@ -245,6 +245,10 @@ class _DecoupledKL(torch.autograd.Function):
             d = target_logits - (logits.detach() if stop_logits else logits)
             p_dev = p * _centered(p, d, mass if mass is not None else 1.0)
         need_logits, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # in place only into tensors of this backward's own: not while autograd records it, and not
+        # for a batched backward (vmap over autograd.grad, is_grads_batched, jacobian(vectorize=True)),
+        # whose grad outputs are batched and cannot be written into the unbatched factors
+        in_place = not graph and not (_batched(grad_wmse) or _batched(grad_soft_ce))
         grad_w = None
         if grad_wmse is not None and (need_target or (need_logits and not stop_logits)):
             grad_w = p_dev * (grad_wmse * alpha / norm)
@@ -254,14 +258,21 @@ class _DecoupledKL(torch.autograd.Function):
         if need_logits:  # in place, except where autograd records this backward
             if grad_soft_ce is not None:
                 scale = grad_soft_ce * beta * temperature / batch
-                grad_logits = (log_s_n.exp() - s_m) * scale if graph else log_s_n.exp().sub_(s_m).mul_(scale)
+                grad_logits = log_s_n.exp().sub_(s_m).mul_(scale) if in_place else (log_s_n.exp() - s_m) * scale
             if grad_w is not None and not stop_logits:
                 if grad_logits is None:
                     grad_logits = -grad_w
                 else:
-                    grad_logits = grad_logits - grad_w if graph else grad_logits.sub_(grad_w)
+                    grad_logits = grad_logits.sub_(grad_w) if in_place else grad_logits - grad_w
         grad_target = grad_w if need_target else None
         return grad_logits, grad_target, None, None, None, None, None, None
+
+
+def _batched(grad) -> bool:
+    """``grad`` is a batched tensor of vmap (torch.func's, or the one of is_grads_batched); False
+    while torch.compile traces (which cannot trace the question, and functionalises in-place ops)."""
+    return (grad is not None and not torch.compiler.is_compiling()
+            and (torch._C._functorch.is_batchedtensor(grad) or torch._C._functorch.is_legacy_batchedtensor(grad)))
 
 
 def _decoupled_values(logits, target_logits, weights, temperature, alpha, beta, wmse_norm, stop_logits):
@@ -322,10 +333,11 @@ def _decoupled_terms(logits, target_logits, *, temperature, alpha, beta, weight_
     terms = {"wmse": wmse_term, "soft_ce": soft_ce}
     # |wmse| <= (α/8) P² (max_j d - min_j d)² <= (α/2) P² (|o_n| + |o_m|)²; |soft_ce| <= β T² max |log s_n|
     spread = largest[0] + largest[1]
-    check_finite_terms(loss_name, terms, temperature=temperature, largest=largest,
-                       bound=max(0.5 * alpha * mass * mass * spread * spread,
-                                 beta * (2.0 * temperature * largest[0]
-                                         + temperature * temperature * math.log(logits.shape[1]))))
+    if not tracing():  # (the bound is not needed there, and log of a symbolic C does not trace on torch 2.4)
+        check_finite_terms(loss_name, terms, temperature=temperature, largest=largest,
+                           bound=max(0.5 * alpha * mass * mass * spread * spread,
+                                     beta * (2.0 * temperature * largest[0]
+                                             + temperature * temperature * math.log(logits.shape[1]))))
     return terms
 
 

@@ -294,8 +294,8 @@ class _Checkpoints:
         if prior is not None:
             prior.load_state_dict(state["prior"])
             prior.history = [t.clone() for t in state["prior_history"]]
-        for name, module in (extra or {}).items():
-            module.load_state_dict(state["extra"][name])
+        for name, module in (extra or {}).items():  # (a copy of a torch.compile'd model: its own module)
+            dist.unwrap_model(module).load_state_dict(state["extra"][name])
         return int(state["epoch"]), list(state["history"])
 
     def save(self, epoch: int, model: nn.Module, optimizer, scheduler, generators: Dict[str, torch.Generator],
@@ -310,7 +310,7 @@ class _Checkpoints:
                  "prior": prior.state_dict() if prior is not None else None,
                  "prior_history": list(prior.history) if prior is not None else None,
                  "history": history, "config": self.config,
-                 "extra": {name: module.state_dict() for name, module in (extra or {}).items()}}
+                 "extra": {name: dist.unwrap_model(module).state_dict() for name, module in (extra or {}).items()}}
         dist.save_checkpoint(dist.checkpoint_path(self.folder, epoch), state)
         dist.prune_checkpoints(self.folder, keep=self.keep)
 

@@ -233,3 +233,48 @@ def test_adversarial_train_takes_a_compiled_model_with_awp_and_weight_average():
     for mine, ref in zip(fast.history, plain.history):
         assert mine["loss"] == pytest.approx(ref["loss"], rel=1e-5)
         assert mine["test_acc"] == ref["test_acc"]
+
+
+def test_adversarial_train_with_weight_average_resumes_between_compiled_and_plain(tmp_path):
+    """The weight average is a copy of the model it was given, so with a torch.compile'd model its
+    state_dict has '_orig_mod.' names; the checkpoint must hold the plain names for it too, or a run
+    stopped compiled cannot resume uncompiled (and back)."""
+    data, make = _digits_like()
+    settings = dict(loss="ce", epsilon=0.1, epochs=2, weight_average=0.9, weight_average_from=1,
+                    eval_samples=0, progress=False)
+    normalized = lambda: dkl.attacks.Normalized(make(1), data.mean, data.std)  # noqa: E731
+    wrap = lambda m, on: torch.compile(m, backend="aot_eager") if on else m  # noqa: E731
+    plain = dkl.train.adversarial_train(normalized(), data, **settings)
+    for first, second in ((True, False), (False, True)):
+        folder = tmp_path / f"from_{'compiled' if first else 'plain'}"
+        stopped = dkl.train.adversarial_train(wrap(normalized(), first), data, checkpoint_dir=folder,
+                                              callback=lambda history: len(history) < 1, **settings)
+        assert len(stopped.history) == 1
+        saved = torch.load(folder / "checkpoint-000001.pt", weights_only=False)
+        assert set(saved["extra"]["weight_average"]) == set(normalized().state_dict())  # plain names
+        resumed = dkl.train.adversarial_train(wrap(normalized(), second), data, checkpoint_dir=folder, **settings)
+        assert resumed.resumed_from == 1
+        assert [h["test_acc"] for h in resumed.history] == [h["test_acc"] for h in plain.history]
+        assert resumed.history[-1]["loss"] == pytest.approx(plain.history[-1]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_each_loss_compiles_as_one_graph_with_dynamic_shapes(case):
+    """dynamic=True (symbolic batch sizes, as for a batch size that varies): the
+    hyper-parameters then arrive as symbolic floats and the class count as a symbolic int, which the
+    host-side checks must handle in ways dynamo traces (comparisons, not math.isfinite / math.log)."""
+    classes = 7
+    prior = prior_for(classes)
+    fn = CASES[case]
+    counter = CompileCounterWithBackend("aot_eager")
+    fast = torch.compile(fn, backend=counter, fullgraph=True, dynamic=True)
+    for batch in (6, 5, 9):
+        a, b = random_pair(batch, classes, dtype=torch.float64, generator=torch.Generator().manual_seed(batch))
+        y = torch.randint(0, classes, (batch,), generator=torch.Generator().manual_seed(batch + 1))
+        value, eager = fast(a, b, y, prior), fn(a, b, y, prior)
+        assert torch.allclose(value, eager, rtol=1e-12, atol=1e-12), (case, batch)
+        for mine, ref in zip(torch.autograd.grad(value, (a, b), allow_unused=True),
+                             torch.autograd.grad(eager, (a, b), allow_unused=True)):
+            assert (mine is None) == (ref is None)
+            assert ref is None or torch.allclose(mine, ref, rtol=1e-12, atol=1e-12), (case, batch)
+    assert 1 <= counter.frame_count <= 3  # traced, not run eagerly

@@ -152,3 +152,29 @@ def test_tracing_and_transforming_tell_eager_from_func_and_compile():
     assert seen == {"tracing": True, "transforming": True}
     torch.func.vmap(probe)(torch.ones(2, 2))
     assert seen == {"tracing": True, "transforming": True}
+
+
+@pytest.mark.parametrize("case", ["dkl", "ikl", "ikl-gi", "gkl"])
+def test_batched_backward_of_an_eager_loss_vmap_over_vjps_and_is_grads_batched(case):
+    """The loss computed eagerly (the analytic backward), its backward run batched: torch.func.vmap
+    over autograd.grad (rows of a Jacobian), autograd.grad(is_grads_batched=True) and
+    autograd.functional.jacobian(vectorize=True). The backward must not write a batched grad output
+    into an unbatched tensor in place."""
+    logits, target_logits, labels, prior = data(7)
+    name, settings = LOSSES[case]
+    settings = dict(settings)
+    if settings.pop("prior", False):
+        settings["class_prior"] = prior
+    a, b = logits.clone().requires_grad_(), target_logits.clone().requires_grad_()
+    terms = torch.stack(list(dkl.loss_terms(name, a, b, targets=labels, temperature=3.0, **settings).values()))
+    rows = [torch.autograd.grad(terms[i], (a, b), retain_graph=True, allow_unused=True) for i in range(2)]
+    ref = [torch.stack([torch.zeros_like(x) if r[k] is None else r[k] for r in rows]) for k, x in enumerate((a, b))]
+    eye = torch.eye(2, dtype=torch.float64)
+    by_vmap = torch.func.vmap(lambda v: torch.autograd.grad(terms, (a, b), v, retain_graph=True))(eye)
+    batched = torch.autograd.grad(terms, (a, b), eye, retain_graph=True, is_grads_batched=True)
+    jac = torch.autograd.functional.jacobian(
+        lambda x, t: torch.stack(list(dkl.loss_terms(name, x, t, targets=labels, temperature=3.0,
+                                                     **settings).values())), (logits, target_logits), vectorize=True)
+    for mine in (by_vmap, batched, jac):
+        for m, r in zip(mine, ref):
+            assert torch.allclose(m, r, rtol=1e-12, atol=1e-15)
