@@ -24,6 +24,7 @@ __all__ = [
     "env_positive_int",
     "tracing",
     "transforming",
+    "forward_ad_active",
 ]
 
 
@@ -31,6 +32,12 @@ def transforming() -> bool:
     """True inside a ``torch.func`` transform (grad, vmap, jacrev, jvp, hessian, ...), outside
     ``torch.compile``'s tracing (which cannot trace the question)."""
     return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
+def forward_ad_active() -> bool:
+    """True inside a ``torch.autograd.forward_ad.dual_level()`` block (forward-mode AD outside
+    torch.func), where an autograd.Function without a ``jvp`` cannot run."""
+    return not torch.compiler.is_compiling() and torch.autograd.forward_ad._current_level >= 0
 
 
 def tracing() -> bool:
@@ -107,7 +114,7 @@ def check_logits_pair(logits, target_logits, *, temperature: Optional[float] = N
     if tracing():  # no value read under torch.compile / torch.func: no bound known
         return math.inf, math.inf
     # min and max of each tensor (nan propagates): one fast pass each, one sync for both
-    extremes = torch.stack([v.to(dtype) for x in (logits, target_logits) for v in torch.aminmax(x)])
+    extremes = torch.stack([v.to(dtype) for x in (logits, target_logits) for v in torch.aminmax(x.detach())])
     low_n, high_n, low_m, high_m = extremes.tolist()
     limit = torch.finfo(dtype).max / 4
     scales = {"temperature": temperature}

@@ -34,9 +34,10 @@ Notebook 01 derives these losses step by step; notebook 02 plots the gradient of
 
 torch.compile and torch.func: every loss compiles as one graph (``fullgraph=True``) with the eager
 values and gradients, so a compiled training step may call them; and every loss works inside
-``torch.func`` transforms (grad, jacrev, jvp, hessian, vmap for per-sample gradients), where the
-decoupled losses run as plain autograd with their stop-gradients as ``detach`` (same derivatives,
-first and second order, as the analytic backward). In both, the checks that read tensor values
+``torch.func`` transforms (grad, jacrev, jvp, hessian, vmap for per-sample gradients) and under
+forward-mode AD (``torch.autograd.forward_ad``), where the decoupled losses run as plain autograd with
+their stop-gradients as ``detach`` (same derivatives, first and second order, as the analytic
+backward). ``torch.compile`` around a ``torch.func`` transform of dkl/ikl/gkl is not supported. In both, the checks that read tensor values
 (non-finite logits, overflow bounds, label ranges, prior rows) are skipped, since each is a device
 sync the compiler cannot trace and vmap's batched tensors cannot answer; types, shapes, devices and
 hyper-parameters are still checked. Call the loss once eagerly to have the values checked as well.
@@ -64,6 +65,7 @@ from ._checks import (
     check_nonnegative,
     check_positive,
     check_targets,
+    forward_ad_active,
     tracing,
     transforming,
     compute_dtype,
@@ -324,7 +326,7 @@ def _decoupled_terms(logits, target_logits, *, temperature, alpha, beta, weight_
         norm = None
         if gkl_norm:  # Σ_b Σ_jk w_jk = Σ_b (Σ_j p_j)², which is B when the rows of p sum to 1
             norm = float(logits.shape[0]) if p is None else (p.sum(dim=1) ** 2).sum()
-        if transforming():  # torch.func (grad, vmap, jacrev, jvp, hessian): plain autograd, same gradients
+        if transforming() or forward_ad_active():  # torch.func, forward-mode AD: plain autograd, same derivatives
             wmse_term, soft_ce = _decoupled_values(logits, target_logits, p, temperature, alpha, beta, norm,
                                                    stop_logits)[:2]
         else:

@@ -178,3 +178,25 @@ def test_batched_backward_of_an_eager_loss_vmap_over_vjps_and_is_grads_batched(c
     for mine in (by_vmap, batched, jac):
         for m, r in zip(mine, ref):
             assert torch.allclose(m, r, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("case", sorted(LOSSES))
+def test_forward_mode_ad_outside_torch_func_gives_the_directional_derivative(case):
+    """torch.autograd.forward_ad (dual tensors): the decoupled losses' autograd.Function has no jvp,
+    so there they run the plain-autograd path as inside torch.func; the value checks still run (on
+    the primal values)."""
+    import torch.autograd.forward_ad as fwAD
+
+    logits, target_logits, labels, prior = data(7)
+    fn = loss_fn(case, prior)
+    gen = torch.Generator().manual_seed(8)
+    dirs = [torch.randn(BATCH, CLASSES, dtype=torch.float64, generator=gen) for _ in range(2)]
+    with fwAD.dual_level():
+        value = fn(fwAD.make_dual(logits, dirs[0]), fwAD.make_dual(target_logits, dirs[1]), labels)
+        slope = fwAD.unpack_dual(value).tangent
+    grads = autograd_grads(fn, logits, target_logits, labels)
+    assert torch.allclose(slope, sum((g * d).sum() for g, d in zip(grads, dirs)), rtol=1e-12, atol=1e-15)
+    bad = logits.clone()
+    bad[0, 0] = math.nan
+    with fwAD.dual_level(), pytest.raises(ValueError, match="non-finite"):
+        fn(fwAD.make_dual(bad, dirs[0]), target_logits, labels)
