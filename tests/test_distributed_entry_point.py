@@ -191,6 +191,33 @@ def test_distributed_torchrun_resumes_a_checkpoint_of_a_one_process_run(kd_runs,
     assert not (folder / "checkpoints").exists()
 
 
+def _torchrun_a_long_student(tmp_path, *, quiet=True):
+    """(process, cache folder): the kd command under torchrun with 2 processes, in a session of its own,
+    with a student far too long to finish in a test (for the Ctrl-C tests)."""
+    overrides = {**KD_OVERRIDES, "teacher.train.epochs": 1, "distill.epochs": 100000}
+    cache = tmp_path / "cache"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+           "-m", "dkl_lib.experiments", *_cli_args("kd", overrides, "kl", "0", cache, tmp_path / "out")]
+    if not quiet:
+        cmd.remove("--quiet")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=Path(__file__).resolve().parent.parent, start_new_session=True)
+    return proc, cache
+
+
+def _wait_for_a_student_epoch(proc, cache, timeout_s=120):
+    """Until rank 0 has checkpointed a student epoch (the command still running)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not list(cache.glob("student-*/checkpoints/checkpoint-*.pt")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the student did not start training"
+        time.sleep(0.05)
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's worker processes in /proc")
 def test_distributed_ctrl_c_in_one_process_ends_the_command_instead_of_hanging(tmp_path):
     """Ctrl-C (SIGINT) reaches one rank only, in the middle of a student's epochs: that rank leaves the
@@ -199,23 +226,11 @@ def test_distributed_ctrl_c_in_one_process_ends_the_command_instead_of_hanging(t
     rank went on to the command's final barrier, which paired with the other rank's all-reduce: both
     processes hung (gloo's 30-minute timeout at best)."""
     import signal
-    import time
 
-    overrides = {**KD_OVERRIDES, "teacher.train.epochs": 1, "distill.epochs": 100000}  # far more than it waits for
-    cache = tmp_path / "cache"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-           "-m", "dkl_lib.experiments", *_cli_args("kd", overrides, "kl", "0", cache, tmp_path / "out")]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=Path(__file__).resolve().parent.parent, start_new_session=True)
+    proc, cache = _torchrun_a_long_student(tmp_path)
     workers = []
     try:
-        deadline = time.monotonic() + 120
-        while not list(cache.glob("student-*/checkpoints/checkpoint-*.pt")):  # rank 0 finished an epoch
-            assert proc.poll() is None and time.monotonic() < deadline, "the student did not start training"
-            time.sleep(0.05)
+        _wait_for_a_student_epoch(proc, cache)
         workers = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
         assert len(workers) == 2
         os.kill(workers[1], signal.SIGINT)   # the second worker torchrun started: rank 1
@@ -252,23 +267,10 @@ def test_distributed_ctrl_c_at_torchrun_gives_one_interrupted_line_and_keeps_the
     follows is torchrun's own: its launcher (torch.distributed.elastic) re-raises the signal as a
     SignalException traceback and exits with status 1, outside this library (README, "torchrun")."""
     import signal
-    import time
 
-    overrides = {**KD_OVERRIDES, "teacher.train.epochs": 1, "distill.epochs": 100000}  # far more than it waits for
-    cache = tmp_path / "cache"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-           "-m", "dkl_lib.experiments", *_cli_args("kd", overrides, "kl", "0", cache, tmp_path / "out")]
-    cmd.remove("--quiet")  # as a user runs it: the progress bars on rank 0
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=Path(__file__).resolve().parent.parent, start_new_session=True)
+    proc, cache = _torchrun_a_long_student(tmp_path, quiet=False)  # as a user runs it: progress bars on rank 0
     try:
-        deadline = time.monotonic() + 120
-        while not list(cache.glob("student-*/checkpoints/checkpoint-*.pt")):  # rank 0 finished an epoch
-            assert proc.poll() is None and time.monotonic() < deadline, "the student did not start training"
-            time.sleep(0.05)
+        _wait_for_a_student_epoch(proc, cache)
         os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C: the foreground group, i.e. torchrun
         try:
             output, _ = proc.communicate(timeout=60)
