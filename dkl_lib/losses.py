@@ -37,10 +37,11 @@ values and gradients, so a compiled training step may call them; and every loss 
 ``torch.func`` transforms (grad, jacrev, jvp, hessian, vmap for per-sample gradients) and under
 forward-mode AD (``torch.autograd.forward_ad``), where the decoupled losses run as plain autograd with
 their stop-gradients as ``detach`` (same derivatives, first and second order, as the analytic
-backward). ``torch.compile`` around a ``torch.func`` transform of dkl/ikl/gkl is not supported. In both, the checks that read tensor values
-(non-finite logits, overflow bounds, label ranges, prior rows) are skipped, since each is a device
-sync the compiler cannot trace and vmap's batched tensors cannot answer; types, shapes, devices and
-hyper-parameters are still checked. Call the loss once eagerly to have the values checked as well.
+backward). ``torch.compile`` around a ``torch.func`` transform of dkl/ikl/gkl is not supported.
+Under compile and inside torch.func the checks that read tensor values (non-finite logits, overflow
+bounds, label ranges, prior rows) are skipped, since each is a device sync the compiler cannot trace
+and vmap's batched tensors cannot answer; types, shapes, devices and hyper-parameters are still
+checked. Call the loss once eagerly to have the values checked as well.
 
 Your own loss: :func:`register_loss` adds a named loss (a function returning its named terms) that
 :func:`loss_terms`, :func:`dkl_lib.train.distill` and :func:`dkl_lib.experiments.run_grid` accept
@@ -65,10 +66,10 @@ from ._checks import (
     check_nonnegative,
     check_positive,
     check_targets,
+    compute_dtype,
     forward_ad_active,
     tracing,
     transforming,
-    compute_dtype,
 )
 
 __all__ = [

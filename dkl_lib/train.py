@@ -893,7 +893,7 @@ def distill(student: nn.Module, teacher: Optional[nn.Module], data: TensorData, 
             keep_checkpoints: how many of the newest to keep.
 
     ``torch.compile(student)`` (and a compiled teacher) may be passed as they are: the run is the
-    plain model's (same history), and checkpoints hold the plain parameter names
+    plain model's (same history, up to float rounding), and checkpoints hold the plain parameter names
     (:func:`dkl_lib.distributed.unwrap_model`), so a compiled run resumes uncompiled and back.
 
     Under torchrun (an initialised process group, :func:`dkl_lib.distributed.init_from_env`) the
