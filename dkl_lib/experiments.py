@@ -1813,19 +1813,33 @@ def _wrote(out: Path) -> str:
             + (f" (per-epoch log: {log})" if log.exists() else ""))
 
 
+#: How an interrupted command goes on (the end of its ``interrupted:`` line).
+_GO_ON = "run the same command again to go on (a run with checkpoints resumes from its last finished epoch)"
+
+
 def _nothing_finished(out: Path) -> str:
     """The ``interrupted:`` line's text when Ctrl-C came before any run finished: nothing was written."""
     kept = (out / "results.json").exists()
     return ("no run finished, so " + (f"{out / 'results.json'} and results.csv were left as they were" if kept
                                       else f"no results were written to {out}")
-            + "; run the same command again to go on (a run with checkpoints resumes from its last finished epoch)")
+            + "; " + _GO_ON)
 
 
-def _stop_if_nothing_finished(grid, out: Path) -> None:
-    """Ctrl-C before any run of the grid finished: no results file is written (an empty one would
-    replace the complete results of an earlier command in ``out``); the ``interrupted:`` line says so."""
+def _write_results(args, grid, csv_text: Callable) -> Path:
+    """Rank 0's results of a kd/adv command: ``--out``/results.json (with the ``--config`` file's record)
+    and results.csv (``csv_text(grid)``); returns the folder. Ctrl-C before any run of the grid finished
+    writes nothing (an empty file would replace the complete results of an earlier command there): the
+    ``interrupted:`` line says so."""
+    out = Path(args.out)
     if grid.interrupted and not len(grid.runs):
         raise KeyboardInterrupt(_nothing_finished(out))
+    out.mkdir(parents=True, exist_ok=True)
+    payload = grid.to_json()
+    if args.config:
+        payload["config_file"] = _config_file_record(args)
+    _atomic_write(out / "results.json", json.dumps(payload, indent=2, allow_nan=False).encode())
+    _atomic_write(out / "results.csv", csv_text(grid).encode())
+    return out
 
 
 def _epoch_log(args) -> Optional[_EpochLog]:
@@ -1845,14 +1859,7 @@ def _cmd_kd(args) -> int:
         return 2
     if not dist_mod.is_main():  # under torchrun rank 0 writes the results and prints
         return 130 if grid.interrupted else 0
-    out = Path(args.out)
-    _stop_if_nothing_finished(grid, out)
-    out.mkdir(parents=True, exist_ok=True)
-    payload = grid.to_json()
-    if args.config:
-        payload["config_file"] = _config_file_record(args)
-    _atomic_write(out / "results.json", json.dumps(payload, indent=2, allow_nan=False).encode())
-    _atomic_write(out / "results.csv", _results_csv(grid).encode())
+    out = _write_results(args, grid, _results_csv)
     if not args.quiet and len(grid.summary):
         cols = [c for c in ("loss", "n", "best", "last", "paper_top1") if c in grid.summary]
         print(f"teacher accuracy: {grid.teacher['acc']:.2f} ({grid.teacher['source']})")
@@ -1878,14 +1885,7 @@ def _cmd_adv(args) -> int:
         return 2
     if not dist_mod.is_main():
         return 3 if failed is not None else 130 if grid.interrupted else 0
-    out = Path(args.out)
-    _stop_if_nothing_finished(grid, out)
-    out.mkdir(parents=True, exist_ok=True)
-    payload = grid.to_json()
-    if args.config:
-        payload["config_file"] = _config_file_record(args)
-    _atomic_write(out / "results.json", json.dumps(payload, indent=2, allow_nan=False).encode())
-    _atomic_write(out / "results.csv", grid.runs.to_csv(index=False, float_format="%.4f").encode())
+    out = _write_results(args, grid, lambda g: g.runs.to_csv(index=False, float_format="%.4f"))
     if not args.quiet and len(grid.summary):
         pgd = sorted((c for c in grid.summary if re.fullmatch(r"pgd\d+", c)), key=lambda c: int(c[3:]))
         cols = [c for c in ("loss", "n", "clean", *pgd, "ensemble", "robust", "paper_clean", "paper_robust")
@@ -2101,8 +2101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             why = ""
         if status == 130:
             if info.is_main:
-                go_on = ("(all in the cache); run the same command again to go on (a run with checkpoints resumes "
-                         "from its last finished epoch)") if not args.no_cache else (
+                go_on = f"(all in the cache); {_GO_ON}" if not args.no_cache else (
                     "(--no-cache: they were not cached, so the same command would train them again)")
                 print("interrupted: " + (why or f"results.json holds the finished runs {go_on}"), file=sys.stderr)
             # under torchrun another rank may still be inside a collective of the run this one left:
