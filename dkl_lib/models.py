@@ -609,21 +609,20 @@ def load_teacher_checkpoint(checkpoint, model: nn.Module, *, map_location="cpu",
         obj = checkpoint
     try:
         state = _strip_prefix(dict(_extract_state_dict(obj)), "module.")
-        _check_state_dict(state, model)
+        own, missing = _check_state_dict(state, model)
     except CheckpointMismatchError as err:
         if isinstance(checkpoint, (str, Path)):  # say which file (a run may look in several places)
             raise CheckpointMismatchError(f"{Path(checkpoint).expanduser()}: {err}") from None
         raise
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
     for k in missing:  # only num_batches_tracked here
         state[k] = own[k]
     model.load_state_dict(state, strict=True)
     return model
 
 
-def _check_state_dict(state: dict, model: nn.Module) -> None:
-    """Raise CheckpointMismatchError listing the missing, unexpected and misshapen keys of ``state``."""
+def _check_state_dict(state: dict, model: nn.Module):
+    """Raise CheckpointMismatchError listing the missing, unexpected and misshapen keys of ``state``;
+    else return the model's state_dict and the keys ``state`` lacks (only BatchNorm's num_batches_tracked)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]  # in the model's order: the first layer first
     unexpected = [k for k in state if k not in own]
@@ -640,3 +639,4 @@ def _check_state_dict(state: dict, model: nn.Module) -> None:
                 parts.append(f"{label} ({len(items)}): {', '.join(items[:8])}{more}")
         raise CheckpointMismatchError(
             f"checkpoint does not match {type(model).__name__}: " + "; ".join(parts))
+    return own, missing
