@@ -871,8 +871,9 @@ def distill(student: nn.Module, teacher: Optional[nn.Module], data: TensorData, 
         loss: one of :data:`LOSSES`: "ce", "kl", "dkl", "ikl", "gkl", "dkd", or the name of a loss
             registered with :func:`dkl_lib.losses.register_loss` (its named terms are logged like
             the built-in ones; it takes ``temperature``, and with ``uses_prior`` the GI prior).
-        gi: ikl/gkl (and registered losses with ``uses_prior``) only: class-wise global information from a :class:`ClassPrior` fed with the
-            teacher logits (``class_prior`` lets you pass your own, e.g. to watch it live).
+        gi: ikl/gkl (and registered losses with ``uses_prior``) only: class-wise global information
+            from a :class:`ClassPrior` fed with the teacher logits (``class_prior`` lets you pass your
+            own, e.g. to watch it live).
         temperature, alpha, beta, gamma, weight_temperature: the loss's hyper-parameters, passed
             only where the loss takes them (alpha/beta default: 1/1, dkd 1/8).
         ce_weight, kd_weight, warmup_epochs: the weights of the two parts and the KD warm-up.
