@@ -106,13 +106,13 @@ class Step:
             self.awp[variant].apply(v, +1.0)
         model.train()
         nat, total = outer(model)
+        if loss == "ikl":  # before the backward, as dkl_lib.train.adversarial_train does
+            self.prior._update_checked(nat.detach(), self.y, weight_temperature=ADV_DEFAULTS["ikl"]["weight_temperature"])
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
         if v is not None:
             self.awp[variant].apply(v, -1.0)
-        if loss == "ikl":
-            self.prior.update(nat.detach(), self.y, weight_temperature=ADV_DEFAULTS["ikl"]["weight_temperature"])
 
     def loss_only(self, loss):
         adv, nat = self.logits

@@ -118,11 +118,11 @@ class Bench:
                 extra = {"class_prior": self.prior.prior}
             terms = loss_terms(loss, logits, t_logits, targets=self.y, **HPARAMS[loss], **extra)
             total = total + sum(terms.values())
+            if loss in ("ikl", "gkl"):  # before the backward, as dkl_lib.train.distill does
+                self.prior._update_checked(t_logits, self.y, weight_temperature=4.0)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
-        if loss in ("ikl", "gkl"):
-            self.prior.update(t_logits, self.y, weight_temperature=4.0)
 
     def time(self, reps, warmup=1):
         return round_robin([self], reps, warmup)[self]

@@ -17,7 +17,8 @@
 # --budget S (start no further measuring step once S seconds have passed; the summary says which
 # steps were skipped). A step that fails does not stop the others: the summary lists it.
 # Python: $PYTHON, else .venv/bin/python at the repository root, else python3.
-# What it runs: benchmarks/bench_losses.py (kl, dkl, ikl closed form and the pairwise wMSE oracle,
+# What it runs: tests/test_cuda.py (pytest -m cuda: the CUDA code paths checked against the CPU),
+# benchmarks/bench_losses.py (kl, dkl, ikl closed form and the pairwise wMSE oracle,
 # forward+backward, B = 256, C in {100, 1000}) and benchmarks/bench_train.py (one distillation
 # step of resnet32x4 -> resnet8x4 on CIFAR-shaped random data, losses ce, kl, ikl and the teacher's
 # own step, batch 64, 128 and 256, bf16 autocast + channels_last as in training),
@@ -156,7 +157,8 @@ import sys
 needed = [("numpy", "numpy"), ("pandas", "pandas"), ("sklearn", "scikit-learn"), ("tqdm", "tqdm"),
           ("yaml", "pyyaml"), ("torchvision", "torchvision"), ("torch.distributed.run", "torch"),
           ("art.attacks.evasion", "adversarial-robustness-toolbox"),
-          ("art.estimators.classification", "adversarial-robustness-toolbox"), ("multiprocess", "multiprocess")]
+          ("art.estimators.classification", "adversarial-robustness-toolbox"), ("multiprocess", "multiprocess"),
+          ("pytest", "pytest")]
 missing = {}
 for module, package in needed:
     try:
@@ -183,7 +185,7 @@ if [[ -z "$OUT" ]]; then OUT="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")"; 
 mkdir -p "$OUT"
 # results of an earlier run in the same folder must not be summarised as this run's (a step that is
 # skipped or fails writes nothing), and its run cache would turn the torchrun steps into cache reads
-rm -rf "$OUT"/losses.json "$OUT"/train_b*.json "$OUT"/adv_steps.json "$OUT"/torchrun "$OUT"/torchrun_adv \
+rm -rf "$OUT"/cuda_tests.xml "$OUT"/losses.json "$OUT"/train_b*.json "$OUT"/adv_steps.json "$OUT"/torchrun "$OUT"/torchrun_adv \
     "$OUT"/cache "$OUT"/summary.md "$OUT"/gpu_check.json
 : > "$OUT/steps.txt"  # one line per measuring step: ok / FAILED (exit N) / skipped, and its text
 
@@ -231,6 +233,14 @@ else
     fi
 fi
 
+# ---- 2b. correctness on the device: tests/test_cuda.py (the CUDA paths against the CPU as oracle) ----
+# On a GPU: the losses' values and gradients, the class prior, the GPU augmentation, the trainers'
+# CUDA defaults, KL = DKL in training, PGD and the ART ensemble, torch.compile, all on CUDA tensors.
+# In the CPU dry run every one of them is skipped (they need a CUDA device).
+step "CUDA tests (pytest -m cuda tests/test_cuda.py)" \
+    timeout 300 "$PY" -m pytest -q -p no:cacheprovider -m cuda "$ROOT/tests/test_cuda.py" \
+    --junitxml "$OUT/cuda_tests.xml"
+
 # ---- 3. loss kernels -----------------------------------------------------------------------------
 step "loss kernels (bench_losses.py ${LOSS_ARGS[*]})" \
     timeout 240 "$PY" "$ROOT/benchmarks/bench_losses.py" "${LOSS_ARGS[@]}" --json "$OUT/losses.json"
@@ -252,18 +262,23 @@ step "adversarial training step (bench_adv.py ${ADV_ARGS[*]})" \
 # a full run, end to end, without a data set.
 if [[ "$DEVICE" == "cuda" ]]; then
     NPROC="$("$PY" -c 'import torch; print(torch.cuda.device_count())')"
-    SYN='{"name":"synthetic","n_train":4096,"n_test":1000,"num_classes":100,"image_shape":[3,32,32],"noise":0.3,"seed":0,"augment":{"padding":4,"flip":true}}'
+    SYN='{"name":"synthetic","n_train":4096,"n_test":1000,"num_classes":10,"image_shape":[3,32,32],"noise":0.3,"seed":0,"augment":{"padding":4,"flip":true}}'
     MODELS=()
 else
     NPROC=2
     SYN='{"name":"synthetic","n_train":64,"n_test":32,"num_classes":10,"image_shape":[3,32,32],"noise":0.3,"seed":0,"augment":{"padding":4,"flip":true}}'
     MODELS=(--override teacher.model=resnet8x4)
 fi
+# A teacher that has learned something, at a gentle learning rate: on an H200 the preset's lr 0.1
+# for one teacher epoch on 100 random classes left a teacher at chance whose eval-mode logits
+# reached thousands under bf16, and the IKL student (alpha 8) diverged chasing them, which tests
+# nothing about the code path (the trainer now stops such a run with a 'diverged' error).
+KD_SMOKE=(--override teacher.train.epochs=3 --override teacher.train.lr=0.01 --override distill.lr=0.01)
 T0=$SECONDS
 step "experiments entry point under torchrun ($NPROC processes)" \
     env OMP_NUM_THREADS=1 timeout 240 "$PY" -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node="$NPROC" \
     -m dkl_lib.experiments kd --preset gpu-short --losses kl,ikl --seeds 0 --epochs 1 --checkpoint-every 1 \
-    --override "data=$SYN" "${MODELS[@]}" --cache-dir "$OUT/cache" --out "$OUT/torchrun"
+    --override "data=$SYN" "${MODELS[@]}" "${KD_SMOKE[@]}" --cache-dir "$OUT/cache" --out "$OUT/torchrun"
 [[ ! -f "$OUT/torchrun/results.json" ]] || echo "$NPROC $((SECONDS - T0))" > "$OUT/torchrun/launch.txt"
 
 # ---- 6. the adversarial entry point under torchrun ----------------------------------------------------

@@ -13,6 +13,11 @@ from typing import Optional
 
 import torch
 
+
+class NonFiniteError(ValueError):
+    """Logits holding nan or inf (a ``ValueError``). The trainers turn it into a
+    ``FloatingPointError`` saying that the training diverged, naming the epoch."""
+
 __all__ = [
     "check_logits_pair",
     "check_positive",
@@ -121,7 +126,7 @@ def check_logits_pair(logits, target_logits, *, temperature: Optional[float] = N
     largest_of = []
     for name, low, high in (("logits", low_n, high_n), ("target_logits", low_m, high_m)):
         if not (math.isfinite(low) and math.isfinite(high)):
-            raise ValueError(f"{name} contains non-finite values (nan or inf)")
+            raise NonFiniteError(f"{name} contains non-finite values (nan or inf)")
         largest = max(-low, high)
         largest_of.append(largest)
         if name == "target_logits":
@@ -195,10 +200,11 @@ def check_nonnegative(name: str, value) -> float:
 
 
 def check_targets(targets, batch_size: int, num_classes: int, device, *, name: str = "targets",
-                  reference: str = "the logits") -> torch.Tensor:
+                  reference: str = "the logits", values: bool = True) -> torch.Tensor:
     """Class indices of shape (B,), integer dtype, each in [0, C) (B = 0 is allowed here: an empty
     batch has nothing out of range). ``name`` and ``reference`` (what holds the classes) go into
-    the messages."""
+    the messages. ``values=False``: type, shape and device only; the caller reads the range itself
+    (in one device sync with other values) and checks it with :func:`check_label_bounds`."""
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of class indices, got {type(targets).__name__}")
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
@@ -207,14 +213,15 @@ def check_targets(targets, batch_size: int, num_classes: int, device, *, name: s
         raise ValueError(f"{name} must have shape ({batch_size},), got {tuple(targets.shape)}")
     if targets.device != device:
         raise ValueError(f"{name} are on {targets.device} but {reference} are on {device}")
-    if batch_size:
+    if batch_size and values:
         check_label_range(name, targets, num_classes, owner=f"{reference} have")
     return targets.long()
 
 
 def check_class_prior(class_prior, num_classes: int, device) -> float:
     """A (C, C) tensor whose rows are non-negative, finite and not all zero; returns the largest
-    row sum (for :func:`check_finite_terms`). One device sync for valid priors; under torch.compile
+    row sum (for :func:`check_finite_terms`). One device sync for valid priors, the first time a
+    prior tensor is checked (a training step reuses the epoch's prior: no sync); under torch.compile
     or torch.func (:func:`tracing`), only the type, shape and device are checked and the bound is inf."""
     if not isinstance(class_prior, torch.Tensor):
         raise TypeError(f"class_prior must be a torch.Tensor, got {type(class_prior).__name__}")
@@ -229,6 +236,11 @@ def check_class_prior(class_prior, num_classes: int, device) -> float:
         raise ValueError(f"class_prior is on {class_prior.device} but the logits are on {device}")
     if tracing():  # values not read under torch.compile / torch.func
         return math.inf
+    # a prior is checked once, not at every step of an epoch that uses it: the tensor remembers the
+    # version it passed with (an in-place change, of it or through a view, bumps the version)
+    passed = getattr(class_prior, "_dkl_checked", None)
+    if passed is not None and passed[0] == class_prior._version:
+        return passed[1]
     sums = class_prior.detach().sum(dim=1)
     finite, low, low_sum, high_sum = torch.stack([
         torch.isfinite(class_prior).all().to(sums.dtype), class_prior.detach().amin(), sums.amin(), sums.amax(),
@@ -241,6 +253,7 @@ def check_class_prior(class_prior, num_classes: int, device) -> float:
     if low_sum <= 0:
         bad = torch.nonzero(sums <= 0)[:5, 0].tolist()
         raise ValueError(f"class_prior rows {bad} sum to zero; rows must be probability vectors")
+    class_prior._dkl_checked = (class_prior._version, high_sum)
     return high_sum
 
 
@@ -294,6 +307,12 @@ def check_label_range(name: str, labels: torch.Tensor, num_classes: int, *, owne
     if tracing():
         return
     low, high = value_range(labels)
+    check_label_bounds(name, low, high, num_classes, owner=owner)
+
+
+def check_label_bounds(name: str, low: float, high: float, num_classes: int, *, owner: str = "the model has") -> None:
+    """The class indices whose smallest and largest values (already read back) are ``low`` and
+    ``high`` lie in [0, num_classes); the message of :func:`check_label_range`."""
     if low < 0 or high >= num_classes:
         raise ValueError(f"{name} out of range: {owner} {num_classes} classes, so {name} must lie in "
                          f"[0, {num_classes - 1}], got min {int(low)}, max {int(high)}")

@@ -19,15 +19,21 @@ row y of the (C, C) prior is the mean of softmax(o_m / T_w) over the training sa
 """
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 from typing import List, Mapping
 
 import torch
 
-from ._checks import check_positive, check_targets, tracing, wide_dtype
+from ._checks import check_label_bounds, check_positive, check_targets, tracing, wide_dtype
 
 __all__ = ["ClassPrior"]
+
+
+def _overflow_message(dtype, t_w) -> str:
+    at = "" if t_w is None else f" (weight_temperature = {t_w:g})"
+    return f"target_logits / weight_temperature overflows {dtype}{at}; use a larger weight_temperature"
 
 
 class ClassPrior:
@@ -75,6 +81,7 @@ class ClassPrior:
         self.num_classes = num_classes
         self.dtype = dtype
         self.keep_history = keep_history
+        self._weight_temperature = None  # the last one of _update_checked, for end_epoch's message
         device = torch.device(device) if device is not None else torch.device("cpu")
         self.prior = torch.full((num_classes, num_classes), 1.0 / num_classes, dtype=dtype, device=device)
         self._sums = torch.zeros(num_classes, num_classes, dtype=wide_dtype(device), device=device)
@@ -125,18 +132,42 @@ class ClassPrior:
         t_w = check_positive("weight_temperature", weight_temperature)
         if target_logits.device != self.device:
             self.to(target_logits.device)
-        targets = check_targets(targets, target_logits.shape[0], self.num_classes, target_logits.device)
-        logits = target_logits.detach().to(self._sums.dtype)
-        probs = torch.softmax(logits / t_w, dim=1)
-        # one sync: non-finite logits (softmax maps -inf to a finite 0), or logits / T_w overflowing
-        if not tracing() and not bool(torch.isfinite(logits).all() & torch.isfinite(probs).all()):
-            if not bool(torch.isfinite(logits).all()):
+        batch = target_logits.shape[0]
+        targets = check_targets(targets, batch, self.num_classes, target_logits.device, values=False)
+        logits, probs = self._probs(target_logits, t_w)
+        if batch and not tracing():
+            # one device sync for every value check (a training step calls this once per batch):
+            # the targets' range, non-finite logits (aminmax propagates nan; softmax would map -inf
+            # to a finite 0), and logits / T_w overflowing (the probabilities' sum is then nan)
+            low_y, high_y, low, high, total = torch.stack(
+                [targets.amin().to(logits.dtype), targets.amax().to(logits.dtype), *torch.aminmax(logits),
+                 probs.sum()]).tolist()
+            check_label_bounds("targets", low_y, high_y, self.num_classes, owner="the logits have")
+            if not (math.isfinite(low) and math.isfinite(high)):
                 raise ValueError("target_logits contain non-finite values (nan or inf)")
-            raise ValueError(f"target_logits / weight_temperature overflows {self._sums.dtype} "
-                             f"(weight_temperature = {t_w:g}); use a larger weight_temperature")
+            if not math.isfinite(total):
+                raise ValueError(_overflow_message(self._sums.dtype, t_w))
+        self._add(targets, probs)
+
+    def _probs(self, target_logits: torch.Tensor, t_w: float):
+        logits = target_logits.detach().to(self._sums.dtype)
+        return logits, torch.softmax(logits / t_w, dim=1)
+
+    def _add(self, targets: torch.Tensor, probs: torch.Tensor) -> None:
         self._sums.index_add_(0, targets, probs)
         # (index_add_, not bincount, whose output size depends on the values: torch.compile on torch 2.4)
         self._counts.index_add_(0, targets, torch.ones(targets.shape, dtype=self._counts.dtype, device=targets.device))
+
+    @torch.no_grad()
+    def _update_checked(self, target_logits: torch.Tensor, targets: torch.Tensor, *, weight_temperature: float) -> None:
+        """:meth:`update` for inputs that the caller's loss has just validated (the trainers: ikl
+        and gkl check the same target logits and targets in the same step), without a device sync.
+        Logits / T_w overflowing the sums' dtype, which :meth:`update` refuses per batch, is caught
+        by :meth:`end_epoch` (the sums are then not finite)."""
+        if target_logits.device != self.device:
+            self.to(target_logits.device)
+        self._add(targets.long(), self._probs(target_logits, weight_temperature)[1])
+        self._weight_temperature = weight_temperature
 
     @torch.no_grad()
     def end_epoch(self) -> torch.Tensor:
@@ -152,6 +183,8 @@ class ClassPrior:
             packed = torch.cat([sums, counts[:, None]], dim=1)
             torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.SUM)
             sums, counts = packed[:, :-1], packed[:, -1]
+        if not tracing() and not bool(torch.isfinite(sums).all()):  # one sync per epoch
+            raise ValueError(_overflow_message(sums.dtype, getattr(self, "_weight_temperature", None)))
         seen = counts > 0
         totals = sums.sum(dim=1, keepdim=True)
         new = torch.where(seen[:, None], sums / totals.clamp_min(torch.finfo(sums.dtype).tiny),

@@ -31,6 +31,7 @@ instead of lost.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import numbers
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as dist
-from ._checks import check_model_output, supports_float64, wide_dtype
+from ._checks import NonFiniteError, check_model_output, supports_float64, wide_dtype
 from ._checks import check_number as _number
 from .attacks import _mean_percent, _model_dtype, clean_correct, pgd, trades_perturb
 from .attacks import bf16_autocast as _autocast
@@ -691,15 +692,21 @@ def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], lo
                                        check_finite=check_finite, **extra)
                         check_finite = False
                     else:
-                        terms = loss_terms(loss, logits, t_logits, targets=y, **hparams, **extra)
+                        with _diverging(epoch + 1, lr_now):
+                            terms = loss_terms(loss, logits, t_logits, targets=y, **hparams, **extra)
                 total = ce_weight * ce
                 if terms:
                     total = total + (factor * kd_weight) * sum(terms.values())
+                if prior is not None:  # before the backward: its one device sync then waits for the
+                    # forward alone, not for the backward and the optimizer step (this epoch's prior is
+                    # not changed by it: the sums become the next epoch's prior)
+                    if custom is None:  # the loss has just checked t_logits and y: no second sync
+                        prior._update_checked(t_logits, y, weight_temperature=hparams["weight_temperature"])
+                    else:
+                        prior.update(t_logits, y, weight_temperature=hparams["weight_temperature"])
                 optimizer.zero_grad(set_to_none=True)
                 par.scaled(total, y.shape[0], global_n).backward()
                 optimizer.step()
-                if prior is not None:
-                    prior.update(t_logits, y, weight_temperature=hparams["weight_temperature"])
                 n = y.shape[0]
                 seen += n
                 for name, value in (("loss", total), ("ce", ce), *terms.items()):
@@ -786,6 +793,18 @@ def _check_callback(callback) -> None:
 
 
 @torch.no_grad()
+@contextlib.contextmanager
+def _diverging(epoch: int, lr: float):
+    """Logits that became nan or inf in the middle of epoch ``epoch`` (a loss's or an attack's
+    input check) stop the run with a FloatingPointError that says it diverged, as the end-of-epoch
+    check of the loss does."""
+    try:
+        yield
+    except NonFiniteError as err:
+        raise FloatingPointError(f"the training diverged: the logits became non-finite in epoch {epoch} ({err}); "
+                                 f"lower the learning rate (now {lr:g}), or check the data and the teacher") from err
+
+
 def _check_fits(name: str, model: nn.Module, data: TensorData, *, normalize: bool, amp: bool = False,
                 channels_last: bool = False) -> None:
     """Once per run, before training: ``model`` takes the data's images and returns logits of shape
@@ -1340,9 +1359,10 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
                     x = x.contiguous(memory_format=torch.channels_last)
                 x_adv = None
                 if loss != "ce":
-                    x_adv = trades_perturb(model, x, epsilon=eps_now, steps=attack_steps,
-                                           step_size=attack_step_fraction * eps_now, start_noise=start_noise,
-                                           amp=amp)
+                    with _diverging(epoch, lr_now):
+                        x_adv = trades_perturb(model, x, epsilon=eps_now, steps=attack_steps,
+                                               step_size=attack_step_fraction * eps_now, start_noise=start_noise,
+                                               amp=amp)
                 prior_kw = {"class_prior": prior.prior} if prior is not None else {}
                 v = None
                 if awp is not None and epoch >= config["awp_warmup"]:
@@ -1351,14 +1371,18 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
                             nat, adv = m(x), m(x_adv)
                         t = adversarial_loss_terms(loss, adv, nat, y, **loss_kw, **prior_kw)
                         return par.scaled(sum(t.values()), y.shape[0], global_n)
-                    v = awp.perturbation(proxy_loss)
+                    with _diverging(epoch, lr_now):
+                        v = awp.perturbation(proxy_loss)
                     awp.apply(v, +1.0)
                 model.train()
                 with _autocast(device, amp):
                     nat_logits = net(x)
                     adv_logits = net(x_adv) if x_adv is not None else None
-                terms = adversarial_loss_terms(loss, adv_logits, nat_logits, y, **loss_kw, **prior_kw)
+                with _diverging(epoch, lr_now):
+                    terms = adversarial_loss_terms(loss, adv_logits, nat_logits, y, **loss_kw, **prior_kw)
                 total = sum(terms.values())
+                if prior is not None:  # before the backward, as in distill; ikl has checked these inputs
+                    prior._update_checked(nat_logits.detach(), y, weight_temperature=loss_kw["weight_temperature"])
                 optimizer.zero_grad(set_to_none=True)
                 par.scaled(total, y.shape[0], global_n).backward()
                 optimizer.step()
@@ -1367,8 +1391,6 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
                 dist.broadcast_buffers(model)  # rank 0's BatchNorm statistics to every rank
                 if averaged is not None and averaged.every == "step":
                     averaged.update(model, epoch)
-                if prior is not None:
-                    prior.update(nat_logits.detach(), y, weight_temperature=loss_kw["weight_temperature"])
                 n = y.shape[0]
                 seen += n
                 for name, value in (("loss", total), *terms.items()):

@@ -545,3 +545,12 @@ def test_the_progress_bar_says_when_a_run_is_being_evaluated(tmp_path, capsys):
                    progress=True)
     err = capsys.readouterr().err
     assert "trades seed 0: evaluating PGD" in err and "evaluating PGD+ensemble" not in err
+
+
+@pytest.mark.parametrize("loss", ["trades", "ikl"])
+def test_an_adversarial_run_whose_logits_blow_up_says_it_diverged(loss):
+    _, d = _tiny()
+    model = A.normalized(M.build_model("mlp", 4, seed=0, in_shape=(1, 8, 8), hidden=(8,)), d)
+    with pytest.raises(FloatingPointError, match=r"diverged: the logits became non-finite in epoch 1 .*now 1e\+30"):
+        T.adversarial_train(model, d, loss=loss, epsilon=0.1, attack_steps=1, epochs=2, batch_size=16, lr=1e30,
+                            eval_samples=0, progress=False, device="cpu")

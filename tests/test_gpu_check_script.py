@@ -27,6 +27,10 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     assert "| 2 | ikl |" in summary and "| 2 | teacher |" in summary  # the training-step table has its rows
     assert "| digits | 64 | 2 |" in summary and "| cifar | 2 | 1 |" in summary  # adversarial steps, with AWP
     assert "Estimated training time per run on this device (DRY RUN" in summary
+    # the CUDA tests ran as the first step and, without a GPU, skipped every one of them
+    cuda_tests = json.loads((tmp_path / "gpu_check.json").read_text())["cuda_tests"]
+    assert cuda_tests["passed"] == cuda_tests["failed"] == 0 and cuda_tests["skipped"] >= 20
+    assert f"CUDA tests (tests/test_cuda.py): 0 passed, 0 failed, {cuda_tests['skipped']} skipped" in summary
     kd = json.loads((tmp_path / "torchrun" / "results.json").read_text())
     assert [r["loss"] for r in kd["runs"]] == ["kl", "ikl"] and kd["config"]["checkpoint_every"] == 1
     adv = json.loads((tmp_path / "torchrun_adv" / "results.json").read_text())
@@ -225,18 +229,19 @@ def test_gpu_check_goes_on_after_a_failed_step_and_keeps_to_its_budget(tmp_path)
     (fail / "sitecustomize.py").write_text(
         "import sys\n"
         "line = ' '.join(sys.orig_argv)\n"
-        "if any(name in line for name in ('bench_losses.py', 'bench_train.py', 'bench_adv.py', 'torch.distributed.run')):\n"
+        "if any(name in line for name in ('-m pytest', 'bench_losses.py', 'bench_train.py', 'bench_adv.py',\n"
+        "                                  'torch.distributed.run')):\n"
         "    raise SystemExit(7)\n")
     out = tmp_path / "failed"
     proc = run("--allow-cpu", "--quick", "--out", str(out), timeout=300, env={"PYTHONPATH": str(fail)})
     assert proc.returncode != 0, proc.stderr[-2000:]
     steps = json.loads((out / "gpu_check.json").read_text())["steps"]
-    assert len(steps) == 5 and all(s["status"].startswith("FAILED") for s in steps), steps
-    assert proc.stderr.count("going on with the other steps") == 5
-    assert "Steps: 0 of 5 ran; NOT RUN: loss kernels [FAILED" in (out / "summary.md").read_text()
+    assert len(steps) == 6 and all(s["status"].startswith("FAILED") for s in steps), steps
+    assert proc.stderr.count("going on with the other steps") == 6
+    assert "Steps: 0 of 6 ran; NOT RUN: CUDA tests [FAILED" in (out / "summary.md").read_text()
 
     out = tmp_path / "budget"
-    stale = [out / "losses.json", out / "train_b64.json", out / "adv_steps.json", out / "torchrun" / "results.json",
+    stale = [out / "cuda_tests.xml", out / "losses.json", out / "train_b64.json", out / "adv_steps.json", out / "torchrun" / "results.json",
              out / "cache" / "x"]  # an earlier run's results in the same folder: not this run's
     for path in stale:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -245,6 +250,26 @@ def test_gpu_check_goes_on_after_a_failed_step_and_keeps_to_its_budget(tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not any(path.exists() for path in stale)
     bundle = json.loads((out / "gpu_check.json").read_text())
-    assert [s["status"] for s in bundle["steps"]] == ["skipped"] * 5 and bundle["losses"] == []
+    assert [s["status"] for s in bundle["steps"]] == ["skipped"] * 6 and bundle["losses"] == []
+    assert bundle["cuda_tests"] is None
     assert all(e["how"] == "not measured" for e in bundle["estimates"])
     assert run("--allow-cpu", "--budget", "soon", timeout=60).returncode == 2
+
+
+def test_gpu_check_summary_names_failed_cuda_tests(tmp_path):
+    """The first step's JUnit XML (tests/test_cuda.py on the GPU) is counted in the summary and each
+    failed or erroring test is named."""
+    (tmp_path / "steps.txt").write_text("FAILED (exit 1)|CUDA tests (pytest -m cuda tests/test_cuda.py)\n")
+    (tmp_path / "cuda_tests.xml").write_text(
+        '<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" tests="4">'
+        '<testcase classname="tests.test_cuda" name="test_a"/>'
+        '<testcase classname="tests.test_cuda" name="test_b"><failure message="x">boom</failure></testcase>'
+        '<testcase classname="tests.test_cuda" name="test_c"><error message="y">setup</error></testcase>'
+        '<testcase classname="tests.test_cuda" name="test_d"><skipped message="z"/></testcase>'
+        '</testsuite></testsuites>')
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check_summary.py"), str(tmp_path), "cpu", "5"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "CUDA tests (tests/test_cuda.py): 1 passed, 2 failed, 1 skipped (FAILED: test_b, test_c)" in proc.stdout
+    bundle = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert bundle["cuda_tests"] == {"passed": 1, "failed": 2, "skipped": 1, "failures": ["test_b", "test_c"]}

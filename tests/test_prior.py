@@ -255,3 +255,87 @@ def test_all_reduced_prior_equals_the_single_process_prior(tmp_path):
     assert torch.equal(p0, p1)
     assert torch.allclose(p0, single.prior, atol=1e-15)
     assert torch.equal(p0[5], torch.full((6,), 1 / 6, dtype=torch.float64))  # class 5: nobody saw it
+
+
+def test_a_prior_is_checked_once_until_it_changes_in_place():
+    """ikl checks a class prior's values once per tensor (a training step reuses the epoch's prior
+    without a device sync); an in-place change, of the tensor or through a view, is checked again."""
+    from dkl_lib import _checks
+
+    prior = torch.full((4, 4), 0.25)
+    logits, target_logits, y = torch.randn(3, 4), torch.randn(3, 4), torch.tensor([0, 1, 3])
+    reads = []
+    real = torch.Tensor.tolist
+
+    def counting(t):
+        reads.append(t.numel())
+        return real(t)
+
+    ikl = dict(temperature=2.0, targets=y, class_prior=prior)
+    try:
+        torch.Tensor.tolist = counting
+        assert _checks.check_class_prior(prior, 4, prior.device) == pytest.approx(1.0)
+        first = len(reads)
+        assert _checks.check_class_prior(prior, 4, prior.device) == pytest.approx(1.0)
+        assert len(reads) == first  # the second check read nothing back
+    finally:
+        torch.Tensor.tolist = real
+    dkl.ikl_loss(logits, target_logits, **ikl)
+    prior[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="class_prior contains non-finite"):
+        dkl.ikl_loss(logits, target_logits, **ikl)
+    prior[2, 1] = 0.25
+    dkl.ikl_loss(logits, target_logits, **ikl)
+    prior[3].fill_(0.0)  # through a view: the version counter is shared
+    with pytest.raises(ValueError, match=r"rows \[3\] sum to zero"):
+        dkl.ikl_loss(logits, target_logits, **ikl)
+    # another tensor of the same values is checked on its own, and a wrong shape is always refused
+    with pytest.raises(ValueError, match="shape"):
+        dkl.ikl_loss(logits, target_logits, temperature=2.0, targets=y, class_prior=torch.full((4, 3), 0.25))
+
+
+def test_update_reads_its_checks_in_one_device_sync_and_names_each_problem():
+    p = ClassPrior(3)
+    reads = []
+    real = torch.Tensor.tolist
+
+    def counting(t):
+        reads.append(t.numel())
+        return real(t)
+
+    try:
+        torch.Tensor.tolist = counting
+        p.update(torch.randn(4, 3), torch.tensor([0, 2, 1, 2]), weight_temperature=2.0)
+    finally:
+        torch.Tensor.tolist = real
+    assert reads == [5]  # targets min/max, logits min/max, the probabilities' sum: one read
+    with pytest.raises(ValueError, match=r"targets out of range: the logits have 3 classes.*max 3"):
+        p.update(torch.randn(2, 3), torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="min -1"):
+        p.update(torch.randn(2, 3), torch.tensor([-1, 0]))
+    with pytest.raises(ValueError, match="target_logits contain non-finite"):
+        p.update(torch.tensor([[0.0, -float("inf"), 1.0]]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="overflows"):
+        p.update(torch.tensor([[0.0, 1e300, 1.0]], dtype=torch.float64), torch.tensor([0]), weight_temperature=1e-10)
+    assert p.counts.sum() == 4  # the refused batches added nothing
+
+
+def test_the_trainers_unchecked_update_equals_update_and_end_epoch_catches_an_overflow():
+    """The trainers add each batch with ``_update_checked`` (their loss has just validated the same
+    inputs, so no second device sync): the same prior as :meth:`update`; an overflow of
+    logits / T_w, which update refuses per batch, surfaces at end_epoch instead of a nan prior."""
+    g = torch.Generator().manual_seed(5)
+    checked, trusted = ClassPrior(5, dtype=torch.float64), ClassPrior(5, dtype=torch.float64)
+    for _ in range(2):
+        for _ in range(3):
+            logits, y = torch.randn(8, 5, generator=g) * 3, torch.randint(0, 5, (8,), generator=g)
+            checked.update(logits, y, weight_temperature=2.5)
+            trusted._update_checked(logits, y.int(), weight_temperature=2.5)
+        torch.testing.assert_close(trusted.counts, checked.counts)
+        torch.testing.assert_close(trusted.end_epoch(), checked.end_epoch(), rtol=0, atol=0)
+    before = trusted.prior.clone()
+    trusted._update_checked(torch.tensor([[0.0, 1e300, 1.0, 0.0, 0.0]], dtype=torch.float64), torch.tensor([1]),
+                            weight_temperature=1e-10)
+    with pytest.raises(ValueError, match=r"overflows torch.float64 \(weight_temperature = 1e-10\)"):
+        trusted.end_epoch()
+    assert torch.equal(trusted.prior, before)  # the nan sums did not become the prior

@@ -369,3 +369,15 @@ def test_loss_defaults_weight_temperature_is_t_and_dkd_beta_is_8():
     assert ikl["weight_temperature"] == 3.0 and (ikl["alpha"], ikl["beta"]) == (1.0, 1.0)
     dkd = T.distill(s, teacher, d, loss="dkd", epochs=1, **FAST).config
     assert (dkd["alpha"], dkd["beta"]) == (1.0, 8.0)  # mdistiller's CIFAR-100 DKD
+
+
+@pytest.mark.parametrize("loss", ["kl", "ikl"])
+def test_a_distillation_whose_logits_blow_up_says_it_diverged(loss):
+    """Logits that become nan/inf in the middle of an epoch stop the run with a FloatingPointError
+    naming the epoch and the learning rate (not the loss's bare 'logits contains non-finite values')."""
+    d = tiny_data()
+    teacher = M.build_model("small_cnn", 4, seed=0, width=4)
+    s = M.build_model("mlp", 4, seed=0, in_shape=(1, 6, 6), hidden=(8,))
+    with pytest.raises(FloatingPointError, match=r"diverged: the logits became non-finite in epoch 1 "
+                                                 r"\(logits contains non-finite.*now 1e\+30"):
+        T.distill(s, teacher, d, loss=loss, epochs=2, seed=0, **{**FAST, "lr": 1e30})
