@@ -20,7 +20,7 @@
 # What it runs: tests/test_cuda.py (pytest -m cuda: the CUDA code paths checked against the CPU),
 # benchmarks/bench_losses.py (kl, dkl, ikl closed form and the pairwise wMSE oracle,
 # forward+backward, B = 256, C in {100, 1000}) and benchmarks/bench_train.py (one distillation
-# step of resnet32x4 -> resnet8x4 on CIFAR-shaped random data, losses ce, kl, ikl and the teacher's
+# step of resnet32x4 -> resnet8x4 on CIFAR-shaped random data, losses ce, kl, dkl, ikl, gkl, dkd and the teacher's
 # own step, batch 64, 128 and 256, bf16 autocast + channels_last as in training),
 # benchmarks/bench_adv.py (TRADES vs IKL-AT steps, with and without AWP, for the adversarial
 # gpu-short and paper models), an estimate of each GPU preset's training time from those step
@@ -215,7 +215,7 @@ step() {
 # ---- 2. sizes ------------------------------------------------------------------------------------
 if [[ "$DEVICE" == "cuda" ]]; then
     LOSS_ARGS=(--device cuda --batches 256 --classes 100,1000)
-    TRAIN_ARGS=(--devices cuda --losses ce,kl,ikl,teacher --warmup 3)
+    TRAIN_ARGS=(--devices cuda --losses ce,kl,dkl,ikl,gkl,dkd,teacher --warmup 3)
     TRAIN_BATCHES=(64 128 256)  # the paper preset's batch, gpu-short's, and a large one
     # the adversarial presets' steps: gpu-short PreActResNet-18 with 10 attack steps, paper WRN-34-10 with 5
     ADV_ARGS=(--devices cuda --settings cifar:10,cifar100-wrn:5 --awp 0.005 --warmup 2 --loss-reps 50)

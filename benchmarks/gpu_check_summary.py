@@ -138,8 +138,8 @@ def main(out, device, seconds):
         settings = run["settings"][dev]
         for loss, sec in med.items():
             print(f"| {run['batch']} | {loss} | {sec * 1e3:.2f} | {run['batch'] / sec:,.0f} | {sec / med['kl']:.2f}x |")
-        for loss in ("ikl",):
-            if loss in med and "kl" in med:
+        for loss in [name for name in med if name not in ("ce", "kl", "teacher")]:  # every KD loss measured
+            if "kl" in med:
                 targets.append((f"{loss} step within 1.10x of the KL step at batch {run['batch']}",
                                 med[loss] / med["kl"] <= 1.10, f"{med[loss] / med['kl']:.2f}x"))
     if settings:
