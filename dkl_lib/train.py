@@ -792,7 +792,6 @@ def _check_callback(callback) -> None:
         raise TypeError(f"callback must be a function of the history (or None), got {type(callback).__name__}")
 
 
-@torch.no_grad()
 @contextlib.contextmanager
 def _diverging(epoch: int, lr: float):
     """Logits that became nan or inf in the middle of epoch ``epoch`` (a loss's or an attack's
@@ -805,6 +804,7 @@ def _diverging(epoch: int, lr: float):
                                  f"lower the learning rate (now {lr:g}), or check the data and the teacher") from err
 
 
+@torch.no_grad()
 def _check_fits(name: str, model: nn.Module, data: TensorData, *, normalize: bool, amp: bool = False,
                 channels_last: bool = False) -> None:
     """Once per run, before training: ``model`` takes the data's images and returns logits of shape

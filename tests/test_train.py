@@ -381,3 +381,14 @@ def test_a_distillation_whose_logits_blow_up_says_it_diverged(loss):
     with pytest.raises(FloatingPointError, match=r"diverged: the logits became non-finite in epoch 1 "
                                                  r"\(logits contains non-finite.*now 1e\+30"):
         T.distill(s, teacher, d, loss=loss, epochs=2, seed=0, **{**FAST, "lr": 1e30})
+
+
+def test_the_shape_probe_runs_without_autograd():
+    """_check_fits's forward pass is a probe: no graph, no parameter gradients (it once lost its
+    no_grad decorator to a function inserted above it)."""
+    d = tiny_data()
+    s = M.build_model("mlp", 4, seed=0, in_shape=(1, 6, 6), hidden=(8,))
+    seen = []
+    s.register_forward_hook(lambda m, a, out: seen.append((torch.is_grad_enabled(), out.requires_grad)))
+    T._check_fits("student", s, d, normalize=True)
+    assert seen == [(False, False)]
