@@ -110,17 +110,18 @@ def _no_autocast(device: torch.device):
 
 
 def _prepare(logits, target_logits, temperature=None, weight_temperature=None, squared_weight=1.0,
-             weight_temperature_name="weight_temperature"):
+             weight_temperature_name="weight_temperature", targets=None):
     """Validate the pair and cast both to the compute dtype (float32, or float64 if given).
 
     ``temperature`` / ``weight_temperature``: the divisors of the logits; ``squared_weight``: the
     largest weight multiplying T² (see :func:`~dkl_lib._checks.check_logits_pair`: 1/T, that
     weight times T², and logits / T must be finite). Returns the two cast tensors and
     (max |logits|, max |target_logits|) for :func:`~dkl_lib._checks.check_finite_terms`.
+    ``targets``, when given, are checked too, their range read in the same device sync.
     """
     largest = check_logits_pair(logits, target_logits, temperature=temperature,
                       weight_temperature=weight_temperature, squared_weight=squared_weight,
-                      weight_temperature_name=weight_temperature_name)
+                      weight_temperature_name=weight_temperature_name, targets=targets)
     dtype = compute_dtype(logits, target_logits)
     return logits.to(dtype), target_logits.to(dtype), largest
 
@@ -515,15 +516,12 @@ def gkl_loss(logits, target_logits, *, temperature: float = 1.0, alpha: float = 
 # --------------------------------------------------------------------------------------------
 # DKD
 # --------------------------------------------------------------------------------------------
-def _binary_and_nontarget(log_probs: torch.Tensor, targets: torch.Tensor):
-    """log b = (log p_t, log(1 − p_t)) and log p̂ (softmax over the non-target classes)."""
-    batch, classes = log_probs.shape
-    idx = torch.arange(classes - 1, device=log_probs.device).expand(batch, classes - 1)
-    idx = idx + (idx >= targets[:, None]).long()  # skip the target column
-    others = log_probs.gather(1, idx)
-    log_rest = torch.logsumexp(others, dim=1, keepdim=True)  # log(1 − p_t), computed stably
-    log_binary = torch.cat([log_probs.gather(1, targets[:, None]), log_rest], dim=1)
-    return log_binary, others - log_rest
+def _binary_log_probs(log_probs: torch.Tensor, target_col: torch.Tensor, target_mask: torch.Tensor):
+    """log b = (log p_t, log(1 − p_t)) of one side, shape (B, 2), and log(1 − p_t) alone (B, 1):
+    the logsumexp of the log-probabilities with the target column at −inf (no 1 − p_t, so it stays
+    exact as p_t → 1)."""
+    log_rest = torch.logsumexp(log_probs.masked_fill(target_mask, -math.inf), dim=1, keepdim=True)
+    return torch.cat([log_probs.gather(1, target_col), log_rest], dim=1), log_rest
 
 
 def dkd_terms(logits, target_logits, targets, *, temperature: float = 1.0, alpha: float = 1.0,
@@ -532,15 +530,29 @@ def dkd_terms(logits, target_logits, targets, *, temperature: float = 1.0, alpha
     temperature = check_positive("temperature", temperature)
     alpha = check_nonnegative("alpha", alpha)
     beta = check_nonnegative("beta", beta)
-    logits, target_logits, largest = _prepare(logits, target_logits, temperature, squared_weight=max(alpha, beta))
-    targets = check_targets(targets, *logits.shape, logits.device)
+    logits, target_logits, largest = _prepare(logits, target_logits, temperature, squared_weight=max(alpha, beta),
+                                              targets=targets)
+    targets = targets.long()
     scale = temperature**2 / logits.shape[0]
     with _no_autocast(logits.device):
-        lb_n, lh_n = _binary_and_nontarget(torch.log_softmax(logits / temperature, dim=1), targets)
-        lb_m, lh_m = _binary_and_nontarget(torch.log_softmax(target_logits / temperature, dim=1), targets)
+        # one boolean mask of the target column, shared by both sides (no per-side index tensors)
+        target_col = targets.unsqueeze(1)
+        target_mask = target_col == torch.arange(logits.shape[1], device=logits.device)
+        log_n = torch.log_softmax(logits / temperature, dim=1)
+        log_m = torch.log_softmax(target_logits / temperature, dim=1)
+        lb_n, rest_n = _binary_log_probs(log_n, target_col, target_mask)
+        lb_m, rest_m = _binary_log_probs(log_m, target_col, target_mask)
         # per row, scaled, then summed (see _DecoupledKL.forward: the unscaled sum may overflow)
         tckd = (lb_m.exp() * (lb_m - lb_n)).sum(dim=1).mul(alpha * scale).sum()
-        nckd = (lh_m.exp() * (lh_m - lh_n)).sum(dim=1).mul(beta * scale).sum()
+        # log p̂_j = log p_j − log(1 − p_t) for j ≠ t. The NCKD sum runs over all C columns with the
+        # target's weight p̂_m,t = exp(−inf) = 0; there log p_t − log(1 − p_t) lies in [−max/2, max/2]
+        # on each side (both logs in (−max/2, 0] by the range check), so the difference is finite: no
+        # 0 · inf. p̂_m comes from the same log p̂_m tensor as the difference: the gradient of the
+        # teacher then meets log(1 − p_t,m) in one sum (two paths would each round a huge difference
+        # differently, leaving an O(1) error where the exact gradient is 0)
+        hat_log_m = log_m - rest_m
+        hat_m = hat_log_m.masked_fill(target_mask, -math.inf).exp()
+        nckd = (hat_m * (hat_log_m - (log_n - rest_n))).sum(dim=1).mul(beta * scale).sum()
     terms = {"tckd": tckd, "nckd": nckd}
     # each KL <= max |log-ratio| <= 4 max |o_m - o_n| / T (the non-target and binary splits)
     check_finite_terms("dkd", terms, temperature=temperature, largest=largest,
