@@ -556,8 +556,8 @@ def dkd_terms(logits, target_logits, targets, *, temperature: float = 1.0, alpha
         # per row, scaled, then summed (see _DecoupledKL.forward: the unscaled sum may overflow)
         tckd = (lb_m.exp() * (lb_m - lb_n)).sum(dim=1).mul(alpha * scale).sum()
         # log p̂_j = log p_j − log(1 − p_t) for j ≠ t. The NCKD sum runs over all C columns with the
-        # target's weight p̂_m,t = exp(−inf) = 0; there log p_t − log(1 − p_t) lies in [−max/2, max/2]
-        # on each side (both logs in (−max/2, 0] by the range check), so the difference is finite: no
+        # target's weight p̂_m,t = exp(−inf) = 0; there log p_t − log(1 − p_t) lies within ±(max/2 + log C)
+        # on each side (both logs in (−max/2 − log C, 0] by the range check), so the difference is finite: no
         # 0 · inf. p̂_m comes from the same log p̂_m tensor as the difference: the gradient of the
         # teacher then meets log(1 − p_t,m) in one sum (two paths would each round a huge difference
         # differently, leaving an O(1) error where the exact gradient is 0)
