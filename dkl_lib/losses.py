@@ -146,11 +146,6 @@ def _centered(p: torch.Tensor, d: torch.Tensor, mass=None):
         mass = p.sum(dim=1, keepdim=True)
     if isinstance(mass, torch.Tensor):
         mass = mass.masked_fill(mass == 0, 1.0)
-        if d.device.type != "cpu":
-            # addcdiv(d, s, P, value=-1) is d − s / P exactly (the negation is exact): one kernel
-            # launch instead of two; on the CPU its broadcast runs slower than the two ops
-            dev = torch.addcdiv(d, _rowdot(p, d), mass, value=-1)
-            return torch.addcdiv(dev, _rowdot(p, dev), mass, value=-1)
     elif mass == 1:
         dev = d - _rowdot(p, d)
         return dev - _rowdot(p, dev)
