@@ -86,7 +86,8 @@ def _check_temperature_range(name: str, value: float, dtype: torch.dtype,
 
 def check_logits_pair(logits, target_logits, *, temperature: Optional[float] = None,
                       weight_temperature: Optional[float] = None, squared_weight: float = 1.0,
-                      weight_temperature_name: str = "weight_temperature") -> tuple[float, float]:
+                      weight_temperature_name: str = "weight_temperature",
+                      targets=None) -> tuple[float, float]:
     """Both logit tensors are finite, float, of shape (B, C) with C >= 2, and of the same shape.
 
     With ``temperature`` T (already checked to be > 0), also 1/T and w T² are finite in the
@@ -95,6 +96,9 @@ def check_logits_pair(logits, target_logits, *, temperature: Optional[float] = N
     largest value for both tensors, so the scaled logits and their differences are finite;
     ``weight_temperature`` T_w (target side only, no T²; named ``weight_temperature_name`` in the
     messages) likewise. One pass over each tensor and one device-to-host copy for both.
+
+    ``targets`` (optional): class indices checked as :func:`check_targets` checks them against the
+    logits, their range read in that same copy (a loss with targets syncs once, not twice).
 
     Returns (max |logits|, max |target_logits|), read in that same copy, for
     :func:`check_finite_terms`.
@@ -116,11 +120,18 @@ def check_logits_pair(logits, target_logits, *, temperature: Optional[float] = N
         _check_temperature_range("temperature", temperature, dtype, max(1.0, squared_weight))
     if weight_temperature is not None:
         _check_temperature_range(weight_temperature_name, weight_temperature, dtype, None)
+    classes = logits.shape[1]
+    if targets is not None:
+        check_targets(targets, logits.shape[0], classes, logits.device, values=False)
     if tracing():  # no value read under torch.compile / torch.func: no bound known
         return math.inf, math.inf
-    # min and max of each tensor (nan propagates): one fast pass each, one sync for both
-    extremes = torch.stack([v.to(dtype) for x in (logits, target_logits) for v in torch.aminmax(x.detach())])
-    low_n, high_n, low_m, high_m = extremes.tolist()
+    # min and max of each tensor (nan propagates): one fast pass each, one sync for all. (detach, not a
+    # no_grad block: two ops more, but the block's enter and exit cost more host time than they do)
+    # stack promotes the class indices to dtype, exact up to 2**24 (float32): beyond, a read of their own
+    fold = targets is not None and classes <= 2**24
+    extremes = torch.stack([v.to(dtype) for x in (logits, target_logits) for v in torch.aminmax(x.detach())]
+                           + (list(torch.aminmax(targets)) if fold else []))
+    low_n, high_n, low_m, high_m, *label_range = extremes.tolist()
     limit = torch.finfo(dtype).max / 4
     scales = {"temperature": temperature}
     largest_of = []
@@ -138,6 +149,10 @@ def check_logits_pair(logits, target_logits, *, temperature: Optional[float] = N
                     f"{scale_name} = {scale:g}, but max |{name}| / {scale_name} must stay below "
                     f"{limit:.3g} (a quarter of the largest {dtype})"
                 )
+    if targets is not None:
+        if not fold or label_range[0] < 0 or label_range[1] >= classes:
+            # out of range (or too many classes to fold): the exact indices for the message
+            check_label_range("targets", targets, classes, owner="the logits have")
     return largest_of[0], largest_of[1]
 
 

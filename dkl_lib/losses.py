@@ -65,7 +65,6 @@ from ._checks import (
     check_logits_pair,
     check_nonnegative,
     check_positive,
-    check_targets,
     compute_dtype,
     forward_ad_active,
     tracing,
@@ -110,24 +109,26 @@ def _no_autocast(device: torch.device):
 
 
 def _prepare(logits, target_logits, temperature=None, weight_temperature=None, squared_weight=1.0,
-             weight_temperature_name="weight_temperature"):
+             weight_temperature_name="weight_temperature", targets=None):
     """Validate the pair and cast both to the compute dtype (float32, or float64 if given).
 
     ``temperature`` / ``weight_temperature``: the divisors of the logits; ``squared_weight``: the
     largest weight multiplying T² (see :func:`~dkl_lib._checks.check_logits_pair`: 1/T, that
     weight times T², and logits / T must be finite). Returns the two cast tensors and
     (max |logits|, max |target_logits|) for :func:`~dkl_lib._checks.check_finite_terms`.
+    ``targets``, when given, are checked too, their range read in the same device sync.
     """
     largest = check_logits_pair(logits, target_logits, temperature=temperature,
                       weight_temperature=weight_temperature, squared_weight=squared_weight,
-                      weight_temperature_name=weight_temperature_name)
+                      weight_temperature_name=weight_temperature_name, targets=targets)
     dtype = compute_dtype(logits, target_logits)
     return logits.to(dtype), target_logits.to(dtype), largest
 
 
 def _rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Σ_j x_j y_j per row, shape (B, 1), without a (B, C) temporary."""
-    return torch.linalg.vecdot(x, y).unsqueeze(1)
+    """Σ_j x_j y_j per row, shape (B, 1) (one product and one sum: what linalg.vecdot dispatches
+    to as well, without its unsqueeze)."""
+    return (x * y).sum(dim=1, keepdim=True)
 
 
 def _centered(p: torch.Tensor, d: torch.Tensor, mass=None):
@@ -138,12 +139,16 @@ def _centered(p: torch.Tensor, d: torch.Tensor, mass=None):
     difference of two large numbers and loses most of its digits.
 
     A row whose weights are all zero has no mean and no weight: it is divided by 1 instead of 0,
-    so its p (d − d̄) and its wMSE are 0 (the value of the pairwise sum), not 0/0.
+    so its p (d − d̄) and its wMSE are 0 (the value of the pairwise sum), not 0/0. ``mass`` = 1
+    (rows of p summing to 1, softmax weights) divides by nothing: two ops less, the same values.
     """
     if mass is None:
         mass = p.sum(dim=1, keepdim=True)
     if isinstance(mass, torch.Tensor):
         mass = mass.masked_fill(mass == 0, 1.0)
+    elif mass == 1:
+        dev = d - _rowdot(p, d)
+        return dev - _rowdot(p, dev)
     dev = d - _rowdot(p, d) / mass
     return dev - _rowdot(p, dev) / mass
 
@@ -158,22 +163,16 @@ def _weights(target_logits, *, weight_temperature, targets, class_prior, gamma=1
     an upper bound of the row sums Σ_j p_j (1 for softmax weights; the largest row sum of a prior).
 
     Class-wise global information: p = class_prior[targets] when a prior is given; otherwise
-    p = softmax(o_m / T_w). ``targets`` are validated whenever given, also when unused.
+    p = softmax(o_m / T_w). ``targets``: already checked (int64), by the caller's range read.
 
     ``scale_free`` (GKL, whose wMSE is divided by Σ_b Σ_jk w_jk): p is divided by its largest
     entry in the whole batch before it is raised to ``gamma``. The common factor cancels in the
     ratio, and it keeps p**gamma and Σw from underflowing to 0/0 (large gamma, tiny priors).
     """
-    batch, classes = target_logits.shape
+    classes = target_logits.shape[1]
     prior_mass = 1.0
     if class_prior is not None:
-        if targets is None:
-            raise ValueError("class_prior was given without targets: the prior row of each sample "
-                             "is class_prior[targets]")
         prior_mass = check_class_prior(class_prior, classes, target_logits.device)
-    if targets is not None:
-        targets = check_targets(targets, batch, classes, target_logits.device)
-    if class_prior is not None:
         p = class_prior.detach()[targets]
     elif weight_temperature is not None:
         p = torch.softmax(target_logits.detach() / weight_temperature, dim=1)
@@ -181,8 +180,9 @@ def _weights(target_logits, *, weight_temperature, targets, class_prior, gamma=1
         p = None
     if scale_free and p is not None:
         # in the wider of the two dtypes: a tiny float64 prior must not flush to zero in float32,
-        # and a bf16 prior must not be rescaled at bf16 precision
-        p = p.to(torch.promote_types(p.dtype, target_logits.dtype))
+        # and a bf16 prior must not be rescaled at bf16 precision (target_logits are float32 or
+        # float64, so the wider one is compute_dtype's answer, found without a dispatched op)
+        p = p.to(compute_dtype(p, target_logits))
         p = p / p.amax()
     if p is not None:
         p = p.to(target_logits.dtype)
@@ -204,7 +204,7 @@ class _DecoupledKL(torch.autograd.Function):
         soft_ce = −β T² (1/B) Σ_b Σ_j S(s_m)_j log s_n,j
 
     with N = ``wmse_norm`` (B for DKL and IKL, Σ_b P_b² for GKL) and p detached
-    (``weights``; ``None`` means p = s_m). Backward (w detached):
+    (``weights``, with row sums ``mass``; ``None`` means p = s_m). Backward (w detached):
 
         ∂wmse/∂o_m = α P p (d − d̄) / N,   ∂wmse/∂o_n = −∂wmse/∂o_m  (0 when ``stop_logits``),
         ∂soft_ce/∂o_n = β T (s_n − s_m) / B,  ∂soft_ce/∂o_m = 0.
@@ -216,10 +216,11 @@ class _DecoupledKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, target_logits, weights, temperature, alpha, beta, wmse_norm, stop_logits):
+    def forward(ctx, logits, target_logits, weights, mass, temperature, alpha, beta, wmse_norm, stop_logits):
         batch = logits.shape[0]
-        wmse, soft_ce, log_s_n, s_m, p_dev, mass, norm = _decoupled_values(
-            logits, target_logits, weights, temperature, alpha, beta, wmse_norm, stop_logits)
+        # autograd is off in here: no detach needed for the stop-gradients
+        wmse, soft_ce, log_s_n, s_m, p_dev, norm = _decoupled_values(
+            logits, target_logits, weights, mass, temperature, alpha, beta, wmse_norm, stop_logits, detach=False)
         ctx.set_materialize_grads(False)  # an unused term's gradient arrives as None, not zeros
         ctx.save_for_backward(log_s_n, s_m, p_dev, mass)
         # The inputs serve only a differentiated backward (create_graph=True). They are kept as
@@ -254,13 +255,13 @@ class _DecoupledKL(torch.autograd.Function):
         in_place = not graph and not (_batched(grad_wmse) or _batched(grad_soft_ce))
         grad_w = None
         if grad_wmse is not None and (need_target or (need_logits and not stop_logits)):
-            grad_w = p_dev * (grad_wmse * alpha / norm)
-            if mass is not None:
-                grad_w = grad_w * mass
+            # the scalars first: α/N, times the row sums P (B, 1), then one (B, C) product
+            scale = grad_wmse * (alpha / norm) if isinstance(norm, float) else grad_wmse * alpha / norm
+            grad_w = p_dev * (scale if mass is None else mass * scale)
         grad_logits = None
         if need_logits:  # in place, except where autograd records this backward
             if grad_soft_ce is not None:
-                scale = grad_soft_ce * beta * temperature / batch
+                scale = grad_soft_ce * (beta * temperature / batch)
                 grad_logits = log_s_n.exp().sub_(s_m).mul_(scale) if in_place else (log_s_n.exp() - s_m) * scale
             if grad_w is not None and not stop_logits:
                 if grad_logits is None:
@@ -268,7 +269,7 @@ class _DecoupledKL(torch.autograd.Function):
                 else:
                     grad_logits = grad_logits.sub_(grad_w) if in_place else grad_logits - grad_w
         grad_target = grad_w if need_target else None
-        return grad_logits, grad_target, None, None, None, None, None, None
+        return grad_logits, grad_target, None, None, None, None, None, None, None
 
 
 def _batched(grad) -> bool:
@@ -278,33 +279,34 @@ def _batched(grad) -> bool:
             and (torch._C._functorch.is_batchedtensor(grad) or torch._C._functorch.is_legacy_batchedtensor(grad)))
 
 
-def _decoupled_values(logits, target_logits, weights, temperature, alpha, beta, wmse_norm, stop_logits):
+def _decoupled_values(logits, target_logits, weights, mass, temperature, alpha, beta, wmse_norm, stop_logits,
+                      detach=True):
     """The forward of :class:`_DecoupledKL`: (wmse, soft_ce) and the factors its backward reuses
-    (log s_n, s_m, p (d − d̄), the row sums of p or None, N).
+    (log s_n, s_m, p (d − d̄), N). ``mass``: the row sums of ``weights``,
+    or None with ``weights`` (p = s_m, rows summing to 1).
 
     Written with the stop-gradients as ``detach`` (s_m, and Δ(o_n) when ``stop_logits``; the
     weights come detached), so that autograd through it gives the analytic backward's gradients:
     the path used inside torch.func transforms, which an autograd.Function of this form cannot enter.
+    ``detach=False``: the autograd.Function's forward, where autograd is off and detach a wasted op.
     """
     batch = logits.shape[0]
     log_s_n = torch.log_softmax(_scaled(logits, temperature), dim=1)
-    s_m = torch.softmax(_scaled(target_logits.detach(), temperature), dim=1)
-    if weights is None:  # p = s_m, whose rows sum to 1
-        p, mass = s_m, None
-    else:
-        p, mass = weights, weights.sum(dim=1, keepdim=True)
-    dev = _centered(p, target_logits - (logits.detach() if stop_logits else logits), mass if mass is not None else 1.0)
-    p_dev = p * dev
-    row = torch.linalg.vecdot(p_dev, dev)  # Σ_j p_j (d_j − d̄)², shape (B,)
-    if mass is not None:
-        row = row * mass.squeeze(1)
+    s_m = torch.softmax(_scaled(target_logits.detach() if detach else target_logits, temperature), dim=1)
+    p = s_m if weights is None else weights
+    student = logits.detach() if stop_logits and detach else logits
+    dev = _centered(p, target_logits - student, mass if mass is not None else 1.0)
     norm = float(batch) if wmse_norm is None else wmse_norm
+    p_dev = p * dev
+    row = _rowdot(p_dev, dev)  # Σ_j p_j (d_j − d̄)², shape (B, 1)
+    if mass is not None:
+        row = row * mass
     # scaled per row, then summed, like soft_ce below: the sum of B rows may overflow before 1/N
     wmse = (row * (0.5 * alpha / norm)).sum()
     # per row, scaled, then summed: a row is at most max |o| / T in size (finite by the range check),
     # but the sum of B such rows may overflow before T² brings it back (inf, or nan once T² is 0)
     soft_ce = torch.linalg.vecdot(s_m, log_s_n).mul(-beta * temperature**2 / batch).sum()
-    return wmse, soft_ce, log_s_n, s_m, p_dev, mass, norm
+    return wmse, soft_ce, log_s_n, s_m, p_dev, norm
 
 
 def _decoupled_terms(logits, target_logits, *, temperature, alpha, beta, weight_temperature,
@@ -315,30 +317,37 @@ def _decoupled_terms(logits, target_logits, *, temperature, alpha, beta, weight_
     gamma = check_positive("gamma", gamma)
     if weight_temperature is not None:
         weight_temperature = check_positive("weight_temperature", weight_temperature)
+    if class_prior is not None and targets is None:
+        raise ValueError("class_prior was given without targets: the prior row of each sample "
+                         "is class_prior[targets]")
+    # targets are validated whenever given, also when unused: in the logits' device sync
     logits, target_logits, largest = _prepare(logits, target_logits, temperature,
-                                              weight_temperature if class_prior is None else None, beta)
+                                              weight_temperature if class_prior is None else None, beta,
+                                              targets=targets)
     with _no_autocast(logits.device):
         if gamma != 1.0 and class_prior is None and weight_temperature is None:
             weight_temperature = temperature  # p must exist before it is raised to gamma
         if weight_temperature == temperature and gamma == 1.0 and class_prior is None:
             weight_temperature = None  # p = s_m, computed once inside the kernel
-        p, mass = _weights(target_logits, weight_temperature=weight_temperature, targets=targets,
-                           class_prior=class_prior, gamma=gamma, scale_free=gkl_norm)
+        p, bound_mass = _weights(target_logits, weight_temperature=weight_temperature,
+                                 targets=None if targets is None else targets.long(), class_prior=class_prior,
+                                 gamma=gamma, scale_free=gkl_norm)
+        mass = None if p is None else p.sum(dim=1, keepdim=True)
         norm = None
         if gkl_norm:  # Σ_b Σ_jk w_jk = Σ_b (Σ_j p_j)², which is B when the rows of p sum to 1
-            norm = float(logits.shape[0]) if p is None else (p.sum(dim=1) ** 2).sum()
+            norm = float(logits.shape[0]) if p is None else (mass ** 2).sum()
         if transforming() or forward_ad_active():  # torch.func, forward-mode AD: plain autograd, same derivatives
-            wmse_term, soft_ce = _decoupled_values(logits, target_logits, p, temperature, alpha, beta, norm,
+            wmse_term, soft_ce = _decoupled_values(logits, target_logits, p, mass, temperature, alpha, beta, norm,
                                                    stop_logits)[:2]
         else:
-            wmse_term, soft_ce = _DecoupledKL.apply(logits, target_logits, p, temperature, alpha, beta,
+            wmse_term, soft_ce = _DecoupledKL.apply(logits, target_logits, p, mass, temperature, alpha, beta,
                                                     norm, stop_logits)
     terms = {"wmse": wmse_term, "soft_ce": soft_ce}
     # |wmse| <= (α/8) P² (max_j d - min_j d)² <= (α/2) P² (|o_n| + |o_m|)²; |soft_ce| <= β T² max |log s_n|
     spread = largest[0] + largest[1]
     if not tracing():  # (the bound is not needed there, and log of a symbolic C does not trace on torch 2.4)
         check_finite_terms(loss_name, terms, temperature=temperature, largest=largest,
-                           bound=max(0.5 * alpha * mass * mass * spread * spread,
+                           bound=max(0.5 * alpha * bound_mass * bound_mass * spread * spread,
                                      beta * (2.0 * temperature * largest[0]
                                              + temperature * temperature * math.log(logits.shape[1]))))
     return terms
@@ -515,15 +524,12 @@ def gkl_loss(logits, target_logits, *, temperature: float = 1.0, alpha: float = 
 # --------------------------------------------------------------------------------------------
 # DKD
 # --------------------------------------------------------------------------------------------
-def _binary_and_nontarget(log_probs: torch.Tensor, targets: torch.Tensor):
-    """log b = (log p_t, log(1 − p_t)) and log p̂ (softmax over the non-target classes)."""
-    batch, classes = log_probs.shape
-    idx = torch.arange(classes - 1, device=log_probs.device).expand(batch, classes - 1)
-    idx = idx + (idx >= targets[:, None]).long()  # skip the target column
-    others = log_probs.gather(1, idx)
-    log_rest = torch.logsumexp(others, dim=1, keepdim=True)  # log(1 − p_t), computed stably
-    log_binary = torch.cat([log_probs.gather(1, targets[:, None]), log_rest], dim=1)
-    return log_binary, others - log_rest
+def _binary_log_probs(log_probs: torch.Tensor, target_col: torch.Tensor, target_mask: torch.Tensor):
+    """log b = (log p_t, log(1 − p_t)) of one side, shape (B, 2), and log(1 − p_t) alone (B, 1):
+    the logsumexp of the log-probabilities with the target column at −inf (no 1 − p_t, so it stays
+    exact as p_t → 1)."""
+    log_rest = torch.logsumexp(log_probs.masked_fill(target_mask, -math.inf), dim=1, keepdim=True)
+    return torch.cat([log_probs.gather(1, target_col), log_rest], dim=1), log_rest
 
 
 def dkd_terms(logits, target_logits, targets, *, temperature: float = 1.0, alpha: float = 1.0,
@@ -532,15 +538,29 @@ def dkd_terms(logits, target_logits, targets, *, temperature: float = 1.0, alpha
     temperature = check_positive("temperature", temperature)
     alpha = check_nonnegative("alpha", alpha)
     beta = check_nonnegative("beta", beta)
-    logits, target_logits, largest = _prepare(logits, target_logits, temperature, squared_weight=max(alpha, beta))
-    targets = check_targets(targets, *logits.shape, logits.device)
+    logits, target_logits, largest = _prepare(logits, target_logits, temperature, squared_weight=max(alpha, beta),
+                                              targets=targets)
+    targets = targets.long()
     scale = temperature**2 / logits.shape[0]
     with _no_autocast(logits.device):
-        lb_n, lh_n = _binary_and_nontarget(torch.log_softmax(logits / temperature, dim=1), targets)
-        lb_m, lh_m = _binary_and_nontarget(torch.log_softmax(target_logits / temperature, dim=1), targets)
+        # one boolean mask of the target column, shared by both sides (no per-side index tensors)
+        target_col = targets.unsqueeze(1)
+        target_mask = target_col == torch.arange(logits.shape[1], device=logits.device)
+        log_n = torch.log_softmax(logits / temperature, dim=1)
+        log_m = torch.log_softmax(target_logits / temperature, dim=1)
+        lb_n, rest_n = _binary_log_probs(log_n, target_col, target_mask)
+        lb_m, rest_m = _binary_log_probs(log_m, target_col, target_mask)
         # per row, scaled, then summed (see _DecoupledKL.forward: the unscaled sum may overflow)
         tckd = (lb_m.exp() * (lb_m - lb_n)).sum(dim=1).mul(alpha * scale).sum()
-        nckd = (lh_m.exp() * (lh_m - lh_n)).sum(dim=1).mul(beta * scale).sum()
+        # log p̂_j = log p_j − log(1 − p_t) for j ≠ t. The NCKD sum runs over all C columns with the
+        # target's weight p̂_m,t = exp(−inf) = 0; there log p_t − log(1 − p_t) lies within ±(max/2 + log C)
+        # on each side (both logs in (−max/2 − log C, 0] by the range check), so the difference is finite: no
+        # 0 · inf. p̂_m comes from the same log p̂_m tensor as the difference: the gradient of the
+        # teacher then meets log(1 − p_t,m) in one sum (two paths would each round a huge difference
+        # differently, leaving an O(1) error where the exact gradient is 0)
+        hat_log_m = log_m - rest_m
+        hat_m = hat_log_m.masked_fill(target_mask, -math.inf).exp()
+        nckd = (hat_m * (hat_log_m - (log_n - rest_n))).sum(dim=1).mul(beta * scale).sum()
     terms = {"tckd": tckd, "nckd": nckd}
     # each KL <= max |log-ratio| <= 4 max |o_m - o_n| / T (the non-target and binary splits)
     check_finite_terms("dkd", terms, temperature=temperature, largest=largest,

@@ -705,3 +705,83 @@ def test_kl_is_tckd_plus_weighted_nckd_not_dkd_with_unit_weights():
         kl = dkl.kl_loss(a[i:i + 1], b[i:i + 1], temperature=t)
         assert torch.allclose(kl, terms["tckd"] + (1 - p_t[i]) * terms["nckd"], rtol=1e-12)
     assert (dkl.dkd_loss(a, b, y, temperature=t, alpha=1.0, beta=1.0) - dkl.kl_loss(a, b, temperature=t)).abs() > 1e-3
+
+
+def _dkd_literal(logits, target_logits, targets, t, alpha, beta):
+    """DKD (Zhao et al. 2022, Eq. 7) from explicit probabilities: b = (p_t, 1 − p_t), p̂ = the
+    non-target p / (1 − p_t), KL as Σ q log(q / r); an oracle with none of dkd_terms' log-space steps."""
+    total = 0.0
+    for o_n, o_m, y in zip(logits, target_logits, targets.tolist()):
+        p_n, p_m = torch.softmax(o_n / t, dim=0), torch.softmax(o_m / t, dim=0)
+        keep = torch.arange(p_n.shape[0]) != y
+        b_n, b_m = torch.stack([p_n[y], 1 - p_n[y]]), torch.stack([p_m[y], 1 - p_m[y]])
+        hat_n, hat_m = p_n[keep] / (1 - p_n[y]), p_m[keep] / (1 - p_m[y])
+        tckd = (b_m * torch.log(b_m / b_n)).sum()
+        nckd = (hat_m * torch.log(hat_m / hat_n)).sum()
+        total = total + t * t * (alpha * tckd + beta * nckd)
+    return total / logits.shape[0]
+
+
+@pytest.mark.parametrize("classes,temperature", [(2, 1.0), (3, 2.0), (7, 4.0), (30, 2.0)])
+def test_dkd_value_and_gradients_on_both_inputs_match_the_literal_formula(classes, temperature):
+    """The masked log-space DKD against explicit probabilities (float64, moderate logits): the
+    value and the gradients of both inputs; every target position, including the first and last."""
+    g = torch.Generator().manual_seed(classes)
+    a, b = random_pair(2 * classes, classes, scale=2.0, generator=g)
+    y = torch.arange(2 * classes) % classes
+    ours = dkl.dkd_loss(a, b, y, temperature=temperature, alpha=1.5, beta=6.0)
+    ref = _dkd_literal(a, b, y, temperature, 1.5, 6.0)
+    assert math.isclose(ours.item(), ref.item(), rel_tol=1e-12)
+    for mine, want in zip(grads_of(ours, a, b), grads_of(ref, a, b)):
+        assert torch.allclose(mine, want, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dkd_saturated_teacher_gets_no_gradient_and_nothing_is_nan(dtype):
+    """A teacher whose softmax is exactly one-hot (logits of 1e6 / 1e150) has a zero DKD gradient;
+    its log p̂ differences are huge, and two autograd paths that rounded them differently once left
+    an O(1) gradient. Student p_t → 0 and → 1 in the same batch: values and gradients finite."""
+    big = 1e6 if dtype == torch.float32 else 1e150
+    a, b = random_pair(6, 9, scale=big, dtype=dtype)
+    y = torch.tensor([0, 3, 8, 2, 2, 5])
+    for loss in (dkl.dkd_loss(a, b, y, temperature=4.0), dkl.dkd_loss(a, b, b.detach().argmax(1), temperature=1.0)):
+        grad_a, grad_b = grads_of(loss, a, b)
+        assert torch.isfinite(loss) and torch.isfinite(grad_a).all()
+        assert torch.equal(grad_b, torch.zeros_like(grad_b))
+
+
+class _HostReads(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += getattr(func, "__name__", "") in ("tolist", "item", "__bool__", "__float__", "__int__")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", ["dkd", "ikl_gi", "gkl_gi", "ikl", "dkl", "kl"])
+def test_a_loss_call_reads_the_device_once(name):
+    """Each read of a tensor value is a host-device sync (a stall of a launch-bound GPU step): the
+    logits' range and the targets' range come back in one copy (a class prior is read once per
+    version, here before the counted call)."""
+    a, b, y, prior = decoupled_inputs(5, 6, 23)
+    loss = name.split("_")[0]
+    kw = dict(class_prior=prior) if name.endswith("_gi") else {}
+    dkl.loss_terms(loss, a, b, targets=y, temperature=2.0, **kw)
+    with _HostReads() as reads:
+        dkl.loss_terms(loss, a, b, targets=y, temperature=2.0, **kw)
+    assert reads.count == 1
+
+
+@pytest.mark.parametrize("name", ["dkd", "ikl_gi", "ikl"])
+def test_out_of_range_targets_report_their_exact_extremes(name):
+    """The targets' range is read beside the logits' (in their float dtype); an index beyond 2**24
+    is re-read exactly for the message, not rounded to the nearest float32."""
+    a, b, y, prior = decoupled_inputs(4, 6, 24)
+    a, b = a.float(), b.float()
+    kw = dict(class_prior=prior.float()) if name.endswith("_gi") else {}
+    bad = torch.tensor([0, 2, 2**40 + 1, 3])
+    with pytest.raises(ValueError, match=r"targets out of range: the logits have 6 classes.*\[0, 5\], "
+                                         r"got min 0, max 1099511627777"):
+        dkl.loss_terms(name.split("_")[0], a, b, targets=bad, temperature=2.0, **kw)
