@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import weakref
 from typing import Optional
 
 import torch
@@ -251,11 +252,12 @@ def check_class_prior(class_prior, num_classes: int, device) -> float:
         raise ValueError(f"class_prior is on {class_prior.device} but the logits are on {device}")
     if tracing():  # values not read under torch.compile / torch.func
         return math.inf
-    # a prior is checked once, not at every step of an epoch that uses it: the tensor remembers the
-    # version it passed with (an in-place change, of it or through a view, bumps the version)
-    passed = getattr(class_prior, "_dkl_checked", None)
-    if passed is not None and passed[0] == class_prior._version:
-        return passed[1]
+    # a prior is checked once, not at every step of an epoch that uses it: the version it passed with
+    # is kept for this very tensor object (an in-place change, of it or through a view, bumps the
+    # version; a copy, a pickled or a loaded tensor is another object and is checked anew)
+    passed = _CHECKED_PRIORS.get(id(class_prior))
+    if passed is not None and passed[0]() is class_prior and passed[1] == class_prior._version:
+        return passed[2]
     sums = class_prior.detach().sum(dim=1)
     finite, low, low_sum, high_sum = torch.stack([
         torch.isfinite(class_prior).all().to(sums.dtype), class_prior.detach().amin(), sums.amin(), sums.amax(),
@@ -268,8 +270,22 @@ def check_class_prior(class_prior, num_classes: int, device) -> float:
     if low_sum <= 0:
         bad = torch.nonzero(sums <= 0)[:5, 0].tolist()
         raise ValueError(f"class_prior rows {bad} sum to zero; rows must be probability vectors")
-    class_prior._dkl_checked = (class_prior._version, high_sum)
+    _remember_prior(class_prior, high_sum)
     return high_sum
+
+
+# id(prior tensor) -> (weak reference to it, its version when it passed, its largest row sum)
+_CHECKED_PRIORS: dict = {}
+
+
+def _remember_prior(class_prior: torch.Tensor, high_sum: float) -> None:
+    key = id(class_prior)
+
+    def forget(ref, key=key):  # runs as the tensor is freed, before its id can be reused
+        if _CHECKED_PRIORS.get(key, (None,))[0] is ref:
+            del _CHECKED_PRIORS[key]
+
+    _CHECKED_PRIORS[key] = (weakref.ref(class_prior, forget), class_prior._version, high_sum)
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:

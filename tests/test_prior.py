@@ -339,3 +339,37 @@ def test_the_trainers_unchecked_update_equals_update_and_end_epoch_catches_an_ov
     with pytest.raises(ValueError, match=r"overflows torch.float64 \(weight_temperature = 1e-10\)"):
         trusted.end_epoch()
     assert torch.equal(trusted.prior, before)  # the nan sums did not become the prior
+
+
+def test_a_copy_of_a_checked_prior_is_checked_again_and_freed_priors_are_forgotten():
+    """The once-per-version check is kept for the tensor object itself: a deep copy or a pickled and
+    loaded prior (which restart at version 0) is checked anew, and a freed prior leaves no entry."""
+    import copy
+    import gc
+    import io
+
+    from dkl_lib import _checks
+
+    logits, target_logits, y = torch.randn(3, 4), torch.randn(3, 4), torch.tensor([0, 1, 3])
+    prior = torch.full((4, 4), 0.25)
+    dkl.ikl_loss(logits, target_logits, temperature=2.0, targets=y, class_prior=prior)
+    with torch.no_grad():
+        prior.data[1, 1] = float("nan")  # .data: changed without bumping the version
+    for other in (copy.deepcopy(prior), torch.load(io.BytesIO(_saved(prior)), weights_only=True)):
+        with pytest.raises(ValueError, match="class_prior contains non-finite"):
+            dkl.ikl_loss(logits, target_logits, temperature=2.0, targets=y, class_prior=other)
+    before = len(_checks._CHECKED_PRIORS)
+    fresh = torch.full((4, 4), 0.25)
+    dkl.ikl_loss(logits, target_logits, temperature=2.0, targets=y, class_prior=fresh)
+    assert len(_checks._CHECKED_PRIORS) == before + 1
+    del fresh
+    gc.collect()
+    assert len(_checks._CHECKED_PRIORS) == before
+
+
+def _saved(t):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(t, buf)
+    return buf.getvalue()
