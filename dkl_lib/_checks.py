@@ -14,11 +14,6 @@ from typing import Optional
 
 import torch
 
-
-class NonFiniteError(ValueError):
-    """Logits holding nan or inf (a ``ValueError``). The trainers turn it into a
-    ``FloatingPointError`` saying that the training diverged, naming the epoch."""
-
 __all__ = [
     "check_logits_pair",
     "check_positive",
@@ -32,6 +27,11 @@ __all__ = [
     "transforming",
     "forward_ad_active",
 ]
+
+
+class NonFiniteError(ValueError):
+    """Logits holding nan or inf (a ``ValueError``). The trainers turn it into a
+    ``FloatingPointError`` saying that the training diverged, naming the epoch."""
 
 
 def transforming() -> bool:

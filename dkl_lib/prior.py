@@ -184,7 +184,7 @@ class ClassPrior:
             torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.SUM)
             sums, counts = packed[:, :-1], packed[:, -1]
         if not tracing() and not bool(torch.isfinite(sums).all()):  # one sync per epoch
-            raise ValueError(_overflow_message(sums.dtype, getattr(self, "_weight_temperature", None)))
+            raise ValueError(_overflow_message(sums.dtype, self._weight_temperature))
         seen = counts > 0
         totals = sums.sum(dim=1, keepdim=True)
         new = torch.where(seen[:, None], sums / totals.clamp_min(torch.finfo(sums.dtype).tiny),

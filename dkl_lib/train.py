@@ -697,10 +697,10 @@ def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], lo
                 total = ce_weight * ce
                 if terms:
                     total = total + (factor * kd_weight) * sum(terms.values())
-                if prior is not None:  # before the backward: its one device sync then waits for the
-                    # forward alone, not for the backward and the optimizer step (this epoch's prior is
+                if prior is not None:  # before the backward: a custom loss's checked update then syncs on
+                    # the forward alone, not on the backward and the optimizer step (this epoch's prior is
                     # not changed by it: the sums become the next epoch's prior)
-                    if custom is None:  # the loss has just checked t_logits and y: no second sync
+                    if custom is None:  # the loss has just checked t_logits and y: no sync at all
                         prior._update_checked(t_logits, y, weight_temperature=hparams["weight_temperature"])
                     else:
                         prior.update(t_logits, y, weight_temperature=hparams["weight_temperature"])
