@@ -13,7 +13,8 @@ returns a scalar batch mean, computes internally in float32 or wider (also for f
 inputs and under autocast), uses log-softmax (never log of softmax), and raises ``ValueError`` or
 ``TypeError`` with a message naming the problem for bad input, including a temperature whose 1/T
 or T² (times the weight of the T²-scaled term), or logits / T, would overflow the compute dtype.
-The decoupled losses have a differentiable backward (second derivatives under ``create_graph``).
+The decoupled losses, and DKD for a teacher that takes no gradient, have an analytic backward that is
+itself differentiable (second derivatives under ``create_graph``).
 
 Precision: at large temperatures KL(s_m ‖ s_n) is O(1/T²) while its two log-probabilities are O(1),
 so in float32 the T²-scaled value loses relative digits as T grows, as ``F.kl_div``'s does (for
@@ -35,9 +36,9 @@ Notebook 01 derives these losses step by step; notebook 02 plots the gradient of
 torch.compile and torch.func: every loss compiles as one graph (``fullgraph=True``) with the eager
 values and gradients, so a compiled training step may call them; and every loss works inside
 ``torch.func`` transforms (grad, jacrev, jvp, hessian, vmap for per-sample gradients) and under
-forward-mode AD (``torch.autograd.forward_ad``), where the decoupled losses run as plain autograd with
-their stop-gradients as ``detach`` (same derivatives, first and second order, as the analytic
-backward). ``torch.compile`` around a ``torch.func`` transform of dkl/ikl/gkl is not supported.
+forward-mode AD (``torch.autograd.forward_ad``), where the decoupled losses and DKD run as plain
+autograd with their stop-gradients as ``detach`` (same derivatives, first and second order, as the
+analytic backward). ``torch.compile`` around a ``torch.func`` transform of dkl/ikl/gkl is not supported.
 Under compile and inside torch.func the checks that read tensor values (non-finite logits, overflow
 bounds, label ranges, prior rows) are skipped, since each is a device sync the compiler cannot trace
 and vmap's batched tensors cannot answer; types, shapes, devices and hyper-parameters are still
@@ -524,12 +525,95 @@ def gkl_loss(logits, target_logits, *, temperature: float = 1.0, alpha: float = 
 # --------------------------------------------------------------------------------------------
 # DKD
 # --------------------------------------------------------------------------------------------
-def _binary_log_probs(log_probs: torch.Tensor, target_col: torch.Tensor, target_mask: torch.Tensor):
-    """log b = (log p_t, log(1 − p_t)) of one side, shape (B, 2), and log(1 − p_t) alone (B, 1):
-    the logsumexp of the log-probabilities with the target column at −inf (no 1 − p_t, so it stays
-    exact as p_t → 1)."""
-    log_rest = torch.logsumexp(log_probs.masked_fill(target_mask, -math.inf), dim=1, keepdim=True)
-    return torch.cat([log_probs.gather(1, target_col), log_rest], dim=1), log_rest
+def _dkd_parts(logits, target_logits, target_col, target_mask, temperature):
+    """The log-space pieces of DKD for both sides (B, C) / (B, 1): log s, log p_t (the target
+    column), log(1 − p_t) (the logsumexp of the log-probabilities with the target column at −inf:
+    no 1 − p_t, so it stays exact as p_t → 1) and log p̂ = log s − log(1 − p_t), the log-softmax over
+    the non-target classes (its target column is meaningless; callers mask it)."""
+    parts = []
+    for x in (logits, target_logits):
+        log_s = torch.log_softmax(_scaled(x, temperature), dim=1)
+        log_rest = torch.logsumexp(log_s.masked_fill(target_mask, -math.inf), dim=1, keepdim=True)
+        parts.append((log_s, log_s.gather(1, target_col), log_rest, log_s - log_rest))
+    return parts
+
+
+def _dkd_values(logits, target_logits, target_col, target_mask, temperature, alpha, beta):
+    """(tckd, nckd), each already weighted by α or β and T² / B. Plain autograd: the path for a
+    teacher that takes gradients, torch.func, forward-mode AD, torch.compile and double backward;
+    :class:`_DKD` computes the same values with an analytic student gradient."""
+    scale = temperature**2 / logits.shape[0]
+    (_, lt_n, rest_n, hat_log_n), (_, lt_m, rest_m, hat_log_m) = _dkd_parts(
+        logits, target_logits, target_col, target_mask, temperature)
+    # KL of the binary splits b = (p_t, 1 − p_t), per row, scaled, then summed (see
+    # _DecoupledKL.forward: the unscaled sum may overflow)
+    tckd = (lt_m.exp() * (lt_m - lt_n) + rest_m.exp() * (rest_m - rest_n)).mul(alpha * scale).sum()
+    # The NCKD sum runs over all C columns with the target's weight p̂_m,t = exp(−inf) = 0; there
+    # log p_t − log(1 − p_t) lies within ±(max/2 + log C) on each side (both logs in (−max/2 − log C, 0]
+    # by the range check), so the difference is finite: no 0 · inf. p̂_m comes from the same log p̂_m
+    # tensor as the difference: the gradient of the teacher then meets log(1 − p_t,m) in one sum (two
+    # paths would each round a huge difference differently, leaving an O(1) error where the exact
+    # gradient is 0)
+    hat_m = hat_log_m.masked_fill(target_mask, -math.inf).exp()
+    nckd = (hat_m * (hat_log_m - hat_log_n)).sum(dim=1).mul(beta * scale).sum()
+    return tckd, nckd
+
+
+class _DKD(torch.autograd.Function):
+    """DKD's two terms with the analytic gradient of the student (the teacher takes none: the
+    caller uses :func:`_dkd_values` when it does). Per row, with z = o_n / T, p = softmax(z),
+    p̂ the non-target renormalisation and q_m = 1 − p_m,t:
+
+        ∂TCKD/∂z_j = p_n,j − [j = t] p_m,t − [j ≠ t] q_m p̂_n,j,   ∂NCKD/∂z_j = [j ≠ t] (p̂_n,j − p̂_m,j)
+
+    (each sums to 0 over j), times α or β and T / B. A fraction of the operations that autograd
+    records and replays through the log-space formula; the same values. A backward that will be
+    differentiated (``create_graph=True``) replays the plain formula under autograd instead.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target_logits, target_col, target_mask, temperature, alpha, beta):
+        scale = temperature**2 / logits.shape[0]
+        (log_n, lt_n, rest_n, hat_log_n), (_, lt_m, rest_m, hat_log_m) = _dkd_parts(
+            logits, target_logits, target_col, target_mask, temperature)
+        p_mt, q_m = lt_m.exp(), rest_m.exp()
+        tckd = (p_mt * (lt_m - lt_n) + q_m * (rest_m - rest_n)).mul(alpha * scale).sum()
+        hat_m = hat_log_m.masked_fill(target_mask, -math.inf).exp()
+        nckd = (hat_m * (hat_log_m - hat_log_n)).sum(dim=1).mul(beta * scale).sum()
+        ctx.set_materialize_grads(False)  # an unused term's gradient arrives as None, not zeros
+        ctx.save_for_backward(log_n, hat_log_n, hat_m, p_mt, q_m, target_col, target_mask)
+        # kept as attributes for a differentiated backward only (see _DecoupledKL.forward)
+        ctx.inputs = (logits, target_logits)
+        ctx.versions = tuple(t._version for t in ctx.inputs)
+        ctx.hparams = (temperature, alpha, beta)
+        return tckd, nckd
+
+    @staticmethod
+    def backward(ctx, grad_tckd, grad_nckd):
+        log_n, hat_log_n, hat_m, p_mt, q_m, target_col, target_mask = ctx.saved_tensors
+        temperature, alpha, beta = ctx.hparams
+        if not ctx.needs_input_grad[0] or (grad_tckd is None and grad_nckd is None):
+            return (None,) * 7
+        logits, target_logits = ctx.inputs
+        if torch.is_grad_enabled():  # create_graph=True: the plain formula, differentiated by autograd
+            if any(t._version != v for t, v in zip(ctx.inputs, ctx.versions)):
+                raise RuntimeError("an input of dkd_loss was modified in place after the loss was computed; "
+                                   "a backward with create_graph=True needs it unchanged")
+            pairs = [(v, g) for v, g in zip(_dkd_values(logits, target_logits, target_col, target_mask,
+                                                        temperature, alpha, beta), (grad_tckd, grad_nckd))
+                     if g is not None]
+            grad, = torch.autograd.grad([v for v, _ in pairs], logits, [g for _, g in pairs], create_graph=True)
+            return (grad,) + (None,) * 6
+        factor = temperature / logits.shape[0]
+        hat_n = hat_log_n.masked_fill(target_mask, -math.inf).exp()
+        grad = None
+        if grad_tckd is not None:  # α T/B (p_n − [t] p_m,t − q_m p̂_n), p̂_n = 0 at t
+            a = grad_tckd * (alpha * factor)
+            grad = (log_n.exp() - target_mask * p_mt - q_m * hat_n) * a
+        if grad_nckd is not None:  # β T/B (p̂_n − p̂_m)
+            part = (hat_n - hat_m) * (grad_nckd * (beta * factor))
+            grad = part if grad is None else grad + part
+        return (grad,) + (None,) * 6
 
 
 def dkd_terms(logits, target_logits, targets, *, temperature: float = 1.0, alpha: float = 1.0,
@@ -541,26 +625,18 @@ def dkd_terms(logits, target_logits, targets, *, temperature: float = 1.0, alpha
     logits, target_logits, largest = _prepare(logits, target_logits, temperature, squared_weight=max(alpha, beta),
                                               targets=targets)
     targets = targets.long()
-    scale = temperature**2 / logits.shape[0]
     with _no_autocast(logits.device):
         # one boolean mask of the target column, shared by both sides (no per-side index tensors)
         target_col = targets.unsqueeze(1)
         target_mask = target_col == torch.arange(logits.shape[1], device=logits.device)
-        log_n = torch.log_softmax(logits / temperature, dim=1)
-        log_m = torch.log_softmax(target_logits / temperature, dim=1)
-        lb_n, rest_n = _binary_log_probs(log_n, target_col, target_mask)
-        lb_m, rest_m = _binary_log_probs(log_m, target_col, target_mask)
-        # per row, scaled, then summed (see _DecoupledKL.forward: the unscaled sum may overflow)
-        tckd = (lb_m.exp() * (lb_m - lb_n)).sum(dim=1).mul(alpha * scale).sum()
-        # log p̂_j = log p_j − log(1 − p_t) for j ≠ t. The NCKD sum runs over all C columns with the
-        # target's weight p̂_m,t = exp(−inf) = 0; there log p_t − log(1 − p_t) lies within ±(max/2 + log C)
-        # on each side (both logs in (−max/2 − log C, 0] by the range check), so the difference is finite: no
-        # 0 · inf. p̂_m comes from the same log p̂_m tensor as the difference: the gradient of the
-        # teacher then meets log(1 − p_t,m) in one sum (two paths would each round a huge difference
-        # differently, leaving an O(1) error where the exact gradient is 0)
-        hat_log_m = log_m - rest_m
-        hat_m = hat_log_m.masked_fill(target_mask, -math.inf).exp()
-        nckd = (hat_m * (hat_log_m - (log_n - rest_n))).sum(dim=1).mul(beta * scale).sum()
+        args = (logits, target_logits, target_col, target_mask, temperature, alpha, beta)
+        # the analytic student gradient where it applies (the usual case: a frozen teacher, a
+        # student that takes gradients); anything else through autograd of the same formula
+        if (logits.requires_grad and not target_logits.requires_grad and torch.is_grad_enabled()
+                and not (tracing() or forward_ad_active())):
+            tckd, nckd = _DKD.apply(*args)
+        else:
+            tckd, nckd = _dkd_values(*args)
     terms = {"tckd": tckd, "nckd": nckd}
     # each KL <= max |log-ratio| <= 4 max |o_m - o_n| / T (the non-target and binary splits)
     check_finite_terms("dkd", terms, temperature=temperature, largest=largest,
@@ -576,6 +652,9 @@ def dkd_loss(logits, target_logits, targets, *, temperature: float = 1.0, alpha:
 
     batch mean, with b = (p_t, 1 − p_t) the target/non-target binary split of softmax(o / T) and
     p̂ the softmax over the non-target classes; computed in log space (finite for large logits).
+    When only ``logits`` take gradients (distillation from a frozen teacher) the backward is the
+    closed-form student gradient in one autograd node (fewer kernel launches per training step);
+    when ``target_logits`` take gradients too, autograd goes through the same log-space formula.
 
     Args:
         logits: o_n, shape (B, C). target_logits: o_m, shape (B, C).

@@ -258,3 +258,25 @@ def test_torch_compile_of_ikl_on_cuda_matches_eager():
     (gc,) = torch.autograd.grad(got, sc)
     torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_dkd_with_a_frozen_teacher_on_cuda_matches_the_cpu(dtype):
+    """DKD's analytic student gradient (the KD case: the teacher takes no gradient) on CUDA against
+    the CPU's float64 values, in float64 and float32."""
+    student, teacher, targets, _ = _inputs(seed=7)
+
+    def run(device, dt):
+        s = student.to(device, dt).requires_grad_(True)
+        terms = dkl.dkd_terms(s, teacher.to(device, dt), targets.to(device), temperature=4.0, alpha=1.0, beta=8.0)
+        assert type(terms["tckd"].grad_fn).__name__ == "_DKDBackward"
+        (grad,) = torch.autograd.grad(sum(terms.values()), s)
+        return {k: v.detach().double().cpu() for k, v in terms.items()}, grad.double().cpu()
+
+    ref_terms, ref_grad = run("cpu", torch.float64)
+    terms, grad = run(CUDA, dtype)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5)
+    for k in terms:
+        torch.testing.assert_close(terms[k], ref_terms[k], **tol)
+    assert (grad - ref_grad).abs().max() <= (1e-9 if dtype == torch.float64 else 2e-4) * ref_grad.abs().max()
+    assert ref_grad.abs().max() > 1e-3

@@ -785,3 +785,83 @@ def test_out_of_range_targets_report_their_exact_extremes(name):
     with pytest.raises(ValueError, match=r"targets out of range: the logits have 6 classes.*\[0, 5\], "
                                          r"got min 0, max 1099511627777"):
         dkl.loss_terms(name.split("_")[0], a, b, targets=bad, temperature=2.0, **kw)
+
+
+# ------------------------------------------------------- DKD's analytic student gradient (frozen teacher)
+def _dkd_both_paths(a, b, y, **hp):
+    """DKD's terms with a frozen teacher (the analytic _DKD backward) and with a teacher that takes
+    gradients (autograd through the same formula), on copies of ``a``."""
+    frozen_s, free_s = a.detach().clone().requires_grad_(), a.detach().clone().requires_grad_()
+    frozen = dkl.dkd_terms(frozen_s, b.detach(), y, **hp)
+    free = dkl.dkd_terms(free_s, b.detach().clone().requires_grad_(), y, **hp)
+    assert type(frozen["tckd"].grad_fn).__name__ == "_DKDBackward"  # the path under test is taken
+    assert type(free["tckd"].grad_fn).__name__ != "_DKDBackward"
+    return (frozen_s, frozen), (free_s, free)
+
+
+@pytest.mark.parametrize("classes,temperature", [(2, 1.0), (3, 2.0), (7, 4.0), (30, 2.0)])
+def test_dkd_frozen_teacher_value_and_student_gradient_match_the_literal_formula(classes, temperature):
+    """The analytic student gradient of DKD (the KD case: the teacher takes none) against explicit
+    probabilities in float64, every target position; each term's own gradient against autograd."""
+    g = torch.Generator().manual_seed(classes + 100)
+    a, b = random_pair(2 * classes, classes, scale=2.0, generator=g)
+    y = torch.arange(2 * classes) % classes
+    (s, terms), (s_ref, ref_terms) = _dkd_both_paths(a, b, y, temperature=temperature, alpha=1.5, beta=6.0)
+    ref = _dkd_literal(s_ref, b.detach(), y, temperature, 1.5, 6.0)
+    ours = terms["tckd"] + terms["nckd"]
+    assert math.isclose(ours.item(), ref.item(), rel_tol=1e-12)
+    (mine,), (want,) = grads_of(ours, s), grads_of(ref, s_ref)
+    assert torch.allclose(mine, want, rtol=1e-10, atol=1e-14) and want.abs().max() > 1e-3
+    for name in ("tckd", "nckd"):  # one term's backward alone (the other's grad output is None)
+        (mine,), (want,) = grads_of(terms[name], s), grads_of(ref_terms[name], s_ref)
+        assert torch.allclose(mine, want, rtol=1e-10, atol=1e-14)
+        assert want.abs().max() > 1e-4 or (name == "nckd" and classes == 2)  # one non-target class: NCKD = 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dkd_frozen_teacher_extreme_logits_give_autograds_gradient(dtype):
+    """Saturated teacher and student (p_t -> 1 and -> 0 in one batch, logits of 1e6 / 1e150) and a
+    near one-hot pair: the analytic student gradient is finite and equals autograd's."""
+    big = 1e6 if dtype == torch.float32 else 1e150
+    for scale in (big, 30.0):
+        a, b = random_pair(6, 9, scale=scale, dtype=dtype)
+        for y in (torch.tensor([0, 3, 8, 2, 2, 5]), b.detach().argmax(1), a.detach().argmax(1)):
+            (s, terms), (s_ref, ref_terms) = _dkd_both_paths(a, b, y, temperature=4.0)
+            for name in terms:
+                assert torch.equal(terms[name], ref_terms[name])
+            (mine,), (want,) = grads_of(sum(terms.values()), s), grads_of(sum(ref_terms.values()), s_ref)
+            assert torch.isfinite(mine).all()
+            tol = (1e-5 if dtype == torch.float32 else 1e-12) * max(want.abs().max().item(), 1e-30)
+            assert (mine - want).abs().max() <= tol
+
+
+def test_dkd_frozen_teacher_second_order_and_batched_backward():
+    """create_graph=True through the analytic backward: Hessian-vector products equal those of
+    autograd's path (and gradgradcheck holds); a backward with batched grad outputs (vmap over
+    autograd.grad, is_grads_batched) equals the per-term gradients; an in-place change of the
+    student logits before a differentiated backward is refused."""
+    a, b, y, _ = decoupled_inputs(5, 7, 31)
+    v = torch.randn(5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    (s, terms), (s_ref, ref_terms) = _dkd_both_paths(a, b, y, temperature=2.0, alpha=1.0, beta=3.0)
+    (g,), (g_ref,) = [torch.autograd.grad(sum(t.values()), x, create_graph=True) for x, t in
+                      ((s, terms), (s_ref, ref_terms))]
+    (hv,), (hv_ref,) = [torch.autograd.grad((gx * v).sum(), x, retain_graph=True) for gx, x in ((g, s), (g_ref, s_ref))]
+    assert torch.allclose(hv, hv_ref, rtol=1e-10, atol=1e-14) and hv_ref.abs().max() > 1e-3
+    frozen_b = b.detach()
+    assert torch.autograd.gradgradcheck(
+        lambda x: dkl.dkd_loss(x, frozen_b, y, temperature=2.0, alpha=1.0, beta=3.0),
+        (a.detach().clone().requires_grad_(),))
+    stacked = torch.stack([terms["tckd"], terms["nckd"]])
+    rows = torch.stack([torch.autograd.grad(ref_terms[k], s_ref, retain_graph=True)[0] for k in ("tckd", "nckd")])
+    eye = torch.eye(2, dtype=torch.float64)
+    (by_vmap,) = torch.func.vmap(lambda u: torch.autograd.grad(stacked, s, u, retain_graph=True))(eye)
+    (batched,) = torch.autograd.grad(stacked, s, eye, retain_graph=True, is_grads_batched=True)
+    for mine in (by_vmap, batched):
+        assert torch.allclose(mine, rows, rtol=1e-12, atol=1e-15)
+    x = a.detach().clone().requires_grad_()
+    student = x * 1.0  # a non-leaf, changed in place after the loss
+    loss = dkl.dkd_loss(student, frozen_b, y, temperature=2.0)
+    with torch.no_grad():
+        student.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        torch.autograd.grad(loss, x, create_graph=True)
