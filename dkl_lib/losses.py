@@ -539,15 +539,17 @@ def _dkd_parts(logits, target_logits, target_col, target_mask, temperature):
 
 
 def _dkd_values(logits, target_logits, target_col, target_mask, temperature, alpha, beta):
-    """(tckd, nckd), each already weighted by α or β and T² / B. Plain autograd: the path for a
-    teacher that takes gradients, torch.func, forward-mode AD, torch.compile and double backward;
-    :class:`_DKD` computes the same values with an analytic student gradient."""
+    """(tckd, nckd), each already weighted by α or β and T² / B, and the factors of the student's
+    gradient that :class:`_DKD` saves (log s_n, log p̂_n, p̂_m, p_m,t, 1 − p_m,t). Through plain
+    autograd this is the path for a teacher that takes gradients, torch.func, forward-mode AD,
+    torch.compile and a differentiated backward; :class:`_DKD` runs it with autograd off."""
     scale = temperature**2 / logits.shape[0]
-    (_, lt_n, rest_n, hat_log_n), (_, lt_m, rest_m, hat_log_m) = _dkd_parts(
+    (log_n, lt_n, rest_n, hat_log_n), (_, lt_m, rest_m, hat_log_m) = _dkd_parts(
         logits, target_logits, target_col, target_mask, temperature)
     # KL of the binary splits b = (p_t, 1 − p_t), per row, scaled, then summed (see
     # _DecoupledKL.forward: the unscaled sum may overflow)
-    tckd = (lt_m.exp() * (lt_m - lt_n) + rest_m.exp() * (rest_m - rest_n)).mul(alpha * scale).sum()
+    p_mt, q_m = lt_m.exp(), rest_m.exp()
+    tckd = (p_mt * (lt_m - lt_n) + q_m * (rest_m - rest_n)).mul(alpha * scale).sum()
     # The NCKD sum runs over all C columns with the target's weight p̂_m,t = exp(−inf) = 0; there
     # log p_t − log(1 − p_t) lies within ±(max/2 + log C) on each side (both logs in (−max/2 − log C, 0]
     # by the range check), so the difference is finite: no 0 · inf. p̂_m comes from the same log p̂_m
@@ -556,7 +558,7 @@ def _dkd_values(logits, target_logits, target_col, target_mask, temperature, alp
     # gradient is 0)
     hat_m = hat_log_m.masked_fill(target_mask, -math.inf).exp()
     nckd = (hat_m * (hat_log_m - hat_log_n)).sum(dim=1).mul(beta * scale).sum()
-    return tckd, nckd
+    return tckd, nckd, (log_n, hat_log_n, hat_m, p_mt, q_m)
 
 
 class _DKD(torch.autograd.Function):
@@ -573,15 +575,9 @@ class _DKD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target_logits, target_col, target_mask, temperature, alpha, beta):
-        scale = temperature**2 / logits.shape[0]
-        (log_n, lt_n, rest_n, hat_log_n), (_, lt_m, rest_m, hat_log_m) = _dkd_parts(
-            logits, target_logits, target_col, target_mask, temperature)
-        p_mt, q_m = lt_m.exp(), rest_m.exp()
-        tckd = (p_mt * (lt_m - lt_n) + q_m * (rest_m - rest_n)).mul(alpha * scale).sum()
-        hat_m = hat_log_m.masked_fill(target_mask, -math.inf).exp()
-        nckd = (hat_m * (hat_log_m - hat_log_n)).sum(dim=1).mul(beta * scale).sum()
+        tckd, nckd, factors = _dkd_values(logits, target_logits, target_col, target_mask, temperature, alpha, beta)
         ctx.set_materialize_grads(False)  # an unused term's gradient arrives as None, not zeros
-        ctx.save_for_backward(log_n, hat_log_n, hat_m, p_mt, q_m, target_col, target_mask)
+        ctx.save_for_backward(*factors, target_col, target_mask)
         # kept as attributes for a differentiated backward only (see _DecoupledKL.forward)
         ctx.inputs = (logits, target_logits)
         ctx.versions = tuple(t._version for t in ctx.inputs)
@@ -600,7 +596,7 @@ class _DKD(torch.autograd.Function):
                 raise RuntimeError("an input of dkd_loss was modified in place after the loss was computed; "
                                    "a backward with create_graph=True needs it unchanged")
             pairs = [(v, g) for v, g in zip(_dkd_values(logits, target_logits, target_col, target_mask,
-                                                        temperature, alpha, beta), (grad_tckd, grad_nckd))
+                                                        temperature, alpha, beta)[:2], (grad_tckd, grad_nckd))
                      if g is not None]
             grad, = torch.autograd.grad([v for v, _ in pairs], logits, [g for _, g in pairs], create_graph=True)
             return (grad,) + (None,) * 6
@@ -636,7 +632,7 @@ def dkd_terms(logits, target_logits, targets, *, temperature: float = 1.0, alpha
                 and not (tracing() or forward_ad_active())):
             tckd, nckd = _DKD.apply(*args)
         else:
-            tckd, nckd = _dkd_values(*args)
+            tckd, nckd, _ = _dkd_values(*args)
     terms = {"tckd": tckd, "nckd": nckd}
     # each KL <= max |log-ratio| <= 4 max |o_m - o_n| / T (the non-target and binary splits)
     check_finite_terms("dkd", terms, temperature=temperature, largest=largest,
