@@ -1,6 +1,6 @@
 """benchmarks/bench_train.py's paired ratios to the KL step (an order shuffled per round, each loss's
-time over the KL time of the same round). Quick CPU runs: they check what the script writes, not
-what a machine measures."""
+time over the KL time of the same round), and gpu_check_summary.py's use of them. Quick CPU runs:
+they check what the scripts write, not what a machine measures."""
 import collections
 import importlib
 import json
@@ -150,3 +150,40 @@ def test_bench_train_writes_the_paired_ratios(tmp_path):
 def test_bench_train_refuses_no_rounds():
     proc = _script(BENCH / "bench_train.py", "--devices", "cpu", "--reps", "0", timeout=60)
     assert proc.returncode == 2 and "--reps must be >= 1" in proc.stderr
+
+
+# ------------------------------------------------------------------ gpu_check_summary: paired ratios
+def _summary(tmp_path, runs):
+    (tmp_path / "steps.txt").write_text("".join(f"ok|training step, batch {r['batch']}\n" for r in runs),
+                                        encoding="utf-8")
+    for r in runs:
+        (tmp_path / f"train_b{r['batch']}.json").write_text(json.dumps(r), encoding="utf-8")
+    proc = _script(BENCH / "gpu_check_summary.py", tmp_path, "cpu", "5")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    bundle = json.loads((tmp_path / "gpu_check.json").read_text(encoding="utf-8"))
+    targets = {t["target"]: t for t in bundle["targets"]}
+    return proc.stdout, targets
+
+
+def test_gpu_check_summary_uses_the_paired_ratios_and_falls_back_for_old_files(tmp_path):
+    """The medians alone would put ikl at 1.20x of KL; the paired per-round ratios at 1.05x: the
+    table and the 1.10x target use the paired one, with its IQR. A file from before the paired ratios
+    (batch 128 here) still gives the median-over-median ratio, without an IQR."""
+    settings = {"cpu": {"amp": "bf16", "channels_last": True, "cudnn_benchmark": False, "reps": 10,
+                        "compile": "off", "warmup": 1}}
+    new = {"batch": 64, "seconds_per_step": {"cpu": {"kl": 0.010, "ikl": 0.012, "teacher": 0.020}},
+           "first_step_seconds": {}, "settings": {"cpu": {**settings["cpu"], "order_seed": 0}},
+           "ratio_to_kl": {"cpu": {"kl": 1.0, "ikl": 1.05, "teacher": 2.0}},
+           "ratio_to_kl_iqr": {"cpu": {"kl": [1.0, 1.0], "ikl": [1.02, 1.08], "teacher": [1.9, 2.1]}}}
+    old = {"batch": 128, "seconds_per_step": {"cpu": {"kl": 0.010, "ikl": 0.012}}, "first_step_seconds": {},
+           "settings": settings}
+    stdout, targets = _summary(tmp_path, [new, old])
+    assert "| 64 | ikl | 12.00 | 5,333 | 1.05x (IQR 1.02-1.08) |" in stdout
+    assert "| 64 | kl | 10.00 | 6,400 | 1.00x (IQR 1.00-1.00) |" in stdout
+    assert "| 64 | teacher | 20.00 | 3,200 | 2.00x (IQR 1.90-2.10) |" in stdout
+    assert "| 128 | ikl | 12.00 | 10,667 | 1.20x |" in stdout
+    assert "median of the per-round paired ratios" in stdout
+    new_target = targets["ikl step within 1.10x of the KL step at batch 64"]
+    assert new_target["met"] is True and new_target["value"] == "1.05x (IQR 1.02-1.08)"
+    old_target = targets["ikl step within 1.10x of the KL step at batch 128"]
+    assert old_target["met"] is False and old_target["value"] == "1.20x"
