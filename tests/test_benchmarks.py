@@ -1,6 +1,7 @@
 """benchmarks/bench_train.py's paired ratios to the KL step (an order shuffled per round, each loss's
-time over the KL time of the same round), and gpu_check_summary.py's use of them. Quick CPU runs:
-they check what the scripts write, not what a machine measures."""
+time over the KL time of the same round), gpu_check_summary.py's use of them, and
+benchmarks/bench_host.py (the host time and aten ops of each loss call). Quick CPU runs: they check
+what the scripts write, not what a machine measures."""
 import collections
 import importlib
 import json
@@ -28,6 +29,12 @@ def _script(*args, timeout=120):
 def bench_train(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     return importlib.import_module("bench_train")
+
+
+@pytest.fixture
+def bench_host(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    return importlib.import_module("bench_host")
 
 
 # ------------------------------------------------------------------ bench_train: round_robin on a fake clock
@@ -187,3 +194,54 @@ def test_gpu_check_summary_uses_the_paired_ratios_and_falls_back_for_old_files(t
     assert new_target["met"] is True and new_target["value"] == "1.05x (IQR 1.02-1.08)"
     old_target = targets["ikl step within 1.10x of the KL step at batch 128"]
     assert old_target["met"] is False and old_target["value"] == "1.20x"
+
+
+# ------------------------------------------------------------------ bench_host
+def test_bench_host_counts_ops_and_pairs_with_kl(tmp_path):
+    out = tmp_path / "host.json"
+    proc = _script(BENCH / "bench_host.py", "--rounds", "20", "--warmup", "2", "--json", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.loads(out.read_text(encoding="utf-8"))
+    res = run["losses"]
+    assert list(res) == ["kl", "dkl", "ikl", "gkl", "dkd"]
+    assert run["threads"] == 1 and run["batch"] == 8 and run["classes"] == 100 and run["device"] == "cpu"
+    assert run["hparams"]["dkd"] == {"temperature": 4.0, "alpha": 1.0, "beta": 8.0}  # bench_train's HPARAMS
+    for loss, r in res.items():
+        assert r["ops"] > 0 and r["ops"] == r["ops_detail"]["total"], (loss, r)
+        assert r["ops_detail"]["forward"] > 0 and r["ops_detail"]["backward"] > 0, (loss, r)
+        assert sum(r["ops_detail"]["by_op"].values()) == r["ops"]
+        for key in ("us", "ratio_to_kl"):
+            assert math.isfinite(r[key]) and r[key] > 0, (loss, key, r[key])
+        assert r["ratio_to_kl_iqr"][0] <= r["ratio_to_kl"] <= r["ratio_to_kl_iqr"][1]
+        # the class-prior update counts for the losses with a prior, and only for them
+        assert (r["ops_detail"]["prior"] > 0) == (loss in ("ikl", "gkl")), (loss, r["ops_detail"])
+    assert res["kl"]["ratio_to_kl"] == 1.0 and res["kl"]["extra_us"] == 0.0
+    assert res["dkd"]["ops"] > res["kl"]["ops"]
+    assert "aten.index_add_.default" in res["ikl"]["ops_detail"]["by_op"]  # the prior's accumulation
+    assert "| loss | aten ops / call | host us / call | extra us over KL | time / KL |" in proc.stdout
+    assert "device cpu; 1 thread(s); B = 8, C = 100, float32" in proc.stdout
+    assert f"| kl | {res['kl']['ops']} |" in proc.stdout and "| +0.0 | 1.00x (IQR 1.00-1.00) |" in proc.stdout
+
+
+def test_bench_host_measure_reference_and_bad_arguments(bench_host):
+    """kl, the reference of the ratios, is measured even when not asked for; bad arguments are refused
+    with the argument named (in-process, on the default thread count: measure does not set it)."""
+    res = bench_host.measure("cpu", ["dkd"], batch=2, classes=5, rounds=3, warmup=1)
+    assert list(res) == ["kl", "dkd"] and res["kl"]["ratio_to_kl"] == 1.0
+    for kwargs, message in [({"losses": ["kld"]}, r"unknown losses \['kld'\]"),
+                            ({"rounds": 0}, "rounds must be an integer >= 1"),
+                            ({"warmup": -1}, "warmup must be an integer >= 0"),
+                            ({"batch": 0}, "batch must be an integer >= 1"),
+                            ({"classes": 1}, "classes must be an integer >= 2")]:
+        with pytest.raises(ValueError, match=message):
+            bench_host.measure("cpu", **{"rounds": 1, "warmup": 0, **kwargs})
+
+
+def test_bench_host_command_line_refuses_bad_arguments():
+    proc = _script(BENCH / "bench_host.py", "--rounds", "0", timeout=60)
+    assert proc.returncode == 2 and "rounds must be an integer >= 1" in proc.stderr
+    proc = _script(BENCH / "bench_host.py", "--threads", "0", timeout=60)
+    assert proc.returncode == 2 and "--threads must be >= 1" in proc.stderr
+    if not torch.cuda.is_available():
+        proc = _script(BENCH / "bench_host.py", "--device", "cuda", timeout=60)
+        assert proc.returncode == 2 and "torch sees no CUDA device" in proc.stderr
