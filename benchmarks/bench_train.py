@@ -5,6 +5,7 @@
     python benchmarks/bench_train.py --json out.json
     python benchmarks/bench_train.py --devices cuda --losses ce,kl,ikl --batch 256   # benchmarks/gpu_check.sh
     python benchmarks/bench_train.py --compile both --losses kl,ikl   # torch.compile'd models vs eager
+    python benchmarks/bench_train.py --fixed-order                    # the old fixed order ce, kl, dkl, ...
 
 CIFAR shapes: a resnet32x4 teacher and a resnet8x4 student (100 classes), random 3x32x32 inputs.
 One step = what dkl_lib.train.distill does per batch: the frozen teacher's forward (no gradient),
@@ -15,21 +16,35 @@ released teacher file is at hand; gpu_check.sh turns it into the presets' teache
 CUDA the step runs under bf16 autocast with channels_last, as in training (``--amp`` and
 ``--channels-last`` change that; the settings used are printed). All losses are timed
 round-robin in one process (one step of each in turn, repeated), so the ratios to the KL step are
-measured side by side; the table reports medians. Target: every KD loss within 1.10x of
-the KL step.
+measured side by side. The order of the steps is shuffled anew in every round (warm-up rounds
+included) by ``random.Random(--order-seed)``: in a fixed order (ce, kl, dkl, ...) KL always ran right
+after the cheaper CE step, so a position effect (caches, clocks, the allocator's state left by the
+step before) could not be told apart from a cost of the loss. ``--fixed-order`` keeps that old
+order, for comparison.
+
+The ms / step and samples / s columns are medians of each loss's step times. The "time / KL step"
+column is the median of the PAIRED per-round ratios: each round, a loss's step time divided by the
+KL step time of the same bench in the same round (a slow round, e.g. the GPU clocking down or
+another process, slows both and cancels out), with the interquartile range of those ratios beside
+it; ``--json`` writes them as "ratio_to_kl" and "ratio_to_kl_iqr". Target: every KD loss within
+1.10x of the KL step.
 
 ``--compile on`` runs the three models through ``torch.compile`` (default inductor backend), as
 ``dkl_lib.train.distill(torch.compile(student), ...)`` would; ``--compile both`` times the compiled
-and the eager steps round-robin in one process (a "time / eager" column), and the table gives the
-compiled step's first call (the compilation) apart. The losses themselves run inside the step
-uncompiled either way, as in training.
+and the eager steps round-robin in one process (a "time / eager" column: median over median), and
+the table gives the compiled step's first call (the compilation) apart; the compiled and the eager
+steps are each paired with their own KL step. With the shuffled order, the compilation of a model
+shared by several losses (the teacher) lands in whichever of them ran first. The losses themselves
+run inside the step uncompiled either way, as in training.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import math
 import os
+import random
 import statistics
 import sys
 import time
@@ -124,15 +139,69 @@ class Bench:
         total.backward()
         self.optimizer.step()
 
-    def time(self, reps, warmup=1):
-        return round_robin([self], reps, warmup)[self]
+    def time(self, reps, warmup=1, order_seed=0):
+        return round_robin([self], reps, warmup, order_seed=order_seed)[self]
 
 
-def round_robin(benches, reps, warmup=1):
-    """{bench: {loss: median seconds}} and, under the key "first", {bench: {loss: seconds of the
-    very first step}} (for a compiled bench: the compilation). One step of each loss of each bench
-    in turn, repeated, so that all are measured side by side."""
+def quartiles(values):
+    """(first quartile, third quartile) of a non-empty sequence: linear interpolation between the
+    order statistics (numpy's default, statistics.quantiles' "inclusive" method), which is also
+    defined for one value (statistics.quantiles wants two before Python 3.13)."""
+    data = sorted(values)
+    if not data:
+        raise ValueError("quartiles of no values")
+
+    def at(q):
+        pos = q * (len(data) - 1)
+        low = math.floor(pos)
+        high = min(low + 1, len(data) - 1)
+        return data[low] + (data[high] - data[low]) * (pos - low)
+
+    return at(0.25), at(0.75)
+
+
+def paired_ratios(samples, reference="kl"):
+    """{loss: [per-round ratio]} from {loss: [per-round seconds]}: each round's time of a loss over
+    the time of ``reference`` in the same round (so the reference's own ratios are exactly 1.0).
+    {} when ``reference`` was not measured."""
+    if reference not in samples:
+        return {}
+    ref = samples[reference]
+    return {loss: [t / r for t, r in zip(times, ref)] for loss, times in samples.items()}
+
+
+def round_robin(benches, reps, warmup=1, order_seed=0):
+    """Time one step of each loss of each bench in turn, repeated, so that all are measured side by side.
+
+    Args:
+        benches: Bench objects on one device (``--compile both``: the eager and the compiled one).
+        reps: timed rounds, >= 1.
+        warmup: untimed rounds first, >= 0 (cuDNN autotuning, the allocator, compilation).
+        order_seed: the order of the (bench, loss) steps is shuffled in every round, warm-up rounds
+            included, by ``random.Random(order_seed)``; None keeps the fixed order (each bench's
+            losses in turn, as listed).
+
+    Returns:
+        {bench: {loss: median seconds}}, and under string keys: "first": {bench: {loss: seconds of
+        the very first step}} (for a compiled bench: the compilation), "ratio_to_kl": {bench: {loss:
+        median of the per-round ratios to the same bench's KL step}} and "ratio_to_kl_iqr": {bench:
+        {loss: (q1, q3) of those ratios}} (both {} for a bench without "kl"), "samples": {bench:
+        {loss: [seconds per round]}}.
+    """
+    if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:
+        raise ValueError(f"reps must be an integer >= 1, got {reps!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
     device = benches[0].device
+    steps = [(bench, loss) for bench in benches for loss in bench.losses]
+    rng = None if order_seed is None else random.Random(order_seed)
+
+    def order():
+        if rng is None:
+            return steps
+        shuffled = list(steps)
+        rng.shuffle(shuffled)
+        return shuffled
 
     def timed(bench, loss):
         sync(device)
@@ -143,18 +212,20 @@ def round_robin(benches, reps, warmup=1):
 
     first = {b: {} for b in benches}
     for round_ in range(warmup):  # warm-up (cuDNN autotuning, allocator, compilation)
-        for bench in benches:
-            for loss in bench.losses:
-                seconds = timed(bench, loss)
-                if round_ == 0:
-                    first[bench][loss] = seconds
+        for bench, loss in order():
+            seconds = timed(bench, loss)
+            if round_ == 0:
+                first[bench][loss] = seconds
     samples = {b: {loss: [] for loss in b.losses} for b in benches}
     for _ in range(reps):
-        for bench in benches:
-            for loss in bench.losses:
-                samples[bench][loss].append(timed(bench, loss))
+        for bench, loss in order():
+            samples[bench][loss].append(timed(bench, loss))
     out = {b: {loss: statistics.median(v) for loss, v in samples[b].items()} for b in benches}
-    out["first"] = first
+    ratios = {b: paired_ratios(samples[b]) for b in benches}  # each bench with its own KL step
+    out["first"] = {b: {loss: first[b][loss] for loss in b.losses if loss in first[b]} for b in benches}  # as listed
+    out["ratio_to_kl"] = {b: {loss: statistics.median(v) for loss, v in ratios[b].items()} for b in benches}
+    out["ratio_to_kl_iqr"] = {b: {loss: quartiles(v) for loss, v in ratios[b].items()} for b in benches}
+    out["samples"] = samples
     return out
 
 
@@ -174,8 +245,17 @@ def main(argv=None):
                         help="channels_last memory format (auto: on CUDA only, as in training)")
     parser.add_argument("--compile", choices=["off", "on", "both"], default="off",
                         help="torch.compile the models (both: compiled and eager side by side)")
-    parser.add_argument("--json", default=None, help="also write the medians to this file")
+    parser.add_argument("--order-seed", type=int, default=0,
+                        help="seed of the order of the steps, shuffled in every round (default %(default)s)")
+    parser.add_argument("--fixed-order", action="store_true",
+                        help="keep the fixed order instead (each bench's losses in turn, as listed), for comparison")
+    parser.add_argument("--json", default=None, help="also write the medians and the paired ratios to this file")
     args = parser.parse_args(argv)
+    if args.reps is not None and args.reps < 1:
+        parser.error(f"--reps must be >= 1, got {args.reps}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    order_seed = None if args.fixed_order else args.order_seed
     losses = [s.strip() for s in args.losses.split(",") if s.strip()]
     unknown = sorted(set(losses) - set(VARIANTS))
     if unknown or not losses:
@@ -187,7 +267,7 @@ def main(argv=None):
         devices = args.devices.split(",")
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     warmup = max(args.warmup, 2) if True in modes else args.warmup  # compilation and the recompile after it
-    results, settings, first_steps = {}, {}, {}
+    results, settings, first_steps, ratio_to_kl, ratio_iqr = {}, {}, {}, {}, {}
     both = len(modes) > 1
     lines = ["| device | batch | loss | compiled | ms / step | samples / s | time / KL step |"
              + (" time / eager | first step (compile) |" if both else ""),
@@ -199,28 +279,39 @@ def main(argv=None):
         reps = args.reps or (30 if device.type == "cuda" else 5)
         benches = [Bench(device, args.batch, losses=losses, amp=args.amp, channels_last=args.channels_last,
                          compile=on) for on in modes]
-        timed = round_robin(benches, reps, warmup=warmup)
+        timed = round_robin(benches, reps, warmup=warmup, order_seed=order_seed)
         by_mode = {b.compiled: timed[b] for b in benches}
         firsts = {b.compiled: timed["first"][b] for b in benches}
+        ratios = {b.compiled: timed["ratio_to_kl"][b] for b in benches}  # each bench paired with its own KL
+        iqrs = {b.compiled: timed["ratio_to_kl_iqr"][b] for b in benches}
         key = lambda on: name + (" compiled" if on else "") if both else name  # noqa: E731
         for on in modes:
             results[key(on)] = by_mode[on]
             first_steps[key(on)] = firsts[on]
+            if ratios[on]:  # no entry for a device whose run had no KL step to pair with
+                ratio_to_kl[key(on)] = ratios[on]
+                ratio_iqr[key(on)] = {loss: list(q) for loss, q in iqrs[on].items()}
         settings[name] = {**benches[0].settings, "cudnn_benchmark": device.type == "cuda", "reps": reps,
-                          "compile": args.compile, "warmup": warmup}
+                          "compile": args.compile, "warmup": warmup, "order_seed": order_seed}
         label = torch.cuda.get_device_name(device) if device.type == "cuda" else name
         if device.type == "cpu":
             label += f" ({torch.get_num_threads()} threads)"
         for loss in losses:
             for on in modes:
-                medians = by_mode[on]
-                t = medians[loss]
-                ratio = f"{t / medians['kl']:.2f}x" if "kl" in medians else "n/a"
-                row = f"| {label} | {args.batch} | {loss} | {'yes' if on else 'no'} | {t * 1e3:.1f} | {args.batch / t:.0f} | {ratio} |"
+                t = by_mode[on][loss]
+                ratio = "n/a"
+                if ratios[on]:
+                    q1, q3 = iqrs[on][loss]
+                    ratio = f"{ratios[on][loss]:.2f}x (IQR {q1:.2f}-{q3:.2f})"
+                row = (f"| {label} | {args.batch} | {loss} | {'yes' if on else 'no'} | {t * 1e3:.1f} "
+                       f"| {args.batch / t:.0f} | {ratio} |")
                 if both:
                     row += (f" {t / by_mode[False][loss]:.2f}x | {firsts[on][loss]:.1f} s |" if on else " 1x | |")
                 lines.append(row)
-    print(f"torch {torch.__version__}; resnet32x4 -> resnet8x4, CIFAR-100 shapes, medians of round-robin steps")
+    order = "fixed order" if order_seed is None else f"order shuffled per round (seed {order_seed})"
+    print(f"torch {torch.__version__}; resnet32x4 -> resnet8x4, CIFAR-100 shapes, round-robin steps, {order}; "
+          "ms / step and samples / s: medians of the step times; time / KL step: median of the per-round "
+          "ratios to the KL step of the same round (IQR: their interquartile range)")
     for name, s in settings.items():
         print(f"settings on {name}: autocast {s['amp']}, channels_last {'on' if s['channels_last'] else 'off'}, "
               f"cudnn.benchmark {'on' if s['cudnn_benchmark'] else 'off'}, torch.compile {s['compile']}, "
@@ -229,7 +320,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump({"batch": args.batch, "seconds_per_step": results, "first_step_seconds": first_steps,
-                       "settings": settings}, fh, indent=2)
+                       "settings": settings, "ratio_to_kl": ratio_to_kl, "ratio_to_kl_iqr": ratio_iqr}, fh, indent=2)
 
 
 if __name__ == "__main__":

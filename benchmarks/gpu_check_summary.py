@@ -35,6 +35,26 @@ def _ratio(x):
     return f"{x:.2f}x" if x < 10 else f"{x:.0f}x"
 
 
+def kl_ratios(run):
+    """{loss: (ratio to the KL step, its IQR as (q1, q3) or None)} of one bench_train.py JSON file: the
+    median of the per-round paired ratios and their interquartile range where the file has them
+    ("ratio_to_kl", "ratio_to_kl_iqr"), else (a file from before them) the median step time over the
+    KL step's median, without an IQR; {} when no KL step was measured."""
+    (dev, med), = run["seconds_per_step"].items()
+    paired = run.get("ratio_to_kl", {}).get(dev)
+    if paired:
+        iqr = run.get("ratio_to_kl_iqr", {}).get(dev, {})
+        return {loss: (paired[loss], tuple(iqr[loss]) if loss in iqr else None) for loss in med if loss in paired}
+    if "kl" not in med:
+        return {}
+    return {loss: (sec / med["kl"], None) for loss, sec in med.items()}
+
+
+def ratio_text(ratio, iqr):
+    """'1.06x (IQR 1.03-1.09)', or '1.06x' without an IQR."""
+    return f"{ratio:.2f}x" + ("" if iqr is None else f" (IQR {iqr[0]:.2f}-{iqr[1]:.2f})")
+
+
 def step_time(times, key, batch):
     """(seconds per step, how): measured at this batch, else scaled per image from the nearest
     measured batch (a rough guess: small batches use a GPU less well)."""
@@ -125,7 +145,8 @@ def main(out, device, seconds):
             targets.append(("pairwise oracle uses >= 100x the memory of ikl at B = 256, C = 1000", mem >= 100,
                             f"{mem:.0f}x (time: {pair_ikl:.0f}x)"))
 
-    print("\nTraining step: resnet32x4 -> resnet8x4 distillation, CIFAR-100 shapes, random data, median per step")
+    print("\nTraining step: resnet32x4 -> resnet8x4 distillation, CIFAR-100 shapes, random data, median per step; "
+          "time / KL step: median of the per-round paired ratios (IQR: their interquartile range)")
     print("| batch | loss | ms / step | images / s | time / KL step |")
     print("|---|---|---|---|---|")
     settings = None
@@ -136,12 +157,14 @@ def main(out, device, seconds):
         (dev, med), = run["seconds_per_step"].items()
         kd_times[run["batch"]] = med
         settings = run["settings"][dev]
+        ratios = kl_ratios(run)  # paired per-round ratios; median over median for a file from before them
         for loss, sec in med.items():
-            print(f"| {run['batch']} | {loss} | {sec * 1e3:.2f} | {run['batch'] / sec:,.0f} | {sec / med['kl']:.2f}x |")
+            ratio = ratio_text(*ratios[loss]) if loss in ratios else "n/a"
+            print(f"| {run['batch']} | {loss} | {sec * 1e3:.2f} | {run['batch'] / sec:,.0f} | {ratio} |")
         for loss in [name for name in med if name not in ("ce", "kl", "teacher")]:  # every KD loss measured
-            if "kl" in med:
+            if loss in ratios:
                 targets.append((f"{loss} step within 1.10x of the KL step at batch {run['batch']}",
-                                med[loss] / med["kl"] <= 1.10, f"{med[loss] / med['kl']:.2f}x"))
+                                ratios[loss][0] <= 1.10, ratio_text(*ratios[loss])))
     if settings:
         print(f"\nSettings: autocast {settings['amp']}, channels_last {'on' if settings['channels_last'] else 'off'}, "
               f"cudnn.benchmark {'on' if settings['cudnn_benchmark'] else 'off'}, {settings['reps']} timed rounds "
