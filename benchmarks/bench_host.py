@@ -37,7 +37,6 @@ synchronised before and after, so the time is the launches plus the (tiny) kerne
 from __future__ import annotations
 
 import argparse
-import collections
 import gc
 import json
 import os
@@ -47,37 +46,16 @@ import sys
 import time
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_train, beside this file
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from bench_train import HPARAMS, paired_ratios, quartiles, sync  # noqa: E402
+from bench_train import HPARAMS, OpCounter, paired_ratios, quartiles, sync  # noqa: E402
 from dkl_lib.losses import loss_terms  # noqa: E402
 from dkl_lib.prior import ClassPrior  # noqa: E402
 
 LOSSES = ("kl", "dkl", "ikl", "gkl", "dkd")
 PRIOR_LOSSES = ("ikl", "gkl")  # the losses with a class prior (GI), updated every step
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the aten operators dispatched while active (every call that reaches the Python
-    dispatch key: after autograd and the composite decompositions, i.e. what runs a kernel or is a
-    view), per phase: set ``phase`` to the name under which the following ops are counted."""
-
-    def __init__(self):
-        super().__init__()
-        self.phase = "forward"
-        self.ops = collections.Counter()
-        self.views = collections.Counter()
-        self.names = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[self.phase] += 1
-        if func.is_view:
-            self.views[self.phase] += 1
-        self.names[str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 class HostBench:

@@ -27,7 +27,10 @@ column is the median of the PAIRED per-round ratios: each round, a loss's step t
 KL step time of the same bench in the same round (a slow round, e.g. the GPU clocking down or
 another process, slows both and cancels out), with the interquartile range of those ratios beside
 it; ``--json`` writes them as "ratio_to_kl" and "ratio_to_kl_iqr". Target: every KD loss within
-1.10x of the KL step.
+1.10x of the KL step. The last column counts the aten operators one step dispatches (models, loss,
+backward, optimizer; in one more untimed step, eager benches only; "ops_per_step" in the JSON): where
+the GPU waits for the host, as on an H200 at these sizes, each one costs about the same launch time,
+so a loss's extra operators over KL's are what its extra step time is made of.
 
 ``--compile on`` runs the three models through ``torch.compile`` (default inductor backend), as
 ``dkl_lib.train.distill(torch.compile(student), ...)`` would; ``--compile both`` times the compiled
@@ -40,6 +43,7 @@ run inside the step uncompiled either way, as in training.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import math
@@ -51,6 +55,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from dkl_lib import models  # noqa: E402
@@ -81,6 +86,26 @@ def resolve_settings(device, amp="auto", channels_last="auto"):
     cuda = device.type == "cuda"
     return {"amp": ("bf16" if cuda else "off") if amp == "auto" else amp,
             "channels_last": cuda if channels_last == "auto" else channels_last == "on"}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operators dispatched while active (every call that reaches the Python
+    dispatch key: after autograd and the composite decompositions, i.e. what runs a kernel or is a
+    view), per phase: set ``phase`` to the name under which the following ops are counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.phase = "forward"
+        self.ops = collections.Counter()
+        self.views = collections.Counter()
+        self.names = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[self.phase] += 1
+        if func.is_view:
+            self.views[self.phase] += 1
+        self.names[str(func)] += 1
+        return func(*args, **(kwargs or {}))
 
 
 class Bench:
@@ -168,6 +193,15 @@ def paired_ratios(samples, reference="kl"):
         return {}
     ref = samples[reference]
     return {loss: [t / r for t, r in zip(times, ref)] for loss, times in samples.items()}
+
+
+def step_ops(bench, loss):
+    """aten operators dispatched by one (untimed) step of ``loss``: the models, the losses, the
+    backward and the optimizer; what a launch-bound GPU pays for one by one."""
+    with OpCounter() as counter:
+        bench.step(loss)
+    sync(bench.device)
+    return sum(counter.ops.values())
 
 
 def round_robin(benches, reps, warmup=1, order_seed=0):
@@ -267,11 +301,11 @@ def main(argv=None):
         devices = args.devices.split(",")
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     warmup = max(args.warmup, 2) if True in modes else args.warmup  # compilation and the recompile after it
-    results, settings, first_steps, ratio_to_kl, ratio_iqr = {}, {}, {}, {}, {}
+    results, settings, first_steps, ratio_to_kl, ratio_iqr, ops_per_step = {}, {}, {}, {}, {}, {}
     both = len(modes) > 1
-    lines = ["| device | batch | loss | compiled | ms / step | samples / s | time / KL step |"
+    lines = ["| device | batch | loss | compiled | ms / step | samples / s | time / KL step | aten ops / step |"
              + (" time / eager | first step (compile) |" if both else ""),
-             "|---|---|---|---|---|---|---|" + ("---|---|" if both else "")]
+             "|---|---|---|---|---|---|---|---|" + ("---|---|" if both else "")]
     for name in devices:
         device = torch.device(name)
         if device.type == "cuda":
@@ -284,10 +318,15 @@ def main(argv=None):
         firsts = {b.compiled: timed["first"][b] for b in benches}
         ratios = {b.compiled: timed["ratio_to_kl"][b] for b in benches}  # each bench paired with its own KL
         iqrs = {b.compiled: timed["ratio_to_kl_iqr"][b] for b in benches}
+        # counted after the timing, in one more untimed step each; not in a compiled step (the
+        # counting mode would make dynamo trace it anew)
+        ops = {b.compiled: {} if b.compiled else {loss: step_ops(b, loss) for loss in b.losses} for b in benches}
         key = lambda on: name + (" compiled" if on else "") if both else name  # noqa: E731
         for on in modes:
             results[key(on)] = by_mode[on]
             first_steps[key(on)] = firsts[on]
+            if ops[on]:
+                ops_per_step[key(on)] = ops[on]
             if ratios[on]:  # no entry for a device whose run had no KL step to pair with
                 ratio_to_kl[key(on)] = ratios[on]
                 ratio_iqr[key(on)] = {loss: list(q) for loss, q in iqrs[on].items()}
@@ -304,7 +343,7 @@ def main(argv=None):
                     q1, q3 = iqrs[on][loss]
                     ratio = f"{ratios[on][loss]:.2f}x (IQR {q1:.2f}-{q3:.2f})"
                 row = (f"| {label} | {args.batch} | {loss} | {'yes' if on else 'no'} | {t * 1e3:.1f} "
-                       f"| {args.batch / t:.0f} | {ratio} |")
+                       f"| {args.batch / t:.0f} | {ratio} | {ops[on].get(loss, 'n/a')} |")
                 if both:
                     row += (f" {t / by_mode[False][loss]:.2f}x | {firsts[on][loss]:.1f} s |" if on else " 1x | |")
                 lines.append(row)
@@ -320,7 +359,8 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump({"batch": args.batch, "seconds_per_step": results, "first_step_seconds": first_steps,
-                       "settings": settings, "ratio_to_kl": ratio_to_kl, "ratio_to_kl_iqr": ratio_iqr}, fh, indent=2)
+                       "settings": settings, "ratio_to_kl": ratio_to_kl, "ratio_to_kl_iqr": ratio_iqr,
+                       "ops_per_step": ops_per_step}, fh, indent=2)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,9 @@
 # benchmarks/bench_losses.py (kl, dkl, ikl closed form and the pairwise wMSE oracle,
 # forward+backward, B = 256, C in {100, 1000}) and benchmarks/bench_train.py (one distillation
 # step of resnet32x4 -> resnet8x4 on CIFAR-shaped random data, losses ce, kl, dkl, ikl, gkl, dkd and the teacher's
-# own step, batch 64, 128 and 256, bf16 autocast + channels_last as in training),
-# benchmarks/bench_adv.py (TRADES vs IKL-AT steps, with and without AWP, for the adversarial
+# own step, batch 64, 128 and 256, bf16 autocast + channels_last as in training; every KD loss
+# as a paired ratio to the KL step of the same round), benchmarks/bench_host.py (what each loss call
+# costs the host, launches included, on tiny logits), benchmarks/bench_adv.py (TRADES vs IKL-AT steps, with and without AWP, for the adversarial
 # gpu-short and paper models), an estimate of each GPU preset's training time from those step
 # times, then the experiments command line under
 # torchrun (one process per GPU, nccl) for one short KD grid and one adversarial grid (AWP, weight
@@ -185,7 +186,8 @@ if [[ -z "$OUT" ]]; then OUT="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")"; 
 mkdir -p "$OUT"
 # results of an earlier run in the same folder must not be summarised as this run's (a step that is
 # skipped or fails writes nothing), and its run cache would turn the torchrun steps into cache reads
-rm -rf "$OUT"/cuda_tests.xml "$OUT"/losses.json "$OUT"/train_b*.json "$OUT"/adv_steps.json "$OUT"/torchrun "$OUT"/torchrun_adv \
+rm -rf "$OUT"/cuda_tests.xml "$OUT"/losses.json "$OUT"/train_b*.json "$OUT"/adv_steps.json "$OUT"/host.json \
+    "$OUT"/torchrun "$OUT"/torchrun_adv \
     "$OUT"/cache "$OUT"/summary.md "$OUT"/gpu_check.json
 : > "$OUT/steps.txt"  # one line per measuring step: ok / FAILED (exit N) / skipped, and its text
 
@@ -217,6 +219,7 @@ if [[ "$DEVICE" == "cuda" ]]; then
     LOSS_ARGS=(--device cuda --batches 256 --classes 100,1000)
     TRAIN_ARGS=(--devices cuda --losses ce,kl,dkl,ikl,gkl,dkd,teacher --warmup 3)
     TRAIN_BATCHES=(64 128 256)  # the paper preset's batch, gpu-short's, and a large one
+    HOST_ARGS=(--device cuda --rounds 1000)
     # the adversarial presets' steps: gpu-short PreActResNet-18 with 10 attack steps, paper WRN-34-10 with 5
     ADV_ARGS=(--devices cuda --settings cifar:10,cifar100-wrn:5 --awp 0.005 --warmup 2 --loss-reps 50)
     if [[ $QUICK -eq 1 ]]; then LOSS_ARGS+=(--budget 0.3 --reps 50); TRAIN_ARGS+=(--reps 10); ADV_ARGS+=(--reps 3)
@@ -224,6 +227,7 @@ if [[ "$DEVICE" == "cuda" ]]; then
 else
     LOSS_ARGS=(--device cpu --threads 2 --classes 10,100)
     TRAIN_ARGS=(--devices cpu --threads 2 --losses ce,kl,ikl,teacher --warmup 1 --amp bf16 --channels-last on)  # the GPU path
+    HOST_ARGS=(--device cpu --rounds 50 --warmup 5)
     ADV_ARGS=(--devices cpu --threads 2 --settings digits:2,cifar:1 --cifar-batch 2 --awp 0.005 --warmup 1
               --loss-reps 3 --reps 1)
     if [[ $QUICK -eq 1 ]]; then
@@ -250,6 +254,10 @@ for B in "${TRAIN_BATCHES[@]}"; do
     step "training step, batch $B (bench_train.py ${TRAIN_ARGS[*]} --batch $B)" \
         timeout 150 "$PY" "$ROOT/benchmarks/bench_train.py" "${TRAIN_ARGS[@]}" --batch "$B" --json "$OUT/train_b$B.json"
 done
+
+# ---- 4a. what each loss call costs the host (the launches of a launch-bound step) ------------------
+step "host cost per loss call (bench_host.py ${HOST_ARGS[*]})" \
+    timeout 120 "$PY" "$ROOT/benchmarks/bench_host.py" "${HOST_ARGS[@]}" --json "$OUT/host.json"
 
 # ---- 4b. adversarial training step: TRADES vs IKL-AT, with and without AWP -------------------------
 step "adversarial training step (bench_adv.py ${ADV_ARGS[*]})" \

@@ -147,8 +147,8 @@ def main(out, device, seconds):
 
     print("\nTraining step: resnet32x4 -> resnet8x4 distillation, CIFAR-100 shapes, random data, median per step; "
           "time / KL step: median of the per-round paired ratios (IQR: their interquartile range)")
-    print("| batch | loss | ms / step | images / s | time / KL step |")
-    print("|---|---|---|---|---|")
+    print("| batch | loss | ms / step | images / s | time / KL step | aten ops / step |")
+    print("|---|---|---|---|---|---|")
     settings = None
     train_runs = sorted((json.load(open(p, encoding="utf-8")) for p in glob.glob(os.path.join(out, "train_b*.json"))),
                         key=lambda run: run["batch"])
@@ -158,9 +158,11 @@ def main(out, device, seconds):
         kd_times[run["batch"]] = med
         settings = run["settings"][dev]
         ratios = kl_ratios(run)  # paired per-round ratios; median over median for a file from before them
+        ops = run.get("ops_per_step", {}).get(dev, {})  # not in a file from before the count
         for loss, sec in med.items():
             ratio = ratio_text(*ratios[loss]) if loss in ratios else "n/a"
-            print(f"| {run['batch']} | {loss} | {sec * 1e3:.2f} | {run['batch'] / sec:,.0f} | {ratio} |")
+            print(f"| {run['batch']} | {loss} | {sec * 1e3:.2f} | {run['batch'] / sec:,.0f} | {ratio} "
+                  f"| {ops.get(loss, 'n/a')} |")
         for loss in [name for name in med if name not in ("ce", "kl", "teacher")]:  # every KD loss measured
             if loss in ratios:
                 targets.append((f"{loss} step within 1.10x of the KL step at batch {run['batch']}",
@@ -169,6 +171,17 @@ def main(out, device, seconds):
         print(f"\nSettings: autocast {settings['amp']}, channels_last {'on' if settings['channels_last'] else 'off'}, "
               f"cudnn.benchmark {'on' if settings['cudnn_benchmark'] else 'off'}, {settings['reps']} timed rounds "
               f"(loss kernels: float32, no autocast)")
+    host = _load(os.path.join(out, "host.json"))
+    if host:
+        print(f"\nHost cost per loss call on {host['device']} (bench_host.py: loss + backward (+ prior update) on "
+              f"B = {host['batch']}, C = {host['classes']} logits, synchronised per call; medians of "
+              f"{host['rounds']} shuffled rounds; extra and ratio paired with the KL call of the same round)")
+        print("| loss | aten ops / call | us / call | extra us over KL | time / KL |")
+        print("|---|---|---|---|---|")
+        for loss, r in host["losses"].items():
+            q1, q3 = r["ratio_to_kl_iqr"]
+            print(f"| {loss} | {r['ops']} | {r['us']:.1f} | {r['extra_us']:+.1f} | {r['ratio_to_kl']:.2f}x "
+                  f"(IQR {q1:.2f}-{q3:.2f}) |")
     adv_rows = (_load(os.path.join(out, "adv_steps.json")) or {"rows": []})["rows"]
     print("\nAdversarial training step: TRADES vs IKL-AT (outer loss + inner attack), median per step")
     print("| setting | batch | attack steps | TRADES | IKL-AT | IKL-AT / TRADES | +AWP: TRADES | IKL-AT | AWP cost |")
@@ -248,7 +261,7 @@ def main(out, device, seconds):
 
     bundle = {"steps": [{"status": status, "step": text} for status, text in step_log], "device": name,
               "torch": torch.__version__, "cuda": torch.version.cuda, "seconds": seconds, "cuda_tests": cuda_tests,
-              "losses": losses, "train": train_runs,
+              "losses": losses, "train": train_runs, "host": host,
               "kd_torchrun": _load(os.path.join(out, "torchrun", "results.json")),
               "adv_torchrun": _load(os.path.join(out, "torchrun_adv", "results.json")),
               "adv_steps": adv_rows, "estimates": estimates,

@@ -140,7 +140,10 @@ def test_bench_train_writes_the_paired_ratios(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = json.loads(out.read_text(encoding="utf-8"))
     assert set(run) == {"batch", "seconds_per_step", "first_step_seconds", "settings", "ratio_to_kl",
-                        "ratio_to_kl_iqr"}
+                        "ratio_to_kl_iqr", "ops_per_step"}
+    ops = run["ops_per_step"]["cpu"]  # whole steps: CE-only < KL < the decoupled and DKD steps
+    assert ops["ce"] < ops["kl"] < min(ops["ikl"], ops["dkd"])
+    assert f"| {ops['ikl']} |" in proc.stdout
     assert list(run["seconds_per_step"]["cpu"]) == ["ce", "kl", "ikl", "dkd"]
     ratios, iqr = run["ratio_to_kl"]["cpu"], run["ratio_to_kl_iqr"]["cpu"]
     assert set(ratios) == set(iqr) == {"ce", "kl", "ikl", "dkd"}
@@ -181,14 +184,15 @@ def test_gpu_check_summary_uses_the_paired_ratios_and_falls_back_for_old_files(t
     new = {"batch": 64, "seconds_per_step": {"cpu": {"kl": 0.010, "ikl": 0.012, "teacher": 0.020}},
            "first_step_seconds": {}, "settings": {"cpu": {**settings["cpu"], "order_seed": 0}},
            "ratio_to_kl": {"cpu": {"kl": 1.0, "ikl": 1.05, "teacher": 2.0}},
-           "ratio_to_kl_iqr": {"cpu": {"kl": [1.0, 1.0], "ikl": [1.02, 1.08], "teacher": [1.9, 2.1]}}}
+           "ratio_to_kl_iqr": {"cpu": {"kl": [1.0, 1.0], "ikl": [1.02, 1.08], "teacher": [1.9, 2.1]}},
+           "ops_per_step": {"cpu": {"kl": 460, "ikl": 485, "teacher": 610}}}
     old = {"batch": 128, "seconds_per_step": {"cpu": {"kl": 0.010, "ikl": 0.012}}, "first_step_seconds": {},
            "settings": settings}
     stdout, targets = _summary(tmp_path, [new, old])
-    assert "| 64 | ikl | 12.00 | 5,333 | 1.05x (IQR 1.02-1.08) |" in stdout
+    assert "| 64 | ikl | 12.00 | 5,333 | 1.05x (IQR 1.02-1.08) | 485 |" in stdout
     assert "| 64 | kl | 10.00 | 6,400 | 1.00x (IQR 1.00-1.00) |" in stdout
     assert "| 64 | teacher | 20.00 | 3,200 | 2.00x (IQR 1.90-2.10) |" in stdout
-    assert "| 128 | ikl | 12.00 | 10,667 | 1.20x |" in stdout
+    assert "| 128 | ikl | 12.00 | 10,667 | 1.20x | n/a |" in stdout  # no op count in the old file
     assert "median of the per-round paired ratios" in stdout
     new_target = targets["ikl step within 1.10x of the KL step at batch 64"]
     assert new_target["met"] is True and new_target["value"] == "1.05x (IQR 1.02-1.08)"

@@ -25,6 +25,7 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert "CPU (dry run)" in summary and "Settings: autocast bf16, channels_last on" in summary
     assert "| 2 | ikl |" in summary and "| 2 | teacher |" in summary  # the training-step table has its rows
+    assert "Host cost per loss call on cpu" in summary and "| dkd | " in summary  # bench_host's table
     assert "| digits | 64 | 2 |" in summary and "| cifar | 2 | 1 |" in summary  # adversarial steps, with AWP
     assert "Estimated training time per run on this device (DRY RUN" in summary
     # the CUDA tests ran as the first step and, without a GPU, skipped every one of them
@@ -229,19 +230,21 @@ def test_gpu_check_goes_on_after_a_failed_step_and_keeps_to_its_budget(tmp_path)
     (fail / "sitecustomize.py").write_text(
         "import sys\n"
         "line = ' '.join(sys.orig_argv)\n"
-        "if any(name in line for name in ('-m pytest', 'bench_losses.py', 'bench_train.py', 'bench_adv.py',\n"
+        "if any(name in line for name in ('-m pytest', 'bench_losses.py', 'bench_train.py', 'bench_host.py',\n"
+        "                                  'bench_adv.py',\n"
         "                                  'torch.distributed.run')):\n"
         "    raise SystemExit(7)\n")
     out = tmp_path / "failed"
     proc = run("--allow-cpu", "--quick", "--out", str(out), timeout=300, env={"PYTHONPATH": str(fail)})
     assert proc.returncode != 0, proc.stderr[-2000:]
     steps = json.loads((out / "gpu_check.json").read_text())["steps"]
-    assert len(steps) == 6 and all(s["status"].startswith("FAILED") for s in steps), steps
-    assert proc.stderr.count("going on with the other steps") == 6
-    assert "Steps: 0 of 6 ran; NOT RUN: CUDA tests [FAILED" in (out / "summary.md").read_text()
+    assert len(steps) == 7 and all(s["status"].startswith("FAILED") for s in steps), steps
+    assert proc.stderr.count("going on with the other steps") == 7
+    assert "Steps: 0 of 7 ran; NOT RUN: CUDA tests [FAILED" in (out / "summary.md").read_text()
 
     out = tmp_path / "budget"
-    stale = [out / "cuda_tests.xml", out / "losses.json", out / "train_b64.json", out / "adv_steps.json", out / "torchrun" / "results.json",
+    stale = [out / "cuda_tests.xml", out / "losses.json", out / "train_b64.json", out / "adv_steps.json", out / "host.json",
+             out / "torchrun" / "results.json",
              out / "cache" / "x"]  # an earlier run's results in the same folder: not this run's
     for path in stale:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -250,7 +253,8 @@ def test_gpu_check_goes_on_after_a_failed_step_and_keeps_to_its_budget(tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not any(path.exists() for path in stale)
     bundle = json.loads((out / "gpu_check.json").read_text())
-    assert [s["status"] for s in bundle["steps"]] == ["skipped"] * 6 and bundle["losses"] == []
+    assert [s["status"] for s in bundle["steps"]] == ["skipped"] * 7 and bundle["losses"] == []
+    assert bundle["host"] is None
     assert bundle["cuda_tests"] is None
     assert all(e["how"] == "not measured" for e in bundle["estimates"])
     assert run("--allow-cpu", "--budget", "soon", timeout=60).returncode == 2
