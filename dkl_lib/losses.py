@@ -302,8 +302,9 @@ def _decoupled_values(logits, target_logits, weights, mass, temperature, alpha, 
     row = _rowdot(p_dev, dev)  # Σ_j p_j (d_j − d̄)², shape (B, 1)
     if mass is not None:
         row = row * mass
-    # scaled per row, then summed, like soft_ce below: the sum of B rows may overflow before 1/N
-    wmse = (row * (0.5 * alpha / norm)).sum()
+    # scaled per row, then summed, like soft_ce below: the sum of B rows may overflow before 1/N (GKL's
+    # tensor N: divided, then scaled, two operators where α/(2N) as a tensor would take three)
+    wmse = (row * (0.5 * alpha / norm) if isinstance(norm, float) else row.div(norm).mul(0.5 * alpha)).sum()
     # per row, scaled, then summed: a row is at most max |o| / T in size (finite by the range check),
     # but the sum of B such rows may overflow before T² brings it back (inf, or nan once T² is 0)
     soft_ce = torch.linalg.vecdot(s_m, log_s_n).mul(-beta * temperature**2 / batch).sum()

@@ -26,7 +26,7 @@ from typing import List, Mapping
 
 import torch
 
-from ._checks import check_label_bounds, check_positive, check_targets, tracing, wide_dtype
+from ._checks import check_label_bounds, check_positive, check_targets, forward_ad_active, tracing, wide_dtype
 
 __all__ = ["ClassPrior"]
 
@@ -150,13 +150,27 @@ class ClassPrior:
         self._add(targets, probs)
 
     def _probs(self, target_logits: torch.Tensor, t_w: float):
-        logits = target_logits.detach().to(self._sums.dtype)
+        # (called under no_grad, which records nothing: a detach would be one more dispatched op per
+        # step; it is needed only to drop the tangent of a dual tensor under forward-mode AD)
+        logits = (target_logits.detach() if forward_ad_active() else target_logits).to(self._sums.dtype)
         return logits, torch.softmax(logits / t_w, dim=1)
 
     def _add(self, targets: torch.Tensor, probs: torch.Tensor) -> None:
         self._sums.index_add_(0, targets, probs)
         # (index_add_, not bincount, whose output size depends on the values: torch.compile on torch 2.4)
-        self._counts.index_add_(0, targets, torch.ones(targets.shape, dtype=self._counts.dtype, device=targets.device))
+        self._counts.index_add_(0, targets, self._ones_for(targets))
+
+    def _ones_for(self, targets: torch.Tensor) -> torch.Tensor:
+        """A vector of ones, one per target, in the counts' dtype: kept from the last batch of the same
+        size (every batch of an epoch but the last), instead of one more operator per step; a new one
+        while torch.compile traces (which would not see a cached tensor change)."""
+        ones = getattr(self, "_ones", None)
+        if tracing() or ones is None or ones.shape != targets.shape or ones.device != targets.device \
+                or ones.dtype != self._counts.dtype:
+            ones = torch.ones(targets.shape, dtype=self._counts.dtype, device=targets.device)
+            if not tracing():
+                self._ones = ones
+        return ones
 
     @torch.no_grad()
     def _update_checked(self, target_logits: torch.Tensor, targets: torch.Tensor, *, weight_temperature: float) -> None:

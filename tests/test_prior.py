@@ -373,3 +373,26 @@ def _saved(t):
     buf = io.BytesIO()
     torch.save(t, buf)
     return buf.getvalue()
+
+
+def test_counts_stay_exact_over_batches_of_changing_size_with_the_kept_ones_vector():
+    """The counts add a vector of ones kept from the last batch of the same size: over batches of
+    4, 4, 3, 4, 1 samples (both update paths) every count is exact, the kept vector is still all
+    ones, and the sums are those of a fresh prior fed the same batches one by one."""
+    g = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(n, 5, generator=g, dtype=torch.float64), torch.randint(0, 5, (n,), generator=g))
+               for n in (4, 4, 3, 4, 1)]
+    gi = ClassPrior(5)
+    for i, (logits, y) in enumerate(batches):
+        if i % 2:
+            gi.update(logits, y, weight_temperature=2.0)
+        else:
+            gi._update_checked(logits, y, weight_temperature=2.0)
+    labels = torch.cat([y for _, y in batches])
+    assert torch.equal(gi.counts, torch.bincount(labels, minlength=5).to(gi.counts.dtype))
+    assert torch.equal(gi._ones, torch.ones(1, dtype=gi.counts.dtype))
+    ref = torch.zeros(5, 5, dtype=torch.float64)
+    for logits, y in batches:
+        for row, label in zip(torch.softmax(logits / 2.0, dim=1), y.tolist()):
+            ref[label] += row
+    torch.testing.assert_close(gi._sums, ref, rtol=1e-14, atol=0)
