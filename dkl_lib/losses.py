@@ -132,26 +132,27 @@ def _rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x * y).sum(dim=1, keepdim=True)
 
 
-def _centered(p: torch.Tensor, d: torch.Tensor, mass=None):
-    """The centred differences d − d̄, d̄ = Σ p d / P (P = ``mass``, default Σ p), shape (B, C).
+def _centered(p: torch.Tensor, d: torch.Tensor, mass):
+    """The centred differences d − d̄, d̄ = Σ p d / P (P = ``mass``: the row sums Σ p, without zeros,
+    see :func:`_nonzero`), shape (B, C).
 
     Corrected two-pass mean: the residual Σ p (d − d̄) / P, zero in exact arithmetic, is subtracted
     once more. Without it, when p is nearly one-hot, d − d̄ at the heaviest class is a tiny
-    difference of two large numbers and loses most of its digits.
-
-    A row whose weights are all zero has no mean and no weight: it is divided by 1 instead of 0,
-    so its p (d − d̄) and its wMSE are 0 (the value of the pairwise sum), not 0/0. ``mass`` = 1
-    (rows of p summing to 1, softmax weights) divides by nothing: two ops less, the same values.
+    difference of two large numbers and loses most of its digits. ``mass`` = 1 (rows of p summing
+    to 1, softmax weights) divides by nothing: two ops less, the same values.
     """
-    if mass is None:
-        mass = p.sum(dim=1, keepdim=True)
-    if isinstance(mass, torch.Tensor):
-        mass = mass.masked_fill(mass == 0, 1.0)
-    elif mass == 1:
+    if not isinstance(mass, torch.Tensor) and mass == 1:
         dev = d - _rowdot(p, d)
         return dev - _rowdot(p, dev)
     dev = d - _rowdot(p, d) / mass
     return dev - _rowdot(p, dev) / mass
+
+
+def _nonzero(mass: torch.Tensor) -> torch.Tensor:
+    """Row sums with each 0 replaced by 1: a row whose weights are all zero has no mean and no
+    weight, so it is divided by 1 instead of 0 and its p (d − d̄) and wMSE are 0 (the value of the
+    pairwise sum), not 0/0; every product with it is 0 as with the true sum."""
+    return mass.masked_fill(mass == 0, 1.0)
 
 
 def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -160,8 +161,9 @@ def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def _weights(target_logits, *, weight_temperature, targets, class_prior, gamma=1.0, scale_free=False):
-    """The detached weight vectors p (B, C) of w = p pᵀ, or ``None`` for p = softmax(o_m / T), and
-    an upper bound of the row sums Σ_j p_j (1 for softmax weights; the largest row sum of a prior).
+    """The detached weight vectors p (B, C) of w = p pᵀ, or ``None`` for p = softmax(o_m / T); an
+    upper bound of the row sums Σ_j p_j (1 for softmax weights; the largest row sum of a prior); and
+    whether every row of p is known to hold a positive entry (then no row sum is 0: no guard needed).
 
     Class-wise global information: p = class_prior[targets] when a prior is given; otherwise
     p = softmax(o_m / T_w). ``targets``: already checked (int64), by the caller's range read.
@@ -175,10 +177,16 @@ def _weights(target_logits, *, weight_temperature, targets, class_prior, gamma=1
     if class_prior is not None:
         prior_mass = check_class_prior(class_prior, classes, target_logits.device)
         p = class_prior.detach()[targets]
+        # a checked prior has a positive entry in every row, which a cast to the compute dtype keeps
+        # unless it narrows (a float64 row of 1e-50s is all zeros in float32); not checked when tracing
+        rows_positive = not tracing() and (class_prior.dtype == target_logits.dtype
+                                           or target_logits.dtype == torch.float64
+                                           or class_prior.dtype in (torch.float16, torch.bfloat16))
     elif weight_temperature is not None:
         p = torch.softmax(target_logits.detach() / weight_temperature, dim=1)
+        rows_positive = True  # a softmax's largest entry is at least 1/C
     else:
-        p = None
+        p, rows_positive = None, True
     if scale_free and p is not None:
         # in the wider of the two dtypes: a tiny float64 prior must not flush to zero in float32,
         # and a bf16 prior must not be rescaled at bf16 precision (target_logits are float32 or
@@ -191,8 +199,10 @@ def _weights(target_logits, *, weight_temperature, targets, class_prior, gamma=1
         if p is None:
             raise AssertionError("caller computes p before applying gamma")
         p = p.pow(gamma)
+    # the rescaling and the power may underflow small positive entries to 0
+    rows_positive = rows_positive and not scale_free and gamma == 1.0
     # GKL divides by Σ_b (Σ_j p_j)², which cancels the row sums: its bound is that of rows summing to 1
-    return p, (prior_mass if class_prior is not None and not scale_free else 1.0)
+    return p, (prior_mass if class_prior is not None and not scale_free else 1.0), rows_positive
 
 
 class _DecoupledKL(torch.autograd.Function):
@@ -331,13 +341,15 @@ def _decoupled_terms(logits, target_logits, *, temperature, alpha, beta, weight_
             weight_temperature = temperature  # p must exist before it is raised to gamma
         if weight_temperature == temperature and gamma == 1.0 and class_prior is None:
             weight_temperature = None  # p = s_m, computed once inside the kernel
-        p, bound_mass = _weights(target_logits, weight_temperature=weight_temperature,
-                                 targets=None if targets is None else targets.long(), class_prior=class_prior,
-                                 gamma=gamma, scale_free=gkl_norm)
+        p, bound_mass, rows_positive = _weights(target_logits, weight_temperature=weight_temperature,
+                                                targets=None if targets is None else targets.long(),
+                                                class_prior=class_prior, gamma=gamma, scale_free=gkl_norm)
         mass = None if p is None else p.sum(dim=1, keepdim=True)
         norm = None
         if gkl_norm:  # Σ_b Σ_jk w_jk = Σ_b (Σ_j p_j)², which is B when the rows of p sum to 1
             norm = float(logits.shape[0]) if p is None else (mass ** 2).sum()
+        if mass is not None and not rows_positive:
+            mass = _nonzero(mass)  # after Σw: a zero row adds 0 to it, not 1
         if transforming() or forward_ad_active():  # torch.func, forward-mode AD: plain autograd, same derivatives
             wmse_term, soft_ce = _decoupled_values(logits, target_logits, p, mass, temperature, alpha, beta, norm,
                                                    stop_logits)[:2]
@@ -704,7 +716,7 @@ def wmse(logits, target_logits, *, weights: Optional[torch.Tensor] = None,
     with _no_autocast(logits.device):
         p = _wmse_weights(target_logits, weights, temperature)
         mass = p.sum(dim=1, keepdim=True)
-        dev = _centered(p, target_logits - (logits.detach() if detach_logits else logits), mass)
+        dev = _centered(p, target_logits - (logits.detach() if detach_logits else logits), _nonzero(mass))
         value = 0.5 * (mass.squeeze(1) * (p * dev * dev).sum(dim=1)).mean()
     _check_wmse_value("wmse", value, weights, mass, largest)
     return value

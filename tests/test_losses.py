@@ -865,3 +865,46 @@ def test_dkd_frozen_teacher_second_order_and_batched_backward():
         student.mul_(2.0)
     with pytest.raises(RuntimeError, match="modified in place"):
         torch.autograd.grad(loss, x, create_graph=True)
+
+
+def _aten_ops_of(fn):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    with _Ops() as ops:
+        fn()
+    return ops.names
+
+
+@pytest.mark.parametrize("loss", ["ikl", "gkl"])
+def test_a_prior_row_flushed_to_zero_by_the_cast_adds_nothing_and_no_nan(loss):
+    """A float64 prior whose row is all 1e-50 is valid, but in float32 that row is all zeros: its
+    samples' wMSE weight is then 0 (not 0/0). The value and gradient stay finite and match the
+    float64 computation (where the row's weight is negligible); an exactly cast prior (float32
+    with float32 logits) has no zero row, and the guard against one is not computed."""
+    a, b, y, base = decoupled_inputs(6, 5, 41)
+    prior = base.clone()
+    prior[2] = 1e-50
+    y = torch.tensor([2, 0, 2, 4, 1, 3])
+    kw = dict(temperature=2.0, targets=y, class_prior=prior, alpha=2.0)
+    a32 = a.detach().float().requires_grad_()
+    ours = sum(dkl.loss_terms(loss, a32, b.detach().float(), **kw).values())
+    (g32,) = torch.autograd.grad(ours, a32)
+    a64 = a.detach().clone().requires_grad_()
+    ref = sum(dkl.loss_terms(loss, a64, b.detach(), **kw).values())
+    (g64,) = torch.autograd.grad(ref, a64)
+    assert torch.isfinite(ours) and torch.isfinite(g32).all()
+    assert math.isclose(ours.item(), ref.item(), rel_tol=1e-5)
+    assert (g32.double() - g64).abs().max() <= 1e-5 * g64.abs().max()
+    guard = _aten_ops_of(lambda: dkl.loss_terms(loss, a32, b.detach().float(), **kw))
+    exact = _aten_ops_of(lambda: dkl.loss_terms(loss, a32, b.detach().float(), **{**kw, "class_prior": base.float()}))
+    assert "aten.masked_fill" in guard  # float64 -> float32 may empty a row: guarded
+    assert ("aten.masked_fill" in exact) == (loss == "gkl")  # GKL's rescaling and power may, IKL's exact cast not
