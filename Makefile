@@ -64,6 +64,7 @@ report: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_losses.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_host.py
 
 clean:
 	rm -rf .pytest_cache .hypothesis reports
