@@ -234,13 +234,7 @@ class _DecoupledKL(torch.autograd.Function):
             logits, target_logits, weights, mass, temperature, alpha, beta, wmse_norm, stop_logits, detach=False)
         ctx.set_materialize_grads(False)  # an unused term's gradient arrives as None, not zeros
         ctx.save_for_backward(log_s_n, s_m, p_dev, mass)
-        # The inputs serve only a differentiated backward (create_graph=True). They are kept as
-        # attributes, not saved tensors: autograd would then refuse a first-order backward after an
-        # in-place change of an input, which the first-order gradient (built from the factors above)
-        # does not care about. Their versions let the second-order path refuse such a change itself.
-        ctx.inputs = (logits, target_logits, weights)
-        # (torch.compile cannot trace version counters: no in-place check in a compiled step)
-        ctx.versions = None if tracing() else tuple(None if t is None else t._version for t in ctx.inputs)
+        _keep_inputs(ctx, logits, target_logits, weights)
         ctx.hparams = (temperature, alpha, beta, batch, stop_logits, norm)
         return wmse, soft_ce
 
@@ -250,11 +244,7 @@ class _DecoupledKL(torch.autograd.Function):
         temperature, alpha, beta, batch, stop_logits, norm = ctx.hparams
         graph = torch.is_grad_enabled()  # create_graph=True: this backward will be differentiated
         if graph:
-            logits, target_logits, weights = ctx.inputs
-            if ctx.versions is not None and any(t is not None and t._version != v
-                                                for t, v in zip(ctx.inputs, ctx.versions)):
-                raise RuntimeError("an input of a decoupled KL loss (dkl/ikl/gkl) was modified in place after "
-                                   "the loss was computed; a backward with create_graph=True needs it unchanged")
+            logits, target_logits, weights = _kept_inputs(ctx, "a decoupled KL loss (dkl/ikl/gkl)")
             log_s_n = torch.log_softmax(_scaled(logits, temperature), dim=1)
             p = s_m if weights is None else weights
             d = target_logits - (logits.detach() if stop_logits else logits)
@@ -281,6 +271,27 @@ class _DecoupledKL(torch.autograd.Function):
                     grad_logits = grad_logits.sub_(grad_w) if in_place else grad_logits - grad_w
         grad_target = grad_w if need_target else None
         return grad_logits, grad_target, None, None, None, None, None, None, None
+
+
+def _keep_inputs(ctx, *inputs) -> None:
+    """Keep an autograd.Function's inputs for a differentiated backward (create_graph=True) only.
+
+    They are kept as attributes, not saved tensors: autograd would then refuse a first-order
+    backward after an in-place change of an input, which a first-order gradient built from the
+    saved factors does not care about. Their versions let :func:`_kept_inputs` refuse such a change
+    in the second-order path (not while torch.compile traces, which cannot trace version counters).
+    """
+    ctx.inputs = inputs
+    ctx.versions = None if tracing() else tuple(None if t is None else t._version for t in inputs)
+
+
+def _kept_inputs(ctx, loss: str) -> tuple:
+    """The inputs of :func:`_keep_inputs`, unchanged since the forward (RuntimeError naming ``loss``
+    otherwise)."""
+    if ctx.versions is not None and any(t is not None and t._version != v for t, v in zip(ctx.inputs, ctx.versions)):
+        raise RuntimeError(f"an input of {loss} was modified in place after the loss was computed; "
+                           "a backward with create_graph=True needs it unchanged")
+    return ctx.inputs
 
 
 def _batched(grad) -> bool:
@@ -591,9 +602,7 @@ class _DKD(torch.autograd.Function):
         tckd, nckd, factors = _dkd_values(logits, target_logits, target_col, target_mask, temperature, alpha, beta)
         ctx.set_materialize_grads(False)  # an unused term's gradient arrives as None, not zeros
         ctx.save_for_backward(*factors, target_col, target_mask)
-        # kept as attributes for a differentiated backward only (see _DecoupledKL.forward)
-        ctx.inputs = (logits, target_logits)
-        ctx.versions = tuple(t._version for t in ctx.inputs)
+        _keep_inputs(ctx, logits, target_logits)
         ctx.hparams = (temperature, alpha, beta)
         return tckd, nckd
 
@@ -601,19 +610,14 @@ class _DKD(torch.autograd.Function):
     def backward(ctx, grad_tckd, grad_nckd):
         log_n, hat_log_n, hat_m, p_mt, q_m, target_col, target_mask = ctx.saved_tensors
         temperature, alpha, beta = ctx.hparams
-        if not ctx.needs_input_grad[0] or (grad_tckd is None and grad_nckd is None):
-            return (None,) * 7
-        logits, target_logits = ctx.inputs
         if torch.is_grad_enabled():  # create_graph=True: the plain formula, differentiated by autograd
-            if any(t._version != v for t, v in zip(ctx.inputs, ctx.versions)):
-                raise RuntimeError("an input of dkd_loss was modified in place after the loss was computed; "
-                                   "a backward with create_graph=True needs it unchanged")
+            logits, target_logits = _kept_inputs(ctx, "dkd_loss")
             pairs = [(v, g) for v, g in zip(_dkd_values(logits, target_logits, target_col, target_mask,
                                                         temperature, alpha, beta)[:2], (grad_tckd, grad_nckd))
                      if g is not None]
             grad, = torch.autograd.grad([v for v, _ in pairs], logits, [g for _, g in pairs], create_graph=True)
             return (grad,) + (None,) * 6
-        factor = temperature / logits.shape[0]
+        factor = temperature / log_n.shape[0]
         hat_n = hat_log_n.masked_fill(target_mask, -math.inf).exp()
         grad = None
         if grad_tckd is not None:  # α T/B (p_n − [t] p_m,t − q_m p̂_n), p̂_n = 0 at t
