@@ -49,12 +49,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_train, beside this file
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from bench_train import HPARAMS, OpCounter, paired_ratios, quartiles, sync  # noqa: E402
+from bench_train import HPARAMS, PRIOR_LOSSES, PRIOR_T_W, OpCounter, paired_ratios, quartiles, sync  # noqa: E402
 from dkl_lib.losses import loss_terms  # noqa: E402
 from dkl_lib.prior import ClassPrior  # noqa: E402
 
 LOSSES = ("kl", "dkl", "ikl", "gkl", "dkd")
-PRIOR_LOSSES = ("ikl", "gkl")  # the losses with a class prior (GI), updated every step
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -92,7 +91,7 @@ class HostBench:
         if loss in PRIOR_LOSSES:  # after the loss validated the inputs, before the backward (as Bench.step)
             if counter is not None:
                 counter.phase = "prior"
-            self.prior._update_checked(self.teacher, self.targets, weight_temperature=4.0)
+            self.prior._update_checked(self.teacher, self.targets, weight_temperature=PRIOR_T_W)
         if counter is not None:
             counter.phase = "backward"
         total.backward()

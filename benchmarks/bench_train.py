@@ -71,6 +71,8 @@ HPARAMS = {
     "gkl": {"temperature": 4.0, "alpha": 1.0, "beta": 1.0, "gamma": 0.05, "weight_temperature": 4.0},
     "dkd": {"temperature": 4.0, "alpha": 1.0, "beta": 8.0},
 }
+PRIOR_LOSSES = ("ikl", "gkl")  # the losses with a class prior (GI), updated every step
+PRIOR_T_W = HPARAMS["ikl"]["weight_temperature"]  # the prior's weight temperature (ikl's and gkl's)
 
 
 def sync(device):
@@ -154,12 +156,12 @@ class Bench:
         total = F.cross_entropy(logits.float(), self.y)
         if loss != "ce":
             extra = {}
-            if loss in ("ikl", "gkl"):
+            if loss in PRIOR_LOSSES:
                 extra = {"class_prior": self.prior.prior}
             terms = loss_terms(loss, logits, t_logits, targets=self.y, **HPARAMS[loss], **extra)
             total = total + sum(terms.values())
-            if loss in ("ikl", "gkl"):  # before the backward, as dkl_lib.train.distill does
-                self.prior._update_checked(t_logits, self.y, weight_temperature=4.0)
+            if loss in PRIOR_LOSSES:  # before the backward, as dkl_lib.train.distill does
+                self.prior._update_checked(t_logits, self.y, weight_temperature=PRIOR_T_W)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
