@@ -10,7 +10,7 @@ import math
 import numbers
 import os
 import weakref
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -20,6 +20,7 @@ __all__ = [
     "check_nonnegative",
     "check_targets",
     "check_class_prior",
+    "class_prior_bounds",
     "check_finite_terms",
     "compute_dtype",
     "env_positive_int",
@@ -236,9 +237,18 @@ def check_targets(targets, batch_size: int, num_classes: int, device, *, name: s
 
 def check_class_prior(class_prior, num_classes: int, device) -> float:
     """A (C, C) tensor whose rows are non-negative, finite and not all zero; returns the largest
-    row sum (for :func:`check_finite_terms`). One device sync for valid priors, the first time a
-    prior tensor is checked (a training step reuses the epoch's prior: no sync); under torch.compile
-    or torch.func (:func:`tracing`), only the type, shape and device are checked and the bound is inf."""
+    row sum (for :func:`check_finite_terms`). See :func:`class_prior_bounds`, which this is."""
+    return class_prior_bounds(class_prior, num_classes, device)[0]
+
+
+def class_prior_bounds(class_prior, num_classes: int, device) -> Tuple[float, float, float]:
+    """Check a class prior as :func:`check_class_prior`; returns (the largest row sum, the smallest
+    row maximum, the largest entry): bounds of the weights p = class_prior[targets] that GKL reads
+    to know whether p**gamma can underflow.
+
+    One device sync for valid priors, the first time a prior tensor is checked (a training step
+    reuses the epoch's prior: no sync); under torch.compile or torch.func (:func:`tracing`), only
+    the type, shape and device are checked and the bounds are (inf, 0, inf), which promise nothing."""
     if not isinstance(class_prior, torch.Tensor):
         raise TypeError(f"class_prior must be a torch.Tensor, got {type(class_prior).__name__}")
     if not class_prior.is_floating_point():
@@ -251,16 +261,18 @@ def check_class_prior(class_prior, num_classes: int, device) -> float:
     if class_prior.device != device:
         raise ValueError(f"class_prior is on {class_prior.device} but the logits are on {device}")
     if tracing():  # values not read under torch.compile / torch.func
-        return math.inf
+        return math.inf, 0.0, math.inf
     # a prior is checked once, not at every step of an epoch that uses it: the version it passed with
     # is kept for this very tensor object (an in-place change, of it or through a view, bumps the
     # version; a copy, a pickled or a loaded tensor is another object and is checked anew)
     passed = _CHECKED_PRIORS.get(id(class_prior))
     if passed is not None and passed[0]() is class_prior and passed[1] == class_prior._version:
         return passed[2]
-    sums = class_prior.detach().sum(dim=1)
-    finite, low, low_sum, high_sum = torch.stack([
-        torch.isfinite(class_prior).all().to(sums.dtype), class_prior.detach().amin(), sums.amin(), sums.amax(),
+    values = class_prior.detach()
+    sums = values.sum(dim=1)
+    finite, low, low_sum, high_sum, low_row_max, high = torch.stack([
+        torch.isfinite(values).all().to(sums.dtype), values.amin(), sums.amin(), sums.amax(),
+        values.amax(dim=1).amin(), values.amax(),
     ]).tolist()
     if not finite:
         raise ValueError("class_prior contains non-finite values (nan or inf)")
@@ -270,22 +282,23 @@ def check_class_prior(class_prior, num_classes: int, device) -> float:
     if low_sum <= 0:
         bad = torch.nonzero(sums <= 0)[:5, 0].tolist()
         raise ValueError(f"class_prior rows {bad} sum to zero; rows must be probability vectors")
-    _remember_prior(class_prior, high_sum)
-    return high_sum
+    bounds = (high_sum, low_row_max, high)
+    _remember_prior(class_prior, bounds)
+    return bounds
 
 
-# id(prior tensor) -> (weak reference to it, its version when it passed, its largest row sum)
+# id(prior tensor) -> (weak reference to it, its version when it passed, its class_prior_bounds)
 _CHECKED_PRIORS: dict = {}
 
 
-def _remember_prior(class_prior: torch.Tensor, high_sum: float) -> None:
+def _remember_prior(class_prior: torch.Tensor, bounds: Tuple[float, float, float]) -> None:
     key = id(class_prior)
 
     def forget(ref, key=key):  # runs as the tensor is freed, before its id can be reused
         if _CHECKED_PRIORS.get(key, (None,))[0] is ref:
             del _CHECKED_PRIORS[key]
 
-    _CHECKED_PRIORS[key] = (weakref.ref(class_prior, forget), class_prior._version, high_sum)
+    _CHECKED_PRIORS[key] = (weakref.ref(class_prior, forget), class_prior._version, bounds)
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:

@@ -61,7 +61,7 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 import torch
 
 from ._checks import (
-    check_class_prior,
+    class_prior_bounds,
     check_finite_terms,
     check_logits_pair,
     check_nonnegative,
@@ -160,6 +160,24 @@ def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits * (1.0 / temperature) if temperature != 1.0 else logits
 
 
+def _constant(t: torch.Tensor) -> torch.Tensor:
+    """``t`` detached, without dispatching a detach where there is nothing to detach from: a tensor
+    that takes no gradient, outside forward-mode AD (a dual tensor's tangent is not requires_grad)
+    and outside torch.compile / torch.func (whose wrapped tensors are left to their detach)."""
+    return t.detach() if t.requires_grad or forward_ad_active() or tracing() else t
+
+
+def _powers_safely(low: float, high: float, gamma: float, dtype: torch.dtype) -> bool:
+    """Whether weights p with every row maximum >= ``low`` and every entry <= ``high`` <= 1 can be
+    raised to ``gamma`` and summed into GKL's Σ_b (Σ_j p_j**γ)² in ``dtype`` without rescaling:
+    each row's largest p**γ and its square are then normal numbers (with 2**24 to spare) and the
+    whole sum is at most B C², so nothing underflows to 0/0 or overflows."""
+    if not 0.0 < low <= high <= 1.0:
+        return False
+    smallest = min(low, low ** gamma)  # p**γ <= p for γ >= 1, p**γ >= p for γ < 1 (p <= 1)
+    return smallest > 0.0 and 2.0 * math.log(smallest) >= math.log(torch.finfo(dtype).tiny) + 24 * math.log(2.0)
+
+
 def _weights(target_logits, *, weight_temperature, targets, class_prior, gamma=1.0, scale_free=False):
     """The detached weight vectors p (B, C) of w = p pᵀ, or ``None`` for p = softmax(o_m / T); an
     upper bound of the row sums Σ_j p_j (1 for softmax weights; the largest row sum of a prior); and
@@ -169,40 +187,48 @@ def _weights(target_logits, *, weight_temperature, targets, class_prior, gamma=1
     p = softmax(o_m / T_w). ``targets``: already checked (int64), by the caller's range read.
 
     ``scale_free`` (GKL, whose wMSE is divided by Σ_b Σ_jk w_jk): p is divided by its largest
-    entry in the whole batch before it is raised to ``gamma``. The common factor cancels in the
-    ratio, and it keeps p**gamma and Σw from underflowing to 0/0 (large gamma, tiny priors).
+    entry in the whole batch before it is raised to ``gamma``, where p**gamma and Σw could otherwise
+    underflow to 0/0 (large gamma, tiny priors; see :func:`_powers_safely`). The common factor
+    cancels in the ratio. Softmax weights and the rows of a checked prior of probabilities need no
+    rescaling for moderate gamma: their row maxima are at least 1/C and the smallest row maximum of
+    the prior, known from its check.
     """
     classes = target_logits.shape[1]
-    prior_mass = 1.0
+    # bounds of p: the largest row sum, the smallest row maximum, the largest entry
+    high_sum, low, high = 1.0, 1.0 / classes, 1.0  # softmax weights
     if class_prior is not None:
-        prior_mass = check_class_prior(class_prior, classes, target_logits.device)
-        p = class_prior.detach()[targets]
+        high_sum, low, high = class_prior_bounds(class_prior, classes, target_logits.device)
+        p = _constant(class_prior)[targets]
         # a checked prior has a positive entry in every row, which a cast to the compute dtype keeps
         # unless it narrows (a float64 row of 1e-50s is all zeros in float32); not checked when tracing
         rows_positive = not tracing() and (class_prior.dtype == target_logits.dtype
                                            or target_logits.dtype == torch.float64
                                            or class_prior.dtype in (torch.float16, torch.bfloat16))
     elif weight_temperature is not None:
-        p = torch.softmax(target_logits.detach() / weight_temperature, dim=1)
+        p = torch.softmax(_constant(target_logits) / weight_temperature, dim=1)
         rows_positive = True  # a softmax's largest entry is at least 1/C
     else:
         p, rows_positive = None, True
-    if scale_free and p is not None:
-        # in the wider of the two dtypes: a tiny float64 prior must not flush to zero in float32,
-        # and a bf16 prior must not be rescaled at bf16 precision (target_logits are float32 or
-        # float64, so the wider one is compute_dtype's answer, found without a dispatched op)
-        p = p.to(compute_dtype(p, target_logits))
-        p = p / p.amax()
+    if p is not None and scale_free:
+        if _powers_safely(low, high, gamma, target_logits.dtype):
+            rows_positive = True  # every row maximum stays a normal number, after the cast and the power
+        else:
+            # in the wider of the two dtypes: a tiny float64 prior must not flush to zero in float32,
+            # and a bf16 prior must not be rescaled at bf16 precision (target_logits are float32 or
+            # float64, so the wider one is compute_dtype's answer, found without a dispatched op)
+            p = p.to(compute_dtype(p, target_logits))
+            p = p / p.amax()
+            rows_positive = False  # the rescaling and the power may underflow small positive entries to 0
+    elif gamma != 1.0:
+        rows_positive = False  # the power may underflow small positive entries to 0
     if p is not None:
         p = p.to(target_logits.dtype)
     if gamma != 1.0:
         if p is None:
             raise AssertionError("caller computes p before applying gamma")
         p = p.pow(gamma)
-    # the rescaling and the power may underflow small positive entries to 0
-    rows_positive = rows_positive and not scale_free and gamma == 1.0
     # GKL divides by Σ_b (Σ_j p_j)², which cancels the row sums: its bound is that of rows summing to 1
-    return p, (prior_mass if class_prior is not None and not scale_free else 1.0), rows_positive
+    return p, (high_sum if class_prior is not None and not scale_free else 1.0), rows_positive
 
 
 class _DecoupledKL(torch.autograd.Function):
@@ -538,8 +564,10 @@ def gkl_loss(logits, target_logits, *, temperature: float = 1.0, alpha: float = 
     with p as in :func:`ikl_loss`. For γ = 1 and rows of p summing to 1, Σw = B and
     gkl_loss equals ikl_loss. Arguments as :func:`ikl_loss`, plus ``gamma`` > 0.
 
-    The ratio does not change when p is multiplied by a constant, so p is divided by its largest
-    entry in the batch before the power: large γ or tiny priors do not underflow Σw to 0/0.
+    The ratio does not change when p is multiplied by a constant, so where p**γ or Σw could
+    underflow to 0/0 (large γ, tiny priors) p is divided by its largest entry in the batch before
+    the power. Softmax weights and priors of probabilities with moderate γ (the row maxima, at
+    least 1/C for softmax weights, known for a prior from its check) need no rescaling.
     """
     return _total(gkl_terms(logits, target_logits, temperature=temperature, alpha=alpha, beta=beta,
                             gamma=gamma, weight_temperature=weight_temperature, targets=targets,

@@ -249,7 +249,7 @@ class _Parallel:
 
 
 #: Config keys that may change between a checkpoint and its resumption (where and how many).
-_RESUMABLE_ANYWHERE = ("device", "amp", "channels_last", "world_size", "cpu_threads")
+_RESUMABLE_ANYWHERE = ("device", "amp", "channels_last", "world_size", "cpu_threads", "cpu_capability")
 
 
 class _Checkpoints:
@@ -380,9 +380,18 @@ def _start_run(model: nn.Module, data: TensorData, *, device, amp: Optional[bool
     dtype = _model_dtype(model)
     config = {**config, "device": str(device), "amp": amp, "channels_last": channels_last,
               "dtype": str(dtype).replace("torch.", ""), "world_size": par.world,
-              "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None}
+              "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
+              "cpu_capability": _cpu_capability() if device.type == "cpu" else None}
     checkpoints = _Checkpoints(checkpoint_dir, every=checkpoint_every, keep=keep_checkpoints, config=config, par=par)
     return _Run(par, device, amp, channels_last, memory_format, dtype, data.to(device, dtype), config, checkpoints)
+
+
+def _cpu_capability() -> Optional[str]:
+    """The vector instruction set PyTorch's CPU kernels use here ("AVX512", "AVX2", "DEFAULT", ...):
+    two CPUs with different ones round float sums differently, so a run's last digits (and, over a
+    training, a test image here and there) can differ between machines."""
+    get = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
+    return get() if get is not None else None
 
 
 def select_device(device=None, *, dtype: Optional[torch.dtype] = None) -> torch.device:
@@ -472,8 +481,9 @@ class TrainResult:
     @property
     def ran_on(self) -> dict:
         """Where the run ran, not part of what it computes (cache keys leave it out): device,
-        dtype, amp, channels_last, world_size and cpu_threads (the CPU's intra-op threads; None on
-        GPUs), which change the results in the last digits only."""
+        dtype, amp, channels_last, world_size, cpu_threads (the CPU's intra-op threads; None on
+        GPUs) and cpu_capability (the CPU's vector instructions as PyTorch uses them, e.g. "AVX2" or
+        "AVX512"; None on GPUs), which change the results in the last digits only."""
         return {k: self.config.get(k) for k in _RESUMABLE_ANYWHERE + ("dtype",)}
 
     def summary(self) -> dict:

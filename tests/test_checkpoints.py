@@ -283,3 +283,20 @@ def test_a_grid_says_when_a_run_resumes_from_a_checkpoint(tmp_path, capsys):
     assert "trades seed 0: resuming after epoch 1 from the checkpoint " in capsys.readouterr().err
     E.run_adv_grid(["trades"], [0], overrides=adv, cache_dir=tmp_path, progress=True)  # from the cache: silent
     assert "resuming" not in capsys.readouterr().err
+
+
+def test_a_checkpoint_resumes_on_a_cpu_with_other_vector_instructions(teacher, tmp_path, monkeypatch):
+    """The CPU's vector instruction set is recorded where a run ran (ran_on), not as one of its settings:
+    a run checkpointed on an AVX2 machine goes on from its checkpoint on an AVX512 one (or one from
+    before the key existed)."""
+    d = tiny()
+    kw = dict(loss="kl", epochs=3, seed=0, checkpoint_dir=tmp_path, **FAST)
+    monkeypatch.setattr(T, "_cpu_capability", lambda: "AVX2")
+    part = T.distill(mlp(1), teacher, d, callback=stop_after(2), **kw)
+    assert part.epochs_run == 2 and part.ran_on["cpu_capability"] == "AVX2"
+    monkeypatch.setattr(T, "_cpu_capability", lambda: "AVX512")
+    rest = T.distill(mlp(1), teacher, d, **kw)
+    assert rest.resumed_from == 2 and rest.epochs_run == 3 and rest.ran_on["cpu_capability"] == "AVX512"
+    monkeypatch.undo()
+    assert T.distill(mlp(1), teacher, d, loss="kl", epochs=1, seed=0, **FAST).ran_on["cpu_capability"] \
+        == torch.backends.cpu.get_cpu_capability()

@@ -256,7 +256,9 @@ def test_runs_record_where_they_ran_but_the_cache_key_does_not(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert first.teacher["ran_on"] == {"device": "cpu", "amp": False, "channels_last": False, "world_size": 1,
-                                       "cpu_threads": 1, "dtype": "float32"}
+                                       "cpu_threads": 1, "dtype": "float32",
+                                       "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    assert isinstance(first.teacher["ran_on"]["cpu_capability"], str) and first.teacher["ran_on"]["cpu_capability"]
     assert second.teacher["source"] == "cache" and second.teacher["ran_on"]["cpu_threads"] == 1
     assert second.runs["cached"].all()
     (entry,) = tmp_path.glob("student-*")

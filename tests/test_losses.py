@@ -1,4 +1,5 @@
 """Values and gradients of the losses against torch oracles and literal float64 formulas."""
+import contextlib
 import math
 
 import pytest
@@ -392,6 +393,10 @@ def gkl_case(kind):
     elif kind == "ordinary":
         b = torch.randn(2, classes, generator=g) * 3
         kw.update(gamma=1.8)
+    elif kind == "ordinary_prior":  # GKL's setting in the presets: a prior of probabilities, gamma = 0.05
+        b = torch.randn(2, classes, generator=g) * 3
+        prior = torch.softmax(torch.randn(classes, classes, generator=g) * 2, 1)
+        kw.update(gamma=0.05, targets=y, class_prior=prior)
     else:
         raise AssertionError(kind)
     if "class_prior" in kw:
@@ -401,7 +406,8 @@ def gkl_case(kind):
     return a, b, kw, p
 
 
-@pytest.mark.parametrize("kind", ["gamma", "one_row_negligible", "prior_gamma", "tiny_prior", "ordinary"])
+@pytest.mark.parametrize("kind", ["gamma", "one_row_negligible", "prior_gamma", "tiny_prior", "ordinary",
+                                  "ordinary_prior"])
 def test_gkl_matches_float64_oracle_when_weights_underflow_float32(kind):
     a, b, kw, p = gkl_case(kind)
     a32, b32 = a.clone().requires_grad_(), b.clone().requires_grad_()
@@ -889,7 +895,8 @@ def test_a_prior_row_flushed_to_zero_by_the_cast_adds_nothing_and_no_nan(loss):
     """A float64 prior whose row is all 1e-50 is valid, but in float32 that row is all zeros: its
     samples' wMSE weight is then 0 (not 0/0). The value and gradient stay finite and match the
     float64 computation (where the row's weight is negligible); an exactly cast prior (float32
-    with float32 logits) has no zero row, and the guard against one is not computed."""
+    with float32 logits) has no zero row, and the guard against one is not computed (GKL's neither:
+    its rows of probabilities raised to gamma = 1 cannot underflow)."""
     a, b, y, base = decoupled_inputs(6, 5, 41)
     prior = base.clone()
     prior[2] = 1e-50
@@ -907,4 +914,62 @@ def test_a_prior_row_flushed_to_zero_by_the_cast_adds_nothing_and_no_nan(loss):
     guard = _aten_ops_of(lambda: dkl.loss_terms(loss, a32, b.detach().float(), **kw))
     exact = _aten_ops_of(lambda: dkl.loss_terms(loss, a32, b.detach().float(), **{**kw, "class_prior": base.float()}))
     assert "aten.masked_fill" in guard  # float64 -> float32 may empty a row: guarded
-    assert ("aten.masked_fill" in exact) == (loss == "gkl")  # GKL's rescaling and power may, IKL's exact cast not
+    assert "aten.masked_fill" not in exact
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_powers_safely_promises_only_weights_that_stay_normal(dtype):
+    """Where GKL skips its rescaling, the smallest row maximum, cast to the compute dtype and raised to
+    gamma, and its square are normal numbers; the promise is not vacuous (softmax rows of 100 classes
+    at gamma 0.05 and 1.8 are safe in float32, gamma 30 only in float64) and refuses what it cannot bound."""
+    from dkl_lib.losses import _powers_safely
+
+    tiny = torch.finfo(dtype).tiny
+    safe = []
+    for low in (0.5, 1e-2, 1e-8, 1e-15, 1e-16, 1e-19, 1e-20, 1e-40, 1e-50, 1e-150, 1e-160, 1e-200):
+        for gamma in (0.05, 0.5, 1.0, 1.8, 4.0, 30.0):
+            if _powers_safely(low, 1.0, gamma, dtype):
+                safe.append((low, gamma))
+                row_max = torch.tensor(low, dtype=torch.float64).to(dtype) ** gamma
+                assert row_max >= tiny and row_max * row_max >= tiny, (low, gamma)
+    assert {(1e-2, 0.05), (1e-2, 1.8), (1e-2, 4.0)} <= set(safe)
+    if dtype == torch.float32:
+        assert (1e-2, 30.0) not in safe and (1e-20, 1.0) not in safe and (1e-50, 0.05) not in safe
+    else:
+        assert {(1e-2, 30.0), (1e-50, 1.0)} <= set(safe)
+        assert (1e-160, 1.0) not in safe and (1e-200, 0.05) not in safe
+    for low, high in ((0.0, 1.0), (0.5, 2.0), (0.6, 0.5), (math.nan, 1.0)):
+        assert not _powers_safely(low, high, 1.0, dtype)
+
+
+@pytest.mark.parametrize("kind", ["gamma", "prior_gamma", "tiny_prior", "ordinary", "ordinary_prior"])
+def test_gkl_rescales_and_guards_only_weights_that_could_underflow(kind):
+    """GKL divides p by its largest entry (amax) and guards against empty rows (masked_fill) only where
+    p**gamma or Σw could underflow: not for softmax weights or a prior of probabilities at moderate gamma."""
+    a, b, kw, _ = gkl_case(kind)
+    dkl.gkl_loss(a, b, **kw)  # the prior's first check (its bounds are read once, with reductions of their own)
+    ops = _aten_ops_of(lambda: dkl.gkl_loss(a.clone().requires_grad_(), b, **kw).backward())
+    underflows = kind in ("gamma", "prior_gamma", "tiny_prior")
+    assert ("aten.amax" in ops) == underflows and ("aten.masked_fill" in ops) == underflows
+
+
+@pytest.mark.parametrize("path", ["analytic", "autograd"])
+@pytest.mark.parametrize("loss", ["ikl", "gkl"])
+def test_a_prior_that_takes_gradients_gets_none_and_changes_nothing(loss, path):
+    """w = p pᵀ is detached also when the prior itself takes gradients (a prior computed by a model,
+    say): the prior gets no gradient, the value and the student's gradient are those of the detached
+    prior; in the autograd.Function and in the plain-autograd path (here: inside a forward-AD level)."""
+    import torch.autograd.forward_ad as fwAD
+
+    a, b, y, prior = decoupled_inputs(5, 6, 51)
+    source = prior.clone().requires_grad_()
+    learned = source * 1.0  # a non-leaf prior in a graph
+    kw = dict(temperature=2.0, targets=y, gamma=0.5) if loss == "gkl" else dict(temperature=2.0, targets=y)
+    a1, a2 = a.detach().clone().requires_grad_(), a.detach().clone().requires_grad_()
+    with fwAD.dual_level() if path == "autograd" else contextlib.nullcontext():
+        with_graph = sum(dkl.loss_terms(loss, a1, b.detach(), class_prior=learned, **kw).values())
+        plain = sum(dkl.loss_terms(loss, a2, b.detach(), class_prior=prior, **kw).values())
+    with_graph.backward()
+    plain.backward()
+    assert source.grad is None and torch.allclose(with_graph, plain, rtol=1e-14, atol=0)
+    assert torch.allclose(a1.grad, a2.grad, rtol=1e-12, atol=1e-15)

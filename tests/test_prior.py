@@ -396,3 +396,17 @@ def test_counts_stay_exact_over_batches_of_changing_size_with_the_kept_ones_vect
         for row, label in zip(torch.softmax(logits / 2.0, dim=1), y.tolist()):
             ref[label] += row
     torch.testing.assert_close(gi._sums, ref, rtol=1e-14, atol=0)
+
+
+def test_class_prior_bounds_are_the_largest_row_sum_smallest_row_maximum_and_largest_entry():
+    from dkl_lib import _checks
+
+    g = torch.Generator().manual_seed(3)
+    prior = torch.rand(5, 5, generator=g, dtype=torch.float64)
+    prior[3] = torch.tensor([0.0, 1e-30, 0.0, 2e-30, 0.0], dtype=torch.float64)  # the row of the smallest maximum
+    high_sum, low_row_max, high = _checks.class_prior_bounds(prior, 5, prior.device)
+    assert high_sum == prior.sum(1).max().item() and high == prior.max().item()
+    assert low_row_max == 2e-30 == prior.amax(1).min().item()
+    assert _checks.check_class_prior(prior, 5, prior.device) == high_sum
+    prior[3, 0] = 0.5  # in place: checked anew, not the remembered bounds
+    assert _checks.class_prior_bounds(prior, 5, prior.device)[1] == prior.amax(1).min().item() > 2e-30
