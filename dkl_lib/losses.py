@@ -61,11 +61,11 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 import torch
 
 from ._checks import (
-    class_prior_bounds,
     check_finite_terms,
     check_logits_pair,
     check_nonnegative,
     check_positive,
+    class_prior_bounds,
     compute_dtype,
     forward_ad_active,
     tracing,

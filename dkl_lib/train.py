@@ -390,8 +390,12 @@ def _cpu_capability() -> Optional[str]:
     """The vector instruction set PyTorch's CPU kernels use here ("AVX512", "AVX2", "DEFAULT", ...):
     two CPUs with different ones round float sums differently, so a run's last digits (and, over a
     training, a test image here and there) can differ between machines."""
-    get = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
-    return get() if get is not None else None
+    try:
+        import torch.backends.cpu as cpu_backend
+
+        return cpu_backend.get_cpu_capability()
+    except (ImportError, AttributeError):  # a torch without it
+        return None
 
 
 def select_device(device=None, *, dtype: Optional[torch.dtype] = None) -> torch.device:

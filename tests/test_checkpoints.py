@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import torch.backends.cpu as cpu_backend
 
 from dkl_lib import attacks as A
 from dkl_lib import data as D
@@ -299,4 +300,4 @@ def test_a_checkpoint_resumes_on_a_cpu_with_other_vector_instructions(teacher, t
     assert rest.resumed_from == 2 and rest.epochs_run == 3 and rest.ran_on["cpu_capability"] == "AVX512"
     monkeypatch.undo()
     assert T.distill(mlp(1), teacher, d, loss="kl", epochs=1, seed=0, **FAST).ran_on["cpu_capability"] \
-        == torch.backends.cpu.get_cpu_capability()
+        == cpu_backend.get_cpu_capability()

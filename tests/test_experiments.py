@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.backends.cpu as cpu_backend
 
 from dkl_lib import data as D
 from dkl_lib import experiments as E
@@ -257,7 +258,7 @@ def test_runs_record_where_they_ran_but_the_cache_key_does_not(tmp_path):
         torch.set_num_threads(threads)
     assert first.teacher["ran_on"] == {"device": "cpu", "amp": False, "channels_last": False, "world_size": 1,
                                        "cpu_threads": 1, "dtype": "float32",
-                                       "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+                                       "cpu_capability": cpu_backend.get_cpu_capability()}
     assert isinstance(first.teacher["ran_on"]["cpu_capability"], str) and first.teacher["ran_on"]["cpu_capability"]
     assert second.teacher["source"] == "cache" and second.teacher["ran_on"]["cpu_threads"] == 1
     assert second.runs["cached"].all()
