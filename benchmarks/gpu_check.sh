@@ -27,7 +27,8 @@
 # gpu-short and paper models), an estimate of each GPU preset's training time from those step
 # times, then the experiments command line under
 # torchrun (one process per GPU, nccl) for one short KD grid and one adversarial grid (AWP, weight
-# average, PGD and the ART ensemble on the GPU) on random data. The Python packages every step
+# average, PGD and the ART ensemble on the GPU) on random data, and last (GPU only, not --quick; where
+# --budget leaves time) torch.compile'd KD steps against eager ones. The Python packages every step
 # needs are checked first, so a missing one costs seconds, not a finished training. Exit status: 0
 # when everything ran (the target lines are informational), 1 without a CUDA device (unless
 # --allow-cpu), 2 for bad options, 3 for missing Python packages or --wheels made for another
@@ -186,7 +187,8 @@ if [[ -z "$OUT" ]]; then OUT="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")"; 
 mkdir -p "$OUT"
 # results of an earlier run in the same folder must not be summarised as this run's (a step that is
 # skipped or fails writes nothing), and its run cache would turn the torchrun steps into cache reads
-rm -rf "$OUT"/cuda_tests.xml "$OUT"/losses.json "$OUT"/train_b*.json "$OUT"/adv_steps.json "$OUT"/host.json \
+rm -rf "$OUT"/cuda_tests.xml "$OUT"/losses.json "$OUT"/train_b*.json "$OUT"/train_compiled.json "$OUT"/adv_steps.json \
+    "$OUT"/host.json \
     "$OUT"/torchrun "$OUT"/torchrun_adv \
     "$OUT"/cache "$OUT"/summary.md "$OUT"/gpu_check.json
 : > "$OUT/steps.txt"  # one line per measuring step: ok / FAILED (exit N) / skipped, and its text
@@ -311,6 +313,16 @@ step "adversarial entry point under torchrun ($NPROC processes)" \
     --override train.awp_warmup=0 --override train.weight_average=0.999 --override train.weight_average_from=1 \
     --cache-dir "$OUT/cache" --out "$OUT/torchrun_adv"
 [[ ! -f "$OUT/torchrun_adv/results.json" ]] || echo "$NPROC $((SECONDS - T0))" > "$OUT/torchrun_adv/launch.txt"
+
+# ---- 6b. compiled training step (GPU only, last: it runs only if the budget leaves time for it) -------
+# torch.compile of teacher and student (inductor, Triton) against the eager step, kl and ikl, batch 128,
+# round-robin in one process; the compilation itself (about a minute per model) is reported apart.
+# Not in the CPU dry run, where compiling the two ResNets would take minutes of CPU.
+if [[ "$DEVICE" == "cuda" && $QUICK -eq 0 ]]; then
+    step "compiled training step (bench_train.py --compile both --losses kl,ikl --batch 128)" \
+        timeout 300 "$PY" "$ROOT/benchmarks/bench_train.py" --devices cuda --losses kl,ikl --compile both \
+        --batch 128 --reps 10 --warmup 2 --json "$OUT/train_compiled.json"
+fi
 
 # ---- 7. summary ----------------------------------------------------------------------------------
 STEP="summary"

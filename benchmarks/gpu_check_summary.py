@@ -55,6 +55,31 @@ def ratio_text(ratio, iqr):
     return f"{ratio:.2f}x" + ("" if iqr is None else f" (IQR {iqr[0]:.2f}-{iqr[1]:.2f})")
 
 
+def compiled_lines(run):
+    """The lines of the compiled-step table from bench_train.py's JSON of ``--compile both`` (None: no
+    lines): per loss the eager and the compiled step, compiled / eager (median over median), the first
+    compiled step (its compilation) and the compiled step's paired ratio to the compiled KL step."""
+    if not run:
+        return []
+    sec = run["seconds_per_step"]
+    eager = next((key for key in sec if not key.endswith(" compiled")), None)
+    if eager is None or f"{eager} compiled" not in sec:
+        return []
+    comp = f"{eager} compiled"
+    first = run.get("first_step_seconds", {}).get(comp, {})
+    paired = run.get("ratio_to_kl", {}).get(comp, {})
+    iqr = run.get("ratio_to_kl_iqr", {}).get(comp, {})
+    lines = [f"\nCompiled training step (torch.compile of teacher and student, inductor; the loss runs eagerly "
+             f"as in training), batch {run['batch']}, eager and compiled round-robin in one process",
+             "| loss | eager ms / step | compiled ms / step | compiled / eager | first compiled step (compilation) "
+             "| compiled: time / KL step |", "|---|---|---|---|---|---|"]
+    for loss, t in sec[comp].items():
+        ratio = ratio_text(paired[loss], tuple(iqr[loss]) if loss in iqr else None) if loss in paired else "n/a"
+        lines.append(f"| {loss} | {sec[eager][loss] * 1e3:.2f} | {t * 1e3:.2f} | {t / sec[eager][loss]:.2f}x "
+                     f"| {first.get(loss, math.nan):.1f} s | {ratio} |")
+    return lines
+
+
 def step_time(times, key, batch):
     """(seconds per step, how): measured at this batch, else scaled per image from the nearest
     measured batch (a rough guess: small batches use a GPU less well)."""
@@ -171,6 +196,9 @@ def main(out, device, seconds):
         print(f"\nSettings: autocast {settings['amp']}, channels_last {'on' if settings['channels_last'] else 'off'}, "
               f"cudnn.benchmark {'on' if settings['cudnn_benchmark'] else 'off'}, {settings['reps']} timed rounds "
               f"(loss kernels: float32, no autocast)")
+    compiled = _load(os.path.join(out, "train_compiled.json"))
+    for line in compiled_lines(compiled):
+        print(line)
     host = _load(os.path.join(out, "host.json"))
     if host:
         print(f"\nHost cost per loss call on {host['device']} (bench_host.py: loss + backward (+ prior update) on "
@@ -261,7 +289,7 @@ def main(out, device, seconds):
 
     bundle = {"steps": [{"status": status, "step": text} for status, text in step_log], "device": name,
               "torch": torch.__version__, "cuda": torch.version.cuda, "seconds": seconds, "cuda_tests": cuda_tests,
-              "losses": losses, "train": train_runs, "host": host,
+              "losses": losses, "train": train_runs, "train_compiled": compiled, "host": host,
               "kd_torchrun": _load(os.path.join(out, "torchrun", "results.json")),
               "adv_torchrun": _load(os.path.join(out, "torchrun_adv", "results.json")),
               "adv_steps": adv_rows, "estimates": estimates,

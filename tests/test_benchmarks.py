@@ -249,3 +249,37 @@ def test_bench_host_command_line_refuses_bad_arguments():
     if not torch.cuda.is_available():
         proc = _script(BENCH / "bench_host.py", "--device", "cuda", timeout=60)
         assert proc.returncode == 2 and "torch sees no CUDA device" in proc.stderr
+
+
+def test_gpu_check_summary_shows_the_compiled_step_of_bench_train_compile_both(bench_train, monkeypatch, tmp_path):
+    """bench_train.py --compile both (torch.compile stubbed by the identity: the file's format, not a
+    compilation) read by gpu_check_summary.py: per loss the eager and the compiled step, compiled / eager,
+    the first compiled step, and the compiled step's paired ratio to the compiled KL step; no table
+    (and no error) without the file."""
+    (tmp_path / "steps.txt").write_text("ok|compiled training step\n", encoding="utf-8")
+    proc = _script(BENCH / "gpu_check_summary.py", tmp_path, "cpu", "5")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Compiled training step" not in proc.stdout
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)
+    out = tmp_path / "train_compiled.json"
+    threads = torch.get_num_threads()
+    try:
+        bench_train.main(["--devices", "cpu", "--batch", "2", "--reps", "2", "--threads", "1", "--losses", "kl,ikl",
+                          "--compile", "both", "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    run = json.loads(out.read_text(encoding="utf-8"))
+    sec, first = run["seconds_per_step"], run["first_step_seconds"]
+    assert set(sec) == {"cpu", "cpu compiled"} and list(sec["cpu compiled"]) == ["kl", "ikl"]
+    proc = _script(BENCH / "gpu_check_summary.py", tmp_path, "cpu", "5")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Compiled training step (torch.compile of teacher and student" in proc.stdout
+    for loss in ("kl", "ikl"):
+        eager, comp = sec["cpu"][loss], sec["cpu compiled"][loss]
+        q1, q3 = run["ratio_to_kl_iqr"]["cpu compiled"][loss]
+        row = (f"| {loss} | {eager * 1e3:.2f} | {comp * 1e3:.2f} | {comp / eager:.2f}x "
+               f"| {first['cpu compiled'][loss]:.1f} s | {run['ratio_to_kl']['cpu compiled'][loss]:.2f}x "
+               f"(IQR {q1:.2f}-{q3:.2f}) |")
+        assert row in proc.stdout, (row, proc.stdout)
+    assert "| kl |" in proc.stdout and "| 1.00x (IQR 1.00-1.00) |" in proc.stdout
+    assert json.loads((tmp_path / "gpu_check.json").read_text(encoding="utf-8"))["train_compiled"] == run
