@@ -193,11 +193,11 @@ def _weights(target_logits, *, weight_temperature, targets, class_prior, gamma=1
     rescaling for moderate gamma: their row maxima are at least 1/C and the smallest row maximum of
     the prior, known from its check.
     """
-    classes = target_logits.shape[1]
-    # bounds of p: the largest row sum, the smallest row maximum, the largest entry
-    high_sum, low, high = 1.0, 1.0 / classes, 1.0  # softmax weights
+    # bounds of p: the largest row sum, the smallest row maximum, the largest entry; softmax weights: row
+    # maximum >= 1/C, but not relied on while tracing (C may be symbolic there, and math.log cannot take it)
+    high_sum, low, high = 1.0, 0.0 if tracing() else 1.0 / target_logits.shape[1], 1.0
     if class_prior is not None:
-        high_sum, low, high = class_prior_bounds(class_prior, classes, target_logits.device)
+        high_sum, low, high = class_prior_bounds(class_prior, target_logits.shape[1], target_logits.device)
         p = _constant(class_prior)[targets]
         # a checked prior has a positive entry in every row, which a cast to the compute dtype keeps
         # unless it narrows (a float64 row of 1e-50s is all zeros in float32); not checked when tracing
