@@ -283,3 +283,26 @@ def test_each_loss_compiles_as_one_graph_with_dynamic_shapes(case):
             assert (mine is None) == (ref is None)
             assert ref is None or torch.allclose(mine, ref, rtol=1e-12, atol=1e-12), (case, batch)
     assert 1 <= counter.frame_count <= 3  # traced, not run eagerly
+
+
+@pytest.mark.parametrize("case", ["gkl", "gkl-gi"])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_gkl_rescales_its_weights_while_traced(case, dynamic):
+    """Eagerly, GKL skips the rescaling of its weights where the bounds of p promise no underflow (1/C for
+    softmax weights, the checked prior's smallest row maximum); while traced it reads no such bound (C
+    may be symbolic, the prior's values are not read), so the graph rescales (amax) as it always did, with
+    static and with dynamic shapes, and gives the eager value."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append({str(node.target) for node in gm.graph.nodes})
+        return gm.forward
+
+    classes, batch = 7, 6
+    a, b = random_pair(batch, classes, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    y = torch.randint(0, classes, (batch,), generator=torch.Generator().manual_seed(4))
+    prior = prior_for(classes)
+    fn = CASES[case]
+    value = torch.compile(fn, backend=backend, fullgraph=True, dynamic=dynamic)(a, b, y, prior)
+    assert len(graphs) == 1 and any("amax" in target for target in graphs[0]), graphs
+    assert torch.allclose(value, fn(a, b, y, prior), rtol=1e-12, atol=0)
