@@ -19,7 +19,6 @@ __all__ = [
     "check_positive",
     "check_nonnegative",
     "check_targets",
-    "check_class_prior",
     "class_prior_bounds",
     "check_finite_terms",
     "compute_dtype",
@@ -235,16 +234,11 @@ def check_targets(targets, batch_size: int, num_classes: int, device, *, name: s
     return targets.long()
 
 
-def check_class_prior(class_prior, num_classes: int, device) -> float:
-    """A (C, C) tensor whose rows are non-negative, finite and not all zero; returns the largest
-    row sum (for :func:`check_finite_terms`). See :func:`class_prior_bounds`, which this is."""
-    return class_prior_bounds(class_prior, num_classes, device)[0]
-
-
 def class_prior_bounds(class_prior, num_classes: int, device) -> Tuple[float, float, float]:
-    """Check a class prior as :func:`check_class_prior`; returns (the largest row sum, the smallest
-    row maximum, the largest entry): bounds of the weights p = class_prior[targets] that GKL reads
-    to know whether p**gamma can underflow.
+    """Check a class prior: a (C, C) tensor whose rows are non-negative, finite and not all zero;
+    returns (the largest row sum, for :func:`check_finite_terms`; the smallest row maximum; the
+    largest entry): bounds of the weights p = class_prior[targets], which GKL reads to know whether
+    p**gamma can underflow.
 
     One device sync for valid priors, the first time a prior tensor is checked (a training step
     reuses the epoch's prior: no sync); under torch.compile or torch.func (:func:`tracing`), only

@@ -274,9 +274,9 @@ def test_a_prior_is_checked_once_until_it_changes_in_place():
     ikl = dict(temperature=2.0, targets=y, class_prior=prior)
     try:
         torch.Tensor.tolist = counting
-        assert _checks.check_class_prior(prior, 4, prior.device) == pytest.approx(1.0)
+        assert _checks.class_prior_bounds(prior, 4, prior.device)[0] == pytest.approx(1.0)
         first = len(reads)
-        assert _checks.check_class_prior(prior, 4, prior.device) == pytest.approx(1.0)
+        assert _checks.class_prior_bounds(prior, 4, prior.device)[0] == pytest.approx(1.0)
         assert len(reads) == first  # the second check read nothing back
     finally:
         torch.Tensor.tolist = real
@@ -407,6 +407,6 @@ def test_class_prior_bounds_are_the_largest_row_sum_smallest_row_maximum_and_lar
     high_sum, low_row_max, high = _checks.class_prior_bounds(prior, 5, prior.device)
     assert high_sum == prior.sum(1).max().item() and high == prior.max().item()
     assert low_row_max == 2e-30 == prior.amax(1).min().item()
-    assert _checks.check_class_prior(prior, 5, prior.device) == high_sum
+    assert _checks.class_prior_bounds(prior, 5, prior.device) == (high_sum, low_row_max, high)  # remembered
     prior[3, 0] = 0.5  # in place: checked anew, not the remembered bounds
     assert _checks.class_prior_bounds(prior, 5, prior.device)[1] == prior.amax(1).min().item() > 2e-30
