@@ -195,15 +195,16 @@ def _weights(target_logits, *, weight_temperature, targets, class_prior, gamma=1
     """
     # bounds of p: the largest row sum, the smallest row maximum, the largest entry; softmax weights: row
     # maximum >= 1/C, but not relied on while tracing (C may be symbolic there, and math.log cannot take it)
-    high_sum, low, high = 1.0, 0.0 if tracing() else 1.0 / target_logits.shape[1], 1.0
+    traced = tracing()
+    high_sum, low, high = 1.0, 0.0 if traced else 1.0 / target_logits.shape[1], 1.0
     if class_prior is not None:
         high_sum, low, high = class_prior_bounds(class_prior, target_logits.shape[1], target_logits.device)
         p = _constant(class_prior)[targets]
         # a checked prior has a positive entry in every row, which a cast to the compute dtype keeps
         # unless it narrows (a float64 row of 1e-50s is all zeros in float32); not checked when tracing
-        rows_positive = not tracing() and (class_prior.dtype == target_logits.dtype
-                                           or target_logits.dtype == torch.float64
-                                           or class_prior.dtype in (torch.float16, torch.bfloat16))
+        rows_positive = not traced and (class_prior.dtype == target_logits.dtype
+                                        or target_logits.dtype == torch.float64
+                                        or class_prior.dtype in (torch.float16, torch.bfloat16))
     elif weight_temperature is not None:
         p = torch.softmax(_constant(target_logits) / weight_temperature, dim=1)
         rows_positive = True  # a softmax's largest entry is at least 1/C
