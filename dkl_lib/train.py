@@ -196,13 +196,16 @@ class _Parallel:
         return dist.wrap_model(model, device, forward_buffer_sync=forward_buffer_sync)
 
     def batches(self, n: int, *, batch_size: int, generator: torch.Generator, drop_last: bool,
-                device: torch.device):
-        """The global batches (index tensors); after the first, a batch smaller than 2 per rank
-        is skipped (BatchNorm cannot train on one sample, and every rank must take part)."""
+                device: torch.device, batchnorm: bool = True):
+        """The global batches (index tensors). Every rank must take part, so a batch smaller than 1
+        per rank is skipped; for a model with BatchNorm layers (``batchnorm``), which cannot train on
+        one sample, so is a batch after the first that is smaller than 2 per rank. (In one process:
+        only the one-image last batch of a model with BatchNorm is left out.)"""
         first = True
+        least = 2 * self.world if batchnorm else self.world
         for idx in batch_indices(n, batch_size=batch_size, shuffle=True, generator=generator,
                                  drop_last=drop_last, device=device):
-            if idx.numel() < self.world or (not first and idx.numel() < 2 * self.world):
+            if idx.numel() < self.world or (not first and idx.numel() < least):
                 continue
             first = False
             yield idx
@@ -263,12 +266,16 @@ class _Checkpoints:
     raises ``ValueError`` instead of mixing two runs.
     """
 
-    def __init__(self, folder, *, every: int, keep: int, config: dict, par: _Parallel):
+    def __init__(self, folder, *, every: int, keep: int, config: dict, par: _Parallel,
+                 identity: Optional[Callable[[], Dict[str, Optional[str]]]] = None):
         self.folder = None if folder is None else Path(folder).expanduser()
         self.every = _positive_int("checkpoint_every", every)
         self.keep = _positive_int("keep_checkpoints", keep)
         self.config = {k: v for k, v in config.items() if k not in _RESUMABLE_ANYWHERE}
         self.par = par
+        # what the run trains on besides its settings ({"data": digest, "teacher": digest}, see
+        # _run_identity), computed only when there are checkpoints
+        self.identity = identity() if identity is not None and self.folder is not None else None
 
     def resume(self, model: nn.Module, optimizer, scheduler, generators: Dict[str, torch.Generator],
                prior: Optional[ClassPrior], extra: Optional[Dict[str, nn.Module]] = None):
@@ -287,6 +294,12 @@ class _Checkpoints:
             raise ValueError(f"{found.path} is a checkpoint of a different run (settings differ: {diff}); "
                              "resume with the same settings, use another checkpoint folder, or delete "
                              f"{self.folder} to start this run afresh")
+        stored = state.get("identity")  # (None in a checkpoint written before it was recorded)
+        if stored is not None and self.identity is not None and stored != self.identity:
+            diff = sorted(k for k in set(stored) | set(self.identity) if stored.get(k) != self.identity.get(k))
+            raise ValueError(f"{found.path} is a checkpoint of a run on other {' and '.join(diff)} (the same settings, "
+                             "but other images, labels or weights); resume with the same ones, use another checkpoint "
+                             f"folder, or delete {self.folder} to start this run afresh")
         dist.unwrap_model(model).load_state_dict(state["model"])  # (a torch.compile'd model: its own module)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -310,7 +323,7 @@ class _Checkpoints:
                  "generators": {name: gen.get_state() for name, gen in generators.items()},
                  "prior": prior.state_dict() if prior is not None else None,
                  "prior_history": list(prior.history) if prior is not None else None,
-                 "history": history, "config": self.config,
+                 "history": history, "config": self.config, "identity": self.identity,
                  "extra": {name: dist.unwrap_model(module).state_dict() for name, module in (extra or {}).items()}}
         dist.save_checkpoint(dist.checkpoint_path(self.folder, epoch), state)
         dist.prune_checkpoints(self.folder, keep=self.keep)
@@ -369,6 +382,7 @@ def _start_run(model: nn.Module, data: TensorData, *, device, amp: Optional[bool
     channels_last (default: on for CUDA), the model and data moved there (data in the model's
     dtype), the config completed with those choices, and the run's checkpoints."""
     par = _Parallel()
+    _check_split_sizes(data, batch_size=config["batch_size"], drop_last=config["drop_last"], world=par.world)
     dtypes = {_model_dtype(m) for m in (model, teacher) if m is not None}  # float64 keeps a run off MPS
     device = select_device(device, dtype=torch.float64 if torch.float64 in dtypes else _model_dtype(model))
     amp = (device.type == "cuda") if amp is None else bool(amp)
@@ -382,8 +396,48 @@ def _start_run(model: nn.Module, data: TensorData, *, device, amp: Optional[bool
               "dtype": str(dtype).replace("torch.", ""), "world_size": par.world,
               "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
               "cpu_capability": _cpu_capability() if device.type == "cpu" else None}
-    checkpoints = _Checkpoints(checkpoint_dir, every=checkpoint_every, keep=keep_checkpoints, config=config, par=par)
-    return _Run(par, device, amp, channels_last, memory_format, dtype, data.to(device, dtype), config, checkpoints)
+    data = data.to(device, dtype)
+    checkpoints = _Checkpoints(checkpoint_dir, every=checkpoint_every, keep=keep_checkpoints, config=config, par=par,
+                               identity=lambda: _run_identity(data, teacher))
+    return _Run(par, device, amp, channels_last, memory_format, dtype, data, config, checkpoints)
+
+
+def _run_identity(data: TensorData, teacher: Optional[nn.Module], rows: int = 256) -> Dict[str, Optional[str]]:
+    """Digests of what a run trains on beyond its settings, so that a checkpoint is not resumed on
+    other data or with another teacher: the data's description (name, sizes, classes, normalisation,
+    augmentation, ``info``), all labels and up to ``rows`` evenly spaced images of each split
+    (decoded-per-batch data: the description and labels only); the teacher's parameters and buffers
+    (None without one). Independent of the device and memory layout (:func:`dkl_lib.distributed.state_digest`)."""
+    facts = data.describe()
+    for split in ("train", "test"):
+        y = getattr(data, f"y_{split}")
+        facts[f"y_{split}"] = y
+        if not data.lazy:
+            n = y.shape[0]
+            idx = torch.linspace(0, n - 1, min(rows, n)).round().long().to(y.device)
+            facts[f"x_{split}_rows"] = getattr(data, f"x_{split}")[idx]
+    return {"data": dist.state_digest(facts),
+            "teacher": None if teacher is None else dist.state_digest(dist.unwrap_model(teacher).state_dict())}
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    """Whether ``model`` holds a BatchNorm layer (any dimension, SyncBatchNorm too)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _check_split_sizes(data: TensorData, *, batch_size: int, drop_last: bool, world: int) -> None:
+    """ValueError, before anything runs, for data on which an epoch would train on no batch or
+    measure no test accuracy (the history's test_acc, and the best epoch chosen by it)."""
+    if data.n_test < 1:
+        raise ValueError("the data have no test images (x_test is empty): the trainers measure the test accuracy "
+                         "after every epoch and report the best epoch by it; hold out at least one image")
+    if drop_last and batch_size > data.n_train:
+        raise ValueError(f"batch_size={batch_size} with drop_last=True leaves no batch to train on: the data have "
+                         f"{data.n_train} training images; lower batch_size or set drop_last=False")
+    if min(batch_size, data.n_train) < world:
+        raise ValueError(f"{world} processes share each batch, one image at least each, but a batch holds "
+                         f"{min(batch_size, data.n_train)} (batch_size={batch_size}, {data.n_train} training images); "
+                         "raise batch_size or run fewer processes")
 
 
 def _cpu_capability() -> Optional[str]:
@@ -625,50 +679,48 @@ def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], lo
     _check_fits("student" if teacher is not None else "model", model, data, normalize=True, amp=amp,
                 channels_last=channels_last)
 
-    teacher_flags = None
-    teacher_acc = None
-    cached_teacher_logits = None
-    if teacher is not None:
-        teacher.to(device=device, memory_format=memory_format)
-        _check_fits("teacher", teacher, data.to(dtype=_model_dtype(teacher)), normalize=True, amp=amp,
-                    channels_last=channels_last)
-        teacher_was_training = teacher.training
-        teacher.eval()
-        teacher_flags = [p.requires_grad for p in teacher.parameters()]
-        teacher.requires_grad_(False)
-        teacher_acc = evaluate(teacher, data.to(dtype=_model_dtype(teacher)), amp=amp,
-                               channels_last=channels_last)
-        if not augment and not data.lazy:  # fixed inputs: the frozen teacher's logits are computed once
-            t_data = data.to(dtype=_model_dtype(teacher))
-            cached_teacher_logits = predict_logits(teacher, t_data.x_train, t_data, amp=amp,
-                                                   channels_last=channels_last).to(dtype)
+    teacher_flags = teacher_was_training = None  # the teacher's own flags, restored at the end
+    teacher_acc = cached_teacher_logits = prior = bars = net = None
+    first_epoch, history, stopped = 0, [], None
+    try:  # from here on, whatever happens, the teacher gets its flags back (finally, below)
+        if teacher is not None:
+            teacher.to(device=device, memory_format=memory_format)
+            _check_fits("teacher", teacher, data.to(dtype=_model_dtype(teacher)), normalize=True, amp=amp,
+                        channels_last=channels_last)
+            teacher_was_training = teacher.training
+            teacher.eval()
+            teacher_flags = [p.requires_grad for p in teacher.parameters()]
+            teacher.requires_grad_(False)
+            teacher_acc = evaluate(teacher, data.to(dtype=_model_dtype(teacher)), amp=amp,
+                                   channels_last=channels_last)
+            if not augment and not data.lazy:  # fixed inputs: the frozen teacher's logits are computed once
+                t_data = data.to(dtype=_model_dtype(teacher))
+                cached_teacher_logits = predict_logits(teacher, t_data.x_train, t_data, amp=amp,
+                                                       channels_last=channels_last).to(dtype)
 
-    prior = None
-    if gi:
-        prior = class_prior if class_prior is not None else ClassPrior(data.num_classes, device=device)
-        if prior.num_classes != data.num_classes:
-            raise ValueError(f"class_prior has {prior.num_classes} classes, the data {data.num_classes}")
-        prior.to(device)
-    custom = _custom(loss)  # a registered loss: its terms are checked (no device sync) at every step,
-    check_finite = custom is not None  # and for finiteness (one sync) on the first step and per epoch
+        if gi:
+            prior = class_prior if class_prior is not None else ClassPrior(data.num_classes, device=device)
+            if prior.num_classes != data.num_classes:
+                raise ValueError(f"class_prior has {prior.num_classes} classes, the data {data.num_classes}")
+            prior.to(device)
+        custom = _custom(loss)  # a registered loss: its terms are checked (no device sync) at every step,
+        check_finite = custom is not None  # and for finiteness (one sync) on the first step and per epoch
 
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
-                                weight_decay=weight_decay, nesterov=nesterov)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=lr_decay)
-    shuffle_gen = torch.Generator().manual_seed(int(seed))
-    augment_gen = torch.Generator().manual_seed(int(seed) + 1_000_003)
-    generators = {"shuffle": shuffle_gen, "augment": augment_gen}
-    if data.lazy:  # the random crops of images decoded per batch: reseeded, so a run depends on its seed only
-        generators["crops"] = data.x_train.generator.manual_seed(int(seed) + 3_000_017)
-    steps_per_epoch = max(1, (data.n_train // batch_size) if drop_last else math.ceil(data.n_train / batch_size))
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
+                                    weight_decay=weight_decay, nesterov=nesterov)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=lr_decay)
+        shuffle_gen = torch.Generator().manual_seed(int(seed))
+        augment_gen = torch.Generator().manual_seed(int(seed) + 1_000_003)
+        generators = {"shuffle": shuffle_gen, "augment": augment_gen}
+        if data.lazy:  # the random crops of images decoded per batch: reseeded, so a run depends on its seed only
+            generators["crops"] = data.x_train.generator.manual_seed(int(seed) + 3_000_017)
+        steps_per_epoch = max(1, (data.n_train // batch_size) if drop_last else math.ceil(data.n_train / batch_size))
 
-    first_epoch, history = checkpoints.resume(model, optimizer, scheduler, generators, prior)
-    net = par.wrap(model, device)  # DDP under torchrun (after resuming: DDP syncs from rank 0)
-    stopped = None
-    bars = _RunProgress(epochs=epochs, steps_per_epoch=steps_per_epoch, desc=desc,
-                        progress=progress and par.is_main, device=device, batch_bar_from=100,
-                        initial=first_epoch)
-    try:
+        first_epoch, history = checkpoints.resume(model, optimizer, scheduler, generators, prior)
+        net = par.wrap(model, device)  # DDP under torchrun (after resuming: DDP syncs from rank 0)
+        bars = _RunProgress(epochs=epochs, steps_per_epoch=steps_per_epoch, desc=desc,
+                            progress=progress and par.is_main, device=device, batch_bar_from=100,
+                            initial=first_epoch)
         for epoch in range(first_epoch, epochs):
             t0 = time.perf_counter()
             model.train()
@@ -679,7 +731,7 @@ def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], lo
             seen = 0
             bars.start_epoch()
             batches = par.batches(data.n_train, batch_size=batch_size, generator=shuffle_gen,
-                                  drop_last=drop_last, device=device)
+                                  drop_last=drop_last, device=device, batchnorm=_has_batchnorm(model))
             fetch = functools.partial(_batch, data, par=par, augment=augment, augment_gen=augment_gen)
             # images decoded per batch: the next batch is decoded while this one trains
             for idx, x, y, global_n in (_prefetched(batches, fetch) if data.lazy else map(fetch, batches)):
@@ -760,10 +812,11 @@ def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], lo
     except KeyboardInterrupt:
         stopped = "interrupted"
     finally:
-        bars.close()
+        if bars is not None:
+            bars.close()
         net = None  # drop the DDP wrapper now, then collect it (see _Parallel.collect)
         par.collect()
-        if teacher is not None and teacher_flags is not None:
+        if teacher_flags is not None:
             for p, flag in zip(teacher.parameters(), teacher_flags):
                 p.requires_grad_(flag)
             teacher.train(teacher_was_training)
@@ -911,7 +964,9 @@ def distill(student: nn.Module, teacher: Optional[nn.Module], data: TensorData, 
             only where the loss takes them (alpha/beta default: 1/1, dkd 1/8).
         ce_weight, kd_weight, warmup_epochs: the weights of the two parts and the KD warm-up.
         epochs, lr, momentum, weight_decay, milestones, lr_decay, nesterov, batch_size, drop_last:
-            SGD with momentum, learning rate × ``lr_decay`` at each milestone epoch.
+            SGD with momentum, learning rate × ``lr_decay`` at each milestone epoch. Every training
+            image is used each epoch, except the last batch's with ``drop_last`` and a last batch of
+            one image for a student with BatchNorm (which cannot train on one).
         seed: fixes the batch order and the augmentation (build models with
             ``models.build_model(..., seed=...)`` to fix their initialisation too).
         device: None = :func:`select_device`. amp (bf16 autocast), channels_last: default on for
@@ -922,7 +977,8 @@ def distill(student: nn.Module, teacher: Optional[nn.Module], data: TensorData, 
         checkpoint_dir: a folder for per-epoch checkpoints (None: none). When it already holds a
             checkpoint of this run, training RESUMES from the newest one (model, optimizer,
             schedule, batch-order and augmentation generators, class prior, history), so the
-            result equals an uninterrupted run; a checkpoint of other settings raises ValueError.
+            result equals an uninterrupted run; a checkpoint of other settings, other data or
+            another teacher (compared by value: labels, sampled images, weights) raises ValueError.
             checkpoint_every: save every N epochs (and when a callback stops the run);
             keep_checkpoints: how many of the newest to keep.
 
@@ -1363,7 +1419,7 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
             bars.start_epoch()
             model.train()
             for idx in par.batches(data.n_train, batch_size=bs, generator=shuffle_gen,
-                                   drop_last=cfg["drop_last"], device=device):
+                                   drop_last=cfg["drop_last"], device=device, batchnorm=_has_batchnorm(model)):
                 _, x, y, global_n = _batch(data, idx, par, data.augment, augment_gen)
                 start_noise = None
                 if loss != "ce":  # the draw trades_perturb would make for the global batch

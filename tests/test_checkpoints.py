@@ -126,6 +126,50 @@ def test_a_checkpoint_of_other_settings_is_refused(teacher, tmp_path):
         T.distill(mlp(1), teacher, d, loss="kl", epochs=1, checkpoint_dir=tmp_path / "x", keep_checkpoints=-1, **FAST)
 
 
+def test_a_checkpoint_of_other_data_or_another_teacher_is_refused(teacher, tmp_path):
+    """The settings alone do not say what a run trains on: the same call on other images, or with a
+    teacher of other weights, is refused (a checkpoint written before the data and the teacher were
+    recorded still resumes)."""
+    d = tiny()
+    kw = dict(loss="kl", epochs=3, seed=0, checkpoint_dir=tmp_path, **FAST)
+    full = T.distill(mlp(1), teacher, d, **{**kw, "checkpoint_dir": None})
+    T.distill(mlp(1), teacher, d, callback=stop_after(1), **kw)
+    with pytest.raises(ValueError, match=r"checkpoint of a run on other data \(the same settings"):
+        T.distill(mlp(1), teacher, tiny(seed=5), **kw)
+    other = mlp(0)
+    other.load_state_dict(teacher.state_dict())
+    with torch.no_grad():
+        next(other.parameters())[0, 0] += 1e-9
+    with pytest.raises(ValueError, match="checkpoint of a run on other teacher"):
+        T.distill(mlp(1), other, d, **kw)
+    path = dist.checkpoint_path(tmp_path, 1)
+    state = torch.load(path, weights_only=True)
+    assert set(state["identity"]) == {"data", "teacher"}
+    del state["identity"], state[dist.CHECKSUM_KEY]  # as written before the key existed
+    dist.save_checkpoint(path, state)
+    rest = T.distill(mlp(1), teacher, d, **kw)
+    assert rest.resumed_from == 1
+    assert_same_model(full.model, rest.model)
+    assert_same_history(full.history, rest.history)
+
+
+def test_the_identity_of_a_run_ignores_where_and_how_its_tensors_are_stored(teacher):
+    """The data and the teacher are recorded by value: the same images in another memory layout
+    (channels_last, a non-contiguous copy) and the same teacher copied give the same digests."""
+    d = tiny()
+    same = D.TensorData(d.x_train.contiguous(memory_format=torch.channels_last), d.y_train.clone(),
+                        d.x_test.transpose(2, 3).contiguous().transpose(2, 3), d.y_test, d.num_classes, d.name,
+                        d.mean, d.std, d.augment, dict(d.info))
+    twin = mlp(0)
+    twin.load_state_dict(teacher.state_dict())
+    assert T._run_identity(d, teacher) == T._run_identity(same, twin)
+    assert T._run_identity(d, None)["teacher"] is None
+    assert T._run_identity(d, teacher)["data"] != T._run_identity(tiny(noise=0.41), teacher)["data"]
+    flipped = D.TensorData(d.x_train, d.y_train.flip(0), d.x_test, d.y_test, d.num_classes, d.name, d.mean, d.std,
+                           d.augment, dict(d.info))
+    assert T._run_identity(flipped, teacher)["data"] != T._run_identity(d, teacher)["data"]
+
+
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(teacher, tmp_path):
     d = tiny()
     kw = dict(loss="kl", epochs=4, seed=0, **FAST)

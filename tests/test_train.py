@@ -354,6 +354,79 @@ def test_a_last_batch_of_one_sample_is_skipped_for_batchnorm():
     assert sizes == [16, 16] and r.epochs_run == 1 and math.isfinite(r.history[0]["loss"])
 
 
+def test_a_last_batch_of_one_sample_is_trained_on_without_batchnorm():
+    """Only BatchNorm needs two samples: a model without it trains on the one-image last batch (and, in
+    distillation with GI, adds it to the class prior), so every training image counts."""
+    d = tiny_data(n_train=33)  # batches of 16, 16 and 1
+    s = M.build_model("mlp", 4, seed=0, in_shape=(1, 6, 6), hidden=(8,))
+    sizes = []
+    s.register_forward_pre_hook(lambda m, a: sizes.append(a[0].shape[0]) if m.training else None)
+    T.train_teacher(s, d, epochs=1, seed=0, **FAST)
+    assert sorted(sizes) == [1, 16, 16]
+    teacher = M.build_model("small_cnn", 4, seed=0, width=4)
+    sizes.clear()
+    prior = ClassPrior(4)
+    T.distill(s, teacher, d, loss="ikl", gi=True, class_prior=prior, epochs=1, seed=0, **FAST)
+    assert sorted(sizes) == [1, 16, 16]
+    counts = torch.bincount(d.y_train, minlength=4).float()  # the prior's rows: means over every image
+    teacher_probs = torch.softmax(T.predict_logits(teacher, d.x_train, d) / 4.0, dim=1)
+    means = torch.stack([teacher_probs[d.y_train == c].mean(0) for c in range(4)])
+    assert (counts > 0).all() and torch.allclose(prior.prior, means, atol=1e-6)
+
+
+@pytest.mark.parametrize("trainer", ["train_teacher", "distill", "adversarial_train"])
+def test_data_on_which_no_batch_or_no_test_would_run_is_refused_first(trainer):
+    """drop_last with a batch larger than the training set would train on nothing, and an empty test
+    set would give every epoch a NaN test accuracy: both are named before anything runs."""
+    def run(data, **kw):
+        s = M.build_model("mlp", 4, seed=0, in_shape=(1, 6, 6), hidden=(8,))
+        if trainer == "train_teacher":
+            return T.train_teacher(s, data, epochs=1, **{**FAST, **kw})
+        if trainer == "distill":
+            return T.distill(s, M.build_model("small_cnn", 4, seed=0, width=4), data, loss="kl", epochs=1,
+                             **{**FAST, **kw})
+        return T.adversarial_train(dkl.attacks.normalized(s, data), data, loss="trades", epsilon=0.1, epochs=1,
+                                   attack_steps=1, **{**FAST, **kw})
+
+    d = tiny_data()
+    with pytest.raises(ValueError, match=r"batch_size=64 with drop_last=True leaves no batch to train on: "
+                                         r"the data have 62 training images"):
+        run(d, batch_size=64, drop_last=True)
+    assert run(d, batch_size=64, drop_last=False).epochs_run == 1  # one batch of all 62: fine
+    assert run(d, batch_size=62, drop_last=True).epochs_run == 1
+    empty_test = D.TensorData(d.x_train, d.y_train, d.x_test[:0], d.y_test[:0], 4, "tiny", d.mean, d.std)
+    with pytest.raises(ValueError, match=r"no test images \(x_test is empty\)"):
+        run(empty_test)
+
+
+def test_more_processes_than_images_in_a_batch_are_refused():
+    d = tiny_data()
+    T._check_split_sizes(d, batch_size=4, drop_last=False, world=4)  # one image each: fine
+    with pytest.raises(ValueError, match=r"4 processes share each batch, one image at least each, but a batch "
+                                         r"holds 3 \(batch_size=3"):
+        T._check_split_sizes(d, batch_size=3, drop_last=False, world=4)
+
+
+@pytest.mark.parametrize("problem", ["prior", "checkpoint"])
+def test_an_error_before_the_first_epoch_gives_the_teacher_its_flags_back(problem, tmp_path):
+    """distill freezes the teacher (eval mode, no gradients) for the run and restores it afterwards,
+    also when the run stops with an error before training: a class prior of the wrong size, a
+    checkpoint folder of another run."""
+    d = tiny_data()
+    teacher = M.build_model("small_cnn", 4, seed=0, width=4)
+    teacher.train()
+    s = M.build_model("mlp", 4, seed=0, in_shape=(1, 6, 6), hidden=(8,))
+    kw = dict(loss="ikl", gi=True, epochs=1, seed=0, **FAST)
+    if problem == "prior":
+        with pytest.raises(ValueError, match="class_prior has 5 classes, the data 4"):
+            T.distill(s, teacher, d, class_prior=ClassPrior(5), **kw)
+    else:
+        T.distill(s, teacher, d, checkpoint_dir=tmp_path, **{**kw, "epochs": 2}, callback=lambda h: False)
+        with pytest.raises(ValueError, match="checkpoint of a different run"):
+            T.distill(s, teacher, d, checkpoint_dir=tmp_path, temperature=2.0, **{**kw, "epochs": 2})
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
+
+
 def test_a_diverging_run_stops_with_an_error_naming_the_epoch():
     d = tiny_data()
     s = M.build_model("mlp", 4, seed=0, in_shape=(1, 6, 6), hidden=(8,))
