@@ -385,6 +385,11 @@ def simplex_field(teacher_probs, *, loss: str = "ikl", temperature: float = 1.0,
     return pd.concat(frames, ignore_index=True)
 
 
+#: Losses whose value on a batch is the mean of their values on its rows, each row on its own: their
+#: per-sample gradient is the batch gradient times B. (GKL divides by a sum over the whole batch.)
+_ROW_MEANS = ("kl", "dkl", "ikl", "dkd")
+
+
 def confidence_sweep(confidences, *, num_classes: int = 10, loss_names=("kl", "ikl", "gkl"),
                      temperature: float = 4.0, alpha: float = 1.0, beta: float = 1.0, gamma: float = 1.0,
                      student_logits=None):
@@ -412,10 +417,14 @@ def confidence_sweep(confidences, *, num_classes: int = 10, loss_names=("kl", "i
     for loss in loss_names:
         kw = _hparams_for(loss, temperature=temperature, alpha=alpha, beta=beta, weight_temperature=None,
                           gamma=gamma)
-        for term, (g_n, _) in term_grads(loss, o_n, o_m, **kw).items():
-            norms = (g_n * len(conf)).norm(dim=1)  # undo the batch mean: one sample per row
+        if loss in _ROW_MEANS:  # one batch of all confidences, the batch mean undone
+            per_sample = {term: g_n * len(conf) for term, (g_n, _) in term_grads(loss, o_n, o_m, **kw).items()}
+        else:  # rows that share a normaliser (GKL's Σ_b (Σ_j p_j**γ)²): each confidence in a batch of its own
+            rows_alone = [term_grads(loss, o_n[i:i + 1], o_m[i:i + 1], **kw) for i in range(len(conf))]
+            per_sample = {term: torch.cat([alone[term][0] for alone in rows_alone]) for term in rows_alone[0]}
+        for term, g_n in per_sample.items():
             rows.extend(dict(confidence=float(a), loss=loss, term=term, grad_norm=float(b))
-                        for a, b in zip(conf, norms))
+                        for a, b in zip(conf, g_n.norm(dim=1)))
     return pd.DataFrame(rows)
 
 

@@ -347,7 +347,9 @@ def _decoupled_values(logits, target_logits, weights, mass, temperature, alpha, 
     dev = _centered(p, target_logits - student, mass if mass is not None else 1.0)
     norm = float(batch) if wmse_norm is None else wmse_norm
     p_dev = p * dev
-    row = _rowdot(p_dev, dev)  # Σ_j p_j (d_j − d̄)², shape (B, 1)
+    # Σ_j p_j (d_j − d̄)², shape (B, 1); with α = 0 the term is 0 (dev times 0, not a row sum that may
+    # overflow to inf times 0 = nan for huge logits; the bound of check_finite_terms scales with α)
+    row = _rowdot(p_dev, dev if alpha != 0 else dev * 0.0)
     if mass is not None:
         row = row * mass
     # scaled per row, then summed, like soft_ce below: the sum of B rows may overflow before 1/N (GKL's
@@ -664,6 +666,9 @@ def dkd_terms(logits, target_logits, targets, *, temperature: float = 1.0, alpha
     temperature = check_positive("temperature", temperature)
     alpha = check_nonnegative("alpha", alpha)
     beta = check_nonnegative("beta", beta)
+    if targets is None:
+        raise ValueError("dkd_loss needs targets: the (B,) class labels that split each distribution into "
+                         "its target and non-target parts")
     logits, target_logits, largest = _prepare(logits, target_logits, temperature, squared_weight=max(alpha, beta),
                                               targets=targets)
     targets = targets.long()
@@ -825,12 +830,14 @@ _RESERVED_TERMS = frozenset({"epoch", "lr", "kd_factor", "loss", "ce", "train_ac
 _SIMPLE = (bool, int, float, str, type(None))
 
 
-def _fingerprint(fn) -> Optional[str]:
+def _fingerprint(fn, _path: tuple = ()) -> Optional[str]:
     """SHA-256 of what defines a plain Python function: its source (:func:`inspect.getsource`), its
     default arguments and the values it closes over (plain numbers/strings, or functions, by their
     own fingerprint). None when any of it cannot be read or hashed honestly: no source (a C
     function, ``functools.partial``, a callable object, code typed where no source is kept), or a
-    closure over another kind of object (a tensor, a module): such a loss is not cached."""
+    closure over another kind of object (a tensor, a module): such a loss is not cached. ``_path``:
+    the functions whose fingerprint is being computed around this one (helpers that call each other
+    are hashed once each, a repeat by its place on that path)."""
     if not inspect.isfunction(fn):
         return None
     try:
@@ -849,7 +856,8 @@ def _fingerprint(fn) -> Optional[str]:
         if isinstance(value, _SIMPLE):
             parts.append(repr(value))
         elif inspect.isfunction(value) and value is not fn:
-            inner = _fingerprint(value)
+            outer = [i for i, f in enumerate(_path) if f is value]
+            inner = f"<cycle {outer[0]}>" if outer else _fingerprint(value, _path + (fn,))
             if inner is None:
                 return None
             parts.append(inner)

@@ -134,6 +134,8 @@ def test_other_hyper_parameters():
         dkl.ikl_loss(GOOD, GOOD, weight_temperature=-2.0)
     with pytest.raises(ValueError, match="dkd needs targets"):
         dkl.loss_terms("dkd", GOOD, GOOD)
+    with pytest.raises(ValueError, match=r"dkd_loss needs targets: the \(B,\) class labels"):
+        dkl.dkd_loss(GOOD, GOOD, None)
     with pytest.raises(ValueError, match="unknown loss"):
         dkl.loss_terms("kld", GOOD, GOOD)
     with pytest.raises(ValueError, match="weights must have shape"):

@@ -270,6 +270,29 @@ def test_editing_the_function_source_gives_a_new_key(tmp_path, monkeypatch):
     assert L._fingerprint(make(1.0)) != L._fingerprint(make(2.0)) and L._fingerprint(make(torch.ones(()))) is None
 
 
+def test_helpers_that_call_each_other_are_fingerprinted_once_each():
+    """Two closed-over helpers that refer to each other (a cycle of closures) are hashed, each by its
+    own source and closure, not followed round the cycle for ever; an edit of either changes the key."""
+    def make(step):
+        def ping(x, n):
+            return x if n == 0 else pong(x * step, n - 1)
+
+        def pong(x, n):
+            return ping(x, n)
+
+        def looped(logits, target_logits, *, targets, class_prior, temperature):
+            return {"kl": ping(dkl.kl_loss(logits, target_logits, temperature=temperature), 2)}
+        return looped
+
+    one, half = make(1.0), make(0.5)
+    rec = L.register_loss("ping-pong", one)
+    try:
+        assert rec.source_sha256 is not None and rec.source_sha256 == L._fingerprint(make(1.0))
+        assert L._fingerprint(half) != rec.source_sha256  # a value closed over by one helper of the cycle
+    finally:
+        L.unregister_loss("ping-pong")
+
+
 def test_a_loss_without_source_is_not_cached_and_warned_once(tmp_path):
     rec = L.register_loss("kl-partial", functools.partial(ex.kl_copy))
     assert rec.source_sha256 is None

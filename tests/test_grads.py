@@ -128,6 +128,29 @@ def test_confidence_sweep_norms_are_per_sample_gradient_norms():
         assert got == pytest.approx(float((t * (1.0 / c - p)).norm()), rel=1e-12)
 
 
+@pytest.mark.parametrize("gamma", [1.0, 3.0])
+def test_confidence_sweep_rows_do_not_depend_on_the_other_confidences(gamma):
+    """Each confidence's norm is that of the gradient for that one sample alone (autograd on a batch of
+    one), whichever confidences share the sweep: also for GKL with γ != 1, whose wMSE divides by a sum
+    over the whole batch."""
+    c, t = 6, 4.0
+
+    def alone(loss, k):
+        p = torch.tensor([k] + [(1 - k) / (c - 1)] * (c - 1), dtype=torch.float64)
+        o_n = torch.zeros(1, c, dtype=torch.float64, requires_grad=True)
+        kw = dict(temperature=t) if loss == "kl" else dict(temperature=t, alpha=1.0, beta=1.0)
+        kw.update({"gamma": gamma} if loss == "gkl" else {})
+        terms = dkl.loss_terms(loss, o_n, (t * p.log())[None], **kw)
+        return {term: torch.autograd.grad(v, o_n, retain_graph=True)[0].norm().item() for term, v in terms.items()}
+
+    for confs in ([0.5], [0.5, 0.99], [0.2, 0.5, 0.97]):
+        df = grads.confidence_sweep(confs, num_classes=c, temperature=t, gamma=gamma, loss_names=("kl", "ikl", "gkl"))
+        for loss in ("kl", "ikl", "gkl"):
+            for term, want in alone(loss, 0.5).items():
+                got = df.query("loss == @loss and term == @term and confidence == 0.5")["grad_norm"].item()
+                assert got == pytest.approx(want, rel=1e-12, abs=1e-15), (confs, loss, term)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 def test_simplex_field_is_the_motion_of_one_gradient_step(temperature):
     """Against finite differences: s_n(ε) = softmax((o_n − ε g) / T) with g the per-sample KL gradient

@@ -766,6 +766,23 @@ class _HostReads(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("name", ["dkl", "ikl", "gkl"])
+def test_alpha_zero_switches_the_wmse_term_off_even_where_its_sum_would_overflow(name):
+    """float32 logits of 3e19: the wMSE row sum overflows (an error for α > 0), but with α = 0 the term is
+    0, not inf · 0 = nan, and the loss is the soft-label CE alone, as float64 computes it."""
+    a = torch.tensor([[-3e19, 3e19, 0.0]], requires_grad=True)
+    b = torch.tensor([[1e19, 1e19, 0.0]])
+    with pytest.raises(ValueError, match="the wmse term overflows"):
+        dkl.loss_terms(name, a, b, temperature=1.0, alpha=1.0)
+    terms = dkl.loss_terms(name, a, b, temperature=1.0, alpha=0.0)
+    ref = dkl.loss_terms(name, a.double(), b.double(), temperature=1.0, alpha=0.0)
+    assert terms["wmse"].item() == 0.0 and ref["wmse"].item() == 0.0
+    assert terms["soft_ce"].item() == pytest.approx(ref["soft_ce"].item(), rel=1e-6)
+    grad, = torch.autograd.grad(sum(terms.values()), a)
+    ref_grad, = torch.autograd.grad(sum(ref.values()), a)
+    assert torch.allclose(grad, ref_grad, rtol=1e-6, atol=1e-12) and grad.abs().max() > 0.1
+
+
 @pytest.mark.parametrize("name", ["dkd", "ikl_gi", "gkl_gi", "ikl", "dkl", "kl"])
 def test_a_loss_call_reads_the_device_once(name):
     """Each read of a tensor value is a host-device sync (a stall of a launch-bound GPU step): the
