@@ -381,8 +381,9 @@ def check_seeds(name: str, seeds) -> list[int]:
         items = list(items)
     except TypeError:
         items = []
-    if not items or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in items):
+    if not items or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 0 for s in items):
         raise ValueError(f"{name} must be a non-empty list of non-negative integers, got {seeds!r}")
+    items = [int(s) for s in items]  # numpy's integers too (np.arange(3)), as plain ints
     repeated = sorted({s for s in items if items.count(s) > 1})
     if repeated:
         raise ValueError(f"{name} lists a seed twice ({', '.join(map(str, repeated))} in {items}); each seed is "

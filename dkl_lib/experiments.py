@@ -64,6 +64,7 @@ import inspect
 import io
 import json
 import math
+import numbers
 import os
 import re
 import sys
@@ -347,6 +348,12 @@ def _model_section(fields: dict, required: tuple, name_key: str = "model") -> Ca
         if unknown:
             raise ValueError(f"{', '.join(unknown)}: not an argument of model {name!r} "
                              f"({'its arguments: ' + ', '.join(allowed) if allowed else 'it takes none'})")
+        if kw:  # the values too: the constructor's own checks, on the meta device (no memory, no init cost)
+            try:
+                with torch.device("meta"):
+                    models_mod.build_model(name, 2, **_model_kw({"model_kw": kw}))
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"{key}.model_kw: {err}") from None
     return check
 
 
@@ -357,6 +364,21 @@ def _all_finite(key: str, value) -> None:
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
     for sub, item in items:
         _all_finite(f"{key}.{sub}" if isinstance(value, dict) else f"{key}[{sub}]", item)
+
+
+#: Settings that are real numbers: a whole number given for one (temperature 4 from YAML or --override)
+#: is stored as the float (4.0) the presets write, so that equal settings give one cache key.
+_FLOAT_SETTINGS = frozenset({"lr", "momentum", "weight_decay", "lr_decay", "temperature", "alpha", "beta", "gamma",
+                             "weight_temperature", "ce_weight", "kd_weight", "epsilon", "attack_step_fraction",
+                             "awp_gamma", "weight_average", "masking_gap", "blackbox_gap"})
+
+
+def _floats(*sections: dict) -> None:
+    """In place: the integer values of :data:`_FLOAT_SETTINGS` in ``sections`` (validated) as floats."""
+    for section in sections:
+        for k, v in section.items():
+            if k in _FLOAT_SETTINGS and isinstance(v, numbers.Integral) and not isinstance(v, bool):
+                section[k] = float(v)
 
 
 def _validate(cfg: dict, sections: Dict[str, Callable]) -> None:
@@ -376,6 +398,24 @@ _DISTILL_CHECKS = {**_SGD_CHECKS, "temperature": _positive, "alpha": _optional(_
                    "kd_weight": _nonneg, "warmup_epochs": _nonneg_int, "gi": _flag}
 _TRAIN_KEYS = set(_SGD_CHECKS)
 _DISTILL_KEYS = set(_DISTILL_CHECKS)
+#: What the CE baseline leaves out of the distill settings: it trains without a teacher, on plain CE.
+_CE_IGNORES = ("ce_weight", "kd_weight", "warmup_epochs")
+
+
+def _losses_section(key: str, value) -> None:
+    """The per-loss sections: distill settings, none that the loss would ignore (a hyper-parameter it
+    does not take, e.g. kl's alpha; the KD weights and warm-up of the CE baseline), which would
+    otherwise be accepted and silently dropped, leaving the run (and its cache key) unchanged."""
+    _mapping({name: _mapping(_DISTILL_CHECKS) for name in train_mod.LOSSES})(key, value)
+    for name, settings in value.items():
+        ignored = [k for k in settings if (k in train_mod.LOSS_HPARAMS and k not in train_mod.loss_settings(name))
+                   or (name == "ce" and k in _CE_IGNORES)]
+        if ignored:
+            takes = sorted(train_mod.loss_settings(name))
+            raise ValueError(f"{', '.join(f'{key}.{name}.{k}' for k in ignored)}: not a setting of {name} ("
+                             + ("the CE baseline trains without a teacher on plain cross-entropy: no loss "
+                                "hyper-parameters, KD weights or warm-up" if name == "ce" else
+                                f"its loss hyper-parameters: {', '.join(takes)}") + "); it would have no effect")
 _MODEL_CHECKS = {"model_kw": _optional(_mapping()), "dtype": _optional(_model_dtype_name)}
 _KD_CHECKS = {
     "data": _data_section,
@@ -384,7 +424,7 @@ _KD_CHECKS = {
                               required=("model", "train")),
     "student": _model_section({"model": _one_of(models_mod.MODELS), **_MODEL_CHECKS}, required=("model",)),
     "distill": _mapping(_DISTILL_CHECKS, required=("epochs",)),
-    "losses": _mapping({name: _mapping(_DISTILL_CHECKS) for name in train_mod.LOSSES}),
+    "losses": _losses_section,
 }
 
 
@@ -397,6 +437,10 @@ def preset(name: str) -> dict:
 
 def _set_path(cfg: dict, dotted: str, value) -> None:
     keys = dotted.split(".")
+    if len(keys) == 1 and keys[0] not in set(_KD_CHECKS) | {"checkpoint_every"}:
+        raise ValueError(f"unknown config key {dotted!r}; sections: {', '.join(_KD_CHECKS)}, and checkpoint_every"
+                         + (" (the preset is chosen by its name: preset=... in Python, --preset on the command line)"
+                            if dotted in ("preset", "description") else ""))
     node = cfg
     for i, key in enumerate(keys[:-1]):
         if not isinstance(node, dict) or key not in node:
@@ -418,6 +462,7 @@ def _set_path(cfg: dict, dotted: str, value) -> None:
     known = (_DISTILL_KEYS if keys[:-1] == ["distill"] else
              _TRAIN_KEYS if keys[:-1] == ["teacher", "train"] else
              _MODEL_KEYS if keys[:-1] in (["teacher"], ["student"]) else
+             set(train_mod.LOSSES) if keys[:-1] == ["losses"] else  # a whole section for any loss
              {"checkpoint_every"} if len(keys) == 1 else set())
     if last not in node and not free and last not in known:
         raise ValueError(f"unknown config key {dotted!r}; known at that level: {sorted(set(node) | known)}")
@@ -442,6 +487,7 @@ def resolve_config(preset_name: str, overrides: Optional[dict] = None) -> dict:
             _set_path(cfg, key, value)
     _checkpoint_every(cfg)  # validates
     _validate(cfg, _KD_CHECKS)
+    _floats(cfg["distill"], cfg["teacher"]["train"], *cfg.get("losses", {}).values())
     return cfg
 
 
@@ -612,7 +658,7 @@ def load_data(spec: dict, *, device=None, download: bool = False) -> data_mod.Te
 
 def _model_kw(spec: dict) -> dict:
     kw = dict(spec.get("model_kw") or {})
-    if "hidden" in kw:
+    if isinstance(kw.get("hidden"), list):  # (a JSON/YAML list; anything else is for the model to check)
         kw["hidden"] = tuple(kw["hidden"])
     return kw
 
@@ -815,7 +861,18 @@ def _loss_specs(losses) -> List[str]:
         raise ValueError("losses is empty; pass at least one of " + ", ".join(GRID_LOSSES))
     for spec in losses:
         _parse_loss(spec)
+    _no_repeated_losses(losses)
     return losses
+
+
+def _no_repeated_losses(losses: Sequence[str]) -> None:
+    """ValueError for a loss listed twice (names compared as the grids read them: trimmed, lower case):
+    it would be one run per seed counted twice in the mean ± std, a false ± 0.00 (as a repeated seed)."""
+    names = [spec.strip().lower() for spec in losses]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"losses lists {', '.join(map(repr, repeated))} twice (in {list(losses)}); each loss runs "
+                         "once per seed, and a repeated one would be counted twice in the mean ± std")
 
 
 def _run_config(cfg: dict, loss_spec: str, seed: int, teacher_key: str) -> dict:
@@ -834,7 +891,7 @@ def _run_config(cfg: dict, loss_spec: str, seed: int, teacher_key: str) -> dict:
     # keep only what this loss uses (gi too), so that e.g. dkd's beta never changes kl's hash
     settings = {k: v for k, v in settings.items() if k not in train_mod.LOSS_HPARAMS or k in used}
     if name == "ce":  # the CE baseline depends on neither the teacher nor the KD weights
-        for k in ("ce_weight", "kd_weight", "warmup_epochs"):
+        for k in _CE_IGNORES:
             settings.pop(k, None)
         teacher_key = None
     rcfg = {"kind": "student", "data": cfg["data"], "student": _model_id(cfg["student"]), "teacher_key": teacher_key,
@@ -1372,6 +1429,7 @@ def resolve_adv_config(preset_name: str, overrides: Optional[dict] = None) -> di
             node[keys[-1]] = copy.deepcopy(value)
     _checkpoint_every(cfg)  # validates
     _validate(cfg, _ADV_CHECKS)
+    _floats(cfg["train"], cfg["eval"], *cfg.get("losses", {}).values())
     return cfg
 
 
@@ -1611,6 +1669,7 @@ def run_adv_grid(losses: Sequence[str] = ("trades", "ikl"), seeds: Sequence[int]
     for loss in losses:
         if loss not in ADV_LOSSES:
             raise ValueError(f"unknown adversarial loss {loss!r}; choose from {list(ADV_LOSSES)}")
+    _no_repeated_losses(losses)
     seeds = check_seeds("seeds", seeds)
     cfg = resolve_adv_config(preset, overrides)
     if cfg["model"].get("dtype") not in (None, "float32") and cfg["eval"].get("ensemble", True):

@@ -79,12 +79,16 @@ class MLP(nn.Module):
                  num_classes: int = 10):
         super().__init__()
         check_int("num_classes", num_classes, 2)
+        for name, value in (("in_shape", in_shape), ("hidden", hidden)):
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+                raise TypeError(f"{name} must be a sequence of integers such as "
+                                f"{'(1, 8, 8)' if name == 'in_shape' else '(32,) or (256, 256)'}, got {value!r}")
         features = 1
         for s in in_shape:
-            features *= check_int("in_shape entries", int(s))
+            features *= check_int("in_shape entries", s)
         layers = []
         for width in hidden:
-            layers += [nn.Linear(features, check_int("hidden width", int(width))), nn.ReLU(inplace=True)]
+            layers += [nn.Linear(features, check_int("hidden width", width)), nn.ReLU(inplace=True)]
             features = int(width)
         self.body = nn.Sequential(nn.Flatten(), *layers)
         self.fc = nn.Linear(features, num_classes)

@@ -14,6 +14,7 @@ import torch.backends.cpu as cpu_backend
 
 from dkl_lib import data as D
 from dkl_lib import experiments as E
+from dkl_lib._checks import check_seeds
 
 # digits with 100 training images, a narrow teacher, one epoch each: a grid takes about a second
 TINY = {"data.n_train": 100, "teacher.model_kw.width": 4, "teacher.train.epochs": 1, "distill.epochs": 1,
@@ -93,6 +94,53 @@ def test_model_arguments_are_checked_before_anything_trains():
     assert E.resolve_config("cpu-quick", {"student.model_kw.hidden": [8]})["student"]["model_kw"] == {"hidden": [8]}
 
 
+def test_model_argument_values_are_checked_before_anything_trains():
+    """The values too, by the model's own constructor (on the meta device): hidden=16 or "16" (which
+    tuple() would have split into the layers 1 and 6) and a zero width are named with their section."""
+    for value, error, needle in [("16", TypeError, "hidden must be a sequence of integers such as \\(32,\\)"),
+                                 (16, TypeError, "hidden must be a sequence of integers"),
+                                 ([8, 0], ValueError, "hidden width must be >= 1, got 0"),
+                                 ([8.5], TypeError, "hidden width must be an integer, got 8.5")]:
+        with pytest.raises(error, match="student.model_kw: " + needle):
+            E.resolve_config("cpu-quick", {"student.model_kw.hidden": value})
+    with pytest.raises(ValueError, match="teacher.model_kw: width must be >= 1, got 0"):
+        E.resolve_config("cpu-quick", {"teacher.model_kw.width": 0})
+    with pytest.raises(TypeError, match="model.model_kw: width must be an integer, got '8'"):
+        E.resolve_adv_config("cpu-quick", {"model.model_kw.width": "8"})
+
+
+def test_settings_that_would_be_silently_ignored_are_refused():
+    """A per-loss setting the loss does not take (kl's alpha; the CE baseline's KD weights, which it
+    drops) and the top-level preset name would be accepted and change nothing, not even the cache
+    key; they are errors. A whole section for a loss the preset does not list is allowed."""
+    for override, needle in [({"losses.kl.alpha": 2.0}, r"losses.kl.alpha: not a setting of kl \(its loss "
+                                                          r"hyper-parameters: temperature\)"),
+                             ({"losses.ce.ce_weight": 0.01}, r"losses.ce.ce_weight: not a setting of ce \(the CE "
+                                                             r"baseline trains without a teacher"),
+                             ({"losses.dkl": {"gamma": 2.0}}, r"losses.dkl.gamma: not a setting of dkl"),
+                             ({"preset": "paper"}, r"unknown config key 'preset'.*--preset on the command line"),
+                             ({"description": "mine"}, r"unknown config key 'description'")]:
+        with pytest.raises(ValueError, match=needle):
+            E.resolve_config("cpu-quick", override)
+    cfg = E.resolve_config("cpu-quick", {"losses.kl": {"temperature": 2.0}, "losses.ce.lr": 0.01})
+    assert E._run_config(cfg, "kl", 0, "t")["distill"]["temperature"] == 2.0
+    assert E._run_config(cfg, "ce", 0, "t")["distill"]["lr"] == 0.01
+
+
+def test_a_whole_number_for_a_real_setting_is_the_same_run_as_its_float():
+    """temperature 4 (YAML, --override) and the preset's 4.0 are one run: one cache key, not two."""
+    cfg = E.resolve_config("cpu-quick")
+    same = E.resolve_config("cpu-quick", {"distill.temperature": 4, "losses.dkd.beta": 1, "teacher.train.momentum": 0})
+    assert same["distill"]["temperature"] == 4.0 and isinstance(same["distill"]["temperature"], float)
+    assert isinstance(same["teacher"]["train"]["momentum"], float)
+    assert E._run_config(same, "kl", 0, "t") == E._run_config(cfg, "kl", 0, "t")
+    assert E.config_hash(E._run_config(same, "dkd", 0, "t")) == E.config_hash(E._run_config(cfg, "dkd", 0, "t"))
+    assert same["distill"]["epochs"] == 30 and isinstance(same["distill"]["epochs"], int)  # counts stay integers
+    adv = E.resolve_adv_config("cpu-quick", {"eval.masking_gap": 10, "losses.trades.beta": 6})
+    assert adv["eval"]["masking_gap"] == 10.0 and isinstance(adv["losses"]["trades"]["beta"], float)
+    assert E._adv_run_config(adv, "ce", 0) == E._adv_run_config(E.resolve_adv_config("cpu-quick"), "ce", 0)
+
+
 def test_data_settings_are_checked_per_data_set(tmp_path, monkeypatch, capsys):
     """Switching the data set with data.name keeps the preset's other data settings; one the new data
     set's loader does not take is named with the data set, before anything is loaded or trained."""
@@ -143,7 +191,23 @@ def test_run_grid_checks_the_config_and_the_seeds_before_training_the_teacher(tm
     assert "seeds lists a seed twice (1 in [1, 2, 1])" in capsys.readouterr().err
     assert E.main(base + ["--seeds", "0", "--override", "distill.temperature=0"]) == 2
     assert "distill.temperature must be > 0" in capsys.readouterr().err
+    # a repeated loss likewise (names as the grid reads them: trimmed, lower case)
+    with pytest.raises(ValueError, match=r"losses lists 'kl' twice \(in \['kl', 'dkl', 'KL '\]\)"):
+        E.run_grid(["kl", "dkl", "KL "], [0], overrides=TINY, cache_dir=tmp_path, device="cpu", progress=False)
+    with pytest.raises(ValueError, match=r"losses lists 'trades' twice"):
+        E.run_adv_grid(["trades", "ce", "Trades"], [0], cache_dir=tmp_path, device="cpu", progress=False)
+    assert E.main(["kd", "--losses", "kl,ikl,kl", "--seeds", "0"] + base[3:]) == 2
+    assert "losses lists 'kl' twice" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("teacher-*"))
+
+
+def test_seeds_may_be_numpy_integers():
+    import numpy as np
+
+    seeds = check_seeds("seeds", np.arange(3))
+    assert seeds == [0, 1, 2] and all(type(s) is int for s in seeds)
+    with pytest.raises(ValueError, match="non-negative integers"):
+        check_seeds("seeds", np.array([0.5]))
 
 
 def test_config_hash_is_canonical():

@@ -259,6 +259,15 @@ def test_build_model_registry_seed_and_errors():
         M.CifarResNet(depth=10)
     with pytest.raises(ValueError, match="6n"):
         M.WideResNet(depth=18)
+    # the MLP's layer widths are integers as given: a string is not split into digits ("16" -> 1, 6)
+    for hidden in ("16", 16, b"16"):
+        with pytest.raises(TypeError, match="hidden must be a sequence of integers"):
+            M.MLP(hidden=hidden)
+    with pytest.raises(TypeError, match="hidden width must be an integer, got '16'"):
+        M.MLP(hidden=["16"])
+    with pytest.raises(TypeError, match="in_shape entries must be an integer, got 8.0"):
+        M.MLP(in_shape=(1, 8.0, 8))
+    assert [m.out_features for m in M.MLP(hidden=[16, 8]).modules() if isinstance(m, torch.nn.Linear)] == [16, 8, 10]
 
 
 def test_small_models_shapes_and_sizes():
