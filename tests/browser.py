@@ -183,6 +183,16 @@ def plot_signature(page, plot_index: int = 0) -> list:
         plot_index)
 
 
+def wait_plots_drawn(page, indices, timeout_s: float = 60) -> None:
+    """Wait until each plotly plot of ``indices`` has drawn its bars or lines: plotly.js (and a
+    FigureWidget, through the widget manager) draws after its output appears, later on a loaded machine."""
+    page.wait_for_function(
+        """(idx) => { const plots = document.querySelectorAll('.js-plotly-plot');
+                      return idx.every(i => plots[i] && plots[i].querySelector(
+                          'g.trace.bars g.point > path, g.trace.scatter path.js-line')); }""",
+        arg=list(indices), timeout=timeout_s * 1000)
+
+
 def text_overlaps(page, plot_index: int = 0) -> list:
     """Pairs of texts (figure title, subplot titles, annotations) whose boxes overlap in the n-th plotly plot."""
     return page.evaluate(

@@ -43,6 +43,7 @@ def test_notebook_02_widgets_update_the_plot_in_the_browser(lab):
         page.screenshot(path=str(SCREENSHOTS / "02_gradient_anatomy_run.png"))
 
         # the first dashboard follows the first static figure: plot 1 is its FigureWidget
+        browser.wait_plots_drawn(page, [0, 1])
         before = [browser.plot_signature(page, i) for i in range(8)]
         assert before[1], "the dashboard's bars are drawn"
         handle = page.locator(".widget-slider .noUi-handle").first
