@@ -1259,20 +1259,29 @@ def paper_results(*, as_frame: bool = True, task: str = "kd"):
 _PAPER_MODEL_NAMES = {"resnet34": "ResNet34", "resnet18": "ResNet18", "resnet50": "ResNet50", "mobilenet_v1": "MobileNet"}
 
 
-def paper_reference(cfg: dict) -> Optional[Dict[str, float]]:
-    """{loss: published top-1} for a resolved config whose data/teacher/student pair the paper
-    reports (CIFAR-100 resnet32x4 → resnet8x4; ImageNet ResNet34 → ResNet18 and ResNet50 →
-    MobileNet), else None. "teacher" is included where the table has it."""
-    dataset = {"cifar100": "CIFAR-100", "imagenet": "ImageNet"}.get(cfg.get("data", {}).get("name"))
-    if dataset is None:
+def paper_pair(cfg: dict) -> Optional[Tuple[str, str, str]]:
+    """(dataset, teacher, student) as data/paper_results.json names them, for a config whose data and
+    models are a pair the paper reports (CIFAR-100 resnet32x4 → resnet8x4; ImageNet ResNet34 →
+    ResNet18 and ResNet50 → MobileNet), else None."""
+    dataset = {"cifar100": "CIFAR-100", "imagenet": "ImageNet"}.get((cfg.get("data") or {}).get("name"))
+    teacher, student = (cfg.get("teacher") or {}).get("model"), (cfg.get("student") or {}).get("model")
+    if dataset is None or teacher is None or student is None:
         return None
     names = _PAPER_MODEL_NAMES if dataset == "ImageNet" else {}
-    teacher, student = cfg["teacher"]["model"], cfg["student"]["model"]
+    pair = (dataset, names.get(teacher, teacher), names.get(student, student))
     table = paper_results()
-    sel = table[(table["dataset"] == dataset) & (table["teacher"] == names.get(teacher, teacher))
-                & (table["student"] == names.get(student, student))]
-    if sel.empty:
+    found = (table["dataset"] == pair[0]) & (table["teacher"] == pair[1]) & (table["student"] == pair[2])
+    return pair if found.any() else None
+
+
+def paper_reference(cfg: dict) -> Optional[Dict[str, float]]:
+    """{loss: published top-1} for a resolved config whose data/teacher/student pair the paper
+    reports (:func:`paper_pair`), else None. "teacher" is included where the table has it."""
+    pair = paper_pair(cfg)
+    if pair is None:
         return None
+    table = paper_results()
+    sel = table[(table["dataset"] == pair[0]) & (table["teacher"] == pair[1]) & (table["student"] == pair[2])]
     out = {}
     for _, row in sel.iterrows():
         out["teacher" if row["method"] == "teacher" else row["loss"]] = float(row["top1"])

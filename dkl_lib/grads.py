@@ -350,14 +350,15 @@ def simplex_xy(probs: torch.Tensor) -> torch.Tensor:
 
 
 def simplex_field(teacher_probs, *, loss: str = "ikl", temperature: float = 1.0, alpha: float = 1.0,
-                  beta: float = 1.0, resolution: int = 10):
+                  beta: float = 1.0, resolution: int = 10, gamma: float = 1.0):
     """Where one gradient-descent step moves the student's distribution, per term (C = 3).
 
     For student distributions s_n on a grid inside the simplex (logits o_n = T log s_n) and a frozen
     teacher with probabilities ``teacher_probs`` (o_m = T log p), the negative gradient -g of each
     term on o_n moves s_n by J(-g), J = (diag(s_n) − s_n s_nᵀ)/T (the softmax Jacobian). Returns a
     DataFrame with columns term, p1, p2, p3, x, y, dx, dy (2-D simplex coordinates and the
-    direction of motion; dx, dy are per unit step size, not normalised).
+    direction of motion; dx, dy are per unit step size, not normalised). ``gamma``: GKL's exponent
+    (at γ = 1 GKL's field is IKL's).
     """
     import pandas as pd
 
@@ -371,8 +372,8 @@ def simplex_field(teacher_probs, *, loss: str = "ikl", temperature: float = 1.0,
     s_n = torch.tensor(pts, dtype=torch.float64) / resolution
     o_n = temperature * s_n.log()
     o_m = (temperature * teacher.log()).expand_as(o_n)
-    kw = _hparams_for(loss, temperature=temperature, alpha=alpha, beta=beta, weight_temperature=None, gamma=1.0)
-    per_term = {k: v[0] * len(pts) for k, v in term_grads(loss, o_n, o_m, **kw).items()}  # per-sample
+    kw = _hparams_for(loss, temperature=temperature, alpha=alpha, beta=beta, weight_temperature=None, gamma=gamma)
+    per_term = _per_sample_grads(loss, o_n, o_m, **kw)
     if len(per_term) > 1:
         per_term["total"] = sum(per_term.values())
     xy = simplex_xy(s_n)
@@ -388,6 +389,16 @@ def simplex_field(teacher_probs, *, loss: str = "ikl", temperature: float = 1.0,
 #: Losses whose value on a batch is the mean of their values on its rows, each row on its own: their
 #: per-sample gradient is the batch gradient times B. (GKL divides by a sum over the whole batch.)
 _ROW_MEANS = ("kl", "dkl", "ikl", "dkd")
+
+
+def _per_sample_grads(loss: str, o_n: torch.Tensor, o_m: torch.Tensor, **kw) -> Dict[str, torch.Tensor]:
+    """{term: (B, C)} the gradient on the student's logits of each row of (o_n, o_m) as a sample on its
+    own: one batch, its mean undone, for the :data:`_ROW_MEANS` losses; each row in a batch of its own
+    for the others (GKL: rows share the normaliser Σ_b (Σ_j p_j**γ)², so a batch's rows are not separable)."""
+    if loss in _ROW_MEANS:
+        return {term: g_n * o_n.shape[0] for term, (g_n, _) in term_grads(loss, o_n, o_m, **kw).items()}
+    rows = [term_grads(loss, o_n[i:i + 1], o_m[i:i + 1], **kw) for i in range(o_n.shape[0])]
+    return {term: torch.cat([row[term][0] for row in rows]) for term in rows[0]}
 
 
 def confidence_sweep(confidences, *, num_classes: int = 10, loss_names=("kl", "ikl", "gkl"),
@@ -417,12 +428,7 @@ def confidence_sweep(confidences, *, num_classes: int = 10, loss_names=("kl", "i
     for loss in loss_names:
         kw = _hparams_for(loss, temperature=temperature, alpha=alpha, beta=beta, weight_temperature=None,
                           gamma=gamma)
-        if loss in _ROW_MEANS:  # one batch of all confidences, the batch mean undone
-            per_sample = {term: g_n * len(conf) for term, (g_n, _) in term_grads(loss, o_n, o_m, **kw).items()}
-        else:  # rows that share a normaliser (GKL's Σ_b (Σ_j p_j**γ)²): each confidence in a batch of its own
-            rows_alone = [term_grads(loss, o_n[i:i + 1], o_m[i:i + 1], **kw) for i in range(len(conf))]
-            per_sample = {term: torch.cat([alone[term][0] for alone in rows_alone]) for term in rows_alone[0]}
-        for term, g_n in per_sample.items():
+        for term, g_n in _per_sample_grads(loss, o_n, o_m, **kw).items():
             rows.extend(dict(confidence=float(a), loss=loss, term=term, grad_norm=float(b))
                         for a, b in zip(conf, g_n.norm(dim=1)))
     return pd.DataFrame(rows)

@@ -48,11 +48,13 @@ __all__ = [
 ]
 
 LOSS_LABELS = {"ce": "CE only", "kl": "KL", "dkl": "DKL", "ikl": "IKL", "gkl": "GKL", "dkd": "DKD",
-               "trades": "TRADES (KL)", "ikl-nogi": "IKL (no GI)", "gkl-nogi": "GKL (no GI)"}
+               "trades": "TRADES (KL)", "ikl-nogi": "IKL (no GI)", "gkl-nogi": "GKL (no GI)",
+               "ikl-gi": "IKL (GI)", "gkl-gi": "GKL (GI)"}
 # Okabe & Ito's colour-blind-safe colours (tests/test_plots_widgets.py checks every pair under simulated
 # deuteranopia, protanopia and tritanopia)
 LOSS_COLORS = {"ce": "#555555", "kl": "#0072b2", "dkl": "#56b4e9", "ikl": "#d55e00", "gkl": "#cc79a7",
-               "dkd": "#009e73", "trades": "#0072b2", "ikl-nogi": "#e69f00", "gkl-nogi": "#c5b0d5"}
+               "dkd": "#009e73", "trades": "#0072b2", "ikl-nogi": "#e69f00", "gkl-nogi": "#c5b0d5",
+               "ikl-gi": "#d55e00", "gkl-gi": "#cc79a7"}  # (with GI: the colour of the preset's GI run)
 TERM_LABELS = {"wmse": "wMSE", "soft_ce": "soft-label CE", "kl": "KL", "tckd": "TCKD", "nckd": "NCKD",
                "ce": "CE", "total": "total"}
 # terms of one loss share its colour; the pattern tells them apart
@@ -336,11 +338,16 @@ _PARAM_LABELS = {"alpha": "α (weight of the wMSE term)", "beta": "β (weight of
                  "temperature": "temperature T", "weight_temperature": "weight temperature T_w", "gamma": "γ"}
 
 
-def sensitivity_heatmap(summary, x: str, y: str, *, value: str = "best",
-                        title: str = "Sensitivity: best test accuracy (mean ± std, n runs)"):
-    """Heatmap of mean accuracy over two hyper-parameters, each cell labelled mean ± std (n)."""
+_VALUE_WORDS = {"best": "best-epoch", "last": "last-epoch"}
+
+
+def sensitivity_heatmap(summary, x: str, y: str, *, value: str = "best", title: Optional[str] = None):
+    """Heatmap of mean accuracy over two hyper-parameters, each cell labelled mean ± std (n).
+    ``value``: "best" or "last" (the epoch whose accuracy is shown; the default title says which)."""
     import numpy as np
 
+    if title is None:
+        title = f"Sensitivity: {_VALUE_WORDS.get(value, value)} test accuracy (mean ± std, n runs)"
     mean = summary.pivot(index=y, columns=x, values=f"{value}_mean")
     std = summary.pivot(index=y, columns=x, values=f"{value}_std")
     count = summary.pivot(index=y, columns=x, values="n")
@@ -354,9 +361,11 @@ def sensitivity_heatmap(summary, x: str, y: str, *, value: str = "best",
     return fig
 
 
-def sensitivity_lines(summary, x: str, *, value: str = "best",
-                      title: str = "Sensitivity: best test accuracy (mean ± std over seeds)"):
-    """Mean accuracy against one hyper-parameter with std error bars (e.g. γ for GKL)."""
+def sensitivity_lines(summary, x: str, *, value: str = "best", title: Optional[str] = None):
+    """Mean accuracy against one hyper-parameter with std error bars (e.g. γ for GKL); ``value`` as
+    in :func:`sensitivity_heatmap`."""
+    if title is None:
+        title = f"Sensitivity: {_VALUE_WORDS.get(value, value)} test accuracy (mean ± std over seeds)"
     fig = go.Figure(go.Scatter(x=summary[x], y=summary[f"{value}_mean"], mode="lines+markers",
                                error_y=dict(type="data", array=summary[f"{value}_std"].fillna(0).tolist()),
                                text=[f"n={int(n)}" for n in summary["n"]], line=dict(color=color("gkl"))))
@@ -369,7 +378,7 @@ def sensitivity_lines(summary, x: str, *, value: str = "best",
 # ------------------------------------------------------------------------------ notebook 03: training
 #: History columns that hold named loss terms (per-epoch means), in display order.
 TRAINING_TERMS = ("ce", "kl", "soft_ce", "wmse", "tckd", "nckd")
-_METRIC_LABELS = {"test_acc": "test accuracy (%)", "train_acc": "train accuracy (%)", "loss": "total loss",
+_METRIC_LABELS = {"test_acc": "test accuracy (%)", "train_acc": "train accuracy (%)", "total_loss": "total loss",
                   "logit_gap": "logit-difference gap to the teacher (test set)"}
 
 
@@ -378,6 +387,8 @@ def histories_frame(histories):
 
     ``histories`` is ``GridResult.histories`` ({(loss, seed): per-epoch DataFrame or list of
     dicts}) or already a long DataFrame with ``loss`` and ``seed`` columns (returned as a copy).
+    The trainers' per-epoch total loss (their history's ``loss`` column) becomes ``total_loss``,
+    since ``loss`` names the loss function here.
     """
     import pandas as pd
 
@@ -393,7 +404,7 @@ def histories_frame(histories):
         if not (isinstance(key, tuple) and len(key) == 2):
             raise ValueError(f"history keys must be (loss, seed) pairs, got {key!r}")
         frame = hist if isinstance(hist, pd.DataFrame) else pd.DataFrame(list(hist))
-        parts.append(frame.assign(loss=key[0], seed=key[1]))
+        parts.append(frame.rename(columns={"loss": "total_loss"}).assign(loss=key[0], seed=key[1]))
     long = pd.concat(parts, ignore_index=True)
     front = ["loss", "seed", "epoch"]
     return long[front + [c for c in long.columns if c not in front]]
@@ -432,7 +443,8 @@ def learning_curves(histories, *, terms=None, metric: str = "test_acc", band: bo
     Args:
         histories: ``GridResult.histories`` or a long DataFrame (see :func:`histories_frame`).
         terms: term columns to draw (default: those of :data:`TRAINING_TERMS` present).
-        metric: a history column for the first panel ("test_acc", "train_acc", "loss").
+        metric: a history column for the first panel ("test_acc", "train_acc", or "loss" for the
+            total training loss, ``total_loss`` in :func:`histories_frame`).
 
     Trace ``meta`` holds {"loss", "panel", "kind": "mean" | "band"} so tests and callers can find
     a curve. Notebook: 03_knowledge_distillation.
@@ -440,6 +452,7 @@ def learning_curves(histories, *, terms=None, metric: str = "test_acc", band: bo
     import math
 
     long = histories_frame(histories)
+    metric = "total_loss" if metric == "loss" else metric  # (the loss function's name is the "loss" column here)
     if metric not in long.columns:
         raise ValueError(f"metric {metric!r} is not a history column; have {sorted(long.columns)}")
     if terms is None:
@@ -641,16 +654,19 @@ def prior_heatmap(priors, *, epochs=None, layout: str = "slider", diagonal: bool
 
 
 def paper_comparison(summary, *, config: Optional[dict] = None, teacher_acc: Optional[float] = None,
-                     paper=None, dataset: str = "CIFAR-100", teacher: str = "resnet32x4",
-                     student: str = "resnet8x4"):
+                     paper=None, dataset: Optional[str] = None, teacher: Optional[str] = None,
+                     student: Optional[str] = None):
     """Our mean ± std beside the paper's number, one row each, with a ``who`` column.
 
     For every method (teacher, each loss of ``summary``), the row ``who = "ours (measured here)"``
     holds our best-epoch and last-epoch mean ± std over seeds on OUR data and models (named in
     the ``data`` and ``teacher → student`` columns), and the row ``who = "paper (published)"``
-    the published top-1 for ``dataset`` / ``teacher`` → ``student`` with its source. Methods the
-    paper does not report (DKL, GKL, IKL without GI) have no paper row. The two rows of a method
-    are adjacent; their numbers are NOT comparable when the data differ (digits vs CIFAR-100).
+    the published top-1 for ``dataset`` / ``teacher`` → ``student`` with its source: by default the
+    pair of ``config`` where the paper reports it (CIFAR-100 resnet32x4 → resnet8x4, ImageNet
+    ResNet34 → ResNet18 or ResNet50 → MobileNet), else its headline pair, CIFAR-100 resnet32x4 →
+    resnet8x4. Methods the paper does not report (DKL, GKL, IKL without GI) have no paper row. The
+    two rows of a method are adjacent; their numbers are NOT comparable when the data differ
+    (digits vs CIFAR-100).
 
     Args:
         summary: ``GridResult.summary`` (loss, n, best_acc_mean/std, last_acc_mean/std).
@@ -671,6 +687,10 @@ def paper_comparison(summary, *, config: Optional[dict] = None, teacher_acc: Opt
         from .experiments import paper_results
 
         paper = paper_results()
+    from .experiments import paper_pair
+
+    pair = (paper_pair(config) if config else None) or ("CIFAR-100", "resnet32x4", "resnet8x4")
+    dataset, teacher, student = (given or default for given, default in zip((dataset, teacher, student), pair))
     sel = paper[(paper["dataset"] == dataset) & (paper["teacher"] == teacher) & (paper["student"] == student)]
     config = config or {}
     data_name = (config.get("data") or {}).get("name", "?")
@@ -711,7 +731,8 @@ def paper_comparison(summary, *, config: Optional[dict] = None, teacher_acc: Opt
                      "top-1 (%)": fmt(s["best_acc_mean"], s["best_acc_std"], n),
                      "last epoch (%)": fmt(s["last_acc_mean"], s["last_acc_std"], n),
                      "seeds": n, "source": ours_source})
-        row = paper_row(label(loss), loss) if "-" not in loss else None
+        paper_key = loss[:-len("-gi")] if loss.endswith("-gi") else loss  # (the paper's IKL has GI)
+        row = paper_row(label(loss), paper_key) if "-" not in paper_key else None
         if row:
             rows.append(row)
     return pd.DataFrame(rows, columns=["method", "who", "data", "teacher → student", "top-1 (%)",

@@ -161,7 +161,8 @@ def simplex_data(values: dict):
     control values (teacher_0..2, temperature, alpha, beta, loss, and optionally resolution)."""
     probs = _teacher_probs(values)
     df = grads.simplex_field(probs, loss=values["loss"], temperature=values["temperature"],
-                             alpha=values["alpha"], beta=values["beta"], resolution=values.get("resolution", 10))
+                             alpha=values["alpha"], beta=values["beta"], resolution=values.get("resolution", 10),
+                             gamma=values.get("gamma", 1.0))
     return df, grads.simplex_xy(probs[None, :])[0].tolist()
 
 
@@ -172,7 +173,8 @@ def simplex_update(figure, values: dict) -> None:
 
 
 def simplex_dashboard(loss: str = "ikl", resolution: int = 10) -> Dashboard:
-    """Teacher logits (3 classes), T, α, β: where one gradient step moves the student, per term.
+    """Teacher logits (3 classes), T, α, β (and γ for "gkl"): where one gradient step moves the
+    student, per term.
 
     The teacher's distribution is softmax(o_m / T) (the star). ``loss`` is fixed per dashboard
     because the panels (terms) differ between losses; for "kl", which has no α and β, those sliders
@@ -185,6 +187,8 @@ def simplex_dashboard(loss: str = "ikl", resolution: int = 10) -> Dashboard:
                     beta=_slider("β (CE)", 1.0, 0, 4))
     if loss == "kl":
         controls["alpha"].disabled = controls["beta"].disabled = True
+    if loss == "gkl":  # (at γ = 1 its field is IKL's)
+        controls["gamma"] = _slider("γ (GKL)", 1.0, 0.25, 3, 0.05)
     values = {**{k: c.value for k, c in controls.items()}, "loss": loss, "resolution": resolution}
     df, teacher_xy = simplex_data(values)
     figure = plots.simplex_quiver(df, teacher_xy=teacher_xy, widget=True,

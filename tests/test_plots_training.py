@@ -123,6 +123,32 @@ def test_learning_curves_options():
         plots.learning_curves(hist, terms=["nope"])
 
 
+def test_the_total_training_loss_survives_the_long_table_and_can_be_plotted():
+    """The trainers' history column ``loss`` (the epoch's total loss) is kept as ``total_loss`` (``loss``
+    names the loss function in the long table), and metric="loss" draws its mean over seeds."""
+    hist = fake_histories(losses=("kl", "ikl"), seeds=(0, 1), epochs=3)
+    long = plots.histories_frame(hist)
+    assert set(long["loss"]) == {"kl", "ikl"}
+    kl0 = long[(long["loss"] == "kl") & (long["seed"] == 0)]
+    assert kl0["total_loss"].tolist() == hist[("kl", 0)]["loss"].tolist()
+    fig = plots.learning_curves(hist, metric="loss", terms=[], band=False)
+    assert fig.layout.annotations[0].text == "total loss"
+    (mean,) = traces(fig, loss="kl", panel="total_loss", kind="mean")
+    want = [(hist[("kl", 0)]["loss"][e] + hist[("kl", 1)]["loss"][e]) / 2 for e in range(3)]
+    assert list(mean.y) == pytest.approx(want)
+
+
+def test_sensitivity_figures_say_which_epoch_they_show():
+    s = pd.DataFrame({"alpha": [1.0, 2.0], "temperature": [4.0, 4.0], "n": [2, 2], "best_mean": [70.0, 71.0],
+                      "best_std": [0.5, 0.5], "last_mean": [60.0, 61.0], "last_std": [0.4, 0.4]})
+    for value, word in [("best", "best-epoch"), ("last", "last-epoch")]:
+        heat = plots.sensitivity_heatmap(s, "alpha", "temperature", value=value)
+        line = plots.sensitivity_lines(s, "alpha", value=value)
+        assert f"{word} test accuracy" in heat.layout.title.text and f"{word} test accuracy" in line.layout.title.text
+        assert list(line.data[0].y) == s[f"{value}_mean"].tolist()
+    assert plots.sensitivity_lines(s, "alpha", title="mine").layout.title.text == "mine"
+
+
 # ------------------------------------------------------------------------------ final accuracy (seaborn)
 def _errorbar_span(ax, x):
     """(low, high) of the vertical error bar drawn at category position x."""
@@ -232,6 +258,22 @@ def test_paper_comparison_labels_ours_and_the_papers():
     methods = table["method"].tolist()
     assert methods[:4] == ["teacher", "teacher", "CE only", "CE only"] and methods[4:6] == ["KL", "KL"]
     assert table.iloc[0]["top-1 (%)"] == "98.50" and table.iloc[1]["top-1 (%)"] == "79.42"
+
+
+def test_paper_comparison_takes_the_papers_pair_from_the_config():
+    """An ImageNet ResNet34 → ResNet18 config is shown beside the paper's ImageNet numbers for that pair
+    (not its CIFAR-100 headline pair); a "-gi" spec of IKL gets the paper's IKL-KD row, which has GI."""
+    runs = pd.DataFrame({"loss": ["kl", "ikl-gi", "dkd"], "seed": [0, 0, 0], "best_acc": [70.0, 71.0, 70.5],
+                         "last_acc": [69.0, 70.0, 70.0]})
+    table = plots.paper_comparison(experiments.summarize(runs), config=experiments.resolve_config("imagenet"))
+    paper = table[table["who"].str.startswith("paper")].set_index("method")
+    ref = experiments.paper_reference(experiments.resolve_config("imagenet"))
+    assert (paper["data"] == "ImageNet").all() and (paper["teacher → student"] == "ResNet34 → ResNet18").all()
+    assert paper.loc["KL", "top-1 (%)"] == f"{ref['kl']:.2f}" and paper.loc["DKD", "top-1 (%)"] == f"{ref['dkd']:.2f}"
+    assert paper.loc["IKL (GI)", "top-1 (%)"] == f"{ref['ikl']:.2f}"
+    assert experiments.paper_pair(experiments.resolve_config("cpu-quick")) is None
+    digits = plots.paper_comparison(experiments.summarize(runs), config=experiments.resolve_config("cpu-quick"))
+    assert (digits[digits["who"].str.startswith("paper")]["data"] == "CIFAR-100").all()  # the headline pair
 
 
 def test_paper_comparison_single_seed_and_other_setting():

@@ -1,6 +1,7 @@
 """Notebook-facing analysis (grads), figures (plots) and dashboards (widgets), without a browser."""
 import inspect
 
+import numpy as np
 import pytest
 import torch
 
@@ -242,6 +243,28 @@ def test_simplex_dashboard_moves_the_teacher():
     assert dash.figure.data[2].x[0] == pytest.approx(xy[0].item())
     with pytest.raises(ValueError, match="loss"):
         widgets.simplex_dashboard(loss="dkd")
+
+
+def test_simplex_field_of_gkl_follows_gamma():
+    """The GKL view has its own γ (at γ = 1 GKL is IKL): its arrows are each grid point's own gradient,
+    as a sample alone (GKL's wMSE normalises over the batch), and the dashboard's γ slider redraws them."""
+    teacher = torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)
+    ikl = grads.simplex_field(teacher, loss="ikl", resolution=5)
+    assert np.allclose(grads.simplex_field(teacher, loss="gkl", resolution=5)[["dx", "dy"]], ikl[["dx", "dy"]])
+    gkl = grads.simplex_field(teacher, loss="gkl", resolution=5, gamma=2.5)
+    wmse = gkl[gkl["term"] == "wmse"].reset_index(drop=True)
+    assert not np.allclose(wmse[["dx", "dy"]], ikl[ikl["term"] == "wmse"][["dx", "dy"]])
+    for i in (0, len(wmse) - 1):  # one point alone: the gradient step through the softmax Jacobian
+        s_n = torch.tensor(wmse.loc[i, ["p1", "p2", "p3"]].to_numpy(dtype=float))
+        o_n = s_n.log()[None].clone().requires_grad_()
+        g, = torch.autograd.grad(dkl.gkl_terms(o_n, teacher.log()[None], temperature=1.0, gamma=2.5)["wmse"], o_n)
+        ds = -(s_n * g[0] - s_n * (s_n * g[0]).sum())
+        assert np.allclose(grads.simplex_xy(ds[None])[0].numpy(), wmse.loc[i, ["dx", "dy"]].to_numpy(dtype=float))
+    dash = widgets.simplex_dashboard(loss="gkl", resolution=5)
+    before = [list(t.x) for t in dash.figure.data]
+    dash.controls["gamma"].value = 2.5
+    assert [list(t.x) for t in dash.figure.data] != before
+    assert "gamma" not in widgets.simplex_dashboard(loss="ikl", resolution=5).controls
 
 
 def test_weights_dashboard_temperature_flattens_the_weights():
