@@ -540,13 +540,15 @@ def ensemble_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epsil
 
     Raises:
         ValueError: x not finite or outside [0, 1], epsilon <= 0 (ART refuses ε = 0; check ε = 0
-            with :func:`pgd`), an unknown attack name, or DLR with fewer than 3 classes.
+            with :func:`pgd`), an unknown attack name, DLR with fewer than 3 classes, or a model
+            that is not float32 (ART feeds it float32 inputs).
         EnsembleUnavailableError: (an ``ImportError``) ART (``adversarial-robustness-toolbox``) or
             ``multiprocess`` is missing.
     """
     _check_model(model)
     _check_xy(x, y)
     check_unit_range("x", x)  # ART would clip the inputs to (0, 1) silently and attack other images
+    _check_ensemble_dtype(model)
     epsilon = _number("epsilon", epsilon, low=0.0)
     if epsilon <= 0:
         raise ValueError("epsilon must be > 0 for the ART ensemble (ART refuses ε = 0; use pgd for ε = 0)")
@@ -729,6 +731,16 @@ class RobustnessReport:
         return row
 
 
+def _check_ensemble_dtype(model: nn.Module) -> None:
+    """ART's PyTorchClassifier feeds the model float32 arrays: a float64 (or half) model would fail deep
+    inside ART, after the other attacks had run, so it is refused first."""
+    dtype = _model_dtype(model)
+    if dtype != torch.float32:
+        raise ValueError(f"the ART ensemble attacks float32 models (ART feeds float32 inputs); this model is "
+                         f"{str(dtype).replace('torch.', '')}: evaluate a float32 copy (copy.deepcopy(model).float()), "
+                         "or run the PGD attacks alone (ensemble=False)")
+
+
 def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epsilon: float,
                         pgd_steps: Sequence[int] = (20, 50), pgd_restarts: int = 1,
                         pgd_step_size: Optional[float] = None, ensemble: bool = True,
@@ -751,9 +763,9 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
     * ``art_matches_model``: ART's wrapper predicts what the model predicts on clean inputs;
     * ``gradient_masking`` (a flag, status "warn", with a :class:`GradientMaskingWarning`): the
       lowest PGD accuracy exceeds the ensemble accuracy by more than ``masking_gap`` percentage
-      points, or the gradient-free Square attack breaks more than ``blackbox_gap`` percent of the
-      samples that the gradient attacks (PGD, APGD) could not: the signature of gradients that do
-      not point toward adversarial examples. (APGD beating PGD by a few points is normal: it is
+      points, or the gradient-free Square attack breaks samples that the gradient attacks (PGD,
+      APGD) could not, more than ``blackbox_gap`` percent of all the evaluated samples: the
+      signature of gradients that do not point toward adversarial examples. (APGD beating PGD by a few points is normal: it is
       the stronger gradient attack; Square adding anything noticeable is not.)
 
     Args:
@@ -794,11 +806,15 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
               "n": n, "ensemble_library": _art_version() if ensemble else None}
     seconds: Dict[str, float] = {}
     checks: List[dict] = []
+    if ensemble:
+        _check_ensemble_dtype(model)  # before the PGD runs, not after them
     lo, hi = value_range(x)  # out of range is reported (a check), not refused as pgd refuses it
-    checks.append(_check("inputs_in_range", lo >= 0.0 and hi <= 1.0, [lo, hi],
-                         f"inputs span [{lo:.4g}, {hi:.4g}]" + ("" if lo >= 0.0 and hi <= 1.0 else
+    in_range = lo >= 0.0 and hi <= 1.0
+    checks.append(_check("inputs_in_range", in_range, [lo, hi],
+                         f"inputs span [{lo:.4g}, {hi:.4g}]" + ("" if in_range else
                          " -- pass raw images in [0, 1] and put the normalisation inside the model "
-                         "(dkl_lib.attacks.Normalized)")))
+                         "(dkl_lib.attacks.Normalized)" + ("; the ART ensemble was not run (it refuses such "
+                                                           "inputs)" if ensemble else ""))))
     with _Watch(model) as watch:
         t0 = time.perf_counter()
         clean = clean_correct(model, x, y, batch_size=batch_size)
@@ -813,7 +829,7 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
                            restarts=pgd_restarts, random_start=True, seed=seed, batch_size=batch_size)
             seconds[f"pgd{k}"] = runs[k].seconds
         ens = None
-        if ensemble:
+        if ensemble and in_range:  # (out of range: the failed check above is the report)
             ens = ensemble_attack(model, x, y, epsilon=epsilon, attacks=ensemble_attacks,
                                   apgd_iters=apgd_iters, square_queries=square_queries,
                                   batch_size=min(batch_size, 256), seed=seed)

@@ -1444,20 +1444,22 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
                     with _diverging(epoch, lr_now):
                         v = awp.perturbation(proxy_loss)
                     awp.apply(v, +1.0)
-                model.train()
-                with _autocast(device, amp):
-                    nat_logits = net(x)
-                    adv_logits = net(x_adv) if x_adv is not None else None
-                with _diverging(epoch, lr_now):
-                    terms = adversarial_loss_terms(loss, adv_logits, nat_logits, y, **loss_kw, **prior_kw)
-                total = sum(terms.values())
-                if prior is not None:  # before the backward, as in distill; ikl has checked these inputs
-                    prior._update_checked(nat_logits.detach(), y, weight_temperature=loss_kw["weight_temperature"])
-                optimizer.zero_grad(set_to_none=True)
-                par.scaled(total, y.shape[0], global_n).backward()
-                optimizer.step()
-                if v is not None:
-                    awp.apply(v, -1.0)
+                try:  # the step at w + v; v is taken off again whatever happens (Ctrl-C, divergence)
+                    model.train()
+                    with _autocast(device, amp):
+                        nat_logits = net(x)
+                        adv_logits = net(x_adv) if x_adv is not None else None
+                    with _diverging(epoch, lr_now):
+                        terms = adversarial_loss_terms(loss, adv_logits, nat_logits, y, **loss_kw, **prior_kw)
+                    total = sum(terms.values())
+                    if prior is not None:  # before the backward, as in distill; ikl has checked these inputs
+                        prior._update_checked(nat_logits.detach(), y, weight_temperature=loss_kw["weight_temperature"])
+                    optimizer.zero_grad(set_to_none=True)
+                    par.scaled(total, y.shape[0], global_n).backward()
+                    optimizer.step()
+                finally:
+                    if v is not None:
+                        awp.apply(v, -1.0)
                 dist.broadcast_buffers(model)  # rank 0's BatchNorm statistics to every rank
                 if averaged is not None and averaged.every == "step":
                     averaged.update(model, epoch)

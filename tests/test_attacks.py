@@ -299,6 +299,12 @@ def test_checks_fire_on_normalised_inputs_and_on_a_weak_ensemble(trained, monkey
     rep = A.evaluate_robustness(net, (d.x_test - 0.5) / 0.25, d.y_test, epsilon=0.1, ensemble=False,
                                 strict=False, pgd_steps=(2,))
     assert "inputs_in_range" in rep.failed and "Normalized" in rep.check("inputs_in_range")["detail"]
+    # with the ensemble on (the default), the same report: the ensemble, which refuses such inputs, is left out
+    rep = A.evaluate_robustness(net, (d.x_test - 0.5) / 0.25, d.y_test, epsilon=0.1, strict=False, pgd_steps=(2,))
+    assert "inputs_in_range" in rep.failed and "ensemble was not run" in rep.check("inputs_in_range")["detail"]
+    assert rep.ensemble_acc is None and rep.pgd_acc
+    with pytest.raises(A.SanityCheckError, match="inputs_in_range"):
+        A.evaluate_robustness(net, (d.x_test - 0.5) / 0.25, d.y_test, epsilon=0.1, pgd_steps=(2,))
 
     def no_attack(model, x, y, **kw):  # an ensemble that finds nothing: above PGD, must fail
         return A.EnsembleResult(x_adv=x.clone(), correct=A.clean_correct(model, x, y),
@@ -378,6 +384,20 @@ def test_attacks_refuse_inputs_that_are_not_finite_images_in_the_unit_range(bad)
         A.trades_perturb(model, x, epsilon=0.1, steps=3)
     with pytest.raises(ValueError, match=needle):
         A.accuracy_vs_epsilon(model, x, y, [0.0, 0.1], steps=2)
+
+
+def test_the_ensemble_refuses_a_float64_model_before_any_attack_runs(monkeypatch):
+    """ART feeds float32 arrays: a float64 model failed deep inside ART after every PGD run; now it is named
+    first (PGD alone, ensemble=False, still evaluates it)."""
+    model = SmallBN().double().eval()
+    x, y = torch.rand(6, 1, 8, 8), torch.randint(0, 4, (6,))
+    with pytest.raises(ValueError, match="the ART ensemble attacks float32 models .* this model is float64"):
+        A.ensemble_attack(model, x, y, epsilon=0.1)
+    monkeypatch.setattr(A, "_pgd", lambda *a, **k: pytest.fail("PGD ran before the dtype was checked"))
+    with pytest.raises(ValueError, match="this model is float64"):
+        A.evaluate_robustness(model, x, y, epsilon=0.1, pgd_steps=(2,))
+    monkeypatch.undo()
+    assert A.evaluate_robustness(model, x, y, epsilon=0.1, pgd_steps=(2,), ensemble=False, strict=False).pgd_acc
 
 
 def test_trades_perturb_casts_the_input_to_the_model_dtype_as_pgd_does():

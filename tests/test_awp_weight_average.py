@@ -105,6 +105,35 @@ def test_one_awp_step_equals_the_step_computed_by_hand():
     assert diff > 1e-6 and "awp_gamma" not in plain.config
 
 
+@pytest.mark.parametrize("stop", ["interrupt", "diverge"])
+def test_the_awp_perturbation_is_taken_off_when_a_step_is_cut_short(stop):
+    """The weights are moved to w + v for the outer step and back by v after it, also when Ctrl-C or a
+    divergence stops that step half-way: with a learning rate of 0 the model ends where it began."""
+    d = tiny()
+    model = mlp(d)
+    before = copy.deepcopy(model.state_dict())
+    calls = []
+
+    def cut(module, args):  # the third training-mode forward of the whole model: inside an outer step
+        if module.training:
+            calls.append(1)
+            if len(calls) == 3:
+                if stop == "interrupt":
+                    raise KeyboardInterrupt
+                return (args[0] * float("nan"),)
+
+    model.register_forward_pre_hook(cut)
+    kw = dict(loss="trades", epsilon=0.1, epochs=1, batch_size=8, lr=1e-300, momentum=0.0, weight_decay=0.0,
+              attack_steps=1, awp_gamma=0.05, awp_warmup=0, progress=False, device="cpu")
+    if stop == "interrupt":
+        assert T.adversarial_train(model, d, **kw).stopped == "interrupted"
+    else:
+        with pytest.raises(FloatingPointError, match="diverged"):
+            T.adversarial_train(model, d, **kw)
+    for k, v in before.items():
+        assert torch.allclose(model.state_dict()[k], v, rtol=0, atol=1e-12), k
+
+
 def test_weight_average_rule():
     d = tiny(dtype=torch.float32)
     model = A.normalized(M.build_model("small_cnn", 3, seed=0, width=4, in_channels=1), d)
