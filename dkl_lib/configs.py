@@ -83,9 +83,47 @@ def _read_yaml(path: Path):
     except FileNotFoundError:
         raise FileNotFoundError(f"no config file at {path}") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_strict_loader(yaml))  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
-        _fail(path, f"not valid YAML: {err}")
+        _fail(path, f"{'refused' if getattr(err, 'refused', False) else 'not valid YAML'}: {err}")
+
+
+def _strict_loader(yaml):
+    """PyYAML's SafeLoader, less two YAML 1.1 surprises that would change a run without a word: a key
+    written twice in one mapping (YAML keeps the last: a second ``seeds:`` line replaces the first) and
+    integers written with a leading zero (octal: ``010`` is 8) or with colons (base 60: ``1:30`` is 90)."""
+    from yaml.constructor import ConstructorError
+
+    class StrictLoader(yaml.SafeLoader):
+        pass
+
+    def refuse(problem, node):
+        err = ConstructorError(None, None, problem, node.start_mark)
+        err.refused = True  # (valid YAML, refused here: _read_yaml says so)
+        raise err
+
+    def mapping(loader, node, deep=False):
+        lines = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                refuse(f"the key {key!r} is written twice (lines {lines[key]} and {line}); YAML would keep only "
+                       "the last one", key_node)
+            lines[key] = line
+        return loader.construct_mapping(node, deep=deep)
+
+    def integer(loader, node):
+        text = loader.construct_scalar(node)
+        digits = text.lstrip("+-")
+        if ":" in text or (len(digits) > 1 and digits[0] == "0" and digits[1] not in "xXbB"):
+            refuse(f"the number {text} would be read as {'base 60' if ':' in text else 'octal'} "
+                   f"({loader.construct_yaml_int(node)}); write it without leading zeros or colons", node)
+        return loader.construct_yaml_int(node)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    StrictLoader.add_constructor("tag:yaml.org,2002:int", integer)
+    return StrictLoader
 
 
 def _looks_numeric(value: str) -> bool:

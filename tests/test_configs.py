@@ -163,6 +163,9 @@ def _write(tmp_path, text, name="exp.yaml"):
 
 
 def test_a_small_config_loads_with_defaults(tmp_path):
+    # what the strict loader still reads as plain YAML: 0, signed and hexadecimal integers, repeated values
+    plain = C._read_yaml(_write(tmp_path, "a: 0\nb: -12\nc: 0x10\nd: [1, 1]\ne: {x: 1, y: 1}\nf: 1_000\n", "p.yaml"))
+    assert plain == {"a": 0, "b": -12, "c": 16, "d": [1, 1], "e": {"x": 1, "y": 1}, "f": 1000}
     cfg = C.load_config(_write(tmp_path, GOOD))
     assert cfg["name"] == "exp" and cfg["seeds"] == [0, 1] and cfg["losses"] == ["kl", "ikl"]
     assert cfg["resolved"]["distill"]["epochs"] == 2 and cfg["resolved"]["losses"]["ikl"]["alpha"] == 2.0
@@ -186,6 +189,12 @@ def test_a_small_config_loads_with_defaults(tmp_path):
     (GOOD.replace("losses.ikl.alpha: 2.0", "distill.weight_decay: 5e-4"), "5e-4"),
     (GOOD.replace("losses.ikl.alpha: 2.0", "distill.lr: 8/255"), "8/255"),
     (GOOD.replace("  distill.epochs: 2\n", "  distill.epochs: [2\n"), "not valid YAML"),
+    # valid YAML 1.1 that would change the run without a word: a key written twice (the last one wins),
+    # a zero-padded or colon-separated integer (octal, base 60)
+    (GOOD + "seeds: [7]\n", "refused: the key 'seeds' is written twice (lines 4 and 8)"),
+    (GOOD + "  distill.epochs: 3\n", "the key 'distill.epochs' is written twice (lines 6 and 8)"),
+    (GOOD.replace("[0, 1]", "[010, 011]"), "refused: the number 010 would be read as octal (8)"),
+    (GOOD.replace("distill.epochs: 2", "distill.epochs: 1:30"), "the number 1:30 would be read as base 60 (90)"),
     ("- a\n- b\n", "YAML mapping"),
     (GOOD.replace("overrides:", "overrides: 3\nx:").split("  distill")[0], "unknown key(s) ['x']"),
 ])
@@ -332,7 +341,7 @@ ADV = "task: adv\npreset: cpu-quick\nlosses: [trades]\nseeds: [0]\noverrides:\n"
 @pytest.mark.parametrize("text,needle", [
     (GOOD + "  distill.temperature: 0\n", "distill.temperature must be > 0"),
     (GOOD + "  distill.lr: abc\n", "distill.lr must be a real number, got str"),
-    (GOOD + "  distill.epochs: -1\n", "distill.epochs must be a positive integer, got -1"),
+    (GOOD.replace("distill.epochs: 2", "distill.epochs: -1"), "distill.epochs must be a positive integer, got -1"),
     (GOOD.replace("alpha: 2.0", "alpha: -3"), "losses.ikl.alpha must be >= 0"),
     (GOOD + "  distill: 3\n", "distill must be a mapping"),
     (GOOD + "  distill.temperature: .inf\n", "distill.temperature must be a finite number, got inf"),
