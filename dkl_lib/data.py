@@ -24,6 +24,7 @@ import dataclasses
 import math
 import numbers
 import os
+import urllib.error
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Iterator, Optional, Sequence, Tuple
@@ -62,7 +63,7 @@ CIFAR_STATS = {
 _CIFAR_FOLDERS = {
     "cifar100": ("cifar-100-python", ("train", "test", "meta"), "CIFAR-100",
                  "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "161 MB"),
-    "cifar10": ("cifar-10-batches-py", ("data_batch_1", "data_batch_5", "test_batch", "batches.meta"),
+    "cifar10": ("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta"),
                 "CIFAR-10", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "163 MB"),
 }
 
@@ -313,9 +314,13 @@ def _cifar_placement(name: str, root: Path) -> str:
 
 
 def _cifar_missing_message(name: str, root: Path) -> str:
-    folder, _, pretty, *_ = _CIFAR_FOLDERS[name]
+    folder, files, pretty, *_ = _CIFAR_FOLDERS[name]
+    missing = [f for f in files if not (root / folder / f).is_file()]
+    what = (f"no folder {folder} with its files" if len(missing) == len(files) else
+            f"the folder {root / folder} lacks {', '.join(missing)}" if missing else
+            f"its files in {root / folder} failed torchvision's integrity check: a damaged or partial copy")
     return (
-        f"{pretty} was not found under {root} (no folder {folder} with its files). Either download it once: on "
+        f"{pretty} was not found under {root} ({what}). Either download it once: on "
         f"the command line add --download to your python -m dkl_lib.experiments command, in Python call "
         f"dkl.data.cifar({name!r}, download=True); or {_cifar_placement(name, root)}. Nothing is downloaded "
         f"unless you ask with download=True."
@@ -364,7 +369,9 @@ def cifar(name: str = "cifar100", *, root=None, download: bool = False, device=N
         train = cls(str(root), train=True, download=download)
         test = cls(str(root), train=False, download=download)
     except (OSError, RuntimeError) as err:
-        if download and not present:  # no network (URLError), a refused or broken download (RuntimeError)
+        # no network (URLError; also when files that are there fail the checksum and torchvision fetches them
+        # again), a refused or broken download (RuntimeError)
+        if download and (not present or isinstance(err, urllib.error.URLError)):
             raise DatasetNotFoundError(_cifar_download_message(name, root, err)) from err
         if not isinstance(err, RuntimeError):  # an I/O error reading files that are there: not "not found"
             raise
@@ -472,7 +479,7 @@ class LazyImages:
                  _shared: Optional[dict] = None):
         self.files = list(files)
         self.size, self.train = int(size), bool(train)
-        self.workers = workers or default_decode_workers()
+        self.workers = default_decode_workers() if workers is None else check_int("workers", workers, 1)
         self._device, self._dtype = _resolve_device(device), dtype
         # the generator and thread pool are shared by the copies .to() makes
         self._shared = _shared if _shared is not None else {"gen": torch.Generator().manual_seed(int(seed)),
@@ -593,15 +600,26 @@ def imagenet(root=None, *, size: int = 224, workers: Optional[int] = None, seed:
     train_dir, val_dir = root / "train", root / "val"
     if not train_dir.is_dir() or not val_dir.is_dir():
         raise DatasetNotFoundError(f"ImageNet was not found under {root}: {layout}")
+    if workers is not None:
+        workers = check_int("workers", workers, 1)
     classes = sorted(e.name for e in os.scandir(train_dir) if e.is_dir())
     missing = [c for c in classes if not (val_dir / c).is_dir()]
     if len(classes) < 2 or missing:
         raise DatasetNotFoundError(f"ImageNet under {root} is incomplete ({len(classes)} class folders in train/"
                                    + (f"; val/ lacks {missing[:3]}" if missing else "") + f"): {layout}")
+    extra = sorted(set(e.name for e in os.scandir(val_dir) if e.is_dir()) - set(classes))
+    if extra:  # their images would be left out of the evaluation without a word
+        raise DatasetNotFoundError(f"ImageNet under {root}: val/ has class folders that train/ lacks ({len(extra)}: "
+                                   f"{extra[:3]}); the classes are train/'s folders: {layout}")
     train_files, train_labels = _image_files(train_dir, classes)
     val_files, val_labels = _image_files(val_dir, classes)
     if not train_files or not val_files:
         raise DatasetNotFoundError(f"ImageNet under {root} has no images ({layout})")
+    empty = [c for c, n in zip(classes, torch.bincount(torch.tensor(train_labels), minlength=len(classes)).tolist())
+             if n == 0]
+    if empty:  # a class no training image teaches, yet one of the logits and maybe of the validation labels
+        raise DatasetNotFoundError(f"ImageNet under {root}: train/ class folders without images ({len(empty)}: "
+                                   f"{empty[:3]}; images end in {', '.join(_IMAGE_SUFFIXES)}): {layout}")
     device = _resolve_device(device)
     mean, std = IMAGENET_STATS
     return FolderData(

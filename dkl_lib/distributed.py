@@ -47,6 +47,7 @@ import errno
 import functools
 import gc
 import hashlib
+import numbers
 import os
 import re
 import tempfile
@@ -284,6 +285,9 @@ def shard_batches(n: int, *, batch_size: int, rank: int, world_size: int, shuffl
     from .data import batch_indices
 
     _check_rank(rank, world_size)
+    if isinstance(batch_size, numbers.Integral) and not isinstance(batch_size, bool) and 0 < batch_size < world_size:
+        raise ValueError(f"batch_size={batch_size} is smaller than world_size={world_size}: every global batch "
+                         "would leave some rank without a sample, and all would be skipped")
     for batch in batch_indices(n, batch_size=batch_size, shuffle=shuffle, generator=generator,
                                drop_last=drop_last, device=device):
         size = batch.numel()
@@ -381,7 +385,9 @@ def all_reduce_mean(metrics: Mapping[str, object], *, weight: Optional[Number] =
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
         raise ValueError(f"weight must be a non-negative number, got {weight!r}")
     key = "\0weight"
-    scaled = {k: (v * float(weight)) for k, v in metrics.items()}
+    # a rank with weight 0 adds exact zeros: its per-sample means may be nan (the mean of no samples)
+    scaled = {k: (v * float(weight)) if weight else (torch.zeros_like(v) if isinstance(v, torch.Tensor) else 0.0)
+              for k, v in metrics.items()}
     scaled[key] = float(weight)
     total = all_reduce_sum(scaled)
     w = total.pop(key)
@@ -486,8 +492,9 @@ CHECKSUM_KEY = "_sha256"
 
 def state_digest(state) -> str:
     """SHA-256 of a checkpoint state's content: every tensor's dtype, shape and bytes (on the CPU),
-    and the ``repr`` of every other value, walking dicts (sorted keys), lists and tuples; the same
-    before :func:`save_checkpoint` and after :func:`load_latest_checkpoint` (any ``map_location``)."""
+    and the ``repr`` of every other value, walking dicts (sorted keys), lists, tuples and sets (sorted
+    items: a set's order changes with the process's string hashing); the same before
+    :func:`save_checkpoint` and after :func:`load_latest_checkpoint` (any ``map_location``, any process)."""
     h = hashlib.sha256()
 
     def feed(obj) -> None:
@@ -503,6 +510,10 @@ def state_digest(state) -> str:
         elif isinstance(obj, (list, tuple)):
             h.update(f"L{len(obj)}:".encode())
             for item in obj:
+                feed(item)
+        elif isinstance(obj, (set, frozenset)):
+            h.update(f"S{len(obj)}:".encode())
+            for item in sorted(obj, key=repr):
                 feed(item)
         else:
             h.update(f"{type(obj).__name__}:{obj!r};".encode())

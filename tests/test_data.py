@@ -89,6 +89,42 @@ def test_cifar_failed_download_says_where_to_put_the_archive(tmp_path, monkeypat
     assert "data_batch_1" in msg and "DKL_DATA_DIR" in msg
 
 
+def _fake_cifar10(folder, skip=()):
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        if name not in skip:
+            with open(folder / name, "wb") as fh:
+                pickle.dump({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1]}, fh)
+    with open(folder / "batches.meta", "wb") as fh:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, fh)
+
+
+def test_cifar_with_a_file_missing_or_damaged_says_which(tmp_path, monkeypatch, no_network):
+    """An extraction that stopped half-way (data_batch_3 missing) is named as such, not as 'not found';
+    files that fail torchvision's checksum are called damaged; and with download=True and no network,
+    torchvision's attempt to fetch them again ends in the placement message, not a raw URLError."""
+    import torchvision.datasets.utils as tv_utils
+
+    _fake_cifar10(tmp_path / "a" / "cifar-10-batches-py", skip=("data_batch_3",))
+    with pytest.raises(D.DatasetNotFoundError, match=r"cifar-10-batches-py lacks data_batch_3\)"):
+        D.cifar("cifar10", root=tmp_path / "a")
+    _fake_cifar10(tmp_path / "b" / "cifar-10-batches-py")  # every file there, none with the right checksum
+    with pytest.raises(D.DatasetNotFoundError, match="failed torchvision's integrity check: a damaged or partial copy"):
+        D.cifar("cifar10", root=tmp_path / "b")
+
+    def offline(url, *a, **k):
+        raise URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(tv_utils, "urlopen", offline, raising=False)
+    monkeypatch.setattr(tv_utils, "_urlretrieve", offline, raising=False)
+    import torchvision.datasets.cifar as tv_cifar
+
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", offline)
+    with pytest.raises(D.DatasetNotFoundError, match="downloading CIFAR-10 failed .*URLError") as info:
+        D.cifar("cifar10", root=tmp_path / "b", download=True)
+    assert isinstance(info.value.__cause__, URLError)
+
+
 def test_cifar_default_root_follows_env(tmp_path, monkeypatch, no_network):
     monkeypatch.setenv("DKL_DATA_DIR", str(tmp_path / "elsewhere"))
     assert D.default_data_root() == tmp_path / "elsewhere"

@@ -228,6 +228,36 @@ def test_distributed_shard_batches_on_one_rank_are_batch_indices_and_scale_is_ex
     assert D.local_loss_scale(3, 6, 2) == 1.0 and D.local_loss_scale(1, 3, 2) == pytest.approx(2 / 3)
     with pytest.raises(ValueError):
         D.local_loss_scale(1, 0, 2)
+    # a global batch smaller than the world: every batch would be skipped, no step at all
+    with pytest.raises(ValueError, match="batch_size=3 is smaller than world_size=4"):
+        next(D.shard_batches(9, batch_size=3, rank=0, world_size=4))
+
+
+def test_distributed_weighted_mean_ignores_a_rank_without_samples(monkeypatch):
+    """weight=0 (a rank that saw no sample, whose per-sample mean is nan) adds nothing, not nan."""
+    other_rank = {"loss": torch.tensor(1.5 * 4), "acc": 2.0 * 4, "\0weight": 4.0}  # a second rank: 4 samples
+
+    def two_ranks(metrics):
+        return {k: v + other_rank[k] for k, v in metrics.items()}
+
+    monkeypatch.setattr(D, "all_reduce_sum", two_ranks)
+    out = D.all_reduce_mean({"loss": torch.tensor(float("nan")), "acc": float("nan")}, weight=0)
+    assert out["loss"].item() == 1.5 and out["acc"] == 2.0
+    out = D.all_reduce_mean({"loss": torch.tensor(3.5), "acc": 4.0}, weight=4)
+    assert out["loss"].item() == 2.5 and out["acc"] == 3.0
+
+
+def test_distributed_checkpoint_digest_of_a_set_is_the_same_in_every_process():
+    """A set's iteration order follows the process's string hashing (PYTHONHASHSEED): the digest sorts
+    it, so a checkpoint holding one is not taken for corrupt when another process reads it."""
+    code = ("from dkl_lib.distributed import state_digest; "
+            "print(state_digest({'losses': {'kl', 'dkl', 'ikl', 'gkl', 'dkd', 'ce'}, 'n': frozenset({'a', 'b'})}))")
+    repo = str(Path(__file__).resolve().parent.parent)
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": repo}).stdout
+               for seed in ("1", "2", "3", "4")}
+    assert len(digests) == 1
+    assert D.state_digest({"s": {"a", "b"}}) != D.state_digest({"s": {"a", "c"}})
 
 
 def test_distributed_checkpoints_are_atomic_and_resume_skips_a_corrupt_latest(tmp_path, monkeypatch):

@@ -91,6 +91,21 @@ def test_missing_or_incomplete_folders_say_what_to_put_where(tmp_path, mini_imag
         D.imagenet(size=4)
 
 
+def test_class_folders_that_would_be_dropped_or_never_taught_are_refused(mini_imagenet):
+    """A val/ folder that train/ lacks (its images would leave the evaluation unnoticed) and a train/
+    folder without images (a class no image teaches) are named; so is a thread count below 1."""
+    assert D.imagenet(workers=1).num_classes == len(CLASSES)
+    with pytest.raises(ValueError, match="workers must be >= 1, got -1"):
+        D.imagenet(workers=-1)
+    (mini_imagenet / "val" / "n09999999").mkdir()
+    with pytest.raises(D.DatasetNotFoundError, match=r"val/ has class folders that train/ lacks \(1: \['n09999999'\]\)"):
+        D.imagenet()
+    (mini_imagenet / "train" / "n09999999").mkdir()
+    (mini_imagenet / "val" / "n09999999" / "x.JPEG").write_bytes(b"")
+    with pytest.raises(D.DatasetNotFoundError, match=r"train/ class folders without images \(1: \['n09999999'\]"):
+        D.imagenet()
+
+
 def test_imagenet_models():
     assert round(M.count_parameters(M.build_model("mobilenet_v1", 1000)) / 1e6, 2) == 4.23
     assert round(M.count_parameters(M.build_model("resnet18", 1000)) / 1e6, 2) == 11.69
