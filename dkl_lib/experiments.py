@@ -104,6 +104,7 @@ __all__ = [
     "summarize",
     "paper_results",
     "paper_reference",
+    "paper_pair",
     "main",
     "ADV_PRESETS",
     "ADV_LOSSES",
