@@ -66,6 +66,9 @@ def config_dir() -> Path:
 def list_configs(folder=None) -> List[Path]:
     """The ``*.yaml`` / ``*.yml`` files of ``folder`` (default :func:`config_dir`), sorted by name."""
     folder = Path(folder) if folder is not None else config_dir()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no config folder at {folder} (outside a clone of the repository, name the "
+                                "config files: python -m dkl_lib.configs FILE ...)")
     return sorted(p for p in folder.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
 
 
@@ -365,7 +368,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--check", action="store_true", help="only validate; print one line per file")
     tolerant_console()
     args = parser.parse_args(argv)
-    files = [Path(f) for f in args.files] or list_configs()
+    try:
+        files = [Path(f) for f in args.files] or list_configs()
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     status = 0
     for path in files:
         try:

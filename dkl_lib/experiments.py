@@ -758,13 +758,14 @@ def _teacher_config(cfg: dict) -> Tuple[dict, Optional[Path]]:
 
 
 def get_teacher(cfg: dict, data: Callable[[], data_mod.TensorData], *, cache: RunCache, device=None,
-                progress: bool = True):
+                progress: bool = True, callback: Optional[Callable[[List[dict]], object]] = None):
     """(teacher model on CPU, info dict) for a resolved config: loaded from the cache, else from
     the configured checkpoint file, else trained with :func:`dkl_lib.train.train_teacher`.
 
     ``data`` is a zero-argument function returning the TensorData (the run_grid caller loads the
-    data set once and only on first use). info: {"acc", "source" ("cache"/"checkpoint"/
-    "trained"), "config_hash", "history", "seconds"}.
+    data set once and only on first use). ``callback(history)``: after every epoch of a teacher
+    trained here (e.g. a log line); its return value is ignored (it does not stop the teacher).
+    info: {"acc", "source" ("cache"/"checkpoint"/"trained"), "config_hash", "history", "seconds"}.
     """
     tcfg, checkpoint = _teacher_config(cfg)
     key = config_hash(tcfg)
@@ -792,7 +793,8 @@ def get_teacher(cfg: dict, data: Callable[[], data_mod.TensorData], *, cache: Ru
         ckpt = _checkpointing(cfg, cache, "teacher", tcfg)
         _announce_resume(ckpt, f"teacher {spec['model']}", progress)
         res = train_mod.train_teacher(model, d, seed=int(spec.get("seed", 0)), device=device,
-                                      progress=progress, desc=f"teacher {spec['model']}", **ckpt, **spec["train"])
+                                      progress=progress, desc=f"teacher {spec['model']}", **ckpt, **spec["train"],
+                                      callback=None if callback is None else _ignoring_result(callback))
         if res.stopped:
             raise KeyboardInterrupt("teacher training was interrupted; " + (
                 f"run the same command again to resume it from its last checkpoint ({ckpt['checkpoint_dir']})"
@@ -806,6 +808,13 @@ def get_teacher(cfg: dict, data: Callable[[], data_mod.TensorData], *, cache: Ru
     if result["origin"] == "trained":
         _drop_checkpoints(ckpt["checkpoint_dir"])
     return model, {**result, "source": result["origin"], "config_hash": key}
+
+
+def _ignoring_result(callback: Callable[[List[dict]], object]) -> Callable[[List[dict]], None]:
+    """``callback`` for a trainer, its return value dropped (a False would stop the run)."""
+    def call(history):
+        callback(history)
+    return call
 
 
 # --------------------------------------------------------------------------------------------- grid
@@ -847,7 +856,7 @@ def _parse_loss(spec: str) -> Tuple[str, Optional[bool]]:
         name, gi = name[:-3], True
     known = name in train_mod.LOSSES or train_mod._custom(name) is not None
     if not known or (gi is not None and "gi" not in train_mod.loss_settings(name)):
-        raise ValueError(f"unknown loss {spec!r}; choose from {list(GRID_LOSSES)} or a registered loss "
+        raise ValueError(f"unknown loss {spec!r}; choose from {list(GRID_LOSSES)} or, in Python, a registered loss "
                          f"(dkl_lib.losses.register_loss; registered: {sorted(losses_mod.registered_losses())})")
     return name, gi
 
@@ -1112,7 +1121,7 @@ def run_grid(losses: Sequence[str] = ("ce", "kl", "dkl", "ikl", "gkl", "dkd"),
              overrides: Optional[dict] = None, cache_dir=None, use_cache: bool = True, device=None,
              download: bool = False, progress: bool = True,
              callback: Optional[Callable[[str, int, List[dict]], Optional[bool]]] = None,
-             workers: int = 1) -> GridResult:
+             workers: int = 1, teacher_callback: Optional[Callable[[List[dict]], object]] = None) -> GridResult:
     """Distil one student per (loss, seed) from the preset's teacher; cached, interruptible.
 
     Args:
@@ -1137,6 +1146,8 @@ def run_grid(losses: Sequence[str] = ("ce", "kl", "dkl", "ikl", "gkl", "dkd"),
             under ``if __name__ == "__main__":`` (the workers are spawned). A registered loss whose
             function a worker cannot import (defined in a notebook or ``__main__``), or whose runs
             are not cached, runs in this process after the workers' jobs.
+        teacher_callback: ``teacher_callback(history)`` after every epoch of a teacher trained here
+            (not one from the cache or a checkpoint file); its return value is ignored.
 
     Returns:
         :class:`GridResult`. Ctrl-C stops the grid after keeping the finished runs
@@ -1162,7 +1173,7 @@ def run_grid(losses: Sequence[str] = ("ce", "kl", "dkl", "ikl", "gkl", "dkd"),
 
     _check_workers(workers, use_cache=use_cache, callback=callback, device=dev)
 
-    teacher, tinfo = get_teacher(cfg, get_data, cache=cache, device=dev, progress=progress)
+    teacher, tinfo = get_teacher(cfg, get_data, cache=cache, device=dev, progress=progress, callback=teacher_callback)
     paper = paper_reference(cfg)
     rows, histories, priors = [], {}, {}
     jobs = [(spec, seed) for spec in losses for seed in seeds]
@@ -1918,12 +1929,23 @@ def _epoch_log(args) -> Optional[_EpochLog]:
     return _EpochLog(Path(args.out) / "log.jsonl")
 
 
+def _teacher_log(args, overrides: dict) -> Optional[Callable[[List[dict]], None]]:
+    """The teacher's lines of ``log.jsonl`` (loss "teacher", the teacher's seed): it trains in this
+    process before any worker starts, so it is logged with ``--workers N`` too."""
+    if not dist_mod.is_main():
+        return None
+    log = _EpochLog(Path(args.out) / "log.jsonl")
+    seed = int(resolve_config(args.preset, overrides)["teacher"].get("seed", 0))
+    return lambda history: log("teacher", seed, history)
+
+
 def _cmd_kd(args) -> int:
     overrides, seeds, losses = _grid_args(args, _EPOCH_KEYS["kd"])
     try:
         grid = run_grid(losses, seeds, preset=args.preset, overrides=overrides, cache_dir=args.cache_dir,
                         use_cache=not args.no_cache, device=args.device, download=args.download,
-                        progress=not args.quiet, callback=_epoch_log(args), workers=args.workers)
+                        progress=not args.quiet, callback=_epoch_log(args), workers=args.workers,
+                        teacher_callback=_teacher_log(args, overrides))
     except (ValueError, TypeError, data_mod.DatasetNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -2053,7 +2075,7 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--quiet", action="store_true", help="no progress bars or summary")
         command.add_argument("--workers", type=int, default=1, metavar="N",
                              help="CPU only: N runs at a time in separate processes (each with 1/N of the "
-                                  "threads, at least 1); no per-epoch log.jsonl then")
+                                  "threads, at least 1); log.jsonl then holds only a teacher trained here")
         command.add_argument("--threads", type=int, default=None, metavar="N",
                              help="PyTorch CPU threads of this command, shared by the --workers (default: 1 for the "
                                   "cpu-quick preset, whose tiny models are as fast on one thread and give the "

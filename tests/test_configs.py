@@ -247,6 +247,14 @@ def test_the_module_cli_checks_files(tmp_path, capsys):
     assert capsys.readouterr().out.strip().endswith("--out runs/o")
 
 
+def test_without_files_outside_a_clone_the_cli_says_to_name_them(tmp_path, capsys, monkeypatch):
+    """An installed package run away from the repository has no configs/ folder: one error line, no traceback."""
+    monkeypatch.setattr(C, "config_dir", lambda: tmp_path / "configs")
+    assert C.main(["--check"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: no config folder at {tmp_path / 'configs'}") and err.count("\n") == 1
+
+
 def test_the_printed_command_writes_where_the_config_would(tmp_path, capsys, monkeypatch):
     """Without --out the printed command's --out is the absolute folder that `--config FILE` writes to
     ($DKL_RUNS_DIR/<name>, else <repository>/runs/<name>), whatever the current folder."""

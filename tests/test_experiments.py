@@ -537,13 +537,16 @@ def test_cli_writes_results_json_and_csv(tmp_path, capsys):
     assert [r["row_type"] for r in rows] == ["run"] * 4 + ["mean", "std"] * 2
     assert rows[4]["loss"] == "kl" and float(rows[4]["best_acc"]) == pytest.approx(
         (float(rows[0]["best_acc"]) + float(rows[1]["best_acc"])) / 2, abs=1e-3)
-    # the per-epoch log: a JSON line per trained epoch (one epoch x 4 runs), appended as they finish
+    # the per-epoch log: a JSON line per trained epoch (the teacher's, then one epoch x 4 runs), appended as
+    # they finish
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [(r["loss"], r["seed"], r["epoch"]) for r in log] == [("kl", 0, 1), ("kl", 1, 1), ("dkl", 0, 1), ("dkl", 1, 1)]
+    assert [(r["loss"], r["seed"], r["epoch"]) for r in log] == [("teacher", 0, 1), ("kl", 0, 1), ("kl", 1, 1),
+                                                                 ("dkl", 0, 1), ("dkl", 1, 1)]
     assert all({"time", "test_acc", "ce", "loss_value"} <= set(r) for r in log)
-    assert [r["test_acc"] for r in log] == [r["last_acc"] for r in payload["runs"]]
+    assert [r["test_acc"] for r in log[1:]] == [r["last_acc"] for r in payload["runs"]]
+    assert log[0]["test_acc"] == payload["teacher"]["acc"]
     assert E.main(argv) == 0  # all cached: nothing trained, nothing logged
-    assert len((out / "log.jsonl").read_text().splitlines()) == 4
+    assert len((out / "log.jsonl").read_text().splitlines()) == 5
 
 
 def test_results_csv_mean_and_std_rows_are_statistics_of_every_accuracy():
@@ -592,7 +595,8 @@ def test_cli_as_a_module(tmp_path):
     assert (out / "results.json").exists() and (out / "results.csv").exists()
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert [r["loss"] for r in runs] == ["ce", "kl"] and not any(r["cached"] for r in runs)
-    assert not (out / "log.jsonl").exists()  # runs in workers write no per-epoch log
+    # runs in workers write no per-epoch log; the teacher, trained here before them, does
+    assert [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()] == ["teacher"]
     assert len(list((tmp_path / "runs").glob("student-*"))) == 2
 
 
