@@ -151,11 +151,14 @@ def test_distributed_rank0_alone_writes_and_finished_runs_leave_no_checkpoints(k
         assert "checkpoints" not in names                       # removed once the entry was written
         assert not [n for n in names if n.endswith(".tmp")]     # no half-written file from any rank
     assert sorted(p.name for p in (kd_runs / "out_two").iterdir()) == ["log.jsonl", "results.csv", "results.json"]
-    # the per-epoch log, written by rank 0 alone: each (loss, seed, epoch) once, the same lines as one process
+    # the per-epoch log, written by rank 0 alone: each (loss, seed, epoch) once, the teacher's epochs first, the
+    # same lines as one process
     key = lambda r: (r["loss"], r["seed"], r["epoch"], r["test_acc"])  # noqa: E731
     logs = {n: [key(json.loads(line)) for line in (kd_runs / f"out_{n}" / "log.jsonl").read_text().splitlines()]
             for n in ("one", "two")}
-    assert len(logs["two"]) == len(set(logs["two"])) == 4 * 2 * int(KD_OVERRIDES["distill.epochs"])
+    teacher_epochs = int(KD_OVERRIDES["teacher.train.epochs"])
+    assert len(logs["two"]) == len(set(logs["two"])) == teacher_epochs + 4 * 2 * int(KD_OVERRIDES["distill.epochs"])
+    assert [r[0] for r in logs["two"][:teacher_epochs]] == ["teacher"] * teacher_epochs
     assert logs["two"] == logs["one"]
 
 
