@@ -765,8 +765,9 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
       lowest PGD accuracy exceeds the ensemble accuracy by more than ``masking_gap`` percentage
       points, or the gradient-free Square attack breaks samples that the gradient attacks (PGD,
       APGD) could not, more than ``blackbox_gap`` percent of all the evaluated samples: the
-      signature of gradients that do not point toward adversarial examples. (APGD beating PGD by a few points is normal: it is
-      the stronger gradient attack; Square adding anything noticeable is not.)
+      signature of gradients that do not point toward adversarial examples. (APGD beating PGD by
+      a few points is normal: it is the stronger gradient attack; Square adding anything
+      noticeable is not.)
 
     Args:
         model: maps [0, 1] images to logits (a :class:`Normalized` model); on x's device.

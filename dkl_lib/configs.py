@@ -110,6 +110,10 @@ def _strict_loader(yaml):
         for key_node, _ in node.value:
             key = loader.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
+            try:
+                hash(key)
+            except TypeError:  # (a list as a key: construct_mapping reports it)
+                continue
             if key in lines:
                 refuse(f"the key {key!r} is written twice (lines {lines[key]} and {line}); YAML would keep only "
                        "the last one", key_node)

@@ -195,6 +195,7 @@ def test_a_small_config_loads_with_defaults(tmp_path):
     (GOOD + "  distill.epochs: 3\n", "the key 'distill.epochs' is written twice (lines 6 and 8)"),
     (GOOD.replace("[0, 1]", "[010, 011]"), "refused: the number 010 would be read as octal (8)"),
     (GOOD.replace("distill.epochs: 2", "distill.epochs: 1:30"), "the number 1:30 would be read as base 60 (90)"),
+    ("? [a, b]\n: 1\n", "not valid YAML: while constructing a mapping"),  # (an unhashable key: YAML's own error)
     ("- a\n- b\n", "YAML mapping"),
     (GOOD.replace("overrides:", "overrides: 3\nx:").split("  distill")[0], "unknown key(s) ['x']"),
 ])
