@@ -721,6 +721,7 @@ def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], lo
         bars = _RunProgress(epochs=epochs, steps_per_epoch=steps_per_epoch, desc=desc,
                             progress=progress and par.is_main, device=device, batch_bar_from=100,
                             initial=first_epoch)
+        batchnorm = _has_batchnorm(model)
         for epoch in range(first_epoch, epochs):
             t0 = time.perf_counter()
             model.train()
@@ -731,7 +732,7 @@ def _fit(model: nn.Module, data: TensorData, *, teacher: Optional[nn.Module], lo
             seen = 0
             bars.start_epoch()
             batches = par.batches(data.n_train, batch_size=batch_size, generator=shuffle_gen,
-                                  drop_last=drop_last, device=device, batchnorm=_has_batchnorm(model))
+                                  drop_last=drop_last, device=device, batchnorm=batchnorm)
             fetch = functools.partial(_batch, data, par=par, augment=augment, augment_gen=augment_gen)
             # images decoded per batch: the next batch is decoded while this one trains
             for idx, x, y, global_n in (_prefetched(batches, fetch) if data.lazy else map(fetch, batches)):
@@ -1390,6 +1391,7 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
     x_eval, y_eval = data.x_test[:n_eval], data.y_test[:n_eval]
     bs = cfg["batch_size"]
     steps_per_epoch = max(1, (data.n_train // bs) if cfg["drop_last"] else math.ceil(data.n_train / bs))
+    batchnorm = _has_batchnorm(model)
 
     awp = AdversarialWeightPerturbation(model, gamma=awp_gamma) if awp_gamma > 0 else None
     averaged = None
@@ -1419,7 +1421,7 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
             bars.start_epoch()
             model.train()
             for idx in par.batches(data.n_train, batch_size=bs, generator=shuffle_gen,
-                                   drop_last=cfg["drop_last"], device=device, batchnorm=_has_batchnorm(model)):
+                                   drop_last=cfg["drop_last"], device=device, batchnorm=batchnorm):
                 _, x, y, global_n = _batch(data, idx, par, data.augment, augment_gen)
                 start_noise = None
                 if loss != "ce":  # the draw trades_perturb would make for the global batch
