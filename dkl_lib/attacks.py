@@ -52,6 +52,7 @@ __all__ = [
     "ENSEMBLE_ATTACKS",
     "EnsembleResult",
     "ensemble_attack",
+    "check_ensemble_attacks",
     "require_ensemble",
     "EnsembleUnavailableError",
     "CHECKS",
@@ -89,6 +90,40 @@ def _int(name: str, value, low: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     return int(value)
+
+
+def check_ensemble_attacks(attacks, *, name: str = "attacks", gradient_first: bool = False) -> Tuple[str, ...]:
+    """``attacks`` as a tuple of names from :data:`ENSEMBLE_ATTACKS`, each at most once.
+
+    With ``gradient_first``, every gradient attack (APGD) must come before the gradient-free Square:
+    each attack of the ensemble runs only on the samples the earlier ones did not break, so the share
+    of samples Square breaks (the gradient-masking flag of :func:`evaluate_robustness`) means "what the
+    gradient attacks missed" only when Square runs last.
+
+    Raises:
+        TypeError: not a list or tuple of strings (a single string is refused: "square" is not three attacks).
+        ValueError: empty, an unknown name, a name listed twice, or (``gradient_first``) Square before an APGD.
+    """
+    if isinstance(attacks, (str, bytes)) or not isinstance(attacks, (list, tuple)):
+        raise TypeError(f"{name} must be a list or tuple of attack names from {list(ENSEMBLE_ATTACKS)}, "
+                        f"got {attacks!r}")
+    attacks = tuple(attacks)
+    if not attacks:
+        raise ValueError(f"{name} is empty; pass at least one of " + ", ".join(ENSEMBLE_ATTACKS))
+    for attack in attacks:
+        if not isinstance(attack, str) or attack not in ENSEMBLE_ATTACKS:
+            raise ValueError(f"unknown ensemble attack {attack!r} in {name}; choose from {list(ENSEMBLE_ATTACKS)}")
+    repeated = sorted({a for a in attacks if attacks.count(a) > 1})
+    if repeated:
+        raise ValueError(f"{name} lists {', '.join(repeated)} more than once ({list(attacks)}); the ensemble "
+                         "counts the samples each attack broke first, by name")
+    if gradient_first and "square" in attacks:
+        late = [a for a in attacks[attacks.index("square") + 1:] if a != "square"]
+        if late:
+            raise ValueError(f"{name} runs square before {', '.join(late)} ({list(attacks)}): put the gradient "
+                             "attacks first; each attack runs on what the earlier ones left, and the gradient-"
+                             "masking check counts what the gradient-free Square broke after the gradient attacks")
+    return attacks
 
 
 def _check_model(model) -> None:
@@ -540,8 +575,9 @@ def ensemble_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epsil
 
     Raises:
         ValueError: x not finite or outside [0, 1], epsilon <= 0 (ART refuses ε = 0; check ε = 0
-            with :func:`pgd`), an unknown attack name, DLR with fewer than 3 classes, or a model
-            that is not float32 (ART feeds it float32 inputs).
+            with :func:`pgd`), an unknown or repeated attack name (:func:`check_ensemble_attacks`),
+            DLR with fewer than 3 classes, or a model that is not float32 (ART feeds it float32 inputs).
+        TypeError: ``attacks`` not a list or tuple of names.
         EnsembleUnavailableError: (an ``ImportError``) ART (``adversarial-robustness-toolbox``) or
             ``multiprocess`` is missing.
     """
@@ -552,9 +588,7 @@ def ensemble_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epsil
     epsilon = _number("epsilon", epsilon, low=0.0)
     if epsilon <= 0:
         raise ValueError("epsilon must be > 0 for the ART ensemble (ART refuses ε = 0; use pgd for ε = 0)")
-    attacks = tuple(attacks)
-    if not attacks:
-        raise ValueError("attacks is empty; pass at least one of " + ", ".join(ENSEMBLE_ATTACKS))
+    attacks = check_ensemble_attacks(attacks)
     apgd_iters = _int("apgd_iters", apgd_iters, 1)
     square_queries = _int("square_queries", square_queries, 1)
     batch_size = _int("batch_size", batch_size, 1)
@@ -774,7 +808,9 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
         x, y: images (N, C, H, W) and int64 labels (N,).
         epsilon: L∞ radius ε > 0.
         pgd_steps: the k of PGD-k (default 20 and 50). pgd_restarts, pgd_step_size: see :func:`pgd`.
-        ensemble, ensemble_attacks, apgd_iters, square_queries: see :func:`ensemble_attack`.
+        ensemble, ensemble_attacks, apgd_iters, square_queries: see :func:`ensemble_attack`; the
+            gradient attacks must come before Square (:func:`check_ensemble_attacks` with
+            ``gradient_first``), or the gradient-masking flag would count samples Square broke first.
         masking_gap, blackbox_gap, ensemble_tolerance: thresholds in percentage points (see above).
         batch_size: samples per forward pass. seed: fixes every random start.
         strict: raise :class:`SanityCheckError` when a check fails (after running everything).
@@ -795,6 +831,8 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
     masking_gap = _number("masking_gap", masking_gap, low=0.0)
     blackbox_gap = _number("blackbox_gap", blackbox_gap, low=0.0)
     ensemble_tolerance = _number("ensemble_tolerance", ensemble_tolerance, low=0.0)
+    if ensemble:
+        ensemble_attacks = check_ensemble_attacks(ensemble_attacks, name="ensemble_attacks", gradient_first=True)
     seed = check_seed("seed", seed)
     x, y = x.detach(), y.detach()
     n = x.shape[0]

@@ -301,6 +301,11 @@ def _list_of(check_entry):
     return check
 
 
+def _ensemble_attacks(key: str, value) -> None:
+    """The ensemble's attacks: known names, none twice, the gradient attacks before Square."""
+    attacks_mod.check_ensemble_attacks(value, name=key, gradient_first=True)
+
+
 def _mapping(checks: Optional[dict] = None, required: Sequence[str] = ()):
     """A dict; with ``checks``, only their keys, each value checked, and the ``required`` keys present."""
     def check(key: str, value) -> None:
@@ -1316,7 +1321,7 @@ _ADV_LOSS_CHECKS = {"trades": {"beta": _optional(_nonneg)},
                     "ce": {}}
 _ADV_EVAL_CHECKS = {"epsilon": _positive, "samples": _optional(_positive_int), "pgd_steps": _list_of(_positive_int),
                     "pgd_restarts": _positive_int, "ensemble": _flag,
-                    "ensemble_attacks": _list_of(_one_of(attacks_mod.ENSEMBLE_ATTACKS)), "apgd_iters": _positive_int,
+                    "ensemble_attacks": _ensemble_attacks, "apgd_iters": _positive_int,
                     "square_queries": _positive_int, "masking_gap": _nonneg, "blackbox_gap": _nonneg,
                     "batch_size": _positive_int}
 _ADV_TRAIN_KEYS = set(_ADV_TRAIN_CHECKS)

@@ -216,7 +216,10 @@ def test_adv_presets():
     ({"eval.samples": 0}, "eval.samples must be a positive integer"),
     ({"eval.pgd_steps": []}, "eval.pgd_steps must be a non-empty list"),
     ({"eval.pgd_restarts": 1.5}, "eval.pgd_restarts must be a positive integer"),
-    ({"eval.ensemble_attacks": ["fab"]}, "eval.ensemble_attacks entries must be one of"),
+    ({"eval.ensemble_attacks": ["fab"]}, "unknown ensemble attack 'fab' in eval.ensemble_attacks"),
+    ({"eval.ensemble_attacks": "square"}, "eval.ensemble_attacks must be a list or tuple"),
+    ({"eval.ensemble_attacks": ["apgd-ce", "apgd-ce"]}, "eval.ensemble_attacks lists apgd-ce more than once"),
+    ({"eval.ensemble_attacks": ["square", "apgd-ce"]}, "eval.ensemble_attacks runs square before apgd-ce"),
     ({"model": {"model_kw": {}}}, r"model lacks the setting\(s\) \['model.name'\]"),
 ])
 def test_resolve_adv_config_checks_types_and_ranges_naming_the_key(override, needle):

@@ -202,6 +202,31 @@ def test_bad_arguments(trained):
         A.evaluate_robustness(net, d.x_test, d.y_test, epsilon=0.0)
 
 
+def test_the_ensemble_refuses_attack_lists_whose_counts_would_mislead(trained, monkeypatch):
+    """A name listed twice gave two counts under one name in broken_counts (the dict kept the second); a
+    single string was split into letters; Square before the APGDs took credit, in the gradient-masking
+    flag, for samples the gradient attacks would have broken. All refused before any attack runs."""
+    net, d = trained
+
+    def no_attack(*args, **kwargs):
+        raise AssertionError("attacked before the attack list was checked")
+
+    monkeypatch.setattr(A, "_pgd", no_attack)
+    monkeypatch.setattr(A, "require_ensemble", no_attack)
+    with pytest.raises(ValueError, match="lists apgd-ce more than once"):
+        A.ensemble_attack(net, d.x_test, d.y_test, epsilon=0.1, attacks=("apgd-ce", "square", "apgd-ce"))
+    with pytest.raises(TypeError, match="attacks must be a list or tuple of attack names"):
+        A.ensemble_attack(net, d.x_test, d.y_test, epsilon=0.1, attacks="square")
+    with pytest.raises(ValueError, match="attacks is empty"):
+        A.ensemble_attack(net, d.x_test, d.y_test, epsilon=0.1, attacks=[])
+    with pytest.raises(ValueError, match="ensemble_attacks runs square before apgd-dlr"):
+        A.evaluate_robustness(net, d.x_test, d.y_test, epsilon=0.1, ensemble_attacks=("apgd-ce", "square", "apgd-dlr"))
+    with pytest.raises(ValueError, match="more than once"):
+        A.evaluate_robustness(net, d.x_test, d.y_test, epsilon=0.1, ensemble_attacks=("square", "square"))
+    assert A.check_ensemble_attacks(["apgd-dlr", "square"], gradient_first=True) == ("apgd-dlr", "square")
+    assert A.check_ensemble_attacks(("square", "apgd-ce")) == ("square", "apgd-ce")  # ensemble_attack alone: any order
+
+
 # ------------------------------------------------------------------------------------ ART ensemble
 def test_ensemble_attack_restores_everything(trained):
     net, d = trained

@@ -359,7 +359,7 @@ ADV = "task: adv\npreset: cpu-quick\nlosses: [trades]\nseeds: [0]\noverrides:\n"
     (ADV + "  eval.epsilon: -1\n", "eval.epsilon must be > 0"),
     (ADV + "  train.epochs: -2\n", "train.epochs must be a positive integer, got -2"),
     (ADV + "  model.dtype: float16\n", "model.dtype: model dtype must be one of"),
-    (ADV + "  eval.ensemble_attacks: [fab]\n", "eval.ensemble_attacks entries must be one of"),
+    (ADV + "  eval.ensemble_attacks: [fab]\n", "unknown ensemble attack 'fab' in eval.ensemble_attacks"),
 ])
 def test_a_config_with_a_bad_value_is_refused_naming_the_override(tmp_path, capsys, text, needle):
     """Checked when the file is read (and by --check), not after a teacher has trained for minutes."""
