@@ -18,7 +18,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 
 from . import experiments, losses, train
-from ._checks import check_nonnegative, check_seeds, check_targets, value_range
+from ._checks import check_int, check_nonnegative, check_seeds, check_targets, value_range
 
 __all__ = [
     "ProbeResult",
@@ -49,6 +49,8 @@ class ProbeResult:
     config: dict = field(default_factory=dict)
 
 
+_PROBE_DTYPES = (torch.float64, torch.float32)
+
 Probe = Callable[[torch.nn.Module, "object", torch.Tensor, dict], object]
 
 
@@ -62,7 +64,8 @@ def probe_runs(loss_specs: Sequence[str], seeds: Sequence[int], *, preset: str =
     mode); a dict it returns adds columns to that epoch's history row, anything else is kept in
     ``ProbeResult.probes``. The teacher comes from the run cache (trained once per preset); the
     students are not cached, since the probe is arbitrary. ``dtype=torch.float64`` trains the
-    student (and evaluates the teacher) in float64.
+    student (and evaluates the teacher) in float64; ``dtype`` is None (the model's float32), torch.float32
+    or torch.float64, checked before the teacher trains.
 
     ``loss_specs`` and ``seeds`` as in :func:`dkl_lib.experiments.run_grid` (the keys of the result
     use its labels: "ikl", "ikl-nogi", ...); ``overrides``, ``cache_dir``, ``device`` as there;
@@ -76,6 +79,8 @@ def probe_runs(loss_specs: Sequence[str], seeds: Sequence[int], *, preset: str =
     if probe is not None and not callable(probe):
         raise TypeError(f"probe must be a function (student, data, teacher_logits, settings) or None, "
                         f"got {type(probe).__name__}")
+    if dtype is not None and dtype not in _PROBE_DTYPES:
+        raise TypeError(f"dtype must be None (the preset's) or one of {list(_PROBE_DTYPES)}, got {dtype!r}")
     cfg = experiments.resolve_config(preset, overrides)
     cache = experiments.RunCache(cache_dir)
     dev = train.select_device(device, dtype=dtype)  # float64: the CPU when the best device is MPS
@@ -141,6 +146,16 @@ def parameter_drift(result: ProbeResult, loss_a: str, loss_b: str, seed: int):
     test_acc_<loss_b>, loss_<loss_a>, loss_<loss_b>."""
     import pandas as pd
 
+    if not isinstance(result, ProbeResult):
+        raise TypeError(f"result must be the ProbeResult of probe_runs, got {type(result).__name__}")
+    for label in (loss_a, loss_b):
+        if (label, seed) not in result.probes:
+            raise ValueError(f"no probed run ({label!r}, seed {seed!r}) in result; its runs: {sorted(result.probes)}")
+        outputs = result.probes[(label, seed)]
+        if not all(isinstance(o, dict) and {"params", "test_logits"} <= set(o) for o in outputs):
+            raise ValueError(f"the probes of ({label!r}, {seed!r}) were not made by parameter_probe (each epoch's "
+                             "output needs 'params' and 'test_logits'): pass probe=dkl.analysis.parameter_probe, or "
+                             "a probe whose dict includes its two keys")
     rows = []
     pa, pb = result.probes[(loss_a, seed)], result.probes[(loss_b, seed)]
     ha, hb = result.histories[(loss_a, seed)], result.histories[(loss_b, seed)]
@@ -195,11 +210,12 @@ def reliability_table(probs: torch.Tensor, labels: torch.Tensor, *, n_bins: int 
     import pandas as pd
 
     probs, labels = _checked_probs(probs, labels)
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
-        raise ValueError(f"n_bins must be a positive int, got {n_bins}")
+    n_bins = check_int("n_bins", n_bins)
     conf, pred = probs.max(dim=1)
     correct = (pred == labels).double()
-    bins = torch.clamp((conf * n_bins).long(), max=n_bins - 1)
+    # binned in float64: conf * n_bins in float16 / bfloat16 rounds up across a bin edge (0.828125 * 100
+    # is 83 in bfloat16), putting a sample into the bin above its confidence
+    bins = torch.clamp((conf.double() * n_bins).long(), max=n_bins - 1)
     rows = []
     for b in range(n_bins):
         sel = bins == b
@@ -283,13 +299,29 @@ def sensitivity(loss_spec: str, grid: Dict[str, Sequence[float]], seeds: Sequenc
             raise ValueError(f"grid[{n!r}] is empty; give at least one value")
         axes.append(values)
     seeds = check_seeds("seeds", seeds)
-    frames = []
-    cells = list(itertools.product(*axes))
-    for values in train._progress_bar(cells, desc=f"{loss_spec} sensitivity", unit="cell", disable=not progress):
+    # every cell's config first (a bad value in the last cell used to surface after the others had
+    # trained), and no two cells may be the same run: an axis the loss ignores (the temperature of
+    # "ce") or one its name fixes ("gi" of "ikl-nogi") would give a flat grid of one cached run
+    cells, seen = [], {}
+    for values in itertools.product(*axes):
         cell = dict(zip(names, values))
         extra = dict(overrides or {})
         for key, value in cell.items():
             extra["distill.temperature" if key == "temperature" else f"losses.{name}.{key}"] = value
+        run = experiments._run_config(experiments.resolve_config(preset, extra), loss_spec, seeds[0], "teacher")
+        key = experiments.config_hash(run)
+        if key in seen:
+            differ = [k for k in names if seen[key][k] != cell[k]]
+            if not differ:
+                raise ValueError(f"grid lists the cell {cell} twice (a value repeated in an axis)")
+            raise ValueError(f"grid cells {seen[key]} and {cell} are the same run of {loss_spec!r}: it ignores "
+                             f"{', '.join(differ)} (the loss settings of {name!r}: "
+                             f"{sorted(train.loss_settings(name))}; a '-gi' / '-nogi' name fixes gi)")
+        seen[key] = cell
+        cells.append((cell, extra))
+    frames = []
+    for cell, extra in train._progress_bar(cells, desc=f"{loss_spec} sensitivity", unit="cell",
+                                           disable=not progress):
         res = experiments.run_grid([loss_spec], list(seeds), preset=preset, overrides=extra,
                                    cache_dir=cache_dir, progress=False)
         frames.append(res.runs.assign(**cell))

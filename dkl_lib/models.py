@@ -27,7 +27,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ._checks import check_int
+from ._checks import check_int, check_seed
 
 __all__ = [
     "MLP",
@@ -169,9 +169,11 @@ class CifarResNet(nn.Module):
         check_int("depth", depth, 8)
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n + 2 (8, 14, 20, 32, 44, 56, 110), got {depth}")
-        if len(widths) != 4:
-            raise ValueError(f"widths must hold 4 numbers (stem and three stages), got {widths}")
+        if isinstance(widths, (str, bytes)) or not isinstance(widths, Sequence) or len(widths) != 4:
+            raise ValueError(f"widths must hold 4 numbers (stem and three stages), got {widths!r}")
+        widths = [check_int("widths entries", w) for w in widths]
         check_int("num_classes", num_classes, 2)
+        check_int("in_channels", in_channels)
         blocks = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, widths[0], kernel_size=3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
@@ -246,6 +248,7 @@ class WideResNet(nn.Module):
             raise ValueError(f"Wide ResNet depth must be 6n + 4 (10, 16, 22, 28, 40), got {depth}")
         check_int("widen_factor", widen_factor)
         check_int("num_classes", num_classes, 2)
+        check_int("in_channels", in_channels)
         blocks = (depth - 4) // 6
         widths = (16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
         self.conv1 = nn.Conv2d(in_channels, widths[0], kernel_size=3, padding=1, bias=False)
@@ -302,14 +305,16 @@ class PreActResNet(nn.Module):
 
     def __init__(self, *, blocks: Sequence[int] = (2, 2, 2, 2), num_classes: int = 10, in_channels: int = 3):
         super().__init__()
-        if len(blocks) != 4:
-            raise ValueError(f"blocks must hold 4 numbers (one per stage), got {blocks}")
+        if isinstance(blocks, (str, bytes)) or not isinstance(blocks, Sequence) or len(blocks) != 4:
+            raise ValueError(f"blocks must hold 4 numbers (one per stage), got {blocks!r}")
+        blocks = [check_int("blocks entries", n) for n in blocks]
         check_int("num_classes", num_classes, 2)
+        check_int("in_channels", in_channels)
         self.conv1 = _conv3x3(in_channels, 64)
         cin = 64
         for stage, (cout, stride, n) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2), blocks), start=1):
             layers = []
-            for i in range(check_int("blocks entries", int(n))):
+            for i in range(n):
                 layers.append(_PreActBlock(cin, cout, stride if i == 0 else 1))
                 cin = cout
             setattr(self, f"layer{stage}", nn.Sequential(*layers))
@@ -414,7 +419,7 @@ def resnet18(num_classes: int = 1000) -> nn.Module:
     paper's ResNet34 -> ResNet18 pair. torchvision's weight files load into it as they are."""
     import torchvision
 
-    return torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    return torchvision.models.resnet18(weights=None, num_classes=check_int("num_classes", num_classes, 2))
 
 
 def resnet34(num_classes: int = 1000) -> nn.Module:
@@ -422,14 +427,14 @@ def resnet34(num_classes: int = 1000) -> nn.Module:
     and mdistiller use torchvision's pretrained weights, top-1 73.31 %)."""
     import torchvision
 
-    return torchvision.models.resnet34(weights=None, num_classes=num_classes)
+    return torchvision.models.resnet34(weights=None, num_classes=check_int("num_classes", num_classes, 2))
 
 
 def resnet50(num_classes: int = 1000) -> nn.Module:
     """torchvision's ResNet-50 (25.6 M parameters): the teacher of the ResNet50 -> MobileNet pair."""
     import torchvision
 
-    return torchvision.models.resnet50(weights=None, num_classes=num_classes)
+    return torchvision.models.resnet50(weights=None, num_classes=check_int("num_classes", num_classes, 2))
 
 
 class MobileNetV1(nn.Module):
@@ -444,6 +449,7 @@ class MobileNetV1(nn.Module):
 
     def __init__(self, num_classes: int = 1000):
         super().__init__()
+        check_int("num_classes", num_classes, 2)
         layers = [nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True)]
         channels = 32
         for out, stride in self.BLOCKS:
@@ -524,6 +530,8 @@ def build_model(name: str, num_classes: int, *, seed: Optional[int] = None, **kw
     if not isinstance(name, str) or name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     check_int("num_classes", num_classes, 2)
+    if seed is not None:
+        seed = check_seed("seed", seed)
     allowed = model_arguments(name)
     unknown = sorted(set(kw) - set(allowed))
     if unknown:
@@ -532,14 +540,23 @@ def build_model(name: str, num_classes: int, *, seed: Optional[int] = None, **kw
     if seed is None:
         return MODELS[name](num_classes=num_classes, **kw)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
+        # the CPU generator only: torch.manual_seed would also reseed every GPU's generator, which
+        # fork_rng(devices=[]) does not restore (the weights are drawn on the CPU)
+        torch.random.default_generator.manual_seed(seed)
         return MODELS[name](num_classes=num_classes, **kw)
 
 
 def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
     """Number of parameter entries (buffers such as BN running statistics not counted); with
     ``trainable_only`` only those of parameters that require grad."""
+    _check_module("model", model)
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def _check_module(name: str, model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module (a built model, e.g. dkl.models.build_model(...)), "
+                        f"got {type(model).__name__}")
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -550,22 +567,39 @@ class CheckpointMismatchError(ValueError):
 _STATE_KEYS = ("model", "state_dict", "model_state_dict", "net")
 
 
+def _find_state_dict(obj) -> Optional[Mapping[str, torch.Tensor]]:
+    """The first state_dict found: ``obj`` itself, or under one of _STATE_KEYS (tried in turn, nested)."""
+    if not isinstance(obj, Mapping):
+        return None
+    if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        return obj
+    for key in _STATE_KEYS:
+        found = _find_state_dict(obj.get(key))
+        if found is not None:
+            return found
+    return None
+
+
 def _extract_state_dict(obj) -> Mapping[str, torch.Tensor]:
-    if isinstance(obj, Mapping):
-        for key in _STATE_KEYS:
-            if key in obj and isinstance(obj[key], Mapping):
-                return _extract_state_dict(obj[key])
-        if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-            return obj
+    found = _find_state_dict(obj)
+    if found is not None:
+        return found
     raise CheckpointMismatchError(
         "checkpoint holds neither a state_dict nor a dict with one under 'model' (RepDistiller / "
         f"mdistiller layout) or {list(_STATE_KEYS[1:])}; top-level keys: "
         f"{sorted(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__}")
 
 
-def _strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> Mapping[str, torch.Tensor]:
-    if state and all(k.startswith(prefix) for k in state):
+def _match_prefix(state: Mapping[str, torch.Tensor], model: nn.Module, prefix: str = "module.") -> dict:
+    """``state`` with the DataParallel / DistributedDataParallel ``prefix`` taken off or put on, as the
+    model's own keys have it (a wrapped model's keys carry it, a plain model's do not)."""
+    state = dict(state)
+    wrapped = any(k.startswith(prefix) for k in model.state_dict())
+    prefixed = bool(state) and all(k.startswith(prefix) for k in state)
+    if prefixed and not wrapped:
         return {k[len(prefix):]: v for k, v in state.items()}
+    if wrapped and not prefixed:
+        return {prefix + k: v for k, v in state.items()}
     return state
 
 
@@ -576,7 +610,8 @@ def load_teacher_checkpoint(checkpoint, model: nn.Module, *, map_location="cpu",
     ``checkpoint`` is a path, or an already loaded object. Accepted layouts: a dict with the
     state_dict under "model" (how RepDistiller and mdistiller release their CIFAR-100 teachers,
     e.g. ``resnet32x4_vanilla/ckpt_epoch_240.pth``), under "state_dict", "model_state_dict" or
-    "net", or a bare state_dict; a "module." prefix (DataParallel) is removed.
+    "net", or a bare state_dict; the "module." prefix of DataParallel / DistributedDataParallel is
+    taken off or put on as ``model``'s own keys have it.
 
     Files are read with ``torch.load(weights_only=True)``; a checkpoint that pickles other objects
     is refused unless ``trusted=True`` (only for files whose origin you trust).
@@ -586,7 +621,9 @@ def load_teacher_checkpoint(checkpoint, model: nn.Module, *, map_location="cpu",
             lists them (first few of each). Also for a file that ``weights_only`` loading refuses
             (without ``trusted=True``) and for an object that holds no state_dict.
         FileNotFoundError: no file at the path.
+        TypeError: ``model`` is not a ``torch.nn.Module``.
     """
+    _check_module("model", model)
     if isinstance(checkpoint, (str, Path)):
         path = Path(checkpoint).expanduser()
         if not path.is_file():
@@ -612,7 +649,7 @@ def load_teacher_checkpoint(checkpoint, model: nn.Module, *, map_location="cpu",
     else:
         obj = checkpoint
     try:
-        state = _strip_prefix(dict(_extract_state_dict(obj)), "module.")
+        state = _match_prefix(_extract_state_dict(obj), model)
         own, missing = _check_state_dict(state, model)
     except CheckpointMismatchError as err:
         if isinstance(checkpoint, (str, Path)):  # say which file (a run may look in several places)

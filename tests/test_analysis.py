@@ -212,3 +212,77 @@ def test_sensitivity_shows_one_progress_bar_over_its_cells(monkeypatch, capsys):
     assert "ikl sensitivity" in err and "4/4" in err
     analysis.sensitivity("ikl", {"alpha": [0.5]}, [0], progress=False)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("dtype,n_bins", [(torch.float16, 15), (torch.bfloat16, 100), (torch.float32, 7)])
+def test_calibration_bins_low_precision_confidences_where_their_values_lie(dtype, n_bins):
+    """conf * n_bins was computed in the input's dtype: in bfloat16 0.828125 * 100 rounds to 83, so the
+    sample sat in the bin [0.83, 0.84) above its confidence, and the ECE moved (0.0634 vs 0.0599)."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(3 * torch.randn(4000, 10, generator=g), 1).to(dtype)
+    probs = probs / probs.double().sum(1, keepdim=True).to(dtype)  # rows summing to 1 within the dtype
+    labels = torch.randint(0, 10, (4000,), generator=g)
+    table = analysis.reliability_table(probs, labels, n_bins=n_bins)
+    conf = probs.max(1).values.double()
+    oracle = [int(((conf >= b / n_bins) & ((conf < (b + 1) / n_bins) | (b == n_bins - 1))).sum()) for b in range(n_bins)]
+    assert table["count"].tolist() == oracle
+    used = table[table["count"] > 0]
+    assert ((used["confidence"] >= used["low"] - 1e-12) & (used["confidence"] < used["high"] + 1e-12)).all()
+    correct = (probs.double().argmax(1) == labels).double()
+    bins = [(conf >= b / n_bins) & ((conf < (b + 1) / n_bins) | (b == n_bins - 1)) for b in range(n_bins)]
+    ece = sum(float(m.sum()) / 4000 * abs(float(correct[m].mean() - conf[m].mean())) for m in bins if m.any())
+    assert analysis.expected_calibration_error(probs, labels, n_bins=n_bins) == pytest.approx(ece, rel=1e-12)
+
+
+def test_calibration_n_bins_takes_numpy_integers_and_refuses_floats():
+    import numpy as np
+    probs, labels = torch.full((4, 2), 0.5), torch.tensor([0, 1, 0, 1])
+    assert len(analysis.reliability_table(probs, labels, n_bins=np.int64(5))) == 5
+    with pytest.raises(TypeError, match="n_bins must be an integer, got 10.0"):
+        analysis.reliability_table(probs, labels, n_bins=10.0)
+    with pytest.raises(ValueError, match="n_bins must be >= 1, got 0"):
+        analysis.expected_calibration_error(probs, labels, n_bins=0)
+
+
+def test_sensitivity_refuses_a_grid_whose_cells_are_one_run(monkeypatch):
+    """An axis the loss ignores (the temperature of "ce"), one its name fixes (gi of "ikl-nogi") or a value
+    listed twice gave a flat grid of one cached run reported as a sensitivity; every cell is checked before
+    any trains, so a bad value in the last cell no longer surfaces after the others have trained."""
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before the grid was checked")
+
+    monkeypatch.setattr(analysis.experiments, "run_grid", no_training)
+    with pytest.raises(ValueError, match=r"same run of 'ce': it ignores temperature"):
+        analysis.sensitivity("ce", {"temperature": [1.0, 4.0]}, [0], progress=False)
+    with pytest.raises(ValueError, match=r"same run of 'ikl-nogi': it ignores gi"):
+        analysis.sensitivity("ikl-nogi", {"gi": [True, False], "alpha": [1.0]}, [0], progress=False)
+    with pytest.raises(ValueError, match="lists the cell .* twice"):
+        analysis.sensitivity("kl", {"temperature": [4, 4.0]}, [0], progress=False)
+    with pytest.raises(ValueError, match="losses.ikl.alpha must be >= 0"):
+        analysis.sensitivity("ikl", {"alpha": [1.0, 2.0, -1.0]}, [0], progress=False)
+
+
+def test_probe_runs_checks_the_dtype_before_the_teacher_trains(monkeypatch):
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher was trained before dtype was checked")
+
+    monkeypatch.setattr(analysis.experiments, "get_teacher", no_teacher)
+    for dtype in ("float64", torch.int64, torch.float16):
+        with pytest.raises(TypeError, match="dtype must be None"):
+            analysis.probe_runs(["kl"], [0], dtype=dtype, progress=False)
+
+
+def test_parameter_drift_names_a_missing_run_or_probes_of_another_kind():
+    import pandas as pd
+    result = analysis.ProbeResult()
+    result.probes[("kl", 0)] = [{"params": torch.zeros(3), "test_logits": torch.zeros(2, 3)}]
+    result.probes[("dkl", 0)] = [{"logit_gap": 0.1}]
+    result.histories[("kl", 0)] = result.histories[("dkl", 0)] = pd.DataFrame({"test_acc": [50.0], "loss": [1.0]})
+    with pytest.raises(ValueError, match=r"no probed run \('ikl', seed 0\).*\('dkl', 0\), \('kl', 0\)"):
+        analysis.parameter_drift(result, "kl", "ikl", 0)
+    with pytest.raises(ValueError, match=r"\('dkl', 0\) were not made by parameter_probe"):
+        analysis.parameter_drift(result, "kl", "dkl", 0)
+    with pytest.raises(TypeError, match="ProbeResult"):
+        analysis.parameter_drift({}, "kl", "dkl", 0)
+    result.probes[("dkl", 0)] = [{"params": torch.ones(3), "test_logits": torch.zeros(2, 3)}]
+    assert analysis.parameter_drift(result, "kl", "dkl", 0)["max_param_diff"].tolist() == [1.0]

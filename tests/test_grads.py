@@ -278,3 +278,25 @@ def test_margin_sweep_and_student_hessians_validate():
         grads.student_hessians([1.0, 0.0], [0.0, 0.0, 0.0])
     with pytest.raises(ValueError, match="non-finite"):
         grads.student_hessians([float("nan"), 0.0], [0.0, 0.0])  # checked eagerly, before torch.func
+
+
+def test_profiling_refuses_bad_arguments_and_does_not_count_in_place_outputs():
+    from dkl_lib import profiling
+    from dkl_lib.profiling import TensorRecorder
+
+    for kw, error in (({"repeats": True}, TypeError), ({"repeats": 2.5}, TypeError), ({"repeats": "3"}, TypeError),
+                      ({"warmup": -2}, ValueError)):
+        with pytest.raises(error, match="repeats|warmup"):
+            profiling.median_seconds(lambda: None, **kw)
+    with pytest.raises(TypeError, match="fn must be a function"):
+        profiling.median_seconds(3.0)
+    with pytest.raises(TypeError, match="must return a tensor that requires grad"):
+        largest_tensor(lambda: 1.0)
+    with pytest.raises(TypeError, match="a tensor without grad"):
+        largest_tensor(lambda: torch.ones(3).sum())
+    big = torch.randn(10 ** 5)
+    with TensorRecorder() as rec:
+        big.relu_()           # in place: no new tensor
+        small = big[:10].exp()
+    # counted: the view big[:10] (views are, as documented) and exp's result, not relu_'s 10**5 entries
+    assert (rec.largest_numel, rec.total_bytes) == (10, 2 * small.numel() * small.element_size())

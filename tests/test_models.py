@@ -357,3 +357,70 @@ def test_a_teacher_file_that_is_no_checkpoint_or_cut_short_is_named_with_what_to
     with pytest.raises(M.CheckpointMismatchError, match=r"full\.pth: checkpoint does not match CifarResNet"):
         M.load_teacher_checkpoint(full, M.resnet32x4())
     M.load_teacher_checkpoint(full, M.resnet8x4())  # the whole file still loads
+
+
+def test_constructors_refuse_sizes_they_would_truncate_or_build_empty():
+    """seed=1.9 built seed 1's weights, blocks=(2.7, ...) two blocks and blocks="3111" three; widths or
+    in_channels of 0 built convolutions with no channels, num_classes=0 models with no logits; a negative
+    width failed inside torch. All refused, naming the argument."""
+    with pytest.raises(TypeError, match="seed must be an integer, got 1.9"):
+        M.build_model("mlp", 10, seed=1.9)
+    with pytest.raises(TypeError, match="seed must be an integer, got True"):
+        M.build_model("mlp", 10, seed=True)
+    with pytest.raises(TypeError, match="blocks entries must be an integer, got 2.7"):
+        M.PreActResNet(blocks=(2.7, 1, 1, 1))
+    with pytest.raises(TypeError, match="blocks entries must be an integer, got True"):
+        M.PreActResNet(blocks=(True, 1, 1, 1))
+    with pytest.raises(ValueError, match="blocks must hold 4 numbers"):
+        M.PreActResNet(blocks="3111")
+    for kw, needle in (({"widths": (16, 0, 32, 64)}, "widths entries must be >= 1, got 0"),
+                       ({"widths": (16, -4, 32, 64)}, "widths entries must be >= 1, got -4"),
+                       ({"in_channels": 0}, "in_channels must be >= 1, got 0")):
+        with pytest.raises(ValueError, match=needle):
+            M.CifarResNet(depth=8, **kw)
+    with pytest.raises(ValueError, match="in_channels must be >= 1"):
+        M.WideResNet(depth=16, in_channels=0)
+    with pytest.raises(ValueError, match="in_channels must be >= 1"):
+        M.PreActResNet(in_channels=0)
+    for ctor in (M.mobilenet_v1, M.resnet18):
+        with pytest.raises(ValueError, match="num_classes must be >= 2, got 0"):
+            ctor(num_classes=0)
+        with pytest.raises(TypeError, match="num_classes must be an integer, got True"):
+            ctor(num_classes=True)
+    for call in (lambda: M.count_parameters("resnet8"), lambda: M.load_teacher_checkpoint({}, "resnet8")):
+        with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+            call()
+    # the accepted spellings still build the same models
+    assert M.count_parameters(M.PreActResNet(blocks=[1, 1, 1, 1])) == M.count_parameters(M.PreActResNet(blocks=(1, 1, 1, 1)))
+    import numpy as np
+    a, b = M.build_model("mlp", 10, seed=np.int64(4)), M.build_model("mlp", 10, seed=4)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_build_model_with_a_seed_reseeds_no_gpu_generator(monkeypatch):
+    """torch.manual_seed also reseeds every CUDA device's generator, which fork_rng(devices=[]) does not
+    restore: build_model(seed=...) changed the GPU's random stream (dropout, augmentation on the GPU)."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    a = M.build_model("small_cnn", 10, seed=123, width=4)
+    assert calls == []
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(123)
+        b = M.SmallCNN(num_classes=10, width=4)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_checkpoints_load_into_a_dataparallel_wrapped_model_and_find_the_state_dict_under_any_key():
+    src = M.build_model("resnet8", 10, seed=0)
+    bare = src.state_dict()
+    prefixed = {"module." + k: v for k, v in bare.items()}
+    for layout in (bare, {"model": prefixed}):  # a plain or a DataParallel checkpoint into a wrapped model
+        dst = torch.nn.DataParallel(M.build_model("resnet8", 10, seed=5))
+        M.load_teacher_checkpoint(layout, dst)
+        assert torch.equal(dst.module.fc.weight, src.fc.weight)
+    # "model" holding metadata, the weights under "state_dict": the next key is tried
+    dst = M.build_model("resnet8", 10, seed=5)
+    M.load_teacher_checkpoint({"model": {"arch": "resnet8"}, "state_dict": bare}, dst)
+    assert torch.equal(dst.fc.weight, src.fc.weight)
+    with pytest.raises(M.CheckpointMismatchError, match=r"top-level keys: \['epoch', 'model'\]"):
+        M.load_teacher_checkpoint({"model": {"arch": "resnet8"}, "epoch": 3}, dst)
