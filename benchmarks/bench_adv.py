@@ -10,7 +10,10 @@ mode, ``--attack-steps`` steps), then in train mode the natural and adversarial 
 the outer loss (dkl_lib.train.adversarial_loss_terms: TRADES = CE + 6·KL; IKL-AT = CE + wMSE +
 soft-CE with the class prior, α = 20, β = 4), backward and an SGD step; for IKL-AT also the
 class-prior update (GI). Both losses are timed round-robin in one process (one step of each in
-turn, repeated), so their ratio is measured side by side; the table reports medians. The "outer
+turn, in an order shuffled anew every round by ``random.Random(--order-seed)``, warm-up rounds
+included), so their ratio is measured side by side: the table reports median step times, and
+IKL-AT / TRADES as the median of the per-round ratios of the two steps of the same round (with their
+interquartile range in the JSON), as benchmarks/bench_train.py pairs each KD loss with its KL step. The "outer
 loss only" columns time just the loss's forward + backward on fixed logits (what differs between
 the two). Target: IKL-AT ≤ 1.10× TRADES per step.
 
@@ -24,20 +27,25 @@ Settings: "digits" = SmallCNN-16 on 1x8x8 inputs, 10 classes, batch 64 (the cpu-
 CPU, 16 by default); "cifar100-wrn" = WRN-34-10 at 100 classes, batch 128 (by default on CUDA only).
 ``--settings cifar:10,cifar100-wrn:5`` picks settings, each with its own attack steps (else
 ``--attack-steps``): the gpu-short and paper presets' attacks, as benchmarks/gpu_check.sh runs it. On
-CUDA the steps run under bf16 autocast with channels_last, as in training.
+CUDA the steps run under bf16 autocast with channels_last and ``cudnn.benchmark`` on, as in training
+(the warm-up rounds take cuDNN's autotuning).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _args, beside this file
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from _args import at_least, devices as check_devices  # noqa: E402
+from bench_train import paired_ratios, quartiles  # noqa: E402
 from dkl_lib import models  # noqa: E402
 from dkl_lib.attacks import Normalized, bf16_autocast, trades_perturb  # noqa: E402
 from dkl_lib.prior import ClassPrior  # noqa: E402
@@ -131,43 +139,62 @@ def timed(fn, device):
     return time.perf_counter() - t0
 
 
-def run(setting: Step, reps: int, warmup: int, loss_reps: int):
+def _paired(samples, loss, reference):
+    """(median, [q1, q3]) of the per-round ratios of ``loss``'s step to ``reference``'s."""
+    ratios = paired_ratios(samples, reference)[loss]
+    return statistics.median(ratios), list(quartiles(ratios))
+
+
+def run(setting: Step, reps: int, warmup: int, loss_reps: int, order_seed: int = 0):
     dev = setting.device
+    rng = random.Random(order_seed)
+
+    def order():
+        variants = list(setting.variants)
+        rng.shuffle(variants)  # no variant always follows the same one
+        return variants
+
     for _ in range(warmup):
-        for variant in setting.variants:
+        for variant in order():
             setting.step(variant)
         for loss in LOSSES:
             setting.loss_only(loss)
     step_t = {variant: [] for variant in setting.variants}
     loss_t = {loss: [] for loss in LOSSES}
-    for _ in range(reps):  # round-robin: one step of each loss (and AWP variant) in turn
-        for variant in setting.variants:
+    for _ in range(reps):  # round-robin: one step of each loss (and AWP variant) per round
+        for variant in order():
             step_t[variant].append(timed(lambda: setting.step(variant), dev))
     for _ in range(loss_reps):
         for loss in LOSSES:
             loss_t[loss].append(timed(lambda: setting.loss_only(loss), dev))
     med = {k: statistics.median(v) for k, v in step_t.items()}
     lmed = {k: statistics.median(v) for k, v in loss_t.items()}
+    ratio, ratio_iqr = _paired(step_t, "ikl", "trades")
     row = {"setting": setting.name, "device": str(dev), "batch": setting.batch, "classes": setting.classes,
            "attack_steps": setting.attack_steps, "trades_ms": 1e3 * med["trades"], "ikl_ms": 1e3 * med["ikl"],
-           "ratio": med["ikl"] / med["trades"], "trades_loss_ms": 1e3 * lmed["trades"],
-           "ikl_loss_ms": 1e3 * lmed["ikl"], "loss_ratio": lmed["ikl"] / lmed["trades"], "reps": reps}
+           "ratio": ratio, "ratio_iqr": ratio_iqr, "ratio_of_medians": med["ikl"] / med["trades"],
+           "trades_loss_ms": 1e3 * lmed["trades"], "ikl_loss_ms": 1e3 * lmed["ikl"],
+           "loss_ratio": lmed["ikl"] / lmed["trades"], "reps": reps, "order_seed": order_seed,
+           "cudnn_benchmark": bool(dev.type == "cuda" and torch.backends.cudnn.benchmark)}
     if "trades+awp" in med:
+        awp_ratio, awp_ratio_iqr = _paired(step_t, "ikl+awp", "trades+awp")
         row.update({"trades_awp_ms": 1e3 * med["trades+awp"], "ikl_awp_ms": 1e3 * med["ikl+awp"],
-                    "awp_ratio": med["ikl+awp"] / med["trades+awp"],
-                    "awp_overhead": med["trades+awp"] / med["trades"]})
+                    "awp_ratio": awp_ratio, "awp_ratio_iqr": awp_ratio_iqr,
+                    "awp_overhead": _paired(step_t, "trades+awp", "trades")[0]})
     return row
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--devices", default=None, help="comma-separated (default: cpu, plus cuda when present)")
-    parser.add_argument("--reps", type=int, default=15, help="timed steps per loss (median reported)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--loss-reps", type=int, default=200, help="timed outer-loss-only calls per loss")
-    parser.add_argument("--attack-steps", type=int, default=10)
-    parser.add_argument("--cifar-batch", type=int, default=16, help="PreActResNet-18 batch on the CPU")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--reps", type=at_least(1), default=15, help="timed rounds (medians reported)")
+    parser.add_argument("--warmup", type=at_least(0), default=2)
+    parser.add_argument("--loss-reps", type=at_least(1), default=200, help="timed outer-loss-only calls per loss")
+    parser.add_argument("--attack-steps", type=at_least(1), default=10)
+    parser.add_argument("--cifar-batch", type=at_least(1), default=16, help="PreActResNet-18 batch on the CPU")
+    parser.add_argument("--threads", type=at_least(1), default=None, help="torch CPU threads")
+    parser.add_argument("--order-seed", type=int, default=0,
+                        help="seed of the order of the steps, shuffled in every round (default %(default)s)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--awp", type=float, default=0.0, metavar="GAMMA",
                         help="also time both losses with adversarial weight perturbation of this size (paper: 0.005)")
@@ -185,12 +212,16 @@ def main(argv=None):
             chosen[name] = int(steps) if steps else args.attack_steps
     if args.threads:
         torch.set_num_threads(args.threads)
-    devices = (args.devices.split(",") if args.devices else
+    if args.awp < 0:
+        parser.error(f"--awp must be >= 0, got {args.awp}")
+    devices = (check_devices(parser, args.devices) if args.devices is not None else
                ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     rows = []
     for name in devices:
         dev = torch.device(name)
         cuda = dev.type == "cuda"
+        if cuda:
+            torch.backends.cudnn.benchmark = True  # as dkl_lib.train does on CUDA
         big = 128 if cuda else args.cifar_batch
         settings = [("digits", "small_cnn", {"width": 16, "in_channels": 1}, (1, 8, 8), 10, 64),
                     ("cifar", "preact_resnet18", {}, (3, 32, 32), 10, big),
@@ -201,7 +232,7 @@ def main(argv=None):
                 continue
             step = Step(label, model_name, kw, shape, classes, batch, dev, wanted[label], awp=args.awp)
             reps = args.reps if (cuda or label == "digits") else max(3, args.reps // 3)
-            rows.append(run(step, reps, args.warmup, args.loss_reps))
+            rows.append(run(step, reps, args.warmup, args.loss_reps, args.order_seed))
             r = rows[-1]
             print(f"{r['device']:>5} {r['setting']:>13} B={r['batch']:<4} C={r['classes']:<4} "
                   f"TRADES {r['trades_ms']:8.1f} ms  IKL-AT {r['ikl_ms']:8.1f} ms  ratio {r['ratio']:.3f}x  | "

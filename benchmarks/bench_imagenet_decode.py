@@ -26,7 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _args, beside this file
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from _args import at_least, int_list  # noqa: E402
 from dkl_lib import data as D  # noqa: E402
 
 
@@ -49,14 +51,14 @@ def write_fake_imagenet(root: Path, images: int, classes: int = 4, seed: int = 0
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", default=None, help="an ImageNet folder (train/, val/); default: fake JPEGs")
-    parser.add_argument("--images", type=int, default=256, help="fake training images to write (default 256)")
-    parser.add_argument("--workers", default="1,2", help="comma-separated thread counts (default 1,2)")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--images", type=at_least(1), default=256, help="fake training images to write (default 256)")
+    parser.add_argument("--workers", type=int_list(1), default=[1, 2], help="comma-separated thread counts (default 1,2)")
+    parser.add_argument("--batch", type=at_least(1), default=64)
+    parser.add_argument("--rounds", type=at_least(1), default=5)
+    parser.add_argument("--size", type=at_least(1), default=224)
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
-    workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    workers = args.workers
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.root) if args.root else Path(tmp)

@@ -23,7 +23,9 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _args, beside this file
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from _args import at_least  # noqa: E402
 import dkl_lib as dkl  # noqa: E402
 
 BATCHES = (64, 256)
@@ -152,7 +154,7 @@ def _int_list(text, option):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+    parser.add_argument("--threads", type=at_least(1), default=1, help="CPU threads (default 1)")
     parser.add_argument("--reps", type=int, default=200, help="most repetitions per method")
     parser.add_argument("--budget", type=float, default=2.0, help="seconds per method and config")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)),

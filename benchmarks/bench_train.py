@@ -57,7 +57,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _args, beside this file
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from _args import at_least, devices as check_devices  # noqa: E402
 from dkl_lib import models  # noqa: E402
 from dkl_lib.losses import loss_terms  # noqa: E402
 from dkl_lib.prior import ClassPrior  # noqa: E402
@@ -268,10 +270,10 @@ def round_robin(benches, reps, warmup=1, order_seed=0):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--devices", default=None, help="comma-separated (default: cpu, and cuda when present)")
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=at_least(1), default=64)
     parser.add_argument("--reps", type=int, default=None,
                         help="round-robin repetitions (default 5 CPU, 30 CUDA)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=at_least(1), default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--losses", default=",".join(LOSSES),
                         help=f"comma-separated, from {','.join(VARIANTS)} (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed round-robin rounds first (default 1)")
@@ -299,8 +301,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    if args.devices:
-        devices = args.devices.split(",")
+    if args.devices is not None:
+        devices = check_devices(parser, args.devices)
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     warmup = max(args.warmup, 2) if True in modes else args.warmup  # compilation and the recompile after it
     results, settings, first_steps, ratio_to_kl, ratio_iqr, ops_per_step = {}, {}, {}, {}, {}, {}

@@ -17,13 +17,13 @@
 # --budget S (start no further measuring step once S seconds have passed; the summary says which
 # steps were skipped). A step that fails does not stop the others: the summary lists it.
 # Python: $PYTHON, else .venv/bin/python at the repository root, else python3.
-# What it runs: tests/test_cuda.py (pytest -m cuda: the CUDA code paths checked against the CPU),
-# benchmarks/bench_losses.py (kl, dkl, ikl closed form and the pairwise wMSE oracle,
-# forward+backward, B = 256, C in {100, 1000}) and benchmarks/bench_train.py (one distillation
+# What it runs, in this order: benchmarks/bench_train.py (one distillation
 # step of resnet32x4 -> resnet8x4 on CIFAR-shaped random data, losses ce, kl, dkl, ikl, gkl, dkd and the teacher's
 # own step, batch 64, 128 and 256, bf16 autocast + channels_last as in training; every KD loss
 # as a paired ratio to the KL step of the same round), benchmarks/bench_host.py (what each loss call
-# costs the host, launches included, on tiny logits), benchmarks/bench_adv.py (TRADES vs IKL-AT steps, with and without AWP, for the adversarial
+# costs the host, launches included, on tiny logits), tests/test_cuda.py (pytest -m cuda: the CUDA
+# code paths checked against the CPU), benchmarks/bench_losses.py (kl, dkl, ikl closed form and the
+# pairwise wMSE oracle, forward+backward, B = 256, C in {100, 1000}), benchmarks/bench_adv.py (TRADES vs IKL-AT steps, with and without AWP, for the adversarial
 # gpu-short and paper models), an estimate of each GPU preset's training time from those step
 # times, then the experiments command line under
 # torchrun (one process per GPU, nccl) for one short KD grid and one adversarial grid (AWP, weight
@@ -32,7 +32,8 @@
 # needs are checked first, so a missing one costs seconds, not a finished training. Exit status: 0
 # when everything ran (the target lines are informational), 1 without a CUDA device (unless
 # --allow-cpu), 2 for bad options, 3 for missing Python packages or --wheels made for another
-# Python, else the status of the first step that failed. Results (benchmarks/gpu_check_summary.py):
+# Python, 4 when a measuring step failed (summary.md and steps.txt name it and its own exit status),
+# 5 when the summary itself failed (the steps' JSON files are still in the --out folder). Results (benchmarks/gpu_check_summary.py):
 # DIR/summary.md (also printed) and DIR/gpu_check.json (every result in one file), beside the
 # per-step JSON files.
 set -euo pipefail
@@ -55,7 +56,7 @@ while [[ $# -gt 0 ]]; do
                   WHEELS="$2"; shift ;;
         --env-only) ENV_ONLY=1 ;;
         --budget) [[ $# -ge 2 && "$2" =~ ^[0-9]+$ ]] || { echo "gpu_check: --budget needs whole seconds" >&2; exit 2; }
-                  BUDGET="$2"; shift ;;
+                  BUDGET=$((10#$2)); shift ;;  # base 10: "08" is 8 seconds, not an octal error
         -h|--help) usage; exit 0 ;;
         *) echo "gpu_check: unknown option $1" >&2; usage >&2; exit 2 ;;
     esac
@@ -183,8 +184,10 @@ then
 fi
 if [[ $ENV_ONLY -eq 1 ]]; then echo "gpu_check: --env-only: environment checked, nothing run" >&2; exit 0; fi
 
+STEP="output folder"
 if [[ -z "$OUT" ]]; then OUT="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")"; fi
-mkdir -p "$OUT"
+if [[ -e "$OUT" && ! -d "$OUT" ]]; then echo "gpu_check: --out $OUT exists and is not a folder" >&2; exit 2; fi
+mkdir -p "$OUT" || { echo "gpu_check: cannot make the --out folder $OUT" >&2; exit 2; }
 # results of an earlier run in the same folder must not be summarised as this run's (a step that is
 # skipped or fails writes nothing), and its run cache would turn the torchrun steps into cache reads
 rm -rf "$OUT"/cuda_tests.xml "$OUT"/losses.json "$OUT"/train_b*.json "$OUT"/train_compiled.json "$OUT"/adv_steps.json \
@@ -212,7 +215,7 @@ step() {
     else
         echo "gpu_check: FAILED (exit $rc): $text; going on with the other steps" >&2
         echo "FAILED (exit $rc)|$text" >> "$OUT/steps.txt"
-        [[ $FIRST_RC -ne 0 ]] || FIRST_RC=$rc
+        FIRST_RC=4
     fi
 }
 
@@ -239,29 +242,31 @@ else
     fi
 fi
 
-# ---- 2b. correctness on the device: tests/test_cuda.py (the CUDA paths against the CPU as oracle) ----
-# On a GPU: the losses' values and gradients, the class prior, the GPU augmentation, the trainers'
-# CUDA defaults, KL = DKL in training, PGD and the ART ensemble, torch.compile, all on CUDA tensors.
-# In the CPU dry run every one of them is skipped (they need a CUDA device).
-step "CUDA tests (pytest -m cuda tests/test_cuda.py)" \
-    timeout 300 "$PY" -m pytest -q -p no:cacheprovider -m cuda "$ROOT/tests/test_cuda.py" \
-    --junitxml "$OUT/cuda_tests.xml"
-
-# ---- 3. loss kernels -----------------------------------------------------------------------------
-step "loss kernels (bench_losses.py ${LOSS_ARGS[*]})" \
-    timeout 240 "$PY" "$ROOT/benchmarks/bench_losses.py" "${LOSS_ARGS[@]}" --json "$OUT/losses.json"
-
-# ---- 4. training throughput ----------------------------------------------------------------------
+# ---- 3. training throughput (first: the measurement a short lease is for) -------------------
 for B in "${TRAIN_BATCHES[@]}"; do
     step "training step, batch $B (bench_train.py ${TRAIN_ARGS[*]} --batch $B)" \
         timeout 150 "$PY" "$ROOT/benchmarks/bench_train.py" "${TRAIN_ARGS[@]}" --batch "$B" --json "$OUT/train_b$B.json"
 done
 
-# ---- 4a. what each loss call costs the host (the launches of a launch-bound step) ------------------
+# ---- 3a. what each loss call costs the host (the launches of a launch-bound step) ------------------
 step "host cost per loss call (bench_host.py ${HOST_ARGS[*]})" \
     timeout 120 "$PY" "$ROOT/benchmarks/bench_host.py" "${HOST_ARGS[@]}" --json "$OUT/host.json"
 
-# ---- 4b. adversarial training step: TRADES vs IKL-AT, with and without AWP -------------------------
+# ---- 3b. correctness on the device: tests/test_cuda.py (the CUDA paths against the CPU as oracle) ----
+# On a GPU: the losses' values and gradients, the class prior, the GPU augmentation, the trainers'
+# CUDA defaults, KL = DKL in training, PGD and the ART ensemble, torch.compile, all on CUDA tensors.
+# In the CPU dry run every one of them is skipped (they need a CUDA device). After the KD step
+# measurements, and at most 180 s, so that a slow or hanging test (a Triton compilation, the ART
+# ensemble) cannot use up the --budget of a short GPU lease before the measurements ran.
+step "CUDA tests (pytest -m cuda tests/test_cuda.py)" \
+    timeout 180 "$PY" -m pytest -q -p no:cacheprovider -m cuda "$ROOT/tests/test_cuda.py" \
+    --junitxml "$OUT/cuda_tests.xml"
+
+# ---- 3c. loss kernels -----------------------------------------------------------------------------
+step "loss kernels (bench_losses.py ${LOSS_ARGS[*]})" \
+    timeout 240 "$PY" "$ROOT/benchmarks/bench_losses.py" "${LOSS_ARGS[@]}" --json "$OUT/losses.json"
+
+# ---- 4. adversarial training step: TRADES vs IKL-AT, with and without AWP -------------------------
 step "adversarial training step (bench_adv.py ${ADV_ARGS[*]})" \
     timeout 240 "$PY" "$ROOT/benchmarks/bench_adv.py" "${ADV_ARGS[@]}" --json "$OUT/adv_steps.json"
 
@@ -326,5 +331,6 @@ fi
 
 # ---- 7. summary ----------------------------------------------------------------------------------
 STEP="summary"
-"$PY" "$ROOT/benchmarks/gpu_check_summary.py" "$OUT" "$DEVICE" "$((SECONDS - START))" | tee "$OUT/summary.md"
+"$PY" "$ROOT/benchmarks/gpu_check_summary.py" "$OUT" "$DEVICE" "$((SECONDS - START))" | tee "$OUT/summary.md" \
+    || { echo "gpu_check: the summary failed; the steps' results are in $OUT" >&2; exit 5; }
 exit "$FIRST_RC"

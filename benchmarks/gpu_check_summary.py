@@ -7,11 +7,14 @@ times per preset, the torchrun smoke tests, read from the JSON files the steps l
 DEVICE: "cuda", or "cpu" for the CPU dry run; SECONDS: the wall time of the steps, for the last line.
 """
 import argparse
+import contextlib
 import glob
 import json
 import math
 import os
+import re
 import sys
+import traceback
 
 import torch
 
@@ -19,10 +22,71 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from dkl_lib import experiments as E  # noqa: E402
 
 N_TRAIN = 50000  # CIFAR-10/100 training images
+KD_LOSSES = ("dkl", "ikl", "gkl", "dkd")  # the losses of the KD step target: each within 1.10x of KL
+PROBLEMS = []  # what could not be read or summarised; printed, and kept in gpu_check.json
 
 
 def _load(path):
-    return json.load(open(path, encoding="utf-8")) if os.path.exists(path) else None
+    """The JSON file at ``path``; None when it does not exist or cannot be read (then noted in PROBLEMS:
+    one unreadable file, a step killed while writing it, must not cost the summary of the others)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError) as err:
+        PROBLEMS.append(f"{os.path.basename(path)}: unreadable ({type(err).__name__}: {err})")
+        return None
+
+
+@contextlib.contextmanager
+def _section(name):
+    """Summarise one section; an error in it is printed and noted, and the next section goes on."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 (a summary of what did run beats a traceback)
+        PROBLEMS.append(f"{name}: not summarised ({type(err).__name__}: {err})")
+        print(f"\n({name}: could not be summarised: {type(err).__name__}: {err})")
+        traceback.print_exc(file=sys.stderr)
+
+
+def _verdict(ok):
+    return {True: "ok  ", False: "MISS", None: "n/a "}[ok]
+
+
+def kd_step_targets(train_runs, step_log):
+    """The KD step target per batch: a line per KD loss (within 1.10x of the KL step) and one for the
+    whole batch ("every KD loss"), for every batch gpu_check ran a training step for (from its step
+    log) or has a result of; a batch or loss without a measurement is "not measured" (met None), so
+    a failed batch cannot pass for a met target by being absent."""
+    asked = {int(m.group(1)): status for status, text in step_log
+             for m in [re.match(r"training step, batch (\d+)", text)] if m}
+    by_batch = {run["batch"]: run for run in train_runs}
+    targets = []
+    for batch in sorted(set(asked) | set(by_batch)):
+        run = by_batch.get(batch)
+        if run is None:
+            why = f"not measured (step {asked.get(batch, 'missing')})"
+            targets += [(f"{loss} step within 1.10x of the KL step at batch {batch}", None, why) for loss in KD_LOSSES]
+            targets.append((f"every KD loss ({', '.join(KD_LOSSES)}) within 1.10x of KL at batch {batch}", None, why))
+            continue
+        ratios = kl_ratios(run)
+        (_, med), = run["seconds_per_step"].items()
+        losses = [name for name in med if name not in ("ce", "kl", "teacher")] or list(KD_LOSSES)
+        verdicts = []
+        for loss in losses:
+            if loss in ratios:
+                ok = ratios[loss][0] <= 1.10
+                targets.append((f"{loss} step within 1.10x of the KL step at batch {batch}", ok, ratio_text(*ratios[loss])))
+            else:
+                ok = None
+                targets.append((f"{loss} step within 1.10x of the KL step at batch {batch}", None, "not measured"))
+            verdicts.append(ok)
+        whole = False if False in verdicts else (None if None in verdicts else True)
+        worst = max((ratios[loss][0] for loss in losses if loss in ratios), default=None)
+        targets.append((f"every KD loss ({', '.join(losses)}) within 1.10x of KL at batch {batch}", whole,
+                        "not measured" if worst is None else f"largest {worst:.2f}x"))
+    return targets
 
 
 def _mem(n):
@@ -93,7 +157,7 @@ def step_time(times, key, batch):
 
 
 def hours(sec):
-    return "n/a" if sec is None else (f"{sec / 3600:.1f} h" if sec >= 5400 else f"{sec / 60:.1f} min")
+    return "n/a" if sec is None or math.isnan(sec) else (f"{sec / 3600:.1f} h" if sec >= 5400 else f"{sec / 60:.1f} min")
 
 
 def awp_epochs(train):
@@ -136,26 +200,104 @@ def _cuda_tests(path):
 
 
 def main(out, device, seconds):
+    """Print the summary and write OUT/gpu_check.json (in any case: what was gathered before an error)."""
+    bundle = {}
+    try:
+        _main(out, device, seconds, bundle)
+    finally:
+        bundle["problems"] = PROBLEMS
+        with open(os.path.join(out, "gpu_check.json"), "w", encoding="utf-8") as f:
+            json.dump(bundle, f, indent=1, default=str)
+
+
+def _main(out, device, seconds, bundle):
     name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU (dry run)"
     print(f"\n## gpu_check: {name}; torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}\n")
+    bundle.update({"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "seconds": seconds})
 
-    with open(os.path.join(out, "steps.txt"), encoding="utf-8") as fh:
-        step_log = [line.rstrip("\n").split("|", 1) for line in fh if "|" in line]
+    step_log = []
+    steps_path = os.path.join(out, "steps.txt")
+    if os.path.exists(steps_path):
+        with open(steps_path, encoding="utf-8") as fh:
+            step_log = [line.rstrip("\n").split("|", 1) for line in fh if "|" in line]
+    else:
+        PROBLEMS.append("steps.txt: missing")
+    bundle["steps"] = [{"status": status, "step": text} for status, text in step_log]
     not_ok = [(status, text) for status, text in step_log if status != "ok"]
     print(f"Steps: {len(step_log) - len(not_ok)} of {len(step_log)} ran" + ("" if not not_ok else "; NOT RUN: " + "; ".join(
         f"{text.split(' (')[0]} [{status}]" for status, text in not_ok)) + "\n")
 
-    cuda_tests = _cuda_tests(os.path.join(out, "cuda_tests.xml"))
+    cuda_tests = None
+    with _section("CUDA tests"):
+        cuda_tests = _cuda_tests(os.path.join(out, "cuda_tests.xml"))
+    bundle["cuda_tests"] = cuda_tests
     if cuda_tests is not None:
         print(f"CUDA tests (tests/test_cuda.py): {cuda_tests['passed']} passed, {cuda_tests['failed']} failed, "
               f"{cuda_tests['skipped']} skipped" + (f" (FAILED: {', '.join(cuda_tests['failures'])})"
                                                      if cuda_tests["failures"] else "") + "\n")
 
+    targets = []
+    bundle["targets"] = targets  # filled in below, section by section
+    train_runs = []
+    for path in sorted(glob.glob(os.path.join(out, "train_b*.json"))):
+        run = _load(path)
+        if isinstance(run, dict) and "batch" in run and "seconds_per_step" in run:
+            train_runs.append(run)
+        elif run is not None:
+            PROBLEMS.append(f"{os.path.basename(path)}: not a bench_train.py result")
+    train_runs.sort(key=lambda run: run["batch"])
+    bundle["train"] = train_runs
+    with _section("KD step target"):
+        targets += kd_step_targets(train_runs, step_log)
+
     losses = _load(os.path.join(out, "losses.json")) or []
+    bundle["losses"] = losses
     print("Loss kernels: float32 forward+backward, T = 4, median per call")
     print("| B | C | kl | dkl | ikl | pairwise | ikl / kl | pairwise / ikl | peak mem ikl | peak mem pairwise |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    targets = []
+    with _section("loss kernels"):
+        _loss_table(losses, targets)
+    kd_times = {}  # batch -> {loss: seconds per step}, for the estimates below
+    with _section("training step"):
+        _train_table(train_runs, kd_times)
+    compiled = _load(os.path.join(out, "train_compiled.json"))
+    bundle["train_compiled"] = compiled
+    with _section("compiled training step"):
+        for line in compiled_lines(compiled):
+            print(line)
+    host = _load(os.path.join(out, "host.json"))
+    bundle["host"] = host
+    with _section("host cost"):
+        _host_table(host)
+    adv = _load(os.path.join(out, "adv_steps.json"))
+    adv_rows = adv.get("rows", []) if isinstance(adv, dict) else []
+    bundle["adv_steps"] = adv_rows
+    print("\nAdversarial training step: TRADES vs IKL-AT (outer loss + inner attack), median per step; "
+          "IKL-AT / TRADES: median of the per-round paired ratios")
+    print("| setting | batch | attack steps | TRADES | IKL-AT | IKL-AT / TRADES | +AWP: TRADES | IKL-AT | AWP cost |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    with _section("adversarial training step"):
+        _adv_table(adv_rows, targets)
+    estimates = []
+    bundle["estimates"] = estimates
+    with _section("estimated training times"):
+        _estimates(kd_times, adv_rows, estimates, device)
+    bundle["kd_torchrun"] = _load(os.path.join(out, "torchrun", "results.json"))
+    bundle["adv_torchrun"] = _load(os.path.join(out, "torchrun_adv", "results.json"))
+    with _section("torchrun entry points"):
+        _torchrun_lines(out)
+    if targets:
+        print("\nTargets (informational; n/a: not measured)" + (":" if device == "cuda" else
+                                                                 ", DRY RUN: they say nothing about a GPU:"))
+        for text, ok, value in targets:
+            print(f"- {_verdict(ok)} {text}: {value}")
+    bundle["targets"] = [{"target": t, "met": None if ok is None else bool(ok), "value": v} for t, ok, v in targets]
+    if PROBLEMS:
+        print("\nNot summarised: " + "; ".join(PROBLEMS))
+    print(f"\nTotal wall time {seconds} s; JSON results in {out} (all of them in gpu_check.json)")
+
+
+def _loss_table(losses, targets):
     for r in losses:
         t, p = r["seconds"], r["peak_bytes"]
         times = " | ".join(f"{t[m] * 1e3:.3f} ms" for m in ("kl", "dkl", "ikl", "pairwise"))
@@ -170,14 +312,14 @@ def main(out, device, seconds):
             targets.append(("pairwise oracle uses >= 100x the memory of ikl at B = 256, C = 1000", mem >= 100,
                             f"{mem:.0f}x (time: {pair_ikl:.0f}x)"))
 
+
+
+def _train_table(train_runs, kd_times):
     print("\nTraining step: resnet32x4 -> resnet8x4 distillation, CIFAR-100 shapes, random data, median per step; "
           "time / KL step: median of the per-round paired ratios (IQR: their interquartile range)")
     print("| batch | loss | ms / step | images / s | time / KL step | aten ops / step |")
     print("|---|---|---|---|---|---|")
     settings = None
-    train_runs = sorted((json.load(open(p, encoding="utf-8")) for p in glob.glob(os.path.join(out, "train_b*.json"))),
-                        key=lambda run: run["batch"])
-    kd_times = {}  # batch -> {loss: seconds per step}, for the estimates below
     for run in train_runs:
         (dev, med), = run["seconds_per_step"].items()
         kd_times[run["batch"]] = med
@@ -188,18 +330,13 @@ def main(out, device, seconds):
             ratio = ratio_text(*ratios[loss]) if loss in ratios else "n/a"
             print(f"| {run['batch']} | {loss} | {sec * 1e3:.2f} | {run['batch'] / sec:,.0f} | {ratio} "
                   f"| {ops.get(loss, 'n/a')} |")
-        for loss in [name for name in med if name not in ("ce", "kl", "teacher")]:  # every KD loss measured
-            if loss in ratios:
-                targets.append((f"{loss} step within 1.10x of the KL step at batch {run['batch']}",
-                                ratios[loss][0] <= 1.10, ratio_text(*ratios[loss])))
     if settings:
         print(f"\nSettings: autocast {settings['amp']}, channels_last {'on' if settings['channels_last'] else 'off'}, "
               f"cudnn.benchmark {'on' if settings['cudnn_benchmark'] else 'off'}, {settings['reps']} timed rounds "
               f"(loss kernels: float32, no autocast)")
-    compiled = _load(os.path.join(out, "train_compiled.json"))
-    for line in compiled_lines(compiled):
-        print(line)
-    host = _load(os.path.join(out, "host.json"))
+
+
+def _host_table(host):
     if host:
         print(f"\nHost cost per loss call on {host['device']} (bench_host.py: loss + backward (+ prior update) on "
               f"B = {host['batch']}, C = {host['classes']} logits, synchronised per call; medians of "
@@ -210,18 +347,22 @@ def main(out, device, seconds):
             q1, q3 = r["ratio_to_kl_iqr"]
             print(f"| {loss} | {r['ops']} | {r['us']:.1f} | {r['extra_us']:+.1f} | {r['ratio_to_kl']:.2f}x "
                   f"(IQR {q1:.2f}-{q3:.2f}) |")
-    adv_rows = (_load(os.path.join(out, "adv_steps.json")) or {"rows": []})["rows"]
-    print("\nAdversarial training step: TRADES vs IKL-AT (outer loss + inner attack), median per step")
-    print("| setting | batch | attack steps | TRADES | IKL-AT | IKL-AT / TRADES | +AWP: TRADES | IKL-AT | AWP cost |")
-    print("|---|---|---|---|---|---|---|---|---|")
+
+
+def _adv_table(adv_rows, targets):
+    def ms(r, key, digits):
+        return f"{r[key]:.{digits}f}" if key in r else "n/a"
+
     for r in adv_rows:
         print(f"| {r['setting']} | {r['batch']} | {r['attack_steps']} | {r['trades_ms']:.1f} ms | {r['ikl_ms']:.1f} ms "
-              f"| {r['ratio']:.3f}x | {r['trades_awp_ms']:.1f} ms | {r['ikl_awp_ms']:.1f} ms | {r['awp_overhead']:.2f}x |")
+              f"| {r['ratio']:.3f}x | {ms(r, 'trades_awp_ms', 1)} ms | {ms(r, 'ikl_awp_ms', 1)} ms "
+              f"| {ms(r, 'awp_overhead', 2)}x |")
         if r["setting"] != "digits":
             targets.append((f"IKL-AT step within 1.10x of TRADES ({r['setting']})", r["ratio"] <= 1.10, f"{r['ratio']:.3f}x"))
 
-    # ---- what a full run of each GPU preset would take, from the step times above
-    estimates = []
+
+def _estimates(kd_times, adv_rows, estimates, device):
+    """What a full run of each GPU preset would take, from the step times above (appended to ``estimates``)."""
     for preset in ("gpu-short", "paper"):
         cfg = E.resolve_config(preset)
         d, t = cfg["distill"], cfg["teacher"]["train"]
@@ -245,7 +386,7 @@ def main(out, device, seconds):
                 continue
             scale = tr["batch_size"] / r["batch"]  # per image, when the batches differ
             plain = r[f"{key}_ms"] / 1e3 * scale
-            awp = r[f"{key}_awp_ms"] / 1e3 * scale
+            awp = r.get(f"{key}_awp_ms", math.nan) / 1e3 * scale  # nan: AWP not timed (bench_adv without --awp)
             steps = math.ceil(N_TRAIN / tr["batch_size"])
             n_awp, epochs_text = awp_epochs(tr)
             total = steps * ((tr["epochs"] - n_awp) * plain + n_awp * awp)
@@ -264,6 +405,8 @@ def main(out, device, seconds):
     for e in estimates:
         print(f"| {e['task']} | {e['preset']} | {e['what']} | {hours(e['seconds'])} | {e['how']} |")
 
+
+def _torchrun_lines(out):
     launch = os.path.join(out, "torchrun", "launch.txt")
     if os.path.exists(launch):
         nproc, secs = open(launch, encoding="utf-8").read().split()
@@ -281,21 +424,6 @@ def main(out, device, seconds):
         print(f"\ntorchrun adversarial entry point: {nproc} process(es), trades + ikl with AWP and weight average, "
               f"1 epoch on random data, {secs} s with start-up (a smoke test, not a result): {runs}; sanity checks: "
               f"{checks_text(res['runs'])}")
-    if device == "cuda" and targets:
-        print("\nTargets (informational):")
-        for text, ok, value in targets:
-            print(f"- {'ok  ' if ok else 'MISS'} {text}: {value}")
-    print(f"\nTotal wall time {seconds} s; JSON results in {out} (all of them in gpu_check.json)")
-
-    bundle = {"steps": [{"status": status, "step": text} for status, text in step_log], "device": name,
-              "torch": torch.__version__, "cuda": torch.version.cuda, "seconds": seconds, "cuda_tests": cuda_tests,
-              "losses": losses, "train": train_runs, "train_compiled": compiled, "host": host,
-              "kd_torchrun": _load(os.path.join(out, "torchrun", "results.json")),
-              "adv_torchrun": _load(os.path.join(out, "torchrun_adv", "results.json")),
-              "adv_steps": adv_rows, "estimates": estimates,
-              "targets": [{"target": t, "met": bool(ok), "value": v} for t, ok, v in targets]}
-    with open(os.path.join(out, "gpu_check.json"), "w", encoding="utf-8") as f:
-        json.dump(bundle, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -283,3 +283,58 @@ def test_gpu_check_summary_shows_the_compiled_step_of_bench_train_compile_both(b
         assert row in proc.stdout, (row, proc.stdout)
     assert "| kl |" in proc.stdout and "| 1.00x (IQR 1.00-1.00) |" in proc.stdout
     assert json.loads((tmp_path / "gpu_check.json").read_text(encoding="utf-8"))["train_compiled"] == run
+
+
+# ------------------------------------------------------------------ bench_adv: paired, shuffled rounds
+def test_bench_adv_pairs_each_round_and_shuffles_the_order(monkeypatch):
+    """IKL-AT / TRADES used to be median over median with the steps in a fixed order (trades, ikl,
+    trades+awp, ikl+awp every round), the position effect bench_train removed; now each round's ratio
+    of the two steps, in an order shuffled per round, with the interquartile range."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    bench_adv = importlib.import_module("bench_adv")
+    base = {"trades": 1.0, "ikl": 1.04, "trades+awp": 1.3, "ikl+awp": 1.3 * 1.02}
+    calls, rounds = [], iter(range(10 ** 6))
+    state = {"slow": 1.0}
+
+    class FakeStep:
+        name, batch, classes, attack_steps = "cifar", 128, 10, 10
+        device = torch.device("cpu")
+        variants = tuple(base)
+
+        def step(self, variant):
+            calls.append(variant)
+
+        def loss_only(self, loss):
+            pass
+
+    def fake_timed(fn, device):
+        fn()
+        variant = calls[-1]
+        if len(calls) % 4 == 1:  # a new round: the machine is faster or slower for all four steps
+            state["slow"] = 1.0 + (next(rounds) % 5)
+        return base[variant] * state["slow"]
+
+    monkeypatch.setattr(bench_adv, "timed", fake_timed)
+    row = bench_adv.run(FakeStep(), reps=9, warmup=0, loss_reps=1, order_seed=3)
+    assert row["ratio"] == pytest.approx(1.04) and row["ratio_iqr"] == pytest.approx([1.04, 1.04])
+    assert row["awp_ratio"] == pytest.approx(1.02) and row["awp_overhead"] == pytest.approx(1.3)
+    orders = {tuple(calls[i:i + 4]) for i in range(0, len(calls), 4)}
+    assert len(orders) > 1 and all(sorted(o) == sorted(base) for o in orders)
+    assert row["order_seed"] == 3 and row["cudnn_benchmark"] is False
+
+
+@pytest.mark.parametrize("script,args,needle", [
+    ("bench_train.py", ["--threads", "-1"], "--threads: must be an integer >= 1, got -1"),
+    ("bench_train.py", ["--batch", "0"], "--batch: must be an integer >= 1, got 0"),
+    ("bench_train.py", ["--devices", "gpu"], "--devices: unknown device 'gpu'"),
+    ("bench_adv.py", ["--reps", "0"], "--reps: must be an integer >= 1, got 0"),
+    ("bench_adv.py", ["--awp", "-0.1"], "--awp must be >= 0"),
+    ("bench_losses.py", ["--threads", "0"], "--threads: must be an integer >= 1, got 0"),
+    ("bench_imagenet_decode.py", ["--workers", "x"], "--workers: must be an integer >= 1, got 'x'"),
+    ("bench_imagenet_decode.py", ["--rounds", "0"], "--rounds: must be an integer >= 1, got 0"),
+])
+def test_benchmark_scripts_refuse_bad_options_in_one_line(script, args, needle):
+    """Each of these was a traceback from torch or statistics (StatisticsError: no median for empty data,
+    RuntimeError: set_num_threads expects a positive integer, ...) or, for --threads 0, silently ignored."""
+    proc = _script(BENCH / script, *args)
+    assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
