@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional
+from typing import Optional, Sequence
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -39,6 +39,7 @@ __all__ = [
     "reliability_diagram",
     "sensitivity_heatmap",
     "sensitivity_lines",
+    "order_text",
     "TRAINING_TERMS",
     "histories_frame",
     "learning_curves",
@@ -72,6 +73,31 @@ def label(loss: str, term: Optional[str] = None) -> str:
 def color(loss: str) -> str:
     """The colour (hex) of a loss in every figure; dark grey for an unknown name."""
     return LOSS_COLORS.get(loss, "#333333")
+
+
+def _dash(loss: str) -> str:
+    """Line style of a loss: dashed for the variants drawn over another loss (DKL on KL, "no GI" on GI)."""
+    return "dash" if loss in ("dkl", "ikl-nogi", "gkl-nogi") else "solid"
+
+
+def order_text(means, *, decimals: int = 2) -> str:
+    """The losses ordered by a mean, best first, in words: "IKL > GKL > KL = DKL > CE only".
+
+    ``means``: a pandas Series (loss name -> mean). Means equal at ``decimals`` places (as the tables
+    print them) are joined by "=", so two losses with one trajectory (KL and DKL) do not read as ranked.
+    """
+    import pandas as pd
+
+    if not isinstance(means, pd.Series) or means.empty:
+        raise TypeError("means must be a non-empty pandas Series of loss name -> mean")
+    decimals = check_int("decimals", decimals, 0)
+    groups = []
+    for loss, value in means.round(decimals).sort_values(ascending=False, kind="stable").items():
+        if groups and groups[-1][0] == value:
+            groups[-1][1].append(label(loss))
+        else:
+            groups.append((value, [label(loss)]))
+    return " > ".join(" = ".join(names) for _, names in groups)
 
 
 def _figure(widget: bool, fig: go.Figure) -> go.Figure:
@@ -114,8 +140,22 @@ def _segments(part, scale):
 
 
 def _arrow_scale(df):
+    """The longest arrow spans 90 % of the grid's spacing (the closest two points of one term), so
+    arrows are as long as they can be without reaching the next point."""
+    import numpy as np
+
     longest = max(float(((df["dx"] ** 2 + df["dy"] ** 2) ** 0.5).max()), 1e-12)
-    return 0.08 / longest  # the longest arrow spans 8% of the triangle's side
+    first = df[df["term"] == df["term"].iloc[0]]
+    pts = np.stack([first["x"].to_numpy(float), first["y"].to_numpy(float)], axis=1)
+    spacing = 0.08 / 0.9
+    if len(pts) > 1:
+        dist = np.sqrt(((pts[:, None, :] - pts[None, :, :]) ** 2).sum(-1))
+        spacing = float(dist[dist > 0].min()) if (dist > 0).any() else spacing
+    return 0.9 * spacing / longest
+
+
+#: Colours of the simplex panels' arrows, per term.
+_TERM_ARROW_COLORS = {"wmse": "#d55e00", "soft_ce": "#0072b2", "total": "#333333"}
 
 
 def simplex_quiver(df, *, teacher_xy=None, widget: bool = False,
@@ -134,7 +174,7 @@ def simplex_quiver(df, *, teacher_xy=None, widget: bool = False,
         fig.add_scatter(**outline, mode="lines", line=dict(color="#999", width=1), showlegend=False,
                         hoverinfo="skip", row=1, col=i)
         fig.add_scatter(x=xs, y=ys, mode="lines+markers", name=TERM_LABELS.get(term, term), showlegend=False,
-                        line=dict(width=1.5, color="#d55e00" if term == "wmse" else "#0072b2"),
+                        line=dict(width=1.5, color=_TERM_ARROW_COLORS.get(term, "#0072b2")),
                         marker=dict(symbol="arrow", size=[0, 8, 0] * (len(xs) // 3), angleref="previous"),
                         row=1, col=i)
         tx, ty = teacher_xy if teacher_xy is not None else (None, None)
@@ -147,7 +187,7 @@ def simplex_quiver(df, *, teacher_xy=None, widget: bool = False,
         for k, (cx, cy, anchor) in enumerate(((0.0, 0.0, "top"), (1.0, 0.0, "top"), (0.5, 3**0.5 / 2, "bottom"))):
             fig.add_annotation(x=cx, y=cy, xref=ref, yref=ref.replace("x", "y"), text=f"class {k}",
                                showarrow=False, yanchor=anchor, font=dict(size=11, color="#555"))
-    fig.update_layout(title=title, template="plotly_white", height=380)
+    fig.update_layout(title=title, template="plotly_white", height=460)
     return _figure(widget, fig)
 
 
@@ -260,8 +300,11 @@ def cost_lines(df, *, title: str = "wMSE cost: closed form vs literal pairwise s
         for col, key in ((1, "seconds"), (2, "largest_tensor_bytes")):
             fig.add_scatter(x=part["classes"], y=part[key], mode="lines+markers", name=method,
                             line=dict(color=palette.get(method)), showlegend=(col == 1), row=1, col=col)
-    fig.update_xaxes(type="log", title_text="classes C")
-    fig.update_yaxes(type="log")
+    classes = sorted({int(c) for c in df["classes"]})
+    # ticks at the measured C only, and powers of ten on y: plotly's minor log labels ("2 3 ... 9 100 2 3")
+    # read as C = 3 for C = 300
+    fig.update_xaxes(type="log", title_text="classes C", tickvals=classes, ticktext=[str(c) for c in classes])
+    fig.update_yaxes(type="log", dtick=1, exponentformat="power")
     fig.update_layout(title=title, template="plotly_white", height=380)
     return fig
 
@@ -291,21 +334,25 @@ def drift_lines(drifts: dict, *, title: str = "KL vs DKL, same seed: how far the
 
 def metric_bars(df, metrics: dict, *,
                 title: str = "IKL with and without class-wise global information: mean ± std over seeds"):
-    """One panel per metric: mean over seeds per loss, error bar = std (from ``prediction_metrics``).
+    """One panel per metric: mean over seeds per loss (a point), error bar = std (from ``prediction_metrics``).
 
-    ``metrics`` maps a column of ``df`` to its axis title.
+    ``metrics`` maps a column of ``df`` to its axis title. Points, not bars from zero: each axis fits
+    its values, so a difference of a fraction of a point between two accuracies near 95 % is visible;
+    a "no GI" variant gets an open marker besides its colour.
     """
     fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=list(metrics.values()))
     stats = df.groupby("loss", sort=False)[list(metrics)].agg(["mean", "std", "count"])
     for col, metric in enumerate(metrics, start=1):
         losses = list(stats.index)
         counts = [int(c) for c in stats[(metric, "count")]]
-        fig.add_bar(x=[f"{label(n)}<br>n={c}" for n, c in zip(losses, counts)], y=stats[(metric, "mean")],
-                    showlegend=False,
-                    error_y=dict(type="data", array=stats[(metric, "std")].fillna(0).tolist()),
-                    marker_color=[color(n) for n in losses], meta={"losses": losses, "metric": metric},
-                    hovertemplate="%{x}: %{y:.4g} ± %{error_y.array:.2g}<extra></extra>",
-                    row=1, col=col)
+        fig.add_scatter(x=[f"{label(n)}<br>n={c}" for n, c in zip(losses, counts)], y=stats[(metric, "mean")],
+                        mode="markers", showlegend=False,
+                        error_y=dict(type="data", array=stats[(metric, "std")].fillna(0).tolist(), width=8),
+                        marker=dict(color=[color(n) for n in losses], size=13, line=dict(width=2),
+                                    symbol=["circle-open" if _dash(n) == "dash" else "circle" for n in losses]),
+                        meta={"losses": losses, "metric": metric},
+                        hovertemplate="%{x}: %{y:.4g} ± %{error_y.array:.2g}<extra></extra>",
+                        row=1, col=col)
     fig.update_layout(title=title, template="plotly_white", height=380)
     return fig
 
@@ -326,7 +373,7 @@ def reliability_diagram(tables: dict, *, title: str = "Reliability diagram (test
         fig.add_scatter(x=used["confidence"], y=used["accuracy"], mode="lines+markers", name=label(name),
                         text=[f"n={c}" for c in used["count"]], marker=dict(size=sizes),
                         hovertemplate="confidence %{x:.3f}, accuracy %{y:.3f} (%{text})<extra>" + label(name)
-                        + "</extra>", line=dict(color=color(name)), meta={"loss": name})
+                        + "</extra>", line=dict(color=color(name), dash=_dash(name)), meta={"loss": name})
     fig.update_layout(title=title, xaxis_title="confidence", yaxis_title="accuracy", template="plotly_white",
                       legend_title_text="marker area ∝<br>samples in the bin",
                       height=400, xaxis_range=[0, 1.02], yaxis_range=[0, 1.02])
@@ -341,34 +388,51 @@ _PARAM_LABELS = {"alpha": "α (weight of the wMSE term)", "beta": "β (weight of
 _VALUE_WORDS = {"best": "best-epoch", "last": "last-epoch"}
 
 
-def sensitivity_heatmap(summary, x: str, y: str, *, value: str = "best", title: Optional[str] = None):
+def _sensitivity_title(value: str, loss: Optional[str], what: str) -> str:
+    words = f"Sensitivity: {_VALUE_WORDS.get(value, value)} test accuracy ({what})"
+    return words if loss is None else f"{label(loss)} s{words[1:]}"
+
+
+def sensitivity_heatmap(summary, x: str, y: str, *, value: str = "best", title: Optional[str] = None,
+                        zrange: Optional[Sequence[float]] = None, loss: Optional[str] = None):
     """Heatmap of mean accuracy over two hyper-parameters, each cell labelled mean ± std (n).
-    ``value``: "best" or "last" (the epoch whose accuracy is shown; the default title says which)."""
+    ``value``: "best" or "last" (the epoch whose accuracy is shown; the default title says which).
+    ``zrange``: (low, high) of the colour scale; give two heatmaps the same one to compare their
+    colours (default: this heatmap's own range). ``loss``: named in the default title ("IKL sensitivity: ...")."""
     import numpy as np
 
     if title is None:
-        title = f"Sensitivity: {_VALUE_WORDS.get(value, value)} test accuracy (mean ± std, n runs)"
+        title = _sensitivity_title(value, loss, "mean ± std, n runs")
     mean = summary.pivot(index=y, columns=x, values=f"{value}_mean")
     std = summary.pivot(index=y, columns=x, values=f"{value}_std")
     count = summary.pivot(index=y, columns=x, values="n")
     text = [[f"{m:.2f} ± {0.0 if np.isnan(s) else s:.2f} (n={int(n)})" for m, s, n in zip(mr, sr, nr)]
             for mr, sr, nr in zip(mean.to_numpy(), std.to_numpy(), count.to_numpy())]
+    scale = {}
+    if zrange is not None:
+        low, high = (float(v) for v in zrange)
+        if not low <= high:
+            raise ValueError(f"zrange must be (low, high) with low <= high, got {tuple(zrange)}")
+        pad = 0.5 if low == high else 0.0  # one value everywhere: a scale of one point around it
+        scale = dict(zmin=low - pad, zmax=high + pad)
     fig = go.Figure(go.Heatmap(z=mean.to_numpy(), x=[str(v) for v in mean.columns], y=[str(v) for v in mean.index],
                                text=text, texttemplate="%{text}", colorscale="Viridis",
-                               colorbar=dict(title="accuracy (%)")))
+                               colorbar=dict(title="accuracy (%)"), **scale))
     fig.update_layout(title=title, xaxis_title=_PARAM_LABELS.get(x, x), yaxis_title=_PARAM_LABELS.get(y, y),
                       template="plotly_white", height=380)
     return fig
 
 
-def sensitivity_lines(summary, x: str, *, value: str = "best", title: Optional[str] = None):
+def sensitivity_lines(summary, x: str, *, value: str = "best", title: Optional[str] = None,
+                      loss: Optional[str] = None):
     """Mean accuracy against one hyper-parameter with std error bars (e.g. γ for GKL); ``value`` as
-    in :func:`sensitivity_heatmap`."""
+    in :func:`sensitivity_heatmap`; ``loss`` names the loss in the default title and gives the line its
+    colour (GKL's when None)."""
     if title is None:
-        title = f"Sensitivity: {_VALUE_WORDS.get(value, value)} test accuracy (mean ± std over seeds)"
+        title = _sensitivity_title(value, loss, "mean ± std over seeds")
     fig = go.Figure(go.Scatter(x=summary[x], y=summary[f"{value}_mean"], mode="lines+markers",
                                error_y=dict(type="data", array=summary[f"{value}_std"].fillna(0).tolist()),
-                               text=[f"n={int(n)}" for n in summary["n"]], line=dict(color=color("gkl"))))
+                               text=[f"n={int(n)}" for n in summary["n"]], line=dict(color=color(loss or "gkl"))))
     fig.update_layout(title=title, xaxis_title=_PARAM_LABELS.get(x, x), yaxis_title="test accuracy (%)",
                       template="plotly_white",
                       height=360)
@@ -465,7 +529,11 @@ def learning_curves(histories, *, terms=None, metric: str = "test_acc", band: bo
     panels = [metric] + terms
     cols = check_int("cols", cols, 1)
     rows = math.ceil(len(panels) / cols)
-    names = [_METRIC_LABELS.get(metric, metric)] + [f"{TERM_LABELS.get(t, t)} term" for t in terms]
+    zoom = _late_range(long, metric) if metric.endswith("_acc") else None
+    first_title = _METRIC_LABELS.get(metric, metric)
+    if zoom is not None:
+        first_title += f"<br><sup>y zoomed on epochs ≥ {zoom[2]} (double-click: all)</sup>"
+    names = [first_title] + [f"{TERM_LABELS.get(t, t)} term" for t in terms]
     fig = make_subplots(rows=rows, cols=min(cols, len(panels)), subplot_titles=names,
                         horizontal_spacing=0.07, vertical_spacing=0.14 if rows > 1 else 0.1)
     losses = list(dict.fromkeys(long["loss"]))
@@ -480,15 +548,33 @@ def learning_curves(histories, *, terms=None, metric: str = "test_acc", band: bo
                 _band(fig, stats, loss=loss, name=label(loss), row=row, col=col)
             fig.add_scatter(x=stats["epoch"].tolist(), y=stats["mean"].tolist(), mode="lines",
                             name=label(loss), legendgroup=loss, showlegend=(i == 0),
-                            line=dict(color=color(loss), width=2,
-                                      dash="dash" if loss in ("dkl", "ikl-nogi", "gkl-nogi") else "solid"),
+                            line=dict(color=color(loss), width=2, dash=_dash(loss)),
                             customdata=list(zip(stats["std"].tolist(), stats["count"].tolist())),
                             hovertemplate=(f"{label(loss)} · epoch %{{x}}: %{{y:.4g}} ± %{{customdata[0]:.2g}}"
                                            " (n=%{customdata[1]})<extra></extra>"),
                             meta={"loss": loss, "panel": panel, "kind": "mean"}, row=row, col=col)
         fig.update_xaxes(title_text="epoch", row=row, col=col)
+    if zoom is not None:
+        fig.update_yaxes(range=list(zoom[:2]), row=1, col=1)
     fig.update_layout(title=title, template="plotly_white", height=300 * rows + 80, legend_title="loss")
     return fig
+
+
+def _late_range(long, metric):
+    """(low, high, from_epoch) of an accuracy panel's y-axis: the per-loss mean curves from the second
+    quarter of the epochs on, with a margin; None for fewer than 4 epochs. The first epochs' low
+    accuracies would otherwise squeeze the late epochs, where the losses differ by tenths of a point,
+    into one line."""
+    epochs = long["epoch"].max()
+    if not epochs or epochs < 4:
+        return None
+    start = int(epochs // 4) + 1
+    late = long[long["epoch"] >= start].groupby(["loss", "epoch"])[metric].mean()
+    if late.empty or late.isna().all():
+        return None
+    low, high = float(late.min()), float(late.max())
+    pad = max(0.1 * (high - low), 0.5)
+    return low - pad, high + pad, start
 
 
 def final_accuracy_chart(runs, *, teacher_acc: Optional[float] = None, order=None,

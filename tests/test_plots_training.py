@@ -87,7 +87,7 @@ def test_learning_curves_carry_mean_and_std_per_loss_and_term():
     long = plots.histories_frame(hist)
     fig = plots.learning_curves(hist)
     titles = [a.text for a in fig.layout.annotations]
-    assert titles[0] == "test accuracy (%)"
+    assert titles[0].startswith("test accuracy (%)<br>")  # + the zoom note, tested below
     assert titles[1:] == [f"{plots.TERM_LABELS[t]} term" for t in ("ce", "kl", "soft_ce", "wmse", "tckd", "nckd")]
     for loss in ("ce", "kl", "dkl", "ikl", "dkd"):
         for panel in ("test_acc", "ce"):
@@ -113,7 +113,7 @@ def test_learning_curves_carry_mean_and_std_per_loss_and_term():
 def test_learning_curves_options():
     hist = fake_histories(losses=("kl", "ikl"), seeds=(0,))
     fig = plots.learning_curves(hist, terms=["ce"], metric="train_acc", band=False)
-    assert [a.text for a in fig.layout.annotations] == ["train accuracy (%)", "CE term"]
+    assert [a.text.split("<br>")[0] for a in fig.layout.annotations] == ["train accuracy (%)", "CE term"]
     assert not traces(fig, kind="band")
     (mean,) = traces(fig, loss="kl", panel="ce", kind="mean")
     assert [s for s, _ in mean.customdata] == [0.0] * 4  # one seed: no spread
@@ -473,3 +473,61 @@ def test_sanity_check_table_title_names_the_words_in_its_cells():
     fig = plots.sanity_check_table(checks)
     for word in sorted({t for row in fig.data[0].text for t in row if t}):
         assert word in fig.layout.title.text, word
+
+
+# ------------------------------------------------------------------ found by a reader of the rendered notebooks
+def test_order_text_joins_equal_means_instead_of_ranking_them():
+    """Notebook 03 printed "KL > DKL" for two losses with one trajectory (94.15 both)."""
+    means = pd.Series({"ce": 93.8, "kl": 94.1466666, "dkl": 94.1466667, "ikl": 94.6, "gkl": 94.6, "dkd": 94.0})
+    assert plots.order_text(means) == "IKL = GKL > KL = DKL > DKD > CE only"
+    assert plots.order_text(means, decimals=8) == "IKL = GKL > DKL > KL > DKD > CE only"
+    with pytest.raises(TypeError, match="non-empty pandas Series"):
+        plots.order_text(pd.Series(dtype=float))
+
+
+def test_learning_curves_zoom_the_accuracy_axis_on_the_later_epochs():
+    """Epoch 1's low accuracy set the axis (50-95 in notebook 03), so seven losses a few tenths apart drew
+    one line; the accuracy panel now fits the mean curves from the second quarter of the epochs on."""
+    hist = fake_histories(epochs=12)
+    hist[("kl", 0)].loc[0, "test_acc"] = 10.0  # a terrible first epoch
+    fig = plots.learning_curves(hist)
+    long = plots.histories_frame(hist)
+    late = long[long["epoch"] >= 4].groupby(["loss", "epoch"])["test_acc"].mean()
+    low, high = fig.layout.yaxis.range
+    pad = max(0.1 * (late.max() - late.min()), 0.5)
+    assert (low, high) == pytest.approx((late.min() - pad, late.max() + pad))
+    assert "zoomed on epochs ≥ 4" in fig.layout.annotations[0].text
+    # term panels and short runs keep plotly's own range
+    assert fig.layout.yaxis2.range is None
+    assert plots.learning_curves(fake_histories(epochs=3)).layout.yaxis.range is None
+    assert plots.learning_curves(hist, metric="loss").layout.yaxis.range is None
+
+
+def test_metric_points_fit_their_axis_and_mark_the_no_gi_variant():
+    """Bars from zero drew 94.63 and 94.38 as two equal 95 % bars, in two shades of orange: points with
+    error bars on an axis that fits them, the "no GI" variant with an open marker, the reliability
+    diagram's "no GI" line dashed as in notebook 03."""
+    m = pd.DataFrame({"loss": ["ikl"] * 3 + ["ikl-nogi"] * 3, "seed": [0, 1, 2] * 2,
+                      "accuracy": [94.5, 94.7, 94.7, 94.3, 94.4, 94.45]})
+    trace = plots.metric_bars(m, {"accuracy": "test accuracy (%)"}).data[0]
+    assert trace.type == "scatter" and trace.mode == "markers"
+    assert list(trace.marker.symbol) == ["circle", "circle-open"]
+    table = pd.DataFrame({"bin": [0, 1], "low": [0.0, 0.5], "high": [0.5, 1.0], "count": [3, 5],
+                          "confidence": [0.4, 0.9], "accuracy": [0.3, 0.8]})
+    diagram = plots.reliability_diagram({"ikl": table, "ikl-nogi": table})
+    assert [t.line.dash for t in diagram.data[1:]] == ["solid", "dash"]
+
+
+def test_sensitivity_maps_share_a_colour_scale_and_name_their_loss():
+    s = pd.DataFrame({"alpha": [0.5, 1.0], "temperature": [2.0, 2.0], "best_mean": [90.0, 92.0],
+                      "best_std": [1.0, 0.5], "last_mean": [80.0, 91.0], "last_std": [1.0, 0.5], "n": [2, 2]})
+    both = (80.0, 92.0)
+    best = plots.sensitivity_heatmap(s, "alpha", "temperature", zrange=both, loss="ikl")
+    last = plots.sensitivity_heatmap(s, "alpha", "temperature", value="last", zrange=both)
+    assert (best.data[0].zmin, best.data[0].zmax) == (last.data[0].zmin, last.data[0].zmax) == both
+    assert best.layout.title.text.startswith("IKL sensitivity: best-epoch")
+    assert plots.sensitivity_heatmap(s, "alpha", "temperature").data[0].zmin is None  # default: its own range
+    with pytest.raises(ValueError, match="zrange"):
+        plots.sensitivity_heatmap(s, "alpha", "temperature", zrange=(92.0, 80.0))
+    line = plots.sensitivity_lines(s.rename(columns={"alpha": "gamma"}), "gamma", loss="gkl")
+    assert line.layout.title.text.startswith("GKL sensitivity:") and line.data[0].line.color == plots.color("gkl")

@@ -315,7 +315,8 @@ def test_simplex_arrows_point_along_the_step_on_one_scale_for_every_panel():
     import numpy as np
 
     def check(fig, df):
-        scale = 0.08 / np.hypot(df["dx"], df["dy"]).max()  # the longest arrow of ALL panels spans 8%
+        # the longest arrow of ALL panels spans 90 % of the grid's spacing: the side over the resolution
+        scale = 0.9 * (1 / resolution) / np.hypot(df["dx"], df["dy"]).max()
         for i, term in enumerate(dict.fromkeys(df["term"])):
             part = df[df["term"] == term]
             x0, y0, x1, y1 = _arrows(fig.data[3 * i + 1])
@@ -324,7 +325,8 @@ def test_simplex_arrows_point_along_the_step_on_one_scale_for_every_panel():
             np.testing.assert_allclose(x1 - x0, scale * part["dx"], atol=1e-15)
             np.testing.assert_allclose(y1 - y0, scale * part["dy"], atol=1e-15)
 
-    df = grads.simplex_field([0.2, 0.5, 0.3], loss="ikl", resolution=6)
+    resolution = 6
+    df = grads.simplex_field([0.2, 0.5, 0.3], loss="ikl", resolution=resolution)
     norms = np.hypot(df["dx"], df["dy"]).groupby(df["term"]).max()
     assert norms.max() > 1.5 * norms.min()  # panels whose own longest arrows differ
     fig = plots.simplex_quiver(df, teacher_xy=(0.5, 0.3))
@@ -466,3 +468,23 @@ def test_margin_lines_draw_each_term_in_both_panels_with_one_legend_entry():
     assert sorted(trace.name for trace in curvature) == sorted(plots.label(l, t) for l, t in pairs.itertuples(index=False))
     wmse = next(trace for trace in curvature if trace.name == plots.label("ikl", "wmse"))
     assert max(wmse.y) - min(wmse.y) < 1e-12  # the constant curvature, drawn as it is
+
+
+def test_cost_lines_tick_the_measured_class_counts_and_powers_of_ten():
+    """Plotly's minor log labels read "... 9 100 2 3": C = 300 appeared as "3"."""
+    import pandas as pd
+
+    df = pd.DataFrame({"classes": [10, 30, 100, 300] * 2, "method": ["closed form"] * 4 + ["pairwise"] * 4,
+                       "seconds": [1e-4, 2e-4, 5e-4, 1e-3, 1e-4, 1e-3, 1e-2, 1e-1],
+                       "largest_tensor_bytes": [40, 120, 400, 1200, 400, 3600, 40000, 360000]})
+    fig = plots.cost_lines(df)
+    for axis in (fig.layout.xaxis, fig.layout.xaxis2):
+        assert list(axis.tickvals) == [10, 30, 100, 300] and list(axis.ticktext) == ["10", "30", "100", "300"]
+    assert fig.layout.yaxis.dtick == 1 and fig.layout.yaxis2.dtick == 1
+
+
+def test_simplex_total_arrows_have_their_own_colour():
+    df = grads.simplex_field([0.2, 0.5, 0.3], loss="ikl", resolution=6)
+    fig = plots.simplex_quiver(df, teacher_xy=(0.5, 0.3))
+    colours = {t.name: t.line.color for t in fig.data if t.name in ("wMSE", "soft-label CE", "total")}
+    assert len(set(colours.values())) == 3, colours
