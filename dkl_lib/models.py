@@ -594,7 +594,8 @@ def _match_prefix(state: Mapping[str, torch.Tensor], model: nn.Module, prefix: s
     """``state`` with the DataParallel / DistributedDataParallel ``prefix`` taken off or put on, as the
     model's own keys have it (a wrapped model's keys carry it, a plain model's do not)."""
     state = dict(state)
-    wrapped = any(k.startswith(prefix) for k in model.state_dict())
+    own = model.state_dict()
+    wrapped = bool(own) and all(k.startswith(prefix) for k in own)  # (a plain model may have a "module" child)
     prefixed = bool(state) and all(k.startswith(prefix) for k in state)
     if prefixed and not wrapped:
         return {k[len(prefix):]: v for k, v in state.items()}

@@ -54,7 +54,7 @@ def largest_tensor(fn: Callable[[], torch.Tensor], *, backward: bool = True) -> 
         if backward:
             if not isinstance(value, torch.Tensor) or not value.requires_grad:
                 raise TypeError("with backward=True, fn must return a tensor that requires grad (a loss), got "
-                                + (f"a tensor without grad" if isinstance(value, torch.Tensor) else type(value).__name__))
+                                + ("a tensor without grad" if isinstance(value, torch.Tensor) else type(value).__name__))
             value.backward()
     return rec
 
