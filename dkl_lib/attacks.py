@@ -496,7 +496,9 @@ class EnsembleResult:
         return _mean_percent(self.correct)
 
     def broken_counts(self) -> Dict[str, int]:
-        """{attack name: samples it broke first}, plus "robust" and "clean misclassified"."""
+        """{attack name: samples it broke first}, plus "robust" (the samples that survived every attack
+        of the ensemble; PGD is not part of it, so this is not the worst-case robust count of
+        :func:`evaluate_robustness`) and "clean misclassified"."""
         counts = {name: int((self.broken_by == i).sum()) for i, name in enumerate(self.attacks)}
         counts["robust"] = int((self.broken_by == -1).sum())
         counts["clean misclassified"] = int((self.broken_by == -2).sum())
@@ -704,7 +706,9 @@ class RobustnessReport:
         ensemble_acc: robust accuracy under the AutoAttack-style ART ensemble (None if not run).
         robust_acc: the per-sample worst case over PGD (all k) and the ensemble: the number to
             quote as "robust accuracy" (it is never above any single attack's).
-        ensemble_counts: {attack: samples it broke first, "robust", "clean misclassified"}.
+        ensemble_counts: {attack: samples it broke first, "robust", "clean misclassified"}, from
+            :meth:`EnsembleResult.broken_counts`; its "robust" counts the samples that survived the
+            ensemble alone, which can be more than ``robust_acc`` (that also counts PGD) implies.
         checks: one dict per sanity check: check, passed, status ("pass" / "fail" / "warn"),
             value, detail, what.
         config: the evaluation settings (JSON-able). seconds: {part: wall time}.

@@ -1257,7 +1257,7 @@ def paper_results(*, as_frame: bool = True, task: str = "kd"):
     ``task="kd"`` (default): knowledge distillation top-1 (dataset, teacher, student, method,
     loss, top1, source; notebook 03). ``task="adversarial"``: adversarial robustness under
     AutoAttack at ε = 8/255 (dataset, model, method, loss, clean, robust, attack, epsilon,
-    source, note; notebook 04)."""
+    reported_by: "DKL paper" or "RobustBench", source, note; notebook 04)."""
     if task not in ("kd", "adversarial"):
         raise ValueError(f"task must be 'kd' or 'adversarial', got {task!r}")
     path = _paper_file()
@@ -1517,7 +1517,9 @@ class AdvGridResult:
         """Our runs (mean ± std over seeds) and the paper's published numbers in one DataFrame,
         every row labelled with who measured it, on which data and model, and under which attack.
 
-        Columns: method, loss, who ("ours (measured here)" / "paper (published)"), data, model,
+        Columns: method, loss, who ("ours (measured here)"; "paper (published)" for a number the DKL
+        paper reports; "published (RobustBench)" and the like for one another source reports, from
+        the row's ``reported_by``), data, model,
         clean (%), clean std, robust (%), robust std, attack, seeds, source. Our robust figure is
         the per-sample worst case over PGD-k and the AutoAttack-style (ART) ensemble; the paper's
         is the official AutoAttack. ``paper``: rows to show (default: all of
@@ -1547,7 +1549,10 @@ class AdvGridResult:
                          "source": f"dkl_lib, preset {self.config.get('preset')!r}, last epoch, "
                                    f"{ev.get('samples') or 'all'} test images"})
         for _, r in paper.iterrows():
-            rows.append({"method": r["method"], "loss": r["loss"], "who": "paper (published)",
+            by = r.get("reported_by")
+            by = by if isinstance(by, str) and by.strip() else "DKL paper"  # a row without it: the paper's
+            who = "paper (published)" if by == "DKL paper" else f"published ({by})"
+            rows.append({"method": r["method"], "loss": r["loss"], "who": who,
                          "data": f"{r['dataset']} (ε = {r['epsilon']})", "model": r["model"],
                          "clean (%)": float(r["clean"]), "clean std": math.nan,
                          "robust (%)": float(r["robust"]), "robust std": math.nan,

@@ -828,8 +828,9 @@ def paper_comparison(summary, *, config: Optional[dict] = None, teacher_acc: Opt
 # ============================================================== notebook 04: adversarial training
 #: Legend names of the adversarial-training runs (the loss keys of dkl_lib.train.ADV_LOSSES).
 ADV_LOSS_LABELS = {"ce": "natural training (CE)", "trades": "TRADES (KL)", "ikl": "IKL-AT"}
-#: Colours of the sanity-check outcomes.
-CHECK_STATUS_COLORS = {"pass": "#009e73", "warn": "#e69f00", "fail": "#d55e00"}  # Okabe & Ito
+#: Colours of the sanity-check outcomes: Okabe & Ito's bluish green and amber, a true red for FAIL (Okabe &
+#: Ito's vermillion was too close to the amber under deuteranopia) and light grey for a check that did not run.
+CHECK_STATUS_COLORS = {"pass": "#009e73", "warn": "#e69f00", "fail": "#c00000", "not run": "#cccccc"}
 _ADV_METRICS = {"test_acc": "clean accuracy (%)", "test_robust_acc": "robust accuracy, PGD (%)",
                 "train_acc": "train accuracy, clean (%)", "train_adv_acc": "train accuracy, adversarial (%)"}
 __all__ += ["ADV_LOSS_LABELS", "CHECK_STATUS_COLORS", "adv_label", "adversarial_examples", "adversarial_curves",
@@ -959,9 +960,10 @@ def robustness_vs_epsilon(frame, *, train_epsilon: Optional[float] = None,
     return fig
 
 
-def sanity_check_table(checks, *, title: str = "Sanity checks of every evaluation (green PASS, orange WARN: a flag, red FAIL)"):
-    """A coloured grid: one row per run (loss, seed), one column per check, cell = its status;
-    hovering shows the check's detail.
+def sanity_check_table(checks, *, title: str = "Sanity checks of every evaluation"):
+    """A coloured grid: one row per run (loss, seed), one column per check, cell = its status
+    (PASS, WARN, FAIL, or "not run" for a check that run did not do); hovering shows the check's
+    detail. A key to the colours is added under ``title``.
 
     ``checks``: ``AdvGridResult.checks`` (loss, seed, check, status, detail) or the rows of one
     ``RobustnessReport.checks_frame()`` (then one row, named "model").
@@ -975,45 +977,68 @@ def sanity_check_table(checks, *, title: str = "Sanity checks of every evaluatio
     runs = list(dict.fromkeys(checks["run"]))
     names = list(dict.fromkeys(checks["check"]))
     code = {"pass": 0, "warn": 1, "fail": 2}
+    not_run = 3
     z, text, hover = [], [], []
     for run in runs:
         part = checks[checks["run"] == run].set_index("check")
-        z.append([code.get(part.loc[c, "status"], 2) if c in part.index else None for c in names])
-        text.append([part.loc[c, "status"].upper() if c in part.index else "" for c in names])
-        hover.append([str(part.loc[c, "detail"]) if c in part.index else "" for c in names])
-    scale = [[0.0, CHECK_STATUS_COLORS["pass"]], [0.33, CHECK_STATUS_COLORS["pass"]],
-             [0.34, CHECK_STATUS_COLORS["warn"]], [0.66, CHECK_STATUS_COLORS["warn"]],
-             [0.67, CHECK_STATUS_COLORS["fail"]], [1.0, CHECK_STATUS_COLORS["fail"]]]
+        z.append([code.get(part.loc[c, "status"], 2) if c in part.index else not_run for c in names])
+        text.append([part.loc[c, "status"].upper() if c in part.index else "not run" for c in names])
+        hover.append([str(part.loc[c, "detail"]) if c in part.index else "this evaluation did not run this check"
+                      for c in names])
+    # four flat bands over z = 0..3: pass, warn, fail, not run
+    scale = []
+    for k, status in enumerate(("pass", "warn", "fail", "not run")):
+        scale += [[k / 4, CHECK_STATUS_COLORS[status]], [(k + 1) / 4, CHECK_STATUS_COLORS[status]]]
     fig = go.Figure(go.Heatmap(z=z, x=names, y=runs, text=text, texttemplate="%{text}", customdata=hover,
                                hovertemplate="%{y}<br>%{x}: %{text}<br>%{customdata}<extra></extra>",
-                               colorscale=scale, zmin=0, zmax=2, showscale=False, xgap=2, ygap=2))
+                               colorscale=scale, zmin=-0.5, zmax=3.5, showscale=False, xgap=2, ygap=2))
+    key = "green: PASS · amber: WARN (a flag) · red: FAIL · grey: not run"
     # ~28 px per row on top of the title and the rotated check names, and every row's name as a tick
     # (plotly drops category labels that it finds crowded, leaving rows unnamed)
-    fig.update_layout(title=title, height=230 + 28 * len(runs), yaxis_autorange="reversed",
-                      yaxis=dict(tickmode="array", tickvals=runs, ticktext=runs),
-                      xaxis_tickangle=-30, margin=dict(l=160), template="plotly_white")
+    fig.update_layout(title=f"{title}<br><sup>{key}</sup>", height=250 + 28 * len(runs),
+                      yaxis_autorange="reversed", yaxis=dict(tickmode="array", tickvals=runs, ticktext=runs),
+                      xaxis_tickangle=-30, margin=dict(l=160, t=90), template="plotly_white")
     return fig
 
 
-def adversarial_comparison_bars(table, *, title: str = "Ours (measured here) beside the paper's published numbers"):
+def _wrap_tick(text: str, width: int = 16, longest: int = 24) -> str:
+    """``text`` for a horizontal category label: one longer than ``width`` characters is broken before
+    each parenthesis ("paper<br>(published)"), and a piece still longer than ``longest`` at spaces."""
+    import re
+    import textwrap
+
+    text = str(text)
+    if len(text) <= width:
+        return text
+    lines = []
+    for piece in re.split(r" (?=\()", text):
+        lines += textwrap.wrap(piece, longest) or [piece]
+    return "<br>".join(lines)
+
+
+def adversarial_comparison_bars(table, *, title: str = "Ours (measured here) beside published numbers"):
     """Grouped bars of clean and robust accuracy, one bar group per row of ``table``
-    (:meth:`dkl_lib.experiments.AdvGridResult.comparison`): our runs solid, the paper's hatched,
-    each labelled with its data, model and attack, so that they are never mistaken for each other.
+    (:meth:`dkl_lib.experiments.AdvGridResult.comparison`): our runs solid, published numbers
+    hatched, each labelled with its method, who measured it (``who``) and its data, so that they are
+    never mistaken for each other. A row whose ``who`` does not start with "ours" is a published one.
 
     Bar colour is the method's; robust bars are lighter. Our bars carry ± std error bars; the
-    paper's published numbers have no spread, so their bars have none (not a zero-length one).
-    The legend's grey keys say which bar is clean and which robust. Traces: per metric, ours then
-    the paper's (``meta`` {"metric", "who"}), then the two legend keys (``meta`` {"kind": "key"}).
+    published numbers have no spread, so their bars have none (not a zero-length one). Every bar's
+    value is written inside it, at its foot, where no error bar reaches. The category labels are
+    wrapped (``<br>``) and stay horizontal, so that neighbours do not run into each other. The
+    legend's grey keys say which bar is clean and which robust. Traces: per metric, ours then the
+    published ones (``meta`` {"metric", "who": "ours" / "paper"}), then the two legend keys (``meta``
+    {"kind": "key"}).
     """
     import math
 
     rows = [r for _, r in table.iterrows()]
-    x_all = [f"{r['method']}<br>{r['who']}<br>{r['data']}" for r in rows]
+    x_all = ["<br>".join(_wrap_tick(r[k]) for k in ("method", "who", "data")) for r in rows]
     fig = go.Figure()
     for metric in ("clean", "robust"):
         opacity = 1.0 if metric == "clean" else 0.6
         for who, paper in (("ours", False), ("paper", True)):
-            part = [(x, r) for x, r in zip(x_all, rows) if r["who"].startswith("paper") == paper]
+            part = [(x, r) for x, r in zip(x_all, rows) if (not str(r["who"]).startswith("ours")) == paper]
             if not part:
                 continue
             y = [r[f"{metric} (%)"] for _, r in part]
@@ -1021,17 +1046,21 @@ def adversarial_comparison_bars(table, *, title: str = "Ours (measured here) bes
             err = [0.0 if e is None or (isinstance(e, float) and math.isnan(e)) else float(e) for e in err]
             fig.add_bar(x=[x for x, _ in part], y=y, name=f"{metric} ({who})", showlegend=False,
                         marker=dict(color=[color(r["loss"]) for _, r in part], opacity=opacity,
-                                    pattern_shape="/" if paper else ""),
+                                    pattern=dict(shape="/" if paper else "", solidity=0.2)),
                         error_y=dict(type="data", array=err, visible=not paper), offsetgroup=metric,
-                        text=[f"{v:.1f}" for v in y], textposition="outside", cliponaxis=False,
+                        text=[f"{v:.1f}" for v in y], textposition="inside", insidetextanchor="start",
+                        textangle=0, cliponaxis=False,
+                        # white on a solid dark bar, black on a lighter or hatched one
+                        insidetextfont=dict(color="white" if metric == "clean" and not paper else "black", size=12),
                         hovertext=[f"{metric}; attack: {r['attack']}" for _, r in part],
                         meta={"metric": metric, "who": who})
     for metric, opacity in (("clean", 1.0), ("robust", 0.6)):  # legend keys in neutral grey
         fig.add_scatter(x=[None], y=[None], mode="markers", name=f"{metric} accuracy",
                         marker=dict(symbol="square", size=12, color="#555555", opacity=opacity),
                         meta={"kind": "key", "metric": metric})
-    fig.update_layout(title=title, barmode="group", yaxis_title="accuracy (%)", yaxis_range=[0, 109], height=460,
-                      xaxis=dict(categoryorder="array", categoryarray=x_all), template="plotly_white",
-                      legend_title_text="colour: method; lighter: robust;<br>hatched: the paper's number;"
-                                        "<br>hover: the attack")
+    key = "colour: method · lighter: robust · hatched: a published number · hover: the attack"
+    fig.update_layout(title=f"{title}<br><sup>{key}</sup>", barmode="group", yaxis_title="accuracy (%)",
+                      yaxis_range=[0, 105], height=560, template="plotly_white", margin=dict(t=110),
+                      xaxis=dict(categoryorder="array", categoryarray=x_all, tickangle=0, tickfont=dict(size=11)),
+                      legend=dict(orientation="h", x=1, xanchor="right", y=1.02, yanchor="bottom"))
     return fig

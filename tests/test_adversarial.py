@@ -256,6 +256,27 @@ def test_adv_paper_numbers():
     assert set(ref["loss"]) == {"trades", "ikl"} and E.adv_paper_reference(E.resolve_adv_config("cpu-quick")) is None
 
 
+def test_comparison_says_who_published_each_number():
+    """TRADES' CIFAR-10 figure is RobustBench's, not the DKL paper's: its row said "paper (published)"
+    although its source column named RobustBench."""
+    import pandas as pd
+
+    summary = pd.DataFrame([{"loss": "trades", "n": 2, "clean_acc_mean": 96.5, "clean_acc_std": 0.7,
+                             "robust_acc_mean": 68.5, "robust_acc_std": 0.7}])
+    config = {"data": {"name": "digits"}, "model": {"name": "small_cnn"}, "preset": "cpu-quick",
+              "eval": {"epsilon": 0.1, "pgd_steps": [20, 50], "ensemble_attacks": ["apgd-ce"], "samples": 100}}
+    grid = E.AdvGridResult(runs=pd.DataFrame(), summary=summary, checks=pd.DataFrame(), config=config)
+    table = grid.comparison().set_index(["data", "method"])
+    assert table.loc[("CIFAR-10 (ε = 8/255)", "TRADES"), "who"] == "published (RobustBench)"
+    assert "RobustBench" in table.loc[("CIFAR-10 (ε = 8/255)", "TRADES"), "source"]
+    dkl_rows = table[table["source"].str.startswith("DKL paper")]
+    assert len(dkl_rows) == 3 and (dkl_rows["who"] == "paper (published)").all()
+    assert table.loc[("digits (ε = 0.1)", "TRADES (KL)"), "who"] == "ours (measured here)"
+    # rows without "reported_by" (a user's own frame) stay the paper's
+    own = E.paper_results(task="adversarial").drop(columns=["reported_by"])
+    assert set(grid.comparison(paper=own)["who"]) == {"ours (measured here)", "paper (published)"}
+
+
 def test_run_adv_grid_caches_training_and_evaluation(tmp_path):
     grid = E.run_adv_grid(["trades", "ikl"], [0, 1], overrides=TINY, cache_dir=tmp_path, device="cpu",
                           progress=False)

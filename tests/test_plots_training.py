@@ -322,6 +322,33 @@ def test_sanity_check_table_labels_every_row():
     assert fig.layout.height >= 230 + 28 * 6                     # room for 6 rows under the title
 
 
+def test_sanity_check_table_shows_checks_that_did_not_run():
+    """A check a run did not do was a blank cell (z None) while the table above it said "not run"; a
+    custom title had no key to the colours."""
+    checks = pd.DataFrame([{"loss": "sound", "seed": "", "check": c, "status": s, "detail": ""}
+                           for c, s in (("a", "pass"), ("b", "warn"), ("c", "fail"))]
+                          + [{"loss": "broken", "seed": "", "check": "a", "status": "fail", "detail": ""}])
+    fig = plots.sanity_check_table(checks, title="four setups")
+    heat = fig.data[0]
+    assert [list(r) for r in heat.text] == [["PASS", "WARN", "FAIL"], ["FAIL", "not run", "not run"]]
+    assert None not in [v for r in heat.z for v in r]
+
+    def colour_of(z):  # the colour the heatmap draws for z: the colorscale at (z - zmin) / (zmax - zmin)
+        at = (z - heat.zmin) / (heat.zmax - heat.zmin)
+        stops = [(pos, c) for pos, c in heat.colorscale]
+        below = [c for pos, c in stops if pos <= at]
+        above = [c for pos, c in stops if pos >= at]
+        assert below[-1] == above[0], f"z = {z} falls between two colours"
+        return below[-1]
+
+    drawn = {t: colour_of(z) for rt, rz in zip(heat.text, heat.z) for t, z in zip(rt, rz)}
+    assert drawn == {"PASS": plots.CHECK_STATUS_COLORS["pass"], "WARN": plots.CHECK_STATUS_COLORS["warn"],
+                     "FAIL": plots.CHECK_STATUS_COLORS["fail"], "not run": plots.CHECK_STATUS_COLORS["not run"]}
+    assert fig.layout.title.text.startswith("four setups")
+    for word in ("PASS", "WARN", "FAIL", "not run"):               # the key is there under a custom title too
+        assert word in fig.layout.title.text
+
+
 def test_adversarial_examples_images_keep_their_own_aspect():
     x = torch.rand(4, 1, 8, 8)
     fig = plots.adversarial_examples(x, (x + 0.05).clamp(0, 1), [1, 2, 3, 4], [1, 2, 3, 4], [4, 2, 5, 4], n=4)
@@ -341,7 +368,28 @@ def test_adversarial_comparison_bars_paper_rows_have_no_error_bar():
     assert [t.name for t in keys] == ["clean accuracy", "robust accuracy"]
     assert all(t.showlegend is False for t in bars.values())
     assert list(fig.layout.xaxis.categoryarray) == [
-        "IKL-AT<br>ours (measured here)<br>digits", "IKL-AT<br>paper (published)<br>CIFAR-10"]
+        "IKL-AT<br>ours<br>(measured here)<br>digits", "IKL-AT<br>paper<br>(published)<br>CIFAR-10"]
+
+
+def test_adversarial_comparison_bars_keep_labels_apart_and_values_off_the_error_bars():
+    """Rotated one-line tick labels ran into each other, a value label sat on its bar's error bar, and a
+    "published (RobustBench)" row was drawn as ours (only "paper ..." counted as published)."""
+    table = comparison_table(clean=97.7, clean_std=0.3)
+    extra = dict(table.iloc[1])
+    extra.update({"method": "improved TRADES (AWP, increasing eps)", "loss": "trades",
+                  "who": "published (RobustBench)", "data": "CIFAR-100 (ε = 8/255)"})
+    table = pd.concat([table, pd.DataFrame([extra])], ignore_index=True)
+    fig = plots.adversarial_comparison_bars(table)
+    assert fig.layout.xaxis.tickangle == 0
+    ticks = list(fig.layout.xaxis.categoryarray)
+    assert ticks[2] == "improved TRADES<br>(AWP, increasing eps)<br>published<br>(RobustBench)<br>CIFAR-100<br>(ε = 8/255)"
+    assert max(len(line) for tick in ticks for line in tick.split("<br>")) <= 24
+    bars = {(t.meta["metric"], t.meta["who"]): t for t in fig.data if t.type == "bar"}
+    assert list(bars[("clean", "paper")].x) == ticks[1:]          # the RobustBench row is a published one: hatched
+    assert bars[("clean", "paper")].marker.pattern.shape == "/" and not bars[("clean", "ours")].marker.pattern.shape
+    for t in bars.values():                                       # the value sits at the bar's foot, inside it
+        assert t.textposition == "inside" and t.insidetextanchor == "start" and t.textangle == 0
+    assert "published" in fig.layout.title.text and "hatched" in fig.layout.title.text
 
 
 def test_std_bands_draw_no_markers_at_their_corners():

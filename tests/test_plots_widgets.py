@@ -418,6 +418,16 @@ def test_equivalence_heatmap_and_confidence_lines_carry_their_data():
         assert list(t.x) == part["confidence"].tolist() and list(t.y) == part["grad_norm"].tolist()
 
 
+# full-severity colour-vision simulations of Machado, Oliveira & Fernandes (2009), in linear RGB
+_CVD_VISION = {"normal": [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
+               "deuteranopia": [[0.367322, 0.860646, -0.227968], [0.280085, 0.672501, 0.047413],
+                                [-0.011820, 0.042940, 0.968881]],
+               "protanopia": [[0.152286, 1.052583, -0.204868], [0.114503, 0.786281, 0.099216],
+                              [-0.003882, -0.048116, 1.051998]],
+               "tritanopia": [[1.255528, -0.076749, -0.178779], [-0.078411, 0.930809, 0.147602],
+                              [0.004733, 0.691367, 0.303900]]}
+
+
 def _cvd_lab(hex_colour, matrix):
     """CIE L*a*b* of ``hex_colour`` as seen through a colour-vision simulation ``matrix`` (linear RGB)."""
     import numpy as np
@@ -431,7 +441,7 @@ def _cvd_lab(hex_colour, matrix):
 
 
 @pytest.mark.parametrize("group", [("ce", "kl", "dkl", "ikl", "ikl-nogi", "gkl", "gkl-nogi", "dkd"),
-                                   ("ce", "trades", "ikl"), ("pass", "warn", "fail")])
+                                   ("ce", "trades", "ikl"), ("pass", "warn", "fail", "not run")])
 def test_colours_that_share_a_figure_stay_apart_for_colour_blind_readers(group):
     """About one man in twelve has a red-green deficiency: the old palette drew IKL red beside DKD green
     (ΔE 7 under deuteranopia) and KL blue beside GKL purple (ΔE 6). Every pair of colours that can share a
@@ -441,13 +451,7 @@ def test_colours_that_share_a_figure_stay_apart_for_colour_blind_readers(group):
 
     import numpy as np
 
-    vision = {"normal": np.eye(3),
-              "deuteranopia": [[0.367322, 0.860646, -0.227968], [0.280085, 0.672501, 0.047413],
-                               [-0.011820, 0.042940, 0.968881]],
-              "protanopia": [[0.152286, 1.052583, -0.204868], [0.114503, 0.786281, 0.099216],
-                             [-0.003882, -0.048116, 1.051998]],
-              "tritanopia": [[1.255528, -0.076749, -0.178779], [-0.078411, 0.930809, 0.147602],
-                             [0.004733, 0.691367, 0.303900]]}
+    vision = _CVD_VISION
     colours = {**plots.LOSS_COLORS, **plots.CHECK_STATUS_COLORS}
     close = [(a, b, name, round(float(np.linalg.norm(_cvd_lab(colours[a], m) - _cvd_lab(colours[b], m))), 1))
              for a, b in itertools.combinations(group, 2) for name, m in vision.items()]
@@ -456,6 +460,19 @@ def test_colours_that_share_a_figure_stay_apart_for_colour_blind_readers(group):
     red_green = [float(np.linalg.norm(_cvd_lab("#d62728", vision[v]) - _cvd_lab("#2ca02c", vision[v])))
                  for v in ("normal", "deuteranopia")]
     assert red_green[0] > 50 > 10 > red_green[1]
+
+
+def test_sanity_check_fail_is_a_red_far_from_the_warn_amber():
+    """FAIL was Okabe & Ito's vermillion (#d55e00), ΔE 18 from WARN's amber under deuteranopia, while the
+    title called it red: FAIL is now a true red, at least ΔE 30 from the amber for every simulated vision."""
+    import numpy as np
+
+    vision = _CVD_VISION
+    warn, fail = plots.CHECK_STATUS_COLORS["warn"], plots.CHECK_STATUS_COLORS["fail"]
+    gaps = {name: float(np.linalg.norm(_cvd_lab(warn, m) - _cvd_lab(fail, m))) for name, m in vision.items()}
+    assert min(gaps.values()) >= 30, gaps
+    r, g, b = (int(fail[i:i + 2], 16) for i in (1, 3, 5))
+    assert r >= 0xb0 and g <= 0x20 and b <= 0x20                 # a red, as the title says
 
 
 def test_margin_lines_draw_each_term_in_both_panels_with_one_legend_entry():
