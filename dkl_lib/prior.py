@@ -218,14 +218,19 @@ class ClassPrior:
         return torch.stack(self.history)
 
     def state_dict(self) -> dict:
-        """The prior, the open epoch's accumulators and the epoch count (for checkpoints)."""
-        return {"prior": self.prior.detach().cpu().clone(), "sums": self._sums.cpu().clone(),
-                "counts": self._counts.cpu().clone(), "epochs": self.epochs}
+        """The prior, the open epoch's accumulators, the epoch count and (with ``keep_history``) the
+        history of priors (for checkpoints)."""
+        state = {"prior": self.prior.detach().cpu().clone(), "sums": self._sums.cpu().clone(),
+                 "counts": self._counts.cpu().clone(), "epochs": self.epochs}
+        if self.keep_history:
+            state["history"] = [t.clone() for t in self.history]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a :meth:`state_dict`; ValueError naming the key for a missing entry or a tensor
         of the wrong shape, TypeError for a ``state`` that is not a dict or an entry that is not a
-        tensor (nothing is changed then)."""
+        tensor (nothing is changed then). Its ``history`` (epochs + 1 snapshots) replaces this prior's
+        when both keep one; a state without it (from before it was saved) leaves the history as it is."""
         if not isinstance(state, Mapping):
             raise TypeError(f"state must be a dict from ClassPrior.state_dict(), got {type(state).__name__}")
         missing = [key for key in ("prior", "sums", "counts", "epochs") if key not in state]
@@ -247,10 +252,18 @@ class ClassPrior:
         epochs = state["epochs"]
         if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 0:
             raise ValueError(f"state['epochs'] must be a non-negative integer, got {epochs!r}")
+        history = state.get("history")
+        if history is not None:
+            if not isinstance(history, (list, tuple)) or len(history) != int(epochs) + 1 or not all(
+                    isinstance(t, torch.Tensor) and tuple(t.shape) == (classes, classes) for t in history):
+                raise ValueError(f"state['history'] must be a list of epochs + 1 = {int(epochs) + 1} tensors of "
+                                 f"shape {(classes, classes)} (the prior of every epoch)")
         self.prior = state["prior"].to(self.device, self.dtype).clone()
         self._sums = state["sums"].to(self.device, wide_dtype(self.device)).clone()
         self._counts = state["counts"].to(self.device, wide_dtype(self.device)).clone()
         self.epochs = int(epochs)
+        if history is not None and self.keep_history:
+            self.history = [t.detach().cpu().to(self.dtype).clone() for t in history]
 
     def __repr__(self) -> str:
         return (f"ClassPrior(num_classes={self.num_classes}, epochs={self.epochs}, "

@@ -306,8 +306,9 @@ class _Checkpoints:
         for name, gen in generators.items():
             gen.set_state(state["generators"][name])
         if prior is not None:
-            prior.load_state_dict(state["prior"])
-            prior.history = [t.clone() for t in state["prior_history"]]
+            prior.load_state_dict(state["prior"])  # (its history too, in checkpoints since it holds one)
+            if "history" not in state["prior"] and state.get("prior_history") is not None:  # older checkpoints
+                prior.history = [t.clone() for t in state["prior_history"]]
         for name, module in (extra or {}).items():  # (a copy of a torch.compile'd model: its own module)
             dist.unwrap_model(module).load_state_dict(state["extra"][name])
         return int(state["epoch"]), list(state["history"])
@@ -321,8 +322,7 @@ class _Checkpoints:
         state = {"epoch": epoch, "model": dist.unwrap_model(model).state_dict(),
                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "generators": {name: gen.get_state() for name, gen in generators.items()},
-                 "prior": prior.state_dict() if prior is not None else None,
-                 "prior_history": list(prior.history) if prior is not None else None,
+                 "prior": prior.state_dict() if prior is not None else None,  # (with its history)
                  "history": history, "config": self.config, "identity": self.identity,
                  "extra": {name: dist.unwrap_model(module).state_dict() for name, module in (extra or {}).items()}}
         dist.save_checkpoint(dist.checkpoint_path(self.folder, epoch), state)

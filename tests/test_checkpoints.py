@@ -345,3 +345,25 @@ def test_a_checkpoint_resumes_on_a_cpu_with_other_vector_instructions(teacher, t
     monkeypatch.undo()
     assert T.distill(mlp(1), teacher, d, loss="kl", epochs=1, seed=0, **FAST).ran_on["cpu_capability"] \
         == cpu_backend.get_cpu_capability()
+
+
+def test_the_class_prior_history_resumes_from_new_and_older_checkpoints(teacher, tmp_path):
+    """The prior's state_dict now carries its history (it was lost by a round trip through it): a
+    checkpoint holds it once, inside "prior", and one written before, with a separate "prior_history"
+    and a prior state without one, still resumes to the same priors as the uninterrupted run."""
+    d = tiny()
+    kw = dict(loss="ikl", gi=True, epochs=4, seed=3, **FAST)
+    full = T.distill(mlp(1), teacher, d, **kw)
+    for older in (False, True):
+        folder = tmp_path / ("older" if older else "now")
+        T.distill(mlp(1), teacher, d, checkpoint_dir=folder, callback=stop_after(2), **kw)
+        path = dist.checkpoint_path(folder, 2)
+        state = torch.load(path, weights_only=True)
+        assert len(state["prior"]["history"]) == 3 and "prior_history" not in state
+        if older:  # as written before: the history beside the prior's state, not in it
+            state["prior_history"] = state["prior"].pop("history")
+            del state[dist.CHECKSUM_KEY]
+            dist.save_checkpoint(path, state)
+        rest = T.distill(mlp(1), teacher, d, checkpoint_dir=folder, **kw)
+        assert rest.resumed_from == 2
+        assert torch.equal(torch.stack(full.priors), torch.stack(rest.priors)), older

@@ -323,3 +323,38 @@ def test_augment_draws_every_offset_independently_and_flips_half():
         flips += found[0][2]
     assert seen == {(dy, dx) for dy in range(3) for dx in range(3)}
     assert 0.42 < flips / n < 0.58
+
+
+# ------------------------------------------------------------------ found by mutation testing (session 14)
+def test_augment_crops_non_square_images_and_never_mirrors_without_flip():
+    """Every augmentation test used square images (rows and columns swapped passed them) and flip=False
+    only without padding (the early return): both cases now, each image one exact window of the padded
+    image, unmirrored without flip."""
+    x = torch.rand(24, 3, 6, 10, generator=torch.Generator().manual_seed(0))
+    for flip in (True, False):
+        out = D.augment_crop_flip(x, padding=2, flip=flip, generator=torch.Generator().manual_seed(4))
+        assert out.shape == x.shape
+        for i in range(x.shape[0]):
+            windows = _all_crops(x[i], 2)
+            if not flip:
+                windows = windows[0::2]  # the unmirrored ones
+            assert any(torch.equal(out[i], c) for c in windows), f"image {i} (flip={flip})"
+        if not flip:
+            assert not torch.equal(out, x)  # cropped all the same
+
+
+def test_cifar10_gets_its_own_normalisation_and_ten_classes(tmp_path, monkeypatch, no_network):
+    import importlib.util
+    import pathlib
+
+    import torchvision.datasets.cifar as tv_cifar
+
+    spec = importlib.util.spec_from_file_location("presets", pathlib.Path(__file__).with_name("test_cifar_presets.py"))
+    presets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(presets)
+    presets.write_mini_cifar(tmp_path, "cifar10", n_train=10, n_test=5)
+    monkeypatch.setattr(tv_cifar.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: True)
+    d = D.cifar("cifar10", root=tmp_path)
+    assert (d.mean, d.std) == D.CIFAR_STATS["cifar10"] and D.CIFAR_STATS["cifar10"] != D.CIFAR_STATS["cifar100"]
+    assert d.num_classes == 10 and d.x_train.shape == (10, 3, 32, 32) and d.x_test.shape == (5, 3, 32, 32)

@@ -274,3 +274,15 @@ def test_decoding_threads_default_to_the_cpus_shared_among_local_processes(monke
     monkeypatch.setenv("DKL_DECODE_WORKERS", "zero")
     with pytest.raises(ValueError, match="DKL_DECODE_WORKERS"):
         D.default_decode_workers()
+
+
+def test_train_crops_can_start_at_every_row_and_column_as_torchvision_draws_them():
+    """torchvision draws top from randint(0, H - h + 1): the last row is a possible start too; a draw
+    from (H - h) passed the other tests and never cropped the bottom- or right-most window."""
+    size_draws = [0.3, 0.5] + [0.0] * 18  # the first try fits: a fixed crop size
+    _, _, h, w = D._resized_crop_box(40, 30, size_draws + [0.0, 0.0, 0.0])
+    grid = [(k + 0.5) / 1000 for k in range(1000)]
+    tops = {D._resized_crop_box(40, 30, size_draws + [u, 0.0, 0.0])[0] for u in grid}
+    lefts = {D._resized_crop_box(40, 30, size_draws + [0.0, u, 0.0])[1] for u in grid}
+    assert tops == set(range(30 - h + 1)) and lefts == set(range(40 - w + 1))
+    assert 30 - h >= 1 and 40 - w >= 1  # a crop smaller than the image, so there is more than one start

@@ -410,3 +410,35 @@ def test_class_prior_bounds_are_the_largest_row_sum_smallest_row_maximum_and_lar
     assert _checks.class_prior_bounds(prior, 5, prior.device) == (high_sum, low_row_max, high)  # remembered
     prior[3, 0] = 0.5  # in place: checked anew, not the remembered bounds
     assert _checks.class_prior_bounds(prior, 5, prior.device)[1] == prior.amax(1).min().item() > 2e-30
+
+
+# ------------------------------------------------------------------ found by mutation testing (session 14)
+def test_to_moves_the_prior_and_both_accumulators():
+    """to() that left the counts behind passed every test (the CUDA tests build the prior on the GPU);
+    a CPU-built prior handed to a run on another device then failed in its first update."""
+    gi = ClassPrior(3).to("meta")
+    assert gi.prior.device.type == gi._sums.device.type == gi.counts.device.type == "meta"
+    gi._update_checked(torch.randn(2, 3, device="meta"), torch.tensor([0, 1], device="meta"), weight_temperature=1.0)
+    assert gi.counts.device.type == "meta"
+
+
+def test_a_state_dict_round_trip_keeps_the_history_of_priors():
+    """load_state_dict restored the epoch count but not the history, so history[e] (the prior used in
+    epoch e) no longer matched: after two epochs, epochs = 2 beside a history of one uniform entry."""
+    g = torch.Generator().manual_seed(0)
+    gi = ClassPrior(4)
+    for _ in range(2):
+        gi.update(torch.randn(16, 4, generator=g), torch.arange(16) % 4, weight_temperature=2.0)
+        gi.end_epoch()
+    fresh = ClassPrior(4)
+    fresh.load_state_dict(gi.state_dict())
+    assert fresh.epochs == 2 and len(fresh.history) == 3
+    assert all(torch.equal(a, b) for a, b in zip(fresh.history, gi.history))
+    assert torch.equal(fresh.history[-1], fresh.prior.cpu())
+    state = gi.state_dict()
+    del state["history"]  # a state from before the history was saved: the history is left alone
+    older = ClassPrior(4)
+    older.load_state_dict(state)
+    assert older.epochs == 2 and len(older.history) == 1
+    with pytest.raises(ValueError, match=r"state\['history'\] must be a list of epochs \+ 1 = 3"):
+        ClassPrior(4).load_state_dict({**gi.state_dict(), "history": gi.history[:2]})

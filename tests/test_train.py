@@ -465,3 +465,23 @@ def test_the_shape_probe_runs_without_autograd():
     s.register_forward_hook(lambda m, a, out: seen.append((torch.is_grad_enabled(), out.requires_grad)))
     T._check_fits("student", s, d, normalize=True)
     assert seen == [(False, False)]
+
+
+# ------------------------------------------------------------------ found by mutation testing (session 14)
+def test_train_accuracy_is_the_percent_correct_of_the_epochs_forward_passes(teacher64):
+    """No test read train_acc's value: counting nothing, or a fraction instead of a percent, passed.
+    With one batch holding the whole training set and one epoch, train_acc is the accuracy of the model
+    before its first step (the forward pass the step is taken from), in percent."""
+    d = tiny_data(torch.float64)
+    full = dict(FAST, batch_size=d.n_train, epochs=1)
+    for run in ("distill", "train_teacher"):
+        model = student64(seed=3)
+        with torch.no_grad():
+            start = copy.deepcopy(model)(d.normalize(d.x_train))
+        oracle = 100.0 * float((start.argmax(1) == d.y_train).double().mean())
+        if run == "distill":
+            result = T.distill(model, teacher64, d, loss="kl", temperature=4.0, seed=0, **full)
+        else:
+            result = T.train_teacher(model, d, seed=0, **full)
+        assert result.history[0]["train_acc"] == pytest.approx(oracle, abs=1e-9), run
+        assert 0.0 < oracle < 100.0  # neither extreme: a fraction would read 0.x, a constant 100
