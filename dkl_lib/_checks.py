@@ -366,6 +366,12 @@ def check_int(name: str, value, low: int = 1) -> int:
     return int(value)
 
 
+def check_module(name: str, value) -> None:
+    """TypeError unless ``value`` is a ``torch.nn.Module`` (a built model)."""
+    if not isinstance(value, torch.nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module, got {type(value).__name__}")
+
+
 def check_seed(name: str, value) -> int:
     """An integer seed (bool and floats such as 1.7 are refused rather than truncated)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

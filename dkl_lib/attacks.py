@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import (check_finite_values, check_label_range, check_model_output, check_seed, check_unit_range,
-                      value_range)
+from ._checks import (check_finite_values, check_label_range, check_model_output, check_module, check_seed,
+                      check_unit_range, value_range)
 from ._checks import check_number as _number
 from .losses import kl_loss
 
@@ -126,11 +126,6 @@ def check_ensemble_attacks(attacks, *, name: str = "attacks", gradient_first: bo
     return attacks
 
 
-def _check_model(model) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-
-
 def _check_logits(logits, y: Optional[torch.Tensor] = None) -> None:
     """The model returned (B, classes) logits, and every label of ``y`` is one of those classes
     (first batch only: the label check reads back one min/max)."""
@@ -168,7 +163,7 @@ class Normalized(nn.Module):
 
     def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
-        _check_model(model)
+        check_module("model", model)
         try:
             if isinstance(mean, (str, bytes)) or isinstance(std, (str, bytes)):
                 raise TypeError
@@ -255,7 +250,7 @@ def _project(x_adv: torch.Tensor, x: torch.Tensor, epsilon: float) -> torch.Tens
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 500) -> torch.Tensor:
     """Predicted classes (N,) int64 of the model in eval mode (its mode restored)."""
-    _check_model(model)
+    check_module("model", model)
     _check_xy(x)
     batch_size = _int("batch_size", batch_size, 1)
     out = []
@@ -270,7 +265,7 @@ def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 500) -> torc
 @torch.no_grad()
 def clean_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 500) -> torch.Tensor:
     """Bool tensor (N,): is each sample classified correctly (model in eval mode, mode restored)?"""
-    _check_model(model)
+    check_module("model", model)
     _check_xy(x, y)
     batch_size = _int("batch_size", batch_size, 1)
     out = []
@@ -339,7 +334,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epsilon: float, s
 
     Notebook: 04_adversarial_training.
     """
-    _check_model(model)
+    check_module("model", model)
     _check_xy(x, y)
     check_unit_range("x", x)
     return _pgd(model, x, y, epsilon=epsilon, steps=steps, step_size=step_size, restarts=restarts,
@@ -434,7 +429,7 @@ def trades_perturb(model: nn.Module, x: torch.Tensor, *, epsilon: float, steps: 
 
     Notebook: 04_adversarial_training.
     """
-    _check_model(model)
+    check_module("model", model)
     _check_xy(x)
     check_unit_range("x", x)
     epsilon = _number("epsilon", epsilon, low=0.0)
@@ -583,7 +578,7 @@ def ensemble_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epsil
         EnsembleUnavailableError: (an ``ImportError``) ART (``adversarial-robustness-toolbox``) or
             ``multiprocess`` is missing.
     """
-    _check_model(model)
+    check_module("model", model)
     _check_xy(x, y)
     check_unit_range("x", x)  # ART would clip the inputs to (0, 1) silently and attack other images
     _check_ensemble_dtype(model)
@@ -824,7 +819,7 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
 
     Notebook: 04_adversarial_training.
     """
-    _check_model(model)
+    check_module("model", model)
     _check_xy(x, y)
     epsilon = _number("epsilon", epsilon, low=0.0)
     if epsilon <= 0:

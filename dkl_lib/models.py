@@ -27,7 +27,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ._checks import check_int, check_seed
+from ._checks import check_int, check_module, check_seed
 
 __all__ = [
     "MLP",
@@ -549,14 +549,8 @@ def build_model(name: str, num_classes: int, *, seed: Optional[int] = None, **kw
 def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
     """Number of parameter entries (buffers such as BN running statistics not counted); with
     ``trainable_only`` only those of parameters that require grad."""
-    _check_module("model", model)
+    check_module("model", model)
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def _check_module(name: str, model) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{name} must be a torch.nn.Module (a built model, e.g. dkl.models.build_model(...)), "
-                        f"got {type(model).__name__}")
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -624,7 +618,7 @@ def load_teacher_checkpoint(checkpoint, model: nn.Module, *, map_location="cpu",
         FileNotFoundError: no file at the path.
         TypeError: ``model`` is not a ``torch.nn.Module``.
     """
-    _check_module("model", model)
+    check_module("model", model)
     if isinstance(checkpoint, (str, Path)):
         path = Path(checkpoint).expanduser()
         if not path.is_file():

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as dist
-from ._checks import NonFiniteError, check_model_output, supports_float64, wide_dtype
+from ._checks import NonFiniteError, check_model_output, check_module, supports_float64, wide_dtype
 from ._checks import check_number as _number
 from .attacks import _mean_percent, _model_dtype, clean_correct, pgd, trades_perturb
 from .attacks import bf16_autocast as _autocast
@@ -845,11 +845,6 @@ def _common_config(*, epochs, lr, momentum, weight_decay, milestones, lr_decay, 
     )
 
 
-def _check_model(name: str, model) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
-
-
 def _check_data(data) -> None:
     if not isinstance(data, TensorData):
         raise TypeError(f"data must be a dkl_lib.data.TensorData, got {type(data).__name__}")
@@ -916,7 +911,7 @@ def train_teacher(model: nn.Module, data: TensorData, *, epochs: int, lr: float 
     dtype (a float64 model trains in float64). Notebook 03 trains (or loads from cache) its
     teacher with this.
     """
-    _check_model("model", model)
+    check_module("model", model)
     _check_data(data)
     _check_callback(callback)
     cfg = _common_config(epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
@@ -1010,14 +1005,14 @@ def distill(student: nn.Module, teacher: Optional[nn.Module], data: TensorData, 
     if gi and "gi" not in loss_settings(loss):
         raise ValueError(f"gi=True (class-wise global information) applies to ikl and gkl only (and to losses "
                          f"registered with uses_prior=True), not {loss!r}")
-    _check_model("student", student)
+    check_module("student", student)
     _check_data(data)
     _check_callback(callback)
     if teacher is None:
         if loss != "ce":
             raise ValueError(f"loss {loss!r} needs a teacher (only 'ce' trains without one)")
     else:
-        _check_model("teacher", teacher)
+        check_module("teacher", teacher)
     if class_prior is not None and not isinstance(class_prior, ClassPrior):
         raise TypeError(f"class_prior must be a dkl_lib.prior.ClassPrior, got {type(class_prior).__name__}")
     hparams = _loss_hparams(loss, temperature=temperature, alpha=alpha, beta=beta, gamma=gamma,
@@ -1314,7 +1309,7 @@ def adversarial_train(model: nn.Module, data: TensorData, *, loss: str = "trades
     """
     if not isinstance(loss, str) or loss not in ADV_LOSSES:
         raise ValueError(f"unknown adversarial loss {loss!r}; choose one of {list(ADV_LOSSES)}")
-    _check_model("model", model)
+    check_module("model", model)
     _check_data(data)
     _check_callback(callback)
     if data.lazy:
