@@ -584,11 +584,10 @@ def _extract_state_dict(obj) -> Mapping[str, torch.Tensor]:
         f"{sorted(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__}")
 
 
-def _match_prefix(state: Mapping[str, torch.Tensor], model: nn.Module, prefix: str = "module.") -> dict:
+def _match_prefix(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], prefix: str = "module.") -> dict:
     """``state`` with the DataParallel / DistributedDataParallel ``prefix`` taken off or put on, as the
-    model's own keys have it (a wrapped model's keys carry it, a plain model's do not)."""
+    model's own keys (``own``, its state_dict) have it (a wrapped model's keys carry it, a plain model's do not)."""
     state = dict(state)
-    own = model.state_dict()
     wrapped = bool(own) and all(k.startswith(prefix) for k in own)  # (a plain model may have a "module" child)
     prefixed = bool(state) and all(k.startswith(prefix) for k in state)
     if prefixed and not wrapped:
@@ -644,8 +643,9 @@ def load_teacher_checkpoint(checkpoint, model: nn.Module, *, map_location="cpu",
     else:
         obj = checkpoint
     try:
-        state = _match_prefix(_extract_state_dict(obj), model)
-        own, missing = _check_state_dict(state, model)
+        own = model.state_dict()
+        state = _match_prefix(_extract_state_dict(obj), own)
+        missing = _check_state_dict(state, own, type(model).__name__)
     except CheckpointMismatchError as err:
         if isinstance(checkpoint, (str, Path)):  # say which file (a run may look in several places)
             raise CheckpointMismatchError(f"{Path(checkpoint).expanduser()}: {err}") from None
@@ -656,10 +656,10 @@ def load_teacher_checkpoint(checkpoint, model: nn.Module, *, map_location="cpu",
     return model
 
 
-def _check_state_dict(state: dict, model: nn.Module):
-    """Raise CheckpointMismatchError listing the missing, unexpected and misshapen keys of ``state``;
-    else return the model's state_dict and the keys ``state`` lacks (only BatchNorm's num_batches_tracked)."""
-    own = model.state_dict()
+def _check_state_dict(state: dict, own: Mapping[str, torch.Tensor], model_name: str) -> list:
+    """Raise CheckpointMismatchError listing the missing, unexpected and misshapen keys of ``state``
+    against the model's state_dict ``own``; else return the keys ``state`` lacks (only BatchNorm's
+    num_batches_tracked)."""
     missing = [k for k in own if k not in state]  # in the model's order: the first layer first
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -674,5 +674,5 @@ def _check_state_dict(state: dict, model: nn.Module):
                 more = f" (+{len(items) - 8} more)" if len(items) > 8 else ""
                 parts.append(f"{label} ({len(items)}): {', '.join(items[:8])}{more}")
         raise CheckpointMismatchError(
-            f"checkpoint does not match {type(model).__name__}: " + "; ".join(parts))
-    return own, missing
+            f"checkpoint does not match {model_name}: " + "; ".join(parts))
+    return missing
