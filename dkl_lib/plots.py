@@ -9,10 +9,13 @@ This module is the one place that owns the colours and the display names of loss
 """
 from __future__ import annotations
 
+import copy
+import functools
 import math
 import numbers
 from typing import Optional, Sequence
 
+import plotly
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
@@ -40,6 +43,7 @@ __all__ = [
     "sensitivity_heatmap",
     "sensitivity_lines",
     "order_text",
+    "figure_widget",
     "TRAINING_TERMS",
     "histories_frame",
     "learning_curves",
@@ -100,8 +104,104 @@ def order_text(means, *, decimals: int = 2) -> str:
     return " > ".join(" = ".join(names) for _, names in groups)
 
 
+# The front end of the dashboards' figures (an anywidget module). plotly's FigureWidget sends its whole
+# 5 MB widget bundle as each widget's module, and the browser evaluates it again for every figure;
+# anywidget gives a widget 2 s to load its module and, past that, drops every later message from Python
+# to it ("[anywidget] Failed to initialize model."): on a busy machine (the kernel training on every core)
+# a dashboard then draws once and never follows its sliders. This module is small; it evaluates plotly's
+# bundle (sent as ``_plotly_bundle``) once per page and plotly version, shares it between every figure,
+# and lets the load take as long as it takes: a figure waits for it before it draws.
+_FIGURE_WIDGET_ESM = """
+const BUNDLES = Symbol.for("dkl_lib.plotly_widget_bundles");
+
+function plotlyBundle(model) {
+  const cache = (globalThis[BUNDLES] ??= new Map());
+  const version = model.get("_plotly_version");
+  if (!cache.has(version)) {
+    const url = URL.createObjectURL(new Blob([model.get("_plotly_bundle")], { type: "text/javascript" }));
+    const loading = import(url).finally(() => URL.revokeObjectURL(url));
+    loading.catch(() => cache.delete(version));  // a failed load is tried again by the next figure
+    cache.set(version, loading);
+  }
+  return cache.get(version);
+}
+
+export default () => {
+  let plotlyWidget;  // plotly's own {initialize, render} for this figure, once the bundle is there
+  return {
+    initialize({ model }) {
+      plotlyWidget = plotlyBundle(model).then((bundle) => {
+        const widget = bundle.default();
+        widget.initialize({ model });
+        return widget;
+      });
+      plotlyWidget.catch((error) => console.error("[dkl_lib] plotly's figure widget did not load:", error));
+    },
+    async render({ model, el }) {
+      return (await plotlyWidget).render({ model, el });
+    },
+  };
+};
+"""
+
+
+@functools.cache
+def _figure_widget_class():
+    """The class behind :func:`figure_widget`, made on first use: ``go.FigureWidget`` needs anywidget and
+    ipywidgets (the "plots" extra), which static figures do not."""
+    import traitlets
+
+    class FigureWidget(go.FigureWidget):
+        """A plotly ``FigureWidget`` that (1) sends its traces and layout in its first message to the browser
+        and (2) loads plotly's front end once per page (see ``_FIGURE_WIDGET_ESM``).
+
+        (1): plotly's ``FigureWidget`` opens its comm with no traces and no layout and sends them a message
+        later; the browser view reads them once, when it draws, and ignores later changes of the whole data,
+        so a view drawn between the two messages stays an empty plot that no slider fills. Opening the comm
+        only once the figure is built removes that window. Both were seen in notebook 02's browser test.
+        (plotly 6.0 sends traces and layout only when the figure itself is displayed: inside a dashboard's
+        box, never.)"""
+
+        _esm = _FIGURE_WIDGET_ESM
+        _plotly_bundle = traitlets.Unicode().tag(sync=True)
+        _plotly_version = traitlets.Unicode(plotly.__version__).tag(sync=True)
+
+        @traitlets.default("_plotly_bundle")
+        def _bundle(self):
+            return str(go.FigureWidget._esm)  # plotly's own widget module, as plotly would send it
+
+        def __init__(self, *args, **kwargs):
+            self._hold_open = True
+            try:
+                super().__init__(*args, **kwargs)
+                # plotly 7 sets these two at the end of its __init__; plotly 6.0 only when the figure itself
+                # is displayed, never for a figure inside a dashboard's box, which then stayed empty
+                self._widget_layout = copy.deepcopy(self._layout_obj._props)
+                self._widget_data = copy.deepcopy(self._data)
+            finally:
+                self._hold_open = False
+            self.open()
+
+        def open(self):
+            if not getattr(self, "_hold_open", False):
+                super().open()
+
+    FigureWidget.__module__, FigureWidget.__qualname__ = __name__, "FigureWidget"
+    return FigureWidget
+
+
+def figure_widget(fig: Optional[go.Figure] = None) -> go.FigureWidget:
+    """``fig`` as a plotly ``FigureWidget``, for dashboards that update in place: its first message to the
+    browser holds its traces and layout, and the browser loads plotly's widget code once for all such
+    figures, with no time limit (plotly's own ``FigureWidget`` loads it for each figure and, on a busy
+    machine, can run past anywidget's 2 s and then stop following Python's updates)."""
+    if fig is not None and not isinstance(fig, go.Figure | go.FigureWidget):
+        raise TypeError(f"fig must be a plotly Figure, got {type(fig).__name__}")
+    return _figure_widget_class()(fig)
+
+
 def _figure(widget: bool, fig: go.Figure) -> go.Figure:
-    return go.FigureWidget(fig) if widget else fig
+    return figure_widget(fig) if widget else fig
 
 
 # ------------------------------------------------------------------------------ gradient bars

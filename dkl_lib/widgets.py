@@ -415,14 +415,14 @@ def _set_widening(slider, value) -> None:
 def _curve_figure(epochs: int = 10):
     import plotly.graph_objects as go
 
-    fig = go.FigureWidget()
+    fig = go.Figure()
     # before the first run: epochs 1..N and 0-100 %, not plotly's empty -1..6 by -1..4 (a negative accuracy
     # axis); the first epoch drawn switches both axes to autorange (see _autorange)
     fig.update_layout(title="test accuracy per epoch (this run in colour, earlier runs in grey)",
                       xaxis=dict(title="epoch", range=[0.5, epochs + 0.5]),
                       yaxis=dict(title="test accuracy (%)", range=[0, 100]), template="plotly_white",
                       height=360, showlegend=True)
-    return fig
+    return plots.figure_widget(fig)  # the layout in the widget's first message to the browser
 
 
 def _autorange(fig) -> None:

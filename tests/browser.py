@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import weakref
 from contextlib import contextmanager
 
 CHROMIUM = "/usr/bin/chromium"
@@ -25,6 +26,7 @@ INSTALL_HINT = "apt-get update && apt-get install -y chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-extensions"]
 TOKEN = "dkl-browser-test"
+_PAGE_ERRORS = weakref.WeakKeyDictionary()  # page -> uncaught JavaScript errors seen on it
 
 
 def ensure_chromium() -> str:
@@ -128,6 +130,8 @@ def chromium_page(executable: str, viewport=(1280, 900)):
         spawned = _children(os.getpid()) - before
         try:
             page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
+            errors = _PAGE_ERRORS.setdefault(page, [])
+            page.on("pageerror", lambda error: errors.append(str(error)[:300]))
             yield page
         finally:
             try:
@@ -167,6 +171,12 @@ def run_all(page, timeout_s: float = 300) -> None:
     wait_kernel_idle(page, timeout_s)
 
 
+def page_errors(page) -> list:
+    """Uncaught JavaScript errors of the page so far (e.g. "[anywidget] Failed to initialize model.": a widget
+    that then ignores every update from Python)."""
+    return list(_PAGE_ERRORS.get(page, []))
+
+
 def error_outputs(page) -> list:
     """Texts of error outputs (tracebacks) in the open notebook."""
     return page.eval_on_selector_all('[data-mime-type="application/vnd.jupyter.error"]',
@@ -185,12 +195,24 @@ def plot_signature(page, plot_index: int = 0) -> list:
 
 def wait_plots_drawn(page, indices, timeout_s: float = 60) -> None:
     """Wait until each plotly plot of ``indices`` has drawn its bars or lines: plotly.js (and a
-    FigureWidget, through the widget manager) draws after its output appears, later on a loaded machine."""
-    page.wait_for_function(
-        """(idx) => { const plots = document.querySelectorAll('.js-plotly-plot');
-                      return idx.every(i => plots[i] && plots[i].querySelector(
-                          'g.trace.bars g.point > path, g.trace.scatter path.js-line')); }""",
-        arg=list(indices), timeout=timeout_s * 1000)
+    FigureWidget, through the widget manager) draws after its output appears, later on a loaded machine.
+    On a timeout, fails with what each plot holds and the page's JavaScript errors."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(
+            """(idx) => { const plots = document.querySelectorAll('.js-plotly-plot');
+                          return idx.every(i => plots[i] && plots[i].querySelector(
+                              'g.trace.bars g.point > path, g.trace.scatter path.js-line')); }""",
+            arg=list(indices), timeout=timeout_s * 1000)
+    except PlaywrightTimeout:
+        held = page.evaluate(
+            """(idx) => { const plots = document.querySelectorAll('.js-plotly-plot');
+                          return idx.map(i => plots[i] ? `plot ${i}: ${plots[i].querySelectorAll('g.trace').length} `
+                              + `traces, ${Math.round(plots[i].getBoundingClientRect().height)} px high` : `plot ${i}: missing`); }""",
+            list(indices))
+        raise AssertionError(f"plots not drawn within {timeout_s} s: {'; '.join(held)}; "
+                             f"JavaScript errors: {page_errors(page)}") from None
 
 
 def text_overlaps(page, plot_index: int = 0) -> list:

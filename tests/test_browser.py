@@ -67,6 +67,7 @@ def test_notebook_02_widgets_update_the_plot_in_the_browser(lab):
         assert float(readout.inner_text()) == pytest.approx(float(old_value) + 0.5)
         page.screenshot(path=str(SCREENSHOTS / "02_gradient_anatomy_slider.png"))
         assert browser.error_outputs(page) == []
+        assert browser.page_errors(page) == []  # e.g. no figure widget that stopped taking updates
 
 
 def test_notebook_05_dashboard_trains_in_the_background(lab, tmp_path):
@@ -100,6 +101,7 @@ def test_notebook_05_dashboard_trains_in_the_background(lab, tmp_path):
         assert "finished" in page.locator(".widget-html", has_text="finished").first.inner_text()
         page.screenshot(path=str(SCREENSHOTS / "05_dashboard_finished.png"))
         assert browser.error_outputs(page) == []
+        assert browser.page_errors(page) == []
 
 
 @pytest.mark.parametrize("width_px", [600, 700, 900])

@@ -505,3 +505,59 @@ def test_simplex_total_arrows_have_their_own_colour():
     fig = plots.simplex_quiver(df, teacher_xy=(0.5, 0.3))
     colours = {t.name: t.line.color for t in fig.data if t.name in ("wMSE", "soft-label CE", "total")}
     assert len(set(colours.values())) == 3, colours
+
+
+@pytest.fixture
+def comm_opens(monkeypatch):
+    """The state each new widget sends in its comm's "open" message (what the browser first renders)."""
+    import ipywidgets.widgets.widget as widget_module
+
+    opened, create_comm = [], widget_module.comm.create_comm
+
+    def recording(**kwargs):
+        opened.append(kwargs["data"]["state"])
+        return create_comm(**kwargs)
+
+    monkeypatch.setattr(widget_module.comm, "create_comm", recording)
+    return opened
+
+
+def _figure_opens(opened):
+    return [state for state in opened if "_widget_data" in state]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: widgets.gradient_bars_dashboard(TEACHER, STUDENT),
+    lambda: widgets.simplex_dashboard("ikl", resolution=5),
+    lambda: widgets.weights_dashboard(),
+    lambda: widgets.training_dashboard(),
+], ids=["gradient_bars", "simplex", "weights", "training"])
+def test_dashboard_figures_reach_the_browser_with_their_traces_in_the_first_message(comm_opens, make):
+    """plotly's own FigureWidget opens its comm empty and sends traces and layout a message later; JupyterLab
+    could draw the view in between (notebook 02's browser test saw an empty bar chart that sliders never
+    filled). Each dashboard's figure must open with everything the view draws."""
+    dash = make()
+    (state,) = _figure_opens(comm_opens)
+    assert len(state["_widget_data"]) == len(dash.figure.data)
+    assert state["_widget_layout"]["height"] == dash.figure.layout.height
+    assert state["_widget_layout"]["title"]["text"] == dash.figure.layout.title.text
+
+
+def test_figure_widget_opens_with_its_data_and_still_updates(comm_opens):
+    fig = plots.gradient_bars(grads.student_gradients(TEACHER, STUDENT))
+    widget = plots.figure_widget(fig)
+    (state,) = _figure_opens(comm_opens)
+    assert len(state["_widget_data"]) == len(fig.data) > 0
+    assert state["_widget_layout"]["height"] == fig.layout.height
+    assert [(t.name, t.y) for t in widget.data] == [(t.name, t.y) for t in fig.data]
+    widget.data[0].y = [0.5] * len(widget.data[0].y)  # a restyle on the open comm, as a slider's callback does
+    assert widget.data[0].y == (0.5,) * len(fig.data[0].y)
+    assert len(plots.figure_widget().data) == 0
+    # the browser gets a small module of ours and plotly's own widget bundle as data, evaluated once per page
+    import plotly.graph_objects as go
+
+    assert state["_plotly_bundle"] == str(go.FigureWidget._esm)
+    assert len(state["_esm"]) < 5_000 < len(state["_plotly_bundle"])
+    assert "globalThis[BUNDLES]" in state["_esm"] and state["_plotly_version"] == __import__("plotly").__version__
+    with pytest.raises(TypeError, match="plotly Figure"):
+        plots.figure_widget({"data": []})
