@@ -126,13 +126,36 @@ function plotlyBundle(model) {
   return cache.get(version);
 }
 
+// updates Python sends before plotly's code is there to apply them (the figure changed right after it was
+// shown) would be lost: the figure then asks Python for its whole state again and draws from that
+const PY2JS = ["addTraces", "deleteTraces", "moveTraces", "restyle", "relayout", "update", "animate",
+               "removeLayoutProps", "removeTraceProps"].map((name) => `change:_py2js_${name}`);
+
+function resend(model) {
+  return new Promise((resolve) => {
+    const done = (msg) => {
+      if (msg?.kind !== "dkl_lib:resent") return;
+      model.off("msg:custom", done);
+      resolve();
+    };
+    model.on("msg:custom", done);
+    model.send({ kind: "dkl_lib:resend" });
+    setTimeout(() => done({ kind: "dkl_lib:resent" }), 10000);  // no kernel to answer: draw what there is
+  });
+}
+
 export default () => {
   let plotlyWidget;  // plotly's own {initialize, render} for this figure, once the bundle is there
   return {
     initialize({ model }) {
-      plotlyWidget = plotlyBundle(model).then((bundle) => {
+      let missed = false;
+      const miss = () => { missed = true; };
+      for (const event of PY2JS) model.on(event, miss);
+      plotlyWidget = plotlyBundle(model).then(async (bundle) => {
+        for (const event of PY2JS) model.off(event, miss);
         const widget = bundle.default();
         widget.initialize({ model });
+        if (missed) await resend(model);
         return widget;
       });
       plotlyWidget.catch((error) => console.error("[dkl_lib] plotly's figure widget did not load:", error));
@@ -143,6 +166,14 @@ export default () => {
   };
 };
 """
+
+
+def _equal(a, b) -> bool:
+    """``a == b`` for figure data, False where the comparison fails (dicts holding numpy arrays)."""
+    try:
+        return bool(a == b)
+    except (ValueError, TypeError):
+        return False
 
 
 @functools.cache
@@ -181,6 +212,19 @@ def _figure_widget_class():
             finally:
                 self._hold_open = False
             self.open()
+            self.on_msg(self._resend)
+
+        def _resend(self, _widget, content, _buffers):
+            """The browser's figure missed updates (sent before plotly's code had loaded there): send the whole
+            figure again, then say so."""
+            if not (isinstance(content, dict) and content.get("kind") == "dkl_lib:resend"):
+                return
+            for name, value in (("_widget_layout", self._layout_obj._props), ("_widget_data", self._data)):
+                if _equal(value, getattr(self, name)):
+                    self.send_state(name)  # the browser's copy may be older all the same
+                else:
+                    setattr(self, name, copy.deepcopy(value))  # sent on assignment
+            self.send({"kind": "dkl_lib:resent"})
 
         def open(self):
             if not getattr(self, "_hold_open", False):

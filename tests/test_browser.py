@@ -120,3 +120,27 @@ def test_weight_heatmaps_titles_do_not_overlap_when_drawn(tmp_path, width_px):
         browser.show_figure(page, fig, tmp_path / "weights.html", width_px)
         assert len(page.locator("g.annotation-text-g").all()) >= 2  # the two panel titles are drawn
         assert browser.text_overlaps(page) == []
+
+
+def test_figure_widget_changed_right_after_it_is_shown_draws_the_change(lab):
+    """A figure changed in the cell that shows it: the update reaches the browser before plotly's widget code
+    has loaded there (dkl.plots.figure_widget loads it once per page, with no time limit), so the figure asks
+    Python for its state again. It must draw the changed bars, not the first ones."""
+    import nbformat
+
+    url, chromium, notebooks = lab
+    cell = ("import plotly.graph_objects as go\nimport dkl_lib as dkl\n"
+            "widget = dkl.plots.figure_widget(go.Figure(go.Bar(y=[1, 2, 3]), layout=dict(height=300)))\n"
+            "display(widget)\nwidget.data[0].y = [3, 1, 2]")
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(cell)])
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(notebook, str(notebooks / "scratch_figure_widget.ipynb"))
+    with browser.chromium_page(chromium) as page:
+        browser.open_notebook(page, url, "scratch_figure_widget.ipynb")
+        browser.run_all(page)
+        browser.wait_plots_drawn(page, [0])
+        page.wait_for_function(
+            """() => { const bars = [...document.querySelectorAll('.js-plotly-plot g.trace.bars g.point > path')];
+                       const h = bars.map(b => b.getBBox().height);
+                       return h.length === 3 && h[0] > h[2] && h[2] > h[1]; }""", timeout=30_000)
+        assert browser.error_outputs(page) == [] and browser.page_errors(page) == []

@@ -561,3 +561,32 @@ def test_figure_widget_opens_with_its_data_and_still_updates(comm_opens):
     assert "globalThis[BUNDLES]" in state["_esm"] and state["_plotly_version"] == __import__("plotly").__version__
     with pytest.raises(TypeError, match="plotly Figure"):
         plots.figure_widget({"data": []})
+
+
+def test_figure_widget_sends_its_whole_state_again_when_the_browser_asks(monkeypatch):
+    """The browser asks (custom message "dkl_lib:resend") when Python's updates reached it before plotly's code
+    could apply them; Python answers with the figure as it is now, then "dkl_lib:resent"."""
+    import ipywidgets
+
+    widget = plots.figure_widget(plots.gradient_bars(grads.student_gradients(TEACHER, STUDENT)))
+    sent = []
+    monkeypatch.setattr(ipywidgets.Widget, "_send", lambda self, msg, buffers=None: sent.append(msg))
+    widget.data[0].y = [0.25] * len(widget.data[0].y)  # an update the browser may have missed
+    sent.clear()
+    widget._handle_custom_msg({"kind": "something else"}, [])
+    assert sent == []
+    for _ in range(2):  # the second time nothing changed since the first answer: the state is sent all the same
+        sent.clear()
+        widget._handle_custom_msg({"kind": "dkl_lib:resend"}, [])
+        states = [m["state"] for m in sent if m["method"] == "update"]
+        assert {key for state in states for key in state} == {"_widget_data", "_widget_layout"}
+        data = next(state["_widget_data"] for state in states if "_widget_data" in state)
+        assert list(data[0]["y"]) == [0.25] * len(widget.data[0].y)
+        assert sent[-1] == {"method": "custom", "content": {"kind": "dkl_lib:resent"}}
+    # numpy arrays in the figure (their == is elementwise): answered all the same
+    import plotly.graph_objects as go
+
+    arrays = plots.figure_widget(go.Figure(go.Scatter(x=np.arange(3), y=np.array([1.0, 2.0, 3.0]))))
+    sent.clear()
+    arrays._handle_custom_msg({"kind": "dkl_lib:resend"}, [])
+    assert [sorted(m.get("state", {})) for m in sent] == [["_widget_layout"], ["_widget_data"], []]
