@@ -183,13 +183,14 @@ def _figure_widget_class():
     import traitlets
 
     class FigureWidget(go.FigureWidget):
-        """A plotly ``FigureWidget`` that (1) sends its traces and layout in its first message to the browser
-        and (2) loads plotly's front end once per page (see ``_FIGURE_WIDGET_ESM``).
+        """A plotly ``FigureWidget`` that (1) sends its traces and layout in its first message to the browser,
+        (2) loads plotly's front end once per page (see ``_FIGURE_WIDGET_ESM``) and (3) sends its whole state
+        again when the browser asks (:meth:`_resend`).
 
         (1): plotly's ``FigureWidget`` opens its comm with no traces and no layout and sends them a message
         later; the browser view reads them once, when it draws, and ignores later changes of the whole data,
         so a view drawn between the two messages stays an empty plot that no slider fills. Opening the comm
-        only once the figure is built removes that window. Both were seen in notebook 02's browser test.
+        only once the figure is built removes that window. (1) and (2) were seen in notebook 02's browser test.
         (plotly 6.0 sends traces and layout only when the figure itself is displayed: inside a dashboard's
         box, never.)"""
 
@@ -238,7 +239,8 @@ def figure_widget(fig: Optional[go.Figure] = None) -> go.FigureWidget:
     """``fig`` as a plotly ``FigureWidget``, for dashboards that update in place: its first message to the
     browser holds its traces and layout, and the browser loads plotly's widget code once for all such
     figures, with no time limit (plotly's own ``FigureWidget`` loads it for each figure and, on a busy
-    machine, can run past anywidget's 2 s and then stop following Python's updates)."""
+    machine, can run past anywidget's 2 s and then stop following Python's updates). A figure whose updates
+    reached the browser before that code had loaded there asks Python for its whole state before it draws."""
     if fig is not None and not isinstance(fig, go.Figure | go.FigureWidget):
         raise TypeError(f"fig must be a plotly Figure, got {type(fig).__name__}")
     return _figure_widget_class()(fig)
