@@ -208,8 +208,10 @@ def _figure_widget_class():
                 super().__init__(*args, **kwargs)
                 # plotly 7 sets these two at the end of its __init__; plotly 6.0 only when the figure itself
                 # is displayed, never for a figure inside a dashboard's box, which then stayed empty
-                self._widget_layout = copy.deepcopy(self._layout_obj._props)
-                self._widget_data = copy.deepcopy(self._data)
+                if not self._widget_layout:
+                    self._widget_layout = copy.deepcopy(self._layout_obj._props)
+                if not self._widget_data:
+                    self._widget_data = copy.deepcopy(self._data)
             finally:
                 self._hold_open = False
             self.open()
