@@ -90,6 +90,7 @@ from ._checks import check_seeds, env_positive_int, tolerant_console
 __all__ = [
     "PRESETS",
     "GRID_LOSSES",
+    "RESULT_MODULES",
     "CacheWarning",
     "RunCache",
     "GridResult",
@@ -728,10 +729,58 @@ def _drop_checkpoints(folder: Optional[Path]) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+#: The modules whose code decides what a cached run computes: the losses, the training loops, the models, the data,
+#: the attacks and this runner, with what they import from the library. A hash of their source is part of every
+#: cache key (:func:`_library_version`), so a run made before one of them was edited (a loss, the schedule, a
+#: model) is trained again, never read back as if the new code had made it. The display and analysis modules
+#: (plots, widgets, grads, analysis, profiling) are not among them; tests/test_experiments.py checks that every
+#: library module these import is listed.
+RESULT_MODULES = ("_checks", "_paths", "attacks", "data", "distributed", "experiments", "losses", "models", "prior",
+                  "train")
+
+
+def _source_fingerprint(paths: Sequence) -> str:
+    """16 hex digits of a SHA-256 over the files ``paths`` in order (line endings as ``\\n``, so a Windows
+    checkout of the same code matches); a file that cannot be read counts as the text ``<unreadable>``."""
+    h = hashlib.sha256()
+    for path in paths:
+        try:
+            text = Path(path).read_bytes().replace(b"\r\n", b"\n")
+        except OSError:
+            text = b"<unreadable>"
+        h.update(Path(path).name.encode() + b"\0" + text + b"\0")
+    return h.hexdigest()[:16]
+
+
+def _result_sources() -> List[Optional[str]]:
+    """The source file of each of :data:`RESULT_MODULES` as imported (None for one without a ``.py`` file)."""
+    files = []
+    for name in RESULT_MODULES:
+        origin = getattr(sys.modules.get(f"{__package__}.{name}"), "__file__", None)
+        files.append(origin if origin and origin.endswith(".py") else None)
+    return files
+
+
+def _code_key() -> str:
+    sources = _result_sources()
+    if None in sources:  # e.g. an install that ships only compiled files: keys cannot follow code edits
+        warnings.warn("dkl_lib's source files are not all readable (an install without .py files?); cache keys hold "
+                      "the library version only, so clear the cache folder after changing the library",
+                      CacheWarning, stacklevel=2)
+        return "nosource"
+    return _source_fingerprint(sources)
+
+
 def _library_version() -> str:
+    """The library part of every cache key: ``"<version>+<fingerprint>"``, the fingerprint being
+    :func:`_source_fingerprint` of :data:`RESULT_MODULES` as this process imported them (taken when this module
+    was imported, so an edit after that changes the key only in a new process, which also runs the new code)."""
     from . import __version__
 
-    return __version__
+    return f"{__version__}+{_CODE_KEY}"
+
+
+_CODE_KEY = _code_key()
 
 
 def _file_sha256(path: Path) -> str:

@@ -249,6 +249,64 @@ def test_run_config_hash_changes_with_everything_a_run_depends_on():
     assert len(set(keys)) == len(keys)
 
 
+def test_source_fingerprint_follows_every_byte_but_not_line_endings(tmp_path):
+    a, b = tmp_path / "losses.py", tmp_path / "train.py"
+    a.write_bytes(b"def f(x):\n    return x * 2\n")
+    b.write_bytes(b"import torch\n")
+    key = E._source_fingerprint([a, b])
+    assert len(key) == 16 and key == E._source_fingerprint([a, b])
+    a.write_bytes(b"def f(x):\r\n    return x * 2\r\n")  # the same code checked out on Windows
+    assert E._source_fingerprint([a, b]) == key
+    a.write_bytes(b"def f(x):\n    return x * 3\n")  # one byte of a loss
+    assert E._source_fingerprint([a, b]) != key
+    a.write_bytes(b"def f(x):\n    return x * 2\n")
+    assert E._source_fingerprint([b, a]) != key and E._source_fingerprint([a, tmp_path / "gone.py"]) != key
+
+
+def test_every_cache_key_holds_the_code_of_the_modules_that_decide_results(monkeypatch):
+    import dkl_lib
+
+    package = Path(dkl_lib.__file__).parent
+    files = [package / f"{name}.py" for name in E.RESULT_MODULES]
+    library = f"{dkl_lib.__version__}+{E._source_fingerprint(files)}"
+    assert E._library_version() == library
+    cfg = E.resolve_config("cpu-quick")
+    tcfg, _ = E._teacher_config(cfg)
+    configs = [tcfg, E._run_config(cfg, "kl", 0, "t")]
+    assert all(c["library"] == library for c in configs)
+    keys = [E.config_hash(c) for c in configs]
+    monkeypatch.setattr(E, "_CODE_KEY", "0123456789abcdef")  # as after an edit of a loss, in a new process
+    assert E.config_hash(E._teacher_config(cfg)[0]) != keys[0]
+    assert E.config_hash(E._run_config(cfg, "kl", 0, "t")) != keys[1]
+
+
+def test_result_modules_list_every_library_module_they_import():
+    """A module that training code imports (at the top or inside a function) decides results too, so it must be
+    listed; the exceptions only label or parse (their output is in the config, which is hashed)."""
+    import ast
+    import dkl_lib
+
+    package = Path(dkl_lib.__file__).parent
+    labels_only = {"plots": "ADV_LOSS_LABELS names table columns", "configs": "a config file's values are hashed"}
+    missing = {}
+    for name in E.RESULT_MODULES:
+        tree = ast.parse((package / f"{name}.py").read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names = [node.module] if node.module else [alias.name for alias in node.names]
+                for imported in names:
+                    if (package / f"{imported}.py").exists() and imported not in E.RESULT_MODULES + tuple(labels_only):
+                        missing.setdefault(name, set()).add(imported)
+    assert not missing
+    assert "plots" not in E.RESULT_MODULES and "widgets" not in E.RESULT_MODULES
+
+
+def test_a_library_without_source_files_warns_that_keys_cannot_follow_edits(monkeypatch):
+    monkeypatch.setattr(E, "_result_sources", lambda: [None] * len(E.RESULT_MODULES))
+    with pytest.warns(E.CacheWarning, match="not all readable.*clear the cache folder"):
+        assert E._code_key() == "nosource"
+
+
 # -------------------------------------------------------------------------------------------- cache
 def test_cache_round_trip_and_corruption(tmp_path):
     cache = E.RunCache(tmp_path)
@@ -278,6 +336,16 @@ def test_cache_round_trip_and_corruption(tmp_path):
 def _run(tmp_path, losses=("ce", "kl", "ikl"), seeds=(0, 1), **kw):
     return E.run_grid(losses, seeds, preset="cpu-quick", overrides=dict(TINY), cache_dir=tmp_path,
                       device="cpu", progress=False, **kw)
+
+
+def test_runs_made_by_other_code_are_trained_again_not_read_back(tmp_path, monkeypatch):
+    first = _run(tmp_path, losses=("kl",), seeds=(0,))
+    assert first.teacher["source"] == "trained" and not first.runs["cached"].any()
+    assert _run(tmp_path, losses=("kl",), seeds=(0,)).runs["cached"].all()
+    monkeypatch.setattr(E, "_CODE_KEY", "0123456789abcdef")  # the library's code changed since
+    edited = _run(tmp_path, losses=("kl",), seeds=(0,))
+    assert edited.teacher["source"] == "trained" and not edited.runs["cached"].any()
+    assert len(list(tmp_path.glob("student-*"))) == 2 and len(list(tmp_path.glob("teacher-*"))) == 2
 
 
 def test_run_grid_rows_summary_and_cache_hits(tmp_path):
