@@ -756,7 +756,10 @@ def _result_sources() -> List[Optional[str]]:
     """The source file of each of :data:`RESULT_MODULES` as imported (None for one without a ``.py`` file)."""
     files = []
     for name in RESULT_MODULES:
-        origin = getattr(sys.modules.get(f"{__package__}.{name}"), "__file__", None)
+        if name == "experiments":  # this module, also when it runs as __main__ (python -m dkl_lib.experiments)
+            origin = __file__
+        else:
+            origin = getattr(sys.modules.get(f"{__package__}.{name}"), "__file__", None)
         files.append(origin if origin and origin.endswith(".py") else None)
     return files
 

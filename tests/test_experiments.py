@@ -666,6 +666,13 @@ def test_cli_as_a_module(tmp_path):
     # runs in workers write no per-epoch log; the teacher, trained here before them, does
     assert [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()] == ["teacher"]
     assert len(list((tmp_path / "runs").glob("student-*"))) == 2
+    # as __main__ the module still finds its own source: no warning, and the notebooks' cache keys
+    assert "CacheWarning" not in proc.stderr
+    same = E.run_grid(["ce", "kl"], [0], preset="cpu-quick", cache_dir=tmp_path / "runs", device="cpu", progress=False,
+                      overrides={"data.n_train": 100, "teacher.model_kw.width": 4, "distill.epochs": 1,
+                                 "teacher.train.epochs": 1})
+    assert same.teacher["source"] == "cache" and same.runs["cached"].all()
+    assert list(same.runs["config_hash"]) == [r["config_hash"] for r in runs]
 
 
 def test_cli_errors(tmp_path, capsys):
