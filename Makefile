@@ -18,10 +18,11 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
-# (Re)install when requirements or packaging change; the venv is created only when missing.
+# (Re)install when requirements or packaging change; the venv is created when missing, and made again
+# (--clear) when it has no working pip (a first attempt that failed half-way, e.g. without python3-venv).
 $(STAMP): requirements.txt pyproject.toml
-	@test -x $(PY) || $(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "dkl_lib needs Python >= 3.10, but $(PYTHON) is " + sys.version.split()[0] + ": run make again with PYTHON=python3.1x (a newer interpreter)")'
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip --version >/dev/null 2>&1 || $(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "dkl_lib needs Python >= 3.10, but $(PYTHON) is " + sys.version.split()[0] + ": run make again with PYTHON=python3.1x (a newer interpreter)")'
+	@$(PY) -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv --clear $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps -e .
 	$(PY) -m ipykernel install --user --name $(KERNEL) --display-name "Python (dkl_lib)" >/dev/null
@@ -33,7 +34,9 @@ lab: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Only the real-browser tests (JupyterLab + headless Chromium; installs Chromium with apt-get if missing).
+# Only the real-browser tests (JupyterLab + headless Chromium; installs Chromium with apt-get if missing,
+# and fails where it cannot, instead of skipping as make test does).
+test-browser: export DKL_BROWSER_REQUIRED = 1
 test-browser: $(STAMP)
 	$(PY) -m pytest -m browser $(PYTEST_ARGS)
 

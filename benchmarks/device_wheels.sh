@@ -7,7 +7,7 @@
 #   bash benchmarks/device_wheels.sh --python 3.11 --dest /tmp/whl
 #   bash benchmarks/device_wheels.sh --print          # the pinned requirements only, no download
 #
-# Then, on the GPU machine, with the folder carried beside the repository:
+# Then, on the GPU machine, with the folder carried into the repository root (where this script writes it):
 #   bash benchmarks/gpu_check.sh --wheels .whl
 # (gpu_check.sh installs them with `pip install --no-index --no-deps --target` into a temporary
 # folder; nothing is installed into that machine's Python.) The packages: the Adversarial Robustness

@@ -30,7 +30,12 @@ _PAGE_ERRORS = weakref.WeakKeyDictionary()  # page -> uncaught JavaScript errors
 
 
 def ensure_chromium() -> str:
-    """Path of Chromium; installs Debian's package when missing and possible, else raises with the command."""
+    """Path of Chromium; installs Debian's package when missing and possible (root with apt-get, as in CI).
+
+    Where it cannot (not root, no apt-get) the calling test is skipped with the install command as the reason
+    (pytest's summary lists it), so ``make test`` on a laptop is not six failures; with
+    ``DKL_BROWSER_REQUIRED=1`` (``make test-browser`` sets it) that is a failure instead. A failed install
+    always fails."""
     if os.access(CHROMIUM, os.X_OK):
         return CHROMIUM
     apt = shutil.which("apt-get")
@@ -41,8 +46,12 @@ def ensure_chromium() -> str:
         if done.returncode == 0 and os.access(CHROMIUM, os.X_OK):
             return CHROMIUM
         raise RuntimeError(f"installing Chromium failed ({done.stderr[-500:]}); run: {INSTALL_HINT}")
-    raise RuntimeError(f"Chromium is missing at {CHROMIUM} and cannot be installed from here; run as root: "
-                       f"{INSTALL_HINT}")
+    message = f"Chromium is missing at {CHROMIUM} and cannot be installed from here; run as root: {INSTALL_HINT}"
+    if os.environ.get("DKL_BROWSER_REQUIRED", "") not in ("", "0"):
+        raise RuntimeError(message)
+    import pytest
+
+    pytest.skip(message + " (DKL_BROWSER_REQUIRED=1 makes this a failure)")
 
 
 def _free_port() -> int:

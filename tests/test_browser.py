@@ -1,8 +1,9 @@
 """Real-browser tests: JupyterLab 4 in headless Chromium, notebooks run from the Run menu, widgets moved.
 
 Part of `make test` (and `make test-browser` runs only these). When Chromium is missing it is
-installed with apt-get where possible (root, as here and in CI); elsewhere the test fails with the
-exact install command. It never skips silently. Screenshots land in reports/screenshots/.
+installed with apt-get where possible (root, as here and in CI); elsewhere `make test` skips them with the
+exact install command as the reason (listed in pytest's summary), and `make test-browser` (which sets
+DKL_BROWSER_REQUIRED=1) fails with it. Screenshots land in reports/screenshots/.
 """
 import pathlib
 import shutil
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.browser
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     """(url, chromium path, notebook folder): a JupyterLab server on a throw-away copy of notebooks/."""
-    chromium = browser.ensure_chromium()  # raises with the install command when it cannot
+    chromium = browser.ensure_chromium()  # skips or raises with the install command when it cannot
     work = tmp_path_factory.mktemp("lab")
     notebooks = work / "notebooks"
     shutil.copytree(REPO / "notebooks", notebooks)  # the browser run must not write into the repo
