@@ -72,10 +72,18 @@ def _check_logits(name: str, x) -> None:
 
 
 def _check_temperature_range(name: str, value: float, dtype: torch.dtype,
-                             squared_weight: Optional[float]) -> None:
+                             squared_weight: Optional[float], batch: int = 1) -> None:
     """1/T is finite in ``dtype`` (the losses divide the logits by T), and so is w T² when
-    ``squared_weight`` w is given (they multiply a term by its weight times T²)."""
+    ``squared_weight`` w is given (they multiply a term by its weight times T²); then also T² / B is a
+    normal number of ``dtype`` (B = ``batch``): the losses scale their batch mean by it, and below that it
+    rounds to 0 (float32: T below about 1e-19), which made every value and KL's gradients exactly 0."""
     fmax = torch.finfo(dtype).max
+    if squared_weight is not None and value * value / batch < torch.finfo(dtype).tiny:
+        smallest = math.sqrt(torch.finfo(dtype).tiny * batch)
+        step = 10.0 ** (math.floor(math.log10(smallest)) - 2)  # rounded up to 3 digits: the value shown passes
+        raise ValueError(f"{name} = {value:g} is too small for {dtype} computation ({name}² / batch size "
+                         f"underflows to 0, and the loss with it); use a value >= "
+                         f"{math.ceil(smallest * (1 + 1e-9) / step) * step:.3g}")
     if value * fmax < 1.0:
         raise ValueError(f"{name} = {value:g} is too small for {dtype} computation (1/{name} overflows); "
                          f"use a value >= {1.0 / fmax:.3g}")
@@ -118,7 +126,7 @@ def check_logits_pair(logits, target_logits, *, temperature: Optional[float] = N
         )
     dtype = compute_dtype(logits, target_logits)
     if temperature is not None:
-        _check_temperature_range("temperature", temperature, dtype, max(1.0, squared_weight))
+        _check_temperature_range("temperature", temperature, dtype, max(1.0, squared_weight), logits.shape[0])
     if weight_temperature is not None:
         _check_temperature_range(weight_temperature_name, weight_temperature, dtype, None)
     classes = logits.shape[1]

@@ -12,7 +12,9 @@ Argument order follows PyTorch's (input, target): ``loss(logits, target_logits, 
 returns a scalar batch mean, computes internally in float32 or wider (also for float16/bfloat16
 inputs and under autocast), uses log-softmax (never log of softmax), and raises ``ValueError`` or
 ``TypeError`` with a message naming the problem for bad input, including a temperature whose 1/T
-or T² (times the weight of the T²-scaled term), or logits / T, would overflow the compute dtype.
+or T² (times the weight of the T²-scaled term), or logits / T, would overflow the compute dtype, or
+whose T² / B would underflow it (to 0, which would make the loss 0: float32 needs T >= about
+1.1e-19 · sqrt(B); the message names the smallest T).
 The decoupled losses, and DKD for a teacher that takes no gradient, have an analytic backward that is
 itself differentiable (second derivatives under ``create_graph``).
 

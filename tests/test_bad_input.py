@@ -91,12 +91,16 @@ def test_bad_class_prior_raises(name, case):
 
 HUGE = torch.randn(B, C, generator=torch.Generator().manual_seed(0)) * 1e4
 
+# logits that overflow float32 when divided by the smallest temperatures a batch of B accepts (~1e-18)
+GIANT = HUGE * 1e16
 TEMPERATURE_CASES = [
-    # float32: |logits| / T must stay below finfo.max / 4, 1/T and (weight ·) T² finite
-    ("logits over T overflow", dict(logits=HUGE, target_logits=HUGE, temperature=1e-36),
+    # float32: |logits| / T must stay below finfo.max / 4, T² / B must not underflow, (weight ·) T² finite
+    ("logits over T overflow", dict(logits=GIANT, target_logits=GIANT, temperature=1e-18),
      "logits / temperature overflows"),
-    ("target over T overflows", dict(target_logits=HUGE, temperature=1e-36), "target_logits / temperature overflows"),
-    ("1/T overflows", dict(temperature=1e-39), "1/temperature overflows"),
+    ("target over T overflows", dict(target_logits=GIANT, temperature=1e-18), "target_logits / temperature overflows"),
+    ("T squared underflows", dict(temperature=1e-20), r"temperature = 1e-20 is too small for torch.float32 "
+     r"computation \(temperature² / batch size underflows to 0, and the loss with it\); use a value >= 2.17e-19"),
+    ("1/T overflows too", dict(temperature=1e-39), "temperature² / batch size underflows"),
     ("T squared overflows", dict(temperature=1e20), "temperature² .*overflows"),
     ("T squared beyond Python floats", dict(temperature=1e200), "temperature² .*overflows"),
 ]
@@ -190,9 +194,9 @@ def test_dkd_alpha_times_t_squared_overflow_raises():
 @pytest.mark.parametrize("side", ["logits", "target_logits"])
 def test_large_negative_logits_over_t_are_refused_too(name, side):
     """max |x| counts the negative side: −1e40 overflows float32 as surely as +1e40."""
-    negative = -(HUGE.abs() + 1.0)
+    negative = -(GIANT.abs() + 1e16)
     with pytest.raises(ValueError, match=f"{side} / temperature overflows"):
-        call(name, **{side: negative}, temperature=1e-36)
+        call(name, **{side: negative}, temperature=1e-18)
 
 
 @pytest.mark.parametrize("name", DECOUPLED)
@@ -201,7 +205,7 @@ def test_logits_over_t_limit_is_a_quarter_of_the_dtype_maximum(name, fraction):
     """|x| / T above finfo.max / 4 is refused: at ±0.9 max, log_softmax's x − max(x) would overflow to
     −inf and the loss to nan."""
     fmax = torch.finfo(torch.float32).max
-    t = 1e-30
+    t = 1e-18
     x = (torch.tensor([1.0, -1.0, 1.0, -1.0, 0.5]) * (fraction * fmax * t)).expand(B, C).contiguous()
     with pytest.raises(ValueError, match="logits / temperature overflows"):
         call(name, logits=x, temperature=t)
