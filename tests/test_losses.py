@@ -466,6 +466,27 @@ def test_dkd_terms_are_named():
 ALL = ["kl", "dkl", "ikl", "gkl", "dkd"]
 
 
+def test_documented_default_hyper_parameters():
+    """The defaults DESIGN and the docstrings state: T = 1 everywhere, α = β = 1 for the decoupled losses,
+    γ = 1 for GKL, and DKD's α = 1, β = 8 (the DKD paper's CIFAR-100 β); a default changed in both a *_loss and
+    its *_terms would pass every comparison of the two."""
+    import inspect
+
+    def defaults(fn):
+        return {k: v.default for k, v in inspect.signature(fn).parameters.items() if v.default is not v.empty}
+
+    for fn in (dkl.kl_loss, dkl.kl_terms):
+        assert defaults(fn)["temperature"] == 1.0
+    for fn in (dkl.dkl_loss, dkl.dkl_terms, dkl.ikl_loss, dkl.ikl_terms, dkl.gkl_loss, dkl.gkl_terms):
+        d = defaults(fn)
+        assert (d["temperature"], d["alpha"], d["beta"]) == (1.0, 1.0, 1.0), fn.__name__
+    for fn in (dkl.gkl_loss, dkl.gkl_terms):
+        assert defaults(fn)["gamma"] == 1.0
+    for fn in (dkl.dkd_loss, dkl.dkd_terms):
+        d = defaults(fn)
+        assert (d["temperature"], d["alpha"], d["beta"]) == (1.0, 1.0, 8.0), fn.__name__
+
+
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("scale", [1.0, 1e4])

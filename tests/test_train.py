@@ -209,6 +209,41 @@ def test_gi_prior_weights_the_wmse_from_the_next_epoch(teacher64):
         assert not math.isclose(row["wmse"], sample_wise["wmse"].item(), rel_tol=1e-3)  # GI matters here
 
 
+@pytest.mark.parametrize("loss,gi,kw", [
+    ("dkl", False, dict(alpha=2.0, beta=0.5)),
+    ("ikl", False, dict(alpha=2.0, beta=0.5, weight_temperature=1.5)),
+    ("gkl", False, dict(alpha=2.0, beta=0.5, gamma=1.7, weight_temperature=1.5)),
+    ("gkl", True, dict(alpha=2.0, beta=0.5, gamma=1.7, weight_temperature=1.5)),
+    ("dkd", False, dict(alpha=1.5, beta=6.0)),
+])
+def test_distill_trains_with_the_loss_settings_it_is_given(teacher64, loss, gi, kw):
+    """One batch per epoch: every named term of the history is the loss's own term, with these α, β, γ, T_w (and
+    GI's prior), of the student's logits at the start of the epoch; a setting the trainer dropped or swapped
+    (α for β, γ, T_w, GKL's prior) would change a term. T = 3, unequal α and β."""
+    d = tiny_data(torch.float64)
+    s = student64()
+    states = [copy.deepcopy(s.state_dict())]
+    r = T.distill(s, teacher64, d, loss=loss, gi=gi, epochs=2, seed=0, temperature=3.0,
+                  callback=lambda h: states.append(copy.deepcopy(s.state_dict())),
+                  **{**FAST, "batch_size": d.n_train}, **kw)
+    t_logits = T.predict_logits(teacher64, d.x_train, d)
+    for epoch, row in enumerate(r.history):
+        start = student64()
+        start.load_state_dict(states[epoch])
+        logits = T.predict_logits(start, d.x_train, d)
+        extra = {"class_prior": r.priors[epoch].double()} if gi else {}
+        want = dkl.loss_terms(loss, logits, t_logits, targets=d.y_train, temperature=3.0, **kw, **extra)
+        assert set(want) <= set(row)
+        for term, value in want.items():
+            assert math.isclose(row[term], value.item(), rel_tol=1e-9), (epoch, term)
+        swapped = dkl.loss_terms(loss, logits, t_logits, targets=d.y_train, temperature=3.0,
+                                 **{**kw, "alpha": kw["beta"], "beta": kw["alpha"]}, **extra)
+        assert any(not math.isclose(row[t], v.item(), rel_tol=1e-3) for t, v in swapped.items())
+        if gi and epoch > 0:  # the prior of the first epoch is uniform, whose GKL weights equal no GI's
+            sample_wise = dkl.loss_terms(loss, logits, t_logits, targets=d.y_train, temperature=3.0, **kw)
+            assert not math.isclose(row["wmse"], sample_wise["wmse"].item(), rel_tol=1e-3)
+
+
 # ------------------------------------------------------------------------------- stop and interrupt
 @pytest.mark.parametrize("how", ["return_false", "raise_stop", "interrupt"])
 def test_stop_keeps_the_finished_epochs(how):
