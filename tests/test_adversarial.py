@@ -2,6 +2,7 @@
 loop, the adversarial presets, run_adv_grid (cache, sanity checks) and the `adv` command line."""
 import json
 import math
+import re
 import sys
 
 import pytest
@@ -89,6 +90,33 @@ def test_ikl_at_equals_the_official_code_formula():
         -(F.softmax(nat, 1).detach() * F.log_softmax(adv, 1)).sum(1).mean())
     terms = T.adversarial_loss_terms("ikl", adv, nat, y, class_prior=prior)  # the defaults
     assert torch.allclose(terms["wmse"] + terms["soft_ce"], official, rtol=1e-10)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.5])
+def test_trades_beta_reaches_the_kl_term(beta):
+    nat, adv, y = _pair(seed=3)
+    terms = T.adversarial_loss_terms("trades", adv, nat, y, beta=beta)
+    oracle = beta * F.kl_div(F.log_softmax(adv, 1), F.log_softmax(nat, 1), log_target=True, reduction="batchmean")
+    assert torch.allclose(terms["kl"], oracle, atol=1e-12)
+    for got, want in zip(_grads(terms["kl"], nat, adv), _grads(oracle, nat, adv)):
+        assert torch.allclose(got, want, atol=1e-12)
+
+
+@pytest.mark.parametrize("with_prior", [True, False])
+def test_ikl_at_settings_reach_the_loss(with_prior):
+    """α, β, T and T_w other than IKL-AT's defaults (α = 20, β = 4, T = 1, T_w = 4): each changes the terms,
+    and T ≠ 1 puts the T² on the soft-label CE."""
+    nat, adv, y = _pair(seed=4)
+    prior = torch.softmax(torch.randn(5, 5, dtype=torch.float64), 1) if with_prior else None
+    kw = dict(alpha=3.0, beta=2.0, temperature=2.0)
+    terms = T.adversarial_loss_terms("ikl", adv, nat, y, weight_temperature=3.0, class_prior=prior, **kw)
+    wmse, soft_ce = _ikl_oracle(adv, nat, y, prior=prior, weight_temperature=3.0, **kw)
+    assert torch.allclose(terms["wmse"], wmse, rtol=1e-10) and torch.allclose(terms["soft_ce"], soft_ce, rtol=1e-10)
+    total, oracle = sum(terms.values()), F.cross_entropy(nat, y) + wmse + soft_ce
+    for got, want in zip(_grads(total, nat, adv), _grads(oracle, nat, adv)):
+        assert torch.allclose(got, want, rtol=1e-9, atol=1e-12)
+    defaults = T.adversarial_loss_terms("ikl", adv, nat, y, class_prior=prior)
+    assert not torch.allclose(defaults["wmse"], terms["wmse"]) and not torch.allclose(defaults["soft_ce"], terms["soft_ce"])
 
 
 def test_adversarial_loss_terms_errors():
@@ -277,6 +305,40 @@ def test_comparison_says_who_published_each_number():
     assert set(grid.comparison(paper=own)["who"]) == {"ours (measured here)", "paper (published)"}
 
 
+def test_adv_run_key_changes_with_everything_a_run_depends_on():
+    """Each per-loss setting, each training setting, the model, the data and the seed give another cache key:
+    an override of losses.ikl.alpha must not read back the run made with the default α."""
+    base = E.resolve_adv_config("cpu-quick")
+    keys = [E.config_hash(E._adv_run_config(base, "ikl", 0)), E.config_hash(E._adv_run_config(base, "ikl", 1)),
+            E.config_hash(E._adv_run_config(base, "trades", 0))]
+    for loss, override in [("ikl", {"losses.ikl.alpha": 5.0}), ("ikl", {"losses.ikl.beta": 3.0}),
+                           ("ikl", {"losses.ikl.temperature": 2.0}), ("ikl", {"losses.ikl.weight_temperature": 2.0}),
+                           ("ikl", {"losses.ikl.gi": False}), ("trades", {"losses.trades.beta": 3.0}),
+                           ("ikl", {"train.epsilon": 0.05}), ("ikl", {"train.attack_steps": 3}),
+                           ("ikl", {"model.model_kw.width": 8}), ("ikl", {"data.n_train": 300})]:
+        keys.append(E.config_hash(E._adv_run_config(E.resolve_adv_config("cpu-quick", override), loss, 0)))
+    assert len(set(keys)) == len(keys)
+    # a setting of the other loss does not change this one's key (its cached runs stay valid)
+    other = E.resolve_adv_config("cpu-quick", {"losses.trades.beta": 3.0})
+    assert E.config_hash(E._adv_run_config(other, "ikl", 0)) == keys[0]
+
+
+def test_run_adv_grid_hands_the_loss_settings_to_the_trainer(tmp_path, monkeypatch):
+    seen = []
+    real = E.train_mod.adversarial_train
+
+    def recording(model, data, **kw):
+        seen.append({k: kw.get(k) for k in ("loss", "alpha", "beta", "temperature", "weight_temperature", "gi")})
+        return real(model, data, **kw)
+
+    monkeypatch.setattr(E.train_mod, "adversarial_train", recording)
+    overrides = {**TINY, "eval.ensemble": False, "losses.ikl.alpha": 5.0, "losses.ikl.temperature": 2.0,
+                 "losses.ikl.gi": False}
+    E.run_adv_grid(["ikl"], [0], overrides=overrides, cache_dir=tmp_path, device="cpu", progress=False)
+    assert seen == [{"loss": "ikl", "alpha": 5.0, "beta": 4.0, "temperature": 2.0, "weight_temperature": 4.0,
+                     "gi": False}]
+
+
 def test_run_adv_grid_caches_training_and_evaluation(tmp_path):
     grid = E.run_adv_grid(["trades", "ikl"], [0, 1], overrides=TINY, cache_dir=tmp_path, device="cpu",
                           progress=False)
@@ -363,6 +425,24 @@ def test_missing_ensemble_library_stops_before_training(tmp_path, monkeypatch, b
     grid = E.run_adv_grid(["trades"], [0], overrides={**TINY, "eval.ensemble": False}, cache_dir=tmp_path,
                           device="cpu", progress=False)
     assert trained == [1] and grid.runs["ensemble_acc"].isna().all() and grid.passed
+
+
+def test_run_adv_grid_evaluates_the_first_eval_samples_test_images(tmp_path):
+    """The report covers eval.samples images of the TEST set, in order: its clean and PGD accuracies are those of
+    the returned model on d.x_test[:20] (recomputed here with the attack functions themselves)."""
+    grid = E.run_adv_grid(["trades"], [0], overrides={**TINY, "eval.ensemble": False}, cache_dir=tmp_path,
+                          device="cpu", progress=False)
+    cfg = E.resolve_adv_config("cpu-quick", {**TINY, "eval.ensemble": False})
+    d = E.load_data(cfg["data"])
+    model, report = grid.models[("trades", 0)], grid.reports[("trades", 0)]
+    x, y = d.x_test[:20].float(), d.y_test[:20]
+    assert report.n == 20
+    clean = A.clean_correct(model, x, y)
+    assert report.clean_acc == pytest.approx(100 * clean.double().mean().item())
+    pgd = A.pgd(model, x, y, epsilon=cfg["eval"]["epsilon"], steps=5, restarts=int(cfg["eval"]["pgd_restarts"]), seed=0)
+    assert report.pgd_acc[5] == pytest.approx(100 * (clean & pgd.correct).double().mean().item())
+    on_train = A.clean_correct(model, d.x_train[:20].float(), d.y_train[:20])
+    assert not torch.equal(on_train, clean)  # the train images would give another answer
 
 
 def test_cli_adv_without_art_prints_one_error_line(tmp_path, monkeypatch, capsys):
@@ -525,6 +605,63 @@ def test_adversarial_train_equals_its_steps_written_out():
     assert any(a != b for a, b in accs)  # the adversarial accuracy is its own number here
     for (name, a), b in zip(res.model.named_parameters(), model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("gi", [True, False])
+def test_adversarial_train_ikl_equals_its_steps_written_out(gi):
+    """IKL-AT, two epochs of one batch, with α, β, T and T_w other than the defaults: the TRADES inner PGD,
+    then CE + the literal IKL-AT loss (_ikl_oracle) with GI's prior (uniform in epoch 1, then the class mean of
+    softmax(natural logits / T_w) of epoch 1) or sample-wise weights, then SGD."""
+    from dkl_lib.prior import ClassPrior
+
+    d = _data64()
+    kw = dict(alpha=3.0, beta=2.0, temperature=2.0, weight_temperature=3.0)
+    res = T.adversarial_train(_mlp64(d), d, loss="ikl", gi=gi, epsilon=0.3, attack_steps=2, epochs=2, lr=0.1,
+                              momentum=0.0, weight_decay=0.0, batch_size=24, seed=3, eval_samples=0, progress=False,
+                              device="cpu", class_prior=ClassPrior(3, dtype=torch.float64) if gi else None, **kw)
+    model = _mlp64(d)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.0, weight_decay=0.0)
+    order, starts = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3 + 2_000_003)
+    prior = torch.full((3, 3), 1 / 3, dtype=torch.float64)
+    for epoch in (1, 2):
+        idx = torch.randperm(24, generator=order)
+        x, y = d.x_train[idx], d.y_train[idx]
+        noise = torch.randn(x.shape, generator=starts, dtype=torch.float32)
+        x_adv = A.trades_perturb(model, x, epsilon=0.3, steps=2, step_size=0.25 * 0.3, start_noise=noise)
+        nat, adv = model(x), model(x_adv)
+        wmse, soft_ce = _ikl_oracle(adv, nat, y, prior=prior if gi else None, **kw)
+        loss = F.cross_entropy(nat, y) + wmse + soft_ce
+        if gi:
+            probs = torch.softmax(nat.detach() / 3.0, dim=1)
+            prior = torch.stack([probs[y == c].mean(0) for c in range(3)])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for (name, a), b in zip(res.model.named_parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+    if gi:
+        torch.testing.assert_close(res.priors[2], prior, rtol=1e-12, atol=1e-15)  # after epoch 2
+
+
+def test_the_attack_runs_in_eval_mode_and_the_outer_step_in_train_mode():
+    """Per batch: the inner maximisation's forwards (the natural prediction, then one per step) in eval mode,
+    the outer loss's two forwards (natural, adversarial) in train mode, so BatchNorm learns its statistics
+    from the training batches and the attack sees fixed ones."""
+    d = _data64(n_train=24)
+    model = A.normalized(M.build_model("small_cnn", 3, seed=0, width=4, in_channels=1).double(), d)
+    bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bn
+    before = [m.running_mean.clone() for m in bn]
+    modes = []
+    model.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    T.adversarial_train(model, d, loss="trades", epsilon=0.3, attack_steps=3, epochs=1, batch_size=12, eval_samples=0,
+                        progress=False, device="cpu")
+    # per batch, at least 1 + 3 forwards of the attack in eval mode, then exactly the two train-mode forwards
+    # (then the epoch's own evaluation, in eval mode)
+    runs = re.findall(r"e+|T+", "".join("T" if training else "e" for training in modes))
+    assert runs[1] == runs[3] == "TT" and len(runs) == 5, runs
+    assert len(runs[0]) >= 4 and len(runs[2]) >= 4
+    assert all(not torch.equal(m.running_mean, b) for m, b in zip(bn, before))
 
 
 def test_ikl_at_prior_is_the_class_mean_of_the_natural_softmax_at_t_w():

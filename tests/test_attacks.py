@@ -186,6 +186,32 @@ def test_trades_perturb_increases_the_kl():
     assert 0 < (start - x).abs().max() <= 0.006  # the 0.001·N(0, 1) start
 
 
+def test_trades_perturb_is_the_official_trades_inner_loop():
+    """Written out as the TRADES code does it: start at x + 0.001·noise (in the ball, in [0, 1]), then per step
+    ascend the sign of the gradient of KL(f(x) ‖ f(x')) (batch mean, the natural prediction fixed) and
+    project. The direction of the KL, the fixed natural side, the step size and the projection all count:
+    the test of the KL's rise above accepts a reversed KL or a CE."""
+    torch.manual_seed(0)
+    model = SmallBN().eval()
+    x = torch.rand(8, 1, 8, 8)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    got = A.trades_perturb(model, x, epsilon=0.1, steps=5, step_size=0.02, start_noise=noise)
+
+    def project(z):
+        return torch.min(torch.max(z, x - 0.1), x + 0.1).clamp(0.0, 1.0)
+
+    with torch.no_grad():
+        natural = F.log_softmax(model(x), dim=1)
+    want = project(x + 0.001 * noise)
+    for _ in range(5):
+        want = want.detach().requires_grad_(True)
+        kl = F.kl_div(F.log_softmax(model(want), dim=1), natural, log_target=True, reduction="batchmean")
+        (grad,) = torch.autograd.grad(kl, want)
+        want = project(want.detach() + 0.02 * grad.sign())
+    assert torch.equal(got, want)
+    assert (got - x).abs().max() > 0.05  # the steps moved it (5 × 0.02, up to the ball)
+
+
 def test_bad_arguments(trained):
     net, d = trained
     with pytest.raises(ValueError, match="epsilon"):
@@ -519,6 +545,49 @@ def test_robust_accuracies_count_only_samples_whose_clean_input_is_right(monkeyp
     assert rep.clean_acc == 50.0 and rep.pgd_acc == {2: 50.0}
     assert rep.ensemble_acc == 25.0 and rep.robust_acc == 25.0
     assert A.accuracy_vs_epsilon(AlwaysClassZero(), x, y, [0.1])["accuracy"].tolist() == [50.0]
+
+
+def test_the_worst_case_is_per_sample_not_the_lowest_accuracy(monkeypatch):
+    """robust_acc counts a sample only if PGD AND the ensemble both failed on it: where they break different
+    samples it is below both accuracies (here 25 %, where the lower of the two is 50 %)."""
+    x = torch.full((4, 1, 2, 2), 0.5)
+    y = torch.zeros(4, dtype=torch.int64)  # AlwaysClassZero: every clean input right
+    _fixed_attacks(monkeypatch, [False, True, True, False], [True, False, True, True], [-1, 0, -1, -1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", A.GradientMaskingWarning)
+        rep = A.evaluate_robustness(AlwaysClassZero(), x, y, epsilon=0.1, pgd_steps=(2,), strict=False)
+    assert rep.pgd_acc == {2: 50.0} and rep.ensemble_acc == 75.0
+    assert rep.robust_acc == 25.0
+
+
+def test_a_large_gap_between_pgd_and_the_gradient_ensemble_is_a_masking_flag(monkeypatch):
+    """The first half of the flag: APGD (no Square) below PGD by more than masking_gap points."""
+    x = torch.full((4, 1, 2, 2), 0.5)
+    y = torch.zeros(4, dtype=torch.int64)
+    _fixed_attacks(monkeypatch, [True] * 4, [False, False, True, True], [0, 0, -1, -1])  # APGD-CE: 2 of 4
+    with pytest.warns(A.GradientMaskingWarning):
+        rep = A.evaluate_robustness(AlwaysClassZero(), x, y, epsilon=0.1, pgd_steps=(2,), strict=False)
+    assert rep.check("gradient_masking")["status"] == "warn" and rep.check("gradient_masking")["value"] == 50.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", A.GradientMaskingWarning)
+        rep = A.evaluate_robustness(AlwaysClassZero(), x, y, epsilon=0.1, pgd_steps=(2,), strict=False,
+                                    masking_gap=60.0)
+    assert rep.check("gradient_masking")["status"] == "pass"
+
+
+def test_art_disagreeing_with_the_model_on_clean_inputs_fails_the_check(monkeypatch):
+    x = torch.full((4, 1, 2, 2), 0.5)
+    y = torch.zeros(4, dtype=torch.int64)
+
+    def disagreeing(model, x, y, **kw):
+        return A.EnsembleResult(x_adv=x.clone(), correct=torch.ones(4, dtype=torch.bool),
+                                broken_by=torch.full((4,), -1), attacks=("apgd-ce",), art_clean_agree=0.75)
+
+    monkeypatch.setattr(A, "ensemble_attack", disagreeing)
+    rep = A.evaluate_robustness(AlwaysClassZero(), x, y, epsilon=0.1, pgd_steps=(2,), strict=False)
+    assert rep.check("art_matches_model")["status"] == "fail" and "art_matches_model" in rep.failed
+    with pytest.raises(A.SanityCheckError, match="art_matches_model: ART and the model agree on 75.00%"):
+        A.evaluate_robustness(AlwaysClassZero(), x, y, epsilon=0.1, pgd_steps=(2,))
 
 
 def test_square_breaking_what_pgd_already_broke_is_no_masking_flag(monkeypatch):

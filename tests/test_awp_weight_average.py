@@ -63,13 +63,23 @@ def test_awp_leaves_the_models_batchnorm_statistics_alone():
         assert torch.equal(model.state_dict()[k], v), k
 
 
-def _one_epoch(awp_gamma):
+def _one_epoch(awp_gamma, awp_warmup=1):
     d = tiny()
     model = mlp(d, seed=3)
     res = T.adversarial_train(model, d, loss="trades", epsilon=0.1, attack_steps=0, epochs=1, batch_size=24, lr=0.1,
                               momentum=0.0, weight_decay=0.0, eval_samples=0, seed=7, awp_gamma=awp_gamma,
-                              awp_warmup=1, progress=False, device="cpu")
+                              awp_warmup=awp_warmup, progress=False, device="cpu")
     return d, res
+
+
+def test_awp_waits_for_its_warm_up_epoch():
+    """awp_warmup = 2: epoch 1 trains as without AWP (the same weights to the bit); from epoch 1 on it does not."""
+    _, plain = _one_epoch(0.0)
+    _, waiting = _one_epoch(0.02, awp_warmup=2)
+    _, perturbed = _one_epoch(0.02, awp_warmup=1)
+    for (name, a), b, c in zip(waiting.model.named_parameters(), plain.model.parameters(), perturbed.model.parameters()):
+        assert torch.equal(a, b), name
+    assert any(not torch.equal(b, c) for b, c in zip(plain.model.parameters(), perturbed.model.parameters()))
 
 
 def test_one_awp_step_equals_the_step_computed_by_hand():
