@@ -572,6 +572,23 @@ def _data64(**kw):
     return D.synthetic(**args)
 
 
+def _one_batch_epochs(model, d, *, seed, epsilons, steps, step_fraction):
+    """What adversarial_train draws when one batch is a whole epoch, written out: per epoch (ε of ``epsilons``)
+    the shuffled batch x, y and its TRADES perturbation by ``model`` as it is then, started from the trainer's
+    own noise (generator seed + 2_000_003). A generator: step the model between its items."""
+    order, starts = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 2_000_003)
+    for eps in epsilons:
+        idx = torch.randperm(d.n_train, generator=order)
+        x, y = d.x_train[idx], d.y_train[idx]
+        noise = torch.randn(x.shape, generator=starts, dtype=torch.float32)
+        yield x, y, A.trades_perturb(model, x, epsilon=eps, steps=steps, step_size=step_fraction * eps, start_noise=noise)
+
+
+def _assert_same_parameters(trained, by_hand):
+    for (name, a), b in zip(trained.named_parameters(), by_hand.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+
+
 def test_adversarial_train_equals_its_steps_written_out():
     """Two epochs of one batch each against the same steps done by hand: batch order, attack start,
     the TRADES inner PGD at the epoch's ε (increasing schedule) with step attack_step_fraction · ε_e,
@@ -585,14 +602,10 @@ def test_adversarial_train_equals_its_steps_written_out():
     model = _mlp64(d)
     opt = torch.optim.SGD(model.parameters(), **opt_kw)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[1], gamma=0.5)
-    order, starts = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3 + 2_000_003)
     accs = []
-    for epoch, row in zip((1, 2), res.history):
-        eps = 0.3 * epoch / 2
-        idx = torch.randperm(24, generator=order)
-        x, y = d.x_train[idx], d.y_train[idx]
-        noise = torch.randn(x.shape, generator=starts, dtype=torch.float32)
-        x_adv = A.trades_perturb(model, x, epsilon=eps, steps=2, step_size=0.5 * eps, start_noise=noise)
+    epsilons = [0.3 * epoch / 2 for epoch in (1, 2)]  # the increasing schedule
+    batches = _one_batch_epochs(model, d, seed=3, epsilons=epsilons, steps=2, step_fraction=0.5)
+    for epoch, eps, row, (x, y, x_adv) in zip((1, 2), epsilons, res.history, batches):
         nat, adv = model(x), model(x_adv)
         accs.append((100 * (nat.argmax(1) == y).double().mean().item(), 100 * (adv.argmax(1) == y).double().mean().item()))
         assert row["epsilon"] == pytest.approx(eps) and row["lr"] == pytest.approx(0.2 * 0.5 ** (epoch - 1))
@@ -603,8 +616,7 @@ def test_adversarial_train_equals_its_steps_written_out():
         opt.step()
         sched.step()
     assert any(a != b for a, b in accs)  # the adversarial accuracy is its own number here
-    for (name, a), b in zip(res.model.named_parameters(), model.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+    _assert_same_parameters(res.model, model)
 
 
 @pytest.mark.parametrize("gi", [True, False])
@@ -621,13 +633,8 @@ def test_adversarial_train_ikl_equals_its_steps_written_out(gi):
                               device="cpu", class_prior=ClassPrior(3, dtype=torch.float64) if gi else None, **kw)
     model = _mlp64(d)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.0, weight_decay=0.0)
-    order, starts = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3 + 2_000_003)
     prior = torch.full((3, 3), 1 / 3, dtype=torch.float64)
-    for epoch in (1, 2):
-        idx = torch.randperm(24, generator=order)
-        x, y = d.x_train[idx], d.y_train[idx]
-        noise = torch.randn(x.shape, generator=starts, dtype=torch.float32)
-        x_adv = A.trades_perturb(model, x, epsilon=0.3, steps=2, step_size=0.25 * 0.3, start_noise=noise)
+    for x, y, x_adv in _one_batch_epochs(model, d, seed=3, epsilons=(0.3, 0.3), steps=2, step_fraction=0.25):
         nat, adv = model(x), model(x_adv)
         wmse, soft_ce = _ikl_oracle(adv, nat, y, prior=prior if gi else None, **kw)
         loss = F.cross_entropy(nat, y) + wmse + soft_ce
@@ -637,8 +644,7 @@ def test_adversarial_train_ikl_equals_its_steps_written_out(gi):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    for (name, a), b in zip(res.model.named_parameters(), model.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+    _assert_same_parameters(res.model, model)
     if gi:
         torch.testing.assert_close(res.priors[2], prior, rtol=1e-12, atol=1e-15)  # after epoch 2
 

@@ -187,21 +187,30 @@ def test_gi_prior_is_the_teacher_class_mean_from_the_next_epoch():
         T.distill(s, teacher, d, loss="kl", gi=True, epochs=1, **FAST)
 
 
+def _distill_with_epoch_starts(teacher, d, **kw):
+    """A fresh student64 distilled for 2 epochs of one batch each; returns the result and, per epoch, the
+    student's logits on the training set as they were when the epoch began (what that epoch's terms are of)."""
+    s = student64()
+    states = [copy.deepcopy(s.state_dict())]
+    r = T.distill(s, teacher, d, epochs=2, seed=0, callback=lambda h: states.append(copy.deepcopy(s.state_dict())),
+                  **{**FAST, "batch_size": d.n_train}, **kw)
+    starts = []
+    for state in states[:len(r.history)]:
+        start = student64()
+        start.load_state_dict(state)
+        starts.append(T.predict_logits(start, d.x_train, d))
+    return r, starts
+
+
 def test_gi_prior_weights_the_wmse_from_the_next_epoch(teacher64):
     """One batch per epoch: each epoch's wMSE is ikl's wMSE of the student's logits at the start of
     the epoch with class_prior = the prior of the previous epochs (uniform in epoch 1), not the
     sample-wise weights softmax(teacher / T_w)."""
     d = tiny_data(torch.float64)
-    s = student64()
-    states = [copy.deepcopy(s.state_dict())]
     kw = dict(temperature=4.0, weight_temperature=0.5, alpha=1.0, beta=1.0)
-    r = T.distill(s, teacher64, d, loss="ikl", gi=True, epochs=2, seed=0, callback=lambda h: states.append(
-        copy.deepcopy(s.state_dict())), **{**FAST, "batch_size": d.n_train}, **kw)
+    r, starts = _distill_with_epoch_starts(teacher64, d, loss="ikl", gi=True, **kw)
     t_logits = T.predict_logits(teacher64, d.x_train, d)
-    for epoch, row in enumerate(r.history):
-        start = student64()
-        start.load_state_dict(states[epoch])
-        logits = T.predict_logits(start, d.x_train, d)
+    for epoch, (row, logits) in enumerate(zip(r.history, starts)):
         want = dkl.ikl_terms(logits, t_logits, targets=d.y_train, class_prior=r.priors[epoch].double(), **kw)
         sample_wise = dkl.ikl_terms(logits, t_logits, **kw)
         assert math.isclose(row["wmse"], want["wmse"].item(), rel_tol=1e-9)
@@ -221,16 +230,9 @@ def test_distill_trains_with_the_loss_settings_it_is_given(teacher64, loss, gi, 
     GI's prior), of the student's logits at the start of the epoch; a setting the trainer dropped or swapped
     (α for β, γ, T_w, GKL's prior) would change a term. T = 3, unequal α and β."""
     d = tiny_data(torch.float64)
-    s = student64()
-    states = [copy.deepcopy(s.state_dict())]
-    r = T.distill(s, teacher64, d, loss=loss, gi=gi, epochs=2, seed=0, temperature=3.0,
-                  callback=lambda h: states.append(copy.deepcopy(s.state_dict())),
-                  **{**FAST, "batch_size": d.n_train}, **kw)
+    r, starts = _distill_with_epoch_starts(teacher64, d, loss=loss, gi=gi, temperature=3.0, **kw)
     t_logits = T.predict_logits(teacher64, d.x_train, d)
-    for epoch, row in enumerate(r.history):
-        start = student64()
-        start.load_state_dict(states[epoch])
-        logits = T.predict_logits(start, d.x_train, d)
+    for epoch, (row, logits) in enumerate(zip(r.history, starts)):
         extra = {"class_prior": r.priors[epoch].double()} if gi else {}
         want = dkl.loss_terms(loss, logits, t_logits, targets=d.y_train, temperature=3.0, **kw, **extra)
         assert set(want) <= set(row)
